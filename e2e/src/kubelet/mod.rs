@@ -1,0 +1,359 @@
+//! The kpipe **process kubelet**: a small node agent that runs Pods as local processes.
+//!
+//! * registers a `Node` (Ready, capacity, addresses) and renews its `Lease` in `kube-node-lease` every 10 s;
+//! * binds pending Pods (there is no kube-scheduler in the bed) whose `nodeSelector` matches the node;
+//! * runs each bound Pod's containers as processes inside a per-pod network namespace (see [`net`]) and a private
+//!   mount namespace where volumes are bind-mounted at their `mountPath` (see [`spec::launcher_script`]);
+//! * maps images to executables via [`images::ImageMap`];
+//! * reports pod status, probes readiness/liveness, restarts per `restartPolicy` with back-off, and on deletion sends
+//!   SIGTERM, waits the grace period, SIGKILLs and removes the Pod.
+
+pub mod images;
+pub mod net;
+pub mod pod;
+pub mod spec;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use jiff::Timestamp;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::watcher;
+use kube::{Api, Client};
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use self::pod::PodUpdate;
+
+/// Errors of the process kubelet.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeletError {
+    /// A Kubernetes API call failed.
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// File system access failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// An external command (`ip`, ...) failed.
+    #[error("`{cmd}` failed: {msg}")]
+    Command {
+        /// The command line.
+        cmd: String,
+        /// stderr or the spawn error.
+        msg: String,
+    },
+    /// The image map file is malformed.
+    #[error("image map {path}:{line}: {msg}")]
+    ImageMap {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// What is wrong.
+        msg: String,
+    },
+    /// The pod spec references something missing or unsupported.
+    #[error("{0}")]
+    PodConfig(String),
+}
+
+/// Static configuration of a kubelet instance.
+#[derive(Debug, Clone)]
+pub struct KubeletConfig {
+    /// Node name to register.
+    pub node_name: String,
+    /// The bed's run folder; pods live in `<run_dir>/pods`.
+    pub run_dir: PathBuf,
+    /// Bridge the pod veths attach to.
+    pub bridge: String,
+    /// The bridge's (host) address: node IP and default gateway of pods.
+    pub bridge_ip: Ipv4Addr,
+    /// Prefix length of the pod network.
+    pub prefix_len: u8,
+    /// API server URL written into pod kubeconfigs (reachable from pod namespaces).
+    pub pod_apiserver: String,
+    /// CA certificate of the API server (path written into pod kubeconfigs).
+    pub ca_file: PathBuf,
+    /// Image map file (re-read on every container start).
+    pub images: PathBuf,
+    /// Repository root (`${REPO}` in the image map).
+    pub repo_root: PathBuf,
+    /// Cargo target dir (`${TARGET}` in the image map).
+    pub target_dir: PathBuf,
+    /// First restart back-off.
+    pub backoff_initial: Duration,
+    /// Maximum restart back-off.
+    pub backoff_max: Duration,
+}
+
+/// State shared by all pod workers.
+pub struct Shared {
+    /// Admin client.
+    pub client: Client,
+    /// Configuration.
+    pub cfg: KubeletConfig,
+    /// Pod IP pool.
+    pub ips: Mutex<net::IpAllocator>,
+    /// HTTP client for probes.
+    pub http: reqwest::Client,
+}
+
+fn node_labels(node: &str) -> BTreeMap<String, String> {
+    [
+        ("kubernetes.io/hostname", node),
+        ("kubernetes.io/os", "linux"),
+        ("kubernetes.io/arch", std::env::consts::ARCH),
+        ("kpipe.io/process-kubelet", "true"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+async fn register_node(client: &Client, cfg: &KubeletConfig) -> Result<Node, KubeletError> {
+    let api = Api::<Node>::all(client.clone());
+    let node = serde_json::json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": { "name": cfg.node_name, "labels": node_labels(&cfg.node_name) },
+    });
+    let pp = PatchParams::apply("kpipe-kubelet").force();
+    let created = api.patch(&cfg.node_name, &pp, &Patch::Apply(&node)).await?;
+    update_node_status(client, cfg).await?;
+    Ok(created)
+}
+
+async fn update_node_status(client: &Client, cfg: &KubeletConfig) -> Result<(), KubeletError> {
+    let api = Api::<Node>::all(client.clone());
+    let now = Timestamp::now().to_string();
+    let cond = |ty: &str, status: &str, reason: &str| {
+        serde_json::json!({"type": ty, "status": status, "reason": reason, "message": "kpipe process kubelet",
+            "lastHeartbeatTime": now, "lastTransitionTime": now})
+    };
+    let capacity = serde_json::json!({"cpu": "16", "memory": "64Gi", "pods": "250", "ephemeral-storage": "100Gi"});
+    let status = serde_json::json!({"status": {
+        "conditions": [
+            cond("Ready", "True", "KubeletReady"),
+            cond("MemoryPressure", "False", "KubeletHasSufficientMemory"),
+            cond("DiskPressure", "False", "KubeletHasNoDiskPressure"),
+            cond("PIDPressure", "False", "KubeletHasSufficientPID"),
+        ],
+        "capacity": capacity, "allocatable": capacity,
+        "addresses": [{"type": "InternalIP", "address": cfg.bridge_ip.to_string()}, {"type": "Hostname", "address": cfg.node_name}],
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
+        "nodeInfo": {"architecture": std::env::consts::ARCH, "bootID": "", "containerRuntimeVersion": "process://kpipe-kubelet",
+            "kernelVersion": "", "kubeProxyVersion": "", "kubeletVersion": "v1.34.4-kpipe", "machineID": "", "operatingSystem": "linux",
+            "osImage": "kpipe process kubelet", "systemUUID": ""},
+    }});
+    api.patch_status(&cfg.node_name, &PatchParams::default(), &Patch::Merge(&status))
+        .await?;
+    Ok(())
+}
+
+async fn renew_lease(client: &Client, cfg: &KubeletConfig, node: &Node) -> Result<(), KubeletError> {
+    let api = Api::<Lease>::namespaced(client.clone(), "kube-node-lease");
+    let owner = OwnerReference {
+        api_version: "v1".into(),
+        kind: "Node".into(),
+        name: cfg.node_name.clone(),
+        uid: node.metadata.uid.clone().unwrap_or_default(),
+        ..OwnerReference::default()
+    };
+    let lease = serde_json::json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": cfg.node_name, "namespace": "kube-node-lease", "ownerReferences": [owner]},
+        "spec": {"holderIdentity": cfg.node_name, "leaseDurationSeconds": 40,
+                 "renewTime": Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()},
+    });
+    api.patch(&cfg.node_name, &PatchParams::apply("kpipe-kubelet").force(), &Patch::Apply(&lease))
+        .await?;
+    Ok(())
+}
+
+fn selector_matches(pod: &Pod, labels: &BTreeMap<String, String>) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.node_selector.as_ref())
+        .is_none_or(|sel| sel.iter().all(|(k, v)| labels.get(k) == Some(v)))
+}
+
+async fn bind(client: Client, pod: Pod, node: String) {
+    let ns = pod.metadata.namespace.clone().unwrap_or_default();
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let api = Api::<Pod>::namespaced(client, &ns);
+    let binding = serde_json::json!({
+        "apiVersion": "v1", "kind": "Binding",
+        "metadata": {"name": name, "namespace": ns, "uid": pod.metadata.uid},
+        "target": {"apiVersion": "v1", "kind": "Node", "name": node},
+    });
+    for attempt in 0..10u32 {
+        match api
+            .create_subresource::<_, serde_json::Value>("binding", &name, &PostParams::default(), &binding)
+            .await
+        {
+            Ok(_) => {
+                info!(pod = %format!("{ns}/{name}"), %node, "bound");
+                return;
+            }
+            // Already bound or gone: nothing to do.
+            Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => return,
+            Err(e) => {
+                warn!(pod = %format!("{ns}/{name}"), error = %e, attempt, "binding failed");
+                tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt + 1))).await;
+            }
+        }
+    }
+}
+
+struct Worker {
+    tx: watch::Sender<PodUpdate>,
+}
+
+/// Runs the kubelet until SIGTERM/SIGINT; then stops all pod processes (without deleting the Pods).
+pub async fn run(client: Client, cfg: KubeletConfig) -> Result<(), KubeletError> {
+    std::fs::create_dir_all(cfg.run_dir.join("pods")).map_err(|source| KubeletError::Io {
+        path: cfg.run_dir.join("pods"),
+        source,
+    })?;
+    pod::kill_stale_processes(&cfg.run_dir);
+    net::cleanup_stale_namespaces().await;
+    let node = register_node(&client, &cfg).await?;
+    renew_lease(&client, &cfg, &node).await?;
+    info!(node = %cfg.node_name, "node registered");
+    let labels = node_labels(&cfg.node_name);
+
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .map_err(|e| KubeletError::PodConfig(format!("http client: {e}")))?;
+    let shared = Arc::new(Shared {
+        client: client.clone(),
+        ips: Mutex::new(net::IpAllocator::new(cfg.bridge_ip, cfg.prefix_len)),
+        cfg: cfg.clone(),
+        http,
+    });
+
+    // Heartbeats.
+    let hb = {
+        let (client, cfg, node) = (client.clone(), cfg.clone(), node.clone());
+        tokio::spawn(async move {
+            let mut tick = 0u64;
+            loop {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                tick += 1;
+                if let Err(e) = renew_lease(&client, &cfg, &node).await {
+                    warn!(error = %e, "lease renewal failed");
+                }
+                if tick % 3 == 0
+                    && let Err(e) = update_node_status(&client, &cfg).await
+                {
+                    warn!(error = %e, "node status update failed");
+                }
+            }
+        })
+    };
+
+    let mut workers: HashMap<String, Worker> = HashMap::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
+    let mut binding: HashSet<String> = HashSet::new();
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut stream = std::pin::pin!(watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()));
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|source| KubeletError::Io {
+            path: "signal(SIGTERM)".into(),
+            source,
+        })?;
+
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            Some(uid) = done_rx.recv() => { workers.remove(&uid); }
+            ev = stream.next() => {
+                let Some(ev) = ev else { break };
+                let ev = match ev {
+                    Ok(ev) => ev,
+                    Err(e) => { warn!(error = %e, "pod watch error"); continue; }
+                };
+                match ev {
+                    watcher::Event::Init => seen.clear(),
+                    watcher::Event::InitDone => {
+                        let gone: Vec<String> = workers.keys().filter(|u| !seen.contains(*u)).cloned().collect();
+                        for uid in gone {
+                            if let Some(w) = workers.get(&uid) {
+                                let mut u = w.tx.borrow().clone();
+                                u.gone = true;
+                                let _ = w.tx.send(u);
+                            }
+                        }
+                    }
+                    watcher::Event::Apply(pod) | watcher::Event::InitApply(pod) => {
+                        let uid = pod.metadata.uid.clone().unwrap_or_default();
+                        seen.insert(uid.clone());
+                        let node_name = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+                        match node_name {
+                            None => {
+                                let sched = pod.spec.as_ref().and_then(|s| s.scheduler_name.clone()).unwrap_or_default();
+                                if pod.metadata.deletion_timestamp.is_none()
+                                    && (sched.is_empty() || sched == "default-scheduler")
+                                    && selector_matches(&pod, &labels)
+                                    && binding.insert(uid.clone())
+                                {
+                                    tokio::spawn(bind(client.clone(), pod, cfg.node_name.clone()));
+                                }
+                            }
+                            Some(n) if n == cfg.node_name => {
+                                binding.remove(&uid);
+                                if let Some(w) = workers.get(&uid) {
+                                    let _ = w.tx.send(PodUpdate { pod, gone: false });
+                                } else {
+                                    let phase = pod.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
+                                    let terminal = phase == "Succeeded" || phase == "Failed";
+                                    if terminal {
+                                        if pod.metadata.deletion_timestamp.is_some() {
+                                            let client = client.clone();
+                                            tokio::spawn(async move { pod::final_delete(&client, &pod).await });
+                                        }
+                                        continue;
+                                    }
+                                    let (tx, rx) = watch::channel(PodUpdate { pod, gone: false });
+                                    workers.insert(uid.clone(), Worker { tx });
+                                    let (shared, done_tx) = (shared.clone(), done_tx.clone());
+                                    tasks.spawn(async move {
+                                        pod::run_pod(shared, rx).await;
+                                        let _ = done_tx.send(uid);
+                                    });
+                                }
+                            }
+                            Some(_) => {}
+                        }
+                    }
+                    watcher::Event::Delete(pod) => {
+                        let uid = pod.metadata.uid.clone().unwrap_or_default();
+                        binding.remove(&uid);
+                        if let Some(w) = workers.get(&uid) {
+                            let _ = w.tx.send(PodUpdate { pod, gone: true });
+                        }
+                    }
+                }
+            }
+        }
+    }
+    info!("kubelet shutting down: stopping {} pods", workers.len());
+    hb.abort();
+    workers.clear(); // dropping the senders tells every pod worker to stop its processes
+    let _ = tokio::time::timeout(Duration::from_secs(20), async { while tasks.join_next().await.is_some() {} }).await;
+    Ok(())
+}

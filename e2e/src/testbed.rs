@@ -1,0 +1,534 @@
+//! Test-support API over a running local test bed (started with `e2e/testbed/up.sh`).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), kpipe_e2e::TestBedError> {
+//! let bed = kpipe_e2e::TestBed::connect().await?;          // fails with a clear message if no bed is up
+//! let ns = bed.temp_namespace("demo").await?;              // deleted on drop; pod logs dumped if the test panics
+//! bed.create_topic("orders", 3).await?;
+//! bed.produce("orders", 1000).await?;
+//! let records = bed.consume("orders", "g1", 1000, std::time::Duration::from_secs(30)).await?;
+//! # let _ = (ns, records); Ok(()) }
+//! ```
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{DeleteParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+
+/// Errors of the test-support API.
+#[derive(Debug, thiserror::Error)]
+pub enum TestBedError {
+    /// No bed is running (no env file or the API server does not answer).
+    #[error("the kpipe test bed is not running ({reason}); start it with `make testbed-up` (e2e/testbed/up.sh)")]
+    NotRunning {
+        /// Why we think so.
+        reason: String,
+    },
+    /// Kubernetes API failure.
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// Kafka client failure.
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    /// A wait helper ran out of time.
+    #[error("timed out after {after:?} waiting for {what}")]
+    Timeout {
+        /// What we waited for.
+        what: String,
+        /// How long.
+        after: Duration,
+    },
+    /// File access failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Anything else (message says what).
+    #[error("{0}")]
+    Other(String),
+}
+
+/// One consumed record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+    /// Key bytes (empty if none).
+    pub key: Vec<u8>,
+    /// Value bytes (empty if none).
+    pub value: Vec<u8>,
+}
+
+/// Default location of the bed's env file (`$KPIPE_RUN/env`, else `$KPIPE_CACHE/run/env`, else
+/// `${XDG_CACHE_HOME:-$HOME/.cache}/kpipe/run/env`).
+pub fn default_env_file() -> PathBuf {
+    if let Ok(run) = std::env::var("KPIPE_RUN") {
+        return PathBuf::from(run).join("env");
+    }
+    let cache = std::env::var("KPIPE_CACHE").map(PathBuf::from).unwrap_or_else(|_| {
+        std::env::var("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into())).join(".cache"))
+            .join("kpipe")
+    });
+    cache.join("run").join("env")
+}
+
+/// Parses `KEY=VALUE` lines (comments and blank lines ignored).
+pub fn parse_env(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().trim_matches('"').to_string()))
+        .collect()
+}
+
+/// A handle on the running test bed.
+#[derive(Clone)]
+pub struct TestBed {
+    env: BTreeMap<String, String>,
+    client: Client,
+}
+
+impl std::fmt::Debug for TestBed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestBed").field("env", &self.env).finish_non_exhaustive()
+    }
+}
+
+impl TestBed {
+    /// Connects to the running bed described by [`default_env_file`]; fails (never skips) when it is not up.
+    pub async fn connect() -> Result<Self, TestBedError> {
+        Self::connect_with(&default_env_file()).await
+    }
+
+    /// Connects using an explicit env file.
+    pub async fn connect_with(env_file: &Path) -> Result<Self, TestBedError> {
+        let text = std::fs::read_to_string(env_file).map_err(|e| TestBedError::NotRunning {
+            reason: format!("cannot read env file {}: {e}", env_file.display()),
+        })?;
+        let env = parse_env(&text);
+        let kubeconfig = env.get("KUBECONFIG").ok_or_else(|| TestBedError::NotRunning {
+            reason: format!("{} has no KUBECONFIG", env_file.display()),
+        })?;
+        let kc = Kubeconfig::read_from(kubeconfig).map_err(|e| TestBedError::NotRunning {
+            reason: format!("cannot read kubeconfig {kubeconfig}: {e}"),
+        })?;
+        let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+            .await
+            .map_err(|e| TestBedError::NotRunning {
+                reason: format!("bad kubeconfig {kubeconfig}: {e}"),
+            })?;
+        let client = Client::try_from(config)?;
+        client
+            .apiserver_version()
+            .await
+            .map_err(|e| TestBedError::NotRunning {
+                reason: format!("kube-apiserver does not answer: {e}"),
+            })?;
+        Ok(Self { env, client })
+    }
+
+    /// Admin Kubernetes client.
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// A variable of the env file (e.g. `KAFKA_HOME`, `KPIPE_NODE`).
+    pub fn var(&self, key: &str) -> Option<&str> {
+        self.env.get(key).map(String::as_str)
+    }
+
+    fn path_var(&self, key: &str) -> PathBuf {
+        PathBuf::from(self.var(key).unwrap_or_default())
+    }
+
+    /// Kafka bootstrap address (reachable from the host and from pods).
+    pub fn kafka_bootstrap(&self) -> &str {
+        self.var("KAFKA_BOOTSTRAP").unwrap_or("10.244.0.1:9092")
+    }
+
+    /// Admin kubeconfig path.
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.path_var("KUBECONFIG")
+    }
+
+    /// kubectl built for the bed's Kubernetes version.
+    pub fn kubectl(&self) -> PathBuf {
+        self.path_var("KUBECTL")
+    }
+
+    /// helm binary.
+    pub fn helm(&self) -> PathBuf {
+        self.path_var("HELM")
+    }
+
+    /// A Kafka CLI wrapper, e.g. `kafka_tool("kafka-consumer-groups")`.
+    pub fn kafka_tool(&self, name: &str) -> PathBuf {
+        self.path_var("KPIPE_BIN").join(name)
+    }
+
+    /// Folder with pod logs (`<ns>_<pod>_<container>.log`).
+    pub fn pod_log_dir(&self) -> PathBuf {
+        self.path_var("KPIPE_POD_LOGS")
+    }
+
+    /// `kubectl --kubeconfig <admin>` command, ready for args.
+    pub fn kubectl_cmd(&self) -> std::process::Command {
+        let mut c = std::process::Command::new(self.kubectl());
+        c.arg("--kubeconfig").arg(self.kubeconfig());
+        c
+    }
+
+    /// Creates a namespace `<prefix>-<random>`; it is deleted when the guard drops (or by [`TempNamespace::delete`]).
+    pub async fn temp_namespace(&self, prefix: &str) -> Result<TempNamespace, TestBedError> {
+        let name = format!("{prefix}-{:08x}", rand::random::<u32>());
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": name, "labels": {"kpipe.io/e2e": "true"}},
+        }))
+        .map_err(|e| TestBedError::Other(e.to_string()))?;
+        Api::<Namespace>::all(self.client.clone())
+            .create(&PostParams::default(), &ns)
+            .await?;
+        Ok(TempNamespace {
+            bed: self.clone(),
+            name,
+            deleted: false,
+        })
+    }
+
+    /// Runs `f` with a fresh namespace; dumps pod logs if `f` fails or panics; always deletes the namespace.
+    pub async fn with_temp_ns<T, E, F>(&self, prefix: &str, f: F) -> Result<T, TestBedError>
+    where
+        F: AsyncFnOnce(String) -> Result<T, E>,
+        E: std::fmt::Display,
+    {
+        let ns = self.temp_namespace(prefix).await?;
+        let out = f(ns.name().to_string()).await;
+        match out {
+            Ok(v) => {
+                ns.delete().await?;
+                Ok(v)
+            }
+            Err(e) => {
+                self.dump_pod_logs(ns.name());
+                ns.delete().await?;
+                Err(TestBedError::Other(format!("test in namespace failed: {e}")))
+            }
+        }
+    }
+
+    /// Concatenated logs of every pod container of a namespace (from the kubelet's log files).
+    pub fn pod_logs(&self, namespace: &str) -> String {
+        let mut out = String::new();
+        let Ok(rd) = std::fs::read_dir(self.pod_log_dir()) else {
+            return out;
+        };
+        let mut files: Vec<PathBuf> = rd
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.extension().is_some_and(|e| e == "log")
+                    && p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with(&format!("{namespace}_")))
+            })
+            .collect();
+        files.sort();
+        for f in files {
+            let text = std::fs::read_to_string(&f).unwrap_or_default();
+            out.push_str(&format!("===== {} =====\n{text}\n", f.display()));
+        }
+        out
+    }
+
+    /// Prints pod list and every pod log of `namespace` to stderr (for failing tests).
+    pub fn dump_pod_logs(&self, namespace: &str) {
+        if let Ok(o) = self.kubectl_cmd().args(["get", "pods", "-o", "wide", "-n", namespace]).output() {
+            eprintln!("===== pods in {namespace} =====\n{}", String::from_utf8_lossy(&o.stdout));
+        }
+        eprintln!("{}", self.pod_logs(namespace));
+    }
+
+    fn kafka_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", self.kafka_bootstrap());
+        c
+    }
+
+    /// Kafka admin client.
+    pub fn kafka_admin(&self) -> Result<AdminClient<DefaultClientContext>, TestBedError> {
+        Ok(self.kafka_config().create()?)
+    }
+
+    /// Kafka producer (acks=all, small linger).
+    pub fn producer(&self) -> Result<FutureProducer, TestBedError> {
+        Ok(self
+            .kafka_config()
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("message.timeout.ms", "30000")
+            .create()?)
+    }
+
+    /// Creates a topic (replication factor 1) and waits until its metadata shows all partitions.
+    pub async fn create_topic(&self, name: &str, partitions: i32) -> Result<(), TestBedError> {
+        let admin = self.kafka_admin()?;
+        let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+        let res = admin
+            .create_topics([&topic], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))))
+            .await?;
+        for r in res {
+            if let Err((t, code)) = r {
+                return Err(TestBedError::Other(format!("create topic {t}: {code}")));
+            }
+        }
+        let cfg = self.kafka_config();
+        let topic = name.to_string();
+        wait_for(&format!("topic {name} with {partitions} partitions"), Duration::from_secs(30), || {
+            let (cfg, topic) = (cfg.clone(), topic.clone());
+            async move {
+                tokio::task::spawn_blocking(move || -> Option<()> {
+                    let c: BaseConsumer = cfg.create().ok()?;
+                    let md = c.fetch_metadata(Some(&topic), Duration::from_secs(5)).ok()?;
+                    let t = md.topics().first()?;
+                    (t.error().is_none() && t.partitions().len() == usize::try_from(partitions).ok()?).then_some(())
+                })
+                .await
+                .ok()
+                .flatten()
+            }
+        })
+        .await
+    }
+
+    /// Produces `n` records `key-<i>` → `value-<i>` and waits for every acknowledgement.
+    pub async fn produce(&self, topic: &str, n: usize) -> Result<(), TestBedError> {
+        self.produce_records(topic, (0..n).map(|i| (format!("key-{i}").into_bytes(), format!("value-{i}").into_bytes())))
+            .await
+    }
+
+    /// Produces the given `(key, value)` records and waits for every acknowledgement.
+    pub async fn produce_records(
+        &self,
+        topic: &str,
+        records: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>,
+    ) -> Result<(), TestBedError> {
+        let producer = self.producer()?;
+        let mut pending = futures::stream::FuturesUnordered::new();
+        for (k, v) in records {
+            let fut = producer
+                .send_result(FutureRecord::to(topic).key(&k).payload(&v))
+                .map_err(|(e, _)| TestBedError::Kafka(e))?;
+            pending.push(fut);
+            // Keep the local queue bounded.
+            while pending.len() >= 10_000 {
+                drain_one(&mut pending).await?;
+            }
+        }
+        while !pending.is_empty() {
+            drain_one(&mut pending).await?;
+        }
+        Ok(())
+    }
+
+    /// Consumes exactly `n` records of `topic` as consumer group `group` (from the earliest offset when the
+    /// group has none), commits synchronously, and returns them.
+    pub async fn consume(&self, topic: &str, group: &str, n: usize, timeout: Duration) -> Result<Vec<Record>, TestBedError> {
+        let consumer: StreamConsumer = self
+            .kafka_config()
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "10000")
+            .create()?;
+        consumer.subscribe(&[topic])?;
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let msg = match tokio::time::timeout(left, consumer.recv()).await {
+                Ok(m) => m?,
+                Err(_) => {
+                    return Err(TestBedError::Timeout {
+                        what: format!("{n} records from {topic} (got {})", out.len()),
+                        after: timeout,
+                    });
+                }
+            };
+            out.push(Record {
+                partition: msg.partition(),
+                offset: msg.offset(),
+                key: msg.key().unwrap_or_default().to_vec(),
+                value: msg.payload().unwrap_or_default().to_vec(),
+            });
+        }
+        consumer.commit_consumer_state(CommitMode::Sync)?;
+        consumer.unsubscribe();
+        Ok(out)
+    }
+
+    /// Committed offsets of `group` for every partition of `topic` (`None` = no commit).
+    pub async fn committed_offsets(&self, topic: &str, group: &str) -> Result<BTreeMap<i32, Option<i64>>, TestBedError> {
+        let cfg = self.kafka_config().set("group.id", group).clone();
+        let topic = topic.to_string();
+        tokio::task::spawn_blocking(move || -> Result<BTreeMap<i32, Option<i64>>, TestBedError> {
+            let c: BaseConsumer = cfg.create()?;
+            let md = c.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+            let mut tpl = TopicPartitionList::new();
+            for t in md.topics() {
+                for p in t.partitions() {
+                    tpl.add_partition(&topic, p.id());
+                }
+            }
+            let got = c.committed_offsets(tpl, Duration::from_secs(10))?;
+            Ok(got
+                .elements()
+                .iter()
+                .map(|e| {
+                    let off = match e.offset() {
+                        Offset::Offset(o) => Some(o),
+                        _ => None,
+                    };
+                    (e.partition(), off)
+                })
+                .collect())
+        })
+        .await
+        .map_err(|e| TestBedError::Other(e.to_string()))?
+    }
+
+    /// Log-end offsets (high watermarks) of every partition of `topic`.
+    pub async fn end_offsets(&self, topic: &str) -> Result<BTreeMap<i32, i64>, TestBedError> {
+        let cfg = self.kafka_config();
+        let topic = topic.to_string();
+        tokio::task::spawn_blocking(move || -> Result<BTreeMap<i32, i64>, TestBedError> {
+            let c: BaseConsumer = cfg.create()?;
+            let md = c.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+            let mut out = BTreeMap::new();
+            for t in md.topics() {
+                for p in t.partitions() {
+                    let (_, high) = c.fetch_watermarks(&topic, p.id(), Duration::from_secs(10))?;
+                    out.insert(p.id(), high);
+                }
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| TestBedError::Other(e.to_string()))?
+    }
+}
+
+async fn drain_one(
+    pending: &mut futures::stream::FuturesUnordered<rdkafka::producer::DeliveryFuture>,
+) -> Result<(), TestBedError> {
+    use futures::StreamExt;
+    match pending.next().await {
+        Some(Ok(Ok(_))) | None => Ok(()),
+        Some(Ok(Err((e, _)))) => Err(TestBedError::Kafka(e)),
+        Some(Err(_)) => Err(TestBedError::Other("producer dropped a delivery future".into())),
+    }
+}
+
+/// Polls `check` every 200 ms until it returns `Some`, or fails with [`TestBedError::Timeout`].
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T, TestBedError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            return Err(TestBedError::Timeout {
+                what: what.to_string(),
+                after: timeout,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A namespace that is deleted when dropped. If the test panics, the pods and their logs are printed first.
+pub struct TempNamespace {
+    bed: TestBed,
+    name: String,
+    deleted: bool,
+}
+
+impl std::fmt::Debug for TempNamespace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TempNamespace").field("name", &self.name).finish()
+    }
+}
+
+impl TempNamespace {
+    /// The namespace name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Deletes the namespace now (without waiting for its pods to terminate).
+    pub async fn delete(mut self) -> Result<(), TestBedError> {
+        self.deleted = true;
+        match Api::<Namespace>::all(self.bed.client()).delete(&self.name, &DeleteParams::default()).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+impl Drop for TempNamespace {
+    fn drop(&mut self) {
+        if self.deleted {
+            return;
+        }
+        if std::thread::panicking() {
+            self.bed.dump_pod_logs(&self.name);
+        }
+        // Synchronous and runtime-independent: works from Drop inside or outside tokio.
+        let _ = self
+            .bed
+            .kubectl_cmd()
+            .args(["delete", "namespace", &self.name, "--wait=false", "--ignore-not-found"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_env_lines() {
+        let env = parse_env("# c\nA=1\n\nKAFKA_BOOTSTRAP=10.244.0.1:9092\nX=\"q\"\n");
+        assert_eq!(env.get("A").map(String::as_str), Some("1"));
+        assert_eq!(env.get("KAFKA_BOOTSTRAP").map(String::as_str), Some("10.244.0.1:9092"));
+        assert_eq!(env.get("X").map(String::as_str), Some("q"));
+    }
+}

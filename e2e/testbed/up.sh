@@ -1,0 +1,276 @@
+#!/usr/bin/env bash
+# Brings the local test bed up: etcd, kube-apiserver, kube-controller-manager, Apache Kafka (KRaft, single
+# combined node) and the kpipe process kubelet, all as plain local processes (no Docker).
+# Builds or fetches whatever is missing first (cached under $KPIPE_CACHE, keyed by version).
+# Idempotent: on a running, healthy bed it only re-checks health and returns.
+# Writes $KPIPE_RUN/env (KEY=VALUE lines) that tests and scripts source.
+source "$(dirname "$0")/lib.sh"
+need curl; need openssl; need ip; need java; need go; need cargo
+[ "$(id -u)" = 0 ] || die "the test bed needs root (network namespaces, bridge, bind mounts)"
+t0=$(date +%s)
+
+# ---------------------------------------------------------------- fast path: everything already healthy
+all_up() {
+  alive etcd etcd && alive kube-apiserver kube-apiserver && alive kube-controller-manager kube-controller-manager \
+    && alive kafka kafka.Kafka && alive kubelet kpipe-kubelet && bridge_healthy && [ -f "$KPIPE_RUN/env" ] \
+    && etcd_healthy && apiserver_healthy && kcm_healthy && kubelet_healthy && kafka_healthy
+}
+kubelet_stale() {
+  [ ! -x "$KUBELET_BIN" ] || [ -n "$(find "$REPO_ROOT/e2e/src" "$REPO_ROOT/e2e/Cargo.toml" -newer "$KUBELET_BIN" -print -quit)" ]
+}
+if [ -d "$KPIPE_RUN" ] && ! kubelet_stale && all_up; then
+  log "test bed already up and healthy (checked in $(( $(date +%s) - t0 ))s); env: $KPIPE_RUN/env"
+  exit 0
+fi
+
+# ---------------------------------------------------------------- build / fetch (cached)
+built_any=0
+for c in "$K8S_BIN/.complete" "$ETCD_BIN/.complete" "$HELM_BIN/.complete" "$KAFKA_HOME/.complete"; do
+  [ -f "$c" ] || built_any=1
+done
+if [ "$built_any" = 1 ]; then
+  log "building missing components into $KPIPE_CACHE (cold; progress below)"
+  tb=$(date +%s)
+  "$TESTBED_DIR/fetch-kafka.sh"
+  "$TESTBED_DIR/build-etcd.sh"
+  "$TESTBED_DIR/build-helm.sh"
+  "$TESTBED_DIR/build-k8s.sh"
+  log "cold build of missing components took $(( $(date +%s) - tb ))s"
+fi
+if kubelet_stale; then
+  log "building the process kubelet (cargo build -p kpipe-e2e --bins)"
+  (cd "$REPO_ROOT" && cargo build -q -p kpipe-e2e --bins) || die "cargo build of kpipe-kubelet failed"
+fi
+[ -x "$KUBELET_BIN" ] || die "kubelet binary $KUBELET_BIN missing after build"
+
+mkdir -p "$KPIPE_RUN"/{pids,logs,pods,bin}
+P="$KPIPE_RUN/pki"
+
+# ---------------------------------------------------------------- network: bridge for pod network namespaces
+if ! bridge_healthy; then
+  log "creating bridge $KPIPE_BRIDGE ($KPIPE_BRIDGE_IP/$KPIPE_POD_PREFIX_LEN)"
+  ip link show "$KPIPE_BRIDGE" >/dev/null 2>&1 || ip link add "$KPIPE_BRIDGE" type bridge \
+    || die "cannot create bridge $KPIPE_BRIDGE (needs CAP_NET_ADMIN)"
+  ip addr replace "$KPIPE_BRIDGE_IP/$KPIPE_POD_PREFIX_LEN" dev "$KPIPE_BRIDGE"
+  ip link set "$KPIPE_BRIDGE" up
+  bridge_healthy || die "bridge $KPIPE_BRIDGE has no address $KPIPE_BRIDGE_IP"
+fi
+
+# ---------------------------------------------------------------- PKI (generated once per run dir)
+if [ ! -f "$P/.complete" ]; then
+  log "generating PKI in $P"
+  rm -rf "$P"; mkdir -p "$P"
+  (
+    cd "$P"
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 3650 -subj "/CN=kpipe-testbed-ca" \
+      -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" 2>/dev/null
+    printf 'subjectAltName=DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,IP:127.0.0.1,IP:10.0.0.1,IP:%s\nextendedKeyUsage=serverAuth\nkeyUsage=critical,digitalSignature,keyEncipherment\n' \
+      "$KPIPE_BRIDGE_IP" > server.ext
+    printf 'extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature,keyEncipherment\n' > client.ext
+    openssl req -newkey rsa:2048 -nodes -keyout apiserver.key -out apiserver.csr -subj "/CN=kube-apiserver" 2>/dev/null
+    openssl x509 -req -in apiserver.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 -out apiserver.crt -extfile server.ext 2>/dev/null
+    openssl req -newkey rsa:2048 -nodes -keyout admin.key -out admin.csr -subj "/O=system:masters/CN=kpipe-admin" 2>/dev/null
+    openssl x509 -req -in admin.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 -out admin.crt -extfile client.ext 2>/dev/null
+    openssl genrsa -out sa.key 2048 2>/dev/null
+    openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
+    rm -f ./*.csr
+  ) || die "openssl failed while generating the PKI"
+  touch "$P/.complete"
+fi
+cat > "$KPIPE_RUN/admin.kubeconfig" <<KC
+apiVersion: v1
+kind: Config
+clusters:
+- name: kpipe-testbed
+  cluster:
+    server: https://$KPIPE_BRIDGE_IP:$APISERVER_PORT
+    certificate-authority: $P/ca.crt
+users:
+- name: kpipe-admin
+  user:
+    client-certificate: $P/admin.crt
+    client-key: $P/admin.key
+contexts:
+- name: kpipe-testbed
+  context: {cluster: kpipe-testbed, user: kpipe-admin}
+current-context: kpipe-testbed
+KC
+
+# ---------------------------------------------------------------- process helpers
+# start <component> <cmdline-match> <cmd...>: runs detached in its own session, output to logs/<component>.log
+start() {
+  local name=$1 match=$2; shift 2
+  if alive "$name" "$match"; then return 0; fi
+  log "starting $name"
+  setsid "$@" >>"$KPIPE_RUN/logs/$name.log" 2>&1 </dev/null &
+  echo $! >"$(pidfile "$name")"
+}
+# wait_healthy <component> <cmdline-match> <check-fn> <timeout-s>
+wait_healthy() {
+  local name=$1 match=$2 check=$3 timeout=$4 s
+  s=$(date +%s)
+  until "$check"; do
+    if ! alive "$name" "$match"; then
+      tail -n 30 "$KPIPE_RUN/logs/$name.log" >&2 || true
+      die "$name exited during startup (log: $KPIPE_RUN/logs/$name.log)"
+    fi
+    if [ $(( $(date +%s) - s )) -ge "$timeout" ]; then
+      tail -n 30 "$KPIPE_RUN/logs/$name.log" >&2 || true
+      die "$name not healthy after ${timeout}s (log: $KPIPE_RUN/logs/$name.log)"
+    fi
+    sleep 0.3
+  done
+  log "$name ready ($(( $(date +%s) - s ))s)"
+}
+
+# ---------------------------------------------------------------- etcd
+mkdir -p "$KPIPE_RUN/etcd"
+start etcd etcd "$ETCD_BIN/etcd" --name=kpipe --data-dir="$KPIPE_RUN/etcd" --log-level=warn --unsafe-no-fsync=true \
+  --listen-client-urls="http://127.0.0.1:$ETCD_PORT" --advertise-client-urls="http://127.0.0.1:$ETCD_PORT" \
+  --listen-peer-urls=http://127.0.0.1:2380 --initial-advertise-peer-urls=http://127.0.0.1:2380 \
+  --initial-cluster=kpipe=http://127.0.0.1:2380 --listen-metrics-urls=http://127.0.0.1:2381
+wait_healthy etcd etcd etcd_healthy 30
+
+# ---------------------------------------------------------------- kube-apiserver
+# Binds all addresses: the host reaches it on 127.0.0.1 or the bridge address, pods on the bridge address.
+start kube-apiserver kube-apiserver "$K8S_BIN/kube-apiserver" \
+  --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
+  --bind-address=0.0.0.0 --secure-port="$APISERVER_PORT" \
+  --advertise-address=127.0.0.1 --endpoint-reconciler-type=none \
+  --tls-cert-file="$P/apiserver.crt" --tls-private-key-file="$P/apiserver.key" \
+  --client-ca-file="$P/ca.crt" \
+  --service-account-issuer=https://kubernetes.default.svc.cluster.local \
+  --service-account-key-file="$P/sa.pub" --service-account-signing-key-file="$P/sa.key" \
+  --service-cluster-ip-range=10.0.0.0/24 \
+  --authorization-mode=Node,RBAC --enable-admission-plugins=NodeRestriction \
+  --allow-privileged=true --profiling=false --v=1
+wait_healthy kube-apiserver kube-apiserver apiserver_healthy 120
+
+# ---------------------------------------------------------------- kube-controller-manager
+start kube-controller-manager kube-controller-manager "$K8S_BIN/kube-controller-manager" \
+  --kubeconfig="$KPIPE_RUN/admin.kubeconfig" \
+  --authentication-kubeconfig="$KPIPE_RUN/admin.kubeconfig" --authorization-kubeconfig="$KPIPE_RUN/admin.kubeconfig" \
+  --leader-elect=false --bind-address=127.0.0.1 --secure-port=10257 \
+  --service-account-private-key-file="$P/sa.key" --root-ca-file="$P/ca.crt" \
+  --cluster-name=kpipe-testbed --controllers='*' --v=1
+wait_healthy kube-controller-manager kube-controller-manager kcm_healthy 60
+
+# ---------------------------------------------------------------- Kafka (KRaft, combined broker+controller)
+K="$KPIPE_RUN/kafka"
+mkdir -p "$K/data" "$K/logs"
+cat > "$K/server.properties" <<PROPS
+# generated by e2e/testbed/up.sh
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:$KAFKA_CONTROLLER_PORT
+listeners=PLAINTEXT://$KPIPE_BRIDGE_IP:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://$KPIPE_BRIDGE_IP:$KAFKA_PORT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+log.dirs=$K/data
+num.partitions=1
+default.replication.factor=1
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+log.flush.interval.messages=9223372036854775807
+auto.create.topics.enable=true
+delete.topic.enable=true
+num.network.threads=2
+num.io.threads=4
+PROPS
+cat > "$K/log4j2.properties" <<'L4J'
+status = warn
+appender.out.type = Console
+appender.out.name = OUT
+appender.out.layout.type = PatternLayout
+appender.out.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = WARN
+rootLogger.appenderRef.out.ref = OUT
+logger.srv.name = kafka.server.KafkaRaftServer
+logger.srv.level = INFO
+logger.brk.name = kafka.server.BrokerServer
+logger.brk.level = INFO
+L4J
+cat > "$K/tools-log4j2.properties" <<'L4J'
+status = error
+appender.err.type = Console
+appender.err.name = ERR
+appender.err.target = SYSTEM_ERR
+appender.err.layout.type = PatternLayout
+appender.err.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = ERROR
+rootLogger.appenderRef.err.ref = ERR
+L4J
+KAFKA_JOPTS=(-Xms512m -Xmx1g -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:+ExplicitGCInvokesConcurrent
+  -Djava.awt.headless=true "-Dlog4j2.configurationFile=file:$K/log4j2.properties" "-Dkafka.logs.dir=$K/logs")
+if ! alive kafka kafka.Kafka; then
+  if [ ! -f "$K/data/meta.properties" ]; then
+    log "formatting Kafka KRaft storage"
+    java -Xmx256m "-Dlog4j2.configurationFile=file:$K/tools-log4j2.properties" -cp "$KAFKA_HOME/libs/*" \
+      kafka.tools.StorageTool format -t "$(cat "$K/cluster-id" 2>/dev/null || echo a3BpcGUtdGVzdGJlZC0wMQ)" \
+      -c "$K/server.properties" --ignore-formatted >>"$KPIPE_RUN/logs/kafka.log" 2>&1 \
+      || { tail -n 20 "$KPIPE_RUN/logs/kafka.log" >&2; die "kafka storage format failed"; }
+  fi
+fi
+start kafka kafka.Kafka java "${KAFKA_JOPTS[@]}" -cp "$KAFKA_HOME/libs/*" kafka.Kafka "$K/server.properties"
+wait_healthy kafka kafka.Kafka kafka_healthy 120
+
+# ---------------------------------------------------------------- tool wrappers (kafka CLIs, kubectl, helm)
+B="$KPIPE_RUN/bin"
+ln -sf "$K8S_BIN/kubectl" "$B/kubectl"
+ln -sf "$HELM_BIN/helm" "$B/helm"
+ln -sf "$ETCD_BIN/etcd" "$B/etcd"
+kafka_tool() {
+  cat > "$B/$1" <<SH
+#!/usr/bin/env bash
+# $1 for the kpipe test bed (Kafka $KAFKA_VERSION jars from Maven Central)
+exec java \${KAFKA_TOOL_HEAP:--Xmx512m} -Dlog4j2.configurationFile=file:$K/tools-log4j2.properties -cp '$KAFKA_HOME/libs/*' $2 "\$@"
+SH
+  chmod +x "$B/$1"
+}
+kafka_tool kafka-topics org.apache.kafka.tools.TopicCommand
+kafka_tool kafka-consumer-groups org.apache.kafka.tools.consumer.group.ConsumerGroupCommand
+kafka_tool kafka-producer-perf-test org.apache.kafka.tools.ProducerPerformance
+kafka_tool kafka-consumer-perf-test org.apache.kafka.tools.ConsumerPerformance
+kafka_tool kafka-console-producer org.apache.kafka.tools.ConsoleProducer
+kafka_tool kafka-console-consumer org.apache.kafka.tools.consumer.ConsoleConsumer
+kafka_tool kafka-cluster org.apache.kafka.tools.ClusterTool
+kafka_tool kafka-get-offsets org.apache.kafka.tools.GetOffsetShell
+kafka_tool kafka-configs kafka.admin.ConfigCommand
+kafka_tool kafka-metadata-quorum org.apache.kafka.tools.MetadataQuorumCommand
+
+# ---------------------------------------------------------------- process kubelet
+start kubelet kpipe-kubelet "$KUBELET_BIN" \
+  --kubeconfig "$KPIPE_RUN/admin.kubeconfig" --node-name "$KPIPE_NODE" --run-dir "$KPIPE_RUN" \
+  --bridge "$KPIPE_BRIDGE" --bridge-ip "$KPIPE_BRIDGE_IP" --prefix-len "$KPIPE_POD_PREFIX_LEN" \
+  --pod-apiserver "https://$KPIPE_BRIDGE_IP:$APISERVER_PORT" --ca-file "$P/ca.crt" \
+  --images "${KPIPE_IMAGES:-$TESTBED_DIR/images.conf}" --repo-root "$REPO_ROOT" --target-dir "$CARGO_TARGET"
+wait_healthy kubelet kpipe-kubelet kubelet_healthy 60
+
+# ---------------------------------------------------------------- env file for tests and scripts
+cat > "$KPIPE_RUN/env.tmp" <<ENV
+KPIPE_RUN=$KPIPE_RUN
+KPIPE_CACHE=$KPIPE_CACHE
+KUBECONFIG=$KPIPE_RUN/admin.kubeconfig
+KPIPE_APISERVER=https://$KPIPE_BRIDGE_IP:$APISERVER_PORT
+KPIPE_CA_FILE=$P/ca.crt
+KAFKA_BOOTSTRAP=$KPIPE_BRIDGE_IP:$KAFKA_PORT
+KAFKA_HOME=$KAFKA_HOME
+KAFKA_VERSION=$KAFKA_VERSION
+K8S_VERSION=$K8S_VERSION
+KUBECTL=$K8S_BIN/kubectl
+HELM=$HELM_BIN/helm
+KPIPE_BIN=$B
+KPIPE_NODE=$KPIPE_NODE
+KPIPE_BRIDGE_IP=$KPIPE_BRIDGE_IP
+KPIPE_POD_LOGS=$KPIPE_RUN/pods
+KPIPE_LOGS=$KPIPE_RUN/logs
+ENV
+mv "$KPIPE_RUN/env.tmp" "$KPIPE_RUN/env"
+log "test bed up in $(( $(date +%s) - t0 ))s. Use it with:  set -a; . $KPIPE_RUN/env; set +a; export PATH=\$KPIPE_BIN:\$PATH"
