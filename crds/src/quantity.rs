@@ -1,0 +1,134 @@
+//! Byte sizes written like Kubernetes quantities ("1Mi", "512Ki", "1M", 1048576).
+
+use std::{borrow::Cow, fmt, str::FromStr};
+
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Pattern the apiserver enforces for the string form.
+pub const BYTE_SIZE_PATTERN: &str = r"^[0-9]+(Ki|Mi|Gi|k|M|G)?$";
+
+/// A size in bytes. Accepts an integer or a string with a binary (Ki, Mi, Gi) or decimal (k, M, G)
+/// suffix; serialises back to the shortest exact string.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct ByteSize(u64);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid byte size {0:?}: expected an integer optionally followed by Ki, Mi, Gi, k, M or G (e.g. \"1Mi\")")]
+pub struct ByteSizeParseError(String);
+
+impl ByteSize {
+    pub const fn bytes(n: u64) -> Self {
+        Self(n)
+    }
+
+    pub const fn kib(n: u64) -> Self {
+        Self(n * 1024)
+    }
+
+    pub const fn mib(n: u64) -> Self {
+        Self(n * 1024 * 1024)
+    }
+
+    pub const fn as_u64(&self) -> u64 {
+        self.0
+    }
+}
+
+const SUFFIXES: [(&str, u64); 6] =
+    [("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10), ("G", 1_000_000_000), ("M", 1_000_000), ("k", 1_000)];
+
+impl FromStr for ByteSize {
+    type Err = ByteSizeParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || ByteSizeParseError(s.to_string());
+        let (digits, factor) =
+            SUFFIXES.iter().find_map(|(suffix, factor)| s.strip_suffix(suffix).map(|d| (d, *factor))).unwrap_or((s, 1));
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(err());
+        }
+        let n: u64 = digits.parse().map_err(|_| err())?;
+        n.checked_mul(factor).map(Self).ok_or_else(err)
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (suffix, factor) in SUFFIXES {
+            if self.0 != 0 && self.0.is_multiple_of(factor) {
+                return write!(f, "{}{suffix}", self.0 / factor);
+            }
+        }
+        write!(f, "{}", self.0)
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw<'a> {
+            Int(u64),
+            Str(Cow<'a, str>),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Int(n) => Ok(Self(n)),
+            Raw::Str(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl JsonSchema for ByteSize {
+    fn schema_name() -> Cow<'static, str> {
+        "ByteSize".into()
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "x-kubernetes-int-or-string": true,
+            // Explicit, so kube's OptionalIntOrString transform does not make a defaulted field nullable.
+            "nullable": false,
+            // Top-level value validations: `pattern` only applies to the string form and `minimum`
+            // only to the integer form (anyOf branches without types would each accept the other).
+            "pattern": BYTE_SIZE_PATTERN,
+            "minimum": 1,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_quantities() {
+        assert_eq!("1Mi".parse(), Ok(ByteSize::mib(1)));
+        assert_eq!("512Ki".parse(), Ok(ByteSize::kib(512)));
+        assert_eq!("1M".parse(), Ok(ByteSize::bytes(1_000_000)));
+        assert_eq!("2G".parse(), Ok(ByteSize::bytes(2_000_000_000)));
+        assert_eq!("100".parse(), Ok(ByteSize::bytes(100)));
+        for bad in ["", "Mi", "1.5Mi", "1mi", "-1", "1 Mi", "1MiB"] {
+            assert!(bad.parse::<ByteSize>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn accepts_integers_and_round_trips() {
+        let n: ByteSize = serde_json::from_str("1048576").unwrap();
+        assert_eq!(n, ByteSize::mib(1));
+        assert_eq!(serde_json::to_string(&n).unwrap(), "\"1Mi\"");
+        let k: ByteSize = serde_json::from_str("\"1500\"").unwrap();
+        assert_eq!(k.to_string(), "1500");
+    }
+}

@@ -1,0 +1,7 @@
+//! `kpipe.io/v1alpha1`.
+
+mod spec;
+mod status;
+
+pub use spec::*;
+pub use status::*;

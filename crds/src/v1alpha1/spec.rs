@@ -1,0 +1,676 @@
+//! `ConsumerPipeline.spec`: what the user asks for.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, EnvVar, ResourceRequirements, Toleration};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::status::ConsumerPipelineStatus;
+use crate::{ByteSize, Duration, rules};
+
+/// A Kafka consumer pipeline that kpipe runs serverless-style: worker pods consume the source
+/// topics, hand records to the processor in batches, retry failures, dead-letter what keeps
+/// failing, and commit only offsets whose records are done. The operator scales the workers on
+/// consumer-group lag, from zero up to one pod per partition.
+// Several printer columns share a type, which clippy mistakes for duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "kpipe.io",
+    version = "v1alpha1",
+    kind = "ConsumerPipeline",
+    plural = "consumerpipelines",
+    singular = "consumerpipeline",
+    shortname = "cpl",
+    category = "kpipe",
+    namespaced,
+    status = "ConsumerPipelineStatus",
+    derive = "PartialEq",
+    doc = "A Kafka consumer pipeline run by kpipe: worker pods that consume topics, process records in batches with retries and a dead-letter topic, commit in order, and scale on consumer-group lag (to zero and back).",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(
+        name = "Desired",
+        type_ = "integer",
+        json_path = ".status.desiredReplicas",
+        description = "Replicas the scaler wants"
+    ),
+    printcolumn(
+        name = "Replicas",
+        type_ = "integer",
+        json_path = ".status.replicas",
+        description = "Worker replicas running"
+    ),
+    printcolumn(
+        name = "Lag",
+        type_ = "integer",
+        json_path = ".status.lag.total",
+        description = "Records of consumer-group lag"
+    ),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[x_kube(validation = rules::dead_letter_required())]
+#[x_kube(validation = rules::dead_letter_not_source())]
+#[x_kube(validation = rules::forward_topic_not_source())]
+#[serde(rename_all = "camelCase")]
+pub struct ConsumerPipelineSpec {
+    /// Suspend the pipeline: scale the workers to zero and stop autoscaling. Committed offsets are
+    /// kept, so resuming continues where the pipeline stopped.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub suspend: bool,
+
+    /// Where records come from: the Kafka cluster, topics, consumer group and credentials.
+    pub source: Source,
+
+    /// What processes the records. Exactly one of `http`, `kafka` or `noop`.
+    #[x_kube(validation = rules::exactly_one_processor())]
+    pub processor: Processor,
+
+    /// Which records may be processed concurrently. `partition`: strictly one at a time, in offset
+    /// order, per partition. `key`: records with the same key in order, different keys in
+    /// parallel. `unordered`: any record in parallel. Commits are always in offset order.
+    #[serde(default)]
+    pub ordering: Ordering,
+
+    /// Bounds on records being processed at once.
+    #[serde(default)]
+    pub concurrency: Concurrency,
+
+    /// How records are grouped into processor requests.
+    #[serde(default)]
+    pub batch: Batch,
+
+    /// How failed records are retried before the failure policy applies.
+    #[serde(default)]
+    pub retry: Retry,
+
+    /// What happens to a record that still fails after its retries (or fails with a
+    /// non-retryable error). `deadLetter`: write it to `deadLetter.topic` with context headers,
+    /// then move on. `block`: keep retrying at the maximum backoff; the partition stalls and the
+    /// stall shows in metrics and status. `drop`: count it and move on (data is lost, so it must be
+    /// chosen explicitly). Default: `deadLetter` when `deadLetter` is set, otherwise `block`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_failure: Option<OnFailure>,
+
+    /// The dead-letter topic for records that exhaust their retries. Required when `onFailure` is
+    /// `deadLetter`. It lives in the source cluster and must not be one of the source topics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter: Option<DeadLetter>,
+
+    /// How the operator sizes the worker Deployment from consumer-group lag.
+    #[serde(default)]
+    pub scaling: Scaling,
+
+    /// Pieces of the worker pod template.
+    #[serde(default)]
+    pub worker: WorkerTemplate,
+
+    /// Desired replicas when `scaling.mode` is `external`: written through the scale subresource by
+    /// an HPA, KEDA or `kubectl scale`. Ignored (and left alone) in `auto` mode, where the operator
+    /// decides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 10000))]
+    pub replicas: Option<i32>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// The Kafka side of the pipeline.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Source {
+    /// Bootstrap brokers as `host:port`.
+    #[schemars(
+        length(min = 1, max = 32),
+        inner(regex(pattern = r"^[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}$"), length(max = 253))
+    )]
+    pub bootstrap_servers: Vec<String>,
+
+    /// Topics to consume. Each topic's partitions are spread over the workers.
+    #[schemars(length(min = 1, max = 64), inner(regex(pattern = r"^[A-Za-z0-9._\-]+$"), length(min = 1, max = 249)))]
+    pub topics: Vec<String>,
+
+    /// Consumer group id. Default: `<namespace>.<name>` of the pipeline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Za-z0-9._\-]+$"), length(min = 1, max = 249))]
+    pub group_id: Option<String>,
+
+    /// Where a consumer group without a committed offset starts: `earliest` (everything retained)
+    /// or `latest` (only new records). Lag is computed the same way: `earliest` counts the retained
+    /// records as lag, `latest` counts none but still wakes on new records.
+    #[serde(default)]
+    pub start_offset: StartOffset,
+
+    /// Authentication to the brokers. Credentials only by Secret reference.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<Auth>,
+
+    /// Extra librdkafka client properties, restricted to an allow-list of tuning knobs (fetch sizes,
+    /// timeouts, client.rack, isolation.level, ...). Security, group and offset properties are set by
+    /// kpipe and cannot be overridden here.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[x_kube(validation = rules::client_config_allowed())]
+    #[schemars(extend("maxProperties" = 64))]
+    pub config: BTreeMap<String, String>,
+}
+
+/// Where a consumer group without a committed offset starts.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum StartOffset {
+    #[default]
+    Earliest,
+    Latest,
+}
+
+/// Authentication to the Kafka brokers.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Auth {
+    /// SASL authentication; the credentials come from a Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sasl: Option<SaslAuth>,
+    /// TLS to the brokers. An empty object enables TLS with the system trust store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsAuth>,
+}
+
+/// SASL authentication.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SaslAuth {
+    /// SASL mechanism.
+    pub mechanism: SaslMechanism,
+    /// Secret (in the pipeline's namespace) holding the username and password.
+    pub secret_ref: CredentialsSecretRef,
+}
+
+/// SASL mechanism.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SaslMechanism {
+    #[serde(rename = "PLAIN")]
+    Plain,
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+impl SaslMechanism {
+    /// The librdkafka `sasl.mechanism` value.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Plain => "PLAIN",
+            Self::ScramSha256 => "SCRAM-SHA-256",
+            Self::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
+}
+
+/// A Secret holding a username and password.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialsSecretRef {
+    /// Name of the Secret in the pipeline's namespace.
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    pub name: String,
+    /// Key of the username in the Secret.
+    #[serde(default = "default_username_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub username_key: String,
+    /// Key of the password in the Secret.
+    #[serde(default = "default_password_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub password_key: String,
+}
+
+fn default_username_key() -> String {
+    "username".into()
+}
+
+fn default_password_key() -> String {
+    "password".into()
+}
+
+/// TLS to the brokers.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsAuth {
+    /// Secret holding the CA certificate (PEM) that signed the brokers' certificates. Default: the
+    /// system trust store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<SecretKeyRef>,
+    /// Secret holding a client certificate and key (PEM, keys `tls.crt` and `tls.key`) for mutual TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert_secret_ref: Option<LocalSecretRef>,
+}
+
+/// A key in a Secret.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Name of the Secret in the pipeline's namespace.
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    pub name: String,
+    /// Key in the Secret.
+    #[serde(default = "default_ca_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+fn default_ca_key() -> String {
+    "ca.crt".into()
+}
+
+/// A Secret in the pipeline's namespace.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalSecretRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    pub name: String,
+}
+
+/// What processes the records. Exactly one of `http`, `kafka` or `noop`.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub enum Processor {
+    /// POST batches of records to an HTTP endpoint.
+    Http(HttpProcessor),
+    /// Forward every record to another Kafka topic (in the source cluster).
+    Kafka(KafkaProcessor),
+    /// Consume and commit only (benchmarks and smoke tests).
+    Noop(NoopProcessor),
+}
+
+/// POST batches of records to an HTTP endpoint.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpProcessor {
+    /// Endpoint that receives the records, e.g. `http://enricher.shop.svc:8080/records`.
+    #[schemars(regex(pattern = r"^https?://[^\s/$.?#][^\s]*$"), length(max = 2048))]
+    pub url: String,
+    /// Wire format. `json`: a JSON batch. `protobuf`: a `kpipe.v1.RecordBatch` message.
+    /// `cloudevents`: CloudEvents binary mode, one record per request.
+    #[serde(default)]
+    pub format: HttpFormat,
+    /// Per-request timeout. A timeout is a retryable failure.
+    #[serde(default = "default_http_timeout")]
+    pub timeout: Duration,
+    /// Extra request headers (not secret).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 32))]
+    pub headers: BTreeMap<String, String>,
+}
+
+fn default_http_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// Wire format of the HTTP processor.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum HttpFormat {
+    #[default]
+    Json,
+    Protobuf,
+    Cloudevents,
+}
+
+/// Forward records to another topic in the source cluster.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaProcessor {
+    /// Output topic. Must not be one of the source topics.
+    #[schemars(regex(pattern = r"^[A-Za-z0-9._\-]+$"), length(min = 1, max = 249))]
+    pub topic: String,
+    /// `keep` the record key (same partitioning downstream) or `drop` it.
+    #[serde(default)]
+    pub key: KeyPolicy,
+    /// Headers added to every forwarded record (original headers are kept).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 32))]
+    pub headers: BTreeMap<String, String>,
+}
+
+/// Whether a forwarded record keeps its key.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum KeyPolicy {
+    #[default]
+    Keep,
+    Drop,
+}
+
+/// Consume and commit only.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct NoopProcessor {}
+
+/// Which records may be processed concurrently.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum Ordering {
+    Partition,
+    #[default]
+    Key,
+    Unordered,
+}
+
+/// Bounds on records being processed at once.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[x_kube(validation = rules::concurrency_bounds())]
+#[serde(rename_all = "camelCase")]
+pub struct Concurrency {
+    /// Records in flight per partition (with `partition` ordering effectively 1 batch).
+    #[serde(default = "default_per_partition")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub per_partition: u32,
+    /// Records in flight per worker pod, across all its partitions.
+    #[serde(default = "default_per_worker")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub per_worker: u32,
+}
+
+fn default_per_partition() -> u32 {
+    32
+}
+
+fn default_per_worker() -> u32 {
+    256
+}
+
+impl Default for Concurrency {
+    fn default() -> Self {
+        Self { per_partition: default_per_partition(), per_worker: default_per_worker() }
+    }
+}
+
+/// How records are grouped into processor requests. A batch is sent when it reaches `maxRecords`
+/// or `maxBytes`, or `maxWait` after its first record arrived.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Batch {
+    /// Most records in one batch.
+    #[serde(default = "default_max_records")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub max_records: u32,
+    /// Most bytes (keys plus values) in one batch, e.g. `1Mi`.
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: ByteSize,
+    /// Longest a batch waits for more records after its first one.
+    #[serde(default = "default_max_wait")]
+    #[x_kube(validation = rules::duration_at_most("maxWait", "1m"))]
+    pub max_wait: Duration,
+}
+
+fn default_max_records() -> u32 {
+    500
+}
+
+fn default_max_bytes() -> ByteSize {
+    ByteSize::mib(1)
+}
+
+fn default_max_wait() -> Duration {
+    Duration::from_millis(50)
+}
+
+impl Default for Batch {
+    fn default() -> Self {
+        Self { max_records: default_max_records(), max_bytes: default_max_bytes(), max_wait: default_max_wait() }
+    }
+}
+
+/// Exponential backoff with full jitter: attempt n waits a random time in
+/// [0, min(maxBackoff, initialBackoff × multiplier^(n-1))].
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]
+#[x_kube(validation = rules::backoff_order())]
+#[serde(rename_all = "camelCase")]
+pub struct Retry {
+    /// Attempts per record, including the first. 1 means no retry.
+    #[serde(default = "default_max_attempts")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_attempts: u32,
+    /// Backoff cap for the first retry.
+    #[serde(default = "default_initial_backoff")]
+    pub initial_backoff: Duration,
+    /// Largest backoff between attempts.
+    #[serde(default = "default_max_backoff")]
+    pub max_backoff: Duration,
+    /// Growth factor of the backoff per attempt.
+    #[serde(default = "default_multiplier")]
+    #[schemars(range(min = 1.0, max = 10.0))]
+    pub multiplier: f64,
+    /// Stop retrying a record once it is older than this (by its Kafka timestamp) and apply the
+    /// failure policy. Unset: no age limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_record_age: Option<Duration>,
+}
+
+fn default_max_attempts() -> u32 {
+    8
+}
+
+fn default_initial_backoff() -> Duration {
+    Duration::from_millis(100)
+}
+
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_multiplier() -> f64 {
+    2.0
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Self {
+            max_attempts: default_max_attempts(),
+            initial_backoff: default_initial_backoff(),
+            max_backoff: default_max_backoff(),
+            multiplier: default_multiplier(),
+            max_record_age: None,
+        }
+    }
+}
+
+/// What happens to a record that keeps failing.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum OnFailure {
+    DeadLetter,
+    Block,
+    Drop,
+}
+
+/// The dead-letter topic.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetter {
+    /// Topic (in the source cluster) that receives failed records with their original key, value
+    /// and headers plus `kpipe.*` context headers.
+    #[schemars(regex(pattern = r"^[A-Za-z0-9._\-]+$"), length(min = 1, max = 249))]
+    pub topic: String,
+}
+
+/// How the operator sizes the worker Deployment.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = rules::min_le_max_replicas())]
+#[x_kube(validation = rules::threshold_xor_drain())]
+#[serde(rename_all = "camelCase")]
+pub struct Scaling {
+    /// Fewest worker pods. 0 allows scale to zero when there is no lag.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 1000))]
+    pub min_replicas: i32,
+    /// Most worker pods. Never more than the partition count is used: an idle consumer is waste.
+    #[serde(default = "default_max_replicas")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_replicas: i32,
+    /// Target records of lag per replica: desired = ceil(lag / lagThreshold). Mutually exclusive
+    /// with `targetDrainSeconds`. Default when neither is set: 1000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub lag_threshold: Option<i64>,
+    /// Target time to drain the backlog: desired = ceil(lag / (per-replica rate × targetDrainSeconds)),
+    /// with the rate measured from committed offsets (lagThreshold 1000 is used until a rate is
+    /// known). Mutually exclusive with `lagThreshold`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub target_drain_seconds: Option<i64>,
+    /// From zero replicas, wake up when lag exceeds this many records.
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub activation_lag: i64,
+    /// How often the operator measures lag (also while at zero replicas).
+    #[serde(default = "default_poll_interval")]
+    #[x_kube(validation = rules::duration_between("pollInterval", "1s", "5m"))]
+    pub poll_interval: Duration,
+    /// Scale down only to the highest desired count seen during this window (damps flapping).
+    #[serde(default = "default_scale_down_stabilization")]
+    #[x_kube(validation = rules::duration_at_most("scaleDownStabilization", "1h"))]
+    pub scale_down_stabilization: Duration,
+    /// Scale to zero only after lag has been zero for this long.
+    #[serde(default = "default_cooldown_to_zero")]
+    #[x_kube(validation = rules::duration_at_most("cooldownToZero", "24h"))]
+    pub cooldown_to_zero: Duration,
+    /// `even`: round the replica count up so partitions spread evenly over pods (no pod gets more
+    /// partitions than another by more than the remainder allows). `any`: use the raw count.
+    #[serde(default)]
+    pub partition_distribution: PartitionDistribution,
+    /// `auto`: the operator sets the worker replicas. `external`: something else (an HPA, KEDA,
+    /// `kubectl scale`) drives `spec.replicas` through the scale subresource; the operator passes it
+    /// through and only reports lag.
+    #[serde(default)]
+    pub mode: ScalingMode,
+}
+
+fn default_max_replicas() -> i32 {
+    10
+}
+
+fn default_poll_interval() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_scale_down_stabilization() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_cooldown_to_zero() -> Duration {
+    Duration::from_secs(120)
+}
+
+/// Default lag per replica when neither `lagThreshold` nor `targetDrainSeconds` is set.
+pub const DEFAULT_LAG_THRESHOLD: i64 = 1000;
+
+impl Scaling {
+    /// The lag per replica to use when no processing rate is known.
+    pub fn effective_lag_threshold(&self) -> i64 {
+        self.lag_threshold.unwrap_or(DEFAULT_LAG_THRESHOLD)
+    }
+}
+
+impl Default for Scaling {
+    fn default() -> Self {
+        Self {
+            min_replicas: 0,
+            max_replicas: default_max_replicas(),
+            lag_threshold: None,
+            target_drain_seconds: None,
+            activation_lag: 0,
+            poll_interval: default_poll_interval(),
+            scale_down_stabilization: default_scale_down_stabilization(),
+            cooldown_to_zero: default_cooldown_to_zero(),
+            partition_distribution: PartitionDistribution::default(),
+            mode: ScalingMode::default(),
+        }
+    }
+}
+
+/// How replicas relate to the partition count.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum PartitionDistribution {
+    #[default]
+    Even,
+    Any,
+}
+
+/// Who sets the worker replicas.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum ScalingMode {
+    #[default]
+    Auto,
+    External,
+}
+
+/// Pieces of the worker pod template.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerTemplate {
+    /// Worker image. Default: the operator's configured worker image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub image: Option<String>,
+    /// Compute resources of the worker container. Default: the operator's configured defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Extra environment variables of the worker container.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub env: Vec<EnvVar>,
+    /// Node selector of the worker pods.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Tolerations of the worker pods.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub tolerations: Vec<Toleration>,
+    /// Affinity of the worker pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// Extra annotations on the worker pods.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pod_annotations: BTreeMap<String, String>,
+    /// Extra labels on the worker pods (kpipe's own `app.kubernetes.io/*` labels win).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pod_labels: BTreeMap<String, String>,
+    /// Service account of the worker pods (workers need no Kubernetes API access). Default: `default`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub service_account_name: Option<String>,
+    /// Use Kafka static group membership (`group.instance.id` = pod name), so a restarted container
+    /// rejoins without a rebalance. Off by default: a deleted static member keeps its partitions
+    /// until the session times out, which slows scale-down.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub static_membership: bool,
+}
+
+impl ConsumerPipelineSpec {
+    /// The failure policy in force (see `onFailure`).
+    pub fn effective_on_failure(&self) -> OnFailure {
+        match (self.on_failure, &self.dead_letter) {
+            (Some(policy), _) => policy,
+            (None, Some(_)) => OnFailure::DeadLetter,
+            (None, None) => OnFailure::Block,
+        }
+    }
+}
+
+impl Source {
+    /// The consumer group id: `groupId` or `<namespace>.<name>`.
+    pub fn effective_group_id(&self, namespace: &str, name: &str) -> String {
+        self.group_id.clone().unwrap_or_else(|| format!("{namespace}.{name}"))
+    }
+}

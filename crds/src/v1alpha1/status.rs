@@ -1,0 +1,79 @@
+//! `ConsumerPipeline.status`: what the operator observed and decided.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Condition types the operator maintains.
+pub mod condition {
+    /// Workers are configured and the pipeline is healthy (may be at zero replicas).
+    pub const READY: &str = "Ready";
+    /// The replica count is changing towards the desired count.
+    pub const SCALING: &str = "Scaling";
+    /// Something the pipeline needs is wrong (missing Secret or topic, unreachable broker...).
+    pub const DEGRADED: &str = "Degraded";
+    /// At least one worker replica is wanted (there is work, or minReplicas > 0).
+    pub const ACTIVE: &str = "Active";
+}
+
+/// Observed state of a ConsumerPipeline.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsumerPipelineStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Ready, Scaling, Degraded and Active, per Kubernetes API conventions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// Worker replicas currently set on the Deployment.
+    #[serde(default)]
+    pub replicas: i32,
+    /// Replicas the scaler wants.
+    #[serde(default)]
+    pub desired_replicas: i32,
+    /// Worker replicas that are ready.
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// Label selector of the worker pods, for the scale subresource (HPA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// The consumer group the workers use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_id: Option<String>,
+    /// Last lag measurement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag: Option<LagSummary>,
+    /// When the operator last changed the replica count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_time: Option<Time>,
+}
+
+/// Consumer-group lag summary from the last poll.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct LagSummary {
+    /// Records not yet committed, summed over all partitions.
+    pub total: i64,
+    /// Partitions of the source topics.
+    pub partitions: i32,
+    /// Partitions with lag > 0.
+    pub partitions_with_lag: i32,
+    /// Partitions with lag whose committed offset has not moved for several polls (likely a poison
+    /// record or a blocked partition); they do not drive scale-up.
+    pub stuck_partitions: i32,
+    /// Records committed per second over the recent polls, all replicas together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub records_per_second: Option<i64>,
+    /// Estimated seconds to drain the lag at the current rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimated_drain_seconds: Option<i64>,
+}
+
+impl ConsumerPipelineStatus {
+    /// The condition of the given type, if present.
+    pub fn condition(&self, type_: &str) -> Option<&Condition> {
+        self.conditions.iter().find(|c| c.type_ == type_)
+    }
+}

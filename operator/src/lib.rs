@@ -1,0 +1,1 @@
+//! kpipe operator (placeholder until the operator issue lands).

@@ -1,0 +1,1 @@
+//! kpipe worker (placeholder until the worker issue lands).
