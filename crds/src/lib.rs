@@ -9,6 +9,7 @@ mod duration;
 mod quantity;
 pub mod rules;
 pub mod v1alpha1;
+pub mod worker_contract;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
