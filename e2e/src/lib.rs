@@ -9,4 +9,4 @@
 pub mod kubelet;
 pub mod testbed;
 
-pub use testbed::{TestBed, TestBedError, TempNamespace};
+pub use testbed::{TempNamespace, TestBed, TestBedError};

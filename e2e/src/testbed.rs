@@ -127,24 +127,19 @@ impl TestBed {
             reason: format!("cannot read env file {}: {e}", env_file.display()),
         })?;
         let env = parse_env(&text);
-        let kubeconfig = env.get("KUBECONFIG").ok_or_else(|| TestBedError::NotRunning {
-            reason: format!("{} has no KUBECONFIG", env_file.display()),
-        })?;
-        let kc = Kubeconfig::read_from(kubeconfig).map_err(|e| TestBedError::NotRunning {
-            reason: format!("cannot read kubeconfig {kubeconfig}: {e}"),
-        })?;
+        let kubeconfig = env
+            .get("KUBECONFIG")
+            .ok_or_else(|| TestBedError::NotRunning { reason: format!("{} has no KUBECONFIG", env_file.display()) })?;
+        let kc = Kubeconfig::read_from(kubeconfig)
+            .map_err(|e| TestBedError::NotRunning { reason: format!("cannot read kubeconfig {kubeconfig}: {e}") })?;
         let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
             .await
-            .map_err(|e| TestBedError::NotRunning {
-                reason: format!("bad kubeconfig {kubeconfig}: {e}"),
-            })?;
+            .map_err(|e| TestBedError::NotRunning { reason: format!("bad kubeconfig {kubeconfig}: {e}") })?;
         let client = Client::try_from(config)?;
         client
             .apiserver_version()
             .await
-            .map_err(|e| TestBedError::NotRunning {
-                reason: format!("kube-apiserver does not answer: {e}"),
-            })?;
+            .map_err(|e| TestBedError::NotRunning { reason: format!("kube-apiserver does not answer: {e}") })?;
         Ok(Self { env, client })
     }
 
@@ -207,14 +202,8 @@ impl TestBed {
             "metadata": {"name": name, "labels": {"kpipe.io/e2e": "true"}},
         }))
         .map_err(|e| TestBedError::Other(e.to_string()))?;
-        Api::<Namespace>::all(self.client.clone())
-            .create(&PostParams::default(), &ns)
-            .await?;
-        Ok(TempNamespace {
-            bed: self.clone(),
-            name,
-            deleted: false,
-        })
+        Api::<Namespace>::all(self.client.clone()).create(&PostParams::default(), &ns).await?;
+        Ok(TempNamespace { bed: self.clone(), name, deleted: false })
     }
 
     /// Runs `f` with a fresh namespace; dumps pod logs if `f` fails or panics; always deletes the namespace.
@@ -249,9 +238,7 @@ impl TestBed {
             .map(|e| e.path())
             .filter(|p| {
                 p.extension().is_some_and(|e| e == "log")
-                    && p.file_name()
-                        .and_then(|n| n.to_str())
-                        .is_some_and(|n| n.starts_with(&format!("{namespace}_")))
+                    && p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&format!("{namespace}_")))
             })
             .collect();
         files.sort();
@@ -283,12 +270,7 @@ impl TestBed {
 
     /// Kafka producer (acks=all, small linger).
     pub fn producer(&self) -> Result<FutureProducer, TestBedError> {
-        Ok(self
-            .kafka_config()
-            .set("acks", "all")
-            .set("linger.ms", "5")
-            .set("message.timeout.ms", "30000")
-            .create()?)
+        Ok(self.kafka_config().set("acks", "all").set("linger.ms", "5").set("message.timeout.ms", "30000").create()?)
     }
 
     /// Creates a topic (replication factor 1) and waits until its metadata shows all partitions.
@@ -324,8 +306,11 @@ impl TestBed {
 
     /// Produces `n` records `key-<i>` → `value-<i>` and waits for every acknowledgement.
     pub async fn produce(&self, topic: &str, n: usize) -> Result<(), TestBedError> {
-        self.produce_records(topic, (0..n).map(|i| (format!("key-{i}").into_bytes(), format!("value-{i}").into_bytes())))
-            .await
+        self.produce_records(
+            topic,
+            (0..n).map(|i| (format!("key-{i}").into_bytes(), format!("value-{i}").into_bytes())),
+        )
+        .await
     }
 
     /// Produces the given `(key, value)` records and waits for every acknowledgement.
@@ -354,7 +339,13 @@ impl TestBed {
 
     /// Consumes exactly `n` records of `topic` as consumer group `group` (from the earliest offset when the
     /// group has none), commits synchronously, and returns them.
-    pub async fn consume(&self, topic: &str, group: &str, n: usize, timeout: Duration) -> Result<Vec<Record>, TestBedError> {
+    pub async fn consume(
+        &self,
+        topic: &str,
+        group: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Record>, TestBedError> {
         let consumer: StreamConsumer = self
             .kafka_config()
             .set("group.id", group)
@@ -389,7 +380,11 @@ impl TestBed {
     }
 
     /// Committed offsets of `group` for every partition of `topic` (`None` = no commit).
-    pub async fn committed_offsets(&self, topic: &str, group: &str) -> Result<BTreeMap<i32, Option<i64>>, TestBedError> {
+    pub async fn committed_offsets(
+        &self,
+        topic: &str,
+        group: &str,
+    ) -> Result<BTreeMap<i32, Option<i64>>, TestBedError> {
         let cfg = self.kafka_config().set("group.id", group).clone();
         let topic = topic.to_string();
         tokio::task::spawn_blocking(move || -> Result<BTreeMap<i32, Option<i64>>, TestBedError> {
@@ -462,10 +457,7 @@ where
             return Ok(v);
         }
         if Instant::now() >= deadline {
-            return Err(TestBedError::Timeout {
-                what: what.to_string(),
-                after: timeout,
-            });
+            return Err(TestBedError::Timeout { what: what.to_string(), after: timeout });
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -18,7 +18,9 @@ all_up() {
 kubelet_stale() {
   [ ! -x "$KUBELET_BIN" ] || [ -n "$(find "$REPO_ROOT/e2e/src" "$REPO_ROOT/e2e/Cargo.toml" -newer "$KUBELET_BIN" -print -quit)" ]
 }
-if [ -d "$KPIPE_RUN" ] && ! kubelet_stale && all_up; then
+# The running kubelet is older than its binary (rebuilt since it started).
+kubelet_outdated() { [ -f "$(pidfile kubelet)" ] && [ "$KUBELET_BIN" -nt "$(pidfile kubelet)" ]; }
+if [ -d "$KPIPE_RUN" ] && ! kubelet_stale && ! kubelet_outdated && all_up; then
   log "test bed already up and healthy (checked in $(( $(date +%s) - t0 ))s); env: $KPIPE_RUN/env"
   exit 0
 fi
@@ -246,6 +248,14 @@ kafka_tool kafka-configs kafka.admin.ConfigCommand
 kafka_tool kafka-metadata-quorum org.apache.kafka.tools.MetadataQuorumCommand
 
 # ---------------------------------------------------------------- process kubelet
+if alive kubelet kpipe-kubelet && kubelet_outdated; then
+  log "kubelet binary was rebuilt: restarting the kubelet (its pods get restarted)"
+  kpid=$(cat "$(pidfile kubelet)")
+  kill -TERM "$kpid" 2>/dev/null || true
+  for _ in $(seq 1 300); do alive kubelet kpipe-kubelet || break; sleep 0.1; done
+  alive kubelet kpipe-kubelet && kill -KILL "$kpid" 2>/dev/null || true
+  rm -f "$(pidfile kubelet)"
+fi
 start kubelet kpipe-kubelet "$KUBELET_BIN" \
   --kubeconfig "$KPIPE_RUN/admin.kubeconfig" --node-name "$KPIPE_NODE" --run-dir "$KPIPE_RUN" \
   --bridge "$KPIPE_BRIDGE" --bridge-ip "$KPIPE_BRIDGE_IP" --prefix-len "$KPIPE_POD_PREFIX_LEN" \

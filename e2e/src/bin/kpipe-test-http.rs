@@ -4,6 +4,8 @@
 //!   appends `SIGTERM <pod> <pid>` to `$SIGTERM_FILE` (if set) and to stdout, then exits 0.
 //! * `kube-get <path>`: GETs an API path with the pod's credentials (`KUBECONFIG` or in-cluster), prints
 //!   `KUBE_STATUS=<http code>` and exits 0; useful to prove RBAC is enforced for pods.
+//! * `tcp-connect <host:port>`: prints `TCP_OK <addr>` if a TCP connection succeeds (network reachability from pods).
+//! * `show --file <path> --env <NAME>`: prints file contents and env values (volume / valueFrom checks).
 
 use std::io::Write;
 
@@ -26,20 +28,25 @@ enum Cmd {
         /// e.g. /api/v1/namespaces/default/secrets
         path: String,
     },
+    /// Open a TCP connection to `addr` (host:port) and print `TCP_OK <addr>` or `TCP_FAIL <addr> <error>`.
+    TcpConnect { addr: String },
+    /// Print `FILE <path> <content>` for a file and `ENV <name>=<value>` for env vars (for volume/env tests).
+    Show {
+        #[arg(long)]
+        file: Vec<String>,
+        #[arg(long)]
+        env: Vec<String>,
+    },
 }
 
 fn pod_name() -> String {
-    std::env::var("POD_NAME")
-        .or_else(|_| std::env::var("HOSTNAME"))
-        .unwrap_or_else(|_| "unknown".into())
+    std::env::var("POD_NAME").or_else(|_| std::env::var("HOSTNAME")).unwrap_or_else(|_| "unknown".into())
 }
 
 async fn serve() -> anyhow::Result<()> {
     let port: u16 = std::env::var("PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(8080);
     let name = pod_name();
-    let app = Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/", get(move || async move { name }));
+    let app = Router::new().route("/healthz", get(|| async { "ok" })).route("/", get(move || async move { name }));
     let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await?;
     println!("listening on {}", listener.local_addr()?);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -80,5 +87,24 @@ async fn main() -> anyhow::Result<()> {
     match args.cmd.unwrap_or(Cmd::Serve) {
         Cmd::Serve => serve().await,
         Cmd::KubeGet { path } => kube_get(&path).await,
+        Cmd::TcpConnect { addr } => {
+            match tokio::net::TcpStream::connect(&addr).await {
+                Ok(_) => println!("TCP_OK {addr}"),
+                Err(e) => println!("TCP_FAIL {addr} {e}"),
+            }
+            Ok(())
+        }
+        Cmd::Show { file, env } => {
+            for f in file {
+                match std::fs::read_to_string(&f) {
+                    Ok(c) => println!("FILE {f} {}", c.trim()),
+                    Err(e) => println!("FILE {f} ERROR {e}"),
+                }
+            }
+            for e in env {
+                println!("ENV {e}={}", std::env::var(&e).unwrap_or_else(|_| "<unset>".into()));
+            }
+            Ok(())
+        }
     }
 }

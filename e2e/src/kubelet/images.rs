@@ -39,9 +39,7 @@ impl ImageMap {
             let exe = if exe == "@command" {
                 Executable::Command
             } else {
-                let p = exe
-                    .replace("${REPO}", &repo.to_string_lossy())
-                    .replace("${TARGET}", &target.to_string_lossy());
+                let p = exe.replace("${REPO}", &repo.to_string_lossy()).replace("${TARGET}", &target.to_string_lossy());
                 Executable::Binary(PathBuf::from(p))
             };
             entries.push((pattern.to_string(), exe));
@@ -51,10 +49,8 @@ impl ImageMap {
 
     /// Reads and parses a map file.
     pub fn load(path: &Path, repo: &Path, target: &Path) -> Result<Self, KubeletError> {
-        let text = std::fs::read_to_string(path).map_err(|source| KubeletError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| KubeletError::Io { path: path.to_path_buf(), source })?;
         Self::parse(&text, repo, target, path)
     }
 
@@ -64,21 +60,14 @@ impl ImageMap {
             return Some(Executable::Binary(PathBuf::from(path)));
         }
         let normalized = normalize(image);
-        self.entries
-            .iter()
-            .find(|(pattern, _)| glob_match(pattern, &normalized))
-            .map(|(_, exe)| exe.clone())
+        self.entries.iter().find(|(pattern, _)| glob_match(pattern, &normalized)).map(|(_, exe)| exe.clone())
     }
 }
 
 /// Adds `:latest` to an image reference without tag or digest.
 fn normalize(image: &str) -> String {
     let last = image.rsplit('/').next().unwrap_or(image);
-    if last.contains(':') || last.contains('@') {
-        image.to_string()
-    } else {
-        format!("{image}:latest")
-    }
+    if last.contains(':') || last.contains('@') { image.to_string() } else { format!("{image}:latest") }
 }
 
 /// `*`-only glob matching over bytes.
@@ -124,10 +113,7 @@ mod tests {
             m.resolve("kpipe/worker:0.1.0"),
             Some(Executable::Binary("/repo/target/release/kpipe-worker".into()))
         );
-        assert_eq!(
-            m.resolve("kpipe/worker"),
-            Some(Executable::Binary("/repo/target/release/kpipe-worker".into()))
-        );
+        assert_eq!(m.resolve("kpipe/worker"), Some(Executable::Binary("/repo/target/release/kpipe-worker".into())));
         assert_eq!(m.resolve("ghcr.io/kpipe/worker:1"), Some(Executable::Binary("/repo/w".into())));
         assert_eq!(m.resolve("busybox:1.36"), Some(Executable::Command));
         assert_eq!(m.resolve("nginx:1"), None);

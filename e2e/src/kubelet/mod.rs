@@ -156,8 +156,7 @@ async fn update_node_status(client: &Client, cfg: &KubeletConfig) -> Result<(), 
             "kernelVersion": "", "kubeProxyVersion": "", "kubeletVersion": "v1.34.4-kpipe", "machineID": "", "operatingSystem": "linux",
             "osImage": "kpipe process kubelet", "systemUUID": ""},
     }});
-    api.patch_status(&cfg.node_name, &PatchParams::default(), &Patch::Merge(&status))
-        .await?;
+    api.patch_status(&cfg.node_name, &PatchParams::default(), &Patch::Merge(&status)).await?;
     Ok(())
 }
 
@@ -176,8 +175,7 @@ async fn renew_lease(client: &Client, cfg: &KubeletConfig, node: &Node) -> Resul
         "spec": {"holderIdentity": cfg.node_name, "leaseDurationSeconds": 40,
                  "renewTime": Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()},
     });
-    api.patch(&cfg.node_name, &PatchParams::apply("kpipe-kubelet").force(), &Patch::Apply(&lease))
-        .await?;
+    api.patch(&cfg.node_name, &PatchParams::apply("kpipe-kubelet").force(), &Patch::Apply(&lease)).await?;
     Ok(())
 }
 
@@ -198,10 +196,7 @@ async fn bind(client: Client, pod: Pod, node: String) {
         "target": {"apiVersion": "v1", "kind": "Node", "name": node},
     });
     for attempt in 0..10u32 {
-        match api
-            .create_subresource::<_, serde_json::Value>("binding", &name, &PostParams::default(), &binding)
-            .await
-        {
+        match api.create_subresource::<_, serde_json::Value>("binding", &name, &PostParams::default(), &binding).await {
             Ok(_) => {
                 info!(pod = %format!("{ns}/{name}"), %node, "bound");
                 return;
@@ -222,10 +217,8 @@ struct Worker {
 
 /// Runs the kubelet until SIGTERM/SIGINT; then stops all pod processes (without deleting the Pods).
 pub async fn run(client: Client, cfg: KubeletConfig) -> Result<(), KubeletError> {
-    std::fs::create_dir_all(cfg.run_dir.join("pods")).map_err(|source| KubeletError::Io {
-        path: cfg.run_dir.join("pods"),
-        source,
-    })?;
+    std::fs::create_dir_all(cfg.run_dir.join("pods"))
+        .map_err(|source| KubeletError::Io { path: cfg.run_dir.join("pods"), source })?;
     pod::kill_stale_processes(&cfg.run_dir);
     net::cleanup_stale_namespaces().await;
     let node = register_node(&client, &cfg).await?;
@@ -255,7 +248,7 @@ pub async fn run(client: Client, cfg: KubeletConfig) -> Result<(), KubeletError>
                 if let Err(e) = renew_lease(&client, &cfg, &node).await {
                     warn!(error = %e, "lease renewal failed");
                 }
-                if tick % 3 == 0
+                if tick.is_multiple_of(3)
                     && let Err(e) = update_node_status(&client, &cfg).await
                 {
                     warn!(error = %e, "node status update failed");
@@ -271,10 +264,7 @@ pub async fn run(client: Client, cfg: KubeletConfig) -> Result<(), KubeletError>
     let mut seen: HashSet<String> = HashSet::new();
     let mut stream = std::pin::pin!(watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()));
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|source| KubeletError::Io {
-            path: "signal(SIGTERM)".into(),
-            source,
-        })?;
+        .map_err(|source| KubeletError::Io { path: "signal(SIGTERM)".into(), source })?;
 
     loop {
         tokio::select! {

@@ -36,12 +36,7 @@ impl IpAllocator {
     pub fn new(bridge: Ipv4Addr, prefix_len: u8) -> Self {
         let prefix = u32::from(prefix_len.clamp(8, 30));
         let mask = u32::MAX << (32 - prefix);
-        Self {
-            base: u32::from(bridge) & mask,
-            size: 1u32 << (32 - prefix),
-            bridge,
-            used: BTreeSet::new(),
-        }
+        Self { base: u32::from(bridge) & mask, size: 1u32 << (32 - prefix), bridge, used: BTreeSet::new() }
     }
 
     /// Next free address (never the network, broadcast or bridge address).
@@ -71,11 +66,7 @@ impl PodNet {
     pub fn for_pod(uid: &str, ip: Ipv4Addr) -> Self {
         let hex = uid_hex(uid);
         let short = |n: usize| hex.chars().take(n).collect::<String>();
-        Self {
-            netns: format!("kpipe-{}", short(12)),
-            host_veth: format!("kv{}", short(10)),
-            ip,
-        }
+        Self { netns: format!("kpipe-{}", short(12)), host_veth: format!("kv{}", short(10)), ip }
     }
 
     /// Creates the namespace, the veth pair, addresses and routes. Removes a stale namespace of the same name.
@@ -119,10 +110,7 @@ pub async fn ip(args: &[&str]) -> Result<(), KubeletError> {
         .args(args)
         .output()
         .await
-        .map_err(|e| KubeletError::Command {
-            cmd: format!("ip {}", args.join(" ")),
-            msg: e.to_string(),
-        })?;
+        .map_err(|e| KubeletError::Command { cmd: format!("ip {}", args.join(" ")), msg: e.to_string() })?;
     if out.status.success() {
         Ok(())
     } else {

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{
-    Container, ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting, ContainerStatus, HostIP,
-    Pod, PodCondition, PodIP, PodStatus, Probe,
+    Container, ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting, ContainerStatus,
+    HostIP, Pod, PodCondition, PodIP, PodStatus, Probe,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -106,10 +106,7 @@ impl PodCtx {
         self.dirty.notify_one();
     }
     fn facts(&self) -> PodFacts {
-        PodFacts {
-            pod_ip: self.net.ip.to_string(),
-            host_ip: self.shared.cfg.bridge_ip.to_string(),
-        }
+        PodFacts { pod_ip: self.net.ip.to_string(), host_ip: self.shared.cfg.bridge_ip.to_string() }
     }
 }
 
@@ -135,10 +132,7 @@ pub async fn final_delete(client: &kube::Client, pod: &Pod) {
     let (ns, name, uid) = pod_key(pod);
     let dp = DeleteParams {
         grace_period_seconds: Some(0),
-        preconditions: Some(Preconditions {
-            uid: Some(uid),
-            resource_version: None,
-        }),
+        preconditions: Some(Preconditions { uid: Some(uid), resource_version: None }),
         ..DeleteParams::default()
     };
     match Api::<Pod>::namespaced(client.clone(), &ns).delete(&name, &dp).await {
@@ -160,10 +154,7 @@ pub async fn run_pod(shared: Arc<Shared>, mut rx: watch::Receiver<PodUpdate>) {
         .map(|c| CStatus {
             name: c.name.clone(),
             image: c.image.clone().unwrap_or_default(),
-            state: CState::Waiting {
-                reason: "ContainerCreating".into(),
-                message: None,
-            },
+            state: CState::Waiting { reason: "ContainerCreating".into(), message: None },
             last: None,
             restarts: 0,
             ready: false,
@@ -242,10 +233,7 @@ pub async fn run_pod(shared: Arc<Shared>, mut rx: watch::Receiver<PodUpdate>) {
         st.pod_ip = Some(ip.to_string());
         st.message = None;
         for c in &mut st.containers {
-            c.state = CState::Waiting {
-                reason: "ContainerCreating".into(),
-                message: None,
-            };
+            c.state = CState::Waiting { reason: "ContainerCreating".into(), message: None };
         }
     }
     patch_status(&ctx).await;
@@ -260,6 +248,7 @@ pub async fn run_pod(shared: Arc<Shared>, mut rx: watch::Receiver<PodUpdate>) {
     }
 
     // Status loop until deletion.
+    let mut net_released = false;
     let (grace, gone, shutdown) = loop {
         tokio::select! {
             changed = rx.changed() => {
@@ -277,6 +266,12 @@ pub async fn run_pod(shared: Arc<Shared>, mut rx: watch::Receiver<PodUpdate>) {
             _ = ctx.dirty.notified() => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 patch_status(&ctx).await;
+                // A finished pod (Succeeded/Failed) gives its network sandbox and IP back, like a real kubelet.
+                let finished = { let st = ctx.lock(); !st.containers.is_empty() && st.containers.iter().all(|c| c.done) };
+                if finished && !net_released {
+                    release_net(&ctx).await;
+                    net_released = true;
+                }
             }
         }
     };
@@ -291,7 +286,11 @@ pub async fn run_pod(shared: Arc<Shared>, mut rx: watch::Receiver<PodUpdate>) {
         patch_status(&ctx).await;
     }
     let last = rx.borrow().clone();
-    cleanup(&ctx, &last, !gone && !shutdown).await;
+    if net_released {
+        final_cleanup(&ctx, &last, !gone && !shutdown).await;
+    } else {
+        cleanup(&ctx, &last, !gone && !shutdown).await;
+    }
 }
 
 async fn wait_for_deletion(shared: &Shared, rx: &mut watch::Receiver<PodUpdate>) {
@@ -310,17 +309,24 @@ async fn wait_for_deletion(shared: &Shared, rx: &mut watch::Receiver<PodUpdate>)
     }
 }
 
+async fn release_net(ctx: &PodCtx) {
+    ctx.net.teardown().await;
+    let mut ips = match ctx.shared.ips.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
+    ips.release(ctx.net.ip);
+}
+
 async fn cleanup(ctx: &PodCtx, last: &PodUpdate, delete: bool) {
+    release_net(ctx).await;
+    final_cleanup(ctx, last, delete).await;
+}
+
+/// Final delete of the API object (if asked) and removal of the pod folder; the network is already released.
+async fn final_cleanup(ctx: &PodCtx, last: &PodUpdate, delete: bool) {
     if delete && !last.gone {
         final_delete(&ctx.shared.client, &last.pod).await;
-    }
-    ctx.net.teardown().await;
-    {
-        let mut ips = match ctx.shared.ips.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        ips.release(ctx.net.ip);
     }
     if let Err(e) = tokio::fs::remove_dir_all(&ctx.dir).await
         && e.kind() != std::io::ErrorKind::NotFound
@@ -331,10 +337,7 @@ async fn cleanup(ctx: &PodCtx, last: &PodUpdate, delete: bool) {
 
 async fn prepare(ctx: &PodCtx) -> Result<(HashMap<String, PathBuf>, Option<PathBuf>), KubeletError> {
     let cfg = &ctx.shared.cfg;
-    tokio::fs::create_dir_all(&ctx.dir).await.map_err(|source| KubeletError::Io {
-        path: ctx.dir.clone(),
-        source,
-    })?;
+    tokio::fs::create_dir_all(&ctx.dir).await.map_err(|source| KubeletError::Io { path: ctx.dir.clone(), source })?;
     ctx.net.setup(&cfg.bridge, cfg.bridge_ip, cfg.prefix_len).await?;
     let volumes = spec::materialize_volumes(&ctx.shared.client, &ctx.pod, &ctx.dir, &ctx.facts()).await?;
     let automount = ctx.pod.spec.as_ref().and_then(|s| s.automount_service_account_token) != Some(false);
@@ -352,13 +355,11 @@ async fn prepare(ctx: &PodCtx) -> Result<(HashMap<String, PathBuf>, Option<PathB
 /// Builds the process command for one container start.
 async fn build_command(ctx: &PodCtx, c: &Container) -> Result<(tokio::process::Command, PathBuf), (String, String)> {
     let cfg = &ctx.shared.cfg;
-    let map = ImageMap::load(&cfg.images, &cfg.repo_root, &cfg.target_dir).map_err(|e| ("InvalidImageMap".to_string(), e.to_string()))?;
+    let map = ImageMap::load(&cfg.images, &cfg.repo_root, &cfg.target_dir)
+        .map_err(|e| ("InvalidImageMap".to_string(), e.to_string()))?;
     let image = c.image.clone().unwrap_or_default();
     let exe = map.resolve(&image).ok_or_else(|| {
-        (
-            "ErrImagePull".to_string(),
-            format!("image {image:?} has no entry in {}", cfg.images.display()),
-        )
+        ("ErrImagePull".to_string(), format!("image {image:?} has no entry in {}", cfg.images.display()))
     })?;
     let env = spec::resolve_env(&ctx.shared.client, &ctx.pod, c, &ctx.facts())
         .await
@@ -395,21 +396,23 @@ async fn build_command(ctx: &PodCtx, c: &Container) -> Result<(tokio::process::C
                     format!("image {image:?} maps to {} which does not exist (build it first)", path.display()),
                 ));
             }
-            std::iter::once(path.display().to_string())
-                .chain(cmd.into_iter().skip(1))
-                .chain(args)
-                .collect()
+            std::iter::once(path.display().to_string()).chain(cmd.into_iter().skip(1)).chain(args).collect()
         }
         Executable::Command => {
             if cmd.is_empty() {
-                return Err(("RunContainerError".into(), format!("image {image:?} maps to @command but the container has no command")));
+                return Err((
+                    "RunContainerError".into(),
+                    format!("image {image:?} maps to @command but the container has no command"),
+                ));
             }
             cmd.into_iter().chain(args).collect()
         }
     };
-    let mut script = spec::launcher_script(c, volumes).map_err(|e| ("CreateContainerConfigError".to_string(), e.to_string()))?;
+    let mut script =
+        spec::launcher_script(c, volumes).map_err(|e| ("CreateContainerConfigError".to_string(), e.to_string()))?;
     if let Some(wd) = c.working_dir.as_deref().filter(|w| !w.is_empty()) {
-        script = script.replace("exec \"$@\"\n", &format!("mkdir -p {q}\ncd {q}\nexec \"$@\"\n", q = spec::sh_quote(wd)));
+        script =
+            script.replace("exec \"$@\"\n", &format!("mkdir -p {q}\ncd {q}\nexec \"$@\"\n", q = spec::sh_quote(wd)));
     }
     let script_path = ctx.dir.join(format!("launch-{}.sh", c.name));
     tokio::fs::write(&script_path, script)
@@ -421,9 +424,8 @@ async fn build_command(ctx: &PodCtx, c: &Container) -> Result<(tokio::process::C
         .append(true)
         .open(&log_path)
         .map_err(|e| ("RunContainerError".to_string(), format!("{}: {e}", log_path.display())))?;
-    let log2 = log
-        .try_clone()
-        .map_err(|e| ("RunContainerError".to_string(), format!("{}: {e}", log_path.display())))?;
+    let log2 =
+        log.try_clone().map_err(|e| ("RunContainerError".to_string(), format!("{}: {e}", log_path.display())))?;
     let mut command = tokio::process::Command::new("ip");
     command
         .args(["netns", "exec", &ctx.net.netns, "/bin/sh"])
@@ -447,7 +449,11 @@ fn signal_group(pid: u32, sig: Signal) {
 }
 
 /// SIGTERM the process group, wait up to `grace`, then SIGKILL.
-async fn terminate(child: &mut tokio::process::Child, pid: u32, grace: Duration) -> std::io::Result<std::process::ExitStatus> {
+async fn terminate(
+    child: &mut tokio::process::Child,
+    pid: u32,
+    grace: Duration,
+) -> std::io::Result<std::process::ExitStatus> {
     signal_group(pid, Signal::SIGTERM);
     match tokio::time::timeout(grace, child.wait()).await {
         Ok(status) => {
@@ -480,12 +486,7 @@ fn should_restart(policy: &str, exit_code: i32) -> bool {
 
 async fn run_container(ctx: Arc<PodCtx>, idx: usize, c: Container, mut stop: watch::Receiver<Option<Duration>>) {
     let cfg = &ctx.shared.cfg;
-    let policy = ctx
-        .pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.restart_policy.clone())
-        .unwrap_or_else(|| "Always".into());
+    let policy = ctx.pod.spec.as_ref().and_then(|s| s.restart_policy.clone()).unwrap_or_else(|| "Always".into());
     let mut backoff = cfg.backoff_initial;
     let pid_file = ctx.dir.join(format!("{}.pid", c.name));
     let key = format!("{}/{}/{}", ctx.ns, ctx.name, c.name);
@@ -496,21 +497,13 @@ async fn run_container(ctx: Arc<PodCtx>, idx: usize, c: Container, mut stop: wat
         let term = match build_command(&ctx, &c).await {
             Err((reason, message)) => {
                 warn!(container = %key, %reason, %message, "cannot start container");
-                ctx.update(idx, |s| {
-                    s.state = CState::Waiting {
-                        reason,
-                        message: Some(message),
-                    }
-                });
+                ctx.update(idx, |s| s.state = CState::Waiting { reason, message: Some(message) });
                 None
             }
             Ok((mut command, log_path)) => match command.spawn() {
                 Err(e) => {
                     ctx.update(idx, |s| {
-                        s.state = CState::Waiting {
-                            reason: "RunContainerError".into(),
-                            message: Some(e.to_string()),
-                        }
+                        s.state = CState::Waiting { reason: "RunContainerError".into(), message: Some(e.to_string()) }
                     });
                     None
                 }
@@ -554,7 +547,8 @@ async fn run_container(ctx: Arc<PodCtx>, idx: usize, c: Container, mut stop: wat
                     Some(Term {
                         exit_code,
                         signal,
-                        reason: reason.unwrap_or_else(|| if exit_code == 0 { "Completed".into() } else { "Error".into() }),
+                        reason: reason
+                            .unwrap_or_else(|| if exit_code == 0 { "Completed".into() } else { "Error".into() }),
                         message: None,
                         started: Some(started),
                         finished: Timestamp::now(),
@@ -742,19 +736,14 @@ fn build_status(pod: &Pod, st: &mut PodState) -> PodStatus {
             let (state, cid) = match &c.state {
                 CState::Waiting { reason, message } => (
                     ContainerState {
-                        waiting: Some(ContainerStateWaiting {
-                            reason: Some(reason.clone()),
-                            message: message.clone(),
-                        }),
+                        waiting: Some(ContainerStateWaiting { reason: Some(reason.clone()), message: message.clone() }),
                         ..ContainerState::default()
                     },
                     None,
                 ),
                 CState::Running { started, pid } => (
                     ContainerState {
-                        running: Some(ContainerStateRunning {
-                            started_at: Some(time(*started)),
-                        }),
+                        running: Some(ContainerStateRunning { started_at: Some(time(*started)) }),
                         ..ContainerState::default()
                     },
                     Some(format!("process://{pid}")),
@@ -777,10 +766,7 @@ fn build_status(pod: &Pod, st: &mut PodState) -> PodStatus {
         .collect();
     let all_done = !st.containers.is_empty() && st.containers.iter().all(|c| c.done);
     let phase = if all_done {
-        let ok = st
-            .containers
-            .iter()
-            .all(|c| matches!(&c.state, CState::Terminated(t) if t.exit_code == 0));
+        let ok = st.containers.iter().all(|c| matches!(&c.state, CState::Terminated(t) if t.exit_code == 0));
         if ok { "Succeeded" } else { "Failed" }
     } else if st.containers.iter().any(|c| c.started_ever) {
         "Running"

@@ -29,13 +29,15 @@ fn cfg_err(msg: impl Into<String>) -> KubeletError {
 }
 
 fn io_err(path: &Path, source: std::io::Error) -> KubeletError {
-    KubeletError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    KubeletError::Io { path: path.to_path_buf(), source }
 }
 
-async fn configmap_data(client: &kube::Client, ns: &str, name: &str, optional: bool) -> Result<Option<Data>, KubeletError> {
+async fn configmap_data(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    optional: bool,
+) -> Result<Option<Data>, KubeletError> {
     match Api::<ConfigMap>::namespaced(client.clone(), ns).get_opt(name).await? {
         Some(cm) => {
             let mut out: Data = cm.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
@@ -47,7 +49,12 @@ async fn configmap_data(client: &kube::Client, ns: &str, name: &str, optional: b
     }
 }
 
-async fn secret_data(client: &kube::Client, ns: &str, name: &str, optional: bool) -> Result<Option<Data>, KubeletError> {
+async fn secret_data(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    optional: bool,
+) -> Result<Option<Data>, KubeletError> {
     match Api::<Secret>::namespaced(client.clone(), ns).get_opt(name).await? {
         Some(s) => {
             let mut out: Data = s.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect();
@@ -86,11 +93,7 @@ pub fn field_value(pod: &Pod, sel: &ObjectFieldSelector, facts: &PodFacts) -> Re
 }
 
 fn fmt_map(m: &Option<BTreeMap<String, String>>) -> String {
-    m.iter()
-        .flatten()
-        .map(|(k, v)| format!("{k}={v:?}"))
-        .collect::<Vec<_>>()
-        .join("\n")
+    m.iter().flatten().map(|(k, v)| format!("{k}={v:?}")).collect::<Vec<_>>().join("\n")
 }
 
 /// Expands `$(NAME)` references (and `$$` escapes) like the kubelet does; unknown references stay verbatim.
@@ -202,7 +205,13 @@ fn safe_rel(p: &str) -> Result<&str, KubeletError> {
     Ok(p)
 }
 
-fn write_keys(dir: &Path, data: &Data, items: &Option<Vec<KeyToPath>>, mode: i32, optional: bool) -> Result<(), KubeletError> {
+fn write_keys(
+    dir: &Path,
+    data: &Data,
+    items: &Option<Vec<KeyToPath>>,
+    mode: i32,
+    optional: bool,
+) -> Result<(), KubeletError> {
     match items {
         Some(items) => {
             for it in items {
@@ -230,11 +239,7 @@ pub async fn service_account_token(
     expiration_seconds: i64,
 ) -> Result<String, KubeletError> {
     let ns = pod.metadata.namespace.clone().unwrap_or_default();
-    let sa = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.service_account_name.clone())
-        .unwrap_or_else(|| "default".to_string());
+    let sa = pod.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".to_string());
     let tr = TokenRequest {
         spec: TokenRequestSpec {
             audiences: audience.into_iter().collect(),
@@ -300,7 +305,9 @@ pub async fn materialize_volumes(
                     let data = secret_data(client, &ns, &s.name, optional).await?.unwrap_or_default();
                     write_keys(&dir, &data, &s.items, mode, optional)?;
                 } else if let Some(t) = &src.service_account_token {
-                    let token = service_account_token(client, pod, t.audience.clone(), t.expiration_seconds.unwrap_or(3607)).await?;
+                    let token =
+                        service_account_token(client, pod, t.audience.clone(), t.expiration_seconds.unwrap_or(3607))
+                            .await?;
                     write_file(&dir.join(safe_rel(&t.path)?), token.as_bytes(), mode)?;
                 } else if let Some(d) = &src.downward_api {
                     for item in d.items.iter().flatten() {
@@ -397,14 +404,8 @@ mod tests {
         pod.metadata.name = Some("p".into());
         pod.metadata.namespace = Some("n".into());
         pod.metadata.labels = Some([("app".to_string(), "x".to_string())].into());
-        let facts = PodFacts {
-            pod_ip: "10.244.0.2".into(),
-            host_ip: "10.244.0.1".into(),
-        };
-        let sel = |p: &str| ObjectFieldSelector {
-            field_path: p.into(),
-            api_version: None,
-        };
+        let facts = PodFacts { pod_ip: "10.244.0.2".into(), host_ip: "10.244.0.1".into() };
+        let sel = |p: &str| ObjectFieldSelector { field_path: p.into(), api_version: None };
         assert_eq!(field_value(&pod, &sel("metadata.name"), &facts).unwrap(), "p");
         assert_eq!(field_value(&pod, &sel("status.podIP"), &facts).unwrap(), "10.244.0.2");
         assert_eq!(field_value(&pod, &sel("metadata.labels['app']"), &facts).unwrap(), "x");

@@ -1,0 +1,323 @@
+//! Acceptance tests of the local test bed itself (real etcd, kube-apiserver, kube-controller-manager, Kafka and the
+//! process kubelet; no mocks). They need a running bed (`make testbed-up`) and FAIL with the reason when it is not up.
+//!
+//! Run: `cargo test -p kpipe-e2e --test testbed`
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kpipe_e2e::testbed::wait_for;
+use kpipe_e2e::{TempNamespace, TestBed};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Resource};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+const TEST_HTTP: &str = env!("CARGO_BIN_EXE_kpipe-test-http");
+
+async fn bed() -> TestBed {
+    match TestBed::connect().await {
+        Ok(b) => b,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn image() -> String {
+    format!("file://{TEST_HTTP}")
+}
+
+async fn create<K>(bed: &TestBed, ns: &TempNamespace, value: serde_json::Value) -> K
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+{
+    let obj: K = serde_json::from_value(value).expect("valid object");
+    Api::<K>::namespaced(bed.client(), ns.name()).create(&PostParams::default(), &obj).await.expect("create object")
+}
+
+/// Runs a one-shot pod (restartPolicy Never) of the test binary and returns its log once it has Succeeded.
+async fn run_to_completion(
+    bed: &TestBed,
+    ns: &TempNamespace,
+    name: &str,
+    spec_extra: serde_json::Value,
+    args: &[&str],
+) -> String {
+    let mut spec = json!({
+        "restartPolicy": "Never",
+        "containers": [{"name": "main", "image": image(), "args": args}],
+    });
+    if let (Some(s), Some(extra)) = (spec.as_object_mut(), spec_extra.as_object()) {
+        for (k, v) in extra {
+            s.insert(k.clone(), v.clone());
+        }
+    }
+    let _: Pod =
+        create(bed, ns, json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec})).await;
+    let pods = Api::<Pod>::namespaced(bed.client(), ns.name());
+    let phase = wait_for(&format!("pod {name} to finish"), Duration::from_secs(60), || {
+        let pods = pods.clone();
+        async move {
+            let p = pods.get(name).await.ok()?;
+            let phase = p.status?.phase?;
+            (phase == "Succeeded" || phase == "Failed").then_some(phase)
+        }
+    })
+    .await
+    .unwrap();
+    let log =
+        std::fs::read_to_string(bed.pod_log_dir().join(format!("{}_{name}_main.log", ns.name()))).unwrap_or_default();
+    assert_eq!(phase, "Succeeded", "pod {name} failed; log:\n{log}");
+    log
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn testbed_deployment_ready_via_probe_and_sigterm_on_scale_to_zero() {
+    let bed = bed().await;
+    let ns = bed.temp_namespace("tb-deploy").await.unwrap();
+    let sigterm_file = std::env::temp_dir().join(format!("kpipe-e2e-{}.sigterm", ns.name()));
+    let _ = std::fs::remove_file(&sigterm_file);
+    let _: Deployment = create(
+        &bed,
+        &ns,
+        json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "web"},
+            "spec": {
+                "replicas": 2,
+                "selector": {"matchLabels": {"app": "web"}},
+                "template": {
+                    "metadata": {"labels": {"app": "web"}},
+                    "spec": {
+                        "terminationGracePeriodSeconds": 10,
+                        "containers": [{
+                            "name": "web", "image": image(),
+                            "ports": [{"name": "http", "containerPort": 8080}],
+                            "env": [
+                                {"name": "SIGTERM_FILE", "value": sigterm_file.display().to_string()},
+                                {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                            ],
+                            "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 1},
+                            "livenessProbe": {"httpGet": {"path": "/healthz", "port": 8080}, "periodSeconds": 2},
+                        }],
+                    },
+                },
+            },
+        }),
+    )
+    .await;
+
+    let deployments = Api::<Deployment>::namespaced(bed.client(), ns.name());
+    let pods = Api::<Pod>::namespaced(bed.client(), ns.name());
+    wait_for("deployment web to have 2 ready replicas", Duration::from_secs(60), || {
+        let d = deployments.clone();
+        async move { (d.get("web").await.ok()?.status?.ready_replicas? == 2).then_some(()) }
+    })
+    .await
+    .unwrap();
+
+    let list = pods.list(&ListParams::default().labels("app=web")).await.unwrap();
+    assert_eq!(list.items.len(), 2);
+    let mut names = BTreeSet::new();
+    let mut ips = BTreeSet::new();
+    for p in &list.items {
+        let name = p.metadata.name.clone().unwrap();
+        let st = p.status.clone().unwrap();
+        let cs = &st.container_statuses.clone().unwrap()[0];
+        assert!(cs.ready, "container of {name} not ready");
+        let ready = st.conditions.unwrap().into_iter().find(|c| c.type_ == "Ready").unwrap();
+        assert_eq!(ready.status, "True");
+        // A real process per pod.
+        let pid: u32 = cs.container_id.clone().unwrap().trim_start_matches("process://").parse().unwrap();
+        assert!(std::path::Path::new(&format!("/proc/{pid}")).exists(), "process {pid} of {name} not running");
+        // Own network identity: both listen on :8080 without colliding, each answers with its own name.
+        let ip = st.pod_ip.clone().unwrap();
+        assert_ne!(ip, bed.var("KPIPE_BRIDGE_IP").unwrap());
+        let body = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .unwrap()
+            .get(format!("http://{ip}:8080/"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(body, name);
+        names.insert(name);
+        ips.insert(ip);
+    }
+    assert_eq!(ips.len(), 2, "pods must have distinct IPs");
+
+    deployments.patch("web", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 0}}))).await.unwrap();
+    wait_for("all web pods to be removed", Duration::from_secs(60), || {
+        let pods = pods.clone();
+        async move { pods.list(&ListParams::default()).await.ok()?.items.is_empty().then_some(()) }
+    })
+    .await
+    .unwrap();
+    let seen = std::fs::read_to_string(&sigterm_file).unwrap_or_default();
+    for n in &names {
+        assert!(seen.contains(&format!("SIGTERM {n} ")), "pod {n} did not observe SIGTERM; file:\n{seen}");
+    }
+    let _ = std::fs::remove_file(&sigterm_file);
+    ns.delete().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn testbed_kafka_10k_records_with_consumer_group_offsets() {
+    let bed = bed().await;
+    let topic = format!("tb-10k-{:08x}", rand::random::<u32>());
+    let group = format!("{topic}-group");
+    bed.create_topic(&topic, 3).await.unwrap();
+    bed.produce(&topic, 10_000).await.unwrap();
+    let end = bed.end_offsets(&topic).await.unwrap();
+    assert_eq!(end.values().sum::<i64>(), 10_000, "log-end offsets {end:?}");
+
+    let records = bed.consume(&topic, &group, 10_000, Duration::from_secs(60)).await.unwrap();
+    let keys: BTreeSet<Vec<u8>> = records.iter().map(|r| r.key.clone()).collect();
+    assert_eq!(keys.len(), 10_000, "every record exactly once");
+    let mut per_partition: BTreeMap<i32, i64> = BTreeMap::new();
+    for r in &records {
+        let e = per_partition.entry(r.partition).or_insert(-1);
+        assert!(r.offset > *e, "offsets increase within partition {}", r.partition);
+        *e = r.offset;
+        assert_eq!(
+            String::from_utf8_lossy(&r.value).trim_start_matches("value-"),
+            String::from_utf8_lossy(&r.key).trim_start_matches("key-")
+        );
+    }
+
+    let committed = bed.committed_offsets(&topic, &group).await.unwrap();
+    assert_eq!(committed.len(), 3);
+    for (p, off) in &committed {
+        assert_eq!(Some(end[p]), *off, "partition {p}: committed offset must equal log end");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn testbed_pod_service_account_rbac_is_enforced() {
+    let bed = bed().await;
+    let ns = bed.temp_namespace("tb-rbac").await.unwrap();
+    let _: ServiceAccount =
+        create(&bed, &ns, json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "limited"}})).await;
+    let _: Role = create(
+        &bed,
+        &ns,
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "pod-reader"},
+               "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}]}),
+    )
+    .await;
+    let _: RoleBinding = create(
+        &bed,
+        &ns,
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "limited-pod-reader"},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pod-reader"},
+               "subjects": [{"kind": "ServiceAccount", "name": "limited", "namespace": ns.name()}]}),
+    )
+    .await;
+    let sa = json!({"serviceAccountName": "limited"});
+    let secrets = format!("/api/v1/namespaces/{}/secrets", ns.name());
+    let pods = format!("/api/v1/namespaces/{}/pods", ns.name());
+    let denied = run_to_completion(&bed, &ns, "denied", sa.clone(), &["kube-get", &secrets]).await;
+    assert!(denied.contains("KUBE_STATUS=403"), "listing secrets must be forbidden; log:\n{denied}");
+    let allowed = run_to_completion(&bed, &ns, "allowed", sa, &["kube-get", &pods]).await;
+    assert!(allowed.contains("KUBE_STATUS=200"), "listing pods is granted by the Role; log:\n{allowed}");
+    ns.delete().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn testbed_pod_network_volumes_and_env() {
+    let bed = bed().await;
+    let ns = bed.temp_namespace("tb-pod").await.unwrap();
+    let _: ConfigMap = create(
+        &bed,
+        &ns,
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg"}, "data": {"config.yaml": "hello: world", "mode": "fast"}}),
+    )
+    .await;
+    let _: Secret = create(
+        &bed,
+        &ns,
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds"}, "stringData": {"password": "s3cret"}}),
+    )
+    .await;
+    let spec = json!({
+        "volumes": [
+            {"name": "cfg", "configMap": {"name": "cfg"}},
+            {"name": "creds", "secret": {"secretName": "creds"}},
+            {"name": "scratch", "emptyDir": {}},
+        ],
+        "containers": [{
+            "name": "main", "image": image(),
+            "args": ["show", "--file", "/etc/kpipe-test/config.yaml", "--file", "/etc/kpipe-test-creds/password",
+                     "--file", "/var/run/secrets/kubernetes.io/serviceaccount/namespace",
+                     "--env", "MODE", "--env", "PASSWORD", "--env", "POD_IP", "--env", "POD_NS", "--env", "GREETING"],
+            "env": [
+                {"name": "MODE", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "mode"}}},
+                {"name": "PASSWORD", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "password"}}},
+                {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                {"name": "POD_NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                {"name": "GREETING", "value": "mode-$(MODE)"},
+            ],
+            "volumeMounts": [
+                {"name": "cfg", "mountPath": "/etc/kpipe-test", "readOnly": true},
+                {"name": "creds", "mountPath": "/etc/kpipe-test-creds", "readOnly": true},
+                {"name": "scratch", "mountPath": "/tmp/kpipe-test-scratch"},
+            ],
+        }],
+    });
+    let log = run_to_completion(&bed, &ns, "show", spec, &[]).await;
+    for want in [
+        "FILE /etc/kpipe-test/config.yaml hello: world",
+        "FILE /etc/kpipe-test-creds/password s3cret",
+        &format!("FILE /var/run/secrets/kubernetes.io/serviceaccount/namespace {}", ns.name()),
+        "ENV MODE=fast",
+        "ENV PASSWORD=s3cret",
+        &format!("ENV POD_NS={}", ns.name()),
+        "ENV GREETING=mode-fast",
+        "ENV POD_IP=10.",
+    ] {
+        assert!(log.contains(want), "missing {want:?} in pod output:\n{log}");
+    }
+    // The bind mounts live in the pod's private mount namespace only.
+    assert!(!std::path::Path::new("/etc/kpipe-test/config.yaml").exists(), "volume leaked to the host mount namespace");
+
+    // From inside its network namespace a pod reaches Kafka and the kube-apiserver at the bed's addresses.
+    let kafka = bed.kafka_bootstrap().to_string();
+    let api = bed.var("KPIPE_APISERVER").unwrap().trim_start_matches("https://").to_string();
+    for (name, addr) in [("kafka", kafka), ("api", api)] {
+        let log = run_to_completion(&bed, &ns, &format!("reach-{name}"), json!({}), &["tcp-connect", &addr]).await;
+        assert!(log.contains(&format!("TCP_OK {addr}")), "pod cannot reach {addr}:\n{log}");
+    }
+    ns.delete().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn testbed_kubectl_version_and_helm() {
+    let bed = bed().await;
+    let out = bed.kubectl_cmd().args(["get", "--raw", "/version"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "kubectl failed: {}", String::from_utf8_lossy(&out.stderr));
+    let expected = bed.var("K8S_VERSION").unwrap();
+    assert!(text.contains(&format!("\"gitVersion\": \"{expected}\"")), "unexpected /version: {text}");
+
+    let out = std::process::Command::new(bed.helm()).arg("version").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("Version:\"v3."), "helm version: {text}");
+    let out = std::process::Command::new(bed.helm())
+        .args(["list", "--all-namespaces", "--kubeconfig"])
+        .arg(bed.kubeconfig())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "helm list against the bed failed: {}", String::from_utf8_lossy(&out.stderr));
+}
