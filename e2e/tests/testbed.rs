@@ -321,3 +321,83 @@ async fn testbed_kubectl_version_and_helm() {
         .unwrap();
     assert!(out.status.success(), "helm list against the bed failed: {}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn testbed_restart_policy_backoff_and_sigkill_after_grace() {
+    let bed = bed().await;
+    let ns = bed.temp_namespace("tb-restart").await.unwrap();
+    let pods = Api::<Pod>::namespaced(bed.client(), ns.name());
+    let sh = |name: &str, policy: &str, script: &str, grace: i64| {
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+               "spec": {"restartPolicy": policy, "terminationGracePeriodSeconds": grace,
+                        "containers": [{"name": "main", "image": "busybox:1.36", "command": ["/bin/sh", "-c", script]}]}})
+    };
+    let _: Pod = create(&bed, &ns, sh("crash", "Always", "echo run; exit 3", 1)).await;
+    let _: Pod = create(&bed, &ns, sh("once", "OnFailure", "echo done", 1)).await;
+    let _: Pod = create(
+        &bed,
+        &ns,
+        sh("stubborn", "Always", "trap 'echo got-term' TERM; echo up; while true; do sleep 0.2; done", 2),
+    )
+    .await;
+
+    // restartPolicy Always: restarted with back-off, restart count and last exit code reported.
+    wait_for("crash to be restarted twice with exit code 3", Duration::from_secs(60), || {
+        let pods = pods.clone();
+        async move {
+            let st = pods.get("crash").await.ok()?.status?;
+            let cs = st.container_statuses?.into_iter().next()?;
+            let last = cs.last_state?.terminated?;
+            (cs.restart_count >= 2 && last.exit_code == 3 && st.phase.as_deref() == Some("Running")).then_some(())
+        }
+    })
+    .await
+    .unwrap();
+    // OnFailure + exit 0: Succeeded without restarts.
+    wait_for("once to succeed", Duration::from_secs(30), || {
+        let pods = pods.clone();
+        async move {
+            let st = pods.get("once").await.ok()?.status?;
+            let cs = st.container_statuses?.into_iter().next()?;
+            (st.phase.as_deref() == Some("Succeeded") && cs.restart_count == 0).then_some(())
+        }
+    })
+    .await
+    .unwrap();
+
+    // A process that ignores SIGTERM is SIGKILLed after terminationGracePeriodSeconds.
+    wait_for("stubborn to run", Duration::from_secs(30), || {
+        let pods = pods.clone();
+        async move { (pods.get("stubborn").await.ok()?.status?.phase? == "Running").then_some(()) }
+    })
+    .await
+    .unwrap();
+    let log_path = bed.pod_log_dir().join(format!("{}_stubborn_main.log", ns.name()));
+    wait_for("stubborn to log", Duration::from_secs(10), || {
+        let p = log_path.clone();
+        async move { std::fs::read_to_string(p).ok()?.contains("up").then_some(()) }
+    })
+    .await
+    .unwrap();
+    let t0 = std::time::Instant::now();
+    pods.delete("stubborn", &Default::default()).await.unwrap();
+    wait_for("stubborn to be removed", Duration::from_secs(30), || {
+        let pods = pods.clone();
+        async move { pods.get_opt("stubborn").await.ok()?.is_none().then_some(()) }
+    })
+    .await
+    .unwrap();
+    let took = t0.elapsed();
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(log.contains("got-term"), "SIGTERM was not delivered first; log:\n{log}");
+    assert!(took >= Duration::from_millis(1900), "killed before the grace period ({took:?})");
+    assert!(took < Duration::from_secs(10), "not killed after the grace period ({took:?})");
+    ns.delete().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn testbed_connect_fails_loudly_without_a_bed() {
+    let err = TestBed::connect_with(std::path::Path::new("/nonexistent/kpipe/env")).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("not running") && msg.contains("up.sh"), "unhelpful error: {msg}");
+}
