@@ -59,6 +59,8 @@ kafka_healthy() {
 }
 kubelet_healthy() {
   [ -x "$K8S_BIN/kubectl" ] || return 1
+  # The running kubelet wrote its pid after registering the node (a stale Ready condition in etcd is not enough).
+  [ -f "$KPIPE_RUN/kubelet.ready" ] && [ "$(cat "$KPIPE_RUN/kubelet.ready")" = "$(cat "$(pidfile kubelet)" 2>/dev/null)" ] || return 1
   [ "$("$K8S_BIN/kubectl" --kubeconfig "$KPIPE_RUN/admin.kubeconfig" get node "$KPIPE_NODE" \
       -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" = "True" ]
 }

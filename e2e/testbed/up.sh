@@ -31,13 +31,24 @@ for c in "$K8S_BIN/.complete" "$ETCD_BIN/.complete" "$HELM_BIN/.complete" "$KAFK
   [ -f "$c" ] || built_any=1
 done
 if [ "$built_any" = 1 ]; then
-  log "building missing components into $KPIPE_CACHE (cold; progress below)"
+  blogs="$KPIPE_CACHE/build-logs"; mkdir -p "$blogs"
+  log "building missing components into $KPIPE_CACHE in parallel (cold build; full logs in $blogs)"
   tb=$(date +%s)
-  "$TESTBED_DIR/fetch-kafka.sh"
-  "$TESTBED_DIR/build-etcd.sh"
-  "$TESTBED_DIR/build-helm.sh"
-  "$TESTBED_DIR/build-k8s.sh"
-  log "cold build of missing components took $(( $(date +%s) - tb ))s"
+  jobs_=()
+  for s in fetch-kafka build-etcd build-helm build-k8s; do
+    (
+      set +o pipefail
+      "$TESTBED_DIR/$s.sh" 2>&1 | tee "$blogs/$s.log" | grep --line-buffered -v '^go: downloading' | sed -u "s/^/  [$s] /" >&2
+      exit "${PIPESTATUS[0]}"
+    ) &
+    jobs_+=("$!:$s")
+  done
+  failed=""
+  for j in "${jobs_[@]}"; do
+    if wait "${j%%:*}"; then log "${j#*:} finished after $(( $(date +%s) - tb ))s"; else failed="$failed ${j#*:}"; fi
+  done
+  [ -z "$failed" ] || die "cold build failed:$failed (see $blogs/<step>.log)"
+  log "COLD BUILD TIME: $(( $(date +%s) - tb ))s for the missing components (cached from now on)"
 fi
 if kubelet_stale; then
   log "building the process kubelet (cargo build -p kpipe-e2e --bins)"
@@ -78,6 +89,15 @@ if [ ! -f "$P/.complete" ]; then
     rm -f ./*.csr
   ) || die "openssl failed while generating the PKI"
   touch "$P/.complete"
+fi
+if [ ! -f "$P/front-proxy-client.crt" ]; then
+  (
+    cd "$P"
+    openssl req -newkey rsa:2048 -nodes -keyout front-proxy-client.key -out front-proxy-client.csr -subj "/CN=front-proxy-client" 2>/dev/null
+    openssl x509 -req -in front-proxy-client.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 \
+      -out front-proxy-client.crt -extfile client.ext 2>/dev/null
+    rm -f front-proxy-client.csr
+  ) || die "openssl failed while generating the front-proxy client certificate"
 fi
 cat > "$KPIPE_RUN/admin.kubeconfig" <<KC
 apiVersion: v1
@@ -144,6 +164,11 @@ start kube-apiserver kube-apiserver "$K8S_BIN/kube-apiserver" \
   --service-account-issuer=https://kubernetes.default.svc.cluster.local \
   --service-account-key-file="$P/sa.pub" --service-account-signing-key-file="$P/sa.key" \
   --service-cluster-ip-range=10.0.0.0/24 \
+  --service-account-max-token-expiration=8760h \
+  --requestheader-client-ca-file="$P/ca.crt" --requestheader-allowed-names=front-proxy-client \
+  --requestheader-username-headers=X-Remote-User --requestheader-group-headers=X-Remote-Group \
+  --requestheader-extra-headers-prefix=X-Remote-Extra- \
+  --proxy-client-cert-file="$P/front-proxy-client.crt" --proxy-client-key-file="$P/front-proxy-client.key" \
   --authorization-mode=Node,RBAC --enable-admission-plugins=NodeRestriction \
   --allow-privileged=true --profiling=false --v=1
 wait_healthy kube-apiserver kube-apiserver apiserver_healthy 120

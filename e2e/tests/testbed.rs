@@ -299,6 +299,15 @@ async fn testbed_pod_network_volumes_and_env() {
         let log = run_to_completion(&bed, &ns, &format!("reach-{name}"), json!({}), &["tcp-connect", &addr]).await;
         assert!(log.contains(&format!("TCP_OK {addr}")), "pod cannot reach {addr}:\n{log}");
     }
+    // Isolation: the host's loopback (Kafka's controller listener is bound to 127.0.0.1 only) is not the pod's...
+    let log = run_to_completion(&bed, &ns, "isolated", json!({}), &["tcp-connect", "127.0.0.1:9093"]).await;
+    assert!(log.contains("TCP_FAIL 127.0.0.1:9093"), "pod network namespace is not isolated:\n{log}");
+    // ...unless the pod asks for hostNetwork, in which case its IP is the node address.
+    let log =
+        run_to_completion(&bed, &ns, "hostnet", json!({"hostNetwork": true}), &["tcp-connect", "127.0.0.1:9093"]).await;
+    assert!(log.contains("TCP_OK 127.0.0.1:9093"), "hostNetwork pod must share the host network:\n{log}");
+    let hostnet = Api::<Pod>::namespaced(bed.client(), ns.name()).get("hostnet").await.unwrap();
+    assert_eq!(hostnet.status.unwrap().pod_ip.as_deref(), bed.var("KPIPE_BRIDGE_IP"));
     ns.delete().await.unwrap();
 }
 

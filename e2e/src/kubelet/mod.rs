@@ -224,6 +224,10 @@ pub async fn run(client: Client, cfg: KubeletConfig) -> Result<(), KubeletError>
     let node = register_node(&client, &cfg).await?;
     renew_lease(&client, &cfg, &node).await?;
     info!(node = %cfg.node_name, "node registered");
+    // Readiness marker for e2e/testbed/up.sh and status.sh: "<pid>" of the kubelet that registered the node.
+    let marker = cfg.run_dir.join("kubelet.ready");
+    std::fs::write(&marker, std::process::id().to_string())
+        .map_err(|source| KubeletError::Io { path: marker.clone(), source })?;
     let labels = node_labels(&cfg.node_name);
 
     let http = reqwest::Client::builder()
@@ -345,5 +349,6 @@ pub async fn run(client: Client, cfg: KubeletConfig) -> Result<(), KubeletError>
     hb.abort();
     workers.clear(); // dropping the senders tells every pod worker to stop its processes
     let _ = tokio::time::timeout(Duration::from_secs(20), async { while tasks.join_next().await.is_some() {} }).await;
+    let _ = std::fs::remove_file(&marker);
     Ok(())
 }

@@ -20,6 +20,8 @@ pub struct PodNet {
     pub host_veth: String,
     /// Pod IP.
     pub ip: Ipv4Addr,
+    /// `hostNetwork: true`: no namespace of its own (only a private mount namespace).
+    pub host: bool,
 }
 
 /// Hands out pod addresses from the bridge's /prefix network, skipping the bridge address itself.
@@ -66,11 +68,28 @@ impl PodNet {
     pub fn for_pod(uid: &str, ip: Ipv4Addr) -> Self {
         let hex = uid_hex(uid);
         let short = |n: usize| hex.chars().take(n).collect::<String>();
-        Self { netns: format!("kpipe-{}", short(12)), host_veth: format!("kv{}", short(10)), ip }
+        Self { netns: format!("kpipe-{}", short(12)), host_veth: format!("kv{}", short(10)), ip, host: false }
+    }
+
+    /// A `hostNetwork` pod: shares the host's network; its IP is the node (bridge) address.
+    pub fn host(uid: &str, node_ip: Ipv4Addr) -> Self {
+        Self { host: true, ..Self::for_pod(uid, node_ip) }
+    }
+
+    /// Command prefix that runs a program inside the pod's namespaces (network + a private mount namespace).
+    pub fn enter(&self) -> Vec<String> {
+        if self.host {
+            ["unshare", "--mount", "--propagation", "slave"].map(String::from).to_vec()
+        } else {
+            vec!["ip".into(), "netns".into(), "exec".into(), self.netns.clone()]
+        }
     }
 
     /// Creates the namespace, the veth pair, addresses and routes. Removes a stale namespace of the same name.
     pub async fn setup(&self, bridge: &str, bridge_ip: Ipv4Addr, prefix_len: u8) -> Result<(), KubeletError> {
+        if self.host {
+            return Ok(());
+        }
         self.teardown().await;
         let peer = format!("kp{}", &self.host_veth[2..]);
         let ns = self.netns.as_str();
@@ -99,6 +118,9 @@ impl PodNet {
 
     /// Deletes the namespace (which also deletes the veth pair). Errors are ignored: it may not exist.
     pub async fn teardown(&self) {
+        if self.host {
+            return;
+        }
         let _ = ip(&["netns", "del", &self.netns]).await;
         let _ = ip(&["link", "del", &self.host_veth]).await;
     }

@@ -147,6 +147,11 @@ pub async fn run_pod(shared: Arc<Shared>, mut rx: watch::Receiver<PodUpdate>) {
     let pod = rx.borrow_and_update().pod.clone();
     let (ns, name, uid) = pod_key(&pod);
     let key = format!("{ns}/{name}");
+    if pod.metadata.deletion_timestamp.is_some() {
+        // Deleted before we ever ran it (e.g. while the kubelet was down): nothing to stop.
+        final_delete(&shared.client, &pod).await;
+        return;
+    }
     let spec = pod.spec.clone().unwrap_or_default();
     let containers: Vec<CStatus> = spec
         .containers
@@ -162,7 +167,10 @@ pub async fn run_pod(shared: Arc<Shared>, mut rx: watch::Receiver<PodUpdate>) {
             done: false,
         })
         .collect();
-    let ip = {
+    let host_network = spec.host_network == Some(true);
+    let ip = if host_network {
+        Some(shared.cfg.bridge_ip)
+    } else {
         let mut ips = match shared.ips.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
@@ -181,7 +189,7 @@ pub async fn run_pod(shared: Arc<Shared>, mut rx: watch::Receiver<PodUpdate>) {
         ns: ns.clone(),
         name: name.clone(),
         dir: shared.cfg.run_dir.join("pods").join(format!("{ns}_{name}.{short_uid}")),
-        net: PodNet::for_pod(&uid, ip),
+        net: if host_network { PodNet::host(&uid, ip) } else { PodNet::for_pod(&uid, ip) },
         prepared: std::sync::OnceLock::new(),
         state: Mutex::new(PodState {
             containers,
@@ -310,6 +318,9 @@ async fn wait_for_deletion(shared: &Shared, rx: &mut watch::Receiver<PodUpdate>)
 }
 
 async fn release_net(ctx: &PodCtx) {
+    if ctx.net.host {
+        return;
+    }
     ctx.net.teardown().await;
     let mut ips = match ctx.shared.ips.lock() {
         Ok(g) => g,
@@ -426,9 +437,11 @@ async fn build_command(ctx: &PodCtx, c: &Container) -> Result<(tokio::process::C
         .map_err(|e| ("RunContainerError".to_string(), format!("{}: {e}", log_path.display())))?;
     let log2 =
         log.try_clone().map_err(|e| ("RunContainerError".to_string(), format!("{}: {e}", log_path.display())))?;
-    let mut command = tokio::process::Command::new("ip");
+    let enter = ctx.net.enter();
+    let mut command = tokio::process::Command::new(&enter[0]);
     command
-        .args(["netns", "exec", &ctx.net.netns, "/bin/sh"])
+        .args(&enter[1..])
+        .arg("/bin/sh")
         .arg(&script_path)
         .args(&argv)
         .env_clear()
@@ -695,8 +708,9 @@ async fn probe_once(ctx: &PodCtx, c: &Container, p: &Probe) -> bool {
         if cmd.is_empty() {
             return false;
         }
-        let fut = tokio::process::Command::new("ip")
-            .args(["netns", "exec", &ctx.net.netns])
+        let enter = ctx.net.enter();
+        let fut = tokio::process::Command::new(&enter[0])
+            .args(&enter[1..])
             .args(&cmd)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
