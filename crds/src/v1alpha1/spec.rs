@@ -157,8 +157,7 @@ pub struct Source {
     /// timeouts, client.rack, isolation.level, ...). Security, group and offset properties are set by
     /// kpipe and cannot be overridden here.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[x_kube(validation = rules::client_config_allowed())]
-    #[schemars(extend("maxProperties" = 64))]
+    #[schemars(schema_with = "rules::client_config_schema")]
     pub config: BTreeMap<String, String>,
 }
 
