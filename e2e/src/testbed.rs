@@ -257,6 +257,46 @@ impl TestBed {
         eprintln!("{}", self.pod_logs(namespace));
     }
 
+    /// Stops the Kafka broker (SIGTERM, then waits up to 60 s for the JVM to exit) — for broker-restart tests.
+    pub async fn stop_kafka(&self) -> Result<(), TestBedError> {
+        let pid_file = self.path_var("KPIPE_RUN").join("pids").join("kafka.pid");
+        let text =
+            std::fs::read_to_string(&pid_file).map_err(|source| TestBedError::Io { path: pid_file.clone(), source })?;
+        let pid: i32 =
+            text.trim().parse().map_err(|_| TestBedError::Other(format!("bad pid in {}", pid_file.display())))?;
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+        let proc_cmdline = PathBuf::from(format!("/proc/{pid}/cmdline"));
+        wait_for("the Kafka broker to exit", Duration::from_secs(60), || {
+            let p = proc_cmdline.clone();
+            async move {
+                // Gone, or a zombie (empty cmdline) waiting to be reaped.
+                std::fs::read(&p).map(|c| c.is_empty()).unwrap_or(true).then_some(())
+            }
+        })
+        .await
+    }
+
+    /// (Re)starts whatever component is down, Kafka included, by running `e2e/testbed/up.sh` (waits for health).
+    pub async fn start_kafka(&self) -> Result<(), TestBedError> {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("testbed").join("up.sh");
+        let out = tokio::process::Command::new(&script)
+            .env("KPIPE_RUN", self.path_var("KPIPE_RUN"))
+            .output()
+            .await
+            .map_err(|source| TestBedError::Io { path: script.clone(), source })?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(TestBedError::Other(format!("{} failed: {}", script.display(), String::from_utf8_lossy(&out.stderr))))
+        }
+    }
+
+    /// Stops and starts the Kafka broker (data is kept).
+    pub async fn restart_kafka(&self) -> Result<(), TestBedError> {
+        self.stop_kafka().await?;
+        self.start_kafka().await
+    }
+
     fn kafka_config(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", self.kafka_bootstrap());

@@ -410,3 +410,19 @@ async fn testbed_connect_fails_loudly_without_a_bed() {
     let msg = err.to_string();
     assert!(msg.contains("not running") && msg.contains("up.sh"), "unhelpful error: {msg}");
 }
+
+/// Manual check of the broker-restart helper (ignored by default: restarting the shared broker would disturb
+/// concurrent tests). Run: `cargo test -p kpipe-e2e --test testbed -- --ignored testbed_kafka_restart`.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "restarts the shared Kafka broker"]
+async fn testbed_kafka_restart_keeps_data() {
+    let bed = bed().await;
+    let topic = format!("tb-restart-{:08x}", rand::random::<u32>());
+    bed.create_topic(&topic, 1).await.unwrap();
+    bed.produce(&topic, 100).await.unwrap();
+    let t0 = std::time::Instant::now();
+    bed.restart_kafka().await.unwrap();
+    eprintln!("broker restarted in {:?}", t0.elapsed());
+    bed.produce(&topic, 100).await.unwrap();
+    assert_eq!(bed.end_offsets(&topic).await.unwrap()[&0], 200);
+}
