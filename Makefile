@@ -26,11 +26,13 @@ fmt: ## Format the code
 
 crds: ## Regenerate crds/consumerpipeline.yaml (and the chart's copy) from the Rust types
 	$(CARGO) run -q -p kpipe-api --bin crdgen > crds/consumerpipeline.yaml
-	@if [ -d charts/kpipe/crds ]; then cp crds/consumerpipeline.yaml charts/kpipe/crds/consumerpipeline.yaml; fi
+	cp crds/consumerpipeline.yaml charts/kpipe/files/consumerpipeline.yaml
 
 check-crds: ## Fail when the committed CRD differs from the generated one
 	$(CARGO) run -q -p kpipe-api --bin crdgen | diff -u crds/consumerpipeline.yaml - \
 	  || { echo "crds/consumerpipeline.yaml is stale: run 'make crds'"; exit 1; }
+	diff -u crds/consumerpipeline.yaml charts/kpipe/files/consumerpipeline.yaml \
+	  || { echo "charts/kpipe/files/consumerpipeline.yaml is stale: run 'make crds'"; exit 1; }
 
 unit-test: ## Unit and property tests (no external components)
 	$(CARGO) test --workspace --lib --bins
