@@ -99,6 +99,16 @@ if [ ! -f "$P/front-proxy-client.crt" ]; then
     rm -f front-proxy-client.csr
   ) || die "openssl failed while generating the front-proxy client certificate"
 fi
+if [ ! -f "$P/kubelet.crt" ]; then
+  (
+    cd "$P"
+    printf 'subjectAltName=DNS:%s,IP:%s\nextendedKeyUsage=serverAuth\nkeyUsage=critical,digitalSignature,keyEncipherment\n' \
+      "$KPIPE_NODE" "$KPIPE_BRIDGE_IP" > kubelet.ext
+    openssl req -newkey rsa:2048 -nodes -keyout kubelet.key -out kubelet.csr -subj "/CN=system:node:$KPIPE_NODE" 2>/dev/null
+    openssl x509 -req -in kubelet.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 -out kubelet.crt -extfile kubelet.ext 2>/dev/null
+    rm -f kubelet.csr
+  ) || die "openssl failed while generating the kubelet serving certificate"
+fi
 cat > "$KPIPE_RUN/admin.kubeconfig" <<KC
 apiVersion: v1
 kind: Config
@@ -169,6 +179,8 @@ start kube-apiserver kube-apiserver "$K8S_BIN/kube-apiserver" \
   --requestheader-username-headers=X-Remote-User --requestheader-group-headers=X-Remote-Group \
   --requestheader-extra-headers-prefix=X-Remote-Extra- \
   --proxy-client-cert-file="$P/front-proxy-client.crt" --proxy-client-key-file="$P/front-proxy-client.key" \
+  --kubelet-preferred-address-types=InternalIP --kubelet-certificate-authority="$P/ca.crt" \
+  --kubelet-client-certificate="$P/admin.crt" --kubelet-client-key="$P/admin.key" \
   --authorization-mode=Node,RBAC --enable-admission-plugins=NodeRestriction \
   --allow-privileged=true --profiling=false --v=1
 wait_healthy kube-apiserver kube-apiserver apiserver_healthy 120
@@ -285,7 +297,8 @@ start kubelet kpipe-kubelet "$KUBELET_BIN" \
   --kubeconfig "$KPIPE_RUN/admin.kubeconfig" --node-name "$KPIPE_NODE" --run-dir "$KPIPE_RUN" \
   --bridge "$KPIPE_BRIDGE" --bridge-ip "$KPIPE_BRIDGE_IP" --prefix-len "$KPIPE_POD_PREFIX_LEN" \
   --pod-apiserver "https://$KPIPE_BRIDGE_IP:$APISERVER_PORT" --ca-file "$P/ca.crt" \
-  --images "${KPIPE_IMAGES:-$TESTBED_DIR/images.conf}" --repo-root "$REPO_ROOT" --target-dir "$CARGO_TARGET"
+  --images "${KPIPE_IMAGES:-$TESTBED_DIR/images.conf}" --repo-root "$REPO_ROOT" --target-dir "$CARGO_TARGET" \
+  --tls-cert-file "$P/kubelet.crt" --tls-key-file "$P/kubelet.key" --port 10250
 wait_healthy kubelet kpipe-kubelet kubelet_healthy 60
 
 # ---------------------------------------------------------------- env file for tests and scripts

@@ -405,6 +405,18 @@ async fn testbed_restart_policy_backoff_and_sigkill_after_grace() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn testbed_kubectl_logs_through_the_kubelet_endpoint() {
+    let bed = bed().await;
+    let ns = bed.temp_namespace("tb-logs").await.unwrap();
+    run_to_completion(&bed, &ns, "hello", json!({}), &["show", "--env", "HOSTNAME"]).await;
+    let out = bed.kubectl_cmd().args(["logs", "-n", ns.name(), "hello", "--tail", "1"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "kubectl logs failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(text.trim(), "ENV HOSTNAME=hello");
+    ns.delete().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn testbed_connect_fails_loudly_without_a_bed() {
     let err = TestBed::connect_with(std::path::Path::new("/nonexistent/kpipe/env")).await.unwrap_err();
     let msg = err.to_string();

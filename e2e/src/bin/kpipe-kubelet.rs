@@ -42,6 +42,13 @@ struct Args {
     backoff_initial_ms: u64,
     #[arg(long, default_value_t = 30_000)]
     backoff_max_ms: u64,
+    /// Serving certificate of the kubelet endpoint (enables `kubectl logs`).
+    #[arg(long, requires = "tls_key_file")]
+    tls_cert_file: Option<PathBuf>,
+    #[arg(long)]
+    tls_key_file: Option<PathBuf>,
+    #[arg(long, default_value_t = 10250)]
+    port: u16,
 }
 
 #[tokio::main]
@@ -69,6 +76,10 @@ async fn main() -> anyhow::Result<()> {
         target_dir: args.target_dir,
         backoff_initial: Duration::from_millis(args.backoff_initial_ms),
         backoff_max: Duration::from_millis(args.backoff_max_ms),
+        server: match (args.tls_cert_file, args.tls_key_file) {
+            (Some(cert), Some(key)) => Some(kubelet::ServerTls { cert, key, port: args.port }),
+            _ => None,
+        },
     };
     kubelet::run(client, cfg).await?;
     Ok(())

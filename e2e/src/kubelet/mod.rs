@@ -11,6 +11,7 @@
 pub mod images;
 pub mod net;
 pub mod pod;
+pub mod server;
 pub mod spec;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -25,7 +26,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Patch, PatchParams, PostParams};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
@@ -96,6 +97,19 @@ pub struct KubeletConfig {
     pub backoff_initial: Duration,
     /// Maximum restart back-off.
     pub backoff_max: Duration,
+    /// HTTPS endpoint for `kubectl logs` (served on `bridge_ip:port`); `None` = no endpoint.
+    pub server: Option<ServerTls>,
+}
+
+/// TLS material and port of the kubelet endpoint.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    /// PEM certificate (chain).
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// Port (10250 like a real kubelet).
+    pub port: u16,
 }
 
 /// State shared by all pod workers.
@@ -122,7 +136,7 @@ fn node_labels(node: &str) -> BTreeMap<String, String> {
     .collect()
 }
 
-async fn register_node(client: &Client, cfg: &KubeletConfig) -> Result<Node, KubeletError> {
+async fn register_node(client: &Client, cfg: &KubeletConfig, since: Timestamp) -> Result<Node, KubeletError> {
     let api = Api::<Node>::all(client.clone());
     let node = serde_json::json!({
         "apiVersion": "v1", "kind": "Node",
@@ -130,16 +144,17 @@ async fn register_node(client: &Client, cfg: &KubeletConfig) -> Result<Node, Kub
     });
     let pp = PatchParams::apply("kpipe-kubelet").force();
     let created = api.patch(&cfg.node_name, &pp, &Patch::Apply(&node)).await?;
-    update_node_status(client, cfg).await?;
+    update_node_status(client, cfg, since).await?;
     Ok(created)
 }
 
-async fn update_node_status(client: &Client, cfg: &KubeletConfig) -> Result<(), KubeletError> {
+async fn update_node_status(client: &Client, cfg: &KubeletConfig, since: Timestamp) -> Result<(), KubeletError> {
     let api = Api::<Node>::all(client.clone());
     let now = Timestamp::now().to_string();
+    let since = since.to_string();
     let cond = |ty: &str, status: &str, reason: &str| {
         serde_json::json!({"type": ty, "status": status, "reason": reason, "message": "kpipe process kubelet",
-            "lastHeartbeatTime": now, "lastTransitionTime": now})
+            "lastHeartbeatTime": now, "lastTransitionTime": since})
     };
     let capacity = serde_json::json!({"cpu": "16", "memory": "64Gi", "pods": "250", "ephemeral-storage": "100Gi"});
     let status = serde_json::json!({"status": {
@@ -151,7 +166,7 @@ async fn update_node_status(client: &Client, cfg: &KubeletConfig) -> Result<(), 
         ],
         "capacity": capacity, "allocatable": capacity,
         "addresses": [{"type": "InternalIP", "address": cfg.bridge_ip.to_string()}, {"type": "Hostname", "address": cfg.node_name}],
-        "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": cfg.server.as_ref().map_or(0, |s| s.port)}},
         "nodeInfo": {"architecture": std::env::consts::ARCH, "bootID": "", "containerRuntimeVersion": "process://kpipe-kubelet",
             "kernelVersion": "", "kubeProxyVersion": "", "kubeletVersion": "v1.34.4-kpipe", "machineID": "", "operatingSystem": "linux",
             "osImage": "kpipe process kubelet", "systemUUID": ""},
@@ -221,7 +236,17 @@ pub async fn run(client: Client, cfg: KubeletConfig) -> Result<(), KubeletError>
         .map_err(|source| KubeletError::Io { path: cfg.run_dir.join("pods"), source })?;
     pod::kill_stale_processes(&cfg.run_dir);
     net::cleanup_stale_namespaces().await;
-    let node = register_node(&client, &cfg).await?;
+    if let Some(tls) = cfg.server.clone() {
+        let addr = std::net::SocketAddr::from((cfg.bridge_ip, tls.port));
+        let log_dir = cfg.run_dir.join("pods");
+        tokio::spawn(async move {
+            if let Err(e) = server::serve(addr, &tls.cert, &tls.key, log_dir).await {
+                warn!(error = %e, "kubelet endpoint failed (kubectl logs will not work)");
+            }
+        });
+    }
+    let since = Timestamp::now();
+    let node = register_node(&client, &cfg, since).await?;
     renew_lease(&client, &cfg, &node).await?;
     info!(node = %cfg.node_name, "node registered");
     // Readiness marker for e2e/testbed/up.sh and status.sh: "<pid>" of the kubelet that registered the node.
@@ -253,7 +278,7 @@ pub async fn run(client: Client, cfg: KubeletConfig) -> Result<(), KubeletError>
                     warn!(error = %e, "lease renewal failed");
                 }
                 if tick.is_multiple_of(3)
-                    && let Err(e) = update_node_status(&client, &cfg).await
+                    && let Err(e) = update_node_status(&client, &cfg, since).await
                 {
                     warn!(error = %e, "node status update failed");
                 }
@@ -266,7 +291,8 @@ pub async fn run(client: Client, cfg: KubeletConfig) -> Result<(), KubeletError>
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
     let mut binding: HashSet<String> = HashSet::new();
     let mut seen: HashSet<String> = HashSet::new();
-    let mut stream = std::pin::pin!(watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()));
+    let mut stream =
+        std::pin::pin!(watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()).default_backoff());
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|source| KubeletError::Io { path: "signal(SIGTERM)".into(), source })?;
 
