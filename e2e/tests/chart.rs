@@ -1,0 +1,227 @@
+//! The Helm chart: lint with default and non-default values, values.schema.json rejects bad values, the rendered
+//! manifests (defaults, namespaced mode, monitoring on) are accepted by the real apiserver (server dry-run) and meet
+//! the "restricted" Pod Security Standard, the rendered CRD is the generated one, and RBAC has no wildcards.
+//!
+//! Run: `cargo test -p kpipe-e2e --test chart` (needs `make testbed-up`; fails with the reason otherwise).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+use kpipe_e2e::TestBed;
+use serde_json::Value;
+
+fn chart() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../charts/kpipe")
+}
+
+async fn bed() -> TestBed {
+    TestBed::connect().await.unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn helm(bed: &TestBed, args: &[&str]) -> Output {
+    Command::new(bed.helm()).args(args).env("KUBECONFIG", bed.kubeconfig()).output().expect("run helm")
+}
+
+fn render(bed: &TestBed, namespace: &str, sets: &[&str]) -> String {
+    let chart = chart();
+    let mut args = vec!["template", "kpipe", chart.to_str().expect("utf-8 path"), "--namespace", namespace];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    let out = helm(bed, &args);
+    assert!(out.status.success(), "helm template {sets:?} failed:\n{}", text(&out));
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+fn documents(yaml: &str) -> Vec<Value> {
+    serde_saphyr::from_multiple::<Value>(yaml).expect("yaml").into_iter().filter(|v| !v.is_null()).collect()
+}
+
+fn kubectl_stdin(bed: &TestBed, args: &[&str], input: &str) -> Output {
+    let mut child = bed
+        .kubectl_cmd()
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kubectl");
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), input.as_bytes()).expect("write");
+    child.wait_with_output().expect("kubectl")
+}
+
+const VALUE_SETS: &[&[&str]] = &[
+    &[],
+    &["watchNamespaces={team-a,team-b}"],
+    &["metrics.serviceMonitor.enabled=true", "metrics.podMonitor.enabled=true", "dashboard.enabled=true"],
+    &["replicas=2", "logging.format=text", "worker.image.tag=dev", "serviceAccount.name=custom-sa"],
+    &["crds.install=false", "leaderElection.enabled=false", "metrics.service.enabled=false"],
+];
+
+#[tokio::test]
+async fn chart_lints_strictly_with_default_and_other_values() {
+    let bed = bed().await;
+    let chart = chart();
+    for sets in VALUE_SETS {
+        let mut args = vec!["lint", "--strict", chart.to_str().expect("utf-8")];
+        for s in *sets {
+            args.extend(["--set", s]);
+        }
+        let out = helm(&bed, &args);
+        assert!(out.status.success(), "helm lint {sets:?}:\n{}", text(&out));
+    }
+}
+
+#[tokio::test]
+async fn chart_values_schema_rejects_bad_values() {
+    let bed = bed().await;
+    let chart = chart();
+    let bad: &[(&str, &str)] = &[
+        ("replicas=0", "replicas"),
+        ("logging.format=xml", "format"),
+        ("metrics.port=80", "port"),
+        ("watchNamespaces={Team_A}", "watchNamespaces"),
+        ("image.pullPolicy=Sometimes", "pullPolicy"),
+        ("unknownKey=1", "unknownKey"),
+        ("worker.resources.requests.gpu=1", "gpu"),
+    ];
+    for (set, named) in bad {
+        let out = helm(&bed, &["template", "kpipe", chart.to_str().expect("utf-8"), "--set", set]);
+        let said = text(&out);
+        assert!(!out.status.success(), "helm accepted bad value {set}");
+        assert!(said.contains(named), "rejection of {set} does not name {named}:\n{said}");
+    }
+    // A cross-field rule the schema cannot express is enforced by the templates.
+    let out = helm(
+        &bed,
+        &[
+            "template",
+            "kpipe",
+            chart.to_str().expect("utf-8"),
+            "--set",
+            "replicas=2",
+            "--set",
+            "leaderElection.enabled=false",
+        ],
+    );
+    assert!(!out.status.success() && text(&out).contains("leaderElection"), "{}", text(&out));
+}
+
+#[tokio::test]
+async fn chart_renders_manifests_the_apiserver_accepts() {
+    let bed = bed().await;
+    let release_ns = bed.temp_namespace("chart-rel").await.expect("namespace");
+    let team_a = bed.temp_namespace("chart-a").await.expect("namespace");
+    let team_b = bed.temp_namespace("chart-b").await.expect("namespace");
+    // The restricted Pod Security Standard is enforced where the operator runs.
+    let out = bed
+        .kubectl_cmd()
+        .args(["label", "namespace", release_ns.name(), "pod-security.kubernetes.io/enforce=restricted", "--overwrite"])
+        .output()
+        .expect("kubectl");
+    assert!(out.status.success(), "{}", text(&out));
+    // prometheus-operator is not part of the bed: minimal CRDs so ServiceMonitor/PodMonitor can be validated.
+    let monitoring_crds = ["servicemonitors:ServiceMonitor", "podmonitors:PodMonitor"]
+        .iter()
+        .map(|pair| {
+            let (plural, kind) = pair.split_once(':').expect("pair");
+            format!(
+                "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata: {{name: {plural}.monitoring.coreos.com}}\nspec:\n  group: monitoring.coreos.com\n  scope: Namespaced\n  names: {{plural: {plural}, kind: {kind}}}\n  versions: [{{name: v1, served: true, storage: true, schema: {{openAPIV3Schema: {{type: object, x-kubernetes-preserve-unknown-fields: true}}}}}}]\n---\n"
+            )
+        })
+        .collect::<String>();
+    let out = kubectl_stdin(&bed, &["apply", "--server-side", "-f", "-"], &monitoring_crds);
+    assert!(out.status.success(), "{}", text(&out));
+    let wait = bed
+        .kubectl_cmd()
+        .args([
+            "wait",
+            "--for=condition=Established",
+            "crd/servicemonitors.monitoring.coreos.com",
+            "crd/podmonitors.monitoring.coreos.com",
+            "--timeout=60s",
+        ])
+        .output()
+        .expect("kubectl");
+    assert!(wait.status.success(), "{}", text(&wait));
+
+    let namespaced = format!("watchNamespaces={{{},{}}}", team_a.name(), team_b.name());
+    let variants: Vec<Vec<&str>> = vec![
+        vec![],
+        vec![namespaced.as_str()],
+        vec!["metrics.serviceMonitor.enabled=true", "metrics.podMonitor.enabled=true", "dashboard.enabled=true"],
+    ];
+    for sets in &variants {
+        let manifests = render(&bed, release_ns.name(), sets);
+        let out = kubectl_stdin(&bed, &["apply", "--dry-run=server", "-f", "-"], &manifests);
+        let said = text(&out);
+        assert!(out.status.success(), "apiserver rejected the chart rendered with {sets:?}:\n{said}");
+        assert!(!said.contains("would violate PodSecurity"), "operator pod is not 'restricted' ({sets:?}):\n{said}");
+        let docs = documents(&manifests);
+        let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+        if sets.iter().any(|s| s.starts_with("watchNamespaces")) {
+            assert!(!kinds.contains(&"ClusterRole"), "namespaced mode must not grant cluster-wide access: {kinds:?}");
+            let roles: Vec<&str> = docs
+                .iter()
+                .filter(|d| {
+                    d["kind"] == "Role" && !d["metadata"]["name"].as_str().unwrap_or("").ends_with("leader-election")
+                })
+                .filter_map(|d| d["metadata"]["namespace"].as_str())
+                .collect();
+            assert_eq!(roles, [team_a.name(), team_b.name()]);
+        } else {
+            assert!(kinds.contains(&"ClusterRole") && kinds.contains(&"ClusterRoleBinding"), "{kinds:?}");
+        }
+    }
+    for ns in [release_ns, team_a, team_b] {
+        ns.delete().await.expect("delete namespace");
+    }
+}
+
+#[tokio::test]
+async fn chart_crd_is_the_generated_one_and_kept_on_uninstall() {
+    let bed = bed().await;
+    let docs = documents(&render(&bed, "kpipe-system", &[]));
+    let rendered = docs.iter().find(|d| d["kind"] == "CustomResourceDefinition").expect("chart renders the CRD");
+    let generated = serde_json::to_value(kpipe_api::all_crds().remove(0)).expect("crd json");
+    // Numbers may change representation through Helm (100000.0 -> 100000); compare semantically.
+    fn normalise(v: &Value) -> Value {
+        match v {
+            Value::Number(n) => n.as_f64().map(Value::from).unwrap_or(Value::Null),
+            Value::Array(a) => Value::Array(a.iter().map(normalise).collect()),
+            Value::Object(o) => Value::Object(o.iter().map(|(k, v)| (k.clone(), normalise(v))).collect()),
+            other => other.clone(),
+        }
+    }
+    assert_eq!(normalise(&rendered["spec"]), normalise(&generated["spec"]), "chart CRD differs from the generated CRD");
+    assert_eq!(rendered["metadata"]["annotations"]["helm.sh/resource-policy"], "keep");
+}
+
+#[tokio::test]
+async fn chart_rbac_has_no_wildcards() {
+    let bed = bed().await;
+    for sets in VALUE_SETS {
+        for doc in documents(&render(&bed, "kpipe-system", sets)) {
+            if !matches!(doc["kind"].as_str(), Some("ClusterRole" | "Role")) {
+                continue;
+            }
+            for rule in doc["rules"].as_array().expect("rules") {
+                for key in ["apiGroups", "resources", "verbs"] {
+                    let items = rule[key].as_array().expect("list");
+                    assert!(
+                        !items.iter().any(|i| i == "*"),
+                        "wildcard in {key} of {}: {rule}",
+                        doc["metadata"]["name"]
+                    );
+                }
+                assert!(rule.get("resourceNames").is_none() || rule["resourceNames"].as_array().is_some());
+            }
+        }
+    }
+}
