@@ -1,1 +1,9 @@
-//! kpipe operator (placeholder until the operator issue lands).
+//! kpipe operator: reconciles `ConsumerPipeline`s into worker ConfigMaps and Deployments and scales
+//! the workers on consumer-group lag.
+//!
+//! Decisions are pure and tested on their own ([`scaler`], [`lag`], [`build`], [`status`]); I/O stays
+//! at the edges ([`probe`], [`controller`]).
+
+pub mod lag;
+pub mod scaler;
+pub mod sim;

@@ -1,0 +1,322 @@
+//! Pure lag accounting: per-partition lag from watermarks and committed offsets, the consume rate
+//! from committed-offset deltas, and stuck-partition detection (DESIGN.md §3).
+//!
+//! The Kafka I/O lives in [`crate::probe`]; this module only sees numbers, so the trace simulation
+//! drives the very same tracker the controller uses.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use kpipe_api::v1alpha1::{LagSummary, StartOffset};
+
+use crate::scaler::Observation;
+
+/// Offsets of one partition, as read from the cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionOffsets {
+    pub topic: String,
+    pub partition: i32,
+    /// Low watermark (first retained offset).
+    pub log_start: i64,
+    /// High watermark (next offset to be written).
+    pub log_end: i64,
+    /// The group's committed offset, if any.
+    pub committed: Option<i64>,
+}
+
+/// Lag of one partition.
+///
+/// - Committed offset: `log_end − max(committed, log_start)`; an offset deleted by retention
+///   counts from the log start (the consumer will be reset there).
+/// - No committed offset: `earliest` → `log_end − log_start` (only retained records), `latest` → 0
+///   (a growing log end still activates; see [`Snapshot::log_end_advanced`]).
+pub fn partition_lag(p: &PartitionOffsets, start: StartOffset) -> i64 {
+    let lag = match p.committed {
+        Some(c) => p.log_end - c.max(p.log_start),
+        None => match start {
+            StartOffset::Earliest => p.log_end - p.log_start,
+            StartOffset::Latest => 0,
+        },
+    };
+    lag.max(0)
+}
+
+#[derive(Clone, Debug)]
+struct PartitionState {
+    committed: Option<i64>,
+    log_end: i64,
+    unchanged_polls: u32,
+    stuck: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct RateSample {
+    at: Duration,
+    span: Duration,
+    committed_delta: i64,
+    consumers: i32,
+    busy: bool,
+}
+
+/// Result of one poll.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Snapshot {
+    pub total_lag: i64,
+    pub stuck_lag: i64,
+    pub partitions: i32,
+    pub partitions_with_lag: i32,
+    pub stuck_partitions: i32,
+    /// Some partition's log end grew since the previous poll.
+    pub log_end_advanced: bool,
+    /// Records committed per second by the whole group over the recent polls.
+    pub records_per_second: Option<f64>,
+    /// Records committed per second by one consumer while there was a backlog.
+    pub rate_per_replica: Option<f64>,
+}
+
+impl Snapshot {
+    /// The scaler's view.
+    pub fn observation(&self) -> Observation {
+        Observation {
+            total_lag: self.total_lag,
+            stuck_lag: self.stuck_lag,
+            partitions: self.partitions,
+            log_end_advanced: self.log_end_advanced,
+            rate_per_replica: self.rate_per_replica,
+        }
+    }
+
+    /// The status summary.
+    pub fn summary(&self) -> LagSummary {
+        let rate = self.records_per_second.filter(|r| *r > 0.0);
+        LagSummary {
+            total: self.total_lag,
+            partitions: self.partitions,
+            partitions_with_lag: self.partitions_with_lag,
+            stuck_partitions: self.stuck_partitions,
+            records_per_second: rate.map(|r| r.round() as i64),
+            estimated_drain_seconds: rate.map(|r| (self.total_lag as f64 / r).ceil() as i64),
+        }
+    }
+}
+
+/// Per-pipeline memory of previous polls.
+#[derive(Clone, Debug)]
+pub struct LagTracker {
+    partitions: HashMap<(String, i32), PartitionState>,
+    samples: VecDeque<RateSample>,
+    last_poll: Option<Duration>,
+    last_busy: bool,
+    /// Polls with lag and an unchanged committed offset (while consumers run) before a partition
+    /// counts as stuck.
+    pub stuck_after_polls: u32,
+    /// How far back the rate looks.
+    pub rate_window: Duration,
+}
+
+impl Default for LagTracker {
+    fn default() -> Self {
+        Self::new(6, Duration::from_secs(60))
+    }
+}
+
+impl LagTracker {
+    pub fn new(stuck_after_polls: u32, rate_window: Duration) -> Self {
+        Self {
+            partitions: HashMap::new(),
+            samples: VecDeque::new(),
+            last_poll: None,
+            last_busy: false,
+            stuck_after_polls: stuck_after_polls.max(1),
+            rate_window,
+        }
+    }
+
+    /// Fold in one poll. `consumers` is the number of ready worker pods.
+    pub fn update(
+        &mut self,
+        offsets: &[PartitionOffsets],
+        start: StartOffset,
+        consumers: i32,
+        now: Duration,
+    ) -> Snapshot {
+        let mut snap = Snapshot { partitions: offsets.len() as i32, ..Default::default() };
+        let mut committed_delta = 0i64;
+        let mut seen = HashMap::with_capacity(offsets.len());
+        for p in offsets {
+            let lag = partition_lag(p, start);
+            let key = (p.topic.clone(), p.partition);
+            let state = match self.partitions.remove(&key) {
+                Some(mut prev) => {
+                    if p.log_end > prev.log_end {
+                        snap.log_end_advanced = true;
+                    }
+                    if let (Some(now_c), Some(prev_c)) = (p.committed, prev.committed)
+                        && now_c > prev_c
+                    {
+                        committed_delta += now_c - prev_c;
+                    }
+                    if prev.committed != p.committed {
+                        prev.unchanged_polls = 0;
+                        prev.stuck = false;
+                    } else if lag > 0 && consumers > 0 {
+                        prev.unchanged_polls += 1;
+                        if prev.unchanged_polls >= self.stuck_after_polls {
+                            prev.stuck = true;
+                        }
+                    }
+                    if lag == 0 {
+                        prev.unchanged_polls = 0;
+                        prev.stuck = false;
+                    }
+                    prev.committed = p.committed;
+                    prev.log_end = p.log_end;
+                    prev
+                }
+                None => PartitionState { committed: p.committed, log_end: p.log_end, unchanged_polls: 0, stuck: false },
+            };
+            snap.total_lag += lag;
+            if lag > 0 {
+                snap.partitions_with_lag += 1;
+            }
+            if state.stuck {
+                snap.stuck_partitions += 1;
+                snap.stuck_lag += lag;
+            }
+            seen.insert(key, state);
+        }
+        self.partitions = seen;
+
+        if let Some(prev) = self.last_poll
+            && now > prev
+        {
+            self.samples.push_back(RateSample {
+                at: now,
+                span: now - prev,
+                committed_delta,
+                consumers,
+                busy: self.last_busy && consumers > 0,
+            });
+        }
+        while let Some(s) = self.samples.front() {
+            if now.saturating_sub(s.at) > self.rate_window {
+                self.samples.pop_front();
+            } else {
+                break;
+            }
+        }
+        self.last_poll = Some(now);
+        self.last_busy = snap.total_lag - snap.stuck_lag > 0;
+
+        let span: f64 = self.samples.iter().map(|s| s.span.as_secs_f64()).sum();
+        if span > 0.0 {
+            let delta: i64 = self.samples.iter().map(|s| s.committed_delta).sum();
+            snap.records_per_second = Some(delta as f64 / span);
+        }
+        let (busy_delta, busy_pod_secs) =
+            self.samples.iter().filter(|s| s.busy).fold((0i64, 0f64), |(d, ps), s| {
+                (d + s.committed_delta, ps + s.span.as_secs_f64() * s.consumers as f64)
+            });
+        if busy_pod_secs > 0.0 && busy_delta > 0 {
+            snap.rate_per_replica = Some(busy_delta as f64 / busy_pod_secs);
+        }
+        snap
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn po(partition: i32, log_start: i64, log_end: i64, committed: Option<i64>) -> PartitionOffsets {
+        PartitionOffsets { topic: "t".into(), partition, log_start, log_end, committed }
+    }
+
+    #[test]
+    fn partition_lag_table() {
+        use StartOffset::*;
+        let cases = [
+            ("committed", po(0, 0, 100, Some(40)), Earliest, 60),
+            ("committed at end", po(0, 0, 100, Some(100)), Earliest, 0),
+            ("no commit earliest counts retained only", po(0, 70, 100, None), Earliest, 30),
+            ("no commit latest", po(0, 70, 100, None), Latest, 0),
+            ("retention trimmed commit counts from log start", po(0, 80, 100, Some(10)), Latest, 20),
+            ("commit beyond end (truncation) clamps", po(0, 0, 100, Some(150)), Earliest, 0),
+            ("empty partition", po(0, 0, 0, None), Earliest, 0),
+        ];
+        for (name, p, start, want) in cases {
+            assert_eq!(partition_lag(&p, start), want, "{name}");
+        }
+    }
+
+    fn s(secs: u64) -> Duration {
+        Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn totals_and_growth() {
+        let mut t = LagTracker::default();
+        let a = t.update(&[po(0, 0, 100, Some(50)), po(1, 0, 10, Some(10))], StartOffset::Earliest, 1, s(0));
+        assert_eq!((a.total_lag, a.partitions, a.partitions_with_lag, a.log_end_advanced), (50, 2, 1, false));
+        let b = t.update(&[po(0, 0, 100, Some(50)), po(1, 0, 11, Some(10))], StartOffset::Earliest, 1, s(5));
+        assert!(b.log_end_advanced);
+        assert_eq!(b.total_lag, 51);
+    }
+
+    #[test]
+    fn rate_from_committed_deltas() {
+        let mut t = LagTracker::default();
+        t.update(&[po(0, 0, 1000, Some(0)), po(1, 0, 1000, Some(0))], StartOffset::Earliest, 2, s(0));
+        let snap = t.update(&[po(0, 0, 1000, Some(100)), po(1, 0, 1000, Some(100))], StartOffset::Earliest, 2, s(5));
+        assert_eq!(snap.records_per_second, Some(40.0));
+        assert_eq!(snap.rate_per_replica, Some(20.0));
+        let sum = snap.summary();
+        assert_eq!((sum.total, sum.records_per_second, sum.estimated_drain_seconds), (1800, Some(40), Some(45)));
+    }
+
+    #[test]
+    fn rate_per_replica_ignores_idle_samples() {
+        let mut t = LagTracker::default();
+        t.update(&[po(0, 0, 10, Some(10))], StartOffset::Earliest, 1, s(0));
+        // No backlog before this poll: the 5 records committed say nothing about capacity.
+        let snap = t.update(&[po(0, 0, 15, Some(15))], StartOffset::Earliest, 1, s(5));
+        assert_eq!(snap.records_per_second, Some(1.0));
+        assert_eq!(snap.rate_per_replica, None);
+    }
+
+    #[test]
+    fn stuck_after_n_polls_with_consumers_and_unstuck_on_progress() {
+        let mut t = LagTracker::new(3, s(60));
+        let p = |c| [po(0, 0, 100, Some(c)), po(1, 0, 100, Some(100))];
+        for (i, want) in [(0, 0), (1, 0), (2, 0), (3, 1), (4, 1)] {
+            let snap = t.update(&p(40), StartOffset::Earliest, 1, s(i * 5));
+            assert_eq!(snap.stuck_partitions, want, "poll {i}");
+        }
+        let snap = t.update(&p(40), StartOffset::Earliest, 1, s(25));
+        assert_eq!(snap.stuck_lag, 60);
+        let snap = t.update(&p(41), StartOffset::Earliest, 1, s(30));
+        assert_eq!((snap.stuck_partitions, snap.stuck_lag), (0, 0));
+    }
+
+    #[test]
+    fn no_consumers_means_not_stuck_but_stuck_persists_at_zero() {
+        let mut t = LagTracker::new(2, s(60));
+        for i in 0..5 {
+            let snap = t.update(&[po(0, 0, 100, Some(40))], StartOffset::Earliest, 0, s(i * 5));
+            assert_eq!(snap.stuck_partitions, 0, "nobody consumes at zero replicas");
+        }
+        for i in 5..8 {
+            t.update(&[po(0, 0, 100, Some(40))], StartOffset::Earliest, 2, s(i * 5));
+        }
+        let snap = t.update(&[po(0, 0, 100, Some(40))], StartOffset::Earliest, 0, s(45));
+        assert_eq!(snap.stuck_partitions, 1, "a poison record stays stuck after scaling to zero");
+    }
+
+    #[test]
+    fn vanished_partitions_are_forgotten() {
+        let mut t = LagTracker::default();
+        t.update(&[po(0, 0, 10, Some(0)), po(1, 0, 10, Some(0))], StartOffset::Earliest, 1, s(0));
+        let snap = t.update(&[po(0, 0, 10, Some(0))], StartOffset::Earliest, 1, s(5));
+        assert_eq!((snap.partitions, snap.total_lag), (1, 10));
+    }
+}
