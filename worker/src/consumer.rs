@@ -1,0 +1,453 @@
+//! The Kafka edge: a dedicated thread polls the consumer (so rebalance callbacks never block the
+//! async runtime), copies records out and dispatches them to per-partition tasks through bounded
+//! channels, pauses partitions whose tasks are full, and commits the offsets the tasks report.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::statistics::Statistics;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::runtime::Handle;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::health::Health;
+use crate::job::JobContext;
+use crate::metrics::Metrics;
+use crate::partition::{Input, PartitionProgress, PartitionSettings, PartitionTask};
+use crate::record::Record;
+
+type TopicPartition = (String, i32);
+
+struct PartitionHandle {
+    tx: mpsc::Sender<Input>,
+    /// Records fetched while the task's channel was full; the partition is paused meanwhile.
+    overflow: VecDeque<Input>,
+    paused: bool,
+    progress: Arc<PartitionProgress>,
+    last_committed: Option<i64>,
+    task: JoinHandle<Option<i64>>,
+}
+
+/// Everything the consumer callbacks and the dispatch loop share.
+pub struct Dispatch {
+    runtime: Handle,
+    settings: PartitionSettings,
+    jobs: Arc<JobContext>,
+    worker_permits: Arc<Semaphore>,
+    metrics: Metrics,
+    health: Arc<Health>,
+    partitions: Mutex<HashMap<TopicPartition, PartitionHandle>>,
+    channel_capacity: usize,
+}
+
+pub struct WorkerContext(pub Arc<Dispatch>);
+
+impl Dispatch {
+    pub fn new(
+        runtime: Handle,
+        settings: PartitionSettings,
+        jobs: Arc<JobContext>,
+        per_worker: usize,
+        metrics: Metrics,
+        health: Arc<Health>,
+    ) -> Self {
+        Self {
+            runtime,
+            settings,
+            jobs,
+            worker_permits: Arc::new(Semaphore::new(per_worker.max(1))),
+            metrics,
+            health,
+            partitions: Mutex::new(HashMap::new()),
+            channel_capacity: settings.limits.max_records.clamp(64, 4096),
+        }
+    }
+
+    fn partitions(&self) -> MutexGuard<'_, HashMap<TopicPartition, PartitionHandle>> {
+        // A poisoned lock only means a panic elsewhere; the map itself is still consistent.
+        self.partitions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn assign(&self, tpl: &TopicPartitionList) {
+        let mut parts = self.partitions();
+        for e in tpl.elements() {
+            let tp = (e.topic().to_owned(), e.partition());
+            if parts.contains_key(&tp) {
+                continue;
+            }
+            let (tx, rx) = mpsc::channel(self.channel_capacity);
+            let progress = Arc::new(PartitionProgress::default());
+            let task = PartitionTask {
+                topic: tp.0.clone(),
+                partition: tp.1,
+                settings: self.settings,
+                jobs: self.jobs.clone(),
+                worker_permits: self.worker_permits.clone(),
+                progress: progress.clone(),
+            };
+            let task = self.runtime.spawn(task.run(rx));
+            tracing::info!(topic = %tp.0, partition = tp.1, "partition assigned");
+            parts.insert(
+                tp,
+                PartitionHandle { tx, overflow: VecDeque::new(), paused: false, progress, last_committed: None, task },
+            );
+        }
+        self.metrics.assigned_partitions.set(parts.len() as i64);
+    }
+
+    /// Stops the given partitions' tasks, waits for them to drain (bounded), and returns the final
+    /// offsets to commit.
+    fn drain(&self, tps: &[TopicPartition]) -> TopicPartitionList {
+        let handles: Vec<(TopicPartition, PartitionHandle)> = {
+            let mut parts = self.partitions();
+            let taken = tps.iter().filter_map(|tp| parts.remove(tp).map(|h| (tp.clone(), h))).collect();
+            self.metrics.assigned_partitions.set(parts.len() as i64);
+            taken
+        };
+        let mut tpl = TopicPartitionList::new();
+        // The tasks apply drain_timeout themselves; the margin covers a task stuck waiting for
+        // worker permits.
+        let deadline = Instant::now() + self.settings.drain_timeout + Duration::from_secs(2);
+        for ((topic, partition), h) in handles {
+            if h.paused {
+                self.metrics.paused_partitions.dec();
+            }
+            drop(h.tx);
+            let mut task = h.task;
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let result = self.runtime.block_on(async { tokio::time::timeout(remaining, &mut task).await });
+            let committable = match result {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    tracing::error!(%topic, partition, "partition task failed: {e}");
+                    h.progress.committable()
+                }
+                Err(_) => {
+                    task.abort();
+                    tracing::warn!(%topic, partition, "partition task did not drain in time; aborted");
+                    h.progress.committable()
+                }
+            };
+            let _ = self.metrics.lag.remove_label_values(&[&topic, &partition.to_string()]);
+            let _ = self.metrics.committed_offset.remove_label_values(&[&topic, &partition.to_string()]);
+            if let Some(offset) = committable
+                && h.last_committed != Some(offset)
+                && let Err(e) = tpl.add_partition_offset(&topic, partition, Offset::Offset(offset))
+            {
+                tracing::error!(%topic, partition, "cannot build commit list: {e}");
+            }
+        }
+        tpl
+    }
+
+    fn all_partitions(&self) -> Vec<TopicPartition> {
+        self.partitions().keys().cloned().collect()
+    }
+
+    /// Hands a record to its partition task, pausing the partition when the task is full.
+    fn dispatch<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, record: Record) {
+        let mut parts = self.partitions();
+        let tp = (record.topic.clone(), record.partition);
+        let Some(h) = parts.get_mut(&tp) else {
+            tracing::debug!(topic = %tp.0, partition = tp.1, "record for a partition not assigned; ignored");
+            return;
+        };
+        if !h.overflow.is_empty() {
+            h.overflow.push_back(Input::Record(record));
+            return;
+        }
+        match h.tx.try_send(Input::Record(record)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(input)) => {
+                h.overflow.push_back(input);
+                if !h.paused {
+                    let mut tpl = TopicPartitionList::new();
+                    tpl.add_partition(&tp.0, tp.1);
+                    if let Err(e) = consumer.pause(&tpl) {
+                        tracing::warn!(topic = %tp.0, partition = tp.1, "cannot pause partition: {e}");
+                    }
+                    h.paused = true;
+                    self.metrics.paused_partitions.inc();
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                tracing::error!(topic = %tp.0, partition = tp.1, "partition task ended unexpectedly");
+            }
+        }
+    }
+
+    /// Moves overflow into tasks with room again; resumes partitions whose overflow emptied.
+    /// Returns whether any partition is still paused.
+    fn flush_overflow<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>) -> bool {
+        let mut parts = self.partitions();
+        let mut any_paused = false;
+        for ((topic, partition), h) in parts.iter_mut() {
+            if !h.paused {
+                continue;
+            }
+            while let Some(input) = h.overflow.pop_front() {
+                match h.tx.try_send(input) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(input)) => {
+                        h.overflow.push_front(input);
+                        break;
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        h.overflow.clear();
+                    }
+                }
+            }
+            if h.overflow.is_empty() {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition(topic, *partition);
+                if let Err(e) = consumer.resume(&tpl) {
+                    tracing::warn!(%topic, partition, "cannot resume partition: {e}");
+                }
+                h.paused = false;
+                self.metrics.paused_partitions.dec();
+            } else {
+                any_paused = true;
+            }
+        }
+        any_paused
+    }
+
+    /// Tells idle partition tasks the consumer's fetch position (so commits can pass transaction
+    /// markers at the log end), then commits every partition whose committable offset moved.
+    fn periodic_commit<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>) {
+        let positions = consumer.position().ok();
+        let mut tpl = TopicPartitionList::new();
+        {
+            let mut parts = self.partitions();
+            if let Some(positions) = positions {
+                for e in positions.elements() {
+                    if let (Offset::Offset(pos), Some(h)) =
+                        (e.offset(), parts.get_mut(&(e.topic().to_owned(), e.partition())))
+                        && h.overflow.is_empty()
+                    {
+                        // Best effort: when the channel is full the next period tries again.
+                        let _ = h.tx.try_send(Input::Position(pos));
+                    }
+                }
+            }
+            for ((topic, partition), h) in parts.iter() {
+                if let Some(offset) = h.progress.committable()
+                    && h.last_committed != Some(offset)
+                    && tpl.add_partition_offset(topic, *partition, Offset::Offset(offset)).is_err()
+                {
+                    tracing::warn!(%topic, partition, "cannot add offset to commit list");
+                }
+            }
+        }
+        if tpl.count() > 0
+            && let Err(e) = consumer.commit(&tpl, CommitMode::Async)
+        {
+            self.metrics.commit_failures.inc();
+            tracing::warn!("async commit failed: {e}");
+        }
+    }
+
+    fn record_committed(&self, offsets: &TopicPartitionList) {
+        let mut parts = self.partitions();
+        for e in offsets.elements() {
+            if let (Offset::Offset(o), None) = (e.offset(), e.error().err()) {
+                self.metrics.committed_offset.with_label_values(&[e.topic(), &e.partition().to_string()]).set(o);
+                if let Some(h) = parts.get_mut(&(e.topic().to_owned(), e.partition())) {
+                    h.last_committed = Some(o);
+                }
+            }
+        }
+    }
+}
+
+fn commit_sync<C: ConsumerContext>(consumer: &BaseConsumer<C>, tpl: &TopicPartitionList, dispatch: &Dispatch) {
+    if tpl.count() == 0 {
+        return;
+    }
+    match consumer.commit(tpl, CommitMode::Sync) {
+        Ok(()) => {
+            dispatch.record_committed(tpl);
+            tracing::info!(offsets = ?tpl.to_topic_map(), "committed");
+        }
+        Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+        Err(e) => {
+            dispatch.metrics.commit_failures.inc();
+            tracing::error!("synchronous commit failed: {e}");
+        }
+    }
+}
+
+impl ClientContext for WorkerContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
+                tracing::error!(target: "librdkafka", fac, "{message}")
+            }
+            RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", fac, "{message}"),
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => tracing::info!(target: "librdkafka", fac, "{message}"),
+            RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", fac, "{message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::AllBrokersDown)) {
+            self.0.health.set_broker_error(Some(reason.to_owned()));
+        }
+        tracing::error!(target: "librdkafka", "{error}: {reason}");
+    }
+
+    fn stats(&self, stats: Statistics) {
+        let parts = self.0.partitions();
+        for (topic, t) in &stats.topics {
+            for (id, p) in &t.partitions {
+                if *id < 0 || !parts.contains_key(&(topic.clone(), *id)) {
+                    continue;
+                }
+                if p.consumer_lag >= 0 {
+                    self.0.metrics.lag.with_label_values(&[topic, &id.to_string()]).set(p.consumer_lag);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for WorkerContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let tps: Vec<TopicPartition> =
+                tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
+            if tps.is_empty() {
+                return;
+            }
+            let lost = consumer.assignment_lost();
+            self.0.metrics.rebalances.with_label_values(&[if lost { "lost" } else { "revoke" }]).inc();
+            tracing::info!(partitions = ?tps, lost, "partitions revoked; draining");
+            let offsets = self.0.drain(&tps);
+            if lost {
+                tracing::warn!("assignment lost: not committing (another member owns these partitions now)");
+            } else {
+                commit_sync(consumer, &offsets, &self.0);
+            }
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) if tpl.count() > 0 => {
+                self.0.metrics.rebalances.with_label_values(&["assign"]).inc();
+                self.0.assign(tpl);
+            }
+            Rebalance::Error(e) => tracing::error!("rebalance error: {e}"),
+            _ => {}
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => {
+                self.0.health.set_broker_error(None);
+                self.0.record_committed(offsets);
+            }
+            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+            Err(e) => {
+                self.0.metrics.commit_failures.inc();
+                tracing::warn!("commit failed: {e}");
+            }
+        }
+    }
+}
+
+fn to_record(m: &BorrowedMessage<'_>) -> Record {
+    let headers = m
+        .headers()
+        .map(|hs| hs.iter().map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec))).collect())
+        .unwrap_or_default();
+    Record {
+        topic: m.topic().to_owned(),
+        partition: m.partition(),
+        offset: m.offset(),
+        timestamp_ms: m.timestamp().to_millis(),
+        key: m.key().map(<[u8]>::to_vec),
+        value: m.payload().map(<[u8]>::to_vec),
+        headers,
+    }
+}
+
+pub struct ConsumerLoop {
+    pub consumer: BaseConsumer<WorkerContext>,
+    pub dispatch: Arc<Dispatch>,
+    pub topics: Vec<String>,
+    pub commit_interval: Duration,
+    pub shutdown: CancellationToken,
+}
+
+impl ConsumerLoop {
+    /// Runs on a dedicated OS thread until `shutdown` fires; then drains every partition,
+    /// commits synchronously and closes the consumer (leaving the group).
+    pub fn run(self) {
+        let d = self.dispatch.clone();
+        // Reach the brokers before subscribing so /readyz can say why we are not ready.
+        let mut wait = Duration::from_millis(200);
+        loop {
+            if self.shutdown.is_cancelled() {
+                return;
+            }
+            match self.consumer.fetch_metadata(Some(&self.topics[0]), Duration::from_secs(5)) {
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!("brokers not reachable yet: {e}; retrying in {wait:?}");
+                    d.health.set_broker_error(Some(e.to_string()));
+                    std::thread::sleep(wait);
+                    wait = (wait * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+        d.health.set_broker_error(None);
+        let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
+        if let Err(e) = self.consumer.subscribe(&topics) {
+            tracing::error!("cannot subscribe to {topics:?}: {e}");
+            self.shutdown.cancel();
+            return;
+        }
+        d.health.set_subscribed();
+        tracing::info!(?topics, "subscribed");
+        let mut last_commit = Instant::now();
+        let mut any_paused = false;
+        while !self.shutdown.is_cancelled() {
+            let timeout = if any_paused { Duration::from_millis(5) } else { Duration::from_millis(100) };
+            match self.consumer.poll(timeout) {
+                Some(Ok(m)) => {
+                    d.metrics.consumed.inc();
+                    let record = to_record(&m);
+                    drop(m);
+                    d.dispatch(&self.consumer, record);
+                }
+                Some(Err(e)) => tracing::warn!("consumer error: {e}"),
+                None => {}
+            }
+            if any_paused || d.metrics.paused_partitions.get() > 0 {
+                any_paused = d.flush_overflow(&self.consumer);
+            }
+            if last_commit.elapsed() >= self.commit_interval {
+                d.periodic_commit(&self.consumer);
+                last_commit = Instant::now();
+            }
+        }
+        tracing::info!("shutting down: draining all partitions");
+        let offsets = d.drain(&d.all_partitions());
+        commit_sync(&self.consumer, &offsets, &d);
+        self.consumer.unsubscribe();
+        // Dropping the consumer closes it: it leaves the group (the revoke callback finds no
+        // partitions left to drain).
+        drop(self.consumer);
+        tracing::info!("consumer closed");
+    }
+}

@@ -1,0 +1,321 @@
+//! Runs one batch to completion: process, retry the failed records with backoff, then apply the
+//! failure policy. Every record ends processed, dead-lettered or dropped; records are reported
+//! done as soon as they are, so the partition can commit and release their keys.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use kpipe_api::v1alpha1::OnFailure;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::backoff::{BackoffPolicy, jitter_unit};
+use crate::classify::Failure;
+use crate::health::Health;
+use crate::metrics::Metrics;
+use crate::processor::kafka::DeadLetterSink;
+use crate::processor::{BatchOutcome, Processor};
+use crate::record::Record;
+
+pub struct JobContext {
+    pub processor: Arc<dyn Processor>,
+    pub dead_letter: Option<Arc<dyn DeadLetterSink>>,
+    pub on_failure: OnFailure,
+    pub backoff: BackoffPolicy,
+    pub metrics: Metrics,
+    pub health: Arc<Health>,
+}
+
+struct Attempt {
+    record: Arc<Record>,
+    attempts: u32,
+    /// Gave up under the `block` policy: retried at max backoff forever.
+    blocked: bool,
+}
+
+fn age_of(record: &Record) -> Option<Duration> {
+    let ts = u64::try_from(record.timestamp_ms?).ok()?;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_millis() as u64;
+    Some(Duration::from_millis(now.saturating_sub(ts)))
+}
+
+impl JobContext {
+    fn finished(&self, record: &Record) {
+        if let Some(age) = age_of(record) {
+            self.metrics.end_to_end_seconds.observe(age.as_secs_f64());
+        }
+    }
+
+    /// Processes `records` until every one is done, reporting completed records on `done`.
+    pub async fn run(&self, records: Vec<Arc<Record>>, done: UnboundedSender<Vec<Arc<Record>>>) {
+        let mut remaining: Vec<Attempt> =
+            records.into_iter().map(|record| Attempt { record, attempts: 0, blocked: false }).collect();
+        let mut round = 0u32;
+        while !remaining.is_empty() {
+            if round > 0 {
+                let all_blocked = remaining.iter().all(|a| a.blocked);
+                let delay = if all_blocked { self.backoff.max } else { self.backoff.delay(round, jitter_unit()) };
+                tokio::time::sleep(delay).await;
+            }
+            round += 1;
+            let batch: Vec<Arc<Record>> = remaining.iter().map(|a| a.record.clone()).collect();
+            self.metrics.batch_size.observe(batch.len() as f64);
+            let started = Instant::now();
+            let outcome = self.processor.process(&batch).await;
+            self.metrics.processing_seconds.observe(started.elapsed().as_secs_f64());
+            let mut failures: Vec<Option<Failure>> = vec![None; batch.len()];
+            match outcome {
+                BatchOutcome::Failed(f) => failures.iter_mut().for_each(|slot| *slot = Some(f.clone())),
+                BatchOutcome::Partial(list) => {
+                    for (i, f) in list {
+                        if let Some(slot) = failures.get_mut(i) {
+                            *slot = Some(f);
+                        }
+                    }
+                }
+            }
+            let mut succeeded = Vec::new();
+            let mut retry = Vec::new();
+            let mut give_up = Vec::new();
+            for (mut a, failure) in remaining.drain(..).zip(failures) {
+                match failure {
+                    None => {
+                        if a.blocked {
+                            self.metrics.blocked.dec();
+                            self.health.unblock(&a.record.topic, a.record.partition, a.record.offset);
+                        }
+                        self.metrics.processed.inc();
+                        self.finished(&a.record);
+                        succeeded.push(a.record);
+                    }
+                    Some(f) => {
+                        a.attempts += 1;
+                        self.metrics.failed.with_label_values(&[f.class.metric_label()]).inc();
+                        if a.blocked {
+                            self.health.block(&a.record.topic, a.record.partition, a.record.offset, f.to_string());
+                            retry.push(a);
+                        } else if f.class.is_retryable()
+                            && self.backoff.may_retry(a.attempts, age_of(&a.record)).is_ok()
+                        {
+                            self.metrics.retried.inc();
+                            retry.push(a);
+                        } else {
+                            give_up.push((a, f));
+                        }
+                    }
+                }
+            }
+            if !succeeded.is_empty() {
+                let _ = done.send(succeeded);
+            }
+            if !give_up.is_empty() {
+                let mut finished = Vec::new();
+                for (a, f) in give_up {
+                    match self.on_failure {
+                        OnFailure::Drop => {
+                            tracing::warn!(topic = %a.record.topic, partition = a.record.partition, offset = a.record.offset,
+                                attempts = a.attempts, error = %f, "dropping record (onFailure: drop)");
+                            self.metrics.dropped.inc();
+                            self.finished(&a.record);
+                            finished.push(a.record);
+                        }
+                        OnFailure::DeadLetter if self.dead_letter.is_some() => {
+                            self.write_dead_letter(&a.record, &f, a.attempts).await;
+                            self.finished(&a.record);
+                            finished.push(a.record);
+                        }
+                        OnFailure::DeadLetter | OnFailure::Block => {
+                            tracing::error!(topic = %a.record.topic, partition = a.record.partition, offset = a.record.offset,
+                                attempts = a.attempts, error = %f, "record blocks its partition (onFailure: block)");
+                            self.metrics.blocked.inc();
+                            self.health.block(&a.record.topic, a.record.partition, a.record.offset, f.to_string());
+                            retry.push(Attempt { blocked: true, ..a });
+                        }
+                    }
+                }
+                if !finished.is_empty() {
+                    let _ = done.send(finished);
+                }
+            }
+            remaining = retry;
+        }
+    }
+
+    /// Writes to the dead-letter topic until the broker acknowledges it: the record must never be
+    /// committed past without a DLQ copy.
+    async fn write_dead_letter(&self, record: &Record, failure: &Failure, attempts: u32) {
+        let Some(dlq) = &self.dead_letter else { return };
+        let mut tries = 0u32;
+        loop {
+            match dlq.write(record, failure, attempts).await {
+                Ok(()) => {
+                    self.metrics.dead_lettered.inc();
+                    tracing::warn!(topic = %record.topic, partition = record.partition, offset = record.offset,
+                        attempts, error = %failure, "record dead-lettered");
+                    return;
+                }
+                Err(e) => {
+                    tries += 1;
+                    self.metrics.dead_letter_errors.inc();
+                    tracing::error!(topic = %record.topic, partition = record.partition, offset = record.offset,
+                        error = %e, tries, "dead-letter write failed; retrying");
+                    tokio::time::sleep(self.backoff.ceiling(tries)).await;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    use futures::future::BoxFuture;
+
+    use super::*;
+    use crate::classify::FailureClass;
+    use crate::record::test_record;
+
+    /// Fails each offset the given number of times with the given class, then succeeds.
+    struct Scripted {
+        failures: Mutex<HashMap<i64, (u32, FailureClass)>>,
+        calls: Mutex<Vec<Vec<i64>>>,
+    }
+
+    impl Processor for Scripted {
+        fn process<'a>(&'a self, records: &'a [Arc<Record>]) -> BoxFuture<'a, BatchOutcome> {
+            Box::pin(async move {
+                self.calls.lock().unwrap().push(records.iter().map(|r| r.offset).collect());
+                let mut f = self.failures.lock().unwrap();
+                let mut failed = Vec::new();
+                for (i, r) in records.iter().enumerate() {
+                    if let Some((n, class)) = f.get_mut(&r.offset)
+                        && *n > 0
+                    {
+                        *n -= 1;
+                        failed.push((i, Failure::new(class.clone(), "scripted")));
+                    }
+                }
+                BatchOutcome::Partial(failed)
+            })
+        }
+    }
+
+    struct MemoryDlq {
+        written: Mutex<Vec<(i64, String, u32)>>,
+        fail_first: Mutex<u32>,
+    }
+
+    impl DeadLetterSink for MemoryDlq {
+        fn write<'a>(&'a self, r: &'a Record, f: &'a Failure, attempts: u32) -> BoxFuture<'a, Result<(), Failure>> {
+            Box::pin(async move {
+                let mut n = self.fail_first.lock().unwrap();
+                if *n > 0 {
+                    *n -= 1;
+                    return Err(Failure::new(FailureClass::Produce { retryable: true }, "broker down"));
+                }
+                self.written.lock().unwrap().push((r.offset, f.class.label(), attempts));
+                Ok(())
+            })
+        }
+    }
+
+    fn ctx(
+        script: &[(i64, u32, FailureClass)],
+        on_failure: OnFailure,
+        dlq_fail_first: u32,
+    ) -> (JobContext, Arc<Scripted>, Arc<MemoryDlq>) {
+        let p = Arc::new(Scripted {
+            failures: Mutex::new(script.iter().map(|(o, n, c)| (*o, (*n, c.clone()))).collect()),
+            calls: Mutex::new(vec![]),
+        });
+        let d = Arc::new(MemoryDlq { written: Mutex::new(vec![]), fail_first: Mutex::new(dlq_fail_first) });
+        let c = JobContext {
+            processor: p.clone(),
+            dead_letter: Some(d.clone()),
+            on_failure,
+            backoff: BackoffPolicy {
+                max_attempts: 3,
+                initial: Duration::from_millis(10),
+                max: Duration::from_millis(100),
+                multiplier: 2.0,
+                max_record_age: None,
+            },
+            metrics: Metrics::new().unwrap(),
+            health: Arc::new(Health::default()),
+        };
+        (c, p, d)
+    }
+
+    fn batch(n: i64) -> Vec<Arc<Record>> {
+        (0..n).map(|o| Arc::new(test_record(o, None, "v"))).collect()
+    }
+
+    async fn run(c: &JobContext, records: Vec<Arc<Record>>) -> Vec<i64> {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        c.run(records, tx).await;
+        let mut done = Vec::new();
+        while let Ok(d) = rx.try_recv() {
+            done.extend(d.iter().map(|r| r.offset));
+        }
+        done
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_failed_records_are_retried() {
+        let (c, p, _) = ctx(&[(1, 2, FailureClass::HttpStatus(503))], OnFailure::DeadLetter, 0);
+        let done = run(&c, batch(3)).await;
+        assert_eq!(done, vec![0, 2, 1]);
+        assert_eq!(*p.calls.lock().unwrap(), vec![vec![0, 1, 2], vec![1], vec![1]]);
+        assert_eq!(c.metrics.retried.get(), 2);
+        assert_eq!(c.metrics.processed.get(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn non_retryable_goes_straight_to_dead_letter_and_dlq_failures_are_retried() {
+        let (c, p, d) = ctx(&[(0, 100, FailureClass::HttpStatus(400))], OnFailure::DeadLetter, 2);
+        let done = run(&c, batch(2)).await;
+        assert_eq!(done, vec![1, 0]);
+        assert_eq!(p.calls.lock().unwrap().len(), 1);
+        assert_eq!(*d.written.lock().unwrap(), vec![(0, "http_400".to_string(), 1)]);
+        assert_eq!(c.metrics.dead_letter_errors.get(), 2);
+        assert_eq!(c.metrics.dead_lettered.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn exhausted_retries_are_dead_lettered_with_attempt_count() {
+        let (c, p, d) = ctx(&[(0, 100, FailureClass::Timeout)], OnFailure::DeadLetter, 0);
+        run(&c, batch(1)).await;
+        assert_eq!(p.calls.lock().unwrap().len(), 3);
+        assert_eq!(*d.written.lock().unwrap(), vec![(0, "timeout".to_string(), 3)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drop_policy_counts_and_moves_on() {
+        let (c, _, d) = ctx(&[(0, 100, FailureClass::HttpStatus(422))], OnFailure::Drop, 0);
+        assert_eq!(run(&c, batch(1)).await, vec![0]);
+        assert_eq!(c.metrics.dropped.get(), 1);
+        assert!(d.written.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn block_policy_retries_at_max_backoff_until_it_succeeds() {
+        let (c, p, _) = ctx(&[(0, 10, FailureClass::HttpStatus(400))], OnFailure::Block, 0);
+        let started = tokio::time::Instant::now();
+        let c = Arc::new(c);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let job = tokio::spawn({
+            let c = c.clone();
+            async move { c.run(batch(1), tx).await }
+        });
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert_eq!(c.metrics.blocked.get(), 1);
+        assert!(c.health.readiness().detail.contains("blocked: t/0@0"));
+        assert!(rx.try_recv().is_err(), "blocked record is not done");
+        job.await.unwrap();
+        assert_eq!(p.calls.lock().unwrap().len(), 11);
+        assert!(started.elapsed() >= Duration::from_millis(900), "max backoff between blocked retries");
+        assert_eq!(c.metrics.blocked.get(), 0);
+        assert_eq!(rx.try_recv().unwrap()[0].offset, 0);
+    }
+}

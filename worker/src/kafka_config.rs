@@ -1,0 +1,148 @@
+//! librdkafka client properties derived from the worker configuration.
+
+use kpipe_api::v1alpha1::StartOffset;
+use kpipe_api::worker_contract::WorkerConfig;
+use rdkafka::ClientConfig;
+
+/// Credentials and identity that come from the environment, not the config document.
+#[derive(Debug, Clone, Default)]
+pub struct Env {
+    pub sasl_username: Option<String>,
+    pub sasl_password: Option<String>,
+    pub pod_name: Option<String>,
+}
+
+/// Properties shared by the consumer and producers: brokers, passthrough tuning, security.
+pub fn common(config: &WorkerConfig, env: &Env) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    // Passthrough first so kpipe's own settings below win.
+    for (k, v) in &config.spec.source.config {
+        c.set(k, v);
+    }
+    c.set("bootstrap.servers", config.spec.source.bootstrap_servers.join(","));
+    c.set("client.id", format!("kpipe-worker.{}.{}", config.namespace, config.pipeline));
+    let auth = config.spec.source.auth.as_ref();
+    let tls = auth.is_some_and(|a| a.tls.is_some()) || config.tls_ca_file.is_some();
+    let sasl = auth.and_then(|a| a.sasl.as_ref());
+    let protocol = match (sasl.is_some(), tls) {
+        (true, true) => "SASL_SSL",
+        (true, false) => "SASL_PLAINTEXT",
+        (false, true) => "SSL",
+        (false, false) => "PLAINTEXT",
+    };
+    c.set("security.protocol", protocol);
+    if let Some(s) = sasl {
+        c.set("sasl.mechanism", s.mechanism.as_str());
+        if let Some(u) = &env.sasl_username {
+            c.set("sasl.username", u);
+        }
+        if let Some(p) = &env.sasl_password {
+            c.set("sasl.password", p);
+        }
+    }
+    if let Some(ca) = &config.tls_ca_file {
+        c.set("ssl.ca.location", ca);
+    }
+    if let (Some(cert), Some(key)) = (&config.tls_client_cert_file, &config.tls_client_key_file) {
+        c.set("ssl.certificate.location", cert);
+        c.set("ssl.key.location", key);
+    }
+    c
+}
+
+pub fn consumer(config: &WorkerConfig, env: &Env) -> ClientConfig {
+    let mut c = common(config, env);
+    c.set("group.id", &config.group_id);
+    c.set("partition.assignment.strategy", "cooperative-sticky");
+    // kpipe commits explicitly (periodic async, sync on revoke/shutdown) from its own tracker.
+    c.set("enable.auto.commit", "false");
+    c.set("enable.auto.offset.store", "false");
+    c.set("enable.partition.eof", "false");
+    c.set(
+        "auto.offset.reset",
+        match config.spec.source.start_offset {
+            StartOffset::Earliest => "earliest",
+            StartOffset::Latest => "latest",
+        },
+    );
+    // Stats carry the per-partition high watermark for the lag gauge.
+    c.set("statistics.interval.ms", "5000");
+    // Keep prefetch memory modest so RSS stays flat with any backlog (overridable passthrough).
+    if !config.spec.source.config.contains_key("queued.max.messages.kbytes") {
+        c.set("queued.max.messages.kbytes", "16384");
+    }
+    if config.spec.worker.static_membership
+        && let Some(pod) = &env.pod_name
+    {
+        c.set("group.instance.id", pod);
+    }
+    c
+}
+
+pub fn producer(config: &WorkerConfig, env: &Env) -> ClientConfig {
+    let mut c = common(config, env);
+    for k in [
+        "fetch.min.bytes",
+        "fetch.max.bytes",
+        "fetch.wait.max.ms",
+        "max.partition.fetch.bytes",
+        "queued.max.messages.kbytes",
+        "queued.min.messages",
+        "isolation.level",
+        "client.rack",
+        "session.timeout.ms",
+        "heartbeat.interval.ms",
+        "max.poll.interval.ms",
+    ] {
+        c.remove(k);
+    }
+    c.set("enable.idempotence", "true");
+    c.set("acks", "all");
+    c.set("linger.ms", "5");
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn cfg(extra: &str) -> WorkerConfig {
+        let text = format!(
+            r#"{{"namespace":"ns","pipeline":"p","groupId":"g","tlsCaFile":"/ca.crt",
+            "spec":{{"source":{{"bootstrapServers":["a:1","b:2"],"topics":["t"],
+            "config":{{"fetch.min.bytes":"10","enable.auto.commit":"true"}},
+            "auth":{{"sasl":{{"mechanism":"SCRAM-SHA-512","secretRef":{{"name":"s"}}}},"tls":{{}}}}}},
+            "processor":{{"noop":{{}}}},"onFailure":"drop"{extra}}}}}"#
+        );
+        crate::config::parse_config(Path::new("c.json"), &text).unwrap()
+    }
+
+    #[test]
+    fn consumer_properties() {
+        let env =
+            Env { sasl_username: Some("u".into()), sasl_password: Some("pw".into()), pod_name: Some("pod-1".into()) };
+        let c = consumer(&cfg(""), &env);
+        assert_eq!(c.get("bootstrap.servers"), Some("a:1,b:2"));
+        assert_eq!(c.get("enable.auto.commit"), Some("false"), "kpipe settings win over passthrough");
+        assert_eq!(c.get("enable.auto.offset.store"), Some("false"));
+        assert_eq!(c.get("partition.assignment.strategy"), Some("cooperative-sticky"));
+        assert_eq!(c.get("fetch.min.bytes"), Some("10"));
+        assert_eq!(c.get("security.protocol"), Some("SASL_SSL"));
+        assert_eq!(c.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
+        assert_eq!(c.get("sasl.password"), Some("pw"));
+        assert_eq!(c.get("ssl.ca.location"), Some("/ca.crt"));
+        assert_eq!(c.get("group.instance.id"), None, "static membership is off by default");
+        let c = consumer(&cfg(r#","worker":{"staticMembership":true}"#), &env);
+        assert_eq!(c.get("group.instance.id"), Some("pod-1"));
+    }
+
+    #[test]
+    fn producer_is_idempotent() {
+        let p = producer(&cfg(""), &Env::default());
+        assert_eq!(p.get("enable.idempotence"), Some("true"));
+        assert_eq!(p.get("acks"), Some("all"));
+        assert_eq!(p.get("fetch.min.bytes"), None);
+    }
+}

@@ -1,0 +1,144 @@
+//! Prometheus metrics of the worker (text exposition on `/metrics`).
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub consumed: IntCounter,
+    pub processed: IntCounter,
+    pub failed: IntCounterVec,
+    pub retried: IntCounter,
+    pub dead_lettered: IntCounter,
+    pub dead_letter_errors: IntCounter,
+    pub dropped: IntCounter,
+    pub batch_size: Histogram,
+    pub processing_seconds: Histogram,
+    pub end_to_end_seconds: Histogram,
+    pub in_flight: IntGauge,
+    pub blocked: IntGauge,
+    pub committed_offset: IntGaugeVec,
+    pub lag: IntGaugeVec,
+    pub rebalances: IntCounterVec,
+    pub assigned_partitions: IntGauge,
+    pub paused_partitions: IntGauge,
+    pub commit_failures: IntCounter,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot register metric: {0}")]
+pub struct MetricsError(#[from] prometheus::Error);
+
+impl Metrics {
+    pub fn new() -> Result<Self, MetricsError> {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str| -> Result<IntCounter, MetricsError> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let gauge = |name: &str, help: &str| -> Result<IntGauge, MetricsError> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| -> Result<Histogram, MetricsError> {
+            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?;
+            registry.register(Box::new(h.clone()))?;
+            Ok(h)
+        };
+        let seconds = vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
+        let failed = IntCounterVec::new(
+            Opts::new("kpipe_worker_records_failed_total", "Failed processing attempts of records, by error class"),
+            &["class"],
+        )?;
+        registry.register(Box::new(failed.clone()))?;
+        let committed_offset = IntGaugeVec::new(
+            Opts::new("kpipe_worker_committed_offset", "Last offset committed by this worker, per partition"),
+            &["topic", "partition"],
+        )?;
+        registry.register(Box::new(committed_offset.clone()))?;
+        let lag = IntGaugeVec::new(
+            Opts::new("kpipe_worker_partition_lag", "Records between the log end and the committed offset"),
+            &["topic", "partition"],
+        )?;
+        registry.register(Box::new(lag.clone()))?;
+        let rebalances = IntCounterVec::new(
+            Opts::new("kpipe_worker_rebalances_total", "Partition assignment changes, by kind (assign/revoke/lost)"),
+            &["kind"],
+        )?;
+        registry.register(Box::new(rebalances.clone()))?;
+        Ok(Self {
+            consumed: counter("kpipe_worker_records_consumed_total", "Records received from Kafka")?,
+            processed: counter("kpipe_worker_records_processed_total", "Records the processor completed")?,
+            failed,
+            retried: counter("kpipe_worker_records_retried_total", "Record retries scheduled")?,
+            dead_lettered: counter(
+                "kpipe_worker_records_dead_lettered_total",
+                "Records written to the dead-letter topic",
+            )?,
+            dead_letter_errors: counter(
+                "kpipe_worker_dead_letter_errors_total",
+                "Failed dead-letter writes (retried)",
+            )?,
+            dropped: counter("kpipe_worker_records_dropped_total", "Records dropped by the drop failure policy")?,
+            batch_size: histogram(
+                "kpipe_worker_batch_size_records",
+                "Records per processor batch",
+                vec![1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0],
+            )?,
+            processing_seconds: histogram(
+                "kpipe_worker_processing_duration_seconds",
+                "Duration of one processor call",
+                seconds.clone(),
+            )?,
+            end_to_end_seconds: histogram(
+                "kpipe_worker_end_to_end_latency_seconds",
+                "From the record's Kafka timestamp until it is done",
+                seconds,
+            )?,
+            in_flight: gauge("kpipe_worker_in_flight_records", "Records received and not yet done")?,
+            blocked: gauge("kpipe_worker_blocked_records", "Records stalled by the block failure policy")?,
+            committed_offset,
+            lag,
+            rebalances,
+            assigned_partitions: gauge("kpipe_worker_assigned_partitions", "Partitions assigned to this worker")?,
+            paused_partitions: gauge("kpipe_worker_paused_partitions", "Partitions paused for backpressure")?,
+            commit_failures: counter("kpipe_worker_commit_failures_total", "Failed offset commits")?,
+            registry,
+        })
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::warn!(error = %e, "cannot encode metrics");
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_conventions() {
+        let m = Metrics::new().unwrap();
+        m.consumed.inc();
+        m.failed.with_label_values(&["timeout"]).inc();
+        m.committed_offset.with_label_values(&["t", "0"]).set(5);
+        let text = m.render();
+        for name in [
+            "kpipe_worker_records_consumed_total 1",
+            "kpipe_worker_records_failed_total{class=\"timeout\"} 1",
+            "kpipe_worker_committed_offset{partition=\"0\",topic=\"t\"} 5",
+            "kpipe_worker_processing_duration_seconds_bucket",
+            "kpipe_worker_in_flight_records 0",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+    }
+}

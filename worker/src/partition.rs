@@ -1,0 +1,184 @@
+//! One task per assigned partition: receives records from the dispatcher, schedules batches
+//! (ordering, batching, concurrency), runs jobs, tracks which offset may be committed, and drains
+//! when its input closes (revoke or shutdown).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering as AtomicOrdering};
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::job::JobContext;
+use crate::record::Record;
+use crate::scheduler::{BatchLimits, Next, Scheduler};
+use crate::tracker::OffsetTracker;
+
+/// What the dispatcher sends a partition task, in fetch order.
+#[derive(Debug)]
+pub enum Input {
+    Record(Record),
+    /// The consumer's fetch position: every record below it was sent before this.
+    Position(i64),
+}
+
+/// Shared with the dispatcher, which commits `committable` periodically.
+#[derive(Debug)]
+pub struct PartitionProgress {
+    committable: AtomicI64,
+}
+
+impl Default for PartitionProgress {
+    fn default() -> Self {
+        Self { committable: AtomicI64::new(-1) }
+    }
+}
+
+impl PartitionProgress {
+    pub fn committable(&self) -> Option<i64> {
+        let v = self.committable.load(AtomicOrdering::Acquire);
+        (v >= 0).then_some(v)
+    }
+
+    fn set(&self, offset: Option<i64>) {
+        if let Some(o) = offset {
+            self.committable.store(o, AtomicOrdering::Release);
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct PartitionSettings {
+    pub ordering: kpipe_api::v1alpha1::Ordering,
+    pub limits: BatchLimits,
+    pub per_partition: usize,
+    /// Most records/bytes received but not yet sent to the processor (beyond this the dispatcher
+    /// pauses the partition).
+    pub max_pending_records: usize,
+    pub max_pending_bytes: u64,
+    /// How long in-flight work may finish after the input closed before it is abandoned.
+    pub drain_timeout: Duration,
+}
+
+pub struct PartitionTask {
+    pub topic: String,
+    pub partition: i32,
+    pub settings: PartitionSettings,
+    pub jobs: Arc<JobContext>,
+    pub worker_permits: Arc<Semaphore>,
+    pub progress: Arc<PartitionProgress>,
+}
+
+impl PartitionTask {
+    /// Runs until the input closes and in-flight work drained (or the drain deadline passed).
+    /// Returns the final committable offset.
+    pub async fn run(self, mut input: mpsc::Receiver<Input>) -> Option<i64> {
+        let s = self.settings;
+        let metrics = self.jobs.metrics.clone();
+        let mut scheduler = Scheduler::new(s.ordering, s.limits, s.per_partition);
+        let mut tracker = OffsetTracker::new();
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Vec<Arc<Record>>>();
+        let mut jobs = JoinSet::new();
+        let mut input_open = true;
+
+        while input_open {
+            let mut wake = None;
+            loop {
+                match scheduler.next(Instant::now().into_std()) {
+                    Next::Ready(batch) => {
+                        let n = u32::try_from(batch.len()).unwrap_or(u32::MAX);
+                        // Clamped to perWorker at start-up, so this cannot wait forever.
+                        let permit = match self.worker_permits.clone().acquire_many_owned(n).await {
+                            Ok(p) => p,
+                            Err(_) => return tracker.committable(),
+                        };
+                        let ctx = self.jobs.clone();
+                        let done = done_tx.clone();
+                        jobs.spawn(async move {
+                            ctx.run(batch, done).await;
+                            drop(permit);
+                        });
+                    }
+                    Next::WaitUntil(t) => {
+                        wake = Some(Instant::from_std(t));
+                        break;
+                    }
+                    Next::Idle => break,
+                }
+            }
+            let room =
+                scheduler.pending_len() < s.max_pending_records && scheduler.pending_bytes() < s.max_pending_bytes;
+            tokio::select! {
+                biased;
+                Some(done) = done_rx.recv() => {
+                    for r in &done {
+                        tracker.done(r.offset);
+                    }
+                    metrics.in_flight.sub(done.len() as i64);
+                    scheduler.complete(&done);
+                    self.progress.set(tracker.committable());
+                }
+                Some(joined) = jobs.join_next(), if !jobs.is_empty() => {
+                    if let Err(e) = joined && e.is_panic() {
+                        tracing::error!(topic = %self.topic, partition = self.partition, "batch job panicked: {e}");
+                    }
+                }
+                msg = input.recv(), if room => match msg {
+                    Some(Input::Record(r)) => {
+                        if let Err(e) = tracker.received(r.offset) {
+                            // A re-delivery below what we already track (cannot happen without a
+                            // seek); skipping keeps the tracker consistent.
+                            tracing::warn!(topic = %self.topic, partition = self.partition, "{e}");
+                            continue;
+                        }
+                        metrics.in_flight.inc();
+                        scheduler.push(Arc::new(r), Instant::now().into_std());
+                        self.progress.set(tracker.committable());
+                    }
+                    Some(Input::Position(p)) => {
+                        tracker.observe_position(p);
+                        self.progress.set(tracker.committable());
+                    }
+                    None => input_open = false,
+                },
+                _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {}
+            }
+        }
+
+        // Input closed: start nothing new; let in-flight batches finish until the deadline.
+        let abandoned_pending = scheduler.pending_len();
+        let deadline = Instant::now() + s.drain_timeout;
+        while !jobs.is_empty() {
+            tokio::select! {
+                Some(done) = done_rx.recv() => {
+                    for r in &done {
+                        tracker.done(r.offset);
+                    }
+                    metrics.in_flight.sub(done.len() as i64);
+                }
+                _ = jobs.join_next() => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!(topic = %self.topic, partition = self.partition, jobs = jobs.len(),
+                        "drain deadline passed; abandoning in-flight batches (they will be re-delivered)");
+                    jobs.abort_all();
+                    break;
+                }
+            }
+        }
+        while jobs.join_next().await.is_some() {}
+        drop(done_tx);
+        while let Ok(done) = done_rx.try_recv() {
+            for r in &done {
+                tracker.done(r.offset);
+            }
+            metrics.in_flight.sub(done.len() as i64);
+        }
+        metrics.in_flight.sub(tracker.outstanding() as i64);
+        let committable = tracker.committable();
+        self.progress.set(committable);
+        tracing::info!(topic = %self.topic, partition = self.partition, ?committable,
+            abandoned_pending, abandoned = tracker.outstanding(), "partition drained");
+        committable
+    }
+}

@@ -1,0 +1,49 @@
+//! The owned form of a consumed Kafka record, shared between the partition task, the processor
+//! and the dead-letter writer.
+
+use std::hash::{Hash, Hasher};
+
+/// A record copied out of librdkafka's buffers so it can cross tasks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    /// Milliseconds since the Unix epoch, when the record carries a timestamp.
+    pub timestamp_ms: Option<i64>,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    /// Headers in their original order; a header may have no value.
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl Record {
+    /// Bytes counted against batch and in-flight byte limits (key + value, as the spec says).
+    pub fn size_bytes(&self) -> u64 {
+        (self.key.as_ref().map_or(0, Vec::len) + self.value.as_ref().map_or(0, Vec::len)) as u64
+    }
+
+    /// Hash of the key used by `key` ordering. Records without a key have no ordering
+    /// constraint (Kafka spreads them over partitions anyway). A hash collision only costs
+    /// parallelism, never ordering.
+    pub fn key_hash(&self) -> Option<u64> {
+        self.key.as_ref().map(|k| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            k.hash(&mut h);
+            h.finish()
+        })
+    }
+}
+
+#[cfg(test)]
+pub(crate) fn test_record(offset: i64, key: Option<&str>, value: &str) -> Record {
+    Record {
+        topic: "t".into(),
+        partition: 0,
+        offset,
+        timestamp_ms: Some(1_700_000_000_000),
+        key: key.map(|k| k.as_bytes().to_vec()),
+        value: Some(value.as_bytes().to_vec()),
+        headers: vec![],
+    }
+}

@@ -1,0 +1,151 @@
+//! Wiring: builds the clients, processor and tasks from the configuration and runs the worker
+//! until the shutdown token fires.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kpipe_api::v1alpha1::{OnFailure, Processor as ProcessorSpec};
+use kpipe_api::worker_contract::WorkerConfig;
+use rdkafka::consumer::BaseConsumer;
+use rdkafka::error::KafkaError;
+use rdkafka::producer::FutureProducer;
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::BackoffPolicy;
+use crate::consumer::{ConsumerLoop, Dispatch, WorkerContext};
+use crate::health::Health;
+use crate::job::JobContext;
+use crate::kafka_config::{self, Env};
+use crate::metrics::{Metrics, MetricsError};
+use crate::partition::PartitionSettings;
+use crate::processor::http::{HttpBuildError, HttpProcessor};
+use crate::processor::kafka::{DeadLetterSink, KafkaDeadLetter, KafkaForwarder};
+use crate::processor::{NoopProcessor, Processor};
+use crate::scheduler::BatchLimits;
+use crate::server::{self, ServerError};
+
+/// Process-level settings that come from flags/env rather than the config document.
+#[derive(Debug, Clone)]
+pub struct RunSettings {
+    pub listen: SocketAddr,
+    pub shutdown_timeout: Duration,
+    pub commit_interval: Duration,
+    pub env: Env,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    #[error(transparent)]
+    Server(#[from] ServerError),
+    #[error(transparent)]
+    Http(#[from] HttpBuildError),
+    #[error("cannot create Kafka {what}: {source}")]
+    Kafka { what: &'static str, source: KafkaError },
+    #[error("cannot start the consumer thread: {0}")]
+    Thread(std::io::Error),
+    #[error("the consumer thread panicked")]
+    ThreadPanicked,
+}
+
+pub fn partition_settings(config: &WorkerConfig, drain_timeout: Duration) -> PartitionSettings {
+    let spec = &config.spec;
+    let per_partition = spec.concurrency.per_partition as usize;
+    let per_worker = spec.concurrency.per_worker as usize;
+    // A batch never needs more permits than exist, or it would wait forever.
+    let max_records = (spec.batch.max_records as usize).clamp(1, per_partition.min(per_worker).max(1));
+    let max_bytes = spec.batch.max_bytes.as_u64().max(1);
+    PartitionSettings {
+        ordering: spec.ordering,
+        limits: BatchLimits { max_records, max_bytes, max_wait: spec.batch.max_wait.as_std() },
+        per_partition,
+        max_pending_records: (2 * max_records).max(per_partition).max(64),
+        max_pending_bytes: (2 * max_bytes).max(1 << 20),
+        drain_timeout,
+    }
+}
+
+/// Runs the worker until `shutdown` is cancelled (or the consumer fails to start).
+pub async fn run(config: WorkerConfig, settings: RunSettings, shutdown: CancellationToken) -> Result<(), RunError> {
+    let metrics = Metrics::new()?;
+    let health = Arc::new(Health::default());
+    let listener = server::bind(settings.listen).await?;
+    tracing::info!(listen = %settings.listen, "serving /metrics, /healthz, /readyz");
+    let server = tokio::spawn(server::serve(listener, metrics.clone(), health.clone(), shutdown.clone()));
+
+    let spec = &config.spec;
+    let needs_producer = matches!(spec.processor, ProcessorSpec::Kafka(_)) || spec.dead_letter.is_some();
+    let producer: Option<FutureProducer> = if needs_producer {
+        Some(
+            kafka_config::producer(&config, &settings.env)
+                .create()
+                .map_err(|source| RunError::Kafka { what: "producer", source })?,
+        )
+    } else {
+        None
+    };
+    let processor: Arc<dyn Processor> = match (&spec.processor, &producer) {
+        (ProcessorSpec::Http(h), _) => Arc::new(HttpProcessor::new(h, &config.namespace, &config.pipeline)?),
+        (ProcessorSpec::Kafka(k), Some(p)) => Arc::new(KafkaForwarder::new(p.clone(), k)),
+        _ => Arc::new(NoopProcessor),
+    };
+    let on_failure = spec.effective_on_failure();
+    let dead_letter: Option<Arc<dyn DeadLetterSink>> = match (&spec.dead_letter, &producer) {
+        (Some(dl), Some(p)) if on_failure == OnFailure::DeadLetter => Some(Arc::new(KafkaDeadLetter {
+            producer: p.clone(),
+            topic: dl.topic.clone(),
+            pipeline: config.pipeline.clone(),
+        })),
+        _ => None,
+    };
+    let jobs = Arc::new(JobContext {
+        processor,
+        dead_letter,
+        on_failure,
+        backoff: BackoffPolicy::from(&spec.retry),
+        metrics: metrics.clone(),
+        health: health.clone(),
+    });
+    let dispatch = Arc::new(Dispatch::new(
+        tokio::runtime::Handle::current(),
+        partition_settings(&config, settings.shutdown_timeout),
+        jobs,
+        spec.concurrency.per_worker as usize,
+        metrics.clone(),
+        health.clone(),
+    ));
+    let consumer: BaseConsumer<WorkerContext> = kafka_config::consumer(&config, &settings.env)
+        .create_with_context(WorkerContext(dispatch.clone()))
+        .map_err(|source| RunError::Kafka { what: "consumer", source })?;
+    let consumer_loop = ConsumerLoop {
+        consumer,
+        dispatch,
+        topics: spec.source.topics.clone(),
+        commit_interval: settings.commit_interval,
+        shutdown: shutdown.clone(),
+    };
+    tracing::info!(namespace = %config.namespace, pipeline = %config.pipeline, group = %config.group_id,
+        topics = ?spec.source.topics, ordering = ?spec.ordering, on_failure = ?on_failure, "worker starting");
+    let thread = std::thread::Builder::new()
+        .name("kpipe-consumer".into())
+        .spawn(move || consumer_loop.run())
+        .map_err(RunError::Thread)?;
+    // Wait for the consumer thread without blocking a runtime worker.
+    let joined = tokio::task::spawn_blocking(move || thread.join()).await;
+    // The thread also returns when it could not subscribe: stop the server too.
+    shutdown.cancel();
+    if let Some(p) = producer {
+        // Anything still queued was not acknowledged, so its record was not committed either.
+        let _ =
+            tokio::task::spawn_blocking(move || rdkafka::producer::Producer::flush(&p, Duration::from_secs(5))).await;
+    }
+    if let Ok(Err(e)) = server.await {
+        tracing::warn!("{e}");
+    }
+    match joined {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(RunError::ThreadPanicked),
+    }
+}

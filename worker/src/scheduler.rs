@@ -1,0 +1,293 @@
+//! Ordering scheduler and batcher for one partition: decides which received records may go to
+//! the processor next, grouped into batches. Pure (the clock is passed in).
+//!
+//! - `partition`: one batch at a time, in offset order.
+//! - `key`: a record may start once no earlier record with the same key is pending or in flight.
+//!   Records of one key may share a batch (they are sent in offset order). Records without a key
+//!   carry no ordering constraint.
+//! - `unordered`: any record may start.
+//!
+//! In every mode at most `per_partition` records are in flight. A batch is ready when it reaches
+//! `max_records` or `max_bytes`, or once its oldest record has waited `max_wait`.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kpipe_api::v1alpha1::Ordering;
+
+use crate::record::Record;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimits {
+    pub max_records: usize,
+    pub max_bytes: u64,
+    pub max_wait: Duration,
+}
+
+#[derive(Debug)]
+struct Pending {
+    record: Arc<Record>,
+    arrived: Instant,
+    key: Option<u64>,
+}
+
+/// What the partition task should do next.
+#[derive(Debug, PartialEq)]
+pub enum Next {
+    /// Send this batch now.
+    Ready(Vec<Arc<Record>>),
+    /// Records are eligible but the batch is not full: check again at this instant.
+    WaitUntil(Instant),
+    /// Nothing can start (no records, ordering constraints or the concurrency limit).
+    Idle,
+}
+
+#[derive(Debug)]
+pub struct Scheduler {
+    ordering: Ordering,
+    limits: BatchLimits,
+    per_partition: usize,
+    pending: VecDeque<Pending>,
+    pending_bytes: u64,
+    in_flight_records: usize,
+    in_flight_keys: HashMap<u64, usize>,
+}
+
+impl Scheduler {
+    pub fn new(ordering: Ordering, limits: BatchLimits, per_partition: usize) -> Self {
+        let per_partition = per_partition.max(1);
+        let limits = BatchLimits { max_records: limits.max_records.clamp(1, per_partition), ..limits };
+        Self {
+            ordering,
+            limits,
+            per_partition,
+            pending: VecDeque::new(),
+            pending_bytes: 0,
+            in_flight_records: 0,
+            in_flight_keys: HashMap::new(),
+        }
+    }
+
+    pub fn push(&mut self, record: Arc<Record>, now: Instant) {
+        self.pending_bytes += record.size_bytes();
+        let key = if self.ordering == Ordering::Key { record.key_hash() } else { None };
+        self.pending.push_back(Pending { record, arrived: now, key });
+    }
+
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn pending_bytes(&self) -> u64 {
+        self.pending_bytes
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight_records
+    }
+
+    /// Picks the next batch (marking its records in flight when ready).
+    pub fn next(&mut self, now: Instant) -> Next {
+        let capacity = self.per_partition.saturating_sub(self.in_flight_records).min(self.limits.max_records);
+        if capacity == 0 || self.pending.is_empty() {
+            return Next::Idle;
+        }
+        if self.ordering == Ordering::Partition && self.in_flight_records > 0 {
+            return Next::Idle;
+        }
+        let mut picked: Vec<usize> = Vec::new();
+        let mut bytes = 0u64;
+        let mut full = false;
+        let mut blocked_keys: HashSet<u64> = HashSet::new();
+        let mut oldest: Option<Instant> = None;
+        for (i, p) in self.pending.iter().enumerate() {
+            if let Some(k) = p.key
+                && (self.in_flight_keys.contains_key(&k) || blocked_keys.contains(&k))
+            {
+                continue;
+            }
+            let size = p.record.size_bytes();
+            if !picked.is_empty() && bytes + size > self.limits.max_bytes {
+                full = true;
+                // Later records of this key must wait behind it.
+                if let Some(k) = p.key {
+                    blocked_keys.insert(k);
+                }
+                break;
+            }
+            picked.push(i);
+            bytes += size;
+            oldest = Some(oldest.map_or(p.arrived, |o| o.min(p.arrived)));
+            if picked.len() >= capacity || bytes >= self.limits.max_bytes {
+                full = true;
+                break;
+            }
+            if self.ordering == Ordering::Partition && i + 1 != picked.len() {
+                break;
+            }
+        }
+        let Some(oldest) = oldest else { return Next::Idle };
+        // Capacity-limited batches (fewer than max_records allowed) are "full" too: waiting would
+        // not make them bigger.
+        let due = oldest + self.limits.max_wait;
+        if !full && now < due {
+            return Next::WaitUntil(due);
+        }
+        let mut batch = Vec::with_capacity(picked.len());
+        for (removed, i) in picked.into_iter().enumerate() {
+            if let Some(p) = self.pending.remove(i - removed) {
+                self.pending_bytes -= p.record.size_bytes();
+                if let Some(k) = p.key {
+                    *self.in_flight_keys.entry(k).or_insert(0) += 1;
+                }
+                batch.push(p.record);
+            }
+        }
+        self.in_flight_records += batch.len();
+        Next::Ready(batch)
+    }
+
+    /// The records of a batch are finished (done or abandoned): release their keys and slots.
+    pub fn complete(&mut self, records: &[Arc<Record>]) {
+        self.in_flight_records = self.in_flight_records.saturating_sub(records.len());
+        if self.ordering != Ordering::Key {
+            return;
+        }
+        for r in records {
+            if let Some(k) = r.key_hash()
+                && let Some(n) = self.in_flight_keys.get_mut(&k)
+            {
+                *n -= 1;
+                if *n == 0 {
+                    self.in_flight_keys.remove(&k);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::test_record;
+
+    fn limits(max_records: usize) -> BatchLimits {
+        BatchLimits { max_records, max_bytes: 1 << 20, max_wait: Duration::from_millis(50) }
+    }
+
+    fn offsets(n: &Next) -> Vec<i64> {
+        match n {
+            Next::Ready(b) => b.iter().map(|r| r.offset).collect(),
+            _ => vec![],
+        }
+    }
+
+    #[test]
+    fn batch_is_sent_when_full() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(Ordering::Unordered, limits(3), 100);
+        for o in 0..5 {
+            s.push(Arc::new(test_record(o, None, "v")), t0);
+        }
+        assert_eq!(offsets(&s.next(t0)), vec![0, 1, 2]);
+        assert_eq!(s.next(t0), Next::WaitUntil(t0 + Duration::from_millis(50)));
+        assert_eq!(offsets(&s.next(t0 + Duration::from_millis(50))), vec![3, 4]);
+        assert_eq!(s.next(t0), Next::Idle);
+    }
+
+    #[test]
+    fn max_wait_counts_from_first_record() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(Ordering::Unordered, limits(10), 100);
+        s.push(Arc::new(test_record(0, None, "v")), t0);
+        s.push(Arc::new(test_record(1, None, "v")), t0 + Duration::from_millis(40));
+        assert_eq!(s.next(t0 + Duration::from_millis(45)), Next::WaitUntil(t0 + Duration::from_millis(50)));
+        assert_eq!(offsets(&s.next(t0 + Duration::from_millis(50))), vec![0, 1]);
+    }
+
+    #[test]
+    fn max_bytes_closes_a_batch_but_an_oversized_record_still_goes_alone() {
+        let t0 = Instant::now();
+        let l = BatchLimits { max_records: 100, max_bytes: 10, max_wait: Duration::from_millis(50) };
+        let mut s = Scheduler::new(Ordering::Unordered, l, 100);
+        s.push(Arc::new(test_record(0, None, "12345")), t0);
+        s.push(Arc::new(test_record(1, None, "1234")), t0);
+        s.push(Arc::new(test_record(2, None, "123456789012345")), t0);
+        assert_eq!(offsets(&s.next(t0)), vec![0, 1]);
+        assert_eq!(offsets(&s.next(t0)), vec![2]);
+    }
+
+    #[test]
+    fn partition_ordering_runs_one_batch_at_a_time() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(Ordering::Partition, limits(2), 100);
+        for o in 0..4 {
+            s.push(Arc::new(test_record(o, Some("k"), "v")), t0);
+        }
+        let b = s.next(t0);
+        assert_eq!(offsets(&b), vec![0, 1]);
+        assert_eq!(s.next(t0 + Duration::from_secs(1)), Next::Idle);
+        if let Next::Ready(b) = b {
+            s.complete(&b);
+        }
+        assert_eq!(offsets(&s.next(t0)), vec![2, 3]);
+    }
+
+    #[test]
+    fn key_ordering_holds_back_keys_in_flight_only() {
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_secs(1);
+        let mut s = Scheduler::new(Ordering::Key, limits(2), 100);
+        s.push(Arc::new(test_record(0, Some("a"), "v")), t0);
+        s.push(Arc::new(test_record(1, Some("a"), "v")), t0);
+        s.push(Arc::new(test_record(2, Some("b"), "v")), t0);
+        s.push(Arc::new(test_record(3, Some("a"), "v")), t0);
+        s.push(Arc::new(test_record(4, Some("c"), "v")), t0);
+        let first = s.next(t0);
+        assert_eq!(offsets(&first), vec![0, 1]);
+        // "a" is in flight: 3 must wait; b and c may go.
+        let second = s.next(later);
+        assert_eq!(offsets(&second), vec![2, 4]);
+        assert_eq!(s.next(later), Next::Idle);
+        if let Next::Ready(b) = first {
+            s.complete(&b);
+        }
+        assert_eq!(offsets(&s.next(later)), vec![3]);
+    }
+
+    #[test]
+    fn key_ordering_a_key_cut_off_by_max_bytes_blocks_its_later_records() {
+        let t0 = Instant::now();
+        let l = BatchLimits { max_records: 10, max_bytes: 6, max_wait: Duration::ZERO };
+        let mut s = Scheduler::new(Ordering::Key, l, 100);
+        s.push(Arc::new(test_record(0, Some("a"), "1234")), t0);
+        s.push(Arc::new(test_record(1, Some("b"), "1234")), t0);
+        s.push(Arc::new(test_record(2, Some("b"), "1")), t0);
+        let b = s.next(t0);
+        assert_eq!(offsets(&b), vec![0]);
+    }
+
+    #[test]
+    fn per_partition_concurrency_limits_in_flight_records() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(Ordering::Unordered, limits(10), 3);
+        for o in 0..10 {
+            s.push(Arc::new(test_record(o, None, "v")), t0);
+        }
+        assert_eq!(offsets(&s.next(t0)), vec![0, 1, 2]);
+        assert_eq!(s.next(t0), Next::Idle);
+        assert_eq!(s.in_flight(), 3);
+        assert_eq!(s.pending_len(), 7);
+    }
+
+    #[test]
+    fn records_without_key_are_unconstrained_under_key_ordering() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(Ordering::Key, limits(1), 100);
+        s.push(Arc::new(test_record(0, None, "v")), t0);
+        s.push(Arc::new(test_record(1, None, "v")), t0);
+        assert_eq!(offsets(&s.next(t0)), vec![0]);
+        assert_eq!(offsets(&s.next(t0)), vec![1]);
+    }
+}
