@@ -1,0 +1,198 @@
+//! `kpipe-test-sink`: the HTTP processor endpoint the end-to-end suites and the demo run as a pod.
+//!
+//! It accepts kpipe's JSON batches (`{"pipeline":..,"records":[{topic,partition,offset,key,value,..}]}`) and
+//! CloudEvents binary-mode requests (one record per request, the body is the value), records the id of every
+//! delivered record (its value), and can be told to reject some records:
+//!
+//! * `--poison-prefix P --poison-mode status400`: a request containing a record whose value starts with P is answered
+//!   400 (non-retryable: the worker's failure policy applies to the whole request — use batch.maxRecords 1);
+//! * `--poison-mode named`: 200 with `{"failed":[{"partition":..,"offset":..,"permanent":true}]}` naming only the
+//!   poison records (partial batch failure);
+//! * `--fail-first N`: answer 503 to the first N requests (retry path);
+//! * `--delay-ms D`: sleep D ms per request (slow handler).
+//!
+//! `GET /ids` returns every delivered id, one per line, in arrival order (duplicates included);
+//! `GET /stats` returns `{"requests":..,"records":..,"unique":..,"rejected":..}`; `/healthz` is the probe.
+//! With `--out FILE` every delivered id is also appended to FILE.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use clap::{Parser, ValueEnum};
+use serde::Deserialize;
+use tokio::sync::Mutex;
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum PoisonMode {
+    Status400,
+    Named,
+}
+
+#[derive(Debug, Parser)]
+struct Args {
+    #[arg(long, default_value = "0.0.0.0:8080", env = "SINK_LISTEN")]
+    listen: String,
+    #[arg(long, env = "SINK_OUT")]
+    out: Option<std::path::PathBuf>,
+    #[arg(long, env = "SINK_POISON_PREFIX")]
+    poison_prefix: Option<String>,
+    #[arg(long, value_enum, default_value = "status400", env = "SINK_POISON_MODE")]
+    poison_mode: PoisonMode,
+    #[arg(long, default_value_t = 0, env = "SINK_FAIL_FIRST")]
+    fail_first: u64,
+    #[arg(long, default_value_t = 0, env = "SINK_DELAY_MS")]
+    delay_ms: u64,
+}
+
+#[derive(Default)]
+struct Ledger {
+    ids: Vec<String>,
+    unique: HashSet<String>,
+    requests: u64,
+    rejected: u64,
+    file: Option<std::fs::File>,
+}
+
+struct Sink {
+    args: Args,
+    ledger: Mutex<Ledger>,
+}
+
+#[derive(Deserialize)]
+struct Batch {
+    #[serde(default)]
+    records: Vec<BatchRecord>,
+}
+
+#[derive(Deserialize)]
+struct BatchRecord {
+    #[serde(default)]
+    partition: i32,
+    #[serde(default)]
+    offset: i64,
+    #[serde(default)]
+    value: Option<String>,
+}
+
+async fn records(State(sink): State<Arc<Sink>>, headers: HeaderMap, body: Bytes) -> impl IntoResponse {
+    if sink.args.delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(sink.args.delay_ms)).await;
+    }
+    let request_no = {
+        let mut ledger = sink.ledger.lock().await;
+        ledger.requests += 1;
+        ledger.requests
+    };
+    if request_no <= sink.args.fail_first {
+        return (StatusCode::SERVICE_UNAVAILABLE, "warming up".to_string());
+    }
+    // CloudEvents binary mode carries one record per request, with ce-* headers and the value as the body.
+    let batch: Vec<BatchRecord> = if headers.contains_key("ce-id") {
+        // ce-subject is "<topic>/<partition>/<offset>".
+        let subject = headers.get("ce-subject").and_then(|v| v.to_str().ok()).unwrap_or_default();
+        let mut parts = subject.rsplitn(3, '/');
+        let offset = parts.next().and_then(|v| v.parse().ok()).unwrap_or(-1);
+        let partition = parts.next().and_then(|v| v.parse().ok()).unwrap_or(-1);
+        vec![BatchRecord { partition, offset, value: Some(String::from_utf8_lossy(&body).into_owned()) }]
+    } else {
+        match serde_json::from_slice::<Batch>(&body) {
+            Ok(b) => b.records,
+            Err(e) => return (StatusCode::BAD_REQUEST, format!("not a kpipe JSON batch: {e}")),
+        }
+    };
+    let is_poison = |r: &BatchRecord| {
+        sink.args.poison_prefix.as_deref().is_some_and(|p| r.value.as_deref().is_some_and(|v| v.starts_with(p)))
+    };
+    let poison: Vec<&BatchRecord> = batch.iter().filter(|r| is_poison(r)).collect();
+    if !poison.is_empty() && sink.args.poison_mode == PoisonMode::Status400 {
+        sink.ledger.lock().await.rejected += batch.len() as u64;
+        return (StatusCode::BAD_REQUEST, format!("{} poison record(s)", poison.len()));
+    }
+    let failed: Vec<serde_json::Value> = poison
+        .iter()
+        .map(
+            |r| serde_json::json!({"partition": r.partition, "offset": r.offset, "permanent": true, "error": "poison"}),
+        )
+        .collect();
+    let mut ledger = sink.ledger.lock().await;
+    ledger.rejected += failed.len() as u64;
+    let mut appended = String::new();
+    for r in batch.iter().filter(|r| !is_poison(r)) {
+        let id = r.value.clone().unwrap_or_default();
+        appended.push_str(&id);
+        appended.push('\n');
+        ledger.unique.insert(id.clone());
+        ledger.ids.push(id);
+    }
+    if let Some(file) = ledger.file.as_mut()
+        && let Err(e) = file.write_all(appended.as_bytes()).and_then(|()| file.flush())
+    {
+        return (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot record ids: {e}"));
+    }
+    (StatusCode::OK, serde_json::json!({"failed": failed}).to_string())
+}
+
+async fn ids(State(sink): State<Arc<Sink>>) -> String {
+    let ledger = sink.ledger.lock().await;
+    let mut out = String::with_capacity(ledger.ids.len() * 12);
+    for id in &ledger.ids {
+        out.push_str(id);
+        out.push('\n');
+    }
+    out
+}
+
+async fn stats(State(sink): State<Arc<Sink>>) -> String {
+    let ledger = sink.ledger.lock().await;
+    serde_json::json!({
+        "requests": ledger.requests,
+        "records": ledger.ids.len(),
+        "unique": ledger.unique.len(),
+        "rejected": ledger.rejected,
+    })
+    .to_string()
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let file = match &args.out {
+        Some(path) => Some(std::fs::OpenOptions::new().create(true).append(true).open(path)?),
+        None => None,
+    };
+    let listen = args.listen.clone();
+    let sink = Arc::new(Sink { args, ledger: Mutex::new(Ledger { file, ..Ledger::default() }) });
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/records", post(records))
+        .route("/", post(records))
+        .route("/ids", get(ids))
+        .route("/stats", get(stats))
+        .with_state(sink);
+    let listener = tokio::net::TcpListener::bind(&listen).await?;
+    println!("kpipe-test-sink listening on {listen}");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = tokio::signal::ctrl_c() => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        })
+        .await?;
+    Ok(())
+}
