@@ -417,6 +417,48 @@ async fn testbed_kubectl_logs_through_the_kubelet_endpoint() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn testbed_init_containers_run_first() {
+    let bed = bed().await;
+    let ns = bed.temp_namespace("tb-init").await.unwrap();
+    let spec = json!({
+        "volumes": [{"name": "work", "emptyDir": {}}],
+        "initContainers": [{"name": "prep", "image": "busybox:1.36", "command": ["/bin/sh", "-c", "echo prepared > /kpipe-work/marker"],
+                            "volumeMounts": [{"name": "work", "mountPath": "/kpipe-work"}]}],
+        "containers": [{"name": "main", "image": image(), "args": ["show", "--file", "/kpipe-work/marker"],
+                        "volumeMounts": [{"name": "work", "mountPath": "/kpipe-work"}]}],
+    });
+    let log = run_to_completion(&bed, &ns, "with-init", spec, &[]).await;
+    assert!(log.contains("FILE /kpipe-work/marker prepared"), "init container output not visible:\n{log}");
+    let pod = Api::<Pod>::namespaced(bed.client(), ns.name()).get("with-init").await.unwrap();
+    let init = pod.status.unwrap().init_container_statuses.unwrap();
+    assert_eq!(init[0].state.as_ref().unwrap().terminated.as_ref().unwrap().exit_code, 0);
+
+    // A failing init container with restartPolicy Never fails the pod; the main container never starts.
+    let _: Pod = create(
+        &bed,
+        &ns,
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "bad-init"},
+               "spec": {"restartPolicy": "Never",
+                        "initContainers": [{"name": "prep", "image": "busybox:1.36", "command": ["/bin/sh", "-c", "exit 7"]}],
+                        "containers": [{"name": "main", "image": image()}]}}),
+    )
+    .await;
+    let pods = Api::<Pod>::namespaced(bed.client(), ns.name());
+    let st = wait_for("bad-init to fail", Duration::from_secs(30), || {
+        let pods = pods.clone();
+        async move {
+            let st = pods.get("bad-init").await.ok()?.status?;
+            (st.phase.as_deref() == Some("Failed")).then_some(st)
+        }
+    })
+    .await
+    .unwrap();
+    let main = &st.container_statuses.unwrap()[0];
+    assert!(main.state.as_ref().unwrap().waiting.is_some(), "main container must not have started: {main:?}");
+    ns.delete().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn testbed_connect_fails_loudly_without_a_bed() {
     let err = TestBed::connect_with(std::path::Path::new("/nonexistent/kpipe/env")).await.unwrap_err();
     let msg = err.to_string();

@@ -63,11 +63,16 @@ struct CStatus {
     started_ever: bool,
     /// Terminated and will not be restarted.
     done: bool,
+    /// An init container.
+    init: bool,
 }
 
 #[derive(Debug)]
 struct PodState {
+    /// Init containers first, then the regular containers.
     containers: Vec<CStatus>,
+    /// All init containers succeeded.
+    initialized: bool,
     start_time: Timestamp,
     pod_ip: Option<String>,
     host_ip: String,
@@ -153,10 +158,13 @@ pub async fn run_pod(shared: Arc<Shared>, mut rx: watch::Receiver<PodUpdate>) {
         return;
     }
     let spec = pod.spec.clone().unwrap_or_default();
-    let containers: Vec<CStatus> = spec
-        .containers
+    let inits = spec.init_containers.clone().unwrap_or_default();
+    let containers: Vec<CStatus> = inits
         .iter()
-        .map(|c| CStatus {
+        .map(|c| (c, true))
+        .chain(spec.containers.iter().map(|c| (c, false)))
+        .map(|(c, init)| CStatus {
+            init,
             name: c.name.clone(),
             image: c.image.clone().unwrap_or_default(),
             state: CState::Waiting { reason: "ContainerCreating".into(), message: None },
@@ -193,6 +201,7 @@ pub async fn run_pod(shared: Arc<Shared>, mut rx: watch::Receiver<PodUpdate>) {
         prepared: std::sync::OnceLock::new(),
         state: Mutex::new(PodState {
             containers,
+            initialized: false,
             start_time: Timestamp::now(),
             pod_ip: None,
             host_ip: shared.cfg.bridge_ip.to_string(),
@@ -240,20 +249,42 @@ pub async fn run_pod(shared: Arc<Shared>, mut rx: watch::Receiver<PodUpdate>) {
         let mut st = ctx.lock();
         st.pod_ip = Some(ip.to_string());
         st.message = None;
+        let has_init = st.containers.iter().any(|c| c.init);
         for c in &mut st.containers {
-            c.state = CState::Waiting { reason: "ContainerCreating".into(), message: None };
+            let reason = if has_init && !c.init { "PodInitializing" } else { "ContainerCreating" };
+            c.state = CState::Waiting { reason: reason.into(), message: None };
         }
     }
     patch_status(&ctx).await;
 
-    // Containers.
-    let mut stops = Vec::new();
-    let mut handles = Vec::new();
-    for (idx, c) in spec.containers.iter().enumerate() {
-        let (tx, stop_rx) = watch::channel(None::<Duration>);
-        stops.push(tx);
-        handles.push(tokio::spawn(run_container(ctx.clone(), idx, c.clone(), stop_rx)));
-    }
+    // Containers: init containers one after the other (each must exit 0), then the regular ones side by side.
+    let (stop_tx, stop_rx) = watch::channel(None::<Duration>);
+    let supervisor = {
+        let (ctx, stop_rx) = (ctx.clone(), stop_rx.clone());
+        let main = spec.containers.clone();
+        let policy = spec.restart_policy.clone().unwrap_or_else(|| "Always".into());
+        tokio::spawn(async move {
+            let init_policy = if policy == "Never" { "Never" } else { "OnFailure" };
+            for (idx, c) in inits.iter().enumerate() {
+                run_container(ctx.clone(), idx, c.clone(), stop_rx.clone(), init_policy.to_string()).await;
+                let ok = matches!(ctx.lock().containers.get(idx).map(|c| &c.state), Some(CState::Terminated(t)) if t.exit_code == 0);
+                if !ok {
+                    return; // stopped, or failed for good (restartPolicy Never): the pod is Failed
+                }
+            }
+            ctx.lock().initialized = true;
+            ctx.dirty.notify_one();
+            let first = inits.len();
+            let handles: Vec<_> = main
+                .into_iter()
+                .enumerate()
+                .map(|(j, c)| tokio::spawn(run_container(ctx.clone(), first + j, c, stop_rx.clone(), policy.clone())))
+                .collect();
+            for h in handles {
+                let _ = h.await;
+            }
+        })
+    };
 
     // Status loop until deletion.
     let mut net_released = false;
@@ -275,7 +306,7 @@ pub async fn run_pod(shared: Arc<Shared>, mut rx: watch::Receiver<PodUpdate>) {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 patch_status(&ctx).await;
                 // A finished pod (Succeeded/Failed) gives its network sandbox and IP back, like a real kubelet.
-                let finished = { let st = ctx.lock(); !st.containers.is_empty() && st.containers.iter().all(|c| c.done) };
+                let finished = pod_finished(&ctx.lock());
                 if finished && !net_released {
                     release_net(&ctx).await;
                     net_released = true;
@@ -284,12 +315,8 @@ pub async fn run_pod(shared: Arc<Shared>, mut rx: watch::Receiver<PodUpdate>) {
         }
     };
     info!(pod = %key, grace_s = grace.as_secs(), "terminating pod");
-    for s in &stops {
-        let _ = s.send(Some(grace));
-    }
-    for h in handles {
-        let _ = h.await;
-    }
+    let _ = stop_tx.send(Some(grace));
+    let _ = supervisor.await;
     if !gone {
         patch_status(&ctx).await;
     }
@@ -497,9 +524,14 @@ fn should_restart(policy: &str, exit_code: i32) -> bool {
     }
 }
 
-async fn run_container(ctx: Arc<PodCtx>, idx: usize, c: Container, mut stop: watch::Receiver<Option<Duration>>) {
+async fn run_container(
+    ctx: Arc<PodCtx>,
+    idx: usize,
+    c: Container,
+    mut stop: watch::Receiver<Option<Duration>>,
+    policy: String,
+) {
     let cfg = &ctx.shared.cfg;
-    let policy = ctx.pod.spec.as_ref().and_then(|s| s.restart_policy.clone()).unwrap_or_else(|| "Always".into());
     let mut backoff = cfg.backoff_initial;
     let pid_file = ctx.dir.join(format!("{}.pid", c.name));
     let key = format!("{}/{}/{}", ctx.ns, ctx.name, c.name);
@@ -742,52 +774,60 @@ fn term_state(t: &Term, pid_hint: Option<u32>) -> ContainerState {
     }
 }
 
-fn build_status(pod: &Pod, st: &mut PodState) -> PodStatus {
-    let statuses: Vec<ContainerStatus> = st
-        .containers
-        .iter()
-        .map(|c| {
-            let (state, cid) = match &c.state {
-                CState::Waiting { reason, message } => (
-                    ContainerState {
-                        waiting: Some(ContainerStateWaiting { reason: Some(reason.clone()), message: message.clone() }),
-                        ..ContainerState::default()
-                    },
-                    None,
-                ),
-                CState::Running { started, pid } => (
-                    ContainerState {
-                        running: Some(ContainerStateRunning { started_at: Some(time(*started)) }),
-                        ..ContainerState::default()
-                    },
-                    Some(format!("process://{pid}")),
-                ),
-                CState::Terminated(t) => (term_state(t, None), None),
-            };
-            ContainerStatus {
-                name: c.name.clone(),
-                image: c.image.clone(),
-                image_id: format!("process://{}", c.image),
-                container_id: cid,
-                ready: c.ready,
-                started: Some(matches!(c.state, CState::Running { .. })),
-                restart_count: c.restarts,
-                state: Some(state),
-                last_state: c.last.as_ref().map(|t| term_state(t, None)),
-                ..ContainerStatus::default()
-            }
-        })
-        .collect();
-    let all_done = !st.containers.is_empty() && st.containers.iter().all(|c| c.done);
-    let phase = if all_done {
-        let ok = st.containers.iter().all(|c| matches!(&c.state, CState::Terminated(t) if t.exit_code == 0));
-        if ok { "Succeeded" } else { "Failed" }
-    } else if st.containers.iter().any(|c| c.started_ever) {
+/// Every container terminated for good (or an init container failed for good).
+fn pod_finished(st: &PodState) -> bool {
+    let init_failed =
+        st.containers.iter().any(|c| c.init && c.done && matches!(&c.state, CState::Terminated(t) if t.exit_code != 0));
+    let main: Vec<&CStatus> = st.containers.iter().filter(|c| !c.init).collect();
+    init_failed || (!main.is_empty() && main.iter().all(|c| c.done))
+}
+
+fn container_status(c: &CStatus) -> ContainerStatus {
+    let (state, cid) = match &c.state {
+        CState::Waiting { reason, message } => (
+            ContainerState {
+                waiting: Some(ContainerStateWaiting { reason: Some(reason.clone()), message: message.clone() }),
+                ..ContainerState::default()
+            },
+            None,
+        ),
+        CState::Running { started, pid } => (
+            ContainerState {
+                running: Some(ContainerStateRunning { started_at: Some(time(*started)) }),
+                ..ContainerState::default()
+            },
+            Some(format!("process://{pid}")),
+        ),
+        CState::Terminated(t) => (term_state(t, None), None),
+    };
+    ContainerStatus {
+        name: c.name.clone(),
+        image: c.image.clone(),
+        image_id: format!("process://{}", c.image),
+        container_id: cid,
+        ready: c.ready,
+        started: Some(matches!(c.state, CState::Running { .. })),
+        restart_count: c.restarts,
+        state: Some(state),
+        last_state: c.last.as_ref().map(|t| term_state(t, None)),
+        ..ContainerStatus::default()
+    }
+}
+
+fn build_status(st: &mut PodState) -> PodStatus {
+    let init_statuses: Vec<ContainerStatus> = st.containers.iter().filter(|c| c.init).map(container_status).collect();
+    let main: Vec<&CStatus> = st.containers.iter().filter(|c| !c.init).collect();
+    let statuses: Vec<ContainerStatus> = main.iter().map(|c| container_status(c)).collect();
+    let phase = if pod_finished(st) {
+        let ok = main.iter().all(|c| matches!(&c.state, CState::Terminated(t) if t.exit_code == 0));
+        if ok && st.initialized { "Succeeded" } else { "Failed" }
+    } else if st.initialized && main.iter().any(|c| c.started_ever) {
         "Running"
     } else {
         "Pending"
     };
-    let ready = !st.containers.is_empty() && st.containers.iter().all(|c| c.ready);
+    let ready = st.initialized && !main.is_empty() && main.iter().all(|c| c.ready);
+    let initialized = st.initialized;
     let sandbox = st.pod_ip.is_some();
     let now = Timestamp::now();
     let mut cond = |ty: &'static str, status: bool| -> PodCondition {
@@ -805,13 +845,13 @@ fn build_status(pod: &Pod, st: &mut PodState) -> PodStatus {
     };
     let conditions = vec![
         cond("PodReadyToStartContainers", sandbox),
-        cond("Initialized", true),
+        cond("Initialized", initialized),
         cond("Ready", ready),
         cond("ContainersReady", ready),
         cond("PodScheduled", true),
     ];
-    let _ = pod;
     PodStatus {
+        init_container_statuses: (!init_statuses.is_empty()).then_some(init_statuses),
         phase: Some(phase.to_string()),
         conditions: Some(conditions),
         container_statuses: Some(statuses),
@@ -829,7 +869,7 @@ fn build_status(pod: &Pod, st: &mut PodState) -> PodStatus {
 async fn patch_status(ctx: &PodCtx) {
     let status = {
         let mut st = ctx.lock();
-        build_status(&ctx.pod, &mut st)
+        build_status(&mut st)
     };
     let api = Api::<Pod>::namespaced(ctx.shared.client.clone(), &ctx.ns);
     let patch = serde_json::json!({ "status": status });
