@@ -45,11 +45,32 @@ impl JobContext {
         }
     }
 
+    /// One processor call; returns each record's failure (None = succeeded).
+    async fn call(&self, batch: &[Arc<Record>]) -> Vec<Option<Failure>> {
+        self.metrics.batch_size.observe(batch.len() as f64);
+        let started = Instant::now();
+        let outcome = self.processor.process(batch).await;
+        self.metrics.processing_seconds.observe(started.elapsed().as_secs_f64());
+        let mut failures: Vec<Option<Failure>> = vec![None; batch.len()];
+        match outcome {
+            BatchOutcome::Failed(f) => failures.iter_mut().for_each(|slot| *slot = Some(f.clone())),
+            BatchOutcome::Partial(list) => {
+                for (i, f) in list {
+                    if let Some(slot) = failures.get_mut(i) {
+                        *slot = Some(f);
+                    }
+                }
+            }
+        }
+        failures
+    }
+
     /// Processes `records` until every one is done, reporting completed records on `done`.
     pub async fn run(&self, records: Vec<Arc<Record>>, done: UnboundedSender<Vec<Arc<Record>>>) {
         let mut remaining: Vec<Attempt> =
             records.into_iter().map(|record| Attempt { record, attempts: 0, blocked: false }).collect();
         let mut round = 0u32;
+        let mut isolate = false;
         while !remaining.is_empty() {
             if round > 0 {
                 let all_blocked = remaining.iter().all(|a| a.blocked);
@@ -58,21 +79,31 @@ impl JobContext {
             }
             round += 1;
             let batch: Vec<Arc<Record>> = remaining.iter().map(|a| a.record.clone()).collect();
-            self.metrics.batch_size.observe(batch.len() as f64);
-            let started = Instant::now();
-            let outcome = self.processor.process(&batch).await;
-            self.metrics.processing_seconds.observe(started.elapsed().as_secs_f64());
-            let mut failures: Vec<Option<Failure>> = vec![None; batch.len()];
-            match outcome {
-                BatchOutcome::Failed(f) => failures.iter_mut().for_each(|slot| *slot = Some(f.clone())),
-                BatchOutcome::Partial(list) => {
-                    for (i, f) in list {
-                        if let Some(slot) = failures.get_mut(i) {
-                            *slot = Some(f);
-                        }
-                    }
+            let failures = if isolate {
+                // One record per call, in offset order (keeps key order), to find which records
+                // the processor really rejects.
+                let mut failures = Vec::with_capacity(batch.len());
+                for r in &batch {
+                    let one = self.call(std::slice::from_ref(r)).await;
+                    failures.push(one.into_iter().next().flatten());
                 }
-            }
+                failures
+            } else {
+                let failures = self.call(&batch).await;
+                // A multi-record batch rejected as a whole with a non-retryable error: the cause
+                // may be one poison record. Retry each record alone once instead of sending the
+                // whole batch down the failure policy; this round does not count as an attempt.
+                if batch.len() > 1
+                    && let Some(Some(f)) = failures.first()
+                    && !f.class.is_retryable()
+                    && failures.iter().all(|x| x.as_ref() == Some(f))
+                {
+                    tracing::info!(records = batch.len(), error = %f, "batch rejected as a whole; isolating records");
+                    isolate = true;
+                    continue;
+                }
+                failures
+            };
             let mut succeeded = Vec::new();
             let mut retry = Vec::new();
             let mut give_up = Vec::new();
@@ -288,6 +319,32 @@ mod tests {
         run(&c, batch(1)).await;
         assert_eq!(p.calls.lock().unwrap().len(), 3);
         assert_eq!(*d.written.lock().unwrap(), vec![(0, "timeout".to_string(), 3)]);
+    }
+
+    /// Fails any call whose batch contains offset 1 as a whole with a 400.
+    struct PoisonOne;
+
+    impl Processor for PoisonOne {
+        fn process<'a>(&'a self, records: &'a [Arc<Record>]) -> BoxFuture<'a, BatchOutcome> {
+            Box::pin(async move {
+                if records.iter().any(|r| r.offset == 1) {
+                    BatchOutcome::Failed(Failure::new(FailureClass::HttpStatus(400), "poison"))
+                } else {
+                    BatchOutcome::ok()
+                }
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_whole_batch_rejection_is_isolated_to_the_poison_record() {
+        let (mut c, _, d) = ctx(&[], OnFailure::DeadLetter, 0);
+        c.processor = Arc::new(PoisonOne);
+        let mut done = run(&c, batch(4)).await;
+        done.sort();
+        assert_eq!(done, vec![0, 1, 2, 3]);
+        assert_eq!(*d.written.lock().unwrap(), vec![(1, "http_400".to_string(), 1)]);
+        assert_eq!(c.metrics.processed.get(), 3);
     }
 
     #[tokio::test(start_paused = true)]

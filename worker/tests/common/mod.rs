@@ -1,0 +1,369 @@
+//! Helpers for the worker's integration tests against a real Kafka broker: broker discovery,
+//! topics, producing ids, an HTTP test sink that records ids, and running the worker binary.
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::post;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+
+/// The broker of the local test bed: `KPIPE_KAFKA_BOOTSTRAP`, else `KAFKA_BOOTSTRAP` from the
+/// bed's env file (`$KPIPE_RUN/env`, default `~/.cache/kpipe/run/env`). Fails loudly when no
+/// broker is reachable: these tests must never silently skip.
+pub fn bootstrap() -> String {
+    let from_env = std::env::var("KPIPE_KAFKA_BOOTSTRAP").ok().filter(|s| !s.is_empty());
+    let env_file = std::env::var("KPIPE_RUN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/kpipe/run"))
+        .join("env");
+    let bootstrap = from_env.or_else(|| {
+        std::fs::read_to_string(&env_file)
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("KAFKA_BOOTSTRAP=").map(|v| v.trim().to_owned()))
+    });
+    let Some(bootstrap) = bootstrap else {
+        panic!(
+            "no Kafka broker configured: set KPIPE_KAFKA_BOOTSTRAP=host:port or bring the test bed up \
+             (e2e/testbed/up.sh writes KAFKA_BOOTSTRAP to {})",
+            env_file.display()
+        );
+    };
+    let first = bootstrap.split(',').next().unwrap_or_default();
+    let reachable = first
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .is_some_and(|a| TcpStream::connect_timeout(&a, Duration::from_secs(3)).is_ok());
+    assert!(reachable, "Kafka broker {bootstrap} is not reachable (is the test bed up? e2e/testbed/status.sh)");
+    bootstrap
+}
+
+pub fn unique(prefix: &str) -> String {
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+    format!("kpipe-worker-test.{prefix}.{}.{}", std::process::id(), nanos % 1_000_000_000)
+}
+
+pub async fn create_topic(bootstrap: &str, name: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", bootstrap).create().unwrap();
+    let res = admin
+        .create_topics(&[NewTopic::new(name, partitions, TopicReplication::Fixed(1))], &AdminOptions::new())
+        .await
+        .unwrap();
+    for r in res {
+        r.unwrap();
+    }
+    // Wait until the metadata shows every partition.
+    let probe: BaseConsumer = ClientConfig::new().set("bootstrap.servers", bootstrap).create().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let md = probe.fetch_metadata(Some(name), Duration::from_secs(5)).unwrap();
+        if md.topics().first().is_some_and(|t| t.partitions().len() == partitions as usize && t.error().is_none()) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "topic {name} did not appear");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Produces ids `from..to` as values (decimal strings), keyed `key-<id % keys>`.
+pub async fn produce_ids(bootstrap: &str, topic: &str, ids: std::ops::Range<u64>, keys: u64) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    let mut futs = Vec::new();
+    for id in ids {
+        let producer = producer.clone();
+        let topic = topic.to_owned();
+        futs.push(async move {
+            let key = format!("key-{}", id % keys);
+            let value = id.to_string();
+            producer.send(FutureRecord::to(&topic).key(&key).payload(&value), Duration::from_secs(30)).await.unwrap();
+        });
+        if futs.len() >= 1000 {
+            futures::future::join_all(std::mem::take(&mut futs)).await;
+        }
+    }
+    futures::future::join_all(futs).await;
+}
+
+/// A record read back from an output topic.
+#[derive(Debug, Clone)]
+pub struct ReadRecord {
+    pub key: Option<Vec<u8>>,
+    pub value: String,
+    pub headers: BTreeMap<String, String>,
+}
+
+/// Reads `expected` records from every partition of `topic` from the beginning (or until timeout).
+pub fn read_topic(bootstrap: &str, topic: &str, expected: usize, timeout: Duration) -> Vec<ReadRecord> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in md.topics()[0].partitions() {
+        tpl.add_partition_offset(topic, p.id(), Offset::Beginning).unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    while out.len() < expected && Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            let headers = m
+                .headers()
+                .map(|hs| {
+                    hs.iter()
+                        .map(|h| (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push(ReadRecord {
+                key: m.key().map(<[u8]>::to_vec),
+                value: String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned(),
+                headers,
+            });
+        }
+    }
+    out
+}
+
+/// How the test sink answers.
+#[derive(Default, Clone)]
+pub struct SinkBehavior {
+    /// Ids whose batch gets a 400 (the whole batch).
+    pub poison: HashSet<u64>,
+    /// Ids named as failed (retryable) in a 200 JSON response the first time they are seen.
+    pub fail_once: HashSet<u64>,
+    /// Delay before answering each request.
+    pub delay: Duration,
+}
+
+#[derive(Default)]
+pub struct SinkState {
+    pub behavior: SinkBehavior,
+    /// Ids successfully accepted, with how often.
+    pub accepted: HashMap<u64, u32>,
+    /// Every request's ids (accepted or not).
+    pub requests: Vec<Vec<u64>>,
+    seen_fail_once: HashSet<u64>,
+}
+
+#[derive(Clone)]
+pub struct Sink {
+    pub url: String,
+    pub state: Arc<Mutex<SinkState>>,
+}
+
+impl Sink {
+    pub async fn start(behavior: SinkBehavior) -> Sink {
+        let state = Arc::new(Mutex::new(SinkState { behavior, ..Default::default() }));
+        let app = Router::new().route("/records", post(sink_handler)).with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Sink { url: format!("http://{addr}/records"), state }
+    }
+
+    pub fn accepted(&self) -> HashMap<u64, u32> {
+        self.state.lock().unwrap().accepted.clone()
+    }
+
+    pub fn accepted_distinct(&self) -> usize {
+        self.state.lock().unwrap().accepted.len()
+    }
+
+    /// Waits until `n` distinct ids were accepted.
+    pub async fn wait_for(&self, n: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.accepted_distinct() >= n {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    }
+}
+
+async fn sink_handler(State(state): State<Arc<Mutex<SinkState>>>, body: Bytes) -> (StatusCode, String) {
+    let v: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("bad json: {e}")),
+    };
+    let records = v["records"].as_array().cloned().unwrap_or_default();
+    let ids: Vec<(u64, i64, i64)> = records
+        .iter()
+        .map(|r| {
+            (
+                r["value"].as_str().and_then(|s| s.parse().ok()).unwrap_or(u64::MAX),
+                r["partition"].as_i64().unwrap_or(-1),
+                r["offset"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect();
+    let delay = {
+        let mut s = state.lock().unwrap();
+        s.requests.push(ids.iter().map(|x| x.0).collect());
+        s.behavior.delay
+    };
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let mut s = state.lock().unwrap();
+    if ids.iter().any(|(id, _, _)| s.behavior.poison.contains(id)) {
+        return (StatusCode::BAD_REQUEST, "poison record".into());
+    }
+    let mut failed = Vec::new();
+    for (id, partition, offset) in ids {
+        if s.behavior.fail_once.contains(&id) && s.seen_fail_once.insert(id) {
+            failed.push(serde_json::json!({"partition": partition, "offset": offset, "error": "try again"}));
+        } else {
+            *s.accepted.entry(id).or_insert(0) += 1;
+        }
+    }
+    if failed.is_empty() {
+        (StatusCode::OK, String::new())
+    } else {
+        (StatusCode::OK, serde_json::json!({ "failed": failed }).to_string())
+    }
+}
+
+/// A running `kpipe-worker` process.
+pub struct Worker {
+    pub child: Child,
+    pub listen: SocketAddr,
+    pub log: PathBuf,
+}
+
+pub fn free_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// The operator's configuration document for a test pipeline.
+pub fn config(
+    bootstrap: &str,
+    name: &str,
+    topic: &str,
+    group: &str,
+    spec_extra: serde_json::Value,
+) -> serde_json::Value {
+    let mut spec = serde_json::json!({
+        "source": {
+            "bootstrapServers": bootstrap.split(',').collect::<Vec<_>>(),
+            "topics": [topic],
+            "config": {"session.timeout.ms": "6000", "heartbeat.interval.ms": "1000"}
+        },
+    });
+    if let (Some(s), Some(extra)) = (spec.as_object_mut(), spec_extra.as_object()) {
+        for (k, v) in extra {
+            s.insert(k.clone(), v.clone());
+        }
+    }
+    serde_json::json!({"namespace": "test", "pipeline": name, "groupId": group, "spec": spec})
+}
+
+impl Worker {
+    pub fn start(name: &str, config: &serde_json::Value) -> Worker {
+        let dir = std::env::temp_dir().join("kpipe-worker-tests");
+        std::fs::create_dir_all(&dir).unwrap();
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+        let cfg = dir.join(format!("{name}-{nanos}.json"));
+        std::fs::write(&cfg, serde_json::to_vec_pretty(config).unwrap()).unwrap();
+        let log = dir.join(format!("{name}-{nanos}.log"));
+        let listen = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_kpipe-worker"))
+            .env("KPIPE_CONFIG", &cfg)
+            .env("KPIPE_LISTEN", listen.to_string())
+            .env("KPIPE_SHUTDOWN_TIMEOUT", "10s")
+            .env("KPIPE_COMMIT_INTERVAL", "200ms")
+            .env("KPIPE_POD_NAME", name)
+            .env("RUST_LOG", "info,librdkafka=warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        eprintln!("started worker {name} pid {} (log {})", child.id(), log.display());
+        Worker { child, listen, log }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        send_signal(self.child.id(), sig);
+    }
+
+    /// Waits for exit; returns the exit status code (None when killed by a signal).
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(Instant::now() < deadline, "worker did not exit in {timeout:?}; log {}", self.log.display());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.listen)).await.unwrap().text().await.unwrap()
+    }
+
+    pub async fn wait_ready(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(r) = reqwest::get(format!("http://{}/readyz", self.listen)).await
+                && r.status().is_success()
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "worker not ready in {timeout:?}; log {}", self.log.display());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The workspace forbids unsafe code (no libc::kill), so signals go through kill(1).
+fn send_signal(pid: u32, sig: i32) {
+    let status = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().unwrap();
+    assert!(status.success(), "kill -{sig} {pid} failed");
+}
+
+/// Metric value from Prometheus text (first sample whose line starts with `name`).
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+pub fn report_duplicates(accepted: &HashMap<u64, u32>) -> usize {
+    accepted.values().filter(|&&n| n > 1).map(|&n| (n - 1) as usize).sum()
+}

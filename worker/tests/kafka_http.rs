@@ -1,0 +1,155 @@
+//! The worker binary against the test bed's Kafka broker with the HTTP processor: normal
+//! delivery, poison records to the dead-letter topic, partial batch failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kafka_every_id_is_delivered() {
+    let bootstrap = bootstrap();
+    let topic = unique("deliver");
+    create_topic(&bootstrap, &topic, 6).await;
+    let n = 5000u64;
+    produce_ids(&bootstrap, &topic, 0..n, 100).await;
+    let sink = Sink::start(SinkBehavior::default()).await;
+    let cfg = config(
+        &bootstrap,
+        "deliver",
+        &topic,
+        &unique("g"),
+        serde_json::json!({
+            "processor": {"http": {"url": sink.url}},
+            "ordering": "key",
+            "batch": {"maxRecords": 50, "maxWait": "10ms"},
+            "onFailure": "block"
+        }),
+    );
+    let w = Worker::start("deliver", &cfg);
+    w.wait_ready(Duration::from_secs(30)).await;
+    assert!(
+        sink.wait_for(n as usize, Duration::from_secs(60)).await,
+        "only {} of {n} ids delivered; log {}",
+        sink.accepted_distinct(),
+        w.log.display()
+    );
+    let accepted = sink.accepted();
+    assert!((0..n).all(|id| accepted.contains_key(&id)));
+    assert_eq!(report_duplicates(&accepted), 0, "a clean run delivers each id once");
+    // Commits catch up with the end of every partition.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = w.metrics().await;
+        let consumed = metric(&m, "kpipe_worker_records_consumed_total").unwrap_or(0.0);
+        let processed = metric(&m, "kpipe_worker_records_processed_total").unwrap_or(0.0);
+        let in_flight = metric(&m, "kpipe_worker_in_flight_records").unwrap_or(-1.0);
+        if consumed == n as f64 && processed == n as f64 && in_flight == 0.0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "metrics did not settle: {m}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kafka_poison_records_go_to_the_dead_letter_topic_with_context() {
+    let bootstrap = bootstrap();
+    let topic = unique("poison");
+    let dlq = unique("poison-dlq");
+    create_topic(&bootstrap, &topic, 3).await;
+    create_topic(&bootstrap, &dlq, 1).await;
+    let n = 1000u64;
+    produce_ids(&bootstrap, &topic, 0..n, 50).await;
+    let poison: HashSet<u64> = (0..n).filter(|id| id % 100 == 7).collect();
+    let sink = Sink::start(SinkBehavior { poison: poison.clone(), ..Default::default() }).await;
+    let cfg = config(
+        &bootstrap,
+        "poison",
+        &topic,
+        &unique("g"),
+        serde_json::json!({
+            "processor": {"http": {"url": sink.url}},
+            "batch": {"maxRecords": 20, "maxWait": "10ms"},
+            "retry": {"maxAttempts": 3, "initialBackoff": "10ms", "maxBackoff": "100ms"},
+            "deadLetter": {"topic": dlq}
+        }),
+    );
+    let w = Worker::start("poison", &cfg);
+    let good = (n as usize) - poison.len();
+    assert!(
+        sink.wait_for(good, Duration::from_secs(60)).await,
+        "only {} of {good} delivered; log {}",
+        sink.accepted_distinct(),
+        w.log.display()
+    );
+    let dead = read_topic(&bootstrap, &dlq, poison.len(), Duration::from_secs(30));
+    let dead_ids: HashSet<u64> = dead.iter().map(|r| r.value.parse().unwrap()).collect();
+    assert_eq!(dead_ids, poison, "exactly the poison records are dead-lettered");
+    assert_eq!(dead.len(), poison.len(), "each poison record dead-lettered once");
+    for r in &dead {
+        let id: u64 = r.value.parse().unwrap();
+        assert_eq!(r.key.as_deref(), Some(format!("key-{}", id % 50).as_bytes()), "original key kept");
+        assert_eq!(r.headers["kpipe.original.topic"], topic);
+        assert!(r.headers["kpipe.original.partition"].parse::<i32>().is_ok());
+        assert!(r.headers["kpipe.original.offset"].parse::<i64>().is_ok());
+        assert!(r.headers["kpipe.original.timestamp"].parse::<i64>().is_ok());
+        assert_eq!(r.headers["kpipe.error.class"], "http_400");
+        assert!(r.headers["kpipe.error.message"].contains("400"));
+        assert_eq!(r.headers["kpipe.attempts"], "1", "a 400 is not retried");
+        assert_eq!(r.headers["kpipe.pipeline"], "poison");
+    }
+    let accepted = sink.accepted();
+    assert!(poison.iter().all(|id| !accepted.contains_key(id)));
+    let m = w.metrics().await;
+    assert_eq!(metric(&m, "kpipe_worker_records_dead_lettered_total"), Some(poison.len() as f64));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kafka_partial_batch_failure_retries_only_the_named_records() {
+    let bootstrap = bootstrap();
+    let topic = unique("partial");
+    create_topic(&bootstrap, &topic, 2).await;
+    let n = 600u64;
+    produce_ids(&bootstrap, &topic, 0..n, 30).await;
+    let flaky: HashSet<u64> = (0..n).filter(|id| id % 10 == 3).collect();
+    let sink = Sink::start(SinkBehavior { fail_once: flaky.clone(), ..Default::default() }).await;
+    let cfg = config(
+        &bootstrap,
+        "partial",
+        &topic,
+        &unique("g"),
+        serde_json::json!({
+            "processor": {"http": {"url": sink.url}},
+            "ordering": "unordered",
+            "batch": {"maxRecords": 25, "maxWait": "20ms"},
+            "retry": {"maxAttempts": 5, "initialBackoff": "10ms", "maxBackoff": "50ms"},
+            "onFailure": "block"
+        }),
+    );
+    let w = Worker::start("partial", &cfg);
+    assert!(
+        sink.wait_for(n as usize, Duration::from_secs(60)).await,
+        "only {} of {n}; log {}",
+        sink.accepted_distinct(),
+        w.log.display()
+    );
+    let state = sink.state.lock().unwrap();
+    let mut sent: std::collections::HashMap<u64, u32> = Default::default();
+    for req in &state.requests {
+        for id in req {
+            *sent.entry(*id).or_default() += 1;
+        }
+    }
+    for id in 0..n {
+        let expected = if flaky.contains(&id) { 2 } else { 1 };
+        assert_eq!(sent.get(&id).copied(), Some(expected), "id {id} sent {:?} times", sent.get(&id));
+    }
+    // Retry requests carry only named records.
+    let retry_requests = state.requests.iter().filter(|r| r.iter().all(|id| flaky.contains(id))).count();
+    assert!(retry_requests > 0);
+    assert_eq!(report_duplicates(&state.accepted), 0);
+}
