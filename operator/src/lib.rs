@@ -4,6 +4,8 @@
 //! Decisions are pure and tested on their own ([`scaler`], [`lag`], [`build`], [`status`]); I/O stays
 //! at the edges ([`probe`], [`controller`]).
 
+pub mod build;
 pub mod lag;
 pub mod scaler;
 pub mod sim;
+pub mod status;

@@ -1,0 +1,250 @@
+//! Pure status computation: conditions per Kubernetes API conventions (`lastTransitionTime` moves
+//! only when a condition's status changes; reason/message/observedGeneration are refreshed).
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kpipe_api::v1alpha1::{ConsumerPipelineStatus, LagSummary, condition};
+
+/// Something wrong that the user or the cluster must fix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub reason: String,
+    pub message: String,
+}
+
+/// What the reconcile observed and decided.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Observed {
+    pub generation: Option<i64>,
+    pub problem: Option<Problem>,
+    /// The Deployment exists with our current template.
+    pub workers_configured: bool,
+    /// Replicas set on the Deployment.
+    pub replicas: i32,
+    pub ready_replicas: i32,
+    /// Replicas the scaler wants.
+    pub desired: i32,
+    /// Scaler reason and message.
+    pub scale_reason: String,
+    pub scale_message: String,
+    pub selector: String,
+    pub group_id: Option<String>,
+    /// The last lag measurement (kept from the previous status when this poll failed).
+    pub lag: Option<LagSummary>,
+    /// When the replica count was last changed (None: keep the previous value).
+    pub scaled_at: Option<Time>,
+}
+
+fn cond(type_: &str, status: bool, reason: &str, message: &str, generation: Option<i64>, now: &Time) -> Condition {
+    Condition {
+        type_: type_.into(),
+        status: if status { "True" } else { "False" }.into(),
+        reason: reason.into(),
+        message: message.chars().take(1024).collect(),
+        observed_generation: generation,
+        last_transition_time: now.clone(),
+    }
+}
+
+/// Merge new conditions into the previous ones: keep `lastTransitionTime` when the status is
+/// unchanged.
+pub fn merge_conditions(previous: &[Condition], new: Vec<Condition>) -> Vec<Condition> {
+    new.into_iter()
+        .map(|mut c| {
+            if let Some(old) = previous.iter().find(|o| o.type_ == c.type_)
+                && old.status == c.status
+            {
+                c.last_transition_time = old.last_transition_time.clone();
+            }
+            c
+        })
+        .collect()
+}
+
+/// The status to write. `now` stamps conditions that change.
+pub fn compute(previous: Option<&ConsumerPipelineStatus>, obs: &Observed, now: Time) -> ConsumerPipelineStatus {
+    let g = obs.generation;
+    let degraded = match &obs.problem {
+        Some(p) => cond(condition::DEGRADED, true, &p.reason, &p.message, g, &now),
+        None => cond(condition::DEGRADED, false, "AsExpected", "", g, &now),
+    };
+    let ready = match &obs.problem {
+        Some(p) => cond(condition::READY, false, &p.reason, &p.message, g, &now),
+        None if !obs.workers_configured => {
+            cond(condition::READY, false, "Reconciling", "worker Deployment not applied yet", g, &now)
+        }
+        None if obs.desired == 0 && obs.replicas == 0 => {
+            cond(condition::READY, true, "ScaledToZero", "no lag: no workers needed", g, &now)
+        }
+        None if obs.ready_replicas > 0 => cond(
+            condition::READY,
+            true,
+            "WorkersReady",
+            &format!("{} of {} workers ready", obs.ready_replicas, obs.replicas),
+            g,
+            &now,
+        ),
+        None => cond(condition::READY, false, "WaitingForWorkers", "no worker is ready yet", g, &now),
+    };
+    let scaling_now = obs.desired != obs.replicas || obs.ready_replicas != obs.replicas;
+    let scaling = cond(
+        condition::SCALING,
+        scaling_now,
+        if obs.scale_reason.is_empty() { "Steady" } else { &obs.scale_reason },
+        &if scaling_now {
+            format!("{} → {} replicas ({} ready): {}", obs.replicas, obs.desired, obs.ready_replicas, obs.scale_message)
+        } else {
+            obs.scale_message.clone()
+        },
+        g,
+        &now,
+    );
+    let active = if obs.desired > 0 {
+        cond(condition::ACTIVE, true, "Active", &format!("{} workers wanted", obs.desired), g, &now)
+    } else {
+        cond(condition::ACTIVE, false, "ScaledToZero", "no workers wanted", g, &now)
+    };
+    let prev_conditions = previous.map(|p| p.conditions.as_slice()).unwrap_or_default();
+    ConsumerPipelineStatus {
+        observed_generation: g,
+        conditions: merge_conditions(prev_conditions, vec![ready, scaling, degraded, active]),
+        replicas: obs.replicas,
+        desired_replicas: obs.desired,
+        ready_replicas: obs.ready_replicas,
+        selector: Some(obs.selector.clone()),
+        group_id: obs.group_id.clone(),
+        lag: obs.lag.clone(),
+        last_scale_time: obs.scaled_at.clone().or_else(|| previous.and_then(|p| p.last_scale_time.clone())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(secs: i64) -> Time {
+        Time(jiff::Timestamp::from_second(secs).unwrap())
+    }
+
+    fn observed() -> Observed {
+        Observed {
+            generation: Some(1),
+            workers_configured: true,
+            replicas: 2,
+            ready_replicas: 2,
+            desired: 2,
+            scale_reason: "Steady".into(),
+            selector: "a=b".into(),
+            ..Default::default()
+        }
+    }
+
+    fn status_of<'a>(s: &'a ConsumerPipelineStatus, type_: &str) -> &'a Condition {
+        s.condition(type_).unwrap()
+    }
+
+    #[test]
+    fn condition_table() {
+        type Want = [(&'static str, &'static str, &'static str); 4];
+        let cases: Vec<(&str, Observed, Want)> = vec![
+            (
+                "healthy",
+                observed(),
+                [
+                    ("Ready", "True", "WorkersReady"),
+                    ("Scaling", "False", "Steady"),
+                    ("Degraded", "False", "AsExpected"),
+                    ("Active", "True", "Active"),
+                ],
+            ),
+            (
+                "scaled to zero",
+                Observed { replicas: 0, ready_replicas: 0, desired: 0, ..observed() },
+                [
+                    ("Ready", "True", "ScaledToZero"),
+                    ("Scaling", "False", "Steady"),
+                    ("Degraded", "False", "AsExpected"),
+                    ("Active", "False", "ScaledToZero"),
+                ],
+            ),
+            (
+                "scaling up",
+                Observed { desired: 4, scale_reason: "ScaledUp".into(), ..observed() },
+                [
+                    ("Ready", "True", "WorkersReady"),
+                    ("Scaling", "True", "ScaledUp"),
+                    ("Degraded", "False", "AsExpected"),
+                    ("Active", "True", "Active"),
+                ],
+            ),
+            (
+                "waking from zero",
+                Observed { replicas: 1, ready_replicas: 0, desired: 1, scale_reason: "Activated".into(), ..observed() },
+                [
+                    ("Ready", "False", "WaitingForWorkers"),
+                    ("Scaling", "True", "Activated"),
+                    ("Degraded", "False", "AsExpected"),
+                    ("Active", "True", "Active"),
+                ],
+            ),
+            (
+                "degraded",
+                Observed {
+                    problem: Some(Problem {
+                        reason: "SecretNotFound".into(),
+                        message: "Secret \"x\" not found".into(),
+                    }),
+                    ..observed()
+                },
+                [
+                    ("Ready", "False", "SecretNotFound"),
+                    ("Scaling", "False", "Steady"),
+                    ("Degraded", "True", "SecretNotFound"),
+                    ("Active", "True", "Active"),
+                ],
+            ),
+        ];
+        for (name, obs, want) in cases {
+            let s = compute(None, &obs, t(100));
+            for (type_, status, reason) in want {
+                let c = status_of(&s, type_);
+                assert_eq!((c.status.as_str(), c.reason.as_str()), (status, reason), "{name}: {type_}");
+                assert_eq!(c.observed_generation, Some(1));
+            }
+        }
+    }
+
+    #[test]
+    fn transition_time_moves_only_on_status_change() {
+        let first = compute(None, &observed(), t(100));
+        // Same statuses, new message: time kept, whole status identical when nothing else changed.
+        let again = compute(Some(&first), &observed(), t(200));
+        assert_eq!(again, first, "identical observation → identical status (no rewrite)");
+        let scaling = compute(Some(&first), &Observed { desired: 3, ..observed() }, t(300));
+        assert_eq!(status_of(&scaling, "Scaling").last_transition_time, t(300));
+        assert_eq!(status_of(&scaling, "Ready").last_transition_time, t(100));
+        let bad =
+            Observed { problem: Some(Problem { reason: "TopicNotFound".into(), message: "m".into() }), ..observed() };
+        let degraded = compute(Some(&scaling), &bad, t(400));
+        assert_eq!(status_of(&degraded, "Degraded").last_transition_time, t(400));
+        let still = compute(
+            Some(&degraded),
+            &Observed {
+                problem: Some(Problem { reason: "BrokerUnreachable".into(), message: "n".into() }),
+                ..observed()
+            },
+            t(500),
+        );
+        let d = status_of(&still, "Degraded");
+        assert_eq!((d.reason.as_str(), d.last_transition_time.clone()), ("BrokerUnreachable", t(400)));
+        let healed = compute(Some(&still), &observed(), t(600));
+        assert_eq!(status_of(&healed, "Degraded").status, "False");
+        assert_eq!(status_of(&healed, "Degraded").last_transition_time, t(600));
+    }
+
+    #[test]
+    fn last_scale_time_is_kept_until_the_next_scale() {
+        let first = compute(None, &Observed { scaled_at: Some(t(10)), ..observed() }, t(10));
+        let later = compute(Some(&first), &observed(), t(50));
+        assert_eq!(later.last_scale_time, Some(t(10)));
+    }
+}
