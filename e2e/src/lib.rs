@@ -7,6 +7,7 @@
 //! `e2e/testbed/up.sh`; see `e2e/README.md`.
 
 pub mod kubelet;
+pub mod scenario;
 pub mod testbed;
 
 pub use testbed::{TempNamespace, TestBed, TestBedError};

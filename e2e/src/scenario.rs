@@ -1,0 +1,247 @@
+//! Building blocks of the end-to-end scenarios, the demo and the benchmarks: install kpipe with Helm into a test
+//! namespace (namespaced mode, so concurrent tests never share an operator), run the HTTP sink as a pod, apply
+//! pipelines and read their status, find worker processes for chaos.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use kpipe_api::v1alpha1::{ConsumerPipeline, ConsumerPipelineStatus};
+use kube::Api;
+use kube::api::{ListParams, Patch, PatchParams};
+use serde_json::json;
+
+use crate::testbed::{TestBed, TestBedError, wait_for};
+
+fn other(e: impl std::fmt::Display) -> TestBedError {
+    TestBedError::Other(e.to_string())
+}
+
+/// The repository root (the chart, CRD and binaries live there).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn run(mut cmd: Command, what: &str) -> Result<String, TestBedError> {
+    let out = cmd.output().map_err(|e| other(format!("{what}: cannot run: {e}")))?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if out.status.success() { Ok(text) } else { Err(other(format!("{what} failed:\n{text}"))) }
+}
+
+/// Applies the generated CRD (server-side) and waits until it is Established.
+pub fn install_crd(bed: &TestBed) -> Result<(), TestBedError> {
+    let mut apply = bed.kubectl_cmd();
+    apply
+        .args(["apply", "--server-side", "--force-conflicts", "-f"])
+        .arg(repo_root().join("crds/consumerpipeline.yaml"));
+    run(apply, "kubectl apply CRD")?;
+    let mut wait = bed.kubectl_cmd();
+    wait.args(["wait", "--for=condition=Established", "crd/consumerpipelines.kpipe.io", "--timeout=60s"]);
+    run(wait, "wait for CRD")?;
+    Ok(())
+}
+
+/// Options of a kpipe Helm release installed for one test.
+#[derive(Debug, Clone)]
+pub struct Install {
+    /// Operator replicas (2 for leader-election tests).
+    pub replicas: u32,
+    /// Extra `--set` values.
+    pub sets: Vec<String>,
+}
+
+impl Default for Install {
+    fn default() -> Self {
+        Self { replicas: 1, sets: Vec::new() }
+    }
+}
+
+/// Installs kpipe into `namespace`, watching only that namespace, and waits for the operator to be ready.
+/// The CRD is installed once, cluster-wide, by [`install_crd`] (a release per test must not own it).
+pub fn install_kpipe(bed: &TestBed, namespace: &str, opts: &Install) -> Result<(), TestBedError> {
+    install_crd(bed)?;
+    let mut helm = Command::new(bed.helm());
+    helm.env("KUBECONFIG", bed.kubeconfig())
+        .args(["upgrade", "--install", "kpipe"])
+        .arg(repo_root().join("charts/kpipe"))
+        .args(["--namespace", namespace, "--wait", "--timeout", "180s"])
+        .args(["--set", &format!("watchNamespaces={{{namespace}}}")])
+        .args(["--set", "crds.install=false", "--set", "logging.format=text"])
+        .args(["--set", &format!("replicas={}", opts.replicas)])
+        .args(["--set", "logging.level=info,kpipe_operator=debug"]);
+    for s in &opts.sets {
+        helm.args(["--set", s]);
+    }
+    run(helm, "helm install kpipe")?;
+    Ok(())
+}
+
+/// `helm uninstall` of the test release.
+pub fn uninstall_kpipe(bed: &TestBed, namespace: &str) -> Result<(), TestBedError> {
+    let mut helm = Command::new(bed.helm());
+    helm.env("KUBECONFIG", bed.kubeconfig()).args(["uninstall", "kpipe", "--namespace", namespace, "--wait"]);
+    run(helm, "helm uninstall kpipe")?;
+    Ok(())
+}
+
+/// The HTTP sink pod of a test.
+#[derive(Debug, Clone)]
+pub struct Sink {
+    /// `http://<pod IP>:8080/records` (the bed has no Service VIPs, so pipelines address the pod).
+    pub url: String,
+    base: String,
+}
+
+impl Sink {
+    /// Every delivered id in arrival order (duplicates included).
+    pub async fn ids(&self) -> Result<Vec<String>, TestBedError> {
+        let body = reqwest::get(format!("{}/ids", self.base)).await.map_err(other)?.text().await.map_err(other)?;
+        Ok(body.lines().map(str::to_string).collect())
+    }
+
+    /// `{"requests","records","unique","rejected"}`.
+    pub async fn stats(&self) -> Result<serde_json::Value, TestBedError> {
+        reqwest::get(format!("{}/stats", self.base)).await.map_err(other)?.json().await.map_err(other)
+    }
+}
+
+/// Runs `kpipe-test-sink` with `args` as a one-replica Deployment `name` and returns its address once ready.
+pub async fn deploy_sink(bed: &TestBed, namespace: &str, name: &str, args: &[&str]) -> Result<Sink, TestBedError> {
+    let deployment: Deployment = serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, "labels": {"app": name}},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {"containers": [{
+                    "name": "sink", "image": "kpipe/test-sink:latest",
+                    "args": args,
+                    "ports": [{"containerPort": 8080, "name": "http"}],
+                    "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080}, "periodSeconds": 1},
+                }]},
+            },
+        },
+    }))
+    .map_err(other)?;
+    Api::<Deployment>::namespaced(bed.client(), namespace)
+        .patch(name, &PatchParams::apply("kpipe-e2e").force(), &Patch::Apply(&deployment))
+        .await?;
+    let pods: Api<Pod> = Api::namespaced(bed.client(), namespace);
+    let selector = format!("app={name}");
+    let ip = wait_for(&format!("sink {name} ready"), Duration::from_secs(90), || {
+        let (pods, selector) = (pods.clone(), selector.clone());
+        async move {
+            let list = pods.list(&ListParams::default().labels(&selector)).await.ok()?;
+            list.items.into_iter().find_map(|p| {
+                let status = p.status?;
+                let ready = status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True");
+                ready.then_some(status.pod_ip).flatten()
+            })
+        }
+    })
+    .await?;
+    let base = format!("http://{ip}:8080");
+    Ok(Sink { url: format!("{base}/records"), base })
+}
+
+/// Applies a ConsumerPipeline given as JSON (server-side apply, field manager `kpipe-e2e`).
+pub async fn apply_pipeline(bed: &TestBed, namespace: &str, pipeline: serde_json::Value) -> Result<(), TestBedError> {
+    let cp: ConsumerPipeline = serde_json::from_value(pipeline).map_err(other)?;
+    let name = cp.metadata.name.clone().ok_or_else(|| other("pipeline without a name"))?;
+    Api::<ConsumerPipeline>::namespaced(bed.client(), namespace)
+        .patch(&name, &PatchParams::apply("kpipe-e2e").force(), &Patch::Apply(&cp))
+        .await?;
+    Ok(())
+}
+
+/// Merge-patches a pipeline's spec (e.g. `{"scaling": {"maxReplicas": 1}}`).
+pub async fn patch_pipeline_spec(
+    bed: &TestBed,
+    namespace: &str,
+    name: &str,
+    spec: serde_json::Value,
+) -> Result<(), TestBedError> {
+    Api::<ConsumerPipeline>::namespaced(bed.client(), namespace)
+        .patch(name, &PatchParams::default(), &Patch::Merge(json!({"spec": spec})))
+        .await?;
+    Ok(())
+}
+
+/// The pipeline's current status (default when it has none yet).
+pub async fn pipeline_status(
+    bed: &TestBed,
+    namespace: &str,
+    name: &str,
+) -> Result<ConsumerPipelineStatus, TestBedError> {
+    let cp = Api::<ConsumerPipeline>::namespaced(bed.client(), namespace).get(name).await?;
+    Ok(cp.status.unwrap_or_default())
+}
+
+/// `(type, status, reason)` of a condition.
+pub fn condition(status: &ConsumerPipelineStatus, type_: &str) -> Option<(String, String)> {
+    status.condition(type_).map(|c| (c.status.clone(), c.reason.clone()))
+}
+
+/// `spec.replicas` of the pipeline's worker Deployment(s) (sum; 0 when none exists yet).
+pub async fn worker_replicas(bed: &TestBed, namespace: &str, pipeline: &str) -> Result<i32, TestBedError> {
+    let list = Api::<Deployment>::namespaced(bed.client(), namespace)
+        .list(&ListParams::default().labels(&format!("app.kubernetes.io/instance={pipeline}")))
+        .await?;
+    Ok(list.items.iter().filter_map(|d| d.spec.as_ref()?.replicas).sum())
+}
+
+/// Events about `object` in `namespace` as `(type, reason, note)`, oldest first.
+pub async fn events_for(
+    bed: &TestBed,
+    namespace: &str,
+    object: &str,
+) -> Result<Vec<(String, String, String)>, TestBedError> {
+    use k8s_openapi::api::events::v1::Event;
+    let mut events: Vec<Event> = Api::<Event>::namespaced(bed.client(), namespace)
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(object))
+        .collect();
+    events.sort_by_key(|e| e.event_time.as_ref().map(|t| t.0).or(e.metadata.creation_timestamp.as_ref().map(|t| t.0)));
+    Ok(events
+        .into_iter()
+        .map(|e| (e.type_.unwrap_or_default(), e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+        .collect())
+}
+
+/// PIDs of the running containers of pods matching `selector` in `namespace`, from the kubelet's pid files
+/// (`$KPIPE_RUN/pods/<ns>_<pod>.<uid>/<container>.pid`).
+pub fn container_pids(bed: &TestBed, namespace: &str, pod_name_prefix: &str) -> BTreeMap<String, u32> {
+    let mut out = BTreeMap::new();
+    let Some(run) = bed.var("KPIPE_RUN") else { return out };
+    let Ok(dirs) = std::fs::read_dir(PathBuf::from(run).join("pods")) else { return out };
+    let prefix = format!("{namespace}_{pod_name_prefix}");
+    for dir in dirs.flatten() {
+        let name = dir.file_name().to_string_lossy().into_owned();
+        if !name.starts_with(&prefix) {
+            continue;
+        }
+        let Ok(files) = std::fs::read_dir(dir.path()) else { continue };
+        for f in files.flatten() {
+            let path = f.path();
+            if path.extension().is_some_and(|e| e == "pid")
+                && let Some(pid) = std::fs::read_to_string(&path).ok().and_then(|s| s.trim().parse().ok())
+            {
+                out.insert(name.clone(), pid);
+            }
+        }
+    }
+    out
+}
+
+/// Ids `<prefix>-<i>` for `i` in `range`, as `(key, value)` records keyed by `i % keys`.
+pub fn id_records(prefix: &str, range: std::ops::Range<usize>, keys: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+    range.map(|i| (format!("k{}", i % keys.max(1)).into_bytes(), format!("{prefix}-{i:08}").into_bytes())).collect()
+}

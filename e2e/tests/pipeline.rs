@@ -1,0 +1,536 @@
+//! End-to-end scenarios on the local test bed: kpipe installed with Helm (the operator runs as a pod under the
+//! chart's ServiceAccount and RBAC), pipelines applied with the API, workers run as real processes against the
+//! real Kafka broker, records delivered to an HTTP sink pod. Each scenario prints a short timing/result summary.
+//!
+//! Run: `cargo test -p kpipe-e2e --test pipeline -- --nocapture` (needs `make testbed-up` and release builds of
+//! kpipe-operator and kpipe-worker, which `make test` does).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kpipe_api::v1alpha1::condition::{DEGRADED, READY};
+use kpipe_e2e::scenario::{
+    self, Install, Sink, apply_pipeline, condition, deploy_sink, events_for, id_records, install_kpipe,
+    patch_pipeline_spec, pipeline_status, worker_replicas,
+};
+use kpipe_e2e::testbed::wait_for;
+use kpipe_e2e::{TempNamespace, TestBed};
+use kube::Api;
+use kube::api::{ListParams, PostParams};
+use rdkafka::Message;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Headers;
+use serde_json::json;
+
+async fn bed() -> TestBed {
+    TestBed::connect().await.unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A namespace with kpipe installed (namespaced mode) and an HTTP sink.
+async fn setup(bed: &TestBed, prefix: &str, install: Install, sink_args: &[&str]) -> (TempNamespace, Sink) {
+    let ns = bed.temp_namespace(prefix).await.expect("namespace");
+    if let Err(e) = install_kpipe(bed, ns.name(), &install) {
+        bed.dump_pod_logs(ns.name());
+        panic!("{e}");
+    }
+    let sink = deploy_sink(bed, ns.name(), "sink", sink_args).await.expect("sink");
+    (ns, sink)
+}
+
+fn pipeline(name: &str, bed: &TestBed, topic: &str, sink: &Sink, extra: serde_json::Value) -> serde_json::Value {
+    let mut spec = json!({
+        "source": {"bootstrapServers": [bed.kafka_bootstrap()], "topics": [topic], "startOffset": "earliest"},
+        "processor": {"http": {"url": sink.url, "timeout": "5s"}},
+        "scaling": {"minReplicas": 0, "maxReplicas": 6, "pollInterval": "2s", "scaleDownStabilization": "10s",
+                    "cooldownToZero": "15s", "lagThreshold": 5000},
+    });
+    merge(&mut spec, extra);
+    json!({"apiVersion": "kpipe.io/v1alpha1", "kind": "ConsumerPipeline", "metadata": {"name": name}, "spec": spec})
+}
+
+fn merge(base: &mut serde_json::Value, extra: serde_json::Value) {
+    match (base, extra) {
+        (serde_json::Value::Object(b), serde_json::Value::Object(e)) => {
+            for (k, v) in e {
+                merge(b.entry(k).or_insert(serde_json::Value::Null), v);
+            }
+        }
+        (b, e) => *b = e,
+    }
+}
+
+fn unique_topic(prefix: &str) -> String {
+    format!("{prefix}-{:08x}", rand::random::<u32>())
+}
+
+/// Waits until the sink has every id of `expected` (returns all delivered ids, duplicates included).
+async fn wait_delivered(sink: &Sink, expected: &BTreeSet<String>, timeout: Duration) -> Vec<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let ids = sink.ids().await.unwrap_or_default();
+        let got: BTreeSet<&String> = ids.iter().collect();
+        if expected.iter().all(|id| got.contains(id)) {
+            return ids;
+        }
+        if Instant::now() > deadline {
+            let missing: Vec<&String> = expected.iter().filter(|id| !got.contains(id)).take(10).collect();
+            panic!(
+                "{} of {} ids not delivered after {timeout:?}, e.g. {missing:?}",
+                expected.len() - got.len().min(expected.len()),
+                expected.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn duplicates(ids: &[String]) -> usize {
+    ids.len() - ids.iter().collect::<BTreeSet<_>>().len()
+}
+
+async fn worker_pids(bed: &TestBed, ns: &str, pipeline: &str) -> BTreeMap<String, u32> {
+    let pods: Api<Pod> = Api::namespaced(bed.client(), ns);
+    let list = pods.list(&ListParams::default().labels(&format!("app.kubernetes.io/instance={pipeline}"))).await;
+    let names: Vec<String> =
+        list.map(|l| l.items.into_iter().filter_map(|p| p.metadata.name).collect()).unwrap_or_default();
+    let mut out = BTreeMap::new();
+    for name in names {
+        out.extend(scenario::container_pids(bed, ns, &format!("{name}.")));
+    }
+    out
+}
+
+fn kill9(pid: u32) {
+    let _ = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status();
+}
+
+#[tokio::test]
+async fn pipeline_happy_path_scales_from_zero_delivers_everything_and_returns_to_zero() {
+    let bed = bed().await;
+    let t0 = Instant::now();
+    let (ns, sink) = setup(&bed, "e2e-happy", Install::default(), &[]).await;
+    let topic = unique_topic("orders");
+    bed.create_topic(&topic, 12).await.expect("topic");
+    bed.create_topic(&format!("{topic}-dlq"), 1).await.expect("dlq topic");
+    apply_pipeline(
+        &bed,
+        ns.name(),
+        pipeline("orders", &bed, &topic, &sink, json!({"deadLetter": {"topic": format!("{topic}-dlq")}})),
+    )
+    .await
+    .expect("apply");
+    // Idle pipeline: Ready at zero replicas.
+    wait_for("pipeline Ready at 0 replicas", Duration::from_secs(60), || async {
+        let s = pipeline_status(&bed, ns.name(), "orders").await.ok()?;
+        (condition(&s, READY).map(|c| c.0).as_deref() == Some("True") && s.replicas == 0).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| {
+        bed.dump_pod_logs(ns.name());
+        panic!("{e}")
+    });
+    let n = 100_000;
+    let records = id_records("happy", 0..n, 1000);
+    let expected: BTreeSet<String> = records.iter().map(|(_, v)| String::from_utf8(v.clone()).unwrap()).collect();
+    let produced_at = Instant::now();
+    bed.produce_records(&topic, records).await.expect("produce");
+    // Watch replicas while it drains.
+    let watcher = {
+        let (bed, ns) = (bed.clone(), ns.name().to_string());
+        tokio::spawn(async move {
+            let mut max = 0;
+            let mut first_up = None;
+            let start = Instant::now();
+            loop {
+                let r = worker_replicas(&bed, &ns, "orders").await.unwrap_or(0);
+                if r > 0 && first_up.is_none() {
+                    first_up = Some(start.elapsed());
+                }
+                max = max.max(r);
+                if start.elapsed() > Duration::from_secs(600) {
+                    return (max, first_up);
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        })
+    };
+    let ids = wait_delivered(&sink, &expected, Duration::from_secs(420)).await;
+    let drained_in = produced_at.elapsed();
+    // Lag back to 0, then replicas back to 0 after the cooldown.
+    wait_for("lag back to 0", Duration::from_secs(60), || async {
+        let s = pipeline_status(&bed, ns.name(), "orders").await.ok()?;
+        (s.lag.as_ref()?.total == 0).then_some(())
+    })
+    .await
+    .expect("lag 0");
+    wait_for("replicas back to 0", Duration::from_secs(120), || async {
+        (worker_replicas(&bed, ns.name(), "orders").await.ok()? == 0).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| {
+        bed.dump_pod_logs(ns.name());
+        panic!("{e}")
+    });
+    watcher.abort();
+    let (max_replicas, first_up) = watcher.await.unwrap_or((0, None));
+    let status = pipeline_status(&bed, ns.name(), "orders").await.expect("status");
+    let events = events_for(&bed, ns.name(), "orders").await.expect("events");
+    println!(
+        "happy path: {n} records, 0 -> {max_replicas} -> 0 replicas, first scale-up {first_up:?} after produce, \
+         drained in {drained_in:?}, {} duplicates, total {:?}; events: {events:?}",
+        duplicates(&ids),
+        t0.elapsed()
+    );
+    assert!(
+        max_replicas > 1 && max_replicas <= 6,
+        "replicas must go above 1 and never above maxReplicas 6: saw {max_replicas}"
+    );
+    assert_eq!(condition(&status, READY).map(|c| c.0).as_deref(), Some("True"));
+    assert!(status.observed_generation.is_some());
+    assert!(events.iter().filter(|e| e.0 == "Normal").count() >= 2, "scale decisions must be Events: {events:?}");
+    let table = bed.kubectl_cmd().args(["get", "cpl", "-n", ns.name()]).output().expect("kubectl");
+    let table = String::from_utf8_lossy(&table.stdout).to_string();
+    assert!(table.starts_with("NAME") && table.contains("DESIRED") && table.contains("orders"), "{table}");
+    ns.delete().await.expect("delete");
+}
+
+#[tokio::test]
+async fn pipeline_poison_records_go_to_the_dead_letter_topic_with_context() {
+    let bed = bed().await;
+    let (ns, sink) = setup(&bed, "e2e-poison", Install::default(), &["--poison-prefix", "poison-"]).await;
+    let topic = unique_topic("payments");
+    let dlq = format!("{topic}-dlq");
+    bed.create_topic(&topic, 6).await.expect("topic");
+    bed.create_topic(&dlq, 1).await.expect("dlq");
+    apply_pipeline(
+        &bed,
+        ns.name(),
+        pipeline(
+            "payments",
+            &bed,
+            &topic,
+            &sink,
+            json!({
+                "ordering": "unordered",
+                "batch": {"maxRecords": 1},
+                "retry": {"maxAttempts": 2, "initialBackoff": "10ms", "maxBackoff": "50ms"},
+                "onFailure": "deadLetter", "deadLetter": {"topic": dlq},
+                "scaling": {"minReplicas": 1, "maxReplicas": 3},
+            }),
+        ),
+    )
+    .await
+    .expect("apply");
+    let n = 10_000;
+    let records: Vec<(Vec<u8>, Vec<u8>)> = (0..n)
+        .map(|i| {
+            let v = if i % 100 == 7 { format!("poison-{i:06}") } else { format!("good-{i:06}") };
+            (format!("k{}", i % 50).into_bytes(), v.into_bytes())
+        })
+        .collect();
+    let poison: BTreeSet<String> = records
+        .iter()
+        .map(|(_, v)| String::from_utf8(v.clone()).unwrap())
+        .filter(|v| v.starts_with("poison-"))
+        .collect();
+    let good: BTreeSet<String> =
+        records.iter().map(|(_, v)| String::from_utf8(v.clone()).unwrap()).filter(|v| v.starts_with("good-")).collect();
+    bed.produce_records(&topic, records).await.expect("produce");
+    let ids = wait_delivered(&sink, &good, Duration::from_secs(300)).await;
+    let dead =
+        bed.consume(&dlq, &format!("check-{}", rand::random::<u32>()), poison.len(), Duration::from_secs(120)).await;
+    let dead = dead.unwrap_or_else(|e| {
+        bed.dump_pod_logs(ns.name());
+        panic!("{e}")
+    });
+    let dead_ids: BTreeSet<String> = dead.iter().map(|r| String::from_utf8_lossy(&r.value).into_owned()).collect();
+    assert_eq!(dead_ids, poison, "exactly the poison records must be dead-lettered");
+    assert!(ids.iter().all(|id| id.starts_with("good-")), "no poison record reaches the sink");
+    // Context headers on a dead-lettered record.
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bed.kafka_bootstrap())
+        .set("group.id", format!("headers-{}", rand::random::<u32>()))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[&dlq]).expect("subscribe");
+    let msg =
+        tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await.expect("a DLQ record").expect("recv");
+    let headers: BTreeMap<String, String> = msg
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    for key in [
+        "kpipe.original.topic",
+        "kpipe.original.partition",
+        "kpipe.original.offset",
+        "kpipe.original.timestamp",
+        "kpipe.error.class",
+        "kpipe.error.message",
+        "kpipe.attempts",
+        "kpipe.pipeline",
+    ] {
+        assert!(headers.contains_key(key), "DLQ record lacks header {key}: {headers:?}");
+    }
+    assert_eq!(headers["kpipe.original.topic"], topic);
+    assert!(msg.key().is_some(), "the original key is kept");
+    let status = pipeline_status(&bed, ns.name(), "payments").await.expect("status");
+    assert_eq!(
+        condition(&status, READY).map(|c| c.0).as_deref(),
+        Some("True"),
+        "a poison record must not make the pipeline unready"
+    );
+    println!(
+        "poison: {} poison records dead-lettered with context headers, {} good delivered, {} duplicates",
+        dead_ids.len(),
+        good.len(),
+        duplicates(&ids)
+    );
+    ns.delete().await.expect("delete");
+}
+
+/// Waits for Degraded=True with a reason/message containing `needle`; returns the condition message.
+async fn wait_degraded(bed: &TestBed, ns: &str, name: &str, needle: &str) -> String {
+    wait_for(&format!("{name} Degraded about {needle:?}"), Duration::from_secs(90), || async {
+        let s = pipeline_status(bed, ns, name).await.ok()?;
+        let c = s.condition(DEGRADED)?;
+        let text = format!("{} {}", c.reason, c.message);
+        (c.status == "True" && text.to_lowercase().contains(&needle.to_lowercase())).then_some(text)
+    })
+    .await
+    .unwrap_or_else(|e| {
+        bed.dump_pod_logs(ns);
+        panic!("{e}")
+    })
+}
+
+async fn wait_recovered(bed: &TestBed, ns: &str, name: &str) {
+    wait_for(&format!("{name} recovered (Degraded=False, Ready=True)"), Duration::from_secs(120), || async {
+        let s = pipeline_status(bed, ns, name).await.ok()?;
+        let degraded = s.condition(DEGRADED).map(|c| c.status.as_str()) == Some("False");
+        let ready = s.condition(READY).map(|c| c.status.as_str()) == Some("True");
+        (degraded && ready).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| {
+        bed.dump_pod_logs(ns);
+        panic!("{e}")
+    })
+}
+
+#[tokio::test]
+async fn pipeline_runtime_errors_degrade_with_a_reason_and_recover_when_fixed() {
+    let bed = bed().await;
+    let (ns, sink) = setup(&bed, "e2e-bad", Install::default(), &[]).await;
+    let n = ns.name();
+    let t0 = Instant::now();
+
+    // Missing topic -> Degraded; creating it recovers the pipeline.
+    let missing_topic = unique_topic("not-yet");
+    apply_pipeline(&bed, n, pipeline("missing-topic", &bed, &missing_topic, &sink, json!({}))).await.expect("apply");
+    let said = wait_degraded(&bed, n, "missing-topic", "topic").await;
+    bed.create_topic(&missing_topic, 3).await.expect("topic");
+    wait_recovered(&bed, n, "missing-topic").await;
+    println!("missing topic: Degraded ({said}) and recovered");
+
+    // Unreachable broker -> Degraded; pointing at the real broker recovers.
+    let topic = unique_topic("reachable");
+    bed.create_topic(&topic, 3).await.expect("topic");
+    let mut p = pipeline("unreachable", &bed, &topic, &sink, json!({}));
+    p["spec"]["source"]["bootstrapServers"] = json!(["10.244.0.1:1"]);
+    apply_pipeline(&bed, n, p).await.expect("apply");
+    let said = wait_degraded(&bed, n, "unreachable", "").await;
+    patch_pipeline_spec(&bed, n, "unreachable", json!({"source": {"bootstrapServers": [bed.kafka_bootstrap()]}}))
+        .await
+        .expect("patch");
+    wait_recovered(&bed, n, "unreachable").await;
+    println!("unreachable broker: Degraded ({said}) and recovered");
+
+    // Missing Secret -> Degraded naming the Secret; creating it clears that reason.
+    let mut p = pipeline("missing-secret", &bed, &topic, &sink, json!({}));
+    p["spec"]["source"]["auth"] = json!({"sasl": {"mechanism": "SCRAM-SHA-512", "secretRef": {"name": "kafka-user"}}});
+    apply_pipeline(&bed, n, p).await.expect("apply");
+    let said = wait_degraded(&bed, n, "missing-secret", "kafka-user").await;
+    let secret: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "kafka-user"},
+        "stringData": {"username": "u", "password": "p"},
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(bed.client(), n).create(&PostParams::default(), &secret).await.expect("secret");
+    wait_for("missing-secret no longer degraded because of the Secret", Duration::from_secs(90), || async {
+        let s = pipeline_status(&bed, n, "missing-secret").await.ok()?;
+        let c = s.condition(DEGRADED)?;
+        (!format!("{} {}", c.reason, c.message).contains("kafka-user") || c.status == "False").then_some(())
+    })
+    .await
+    .expect("secret reason cleared");
+    println!("missing secret: Degraded ({said}) and the reason cleared once the Secret exists");
+
+    // Fewer partitions than minReplicas -> Degraded; lowering minReplicas recovers.
+    let small = unique_topic("small");
+    bed.create_topic(&small, 2).await.expect("topic");
+    apply_pipeline(
+        &bed,
+        n,
+        pipeline("too-few-partitions", &bed, &small, &sink, json!({"scaling": {"minReplicas": 3}})),
+    )
+    .await
+    .expect("apply");
+    let said = wait_degraded(&bed, n, "too-few-partitions", "partition").await;
+    patch_pipeline_spec(&bed, n, "too-few-partitions", json!({"scaling": {"minReplicas": 1}})).await.expect("patch");
+    wait_recovered(&bed, n, "too-few-partitions").await;
+    println!("too few partitions: Degraded ({said}) and recovered");
+
+    // Every error was a Warning Event, and the healthy pipelines were served meanwhile.
+    for name in ["missing-topic", "unreachable", "missing-secret", "too-few-partitions"] {
+        let events = events_for(&bed, n, name).await.expect("events");
+        assert!(events.iter().any(|e| e.0 == "Warning"), "{name}: no Warning Event: {events:?}");
+    }
+    println!("runtime errors: 4 cases degraded and recovered in {:?}", t0.elapsed());
+    ns.delete().await.expect("delete");
+}
+
+#[tokio::test]
+async fn pipeline_scale_down_loses_nothing_and_duplicates_nothing() {
+    let bed = bed().await;
+    let (ns, sink) = setup(&bed, "e2e-down", Install::default(), &[]).await;
+    let topic = unique_topic("steady");
+    bed.create_topic(&topic, 8).await.expect("topic");
+    apply_pipeline(
+        &bed,
+        ns.name(),
+        pipeline(
+            "steady",
+            &bed,
+            &topic,
+            &sink,
+            json!({"scaling": {"minReplicas": 4, "maxReplicas": 4}, "onFailure": "block"}),
+        ),
+    )
+    .await
+    .expect("apply");
+    wait_for("4 workers ready", Duration::from_secs(120), || async {
+        let s = pipeline_status(&bed, ns.name(), "steady").await.ok()?;
+        (s.ready_replicas == 4).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| {
+        bed.dump_pod_logs(ns.name());
+        panic!("{e}")
+    });
+    let mut expected = BTreeSet::new();
+    for round in 0..20 {
+        let batch = id_records("steady", round * 1000..(round + 1) * 1000, 64);
+        expected.extend(batch.iter().map(|(_, v)| String::from_utf8(v.clone()).unwrap()));
+        bed.produce_records(&topic, batch).await.expect("produce");
+        if round == 8 {
+            // Forced scale-down while records flow: cooperative rebalance + graceful SIGTERM.
+            patch_pipeline_spec(&bed, ns.name(), "steady", json!({"scaling": {"minReplicas": 1, "maxReplicas": 1}}))
+                .await
+                .expect("patch");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let ids = wait_delivered(&sink, &expected, Duration::from_secs(240)).await;
+    assert_eq!(worker_replicas(&bed, ns.name(), "steady").await.expect("replicas"), 1);
+    let dups = duplicates(&ids);
+    println!("scale-down 4 -> 1 under traffic: {} records, 0 lost, {dups} duplicates", expected.len());
+    assert_eq!(dups, 0, "a graceful scale-down must not redeliver records");
+    ns.delete().await.expect("delete");
+}
+
+#[tokio::test]
+async fn pipeline_chaos_loses_nothing() {
+    let bed = bed().await;
+    let (ns, sink) = setup(&bed, "e2e-chaos", Install { replicas: 2, ..Install::default() }, &[]).await;
+    let topic = unique_topic("chaos");
+    bed.create_topic(&topic, 12).await.expect("topic");
+    let per_worker = 256;
+    apply_pipeline(
+        &bed,
+        ns.name(),
+        pipeline(
+            "chaos",
+            &bed,
+            &topic,
+            &sink,
+            json!({"onFailure": "block", "concurrency": {"perWorker": per_worker, "perPartition": 32},
+                   "scaling": {"minReplicas": 2, "maxReplicas": 6, "lagThreshold": 2000}}),
+        ),
+    )
+    .await
+    .expect("apply");
+    let n = 200_000;
+    let records = id_records("chaos", 0..n, 997);
+    let expected: BTreeSet<String> = records.iter().map(|(_, v)| String::from_utf8(v.clone()).unwrap()).collect();
+    let producer = {
+        let (bed, topic) = (bed.clone(), topic.clone());
+        tokio::spawn(async move {
+            for chunk in records.chunks(20_000) {
+                bed.produce_records(&topic, chunk.to_vec()).await.expect("produce");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        })
+    };
+    let mut disruptions = 0usize;
+    let start = Instant::now();
+    let mut broker_restarted = false;
+    let mut operator_killed = false;
+    let mut step = 0;
+    while start.elapsed() < Duration::from_secs(60) {
+        step += 1;
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let pids = worker_pids(&bed, ns.name(), "chaos").await;
+        if let Some((pod, pid)) = pids.iter().nth(step % pids.len().max(1)) {
+            println!("chaos: kill -9 {pod} (pid {pid})");
+            kill9(*pid);
+            disruptions += 1;
+        }
+        if step % 3 == 0 {
+            let max = if step % 6 == 0 { 6 } else { 3 };
+            patch_pipeline_spec(&bed, ns.name(), "chaos", json!({"scaling": {"maxReplicas": max}}))
+                .await
+                .expect("rescale");
+            disruptions += 1;
+        }
+        if step == 5 && !broker_restarted {
+            println!("chaos: restarting the Kafka broker");
+            bed.restart_kafka().await.expect("restart kafka");
+            broker_restarted = true;
+            disruptions += 1;
+        }
+        if step == 8 && !operator_killed {
+            let lease =
+                Api::<Lease>::namespaced(bed.client(), ns.name()).list(&ListParams::default()).await.expect("leases");
+            let holder = lease.items.iter().find_map(|l| l.spec.as_ref()?.holder_identity.clone());
+            if let Some(holder) = holder {
+                for (pod, pid) in scenario::container_pids(&bed, ns.name(), &format!("{holder}.")) {
+                    println!("chaos: kill -9 operator leader {pod} (pid {pid})");
+                    kill9(pid);
+                }
+                operator_killed = true;
+            }
+        }
+    }
+    producer.await.expect("producer");
+    let ids = wait_delivered(&sink, &expected, Duration::from_secs(600)).await;
+    let dups = duplicates(&ids);
+    // Each disruption can redeliver at most the records in flight on the affected workers.
+    let bound = disruptions.max(1) * per_worker * 6;
+    println!(
+        "chaos: {n} records, {disruptions} disruptions (kills, rescales, broker restart{}), 0 lost, {dups} duplicates (bound {bound}) in {:?}",
+        if operator_killed { ", operator leader kill" } else { "" },
+        start.elapsed()
+    );
+    assert!(broker_restarted && operator_killed, "the chaos schedule did not run fully");
+    assert!(dups <= bound, "{dups} duplicates exceed the in-flight bound {bound}");
+    ns.delete().await.expect("delete");
+}
