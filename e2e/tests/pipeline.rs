@@ -26,6 +26,10 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Headers;
 use serde_json::json;
 
+/// The scenarios load the two cores heavily (workers, broker, control plane); running them one at a time keeps
+/// their timing meaningful.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn bed() -> TestBed {
     TestBed::connect().await.unwrap_or_else(|e| panic!("{e}"))
 }
@@ -110,6 +114,7 @@ fn kill9(pid: u32) {
 
 #[tokio::test]
 async fn pipeline_happy_path_scales_from_zero_delivers_everything_and_returns_to_zero() {
+    let _serial = SERIAL.lock().await;
     let bed = bed().await;
     let t0 = Instant::now();
     let (ns, sink) = setup(&bed, "e2e-happy", Install::default(), &[]).await;
@@ -200,6 +205,7 @@ async fn pipeline_happy_path_scales_from_zero_delivers_everything_and_returns_to
 
 #[tokio::test]
 async fn pipeline_poison_records_go_to_the_dead_letter_topic_with_context() {
+    let _serial = SERIAL.lock().await;
     let bed = bed().await;
     let (ns, sink) = setup(&bed, "e2e-poison", Install::default(), &["--poison-prefix", "poison-"]).await;
     let topic = unique_topic("payments");
@@ -328,6 +334,7 @@ async fn wait_recovered(bed: &TestBed, ns: &str, name: &str) {
 
 #[tokio::test]
 async fn pipeline_runtime_errors_degrade_with_a_reason_and_recover_when_fixed() {
+    let _serial = SERIAL.lock().await;
     let bed = bed().await;
     let (ns, sink) = setup(&bed, "e2e-bad", Install::default(), &[]).await;
     let n = ns.name();
@@ -400,6 +407,7 @@ async fn pipeline_runtime_errors_degrade_with_a_reason_and_recover_when_fixed() 
 
 #[tokio::test]
 async fn pipeline_scale_down_loses_nothing_and_duplicates_nothing() {
+    let _serial = SERIAL.lock().await;
     let bed = bed().await;
     let (ns, sink) = setup(&bed, "e2e-down", Install::default(), &[]).await;
     let topic = unique_topic("steady");
@@ -449,6 +457,7 @@ async fn pipeline_scale_down_loses_nothing_and_duplicates_nothing() {
 
 #[tokio::test]
 async fn pipeline_chaos_loses_nothing() {
+    let _serial = SERIAL.lock().await;
     let bed = bed().await;
     let (ns, sink) = setup(&bed, "e2e-chaos", Install { replicas: 2, ..Install::default() }, &[]).await;
     let topic = unique_topic("chaos");
