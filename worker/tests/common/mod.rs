@@ -326,8 +326,12 @@ impl Worker {
         }
     }
 
+    /// The worker's /metrics text (empty while it is not listening yet).
     pub async fn metrics(&self) -> String {
-        reqwest::get(format!("http://{}/metrics", self.listen)).await.unwrap().text().await.unwrap()
+        match reqwest::get(format!("http://{}/metrics", self.listen)).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
     }
 
     pub async fn wait_ready(&self, timeout: Duration) {
