@@ -6,6 +6,7 @@
 
 pub mod build;
 pub mod lag;
+pub mod probe;
 pub mod scaler;
 pub mod sim;
 pub mod status;

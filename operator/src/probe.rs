@@ -1,0 +1,354 @@
+//! The lag probe: reads log-start/log-end watermarks and a group's committed offsets from Kafka.
+//!
+//! Clients are shared: one metadata/watermark client per distinct cluster (bootstrap servers +
+//! credentials), used by every pipeline on that cluster; watermarks of all partitions of a
+//! pipeline's topics are read with one batched ListOffsets per bound, and the committed offsets
+//! of a group with one batched OffsetFetch. librdkafka (rdkafka 0.39) exposes committed offsets
+//! only for the client's own `group.id`, so each *group* has a small consumer handle (never
+//! subscribed, so it never joins) kept in the cluster entry and dropped when idle.
+//!
+//! All rdkafka calls are blocking; they run on tokio's blocking pool.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::{Offset, TopicPartitionList};
+use sha2::{Digest, Sha256};
+
+use crate::lag::PartitionOffsets;
+
+/// SASL credentials (values from the referenced Secret; never logged).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Sasl {
+    pub mechanism: String,
+    pub username: String,
+    pub password: String,
+}
+
+impl fmt::Debug for Sasl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sasl").field("mechanism", &self.mechanism).finish_non_exhaustive()
+    }
+}
+
+/// TLS material (PEM).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Tls {
+    pub ca_pem: Option<String>,
+    pub cert_pem: Option<String>,
+    pub key_pem: Option<String>,
+}
+
+impl fmt::Debug for Tls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tls")
+            .field("ca", &self.ca_pem.is_some())
+            .field("client_cert", &self.cert_pem.is_some())
+            .finish()
+    }
+}
+
+/// How to reach one Kafka cluster.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Cluster {
+    pub bootstrap_servers: Vec<String>,
+    pub sasl: Option<Sasl>,
+    pub tls: Option<Tls>,
+}
+
+impl Cluster {
+    /// Identity of the shared client: bootstrap servers (order-insensitive) + a digest of the
+    /// credentials.
+    pub fn key(&self) -> String {
+        let mut servers = self.bootstrap_servers.clone();
+        servers.sort();
+        servers.dedup();
+        let mut h = Sha256::new();
+        if let Some(s) = &self.sasl {
+            h.update(format!("sasl\0{}\0{}\0{}", s.mechanism, s.username, s.password).as_bytes());
+        }
+        if let Some(t) = &self.tls {
+            h.update(b"tls\0");
+            for part in [&t.ca_pem, &t.cert_pem, &t.key_pem] {
+                h.update(part.as_deref().unwrap_or("-").as_bytes());
+                h.update(b"\0");
+            }
+        }
+        format!("{}#{}", servers.join(","), hex::encode(&h.finalize()[..8]))
+    }
+
+    fn client_config(&self, timeout: Duration) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", self.bootstrap_servers.join(","))
+            .set("client.id", "kpipe-operator-lag-probe")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("allow.auto.create.topics", "false")
+            .set("socket.timeout.ms", timeout.as_millis().max(1000).to_string())
+            .set("log_level", "3");
+        let protocol = match (&self.sasl, &self.tls) {
+            (Some(_), Some(_)) => "SASL_SSL",
+            (Some(_), None) => "SASL_PLAINTEXT",
+            (None, Some(_)) => "SSL",
+            (None, None) => "PLAINTEXT",
+        };
+        c.set("security.protocol", protocol);
+        if let Some(s) = &self.sasl {
+            c.set("sasl.mechanism", &s.mechanism).set("sasl.username", &s.username).set("sasl.password", &s.password);
+        }
+        if let Some(t) = &self.tls {
+            if let Some(ca) = &t.ca_pem {
+                c.set("ssl.ca.pem", ca);
+            }
+            if let (Some(cert), Some(key)) = (&t.cert_pem, &t.key_pem) {
+                c.set("ssl.certificate.pem", cert).set("ssl.key.pem", key);
+            }
+        }
+        c
+    }
+}
+
+/// Why a probe failed.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum ProbeError {
+    #[error("topic {0:?} does not exist")]
+    TopicNotFound(String),
+    #[error("Kafka brokers {servers} unreachable: {detail}")]
+    BrokerUnreachable { servers: String, detail: String },
+    #[error("authentication to Kafka failed: {0}")]
+    Authentication(String),
+    #[error("Kafka request failed: {0}")]
+    Kafka(String),
+    #[error("probe task failed: {0}")]
+    Task(String),
+}
+
+impl ProbeError {
+    /// CamelCase reason for conditions and Events.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::TopicNotFound(_) => "TopicNotFound",
+            Self::BrokerUnreachable { .. } => "BrokerUnreachable",
+            Self::Authentication(_) => "KafkaAuthenticationFailed",
+            Self::Kafka(_) | Self::Task(_) => "LagProbeFailed",
+        }
+    }
+
+    fn from_kafka(cluster: &Cluster, e: KafkaError) -> Self {
+        let code = e.rdkafka_error_code();
+        match code {
+            Some(
+                RDKafkaErrorCode::BrokerTransportFailure
+                | RDKafkaErrorCode::AllBrokersDown
+                | RDKafkaErrorCode::OperationTimedOut
+                | RDKafkaErrorCode::RequestTimedOut
+                | RDKafkaErrorCode::Resolve
+                | RDKafkaErrorCode::CoordinatorNotAvailable
+                | RDKafkaErrorCode::NotCoordinator,
+            ) => Self::BrokerUnreachable { servers: cluster.bootstrap_servers.join(","), detail: e.to_string() },
+            Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed) => {
+                Self::Authentication(e.to_string())
+            }
+            Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic) => {
+                Self::TopicNotFound(e.to_string())
+            }
+            _ => Self::Kafka(e.to_string()),
+        }
+    }
+}
+
+struct GroupHandle {
+    consumer: Arc<BaseConsumer>,
+    last_used: Instant,
+}
+
+struct ClusterClients {
+    cluster: Cluster,
+    meta: BaseConsumer,
+    groups: Mutex<HashMap<String, GroupHandle>>,
+}
+
+/// Shared Kafka clients for every pipeline.
+pub struct LagProbe {
+    clusters: Mutex<HashMap<String, Arc<ClusterClients>>>,
+    timeout: Duration,
+    idle_ttl: Duration,
+}
+
+/// Counts of live clients (for metrics and tests).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClientCounts {
+    pub clusters: usize,
+    pub groups: usize,
+}
+
+impl LagProbe {
+    pub fn new(timeout: Duration) -> Self {
+        Self { clusters: Mutex::new(HashMap::new()), timeout, idle_ttl: Duration::from_secs(600) }
+    }
+
+    /// How many clients are open.
+    pub fn counts(&self) -> ClientCounts {
+        let clusters = self.clusters.lock().map(|c| c.values().cloned().collect::<Vec<_>>()).unwrap_or_default();
+        ClientCounts {
+            clusters: clusters.len(),
+            groups: clusters.iter().map(|c| c.groups.lock().map(|g| g.len()).unwrap_or(0)).sum(),
+        }
+    }
+
+    fn clients(&self, cluster: &Cluster) -> Result<Arc<ClusterClients>, ProbeError> {
+        let key = cluster.key();
+        let mut map = self.clusters.lock().map_err(|e| ProbeError::Task(e.to_string()))?;
+        if let Some(c) = map.get(&key) {
+            return Ok(c.clone());
+        }
+        let meta: BaseConsumer =
+            cluster.client_config(self.timeout).create().map_err(|e| ProbeError::from_kafka(cluster, e))?;
+        let entry = Arc::new(ClusterClients { cluster: cluster.clone(), meta, groups: Mutex::new(HashMap::new()) });
+        map.insert(key, entry.clone());
+        Ok(entry)
+    }
+
+    /// Drop per-group handles idle for longer than the TTL and clusters without pipelines.
+    pub fn evict_idle(&self) {
+        let Ok(mut map) = self.clusters.lock() else { return };
+        let ttl = self.idle_ttl;
+        map.retain(|_, c| {
+            let Ok(mut groups) = c.groups.lock() else { return true };
+            groups.retain(|_, g| g.last_used.elapsed() < ttl);
+            !groups.is_empty()
+        });
+    }
+
+    /// Offsets of every partition of `topics` for `group`.
+    pub async fn offsets(
+        self: &Arc<Self>,
+        cluster: Cluster,
+        topics: Vec<String>,
+        group: String,
+    ) -> Result<Vec<PartitionOffsets>, ProbeError> {
+        let probe = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let clients = probe.clients(&cluster)?;
+            probe.fetch(&clients, &topics, &group)
+        })
+        .await
+        .map_err(|e| ProbeError::Task(e.to_string()))?
+    }
+
+    fn group_consumer(&self, clients: &ClusterClients, group: &str) -> Result<Arc<BaseConsumer>, ProbeError> {
+        let mut groups = clients.groups.lock().map_err(|e| ProbeError::Task(e.to_string()))?;
+        if let Some(g) = groups.get_mut(group) {
+            g.last_used = Instant::now();
+            return Ok(g.consumer.clone());
+        }
+        let consumer: BaseConsumer = clients
+            .cluster
+            .client_config(self.timeout)
+            .set("group.id", group)
+            .create()
+            .map_err(|e| ProbeError::from_kafka(&clients.cluster, e))?;
+        let consumer = Arc::new(consumer);
+        groups.insert(group.to_string(), GroupHandle { consumer: consumer.clone(), last_used: Instant::now() });
+        Ok(consumer)
+    }
+
+    fn fetch(
+        &self,
+        clients: &ClusterClients,
+        topics: &[String],
+        group: &str,
+    ) -> Result<Vec<PartitionOffsets>, ProbeError> {
+        let cluster = &clients.cluster;
+        let t = self.timeout;
+        let mut parts: Vec<(String, i32)> = Vec::new();
+        for topic in topics {
+            let md = clients.meta.fetch_metadata(Some(topic), t).map_err(|e| ProbeError::from_kafka(cluster, e))?;
+            let Some(mt) = md.topics().iter().find(|m| m.name() == topic) else {
+                return Err(ProbeError::TopicNotFound(topic.clone()));
+            };
+            if mt.error().is_some() || mt.partitions().is_empty() {
+                return Err(ProbeError::TopicNotFound(topic.clone()));
+            }
+            for p in mt.partitions() {
+                parts.push((topic.clone(), p.id()));
+            }
+        }
+        let bound = |offset: Offset| -> Result<HashMap<(String, i32), i64>, ProbeError> {
+            let mut tpl = TopicPartitionList::with_capacity(parts.len());
+            for (topic, p) in &parts {
+                tpl.add_partition_offset(topic, *p, offset).map_err(|e| ProbeError::from_kafka(cluster, e))?;
+            }
+            let res = clients.meta.offsets_for_times(tpl, t).map_err(|e| ProbeError::from_kafka(cluster, e))?;
+            let mut out = HashMap::new();
+            for e in res.elements() {
+                if let Err(err) = e.error() {
+                    return Err(ProbeError::from_kafka(cluster, err));
+                }
+                if let Offset::Offset(o) = e.offset() {
+                    out.insert((e.topic().to_string(), e.partition()), o);
+                }
+            }
+            Ok(out)
+        };
+        let starts = bound(Offset::Beginning)?;
+        let ends = bound(Offset::End)?;
+        let consumer = self.group_consumer(clients, group)?;
+        let mut tpl = TopicPartitionList::with_capacity(parts.len());
+        for (topic, p) in &parts {
+            tpl.add_partition(topic, *p);
+        }
+        let committed = consumer.committed_offsets(tpl, t).map_err(|e| ProbeError::from_kafka(cluster, e))?;
+        let mut committed_map = HashMap::new();
+        for e in committed.elements() {
+            if let Offset::Offset(o) = e.offset() {
+                committed_map.insert((e.topic().to_string(), e.partition()), o);
+            }
+        }
+        Ok(parts
+            .into_iter()
+            .map(|key| {
+                let log_end = ends.get(&key).copied().unwrap_or(0);
+                let log_start = starts.get(&key).copied().unwrap_or(0).min(log_end);
+                let committed = committed_map.get(&key).copied();
+                PartitionOffsets { topic: key.0, partition: key.1, log_start, log_end, committed }
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_key_ignores_order_and_hides_credentials() {
+        let a = Cluster {
+            bootstrap_servers: vec!["b:9092".into(), "a:9092".into()],
+            sasl: Some(Sasl { mechanism: "PLAIN".into(), username: "u".into(), password: "secret-pw".into() }),
+            tls: None,
+        };
+        let b = Cluster { bootstrap_servers: vec!["a:9092".into(), "b:9092".into()], ..a.clone() };
+        assert_eq!(a.key(), b.key());
+        assert!(!a.key().contains("secret-pw"));
+        assert!(!format!("{a:?}").contains("secret-pw"));
+        let c = Cluster {
+            sasl: Some(Sasl { mechanism: "PLAIN".into(), username: "u".into(), password: "other".into() }),
+            ..a.clone()
+        };
+        assert_ne!(a.key(), c.key(), "different credentials need a different client");
+    }
+
+    #[test]
+    fn error_reasons() {
+        assert_eq!(ProbeError::TopicNotFound("t".into()).reason(), "TopicNotFound");
+        let c = Cluster { bootstrap_servers: vec!["x:1".into()], ..Default::default() };
+        let e = ProbeError::from_kafka(&c, KafkaError::MetadataFetch(RDKafkaErrorCode::AllBrokersDown));
+        assert_eq!(e.reason(), "BrokerUnreachable");
+    }
+}

@@ -1,0 +1,68 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The lag probe against the test bed's real Kafka broker.
+//! Run: `make testbed-up` then `cargo test -p kpipe-operator --test probe_kafka -- --ignored`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kpipe_e2e::testbed::TestBed;
+use kpipe_operator::probe::{Cluster, LagProbe, ProbeError};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", std::process::id() as u64 * 1000 + rand_suffix())
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64 % 1000
+}
+
+fn commit(bootstrap: &str, group: &str, topic: &str, offsets: &[(i32, i64)]) {
+    let c: BaseConsumer =
+        ClientConfig::new().set("bootstrap.servers", bootstrap).set("group.id", group).create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for (p, o) in offsets {
+        tpl.add_partition_offset(topic, *p, Offset::Offset(*o)).unwrap();
+    }
+    c.commit(&tpl, CommitMode::Sync).unwrap();
+}
+
+#[tokio::test]
+#[ignore = "needs the local test bed (make testbed-up)"]
+async fn offsets_committed_missing_topic_and_unreachable_broker() {
+    let bed = TestBed::connect().await.unwrap();
+    let bootstrap = bed.kafka_bootstrap().to_string();
+    let topic = unique("probe");
+    bed.create_topic(&topic, 3).await.unwrap();
+    bed.produce(&topic, 30).await.unwrap();
+
+    let probe = Arc::new(LagProbe::new(Duration::from_secs(5)));
+    let cluster = Cluster { bootstrap_servers: vec![bootstrap.clone()], ..Default::default() };
+    let group = unique("probe-group");
+    let offs = probe.offsets(cluster.clone(), vec![topic.clone()], group.clone()).await.unwrap();
+    assert_eq!(offs.len(), 3);
+    assert_eq!(offs.iter().map(|o| o.log_end).sum::<i64>(), 30);
+    assert!(offs.iter().all(|o| o.log_start == 0 && o.committed.is_none()), "{offs:?}");
+
+    let p0_end = offs.iter().find(|o| o.partition == 0).unwrap().log_end;
+    commit(&bootstrap, &group, &topic, &[(0, p0_end.min(4))]);
+    let offs = probe.offsets(cluster.clone(), vec![topic.clone()], group.clone()).await.unwrap();
+    let p0 = offs.iter().find(|o| o.partition == 0).unwrap();
+    assert_eq!(p0.committed, Some(p0_end.min(4)));
+    assert!(offs.iter().filter(|o| o.partition != 0).all(|o| o.committed.is_none()));
+
+    // A second group on the same cluster shares the cluster client.
+    probe.offsets(cluster.clone(), vec![topic.clone()], unique("other")).await.unwrap();
+    assert_eq!(probe.counts().clusters, 1);
+
+    let err = probe.offsets(cluster.clone(), vec![unique("no-such-topic")], group.clone()).await.unwrap_err();
+    assert!(matches!(err, ProbeError::TopicNotFound(_)), "{err:?}");
+
+    let dead = Cluster { bootstrap_servers: vec!["127.0.0.1:1".into()], ..Default::default() };
+    let started = std::time::Instant::now();
+    let err = probe.offsets(dead, vec![topic.clone()], group).await.unwrap_err();
+    assert_eq!(err.reason(), "BrokerUnreachable", "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(15));
+    assert_eq!(probe.counts().clusters, 2);
+}
