@@ -405,7 +405,10 @@ impl ConsumerLoop {
                 Err(e) => {
                     tracing::warn!("brokers not reachable yet: {e}; retrying in {wait:?}");
                     d.health.set_broker_error(Some(e.to_string()));
-                    std::thread::sleep(wait);
+                    let until = Instant::now() + wait;
+                    while Instant::now() < until && !self.shutdown.is_cancelled() {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
                     wait = (wait * 2).min(Duration::from_secs(10));
                 }
             }
@@ -421,6 +424,7 @@ impl ConsumerLoop {
         tracing::info!(?topics, "subscribed");
         let mut last_commit = Instant::now();
         let mut any_paused = false;
+        let mut last_probe = Instant::now();
         while !self.shutdown.is_cancelled() {
             let timeout = if any_paused { Duration::from_millis(5) } else { Duration::from_millis(100) };
             match self.consumer.poll(timeout) {
@@ -435,6 +439,13 @@ impl ConsumerLoop {
             }
             if any_paused || d.metrics.paused_partitions.get() > 0 {
                 any_paused = d.flush_overflow(&self.consumer);
+            }
+            if d.health.has_broker_error() && last_probe.elapsed() >= Duration::from_secs(5) {
+                // Idle consumers get no message or commit that would clear the error: probe.
+                last_probe = Instant::now();
+                if self.consumer.fetch_metadata(Some(&self.topics[0]), Duration::from_secs(1)).is_ok() {
+                    d.health.set_broker_error(None);
+                }
             }
             if last_commit.elapsed() >= self.commit_interval {
                 d.periodic_commit(&self.consumer);

@@ -290,4 +290,117 @@ mod tests {
         assert_eq!(offsets(&s.next(t0)), vec![0]);
         assert_eq!(offsets(&s.next(t0)), vec![1]);
     }
+
+    mod props {
+        use std::collections::HashMap;
+
+        use proptest::prelude::*;
+
+        use super::*;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Push(u8),
+            Next,
+            /// Completes the in-flight batch at this index (modulo the count).
+            Complete(usize),
+            Tick,
+        }
+
+        fn ops() -> impl Strategy<Value = Vec<Op>> {
+            proptest::collection::vec(
+                prop_oneof![
+                    3 => (0u8..6).prop_map(Op::Push),
+                    3 => Just(Op::Next),
+                    2 => (0usize..8).prop_map(Op::Complete),
+                    1 => Just(Op::Tick),
+                ],
+                1..200,
+            )
+        }
+
+        fn ordering() -> impl Strategy<Value = Ordering> {
+            prop_oneof![Just(Ordering::Partition), Just(Ordering::Key), Just(Ordering::Unordered)]
+        }
+
+        proptest! {
+            /// For any interleaving: in-flight records never exceed the per-partition limit, no
+            /// batch exceeds maxRecords, `partition` ordering has one batch in flight and starts
+            /// records in offset order, `key` ordering never runs two records of a key in
+            /// different batches at once and starts each key's records in offset order, and
+            /// every pushed record is eventually sent exactly once.
+            #[test]
+            fn ordering_and_limits_hold(ordering in ordering(), ops in ops(), per_partition in 1usize..10, max_records in 1usize..6) {
+                let t0 = Instant::now();
+                let mut now = t0;
+                let l = BatchLimits { max_records, max_bytes: 1 << 20, max_wait: Duration::from_millis(10) };
+                let mut s = Scheduler::new(ordering, l, per_partition);
+                let mut next_offset = 0i64;
+                let mut in_flight: Vec<Vec<Arc<Record>>> = Vec::new();
+                let mut started: Vec<(i64, String)> = Vec::new();
+                let check = |batch: &Vec<Arc<Record>>, in_flight: &Vec<Vec<Arc<Record>>>, started: &mut Vec<(i64, String)>| -> Result<(), TestCaseError> {
+                    prop_assert!(batch.len() <= max_records);
+                    if ordering == Ordering::Partition {
+                        prop_assert!(in_flight.is_empty());
+                    }
+                    if ordering == Ordering::Key {
+                        for r in batch {
+                            let k = r.key.clone();
+                            prop_assert!(!in_flight.iter().flatten().any(|o| o.key == k), "key in two batches");
+                        }
+                    }
+                    for r in batch {
+                        let key = String::from_utf8(r.key.clone().unwrap_or_default()).unwrap_or_default();
+                        if ordering != Ordering::Unordered {
+                            let same = |k: &String| ordering == Ordering::Partition || *k == key;
+                            prop_assert!(started.iter().filter(|(_, k)| same(k)).all(|(o, _)| *o < r.offset), "out of order start");
+                        }
+                        started.push((r.offset, key));
+                    }
+                    Ok(())
+                };
+                for op in ops {
+                    match op {
+                        Op::Push(k) => {
+                            let key = format!("k{k}");
+                            s.push(Arc::new(crate::record::test_record(next_offset, Some(&key), "v")), now);
+                            next_offset += 1;
+                        }
+                        Op::Next => {
+                            if let Next::Ready(b) = s.next(now) {
+                                check(&b, &in_flight, &mut started)?;
+                                in_flight.push(b);
+                            }
+                        }
+                        Op::Complete(i) => {
+                            if !in_flight.is_empty() {
+                                let b = in_flight.remove(i % in_flight.len());
+                                s.complete(&b);
+                            }
+                        }
+                        Op::Tick => now += Duration::from_millis(10),
+                    }
+                    prop_assert!(s.in_flight() <= per_partition);
+                    prop_assert_eq!(s.in_flight(), in_flight.iter().map(Vec::len).sum::<usize>());
+                }
+                // Drain: complete everything, advance time, and everything gets sent once.
+                for _ in 0..(next_offset as usize + 2) * 2 {
+                    for b in in_flight.drain(..) {
+                        s.complete(&b);
+                    }
+                    now += Duration::from_millis(10);
+                    while let Next::Ready(b) = s.next(now) {
+                        check(&b, &in_flight, &mut started)?;
+                        in_flight.push(b);
+                    }
+                }
+                let mut counts: HashMap<i64, usize> = HashMap::new();
+                for (o, _) in &started {
+                    *counts.entry(*o).or_default() += 1;
+                }
+                prop_assert_eq!(counts.len() as i64, next_offset);
+                prop_assert!(counts.values().all(|&c| c == 1));
+            }
+        }
+    }
 }
