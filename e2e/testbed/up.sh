@@ -129,11 +129,21 @@ current-context: kpipe-testbed
 KC
 
 # ---------------------------------------------------------------- process helpers
-# start <component> <cmdline-match> <cmd...>: runs detached in its own session, output to logs/<component>.log
+# start <component> <cmdline-match> <cmd...>: runs detached in its own session, output to logs/<component>.log.
+# The command is remembered so wait_healthy can start it again if a pre-existing (e.g. shutting-down) process dies.
+declare -A START_CMD STARTED
+declare -A PORT_OF=([etcd]=$ETCD_PORT [kube-apiserver]=$APISERVER_PORT [kube-controller-manager]=10257
+  [kafka]=$KAFKA_PORT [kubelet]=10250)
+# port_owner <port>: pid of the process listening on a TCP port (empty if free).
+port_owner() { ss -Hltnp "sport = :$1" 2>/dev/null | sed -n 's/.*pid=\([0-9]*\).*/\1/p' | head -1; }
 start() {
-  local name=$1 match=$2; shift 2
+  local name=$1 match=$2 owner; shift 2
+  START_CMD[$name]=$(printf '%q ' "$@")
   if alive "$name" "$match"; then return 0; fi
+  owner=$(port_owner "${PORT_OF[$name]}")
+  [ -z "$owner" ] || die "cannot start $name: port ${PORT_OF[$name]} is used by pid $owner ($(tr '\0' ' ' </proc/"$owner"/cmdline 2>/dev/null | cut -c1-80)) which this bed does not track; stop it (or run down.sh) first"
   log "starting $name"
+  STARTED[$name]=1
   setsid "$@" >>"$KPIPE_RUN/logs/$name.log" 2>&1 </dev/null &
   echo $! >"$(pidfile "$name")"
 }
@@ -143,8 +153,24 @@ wait_healthy() {
   s=$(date +%s)
   until "$check"; do
     if ! alive "$name" "$match"; then
+      if [ -z "${STARTED[$name]:-}" ] && [ -n "${START_CMD[$name]:-}" ]; then
+        # It was an old process that was still running (unhealthy, e.g. shutting down): start a fresh one.
+        log "$name (pre-existing, unhealthy) exited: starting it again"
+        STARTED[$name]=1
+        eval "setsid ${START_CMD[$name]} >>\"\$KPIPE_RUN/logs/$name.log\" 2>&1 </dev/null &"
+        echo $! >"$(pidfile "$name")"
+        s=$(date +%s)
+        continue
+      fi
       tail -n 30 "$KPIPE_RUN/logs/$name.log" >&2 || true
       die "$name exited during startup (log: $KPIPE_RUN/logs/$name.log)"
+    fi
+    if [ -z "${STARTED[$name]:-}" ] && [ $(( $(date +%s) - s )) -ge 10 ]; then
+      # A process from an earlier run that stays unhealthy (typically a slow graceful shutdown): replace it.
+      log "pre-existing $name unhealthy for 10s: killing it (it gets restarted)"
+      kill -KILL "$(cat "$(pidfile "$name")")" 2>/dev/null || true
+      for _ in $(seq 1 50); do alive "$name" "$match" || break; sleep 0.1; done
+      continue
     fi
     if [ $(( $(date +%s) - s )) -ge "$timeout" ]; then
       tail -n 30 "$KPIPE_RUN/logs/$name.log" >&2 || true
@@ -152,6 +178,7 @@ wait_healthy() {
     fi
     sleep 0.3
   done
+  alive "$name" "$match" || die "$name exited right after startup (log: $KPIPE_RUN/logs/$name.log)"
   log "$name ready ($(( $(date +%s) - s ))s)"
 }
 
@@ -184,6 +211,15 @@ start kube-apiserver kube-apiserver "$K8S_BIN/kube-apiserver" \
   --authorization-mode=Node,RBAC --enable-admission-plugins=NodeRestriction \
   --allow-privileged=true --profiling=false --v=1
 wait_healthy kube-apiserver kube-apiserver apiserver_healthy 120
+if [ -n "${STARTED[kube-apiserver]:-}" ] && alive kube-controller-manager kube-controller-manager; then
+  # client-go informers back off up to 30 s after losing the apiserver; a fresh kcm resyncs at once (~1 s).
+  log "kube-apiserver was (re)started: restarting kube-controller-manager too"
+  kill -TERM "$(cat "$(pidfile kube-controller-manager)")" 2>/dev/null || true
+  for _ in $(seq 1 100); do alive kube-controller-manager kube-controller-manager || break; sleep 0.1; done
+  alive kube-controller-manager kube-controller-manager && kill -KILL "$(cat "$(pidfile kube-controller-manager)")" 2>/dev/null
+  for _ in $(seq 1 20); do [ -z "$(port_owner 10257)" ] && break; sleep 0.1; done
+  rm -f "$(pidfile kube-controller-manager)"
+fi
 
 # ---------------------------------------------------------------- kube-controller-manager
 start kube-controller-manager kube-controller-manager "$K8S_BIN/kube-controller-manager" \

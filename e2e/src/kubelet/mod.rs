@@ -226,6 +226,35 @@ async fn bind(client: Client, pod: Pod, node: String) {
     }
 }
 
+/// Watch retry back-off: 200 ms doubling to at most 2 s (kube's default goes to 30 s, which would leave pods
+/// unbound for half a minute after an apiserver restart). Reset by the stream after a successful event.
+#[derive(Debug)]
+struct QuickBackoff {
+    next: Duration,
+}
+
+impl Default for QuickBackoff {
+    fn default() -> Self {
+        Self { next: Duration::from_millis(200) }
+    }
+}
+
+impl Iterator for QuickBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let current = self.next;
+        self.next = (self.next * 2).min(Duration::from_secs(2));
+        Some(current)
+    }
+}
+
+impl kube::runtime::utils::Backoff for QuickBackoff {
+    fn reset(&mut self) {
+        *self = Self::default();
+    }
+}
+
 struct Worker {
     tx: watch::Sender<PodUpdate>,
 }
@@ -291,8 +320,9 @@ pub async fn run(client: Client, cfg: KubeletConfig) -> Result<(), KubeletError>
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
     let mut binding: HashSet<String> = HashSet::new();
     let mut seen: HashSet<String> = HashSet::new();
-    let mut stream =
-        std::pin::pin!(watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()).default_backoff());
+    let mut stream = std::pin::pin!(
+        watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()).backoff(QuickBackoff::default())
+    );
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|source| KubeletError::Io { path: "signal(SIGTERM)".into(), source })?;
 
