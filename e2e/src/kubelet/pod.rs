@@ -213,6 +213,7 @@ pub async fn run_pod(shared: Arc<Shared>, mut rx: watch::Receiver<PodUpdate>) {
     info!(pod = %key, %ip, "starting pod");
 
     // Sandbox + volumes + credentials; retried until it works or the pod goes away.
+    let mut retry = Duration::from_millis(100);
     let prepared = loop {
         match prepare(&ctx).await {
             Ok((volumes, kubeconfig)) => break Some((volumes, kubeconfig)),
@@ -229,12 +230,22 @@ pub async fn run_pod(shared: Arc<Shared>, mut rx: watch::Receiver<PodUpdate>) {
                     }
                 }
                 patch_status(&ctx).await;
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-                    changed = rx.changed() => {
-                        let u = rx.borrow().clone();
-                        if changed.is_err() || u.gone || u.pod.metadata.deletion_timestamp.is_some() { break None; }
+                // Missing ConfigMaps (e.g. kube-root-ca.crt right after a namespace is created) usually appear
+                // within a second: retry quickly first, then every 2 s; stop as soon as the pod is deleted.
+                let sleep = tokio::time::sleep(retry);
+                tokio::pin!(sleep);
+                retry = (retry * 2).min(Duration::from_secs(2));
+                let deleted = loop {
+                    tokio::select! {
+                        _ = &mut sleep => break false,
+                        changed = rx.changed() => {
+                            let u = rx.borrow().clone();
+                            if changed.is_err() || u.gone || u.pod.metadata.deletion_timestamp.is_some() { break true; }
+                        }
                     }
+                };
+                if deleted {
+                    break None;
                 }
             }
         }
