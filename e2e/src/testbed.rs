@@ -194,6 +194,63 @@ impl TestBed {
         c
     }
 
+    /// Runs `kubectl --kubeconfig <admin> <args>`; returns stdout, or an error carrying stderr.
+    pub fn run_kubectl(&self, args: &[&str]) -> Result<String, TestBedError> {
+        let out = self
+            .kubectl_cmd()
+            .args(args)
+            .output()
+            .map_err(|source| TestBedError::Io { path: self.kubectl(), source })?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(TestBedError::Other(format!(
+                "kubectl {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )))
+        }
+    }
+
+    /// `helm --kubeconfig <admin>` command, ready for args.
+    pub fn helm_cmd(&self) -> std::process::Command {
+        let mut c = std::process::Command::new(self.helm());
+        c.arg("--kubeconfig").arg(self.kubeconfig());
+        c
+    }
+
+    /// Waits until exactly `count` pods matching `label_selector` in `namespace` are Ready; returns them.
+    pub async fn wait_pods_ready(
+        &self,
+        namespace: &str,
+        label_selector: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<Vec<k8s_openapi::api::core::v1::Pod>, TestBedError> {
+        use k8s_openapi::api::core::v1::Pod;
+        let api = Api::<Pod>::namespaced(self.client.clone(), namespace);
+        let lp = kube::api::ListParams::default().labels(label_selector);
+        let res = wait_for(&format!("{count} ready pods {label_selector} in {namespace}"), timeout, || {
+            let (api, lp) = (api.clone(), lp.clone());
+            async move {
+                let pods = api.list(&lp).await.ok()?.items;
+                let ready = |p: &Pod| {
+                    p.metadata.deletion_timestamp.is_none()
+                        && p.status
+                            .as_ref()
+                            .and_then(|s| s.conditions.as_ref())
+                            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+                };
+                (pods.len() == count && pods.iter().all(ready)).then_some(pods)
+            }
+        })
+        .await;
+        if res.is_err() {
+            self.dump_pod_logs(namespace);
+        }
+        res
+    }
+
     /// Creates a namespace `<prefix>-<random>`; it is deleted when the guard drops (or by [`TempNamespace::delete`]).
     pub async fn temp_namespace(&self, prefix: &str) -> Result<TempNamespace, TestBedError> {
         let name = format!("{prefix}-{:08x}", rand::random::<u32>());

@@ -117,18 +117,17 @@ async fn testbed_deployment_ready_via_probe_and_sigterm_on_scale_to_zero() {
 
     let deployments = Api::<Deployment>::namespaced(bed.client(), ns.name());
     let pods = Api::<Pod>::namespaced(bed.client(), ns.name());
-    wait_for("deployment web to have 2 ready replicas", Duration::from_secs(60), || {
+    let ready = bed.wait_pods_ready(ns.name(), "app=web", 2, Duration::from_secs(60)).await.unwrap();
+    wait_for("deployment web to report 2 ready replicas", Duration::from_secs(30), || {
         let d = deployments.clone();
         async move { (d.get("web").await.ok()?.status?.ready_replicas? == 2).then_some(()) }
     })
     .await
     .unwrap();
 
-    let list = pods.list(&ListParams::default().labels("app=web")).await.unwrap();
-    assert_eq!(list.items.len(), 2);
     let mut names = BTreeSet::new();
     let mut ips = BTreeSet::new();
-    for p in &list.items {
+    for p in &ready {
         let name = p.metadata.name.clone().unwrap();
         let st = p.status.clone().unwrap();
         let cs = &st.container_statuses.clone().unwrap()[0];
@@ -456,6 +455,23 @@ async fn testbed_init_containers_run_first() {
     let main = &st.container_statuses.unwrap()[0];
     assert!(main.state.as_ref().unwrap().waiting.is_some(), "main container must not have started: {main:?}");
     ns.delete().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn testbed_with_temp_ns_cleans_up() {
+    let bed = bed().await;
+    let name = bed
+        .with_temp_ns("tb-scoped", async |ns: String| -> Result<String, kpipe_e2e::TestBedError> {
+            let out = bed.run_kubectl(&["get", "namespace", &ns, "-o", "name"])?;
+            assert_eq!(out.trim(), format!("namespace/{ns}"));
+            Ok(ns)
+        })
+        .await
+        .unwrap();
+    let ns = bed.client();
+    let gone = Api::<k8s_openapi::api::core::v1::Namespace>::all(ns).get_opt(&name).await.unwrap();
+    assert!(gone.is_none_or(|n| n.metadata.deletion_timestamp.is_some()), "namespace {name} not deleted");
+    assert!(bed.run_kubectl(&["get", "pods", "-n", "does-not-matter", "--bogus-flag"]).is_err());
 }
 
 #[tokio::test(flavor = "multi_thread")]
