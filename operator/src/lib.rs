@@ -5,8 +5,11 @@
 //! at the edges ([`probe`], [`controller`]).
 
 pub mod build;
+pub mod controller;
 pub mod lag;
+pub mod metrics;
 pub mod probe;
+pub mod rbac;
 pub mod scaler;
 pub mod sim;
 pub mod status;

@@ -1,0 +1,494 @@
+//! The reconciler: referenced Secrets → validate → lag probe → scaler → server-side apply of the
+//! ConfigMap and Deployment (one field manager, forced) → status (only when it changed) → Events.
+//!
+//! The primary is watched through [`DeserializeGuard`], so one malformed object becomes an
+//! `InvalidObject` error for that object only (Warning Event, await change) instead of breaking
+//! the watch. Status-only updates of the primary do not retrigger reconciles (generation
+//! predicate); children are watched (`owns`) so drift and deletion are repaired.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kpipe_api::v1alpha1::{ConsumerPipeline, ConsumerPipelineSpec};
+use kube::api::{Api, PartialObjectMeta, Patch, PatchParams};
+use kube::core::DeserializeGuard;
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, predicates, watcher};
+use kube::{Client, Resource, ResourceExt};
+use tracing::{debug, info, warn};
+
+use crate::build::{self, CONFIG_HASH_ANNOTATION, LABEL_MANAGED_BY, MANAGER, SecretKeys, WorkerDefaults};
+use crate::lag::LagTracker;
+use crate::metrics::Metrics;
+use crate::probe::{Cluster, LagProbe, Sasl, Tls};
+use crate::scaler::{Decision, Policy, Reason, ScalerState};
+use crate::status::{self, Observed, Problem};
+
+/// Reconcile errors (Degraded causes are not errors: they are reported in status and requeued).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid ConsumerPipeline object: {0}")]
+    InvalidObject(String),
+    #[error("object has no namespace")]
+    NoNamespace,
+    #[error("Kubernetes API error while {action}: {source}")]
+    Kube {
+        action: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("timed out waiting for the Deployment cache to sync")]
+    CacheNotReady,
+}
+
+impl Error {
+    /// Metric label / Event reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::InvalidObject(_) => "InvalidObject",
+            Self::NoNamespace => "NoNamespace",
+            Self::Kube { .. } => "KubernetesApiError",
+            Self::CacheNotReady => "CacheNotReady",
+        }
+    }
+}
+
+fn kube_err(action: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
+    let action = action.into();
+    move |source| Error::Kube { action, source }
+}
+
+/// Operator settings that reach the reconciler.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub field_manager: String,
+    pub worker: WorkerDefaults,
+    pub probe_timeout: Duration,
+    pub stuck_after_polls: u32,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            field_manager: MANAGER.into(),
+            worker: WorkerDefaults { image: "kpipe/worker:0.1.0".into(), ..Default::default() },
+            probe_timeout: Duration::from_secs(5),
+            stuck_after_polls: 6,
+        }
+    }
+}
+
+#[derive(Default)]
+struct PipelineState {
+    tracker: Option<LagTracker>,
+    scaler: ScalerState,
+    /// Replicas this operator last set (auto mode); None before the first decision.
+    last_desired: Option<i32>,
+    last_problem: Option<Problem>,
+    failures: u32,
+}
+
+/// State shared by every controller (one per watched namespace) of this process.
+pub struct Shared {
+    pub client: Client,
+    pub settings: Settings,
+    pub probe: Arc<LagProbe>,
+    pub metrics: Metrics,
+    pub recorder: Recorder,
+    origin: Instant,
+    pipelines: Mutex<HashMap<String, Arc<tokio::sync::Mutex<PipelineState>>>>,
+}
+
+impl Shared {
+    pub fn new(client: Client, settings: Settings, metrics: Metrics, instance: Option<String>) -> Self {
+        let recorder = Recorder::new(client.clone(), Reporter { controller: MANAGER.into(), instance });
+        Self {
+            probe: Arc::new(LagProbe::new(settings.probe_timeout)),
+            client,
+            settings,
+            metrics,
+            recorder,
+            origin: Instant::now(),
+            pipelines: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn state(&self, uid: &str) -> Arc<tokio::sync::Mutex<PipelineState>> {
+        match self.pipelines.lock() {
+            Ok(mut map) => map.entry(uid.to_string()).or_default().clone(),
+            Err(_) => Arc::default(),
+        }
+    }
+
+    fn forget(&self, uid: &str) {
+        if let Ok(mut map) = self.pipelines.lock() {
+            map.remove(uid);
+        }
+    }
+
+    async fn event(&self, oref: &ObjectReference, type_: EventType, reason: &str, note: String, action: &str) {
+        let ev = Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None };
+        if let Err(e) = self.recorder.publish(&ev, oref).await {
+            warn!(error = %e, reason, "cannot publish Event");
+        }
+    }
+}
+
+/// Per-controller context.
+pub struct Context {
+    pub shared: Arc<Shared>,
+    deployments: Store<Deployment>,
+    config_maps: Store<PartialObjectMeta<ConfigMap>>,
+}
+
+/// Secrets a pipeline references: key names and versions (for validation and the config hash)
+/// and the values the lag probe needs (kept in memory only).
+#[derive(Default)]
+struct Dereferenced {
+    keys: SecretKeys,
+    versions: BTreeMap<String, String>,
+    data: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+async fn dereference(client: &Client, ns: &str, spec: &ConsumerPipelineSpec) -> Result<Dereferenced, Error> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let mut out = Dereferenced::default();
+    for name in build::referenced_secrets(spec).into_keys() {
+        let Some(secret) = api.get_opt(&name).await.map_err(kube_err(format!("reading Secret {ns}/{name}")))? else {
+            continue;
+        };
+        let mut keys = BTreeSet::new();
+        let mut values = BTreeMap::new();
+        for (k, v) in secret.data.unwrap_or_default() {
+            keys.insert(k.clone());
+            values.insert(k, String::from_utf8_lossy(&v.0).into_owned());
+        }
+        for (k, v) in secret.string_data.unwrap_or_default() {
+            keys.insert(k.clone());
+            values.insert(k, v);
+        }
+        out.versions.insert(name.clone(), secret.metadata.resource_version.unwrap_or_default());
+        out.keys.insert(name.clone(), keys);
+        out.data.insert(name, values);
+    }
+    Ok(out)
+}
+
+fn cluster_for(spec: &ConsumerPipelineSpec, d: &Dereferenced) -> Cluster {
+    let get = |secret: &str, key: &str| d.data.get(secret).and_then(|m| m.get(key)).cloned();
+    let auth = spec.source.auth.as_ref();
+    let sasl = auth.and_then(|a| a.sasl.as_ref()).map(|s| Sasl {
+        mechanism: s.mechanism.as_str().into(),
+        username: get(&s.secret_ref.name, &s.secret_ref.username_key).unwrap_or_default(),
+        password: get(&s.secret_ref.name, &s.secret_ref.password_key).unwrap_or_default(),
+    });
+    let tls = auth.and_then(|a| a.tls.as_ref()).map(|t| Tls {
+        ca_pem: t.ca_secret_ref.as_ref().and_then(|c| get(&c.name, &c.key)),
+        cert_pem: t.client_cert_secret_ref.as_ref().and_then(|c| get(&c.name, "tls.crt")),
+        key_pem: t.client_cert_secret_ref.as_ref().and_then(|c| get(&c.name, "tls.key")),
+    });
+    Cluster { bootstrap_servers: spec.source.bootstrap_servers.clone(), sasl, tls }
+}
+
+fn invalid_object_ref(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectReference {
+    ObjectReference {
+        api_version: Some("kpipe.io/v1alpha1".into()),
+        kind: Some("ConsumerPipeline".into()),
+        name: meta.name.clone(),
+        namespace: meta.namespace.clone(),
+        uid: meta.uid.clone(),
+        resource_version: meta.resource_version.clone(),
+        ..Default::default()
+    }
+}
+
+/// Reconcile one pipeline.
+pub async fn reconcile(obj: Arc<DeserializeGuard<ConsumerPipeline>>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let res = reconcile_inner(&obj, &ctx).await;
+    let m = &ctx.shared.metrics;
+    m.reconcile_duration.observe(started.elapsed().as_secs_f64());
+    m.reconciles.with_label_values(&[if res.is_ok() { "ok" } else { "error" }]).inc();
+    res
+}
+
+async fn reconcile_inner(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context) -> Result<Action, Error> {
+    let shared = &ctx.shared;
+    let cp = match &obj.0 {
+        Ok(cp) => cp,
+        Err(invalid) => {
+            let oref = invalid_object_ref(&invalid.metadata);
+            shared
+                .event(
+                    &oref,
+                    EventType::Warning,
+                    "InvalidObject",
+                    format!("cannot parse: {}", invalid.error),
+                    "Reconcile",
+                )
+                .await;
+            return Err(Error::InvalidObject(invalid.error.clone()));
+        }
+    };
+    let ns = cp.namespace().ok_or(Error::NoNamespace)?;
+    let name = cp.name_any();
+    let uid = cp.uid().unwrap_or_default();
+    if cp.metadata.deletion_timestamp.is_some() {
+        // Children go through owner-reference garbage collection.
+        shared.forget(&uid);
+        shared.metrics.forget(&ns, &name);
+        return Ok(Action::await_change());
+    }
+    let spec = &cp.spec;
+    let oref = cp.object_ref(&());
+    let poll: Duration = spec.scaling.poll_interval.into();
+    let now = shared.origin.elapsed();
+    let state_lock = shared.state(&uid);
+    let mut state = state_lock.lock().await;
+
+    // Observed children.
+    if tokio::time::timeout(Duration::from_secs(30), ctx.deployments.wait_until_ready()).await.is_err() {
+        return Err(Error::CacheNotReady);
+    }
+    let child = build::child_name(&name);
+    let dep = ctx.deployments.get(&ObjectRef::new(&child).within(&ns));
+    let cm = ctx.config_maps.get(&ObjectRef::new(&child).within(&ns));
+    let dep_replicas = dep.as_ref().and_then(|d| d.spec.as_ref()).and_then(|s| s.replicas);
+    let ready = dep.as_ref().and_then(|d| d.status.as_ref()).and_then(|s| s.ready_replicas).unwrap_or(0);
+    let hash_of = |annotations: Option<&BTreeMap<String, String>>| {
+        annotations.and_then(|a| a.get(CONFIG_HASH_ANNOTATION)).cloned()
+    };
+    let dep_hash = hash_of(
+        dep.as_ref()
+            .and_then(|d| d.spec.as_ref())
+            .and_then(|s| s.template.metadata.as_ref())
+            .and_then(|m| m.annotations.as_ref()),
+    );
+    let cm_hash = hash_of(cm.as_ref().and_then(|c| c.metadata.annotations.as_ref()));
+    // The operator owns the replica count in auto mode: its own last decision is the truth, a
+    // drifted Deployment is put back.
+    let current = state.last_desired.or(dep_replicas).unwrap_or(0);
+
+    // Dereference and validate.
+    let deref = dereference(&shared.client, &ns, spec).await?;
+    let mut problem: Option<Problem> = None;
+    let mut snapshot = None;
+    let policy = Policy::from_spec(spec);
+    let validated = build::validate(cp, &deref.keys, &deref.versions, &shared.settings.worker);
+    let decision: Decision = match &validated {
+        Err(e) => {
+            problem = Some(Problem { reason: e.reason().into(), message: e.to_string() });
+            Decision { desired: current, reason: Reason::ProbeUnavailable, message: "spec cannot be applied".into() }
+        }
+        Ok(v) => {
+            let t0 = Instant::now();
+            let probed =
+                shared.probe.offsets(cluster_for(spec, &deref), spec.source.topics.clone(), v.group_id.clone()).await;
+            let secs = t0.elapsed().as_secs_f64();
+            match probed {
+                Ok(offsets) => {
+                    shared.metrics.probe_duration.with_label_values(&["ok"]).observe(secs);
+                    let tracker = state.tracker.get_or_insert_with(|| {
+                        LagTracker::new(shared.settings.stuck_after_polls, Duration::from_secs(60))
+                    });
+                    let snap = tracker.update(&offsets, spec.source.start_offset, ready, now);
+                    if snap.partitions < spec.scaling.min_replicas {
+                        problem = Some(Problem {
+                            reason: "InsufficientPartitions".into(),
+                            message: format!(
+                                "minReplicas is {} but the topics have only {} partitions; running {}",
+                                spec.scaling.min_replicas, snap.partitions, snap.partitions
+                            ),
+                        });
+                    }
+                    snapshot = Some(snap);
+                }
+                Err(e) => {
+                    shared.metrics.probe_duration.with_label_values(&["error"]).observe(secs);
+                    shared.metrics.probe_errors.with_label_values(&[e.reason()]).inc();
+                    problem = Some(Problem { reason: e.reason().into(), message: e.to_string() });
+                }
+            }
+            let obs = snapshot.as_ref().map(|s| s.observation());
+            state.scaler.decide(&policy, obs.as_ref(), current, now)
+        }
+    };
+    let counts = shared.probe.counts();
+    shared.metrics.kafka_clients.with_label_values(&["cluster"]).set(counts.clusters as i64);
+    shared.metrics.kafka_clients.with_label_values(&["group"]).set(counts.groups as i64);
+
+    // Apply children.
+    let mut configured = false;
+    if let Ok(v) = &validated {
+        let pp = PatchParams::apply(&shared.settings.field_manager).force();
+        if cm.is_none() || cm_hash.as_deref() != Some(v.config_hash.as_str()) {
+            let api: Api<ConfigMap> = Api::namespaced(shared.client.clone(), &ns);
+            api.patch(&child, &pp, &Patch::Apply(build::config_map(v)))
+                .await
+                .map_err(kube_err(format!("applying ConfigMap {ns}/{child}")))?;
+            debug!(%ns, %name, "applied ConfigMap");
+        }
+        if dep.is_none()
+            || dep_hash.as_deref() != Some(v.config_hash.as_str())
+            || dep_replicas != Some(decision.desired)
+        {
+            let api: Api<Deployment> = Api::namespaced(shared.client.clone(), &ns);
+            api.patch(&child, &pp, &Patch::Apply(build::deployment(v, decision.desired)))
+                .await
+                .map_err(kube_err(format!("applying Deployment {ns}/{child}")))?;
+            debug!(%ns, %name, replicas = decision.desired, "applied Deployment");
+        }
+        configured = true;
+        state.last_desired = Some(decision.desired);
+    }
+    let previous_replicas = dep_replicas.unwrap_or(0);
+    let replicas = if configured { decision.desired } else { previous_replicas };
+
+    // Events and metrics for scale decisions.
+    let scaled = configured && replicas != previous_replicas && dep.is_some();
+    if scaled {
+        let direction = if replicas > previous_replicas { "up" } else { "down" };
+        shared.metrics.scale_events.with_label_values(&[&ns, &name, direction]).inc();
+        info!(%ns, %name, from = previous_replicas, to = replicas, reason = %decision.reason, "{}", decision.message);
+        shared.event(&oref, EventType::Normal, decision.reason.as_str(), decision.message.clone(), "Scale").await;
+    }
+    if problem != state.last_problem {
+        match &problem {
+            Some(p) => {
+                warn!(%ns, %name, reason = %p.reason, "{}", p.message);
+                shared.metrics.reconcile_errors.with_label_values(&[&p.reason]).inc();
+                shared.event(&oref, EventType::Warning, &p.reason, p.message.clone(), "Reconcile").await;
+            }
+            None => {
+                shared
+                    .event(&oref, EventType::Normal, "Recovered", "pipeline is healthy again".into(), "Reconcile")
+                    .await;
+            }
+        }
+        state.last_problem = problem.clone();
+    }
+    let labels = [ns.as_str(), name.as_str()];
+    if let Some(s) = &snapshot {
+        shared.metrics.lag.with_label_values(&labels).set(s.total_lag);
+        shared.metrics.stuck_partitions.with_label_values(&labels).set(i64::from(s.stuck_partitions));
+    }
+    shared.metrics.desired_replicas.with_label_values(&labels).set(i64::from(decision.desired));
+    shared.metrics.replicas.with_label_values(&labels).set(i64::from(replicas));
+
+    // Status.
+    let prev_status = cp.status.as_ref();
+    let observed = Observed {
+        generation: cp.metadata.generation,
+        problem: problem.clone(),
+        workers_configured: configured || dep.is_some(),
+        replicas,
+        ready_replicas: ready.min(replicas.max(ready)),
+        desired: decision.desired,
+        scale_reason: decision.reason.as_str().into(),
+        scale_message: decision.message.clone(),
+        selector: build::selector_string(&name),
+        group_id: Some(spec.source.effective_group_id(&ns, &name)),
+        lag: snapshot.as_ref().map(|s| s.summary()).or_else(|| prev_status.and_then(|s| s.lag.clone())),
+        scaled_at: scaled.then(|| Time(jiff::Timestamp::now())),
+    };
+    let new_status = status::compute(prev_status, &observed, Time(jiff::Timestamp::now()));
+    if prev_status != Some(&new_status) {
+        let api: Api<ConsumerPipeline> = Api::namespaced(shared.client.clone(), &ns);
+        let patch = serde_json::json!({
+            "apiVersion": "kpipe.io/v1alpha1",
+            "kind": "ConsumerPipeline",
+            "status": new_status,
+        });
+        api.patch_status(&name, &PatchParams::apply(&shared.settings.field_manager).force(), &Patch::Apply(patch))
+            .await
+            .map_err(kube_err(format!("writing status of {ns}/{name}")))?;
+    }
+
+    // Next poll: the poll interval, or back off while Kafka or a Secret is the problem.
+    let next = if problem.is_some() {
+        state.failures = state.failures.saturating_add(1);
+        let backoff = poll.saturating_mul(1u32 << state.failures.min(4)).min(Duration::from_secs(60));
+        if snapshot.is_some() { poll } else { backoff }
+    } else {
+        state.failures = 0;
+        poll
+    };
+    Ok(Action::requeue(next))
+}
+
+/// What to do after a reconcile error.
+pub fn error_policy(_obj: Arc<DeserializeGuard<ConsumerPipeline>>, err: &Error, ctx: Arc<Context>) -> Action {
+    ctx.shared.metrics.reconcile_errors.with_label_values(&[err.reason()]).inc();
+    warn!(error = %err, "reconcile failed");
+    match err {
+        // Permanent until the object changes.
+        Error::InvalidObject(_) | Error::NoNamespace => Action::await_change(),
+        _ => Action::requeue(Duration::from_secs(5)),
+    }
+}
+
+/// Where to watch: every namespace, or one.
+#[derive(Clone, Debug)]
+pub enum Scope {
+    All,
+    Namespace(String),
+}
+
+impl Scope {
+    fn api<K>(&self, client: &Client) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        K::DynamicType: Default,
+    {
+        match self {
+            Self::All => Api::all(client.clone()),
+            Self::Namespace(ns) => Api::namespaced(client.clone(), ns),
+        }
+    }
+}
+
+/// Run the controller for one scope until `shutdown` resolves.
+pub async fn run(
+    shared: Arc<Shared>,
+    scope: Scope,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = shared.client.clone();
+    let managed = watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGER}"));
+
+    let (pipelines, pipeline_writer) = reflector::store::<DeserializeGuard<ConsumerPipeline>>();
+    let primary = reflector::reflector(pipeline_writer, watcher(scope.api(&client), watcher::Config::default()))
+        .applied_objects()
+        .predicate_filter(predicates::generation, Default::default());
+
+    let (deployments, dep_writer) = reflector::store::<Deployment>();
+    let dep_stream =
+        reflector::reflector(dep_writer, watcher(scope.api::<Deployment>(&client), managed.clone())).touched_objects();
+    let (config_maps, cm_writer) = reflector::store::<PartialObjectMeta<ConfigMap>>();
+    let cm_stream =
+        reflector::reflector(cm_writer, watcher(scope.api::<PartialObjectMeta<ConfigMap>>(&client), managed))
+            .touched_objects();
+
+    let ctx = Arc::new(Context { shared, deployments, config_maps });
+    info!(?scope, "starting ConsumerPipeline controller");
+    Controller::for_stream(primary, pipelines)
+        .owns_stream(dep_stream)
+        .owns_stream(cm_stream)
+        .with_config(ControllerConfig::default().concurrency(32))
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                debug!(error = %e, "controller event");
+            }
+        })
+        .await;
+    info!(?scope, "controller stopped");
+}

@@ -1,0 +1,160 @@
+//! Prometheus metrics (`kpipe_operator_` prefix, base units, `_total` counters).
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Every metric the operator exports.
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub reconciles: IntCounterVec,
+    pub reconcile_errors: IntCounterVec,
+    pub reconcile_duration: Histogram,
+    pub lag: IntGaugeVec,
+    pub stuck_partitions: IntGaugeVec,
+    pub desired_replicas: IntGaugeVec,
+    pub replicas: IntGaugeVec,
+    pub scale_events: IntCounterVec,
+    pub probe_errors: IntCounterVec,
+    pub probe_duration: HistogramVec,
+    pub kafka_clients: IntGaugeVec,
+    pub leader: IntGauge,
+}
+
+fn must<T>(r: prometheus::Result<T>) -> T {
+    // Metric definitions are static; an error here is a programming error caught by the tests.
+    match r {
+        Ok(v) => v,
+        Err(e) => panic!("invalid metric definition: {e}"),
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let pipe = &["namespace", "pipeline"];
+        let reconciles = must(IntCounterVec::new(
+            Opts::new("kpipe_operator_reconciles_total", "Reconciles by result (ok, error)"),
+            &["result"],
+        ));
+        let reconcile_errors = must(IntCounterVec::new(
+            Opts::new("kpipe_operator_reconcile_errors_total", "Reconcile errors and Degraded causes by reason"),
+            &["reason"],
+        ));
+        let reconcile_duration = must(Histogram::with_opts(
+            HistogramOpts::new("kpipe_operator_reconcile_duration_seconds", "Duration of one reconcile")
+                .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+        ));
+        let lag = must(IntGaugeVec::new(
+            Opts::new("kpipe_operator_pipeline_lag_records", "Consumer-group lag of the pipeline, in records"),
+            pipe,
+        ));
+        let stuck_partitions = must(IntGaugeVec::new(
+            Opts::new(
+                "kpipe_operator_pipeline_stuck_partitions",
+                "Partitions with lag whose committed offset does not move",
+            ),
+            pipe,
+        ));
+        let desired_replicas = must(IntGaugeVec::new(
+            Opts::new("kpipe_operator_pipeline_desired_replicas", "Replicas the scaler wants"),
+            pipe,
+        ));
+        let replicas = must(IntGaugeVec::new(
+            Opts::new("kpipe_operator_pipeline_replicas", "Replicas set on the worker Deployment"),
+            pipe,
+        ));
+        let scale_events = must(IntCounterVec::new(
+            Opts::new("kpipe_operator_scale_events_total", "Replica changes by direction (up, down)"),
+            &["namespace", "pipeline", "direction"],
+        ));
+        let probe_errors = must(IntCounterVec::new(
+            Opts::new("kpipe_operator_probe_errors_total", "Failed lag probes by reason"),
+            &["reason"],
+        ));
+        let probe_duration = must(HistogramVec::new(
+            HistogramOpts::new("kpipe_operator_probe_duration_seconds", "Duration of one lag probe")
+                .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+            &["result"],
+        ));
+        let kafka_clients = must(IntGaugeVec::new(
+            Opts::new("kpipe_operator_kafka_clients", "Open Kafka client handles (cluster: shared, group: per group)"),
+            &["kind"],
+        ));
+        let leader = must(IntGauge::new("kpipe_operator_leader", "1 while this replica holds the leader lease"));
+        for c in [
+            Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(reconcile_errors.clone()),
+            Box::new(reconcile_duration.clone()),
+            Box::new(lag.clone()),
+            Box::new(stuck_partitions.clone()),
+            Box::new(desired_replicas.clone()),
+            Box::new(replicas.clone()),
+            Box::new(scale_events.clone()),
+            Box::new(probe_errors.clone()),
+            Box::new(probe_duration.clone()),
+            Box::new(kafka_clients.clone()),
+            Box::new(leader.clone()),
+        ] {
+            must(registry.register(c));
+        }
+        Self {
+            registry,
+            reconciles,
+            reconcile_errors,
+            reconcile_duration,
+            lag,
+            stuck_partitions,
+            desired_replicas,
+            replicas,
+            scale_events,
+            probe_errors,
+            probe_duration,
+            kafka_clients,
+            leader,
+        }
+    }
+
+    /// Forget a deleted pipeline's series.
+    pub fn forget(&self, namespace: &str, pipeline: &str) {
+        for g in [&self.lag, &self.stuck_partitions, &self.desired_replicas, &self.replicas] {
+            let _ = g.remove_label_values(&[namespace, pipeline]);
+        }
+        for d in ["up", "down"] {
+            let _ = self.scale_events.remove_label_values(&[namespace, pipeline, d]);
+        }
+    }
+
+    /// Text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        if TextEncoder::new().encode(&self.registry.gather(), &mut buf).is_err() {
+            return String::new();
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_with_prefix_and_forgets() {
+        let m = Metrics::new();
+        m.reconciles.with_label_values(&["ok"]).inc();
+        m.lag.with_label_values(&["ns", "p"]).set(42);
+        let text = m.render();
+        assert!(text.contains("kpipe_operator_reconciles_total{result=\"ok\"} 1"));
+        assert!(text.contains("kpipe_operator_pipeline_lag_records{namespace=\"ns\",pipeline=\"p\"} 42"));
+        m.forget("ns", "p");
+        assert!(!m.render().contains("pipeline=\"p\""));
+    }
+}

@@ -1,0 +1,79 @@
+//! The Kubernetes permissions the operator's code uses, in one place. The chart's ClusterRole
+//! (or Role per watched namespace) must grant exactly these; a test of the chart compares with
+//! [`RULES`].
+
+/// One RBAC rule: API group ("" = core), resource (with subresource), verbs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub api_group: &'static str,
+    pub resource: &'static str,
+    pub verbs: &'static [&'static str],
+    /// Where in the code the permission is used.
+    pub used_by: &'static str,
+}
+
+/// Every (apiGroup, resource, verbs) the operator needs.
+pub const RULES: &[Rule] = &[
+    Rule {
+        api_group: "kpipe.io",
+        resource: "consumerpipelines",
+        verbs: &["get", "list", "watch"],
+        used_by: "controller: primary watch (reflector) and the startup CRD check",
+    },
+    Rule {
+        api_group: "kpipe.io",
+        resource: "consumerpipelines/status",
+        verbs: &["get", "patch"],
+        used_by: "controller: server-side apply of .status",
+    },
+    Rule {
+        api_group: "kpipe.io",
+        resource: "consumerpipelines/finalizers",
+        verbs: &["update"],
+        used_by: "children carry blockOwnerDeletion owner references (OwnerReferencesPermissionEnforcement)",
+    },
+    Rule {
+        api_group: "apps",
+        resource: "deployments",
+        verbs: &["get", "list", "watch", "create", "patch"],
+        used_by: "controller: owned-object watch and server-side apply of the worker Deployment",
+    },
+    Rule {
+        api_group: "",
+        resource: "configmaps",
+        verbs: &["get", "list", "watch", "create", "patch"],
+        used_by: "controller: owned-object watch and server-side apply of the worker ConfigMap",
+    },
+    Rule {
+        api_group: "",
+        resource: "secrets",
+        verbs: &["get"],
+        used_by: "controller: referenced SASL/TLS Secrets (key names for validation, values only for the lag probe)",
+    },
+    Rule {
+        api_group: "events.k8s.io",
+        resource: "events",
+        verbs: &["create", "patch"],
+        used_by: "events Recorder (patch aggregates event series)",
+    },
+    Rule {
+        api_group: "coordination.k8s.io",
+        resource: "leases",
+        verbs: &["get", "create", "patch"],
+        used_by: "leader election (kube-lease-manager), only with --leader-election",
+    },
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_wildcards_and_no_duplicates() {
+        let mut seen = std::collections::BTreeSet::new();
+        for r in RULES {
+            assert!(!r.resource.contains('*') && !r.verbs.contains(&"*"), "{r:?}");
+            assert!(seen.insert((r.api_group, r.resource)), "duplicate {r:?}");
+        }
+    }
+}
