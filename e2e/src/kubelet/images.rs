@@ -13,10 +13,17 @@ pub enum Executable {
     Command,
 }
 
+#[derive(Debug, Clone)]
+enum Target {
+    /// Candidate paths; the first existing file wins.
+    Paths(Vec<PathBuf>),
+    Command,
+}
+
 /// Parsed image map: ordered `(pattern, target)` pairs, first match wins.
 #[derive(Debug, Clone, Default)]
 pub struct ImageMap {
-    entries: Vec<(String, Executable)>,
+    entries: Vec<(String, Target)>,
 }
 
 impl ImageMap {
@@ -37,10 +44,14 @@ impl ImageMap {
                 });
             };
             let exe = if exe == "@command" {
-                Executable::Command
+                Target::Command
             } else {
-                let p = exe.replace("${REPO}", &repo.to_string_lossy()).replace("${TARGET}", &target.to_string_lossy());
-                Executable::Binary(PathBuf::from(p))
+                let subst = |p: &str| {
+                    PathBuf::from(
+                        p.replace("${REPO}", &repo.to_string_lossy()).replace("${TARGET}", &target.to_string_lossy()),
+                    )
+                };
+                Target::Paths(exe.split('|').filter(|p| !p.is_empty()).map(subst).collect())
             };
             entries.push((pattern.to_string(), exe));
         }
@@ -54,13 +65,20 @@ impl ImageMap {
         Self::parse(&text, repo, target, path)
     }
 
-    /// Resolves an image reference. `file:///abs/path` images map to that path directly.
+    /// Resolves an image reference. `file:///abs/path` images map to that path directly. For `a|b` targets the first
+    /// existing file wins (the first candidate is returned when none exists, for the error message).
     pub fn resolve(&self, image: &str) -> Option<Executable> {
         if let Some(path) = image.strip_prefix("file://") {
             return Some(Executable::Binary(PathBuf::from(path)));
         }
         let normalized = normalize(image);
-        self.entries.iter().find(|(pattern, _)| glob_match(pattern, &normalized)).map(|(_, exe)| exe.clone())
+        let (_, target) = self.entries.iter().find(|(pattern, _)| glob_match(pattern, &normalized))?;
+        match target {
+            Target::Command => Some(Executable::Command),
+            Target::Paths(paths) => {
+                paths.iter().find(|p| p.is_file()).or_else(|| paths.first()).cloned().map(Executable::Binary)
+            }
+        }
     }
 }
 
@@ -118,6 +136,15 @@ mod tests {
         assert_eq!(m.resolve("busybox:1.36"), Some(Executable::Command));
         assert_eq!(m.resolve("nginx:1"), None);
         assert_eq!(m.resolve("file:///bin/true"), Some(Executable::Binary("/bin/true".into())));
+    }
+
+    #[test]
+    fn first_existing_alternative_wins() {
+        let m = ImageMap::parse("x:* /nonexistent/a|/bin/sh", Path::new("/"), Path::new("/"), Path::new("f")).unwrap();
+        assert_eq!(m.resolve("x:1"), Some(Executable::Binary("/bin/sh".into())));
+        let m = ImageMap::parse("x:* /nonexistent/a|/nonexistent/b", Path::new("/"), Path::new("/"), Path::new("f"))
+            .unwrap();
+        assert_eq!(m.resolve("x:1"), Some(Executable::Binary("/nonexistent/a".into())));
     }
 
     #[test]
