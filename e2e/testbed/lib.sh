@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Shared helpers for the test-bed scripts. Source it; do not execute it.
+# (Variables defined here are used by the scripts that source this file.)
+# shellcheck disable=SC2034
 set -euo pipefail
 TESTBED_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd "$TESTBED_DIR/../.." && pwd)

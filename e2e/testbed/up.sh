@@ -216,7 +216,9 @@ if [ -n "${STARTED[kube-apiserver]:-}" ] && alive kube-controller-manager kube-c
   log "kube-apiserver was (re)started: restarting kube-controller-manager too"
   kill -TERM "$(cat "$(pidfile kube-controller-manager)")" 2>/dev/null || true
   for _ in $(seq 1 100); do alive kube-controller-manager kube-controller-manager || break; sleep 0.1; done
-  alive kube-controller-manager kube-controller-manager && kill -KILL "$(cat "$(pidfile kube-controller-manager)")" 2>/dev/null
+  if alive kube-controller-manager kube-controller-manager; then
+    kill -KILL "$(cat "$(pidfile kube-controller-manager)")" 2>/dev/null || true
+  fi
   for _ in $(seq 1 20); do [ -z "$(port_owner 10257)" ] && break; sleep 0.1; done
   rm -f "$(pidfile kube-controller-manager)"
 fi
@@ -326,7 +328,7 @@ if alive kubelet kpipe-kubelet && kubelet_outdated; then
   kpid=$(cat "$(pidfile kubelet)")
   kill -TERM "$kpid" 2>/dev/null || true
   for _ in $(seq 1 300); do alive kubelet kpipe-kubelet || break; sleep 0.1; done
-  alive kubelet kpipe-kubelet && kill -KILL "$kpid" 2>/dev/null || true
+  if alive kubelet kpipe-kubelet; then kill -KILL "$kpid" 2>/dev/null || true; fi
   rm -f "$(pidfile kubelet)"
 fi
 start kubelet kpipe-kubelet "$KUBELET_BIN" \
