@@ -46,5 +46,5 @@ KPIPE_CLUSTER=kind
 ENV
 echo "kind cluster $cluster ready; env file $run_dir/env"
 set -a; source "$run_dir/env"; set +a
-export KPIPE_TESTBED_ENV="$run_dir/env" KPIPE_KAFKA_BOOTSTRAP="$KAFKA_BOOTSTRAP"
+export KPIPE_RUN="$run_dir" KPIPE_KAFKA_BOOTSTRAP="$KAFKA_BOOTSTRAP"
 cargo test -p kpipe-e2e --test '*' -- --test-threads=1
