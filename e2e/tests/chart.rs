@@ -6,6 +6,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
@@ -224,4 +225,40 @@ async fn chart_rbac_has_no_wildcards() {
             }
         }
     }
+}
+
+/// The chart grants exactly the (apiGroup, resource, verb) triples the operator's code uses — never fewer (403s)
+/// and never more (least privilege).
+#[tokio::test]
+async fn chart_rbac_equals_what_the_operator_uses() {
+    let bed = bed().await;
+    let mut granted = BTreeSet::new();
+    for doc in documents(&render(&bed, "kpipe-system", &[])) {
+        if !matches!(doc["kind"].as_str(), Some("ClusterRole" | "Role")) {
+            continue;
+        }
+        for rule in doc["rules"].as_array().expect("rules") {
+            for group in rule["apiGroups"].as_array().expect("groups") {
+                for resource in rule["resources"].as_array().expect("resources") {
+                    for verb in rule["verbs"].as_array().expect("verbs") {
+                        granted.insert((
+                            group.as_str().unwrap_or_default().to_string(),
+                            resource.as_str().unwrap_or_default().to_string(),
+                            verb.as_str().unwrap_or_default().to_string(),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    let used: BTreeSet<(String, String, String)> = kpipe_operator::rbac::RULES
+        .iter()
+        .flat_map(|r| r.verbs.iter().map(|v| (r.api_group.to_string(), r.resource.to_string(), v.to_string())))
+        .collect();
+    let missing: Vec<_> = used.difference(&granted).collect();
+    let extra: Vec<_> = granted.difference(&used).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "chart RBAC differs from operator/src/rbac.rs: missing {missing:?}, extra {extra:?}"
+    );
 }
