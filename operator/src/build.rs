@@ -217,7 +217,9 @@ pub fn validate(
             name: name.clone(),
             uid,
             controller: Some(true),
-            block_owner_deletion: Some(true),
+            // No blockOwnerDeletion: it would need update on consumerpipelines/finalizers
+            // (OwnerReferencesPermissionEnforcement) for no benefit to background deletion.
+            block_owner_deletion: None,
         },
         name,
         namespace,

@@ -48,13 +48,13 @@ struct Args {
     /// Name of the leader-election Lease.
     #[arg(long, env = "KPIPE_LEASE_NAME", default_value = "kpipe-operator")]
     lease_name: String,
-    /// Namespace of the Lease (default: the pod's namespace from POD_NAMESPACE, else "default").
+    /// Namespace of the Lease (default: KPIPE_POD_NAMESPACE / POD_NAMESPACE, else "default").
     #[arg(long, env = "KPIPE_LEASE_NAMESPACE")]
     lease_namespace: Option<String>,
     /// Lease duration in seconds (a standby takes over this long after the leader dies).
     #[arg(long, env = "KPIPE_LEASE_DURATION", default_value_t = 15)]
     lease_duration: u64,
-    /// Identity in the Lease and Events (default: POD_NAME, else the hostname).
+    /// Identity in the Lease and Events (default: KPIPE_POD_NAME / POD_NAME, else the hostname).
     #[arg(long, env = "KPIPE_IDENTITY")]
     identity: Option<String>,
     /// Field manager for server-side apply.
@@ -159,6 +159,7 @@ async fn main() -> anyhow::Result<()> {
     let identity = args
         .identity
         .clone()
+        .or_else(|| std::env::var("KPIPE_POD_NAME").ok())
         .or_else(|| std::env::var("POD_NAME").ok())
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| format!("kpipe-operator-{}", std::process::id()));
@@ -217,6 +218,7 @@ async fn main() -> anyhow::Result<()> {
         let lease_ns = args
             .lease_namespace
             .clone()
+            .or_else(|| std::env::var("KPIPE_POD_NAMESPACE").ok())
             .or_else(|| std::env::var("POD_NAMESPACE").ok())
             .unwrap_or_else(|| "default".into());
         let duration = args.lease_duration.max(2);

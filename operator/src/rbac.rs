@@ -27,12 +27,6 @@ pub const RULES: &[Rule] = &[
         used_by: "controller: server-side apply of .status",
     },
     Rule {
-        api_group: "kpipe.io",
-        resource: "consumerpipelines/finalizers",
-        verbs: &["update"],
-        used_by: "children carry blockOwnerDeletion owner references (OwnerReferencesPermissionEnforcement)",
-    },
-    Rule {
         api_group: "apps",
         resource: "deployments",
         verbs: &["get", "list", "watch", "create", "patch"],
