@@ -194,6 +194,16 @@ async fn renew_lease(client: &Client, cfg: &KubeletConfig, node: &Node) -> Resul
     Ok(())
 }
 
+/// An unbound, not-deleting pod for the default scheduler whose nodeSelector matches our labels.
+fn bindable(pod: &Pod, labels: &BTreeMap<String, String>) -> bool {
+    let spec = pod.spec.as_ref();
+    let sched = spec.and_then(|s| s.scheduler_name.as_deref()).unwrap_or_default();
+    spec.is_some_and(|s| s.node_name.is_none())
+        && pod.metadata.deletion_timestamp.is_none()
+        && (sched.is_empty() || sched == "default-scheduler")
+        && selector_matches(pod, labels)
+}
+
 fn selector_matches(pod: &Pod, labels: &BTreeMap<String, String>) -> bool {
     pod.spec
         .as_ref()
@@ -201,7 +211,8 @@ fn selector_matches(pod: &Pod, labels: &BTreeMap<String, String>) -> bool {
         .is_none_or(|sel| sel.iter().all(|(k, v)| labels.get(k) == Some(v)))
 }
 
-async fn bind(client: Client, pod: Pod, node: String) {
+/// Binds a pod to the node; on persistent failure reports its uid on `failed` so a later event retries.
+async fn bind(client: Client, pod: Pod, node: String, failed: mpsc::UnboundedSender<String>) {
     let ns = pod.metadata.namespace.clone().unwrap_or_default();
     let name = pod.metadata.name.clone().unwrap_or_default();
     let api = Api::<Pod>::namespaced(client, &ns);
@@ -224,6 +235,7 @@ async fn bind(client: Client, pod: Pod, node: String) {
             }
         }
     }
+    let _ = failed.send(pod.metadata.uid.clone().unwrap_or_default());
 }
 
 /// Watch retry back-off: 200 ms doubling to at most 2 s (kube's default goes to 30 s, which would leave pods
@@ -318,6 +330,9 @@ pub async fn run(client: Client, cfg: KubeletConfig) -> Result<(), KubeletError>
     let mut workers: HashMap<String, Worker> = HashMap::new();
     let mut tasks = tokio::task::JoinSet::new();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
+    let (bind_failed_tx, mut bind_failed_rx) = mpsc::unbounded_channel::<String>();
+    let mut sweep = tokio::time::interval(Duration::from_secs(10));
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut binding: HashSet<String> = HashSet::new();
     let mut seen: HashSet<String> = HashSet::new();
     let mut stream = std::pin::pin!(
@@ -331,6 +346,19 @@ pub async fn run(client: Client, cfg: KubeletConfig) -> Result<(), KubeletError>
             _ = sigterm.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
             Some(uid) = done_rx.recv() => { workers.remove(&uid); }
+            Some(uid) = bind_failed_rx.recv() => { binding.remove(&uid); }
+            _ = sweep.tick() => {
+                // Safety net: pods left unbound (e.g. binding failed while the apiserver restarted).
+                let lp = kube::api::ListParams::default().fields("spec.nodeName=");
+                if let Ok(list) = Api::<Pod>::all(client.clone()).list(&lp).await {
+                    for pod in list.items {
+                        let uid = pod.metadata.uid.clone().unwrap_or_default();
+                        if bindable(&pod, &labels) && binding.insert(uid) {
+                            tokio::spawn(bind(client.clone(), pod, cfg.node_name.clone(), bind_failed_tx.clone()));
+                        }
+                    }
+                }
+            }
             ev = stream.next() => {
                 let Some(ev) = ev else { break };
                 let ev = match ev {
@@ -355,13 +383,9 @@ pub async fn run(client: Client, cfg: KubeletConfig) -> Result<(), KubeletError>
                         let node_name = pod.spec.as_ref().and_then(|s| s.node_name.clone());
                         match node_name {
                             None => {
-                                let sched = pod.spec.as_ref().and_then(|s| s.scheduler_name.clone()).unwrap_or_default();
-                                if pod.metadata.deletion_timestamp.is_none()
-                                    && (sched.is_empty() || sched == "default-scheduler")
-                                    && selector_matches(&pod, &labels)
-                                    && binding.insert(uid.clone())
+                                if bindable(&pod, &labels) && binding.insert(uid.clone())
                                 {
-                                    tokio::spawn(bind(client.clone(), pod, cfg.node_name.clone()));
+                                    tokio::spawn(bind(client.clone(), pod, cfg.node_name.clone(), bind_failed_tx.clone()));
                                 }
                             }
                             Some(n) if n == cfg.node_name => {
@@ -407,4 +431,37 @@ pub async fn run(client: Client, cfg: KubeletConfig) -> Result<(), KubeletError>
     let _ = tokio::time::timeout(Duration::from_secs(20), async { while tasks.join_next().await.is_some() {} }).await;
     let _ = std::fs::remove_file(&marker);
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn pod(spec: serde_json::Value) -> Pod {
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "p"}, "spec": spec})).unwrap()
+    }
+
+    #[test]
+    fn bindable_pods() {
+        let labels = node_labels("n");
+        assert!(bindable(&pod(serde_json::json!({"containers": []})), &labels));
+        assert!(!bindable(&pod(serde_json::json!({"containers": [], "nodeName": "other"})), &labels));
+        assert!(!bindable(&pod(serde_json::json!({"containers": [], "schedulerName": "custom"})), &labels));
+        assert!(bindable(
+            &pod(serde_json::json!({"containers": [], "nodeSelector": {"kubernetes.io/os": "linux"}})),
+            &labels
+        ));
+        assert!(!bindable(&pod(serde_json::json!({"containers": [], "nodeSelector": {"disk": "ssd"}})), &labels));
+    }
+
+    #[test]
+    fn quick_backoff_caps_and_resets() {
+        use kube::runtime::utils::Backoff;
+        let mut b = QuickBackoff::default();
+        let v: Vec<u128> = (0..6).filter_map(|_| b.next()).map(|d| d.as_millis()).collect();
+        assert_eq!(v, vec![200, 400, 800, 1600, 2000, 2000]);
+        b.reset();
+        assert_eq!(b.next(), Some(Duration::from_millis(200)));
+    }
 }

@@ -216,7 +216,7 @@ pub async fn run_pod(shared: Arc<Shared>, mut rx: watch::Receiver<PodUpdate>) {
     let mut retry = Duration::from_millis(100);
     let prepared = loop {
         match prepare(&ctx).await {
-            Ok((volumes, kubeconfig)) => break Some((volumes, kubeconfig)),
+            Ok((volumes, kubeconfig)) => break Ok((volumes, kubeconfig)),
             Err(e) => {
                 warn!(pod = %key, error = %e, "pod setup failed; retrying");
                 {
@@ -235,25 +235,31 @@ pub async fn run_pod(shared: Arc<Shared>, mut rx: watch::Receiver<PodUpdate>) {
                 let sleep = tokio::time::sleep(retry);
                 tokio::pin!(sleep);
                 retry = (retry * 2).min(Duration::from_secs(2));
-                let deleted = loop {
+                let stop = loop {
                     tokio::select! {
-                        _ = &mut sleep => break false,
+                        _ = &mut sleep => break None,
                         changed = rx.changed() => {
+                            if changed.is_err() {
+                                break Some(false); // kubelet shutdown: leave the Pod object alone
+                            }
                             let u = rx.borrow().clone();
-                            if changed.is_err() || u.gone || u.pod.metadata.deletion_timestamp.is_some() { break true; }
+                            if u.gone || u.pod.metadata.deletion_timestamp.is_some() { break Some(true); }
                         }
                     }
                 };
-                if deleted {
-                    break None;
+                if let Some(delete) = stop {
+                    break Err(delete);
                 }
             }
         }
     };
-    let Some((volumes, kubeconfig)) = prepared else {
-        let last = rx.borrow().clone();
-        cleanup(&ctx, &last, true).await;
-        return;
+    let (volumes, kubeconfig) = match prepared {
+        Ok(p) => p,
+        Err(delete) => {
+            let last = rx.borrow().clone();
+            cleanup(&ctx, &last, delete).await;
+            return;
+        }
     };
     let _ = ctx.prepared.set((volumes, kubeconfig));
     {
