@@ -262,3 +262,56 @@ async fn chart_rbac_equals_what_the_operator_uses() {
         "chart RBAC differs from operator/src/rbac.rs: missing {missing:?}, extra {extra:?}"
     );
 }
+
+/// Metric names a dashboard expression uses (histogram series suffixes folded into the metric name).
+fn dashboard_metrics() -> BTreeSet<String> {
+    let dashboard: Value =
+        serde_json::from_str(&std::fs::read_to_string(chart().join("files/dashboard.json")).expect("dashboard"))
+            .expect("dashboard is JSON");
+    let mut names = BTreeSet::new();
+    let mut exprs = Vec::new();
+    fn collect(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(o) => {
+                for (k, v) in o {
+                    match (k.as_str(), v) {
+                        ("expr", Value::String(e)) => out.push(e.clone()),
+                        ("query", Value::String(e)) => out.push(e.clone()),
+                        _ => collect(v, out),
+                    }
+                }
+            }
+            Value::Array(a) => a.iter().for_each(|v| collect(v, out)),
+            _ => {}
+        }
+    }
+    collect(&dashboard, &mut exprs);
+    for e in exprs {
+        let bytes = e.as_bytes();
+        let mut i = 0;
+        while let Some(pos) = e[i..].find("kpipe_") {
+            let start = i + pos;
+            let end =
+                start + e[start..].find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(e.len() - start);
+            let name = &e[start..end];
+            let base = ["_bucket", "_sum", "_count"].iter().find_map(|s| name.strip_suffix(s)).unwrap_or(name);
+            names.insert(base.to_string());
+            i = end.max(start + 1).min(bytes.len());
+        }
+    }
+    names
+}
+
+/// The dashboard only uses metrics the operator and worker really export.
+#[test]
+fn chart_dashboard_uses_only_exported_metrics() {
+    let root = chart().join("../..");
+    let sources: String = ["operator/src/metrics.rs", "worker/src/metrics.rs"]
+        .iter()
+        .map(|p| std::fs::read_to_string(root.join(p)).unwrap_or_else(|e| panic!("{p}: {e}")))
+        .collect();
+    let names = dashboard_metrics();
+    assert!(names.len() >= 15, "dashboard uses too few metrics: {names:?}");
+    let unknown: Vec<&String> = names.iter().filter(|n| !sources.contains(&format!("\"{n}\""))).collect();
+    assert!(unknown.is_empty(), "dashboard uses metrics no code exports: {unknown:?}");
+}
