@@ -299,15 +299,17 @@ async fn only_the_leader_acts_and_a_standby_takes_over() {
     let topic = format!("{ns}-in");
     bed.create_topic(&topic, 1).await.unwrap();
     let args = ["--leader-election", "--lease-namespace", ns.as_str(), "--lease-duration", "10"];
-    let mut a = Operator::start(&bed, &ns, &[&args[..], &["--identity", "op-a"]].concat());
-    let b = Operator::start(&bed, &ns, &[&args[..], &["--identity", "op-b"]].concat());
+    let mut ops = vec![
+        Operator::start(&bed, &ns, &[&args[..], &["--identity", "op-a"]].concat()),
+        Operator::start(&bed, &ns, &[&args[..], &["--identity", "op-b"]].concat()),
+    ];
 
     let leader = wait_for("one leader", Duration::from_secs(30), || async {
-        let la = a.metric("kpipe_operator_leader").await?;
-        let lb = b.metric("kpipe_operator_leader").await?;
+        let la = ops[0].metric("kpipe_operator_leader").await?;
+        let lb = ops[1].metric("kpipe_operator_leader").await?;
         match (la as i32, lb as i32) {
-            (1, 0) => Some('a'),
-            (0, 1) => Some('b'),
+            (1, 0) => Some(0usize),
+            (0, 1) => Some(1usize),
             _ => None,
         }
     })
@@ -320,7 +322,8 @@ async fn only_the_leader_acts_and_a_standby_takes_over() {
         .await
         .unwrap();
     wait_deployment(&deps, "one-worker", |_| true).await;
-    let (leader_op, standby) = if leader == 'a' { (&mut a, &b) } else { panic!("expected a to lead first") };
+    let mut leader_op = ops.remove(leader);
+    let standby = ops.remove(0);
     let standby_reconciles = standby.metric("kpipe_operator_reconciles_total{result=\"ok\"}").await.unwrap_or(0.0);
     assert_eq!(standby_reconciles, 0.0, "the standby must not reconcile");
 
