@@ -475,6 +475,40 @@ async fn testbed_with_temp_ns_cleans_up() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn testbed_multi_container_pod_shares_network_namespace() {
+    let bed = bed().await;
+    let ns = bed.temp_namespace("tb-multi").await.unwrap();
+    let _: Pod = create(
+        &bed,
+        &ns,
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "duo"},
+               "spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": 2, "containers": [
+                   {"name": "server", "image": image(), "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080}, "periodSeconds": 1}},
+                   {"name": "sidecar", "image": "busybox:1.36", "command": ["/bin/bash", "-c",
+                       "until (echo > /dev/tcp/127.0.0.1/8080) 2>/dev/null; do sleep 0.2; done; echo sidecar-reached-server"]},
+               ]}}),
+    )
+    .await;
+    let pods = Api::<Pod>::namespaced(bed.client(), ns.name());
+    let statuses = wait_for("sidecar done and server ready", Duration::from_secs(60), || {
+        let pods = pods.clone();
+        async move {
+            let cs = pods.get("duo").await.ok()?.status?.container_statuses?;
+            let server = cs.iter().find(|c| c.name == "server")?;
+            let sidecar = cs.iter().find(|c| c.name == "sidecar")?;
+            let done = sidecar.state.as_ref()?.terminated.as_ref()?.exit_code == 0;
+            (server.ready && done).then_some(cs)
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(statuses.len(), 2);
+    let log = std::fs::read_to_string(bed.pod_log_dir().join(format!("{}_duo_sidecar.log", ns.name()))).unwrap();
+    assert!(log.contains("sidecar-reached-server"), "sidecar log:\n{log}");
+    ns.delete().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn testbed_connect_fails_loudly_without_a_bed() {
     let err = TestBed::connect_with(std::path::Path::new("/nonexistent/kpipe/env")).await.unwrap_err();
     let msg = err.to_string();
