@@ -28,6 +28,9 @@ use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
+/// Signals for [`TestBed::kill_container`] (re-exported from `nix`).
+pub use nix::sys::signal::Signal;
+
 /// Errors of the test-support API.
 #[derive(Debug, thiserror::Error)]
 pub enum TestBedError {
@@ -249,6 +252,41 @@ impl TestBed {
             self.dump_pod_logs(namespace);
         }
         res
+    }
+
+    /// PID of a running container process (from `containerStatuses[].containerID` = `process://<pid>`), for RSS
+    /// measurements and chaos (`kill -9`). `None` if the container is not running.
+    pub async fn container_pid(
+        &self,
+        namespace: &str,
+        pod: &str,
+        container: &str,
+    ) -> Result<Option<u32>, TestBedError> {
+        let p = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(self.client.clone(), namespace).get(pod).await?;
+        Ok(p.status
+            .and_then(|s| s.container_statuses)
+            .into_iter()
+            .flatten()
+            .find(|c| c.name == container && c.state.as_ref().is_some_and(|st| st.running.is_some()))
+            .and_then(|c| c.container_id)
+            .and_then(|id| id.strip_prefix("process://").and_then(|p| p.parse().ok())))
+    }
+
+    /// Sends `signal` to a running container's process group (e.g. `SIGKILL` for chaos tests).
+    pub async fn kill_container(
+        &self,
+        namespace: &str,
+        pod: &str,
+        container: &str,
+        signal: Signal,
+    ) -> Result<(), TestBedError> {
+        let pid = self
+            .container_pid(namespace, pod, container)
+            .await?
+            .ok_or_else(|| TestBedError::Other(format!("container {namespace}/{pod}/{container} is not running")))?;
+        let pgid = i32::try_from(pid).map_err(|e| TestBedError::Other(e.to_string()))?;
+        nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), signal)
+            .map_err(|e| TestBedError::Other(format!("kill {signal} {pid}: {e}")))
     }
 
     /// Creates a namespace `<prefix>-<random>`; it is deleted when the guard drops (or by [`TempNamespace::delete`]).
@@ -540,6 +578,14 @@ async fn drain_one(
         Some(Ok(Err((e, _)))) => Err(TestBedError::Kafka(e)),
         Some(Err(_)) => Err(TestBedError::Other("producer dropped a delivery future".into())),
     }
+}
+
+/// Resident set size of a process in bytes (`VmRSS` of `/proc/<pid>/status`).
+pub fn process_rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 =
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// Polls `check` every 200 ms until it returns `Some`, or fails with [`TestBedError::Timeout`].

@@ -361,6 +361,28 @@ async fn testbed_restart_policy_backoff_and_sigkill_after_grace() {
     })
     .await
     .unwrap();
+    // Chaos: kill -9 of a running container → restarted, exit code 137 / signal 9 reported.
+    let _: Pod = create(&bed, &ns, sh("victim", "Always", "echo alive; while true; do sleep 0.2; done", 1)).await;
+    let pid = wait_for("victim to run", Duration::from_secs(30), || {
+        let bed = bed.clone();
+        let ns = ns.name().to_string();
+        async move { bed.container_pid(&ns, "victim", "main").await.ok().flatten() }
+    })
+    .await
+    .unwrap();
+    assert!(kpipe_e2e::testbed::process_rss_bytes(pid).unwrap() > 0);
+    bed.kill_container(ns.name(), "victim", "main", kpipe_e2e::testbed::Signal::SIGKILL).await.unwrap();
+    wait_for("victim to be restarted after SIGKILL", Duration::from_secs(30), || {
+        let pods = pods.clone();
+        async move {
+            let cs = pods.get("victim").await.ok()?.status?.container_statuses?.into_iter().next()?;
+            let last = cs.last_state?.terminated?;
+            (cs.restart_count == 1 && last.exit_code == 137 && last.signal == Some(9) && cs.state?.running.is_some())
+                .then_some(())
+        }
+    })
+    .await
+    .unwrap();
     // OnFailure + exit 0: Succeeded without restarts.
     wait_for("once to succeed", Duration::from_secs(30), || {
         let pods = pods.clone();
