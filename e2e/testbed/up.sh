@@ -26,29 +26,12 @@ if [ -d "$KPIPE_RUN" ] && ! kubelet_stale && ! kubelet_outdated && all_up; then
 fi
 
 # ---------------------------------------------------------------- build / fetch (cached)
-built_any=0
+missing=0
 for c in "$K8S_BIN/.complete" "$ETCD_BIN/.complete" "$HELM_BIN/.complete" "$KAFKA_HOME/.complete"; do
-  [ -f "$c" ] || built_any=1
+  [ -f "$c" ] || missing=1
 done
-if [ "$built_any" = 1 ]; then
-  blogs="$KPIPE_CACHE/build-logs"; mkdir -p "$blogs"
-  log "building missing components into $KPIPE_CACHE in parallel (cold build; full logs in $blogs)"
-  tb=$(date +%s)
-  jobs_=()
-  for s in fetch-kafka build-etcd build-helm build-k8s; do
-    (
-      set +o pipefail
-      "$TESTBED_DIR/$s.sh" 2>&1 | tee "$blogs/$s.log" | grep --line-buffered -v '^go: downloading' | sed -u "s/^/  [$s] /" >&2
-      exit "${PIPESTATUS[0]}"
-    ) &
-    jobs_+=("$!:$s")
-  done
-  failed=""
-  for j in "${jobs_[@]}"; do
-    if wait "${j%%:*}"; then log "${j#*:} finished after $(( $(date +%s) - tb ))s"; else failed="$failed ${j#*:}"; fi
-  done
-  [ -z "$failed" ] || die "cold build failed:$failed (see $blogs/<step>.log)"
-  log "COLD BUILD TIME: $(( $(date +%s) - tb ))s for the missing components (cached from now on)"
+if [ "$missing" = 1 ]; then
+  "$TESTBED_DIR/build-all.sh"
 fi
 if kubelet_stale; then
   log "building the process kubelet (cargo build -p kpipe-e2e --bins)"
