@@ -5,6 +5,10 @@
 # `down.sh --purge` deletes the run directory too.
 source "$(dirname "$0")/lib.sh"
 purge=0
+# One up/down at a time (several engineers and test runs share one bed).
+mkdir -p "$KPIPE_CACHE"
+exec 9>"$KPIPE_CACHE/testbed.lock"
+flock -w 900 9 || die "another e2e/testbed/up.sh or down.sh holds $KPIPE_CACHE/testbed.lock"
 [ "${1:-}" = "--purge" ] && purge=1
 
 stop() {

@@ -8,6 +8,10 @@ source "$(dirname "$0")/lib.sh"
 need curl; need openssl; need ip; need java; need go; need cargo
 [ "$(id -u)" = 0 ] || die "the test bed needs root (network namespaces, bridge, bind mounts)"
 t0=$(date +%s)
+# One up/down at a time (several engineers and test runs share one bed).
+mkdir -p "$KPIPE_CACHE"
+exec 9>"$KPIPE_CACHE/testbed.lock"
+flock -w 900 9 || die "another e2e/testbed/up.sh or down.sh holds $KPIPE_CACHE/testbed.lock"
 
 # ---------------------------------------------------------------- fast path: everything already healthy
 all_up() {
@@ -127,7 +131,7 @@ start() {
   [ -z "$owner" ] || die "cannot start $name: port ${PORT_OF[$name]} is used by pid $owner ($(tr '\0' ' ' </proc/"$owner"/cmdline 2>/dev/null | cut -c1-80)) which this bed does not track; stop it (or run down.sh) first"
   log "starting $name"
   STARTED[$name]=1
-  setsid "$@" >>"$KPIPE_RUN/logs/$name.log" 2>&1 </dev/null &
+  setsid "$@" >>"$KPIPE_RUN/logs/$name.log" 2>&1 </dev/null 9>&- &
   echo $! >"$(pidfile "$name")"
 }
 # wait_healthy <component> <cmdline-match> <check-fn> <timeout-s>
@@ -140,7 +144,7 @@ wait_healthy() {
         # It was an old process that was still running (unhealthy, e.g. shutting down): start a fresh one.
         log "$name (pre-existing, unhealthy) exited: starting it again"
         STARTED[$name]=1
-        eval "setsid ${START_CMD[$name]} >>\"\$KPIPE_RUN/logs/$name.log\" 2>&1 </dev/null &"
+        eval "setsid ${START_CMD[$name]} >>\"\$KPIPE_RUN/logs/$name.log\" 2>&1 </dev/null 9>&- &"
         echo $! >"$(pidfile "$name")"
         s=$(date +%s)
         continue
