@@ -38,6 +38,9 @@ if [ "$missing" = 1 ]; then
   "$TESTBED_DIR/build-all.sh"
 fi
 if kubelet_stale; then
+  # librdkafka 2.12's CMake build includes curl/curl.h even without curl support (rdkafka_conf.c).
+  compgen -G "/usr/include/curl/curl.h" >/dev/null || compgen -G "/usr/include/*/curl/curl.h" >/dev/null \
+    || die "curl headers missing (rdkafka-sys needs them to compile): apt-get install -y libcurl4-openssl-dev"
   log "building the process kubelet (cargo build -p kpipe-e2e --bins)"
   (cd "$REPO_ROOT" && cargo build -q -p kpipe-e2e --bins) || die "cargo build of kpipe-kubelet failed"
 fi
