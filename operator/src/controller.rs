@@ -323,6 +323,7 @@ async fn reconcile_inner(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
     let counts = shared.probe.counts();
     shared.metrics.kafka_clients.with_label_values(&["cluster"]).set(counts.clusters as i64);
     shared.metrics.kafka_clients.with_label_values(&["group"]).set(counts.groups as i64);
+    shared.metrics.kafka_clients.with_label_values(&["offset_connection"]).set(counts.offset_connections as i64);
 
     // Apply children.
     let mut configured = false;

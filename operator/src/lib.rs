@@ -6,6 +6,7 @@
 
 pub mod build;
 pub mod controller;
+pub mod group_offsets;
 pub mod lag;
 pub mod metrics;
 pub mod probe;

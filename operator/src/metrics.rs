@@ -85,7 +85,10 @@ impl Metrics {
             &["result"],
         ));
         let kafka_clients = must(IntGaugeVec::new(
-            Opts::new("kpipe_operator_kafka_clients", "Open Kafka client handles (cluster: shared, group: per group)"),
+            Opts::new(
+                "kpipe_operator_kafka_clients",
+                "Open Kafka clients: cluster (shared metadata client), group (per-group client, SASL/TLS only), offset_connection (shared OffsetFetch connections)",
+            ),
             &["kind"],
         ));
         let leader = must(IntGauge::new("kpipe_operator_leader", "1 while this replica holds the leader lease"));

@@ -4,8 +4,9 @@
 //! credentials), used by every pipeline on that cluster; watermarks of all partitions of a
 //! pipeline's topics are read with one batched ListOffsets per bound, and the committed offsets
 //! of a group with one batched OffsetFetch. librdkafka (rdkafka 0.39) exposes committed offsets
-//! only for the client's own `group.id`, so each *group* has a small consumer handle (never
-//! subscribed, so it never joins) kept in the cluster entry and dropped when idle.
+//! only for the client's own `group.id`, so on plaintext clusters the OffsetFetch goes over the
+//! cluster's shared protocol connections ([`crate::group_offsets`]); on SASL/TLS clusters each
+//! *group* gets a small consumer handle (never subscribed, so it never joins), dropped when idle.
 //!
 //! All rdkafka calls are blocking; they run on tokio's blocking pool.
 
@@ -20,6 +21,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::{Offset, TopicPartitionList};
 use sha2::{Digest, Sha256};
 
+use crate::group_offsets::{GroupOffsets, GroupOffsetsError};
 use crate::lag::PartitionOffsets;
 
 /// SASL credentials (values from the referenced Secret; never logged).
@@ -170,7 +172,10 @@ struct GroupHandle {
 struct ClusterClients {
     cluster: Cluster,
     meta: BaseConsumer,
+    /// Plaintext clusters: committed offsets of every group over shared connections.
+    shared_offsets: Option<GroupOffsets>,
     groups: Mutex<HashMap<String, GroupHandle>>,
+    last_used: Mutex<Instant>,
 }
 
 /// Shared Kafka clients for every pipeline.
@@ -183,8 +188,12 @@ pub struct LagProbe {
 /// Counts of live clients (for metrics and tests).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ClientCounts {
+    /// Shared per-cluster clients.
     pub clusters: usize,
+    /// Per-group rdkafka handles (only for SASL/TLS clusters).
     pub groups: usize,
+    /// Shared protocol connections for committed offsets.
+    pub offset_connections: usize,
 }
 
 impl LagProbe {
@@ -198,6 +207,11 @@ impl LagProbe {
         ClientCounts {
             clusters: clusters.len(),
             groups: clusters.iter().map(|c| c.groups.lock().map(|g| g.len()).unwrap_or(0)).sum(),
+            offset_connections: clusters
+                .iter()
+                .filter_map(|c| c.shared_offsets.as_ref())
+                .map(|o| o.connections())
+                .sum(),
         }
     }
 
@@ -205,11 +219,22 @@ impl LagProbe {
         let key = cluster.key();
         let mut map = self.clusters.lock().map_err(|e| ProbeError::Task(e.to_string()))?;
         if let Some(c) = map.get(&key) {
+            if let Ok(mut t) = c.last_used.lock() {
+                *t = Instant::now();
+            }
             return Ok(c.clone());
         }
         let meta: BaseConsumer =
             cluster.client_config(self.timeout).create().map_err(|e| ProbeError::from_kafka(cluster, e))?;
-        let entry = Arc::new(ClusterClients { cluster: cluster.clone(), meta, groups: Mutex::new(HashMap::new()) });
+        let shared_offsets = (cluster.sasl.is_none() && cluster.tls.is_none())
+            .then(|| GroupOffsets::new(cluster.bootstrap_servers.clone(), self.timeout));
+        let entry = Arc::new(ClusterClients {
+            cluster: cluster.clone(),
+            meta,
+            shared_offsets,
+            groups: Mutex::new(HashMap::new()),
+            last_used: Mutex::new(Instant::now()),
+        });
         map.insert(key, entry.clone());
         Ok(entry)
     }
@@ -221,7 +246,7 @@ impl LagProbe {
         map.retain(|_, c| {
             let Ok(mut groups) = c.groups.lock() else { return true };
             groups.retain(|_, g| g.last_used.elapsed() < ttl);
-            !groups.is_empty()
+            !groups.is_empty() || c.last_used.lock().map(|t| t.elapsed() < ttl).unwrap_or(false)
         });
     }
 
@@ -256,6 +281,46 @@ impl LagProbe {
         let consumer = Arc::new(consumer);
         groups.insert(group.to_string(), GroupHandle { consumer: consumer.clone(), last_used: Instant::now() });
         Ok(consumer)
+    }
+
+    fn committed(
+        &self,
+        clients: &ClusterClients,
+        group: &str,
+        parts: &[(String, i32)],
+    ) -> Result<HashMap<(String, i32), i64>, ProbeError> {
+        let cluster = &clients.cluster;
+        if let Some(shared) = &clients.shared_offsets {
+            match shared.committed(group, parts) {
+                Ok(map) => return Ok(map.into_iter().filter_map(|(k, v)| v.map(|o| (k, o))).collect()),
+                Err(e @ (GroupOffsetsError::Connect { .. } | GroupOffsetsError::Io { .. })) => {
+                    return Err(ProbeError::BrokerUnreachable {
+                        servers: cluster.bootstrap_servers.join(","),
+                        detail: e.to_string(),
+                    });
+                }
+                Err(e @ (GroupOffsetsError::Coordinator { .. } | GroupOffsetsError::Fetch { .. })) => {
+                    return Err(ProbeError::Kafka(e.to_string()));
+                }
+                Err(e @ GroupOffsetsError::Protocol(_)) => {
+                    tracing::warn!(error = %e, "shared offset fetch failed; using a per-group client");
+                }
+            }
+        }
+        let consumer = self.group_consumer(clients, group)?;
+        let mut tpl = TopicPartitionList::with_capacity(parts.len());
+        for (topic, p) in parts {
+            tpl.add_partition(topic, *p);
+        }
+        let committed =
+            consumer.committed_offsets(tpl, self.timeout).map_err(|e| ProbeError::from_kafka(cluster, e))?;
+        let mut committed_map = HashMap::new();
+        for e in committed.elements() {
+            if let Offset::Offset(o) = e.offset() {
+                committed_map.insert((e.topic().to_string(), e.partition()), o);
+            }
+        }
+        Ok(committed_map)
     }
 
     fn fetch(
@@ -298,18 +363,7 @@ impl LagProbe {
         };
         let starts = bound(Offset::Beginning)?;
         let ends = bound(Offset::End)?;
-        let consumer = self.group_consumer(clients, group)?;
-        let mut tpl = TopicPartitionList::with_capacity(parts.len());
-        for (topic, p) in &parts {
-            tpl.add_partition(topic, *p);
-        }
-        let committed = consumer.committed_offsets(tpl, t).map_err(|e| ProbeError::from_kafka(cluster, e))?;
-        let mut committed_map = HashMap::new();
-        for e in committed.elements() {
-            if let Offset::Offset(o) = e.offset() {
-                committed_map.insert((e.topic().to_string(), e.partition()), o);
-            }
-        }
+        let committed_map = self.committed(clients, group, &parts)?;
         Ok(parts
             .into_iter()
             .map(|key| {

@@ -52,9 +52,16 @@ async fn offsets_committed_missing_topic_and_unreachable_broker() {
     assert_eq!(p0.committed, Some(p0_end.min(4)));
     assert!(offs.iter().filter(|o| o.partition != 0).all(|o| o.committed.is_none()));
 
-    // A second group on the same cluster shares the cluster client.
-    probe.offsets(cluster.clone(), vec![topic.clone()], unique("other")).await.unwrap();
-    assert_eq!(probe.counts().clusters, 1);
+    // Other groups on the same cluster share the cluster client and its connections.
+    let before = probe.counts();
+    for i in 0..20 {
+        probe.offsets(cluster.clone(), vec![topic.clone()], format!("{group}-{i}")).await.unwrap();
+    }
+    let after = probe.counts();
+    assert_eq!(after.clusters, 1);
+    assert_eq!(after.groups, 0, "no per-group clients on a plaintext cluster");
+    assert_eq!(after.offset_connections, before.offset_connections, "connections independent of the group count");
+    assert!(after.offset_connections >= 1);
 
     let err = probe.offsets(cluster.clone(), vec![unique("no-such-topic")], group.clone()).await.unwrap_err();
     assert!(matches!(err, ProbeError::TopicNotFound(_)), "{err:?}");
