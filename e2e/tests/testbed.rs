@@ -531,6 +531,50 @@ async fn testbed_multi_container_pod_shares_network_namespace() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn testbed_services_resolve_and_proxy_to_ready_pods() {
+    let bed = bed().await;
+    let ns = bed.temp_namespace("tb-svc").await.unwrap();
+    let _: Deployment = create(
+        &bed,
+        &ns,
+        json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+               "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "web"}},
+                        "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{
+                            "name": "web", "image": image(), "ports": [{"name": "http", "containerPort": 8080}],
+                            "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                            "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 1}}]}}}}),
+    )
+    .await;
+    let svc: k8s_openapi::api::core::v1::Service = create(
+        &bed,
+        &ns,
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+               "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}}),
+    )
+    .await;
+    let ready = bed.wait_pods_ready(ns.name(), "app=web", 2, Duration::from_secs(60)).await.unwrap();
+    let names: BTreeSet<String> = ready.iter().filter_map(|p| p.metadata.name.clone()).collect();
+    // From a pod: the Service DNS name resolves (pod /etc/hosts) and the ClusterIP forwards to a ready pod.
+    let url = format!("http://web.{}.svc/", ns.name());
+    let log = run_to_completion(&bed, &ns, "client", json!({}), &["http-get", &url]).await;
+    let served_by = log.lines().find_map(|l| l.strip_prefix("HTTP 200 ")).unwrap_or_default().to_string();
+    assert!(names.contains(&served_by), "{url} not served by a web pod; log:\n{log}");
+    // From the host: the ClusterIP answers too.
+    let cluster_ip = svc.spec.unwrap().cluster_ip.unwrap();
+    let body = wait_for("the ClusterIP to answer from the host", Duration::from_secs(30), || {
+        let url = format!("http://{cluster_ip}:80/");
+        async move {
+            let c = reqwest::Client::builder().no_proxy().build().ok()?;
+            c.get(url).send().await.ok()?.text().await.ok()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(names.contains(&body), "unexpected body {body:?}");
+    ns.delete().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn testbed_connect_fails_loudly_without_a_bed() {
     let err = TestBed::connect_with(std::path::Path::new("/nonexistent/kpipe/env")).await.unwrap_err();
     let msg = err.to_string();

@@ -4,6 +4,7 @@
 //!   appends `SIGTERM <pod> <pid>` to `$SIGTERM_FILE` (if set) and to stdout, then exits 0.
 //! * `kube-get <path>`: GETs an API path with the pod's credentials (`KUBECONFIG` or in-cluster), prints
 //!   `KUBE_STATUS=<http code>` and exits 0; useful to prove RBAC is enforced for pods.
+//! * `http-get <url>`: prints `HTTP <code> <body>` once the URL answers 2xx (retries for 30 s).
 //! * `tcp-connect <host:port>`: prints `TCP_OK <addr>` if a TCP connection succeeds (network reachability from pods).
 //! * `show --file <path> --env <NAME>`: prints file contents and env values (volume / valueFrom checks).
 
@@ -28,6 +29,8 @@ enum Cmd {
         /// e.g. /api/v1/namespaces/default/secrets
         path: String,
     },
+    /// GET `url` (retrying up to 30 s until a 2xx) and print `HTTP <code> <body>` (or `HTTP_FAIL <error>`).
+    HttpGet { url: String },
     /// Open a TCP connection to `addr` (host:port) and print `TCP_OK <addr>` or `TCP_FAIL <addr> <error>`.
     TcpConnect { addr: String },
     /// Print `FILE <path> <content>` for a file and `ENV <name>=<value>` for env vars (for volume/env tests).
@@ -87,6 +90,27 @@ async fn main() -> anyhow::Result<()> {
     match args.cmd.unwrap_or(Cmd::Serve) {
         Cmd::Serve => serve().await,
         Cmd::KubeGet { path } => kube_get(&path).await,
+        Cmd::HttpGet { url } => {
+            let client = reqwest::Client::builder().no_proxy().timeout(std::time::Duration::from_secs(5)).build()?;
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            loop {
+                match client.get(&url).send().await {
+                    Ok(r) if r.status().is_success() => {
+                        let code = r.status().as_u16();
+                        println!("HTTP {code} {}", r.text().await.unwrap_or_default());
+                        return Ok(());
+                    }
+                    other if std::time::Instant::now() >= deadline => {
+                        match other {
+                            Ok(r) => println!("HTTP {} {}", r.status().as_u16(), r.text().await.unwrap_or_default()),
+                            Err(e) => println!("HTTP_FAIL {e}"),
+                        }
+                        return Ok(());
+                    }
+                    _ => tokio::time::sleep(std::time::Duration::from_millis(300)).await,
+                }
+            }
+        }
         Cmd::TcpConnect { addr } => {
             match tokio::net::TcpStream::connect(&addr).await {
                 Ok(_) => println!("TCP_OK {addr}"),

@@ -11,6 +11,7 @@
 pub mod images;
 pub mod net;
 pub mod pod;
+pub mod proxy;
 pub mod server;
 pub mod spec;
 
@@ -286,6 +287,16 @@ pub async fn run(client: Client, cfg: KubeletConfig) -> Result<(), KubeletError>
             }
         });
     }
+    // Services: ClusterIP proxy + /etc/hosts for pods (see proxy.rs). The hosts file must exist before pods start.
+    let hosts = cfg.run_dir.join("hosts");
+    std::fs::write(&hosts, "127.0.0.1 localhost\n::1 localhost\n")
+        .map_err(|source| KubeletError::Io { path: hosts.clone(), source })?;
+    let apiserver = cfg
+        .pod_apiserver
+        .trim_start_matches("https://")
+        .parse::<std::net::SocketAddr>()
+        .unwrap_or_else(|_| std::net::SocketAddr::from((cfg.bridge_ip, 6443)));
+    tokio::spawn(proxy::run(client.clone(), cfg.bridge.clone(), hosts, apiserver));
     let since = Timestamp::now();
     let node = register_node(&client, &cfg, since).await?;
     renew_lease(&client, &cfg, &node).await?;

@@ -463,8 +463,8 @@ async fn build_command(ctx: &PodCtx, c: &Container) -> Result<(tokio::process::C
             cmd.into_iter().chain(args).collect()
         }
     };
-    let mut script =
-        spec::launcher_script(c, volumes).map_err(|e| ("CreateContainerConfigError".to_string(), e.to_string()))?;
+    let mut script = spec::launcher_script(c, volumes, (!ctx.net.host).then_some(cfg.run_dir.join("hosts")).as_deref())
+        .map_err(|e| ("CreateContainerConfigError".to_string(), e.to_string()))?;
     if let Some(wd) = c.working_dir.as_deref().filter(|w| !w.is_empty()) {
         script =
             script.replace("exec \"$@\"\n", &format!("mkdir -p {q}\ncd {q}\nexec \"$@\"\n", q = spec::sh_quote(wd)));
