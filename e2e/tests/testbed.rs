@@ -443,13 +443,13 @@ async fn testbed_init_containers_run_first() {
     let ns = bed.temp_namespace("tb-init").await.unwrap();
     let spec = json!({
         "volumes": [{"name": "work", "emptyDir": {}}],
-        "initContainers": [{"name": "prep", "image": "busybox:1.36", "command": ["/bin/sh", "-c", "echo prepared > /kpipe-work/marker"],
-                            "volumeMounts": [{"name": "work", "mountPath": "/kpipe-work"}]}],
-        "containers": [{"name": "main", "image": image(), "args": ["show", "--file", "/kpipe-work/marker"],
-                        "volumeMounts": [{"name": "work", "mountPath": "/kpipe-work"}]}],
+        "initContainers": [{"name": "prep", "image": "busybox:1.36", "command": ["/bin/sh", "-c", "echo prepared > /tmp/kpipe-e2e-work/marker"],
+                            "volumeMounts": [{"name": "work", "mountPath": "/tmp/kpipe-e2e-work"}]}],
+        "containers": [{"name": "main", "image": image(), "args": ["show", "--file", "/tmp/kpipe-e2e-work/marker"],
+                        "volumeMounts": [{"name": "work", "mountPath": "/tmp/kpipe-e2e-work"}]}],
     });
     let log = run_to_completion(&bed, &ns, "with-init", spec, &[]).await;
-    assert!(log.contains("FILE /kpipe-work/marker prepared"), "init container output not visible:\n{log}");
+    assert!(log.contains("FILE /tmp/kpipe-e2e-work/marker prepared"), "init container output not visible:\n{log}");
     let pod = Api::<Pod>::namespaced(bed.client(), ns.name()).get("with-init").await.unwrap();
     let init = pod.status.unwrap().init_container_statuses.unwrap();
     assert_eq!(init[0].state.as_ref().unwrap().terminated.as_ref().unwrap().exit_code, 0);
