@@ -19,8 +19,12 @@ all_up() {
     && alive kafka kafka.Kafka && alive kubelet kpipe-kubelet && bridge_healthy && [ -f "$KPIPE_RUN/env" ] \
     && etcd_healthy && apiserver_healthy && kcm_healthy && kubelet_healthy && kafka_healthy
 }
+# Sources changed since the last `cargo build` done by this script (the stamp; cargo leaves the binary untouched
+# when a change does not affect it, so the binary's mtime alone would make every run rebuild).
+KUBELET_STAMP="$CARGO_TARGET/debug/.kpipe-kubelet.stamp"
 kubelet_stale() {
-  [ ! -x "$KUBELET_BIN" ] || [ -n "$(find "$REPO_ROOT/e2e/src" "$REPO_ROOT/e2e/Cargo.toml" -newer "$KUBELET_BIN" -print -quit)" ]
+  [ ! -x "$KUBELET_BIN" ] || [ ! -f "$KUBELET_STAMP" ] \
+    || [ -n "$(find "$REPO_ROOT/e2e/src" "$REPO_ROOT/e2e/Cargo.toml" -newer "$KUBELET_STAMP" -print -quit)" ]
 }
 # The running kubelet is older than its binary (rebuilt since it started).
 kubelet_outdated() { [ -f "$(pidfile kubelet)" ] && [ "$KUBELET_BIN" -nt "$(pidfile kubelet)" ]; }
@@ -42,7 +46,9 @@ if kubelet_stale; then
   compgen -G "/usr/include/curl/curl.h" >/dev/null || compgen -G "/usr/include/*/curl/curl.h" >/dev/null \
     || die "curl headers missing (rdkafka-sys needs them to compile): apt-get install -y libcurl4-openssl-dev"
   log "building the process kubelet (cargo build -p kpipe-e2e --bins)"
+  touch "$KUBELET_STAMP.new"
   (cd "$REPO_ROOT" && cargo build -q -p kpipe-e2e --bins) || die "cargo build of kpipe-kubelet failed"
+  mv "$KUBELET_STAMP.new" "$KUBELET_STAMP"
 fi
 [ -x "$KUBELET_BIN" ] || die "kubelet binary $KUBELET_BIN missing after build"
 
