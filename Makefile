@@ -3,21 +3,25 @@ SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 CARGO ?= cargo
 TESTBED := e2e/testbed
+.DEFAULT_GOAL := help
 
-.PHONY: help build release test unit-test integration-test lint fmt crds check-crds demo bench bench-worker \
+deps: ## Install the Debian packages builds and the test bed need (when missing)
+	$(TESTBED)/install-deps.sh
+
+.PHONY: help deps build release test unit-test integration-test lint fmt crds check-crds demo bench bench-worker \
         bench-operator testbed-up testbed-down testbed-status images e2e-kind clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
-build: ## Build every crate (debug)
+build: deps ## Build every crate (debug)
 	$(CARGO) build --workspace --all-targets
 
-release: ## Build the operator, worker and test-bed binaries (release)
+release: deps ## Build the operator, worker and test-bed binaries (release)
 	$(CARGO) build --release -p kpipe-operator -p kpipe-worker
 	$(CARGO) build -p kpipe-e2e --bins
 
-lint: ## Formatting check and clippy with warnings denied
+lint: deps ## Formatting check and clippy with warnings denied
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
@@ -34,7 +38,7 @@ check-crds: ## Fail when the committed CRD differs from the generated one
 	diff -u crds/consumerpipeline.yaml charts/kpipe/files/consumerpipeline.yaml \
 	  || { echo "charts/kpipe/files/consumerpipeline.yaml is stale: run 'make crds'"; exit 1; }
 
-unit-test: ## Unit and property tests (no external components)
+unit-test: deps ## Unit and property tests (no external components)
 	$(CARGO) test --workspace --lib --bins
 	$(CARGO) test -p kpipe-api --tests
 
@@ -44,13 +48,13 @@ integration-test: release ## Integration + e2e tests against the local test bed 
 	  export KPIPE_KAFKA_BOOTSTRAP="$${KAFKA_BOOTSTRAP}"; \
 	  $(CARGO) test --workspace --test '*' -- --test-threads=$${KPIPE_TEST_THREADS:-2}
 
-test: ## Everything CI runs: lint, CRD drift, unit tests, then integration/e2e on a fresh local test bed
+test: deps ## Everything CI runs: lint, CRD drift, unit tests, then integration/e2e on a fresh local test bed
 	$(MAKE) lint
 	$(MAKE) check-crds
 	$(MAKE) unit-test
 	@trap '$(TESTBED)/down.sh' EXIT; $(MAKE) integration-test
 
-testbed-up: ## Build (cached) and start etcd, kube-apiserver, controller-manager, Kafka and the process kubelet
+testbed-up: deps ## Build (cached) and start etcd, kube-apiserver, controller-manager, Kafka and the process kubelet
 	$(TESTBED)/up.sh
 
 testbed-down: ## Stop the local test bed and clean its network
@@ -59,7 +63,7 @@ testbed-down: ## Stop the local test bed and clean its network
 testbed-status: ## Show the state of each test-bed component
 	$(TESTBED)/status.sh
 
-demo: ## The main job on the local stack: helm install, apply a pipeline, burst, watch it scale 0 -> N -> 0
+demo: deps ## The main job on the local stack: helm install, apply a pipeline, burst, watch it scale 0 -> N -> 0
 	@if [ -x e2e/demo.sh ]; then e2e/demo.sh; else \
 	  echo "make demo: not there yet — the demo script lands with the end-to-end issue (helm chart + operator + worker)."; \
 	  echo "Today: 'make testbed-up' brings up the local Kafka + Kubernetes stack the demo will run on."; exit 2; fi

@@ -71,7 +71,7 @@ pub fn install_kpipe(bed: &TestBed, namespace: &str, opts: &Install) -> Result<(
         .args(["--set", &format!("watchNamespaces={{{namespace}}}")])
         .args(["--set", "crds.install=false", "--set", "logging.format=text"])
         .args(["--set", &format!("replicas={}", opts.replicas)])
-        .args(["--set", "logging.level=info,kpipe_operator=debug"]);
+        .args(["--set", "logging.level=info\\,kpipe_operator=debug"]);
     for s in &opts.sets {
         helm.args(["--set", s]);
     }

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs the Debian packages kpipe's builds and test bed need, when they are missing (idempotent, quick when
+# everything is there). librdkafka's CMake build includes curl/curl.h even without curl support, so the rdkafka
+# crates (worker, operator, e2e) need libcurl's headers to compile.
+set -euo pipefail
+packages=(libcurl4-openssl-dev openssl iproute2 curl procps)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+echo "[deps] installing Debian packages: ${missing[*]}" >&2
+if [ "$(id -u)" != 0 ]; then
+  echo "[deps] ERROR: need root to apt-get install ${missing[*]} (or install them yourself)" >&2
+  exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq || { echo "[deps] ERROR: apt-get update failed" >&2; exit 1; }
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+  || { echo "[deps] ERROR: apt-get install ${missing[*]} failed" >&2; exit 1; }
