@@ -878,7 +878,8 @@ fn build_status(st: &mut PodState) -> PodStatus {
         pod_ips: st.pod_ip.clone().map(|ip| vec![PodIP { ip }]),
         start_time: Some(time(st.start_time)),
         message: st.message.clone(),
-        qos_class: Some("BestEffort".into()),
+        // qosClass is set by the apiserver at creation from the resources and is immutable: leave it alone.
+        qos_class: None,
         ..PodStatus::default()
     }
 }
