@@ -26,10 +26,21 @@ use crate::record::Record;
 
 type TopicPartition = (String, i32);
 
+/// Records handed to a partition task per channel message.
+const CHUNK_RECORDS: usize = 256;
+/// How long a partly filled chunk may wait while other partitions keep the consumer busy.
+const CHUNK_MAX_DELAY: Duration = Duration::from_millis(5);
+
 struct PartitionHandle {
-    tx: mpsc::Sender<Input>,
-    /// Records fetched while the task's channel was full; the partition is paused meanwhile.
-    overflow: VecDeque<Input>,
+    topic: String,
+    tx: mpsc::Sender<Vec<Input>>,
+    /// Records fetched but not yet sent to the task (the next chunk).
+    staged: Vec<Input>,
+    staged_bytes: u64,
+    /// Chunks that found the task's channel full; a large overflow pauses the partition.
+    overflow: VecDeque<(Vec<Input>, u64)>,
+    overflow_records: usize,
+    overflow_bytes: u64,
     paused: bool,
     progress: Arc<PartitionProgress>,
     last_committed: Option<i64>,
@@ -67,7 +78,7 @@ impl Dispatch {
             metrics,
             health,
             partitions: Mutex::new(HashMap::new()),
-            channel_capacity: settings.limits.max_records.clamp(64, 4096),
+            channel_capacity: settings.max_pending_records.clamp(256, 4096),
         }
     }
 
@@ -83,7 +94,7 @@ impl Dispatch {
             if parts.contains_key(&tp) {
                 continue;
             }
-            let (tx, rx) = mpsc::channel(self.channel_capacity);
+            let (tx, rx) = mpsc::channel(self.channel_capacity.div_ceil(CHUNK_RECORDS).max(2));
             let progress = Arc::new(PartitionProgress::default());
             let task = PartitionTask {
                 topic: tp.0.clone(),
@@ -96,8 +107,20 @@ impl Dispatch {
             let task = self.runtime.spawn(task.run(rx));
             tracing::info!(topic = %tp.0, partition = tp.1, "partition assigned");
             parts.insert(
-                tp,
-                PartitionHandle { tx, overflow: VecDeque::new(), paused: false, progress, last_committed: None, task },
+                tp.clone(),
+                PartitionHandle {
+                    topic: tp.0,
+                    tx,
+                    staged: Vec::with_capacity(CHUNK_RECORDS),
+                    staged_bytes: 0,
+                    overflow: VecDeque::new(),
+                    overflow_records: 0,
+                    overflow_bytes: 0,
+                    paused: false,
+                    progress,
+                    last_committed: None,
+                    task,
+                },
             );
         }
         self.metrics.assigned_partitions.set(parts.len() as i64);
@@ -152,72 +175,103 @@ impl Dispatch {
         self.partitions().keys().cloned().collect()
     }
 
-    /// Hands a record to its partition task, pausing the partition when the task is full.
-    fn dispatch<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, record: Record) {
+    /// Stages a record for its partition task. Records travel in chunks (fewer task wake-ups per
+    /// record); a full chunk is sent at once, the rest by `flush`.
+    fn dispatch<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, mut record: Record) {
         let mut parts = self.partitions();
-        let tp = (record.topic.clone(), record.partition);
-        let Some(h) = parts.get_mut(&tp) else {
-            tracing::debug!(topic = %tp.0, partition = tp.1, "record for a partition not assigned; ignored");
+        // Borrow the topic for the lookup without allocating a key per record.
+        let tp = (std::mem::take(&mut record.topic), record.partition);
+        let handle = parts.get_mut(&tp);
+        record.topic = tp.0;
+        let Some(h) = handle else {
+            tracing::debug!(topic = %record.topic, partition = record.partition, "record for a partition not assigned; ignored");
             return;
         };
-        if !h.overflow.is_empty() {
-            h.overflow.push_back(Input::Record(record));
-            return;
-        }
-        match h.tx.try_send(Input::Record(record)) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(input)) => {
-                h.overflow.push_back(input);
-                if !h.paused {
-                    let mut tpl = TopicPartitionList::new();
-                    tpl.add_partition(&tp.0, tp.1);
-                    if let Err(e) = consumer.pause(&tpl) {
-                        tracing::warn!(topic = %tp.0, partition = tp.1, "cannot pause partition: {e}");
-                    }
-                    h.paused = true;
-                    self.metrics.paused_partitions.inc();
-                }
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                tracing::error!(topic = %tp.0, partition = tp.1, "partition task ended unexpectedly");
-            }
+        h.staged_bytes += record.size_bytes();
+        h.staged.push(Input::Record(record));
+        if h.staged.len() >= CHUNK_RECORDS {
+            self.send_staged(consumer, h, &tp.1);
         }
     }
 
-    /// Moves overflow into tasks with room again; resumes partitions whose overflow emptied.
-    /// Returns whether any partition is still paused.
-    fn flush_overflow<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>) -> bool {
-        let mut parts = self.partitions();
-        let mut any_paused = false;
-        for ((topic, partition), h) in parts.iter_mut() {
-            if !h.paused {
-                continue;
+    /// Sends the staged chunk, or parks it in the overflow when the task's channel is full.
+    /// Only a large overflow pauses the partition: pausing is expensive (librdkafka drops the
+    /// partition's prefetched records and re-fetches them on resume), so it is reserved for real
+    /// backlogs.
+    fn send_staged<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, h: &mut PartitionHandle, partition: &i32) {
+        if h.staged.is_empty() {
+            return;
+        }
+        let chunk = std::mem::replace(&mut h.staged, Vec::with_capacity(CHUNK_RECORDS));
+        let bytes = std::mem::take(&mut h.staged_bytes);
+        let chunk = if h.overflow.is_empty() {
+            match h.tx.try_send(chunk) {
+                Ok(()) => return,
+                Err(mpsc::error::TrySendError::Full(chunk)) => chunk,
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    tracing::error!(topic = %h.topic, partition, "partition task ended unexpectedly");
+                    return;
+                }
             }
-            while let Some(input) = h.overflow.pop_front() {
-                match h.tx.try_send(input) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(input)) => {
-                        h.overflow.push_front(input);
+        } else {
+            chunk
+        };
+        h.overflow_records += chunk.len();
+        h.overflow_bytes += bytes;
+        h.overflow.push_back((chunk, bytes));
+        if !h.paused
+            && (h.overflow_records >= self.channel_capacity || h.overflow_bytes >= self.settings.max_pending_bytes)
+        {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(&h.topic, *partition);
+            if let Err(e) = consumer.pause(&tpl) {
+                tracing::warn!(topic = %h.topic, partition, "cannot pause partition: {e}");
+            }
+            h.paused = true;
+            self.metrics.paused_partitions.inc();
+        }
+    }
+
+    /// Sends every staged chunk, moves overflow into tasks with room again, and resumes paused
+    /// partitions once their overflow is empty and their channel at least half free (hysteresis
+    /// against pause/resume churn). Returns whether any partition still has overflow.
+    fn flush<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>) -> bool {
+        let mut parts = self.partitions();
+        let mut any_overflow = false;
+        for ((_, partition), h) in parts.iter_mut() {
+            while let Some((chunk, bytes)) = h.overflow.pop_front() {
+                let records = chunk.len();
+                match h.tx.try_send(chunk) {
+                    Ok(()) => {
+                        h.overflow_records -= records;
+                        h.overflow_bytes -= bytes;
+                    }
+                    Err(mpsc::error::TrySendError::Full(chunk)) => {
+                        h.overflow.push_front((chunk, bytes));
                         break;
                     }
                     Err(mpsc::error::TrySendError::Closed(_)) => {
                         h.overflow.clear();
+                        (h.overflow_records, h.overflow_bytes) = (0, 0);
                     }
                 }
             }
-            if h.overflow.is_empty() {
+            self.send_staged(consumer, h, partition);
+            if !h.overflow.is_empty() {
+                any_overflow = true;
+            } else if h.paused && h.tx.capacity() * 2 >= h.tx.max_capacity() {
                 let mut tpl = TopicPartitionList::new();
-                tpl.add_partition(topic, *partition);
+                tpl.add_partition(&h.topic, *partition);
                 if let Err(e) = consumer.resume(&tpl) {
-                    tracing::warn!(%topic, partition, "cannot resume partition: {e}");
+                    tracing::warn!(topic = %h.topic, partition, "cannot resume partition: {e}");
                 }
                 h.paused = false;
                 self.metrics.paused_partitions.dec();
-            } else {
-                any_paused = true;
+            } else if h.paused {
+                any_overflow = true;
             }
         }
-        any_paused
+        any_overflow
     }
 
     /// Tells idle partition tasks the consumer's fetch position (so commits can pass transaction
@@ -233,8 +287,8 @@ impl Dispatch {
                         (e.offset(), parts.get_mut(&(e.topic().to_owned(), e.partition())))
                         && h.overflow.is_empty()
                     {
-                        // Best effort: when the channel is full the next period tries again.
-                        let _ = h.tx.try_send(Input::Position(pos));
+                        // In-band after every record below it; sent with the next flush.
+                        h.staged.push(Input::Position(pos));
                     }
                 }
             }
@@ -339,10 +393,15 @@ impl ConsumerContext for WorkerContext {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) if tpl.count() > 0 => {
                 self.0.metrics.rebalances.with_label_values(&["assign"]).inc();
+                // librdkafka remembers a partition's pause flag across unassign/assign: a
+                // partition we paused before it was revoked would come back paused for good.
+                if let Err(e) = consumer.resume(tpl) {
+                    tracing::warn!("cannot resume newly assigned partitions: {e}");
+                }
                 self.0.assign(tpl);
             }
             Rebalance::Error(e) => tracing::error!("rebalance error: {e}"),
@@ -391,14 +450,15 @@ pub struct ConsumerLoop {
 
 impl ConsumerLoop {
     /// Runs on a dedicated OS thread until `shutdown` fires; then drains every partition,
-    /// commits synchronously and closes the consumer (leaving the group).
-    pub fn run(self) {
+    /// commits synchronously and closes the consumer (leaving the group). Fails only when the
+    /// subscription is refused.
+    pub fn run(self) -> Result<(), KafkaError> {
         let d = self.dispatch.clone();
         // Reach the brokers before subscribing so /readyz can say why we are not ready.
         let mut wait = Duration::from_millis(200);
         loop {
             if self.shutdown.is_cancelled() {
-                return;
+                return Ok(());
             }
             match self.consumer.fetch_metadata(Some(&self.topics[0]), Duration::from_secs(5)) {
                 Ok(_) => break,
@@ -415,30 +475,40 @@ impl ConsumerLoop {
         }
         d.health.set_broker_error(None);
         let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
-        if let Err(e) = self.consumer.subscribe(&topics) {
-            tracing::error!("cannot subscribe to {topics:?}: {e}");
-            self.shutdown.cancel();
-            return;
-        }
+        self.consumer.subscribe(&topics)?;
         d.health.set_subscribed();
         tracing::info!(?topics, "subscribed");
         let mut last_commit = Instant::now();
-        let mut any_paused = false;
+        let mut any_overflow = false;
+        let mut staged = false;
+        let mut last_flush = Instant::now();
         let mut last_probe = Instant::now();
         while !self.shutdown.is_cancelled() {
-            let timeout = if any_paused { Duration::from_millis(5) } else { Duration::from_millis(100) };
+            let timeout = if staged {
+                Duration::ZERO
+            } else if any_overflow {
+                Duration::from_millis(5)
+            } else {
+                Duration::from_millis(100)
+            };
+            let mut ran_dry = false;
             match self.consumer.poll(timeout) {
                 Some(Ok(m)) => {
                     d.metrics.consumed.inc();
                     let record = to_record(&m);
                     drop(m);
                     d.dispatch(&self.consumer, record);
+                    staged = true;
                 }
                 Some(Err(e)) => tracing::warn!("consumer error: {e}"),
-                None => {}
+                None => ran_dry = true,
             }
-            if any_paused || d.metrics.paused_partitions.get() > 0 {
-                any_paused = d.flush_overflow(&self.consumer);
+            // Flush when the local queue ran dry, or every few ms under a constant stream.
+            let now = Instant::now();
+            if (staged || any_overflow) && (ran_dry || now.duration_since(last_flush) >= CHUNK_MAX_DELAY) {
+                any_overflow = d.flush(&self.consumer);
+                staged = false;
+                last_flush = now;
             }
             if d.health.has_broker_error() && last_probe.elapsed() >= Duration::from_secs(5) {
                 // Idle consumers get no message or commit that would clear the error: probe.
@@ -449,6 +519,7 @@ impl ConsumerLoop {
             }
             if last_commit.elapsed() >= self.commit_interval {
                 d.periodic_commit(&self.consumer);
+                staged = true;
                 last_commit = Instant::now();
             }
         }
@@ -460,5 +531,6 @@ impl ConsumerLoop {
         // partitions left to drain).
         drop(self.consumer);
         tracing::info!("consumer closed");
+        Ok(())
     }
 }

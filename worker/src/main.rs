@@ -37,8 +37,9 @@ struct Args {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,librdkafka=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if std::io::stderr().is_terminal() {
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
+    // Human-readable on a terminal, JSON lines for log collectors otherwise.
+    if std::io::stdout().is_terminal() {
         builder.init();
     } else {
         builder.json().flatten_event(true).init();

@@ -48,6 +48,8 @@ pub enum RunError {
     Thread(std::io::Error),
     #[error("the consumer thread panicked")]
     ThreadPanicked,
+    #[error("cannot subscribe to the source topics: {0}")]
+    Subscribe(KafkaError),
 }
 
 pub fn partition_settings(config: &WorkerConfig, drain_timeout: Duration) -> PartitionSettings {
@@ -61,7 +63,7 @@ pub fn partition_settings(config: &WorkerConfig, drain_timeout: Duration) -> Par
         ordering: spec.ordering,
         limits: BatchLimits { max_records, max_bytes, max_wait: spec.batch.max_wait.as_std() },
         per_partition,
-        max_pending_records: (2 * max_records).max(per_partition).max(64),
+        max_pending_records: (2 * max_records).max(per_partition).max(256),
         max_pending_bytes: (2 * max_bytes).max(1 << 20),
         drain_timeout,
     }
@@ -73,7 +75,9 @@ pub async fn run(config: WorkerConfig, settings: RunSettings, shutdown: Cancella
     let health = Arc::new(Health::default());
     let listener = server::bind(settings.listen).await?;
     tracing::info!(listen = %settings.listen, "serving /metrics, /healthz, /readyz");
-    let server = tokio::spawn(server::serve(listener, metrics.clone(), health.clone(), shutdown.clone()));
+    // The server outlives the drain after SIGTERM so metrics stay scrapable until the end.
+    let server_stop = CancellationToken::new();
+    let server = tokio::spawn(server::serve(listener, metrics.clone(), health.clone(), server_stop.clone()));
 
     let spec = &config.spec;
     let needs_producer = matches!(spec.processor, ProcessorSpec::Kafka(_)) || spec.dead_letter.is_some();
@@ -134,8 +138,7 @@ pub async fn run(config: WorkerConfig, settings: RunSettings, shutdown: Cancella
         .map_err(RunError::Thread)?;
     // Wait for the consumer thread without blocking a runtime worker.
     let joined = tokio::task::spawn_blocking(move || thread.join()).await;
-    // The thread also returns when it could not subscribe: stop the server too.
-    shutdown.cancel();
+    server_stop.cancel();
     if let Some(p) = producer {
         // Anything still queued was not acknowledged, so its record was not committed either.
         let _ =
@@ -145,7 +148,8 @@ pub async fn run(config: WorkerConfig, settings: RunSettings, shutdown: Cancella
         tracing::warn!("{e}");
     }
     match joined {
-        Ok(Ok(())) => Ok(()),
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(e))) => Err(RunError::Subscribe(e)),
         _ => Err(RunError::ThreadPanicked),
     }
 }

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -295,6 +295,7 @@ impl Worker {
         std::fs::write(&cfg, serde_json::to_vec_pretty(config).unwrap()).unwrap();
         let log = dir.join(format!("{name}-{nanos}.log"));
         let listen = free_port();
+        let log_file = std::fs::File::create(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_kpipe-worker"))
             .env("KPIPE_CONFIG", &cfg)
             .env("KPIPE_LISTEN", listen.to_string())
@@ -302,8 +303,8 @@ impl Worker {
             .env("KPIPE_COMMIT_INTERVAL", "200ms")
             .env("KPIPE_POD_NAME", name)
             .env("RUST_LOG", "info,librdkafka=warn")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
             .spawn()
             .unwrap();
         eprintln!("started worker {name} pid {} (log {})", child.id(), log.display());

@@ -1,0 +1,209 @@
+//! Worker benchmark against the test bed's Kafka broker (see docs/BENCHMARKS.md):
+//!
+//! 1. a 12-partition topic with `KPIPE_BENCH_RECORDS` (default 2,000,000) × 100-byte records;
+//! 2. a bare rdkafka `BaseConsumer` reading all of it (records/s from first to last record);
+//! 3. the `kpipe-worker` binary with the noop processor on the same topic (records/s from the
+//!    first to the last processed record, from its metrics) and its peak RSS while draining;
+//! 4. the worker with an HTTP handler that sleeps 20 ms per request, `key` ordering,
+//!    concurrency 256, one record per request, on `KPIPE_BENCH_SLOW_RECORDS` (default 100,000).
+//!
+//! Run: `cargo bench -p kpipe-worker --bench worker` (bootstrap as for the integration tests).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::routing::post;
+use common::*;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn produce_fixed(bootstrap: &str, topic: &str, n: u64, keys: u64) -> Duration {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "20")
+        .set("batch.size", "1000000")
+        .set("queue.buffering.max.messages", "1000000")
+        .set("compression.type", "lz4")
+        .create()
+        .unwrap();
+    let started = Instant::now();
+    let mut payload = [b'x'; 100];
+    for id in 0..n {
+        let key = format!("key-{}", id % keys);
+        let digits = id.to_string();
+        payload[..digits.len()].copy_from_slice(digits.as_bytes());
+        loop {
+            match producer.send(BaseRecord::to(topic).key(&key).payload(&payload[..])) {
+                Ok(()) => break,
+                Err((_, _)) => {
+                    producer.poll(Duration::from_millis(10));
+                }
+            }
+        }
+        if id % 10_000 == 0 {
+            producer.poll(Duration::ZERO);
+        }
+    }
+    producer.flush(Duration::from_secs(120)).unwrap();
+    started.elapsed()
+}
+
+fn bare_consumer(bootstrap: &str, topic: &str, n: u64) -> f64 {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", unique("bench-bare"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "true")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("queued.max.messages.kbytes", "16384")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut count = 0u64;
+    let mut bytes = 0usize;
+    let mut first = None;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while count < n && Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            first.get_or_insert_with(Instant::now);
+            bytes += m.payload_len();
+            count += 1;
+        }
+    }
+    let elapsed = first.map(|f| f.elapsed()).unwrap_or_default();
+    assert_eq!(count, n, "bare consumer read {count} of {n}");
+    std::hint::black_box(bytes);
+    n as f64 / elapsed.as_secs_f64()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Polls the worker's metrics until `n` records are processed; returns (records/s between the
+/// first and the last observed progress, peak RSS in MiB).
+async fn drive_worker(w: &Worker, n: u64, timeout: Duration) -> (f64, f64) {
+    let deadline = Instant::now() + timeout;
+    let mut first: Option<(Instant, f64)> = None;
+    let mut peak_rss = 0u64;
+    loop {
+        let m = w.metrics().await;
+        let processed = metric(&m, "kpipe_worker_records_processed_total").unwrap_or(0.0);
+        peak_rss = peak_rss.max(rss_kib(w.child.id()));
+        let now = Instant::now();
+        if processed > 0.0 && first.is_none() {
+            first = Some((now, processed));
+        }
+        if processed >= n as f64 {
+            let (t0, p0) = first.unwrap();
+            let rate = (processed - p0) / now.duration_since(t0).as_secs_f64().max(1e-3);
+            return (rate, peak_rss as f64 / 1024.0);
+        }
+        assert!(now < deadline, "worker processed {processed} of {n} in {timeout:?}; log {}", w.log.display());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    // `cargo bench` passes `--bench`; nothing else to parse.
+    let bootstrap = bootstrap();
+    let n = env_u64("KPIPE_BENCH_RECORDS", 2_000_000);
+    let slow_n = env_u64("KPIPE_BENCH_SLOW_RECORDS", 100_000);
+    let only = std::env::var("KPIPE_BENCH_ONLY").unwrap_or_default();
+    // Re-use a topic produced by an earlier run (it must hold exactly KPIPE_BENCH_RECORDS).
+    let topic = match std::env::var("KPIPE_BENCH_TOPIC") {
+        Ok(t) => t,
+        Err(_) => {
+            let topic = unique("bench");
+            create_topic(&bootstrap, &topic, 12).await;
+            let (b, t) = (bootstrap.clone(), topic.clone());
+            let took = tokio::task::spawn_blocking(move || produce_fixed(&b, &t, n, 10_000)).await.unwrap();
+            println!("produced {n} x 100 B records to {topic} (12 partitions) in {:.1}s", took.as_secs_f64());
+            topic
+        }
+    };
+
+    let bare = if only.is_empty() || only == "bare" {
+        let (b, topic) = (bootstrap.clone(), topic.clone());
+        let bare = tokio::task::spawn_blocking(move || bare_consumer(&b, &topic, n)).await.unwrap();
+        println!("bare rdkafka BaseConsumer: {bare:.0} records/s");
+        bare
+    } else {
+        f64::NAN
+    };
+    if only == "bare" {
+        return;
+    }
+
+    if only.is_empty() || only == "noop" {
+        let cfg = config(
+            &bootstrap,
+            "bench-noop",
+            &topic,
+            &unique("bench-noop"),
+            serde_json::json!({"processor": {"noop": {}}, "onFailure": "drop"}),
+        );
+        let w = Worker::start("bench-noop", &cfg);
+        let (noop, rss) = drive_worker(&w, n, Duration::from_secs(600)).await;
+        drop(w);
+        println!("kpipe-worker noop: {noop:.0} records/s ({:.2}x bare), peak RSS {rss:.0} MiB", noop / bare);
+    }
+    if !(only.is_empty() || only == "slow") {
+        return;
+    }
+
+    // Slow handler: 20 ms per request, one record per request, key ordering, 256 concurrent.
+    let slow_topic = unique("bench-slow");
+    create_topic(&bootstrap, &slow_topic, 12).await;
+    {
+        let (b, topic) = (bootstrap.clone(), slow_topic.clone());
+        tokio::task::spawn_blocking(move || produce_fixed(&b, &topic, slow_n, 10_000)).await.unwrap();
+    }
+    let app = Router::new().route(
+        "/records",
+        post(|| async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            ""
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/records", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let cfg = config(
+        &bootstrap,
+        "bench-slow",
+        &slow_topic,
+        &unique("bench-slow"),
+        serde_json::json!({
+            "processor": {"http": {"url": url}},
+            "ordering": "key",
+            "concurrency": {"perPartition": 256, "perWorker": 256},
+            "batch": {"maxRecords": 1},
+            "onFailure": "drop"
+        }),
+    );
+    let w = Worker::start("bench-slow", &cfg);
+    let (slow, slow_rss) = drive_worker(&w, slow_n, Duration::from_secs(600)).await;
+    drop(w);
+    let ideal = 256.0 / 0.020;
+    println!(
+        "kpipe-worker 20 ms handler, key ordering, concurrency 256, 1 record/request: {slow:.0} records/s \
+         ({:.0}% of {ideal:.0}), peak RSS {slow_rss:.0} MiB",
+        100.0 * slow / ideal
+    );
+}
