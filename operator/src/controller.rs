@@ -276,6 +276,7 @@ async fn reconcile_inner(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
     // drifted Deployment is put back.
     let current = state.last_desired.or(dep_replicas).unwrap_or(0);
 
+    let t_start = Instant::now();
     // Dereference and validate.
     let deref = dereference(&shared.client, &ns, spec).await?;
     let mut problem: Option<Problem> = None;
@@ -325,6 +326,7 @@ async fn reconcile_inner(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
     shared.metrics.kafka_clients.with_label_values(&["group"]).set(counts.groups as i64);
     shared.metrics.kafka_clients.with_label_values(&["offset_connection"]).set(counts.offset_connections as i64);
 
+    let t_probe = t_start.elapsed();
     // Apply children.
     let mut configured = false;
     if let Ok(v) = &validated {
@@ -383,6 +385,7 @@ async fn reconcile_inner(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
     shared.metrics.desired_replicas.with_label_values(&labels).set(i64::from(decision.desired));
     shared.metrics.replicas.with_label_values(&labels).set(i64::from(replicas));
 
+    let t_apply = t_start.elapsed();
     // Status.
     let prev_status = cp.status.as_ref();
     let observed = Observed {
@@ -412,6 +415,13 @@ async fn reconcile_inner(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
             .map_err(kube_err(format!("writing status of {ns}/{name}")))?;
     }
 
+    debug!(
+        %ns, %name,
+        probe_ms = t_probe.as_millis() as u64,
+        apply_ms = (t_apply - t_probe).as_millis() as u64,
+        status_ms = (t_start.elapsed() - t_apply).as_millis() as u64,
+        "reconcile phases"
+    );
     // Next poll: the poll interval, or back off while Kafka or a Secret is the problem.
     let next = if problem.is_some() {
         state.failures = state.failures.saturating_add(1);
@@ -465,17 +475,38 @@ pub async fn run(
     let managed = watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGER}"));
 
     let (pipelines, pipeline_writer) = reflector::store::<DeserializeGuard<ConsumerPipeline>>();
-    let primary = reflector::reflector(pipeline_writer, watcher(scope.api(&client), watcher::Config::default()))
-        .applied_objects()
-        .predicate_filter(predicates::generation, Default::default());
+    // managedFields are dropped from the caches: they are most of an object's size and never read.
+    let primary = reflector::reflector(
+        pipeline_writer,
+        watcher(scope.api::<DeserializeGuard<ConsumerPipeline>>(&client), watcher::Config::default()).modify(
+            |g: &mut DeserializeGuard<ConsumerPipeline>| match &mut g.0 {
+                Ok(cp) => cp.metadata.managed_fields = None,
+                Err(invalid) => invalid.metadata.managed_fields = None,
+            },
+        ),
+    )
+    .applied_objects()
+    .predicate_filter(predicates::generation, Default::default());
 
     let (deployments, dep_writer) = reflector::store::<Deployment>();
-    let dep_stream =
-        reflector::reflector(dep_writer, watcher(scope.api::<Deployment>(&client), managed.clone())).touched_objects();
+    let dep_stream = reflector::reflector(
+        dep_writer,
+        watcher(scope.api::<Deployment>(&client), managed.clone()).modify(|d: &mut Deployment| {
+            d.metadata.managed_fields = None;
+            // Only replicas, the template's config hash and readyReplicas are read.
+            if let Some(spec) = d.spec.as_mut() {
+                spec.template.spec = None;
+            }
+        }),
+    )
+    .touched_objects();
     let (config_maps, cm_writer) = reflector::store::<PartialObjectMeta<ConfigMap>>();
-    let cm_stream =
-        reflector::reflector(cm_writer, watcher(scope.api::<PartialObjectMeta<ConfigMap>>(&client), managed))
-            .touched_objects();
+    let cm_stream = reflector::reflector(
+        cm_writer,
+        watcher(scope.api::<PartialObjectMeta<ConfigMap>>(&client), managed)
+            .modify(|c: &mut PartialObjectMeta<ConfigMap>| c.metadata.managed_fields = None),
+    )
+    .touched_objects();
 
     let ctx = Arc::new(Context { shared, deployments, config_maps });
     info!(?scope, "starting ConsumerPipeline controller");

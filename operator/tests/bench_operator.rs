@@ -90,13 +90,17 @@ async fn many_pipelines_one_broker() {
     let ns = ns.name().to_string();
     let topic = format!("{ns}-in");
     bed.create_topic(&topic, 4).await.unwrap();
+    // p0000 alone reads the hot topic, so the reaction phase wakes one pipeline, not all.
+    let hot = format!("{ns}-hot");
+    bed.create_topic(&hot, 4).await.unwrap();
     let kafka_port: u16 = bed.kafka_bootstrap().rsplit(':').next().unwrap().parse().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let log = std::fs::File::create(std::env::temp_dir().join(format!("op-bench-{ns}.log"))).unwrap();
     let op = Proc(
         Command::new(operator_binary())
             .env("KUBECONFIG", bed.kubeconfig())
-            .args(["--namespaces", &ns, "--listen", &format!("127.0.0.1:{port}")])
+            .env("RUST_LOG", std::env::var("KPIPE_BENCH_LOG").unwrap_or_else(|_| "info".into()))
+            .args(["--namespaces", &ns, "--listen", &format!("127.0.0.1:{port}"), "--log-format", "text"])
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .stdin(Stdio::null())
@@ -110,7 +114,8 @@ async fn many_pipelines_one_broker() {
     stream::iter(0..n)
         .for_each_concurrent(16, |i| {
             let cps = cps.clone();
-            let (ns, topic, bootstrap) = (ns.clone(), topic.clone(), bed.kafka_bootstrap().to_string());
+            let topic = if i == 0 { hot.clone() } else { topic.clone() };
+            let (ns, bootstrap) = (ns.clone(), bed.kafka_bootstrap().to_string());
             async move {
                 let cp: ConsumerPipeline = serde_json::from_value(serde_json::json!({
                     "apiVersion": "kpipe.io/v1alpha1", "kind": "ConsumerPipeline",
@@ -143,7 +148,7 @@ async fn many_pipelines_one_broker() {
 
     // Scale reaction: backlog on one pipeline's group.
     let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-    bed.produce(&topic, 2000).await.unwrap();
+    bed.produce(&hot, 2000).await.unwrap();
     let produced = Instant::now();
     wait_for("first Deployment scaled up", Duration::from_secs(60), || async {
         let d = deps.get("p0000-worker").await.ok()?;
