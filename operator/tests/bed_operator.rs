@@ -339,3 +339,42 @@ async fn only_the_leader_acts_and_a_standby_takes_over() {
     assert!(took <= Duration::from_secs(25), "takeover took {took:?}");
     assert_eq!(standby.metric("kpipe_operator_leader").await, Some(1.0));
 }
+
+#[tokio::test]
+#[ignore = "needs the local test bed (make testbed-up)"]
+async fn external_mode_follows_the_scale_subresource() {
+    let bed = TestBed::connect().await.unwrap();
+    let ns = bed.temp_namespace("op-external").await.unwrap();
+    let ns = ns.name().to_string();
+    let topic = format!("{ns}-in");
+    bed.create_topic(&topic, 2).await.unwrap();
+    let _op = Operator::start(&bed, &ns, &[]);
+    let client = bed.client();
+    let cps: Api<ConsumerPipeline> = Api::namespaced(client.clone(), &ns);
+    let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let cp = pipeline(
+        "x",
+        &ns,
+        bed.kafka_bootstrap(),
+        &topic,
+        serde_json::json!({"mode": "external", "pollInterval": "1s"}),
+    );
+    cps.create(&PostParams::default(), &cp).await.unwrap();
+    wait_deployment(&deps, "x-worker", |d| replicas(d) == 0).await;
+    // What an HPA or `kubectl scale` does: write spec.replicas through the scale subresource.
+    cps.patch_scale("x", &PatchParams::default(), &Patch::Merge(serde_json::json!({"spec": {"replicas": 3}})))
+        .await
+        .unwrap();
+    wait_deployment(&deps, "x-worker", |d| replicas(d) == 3).await;
+    let scale = wait_for("scale status", Duration::from_secs(30), || async {
+        let s = cps.get_scale("x").await.ok()?;
+        (s.status.as_ref()?.replicas == 3).then_some(s)
+    })
+    .await
+    .unwrap();
+    assert_eq!(scale.status.unwrap().selector.as_deref(), Some(kpipe_operator::build::selector_string("x").as_str()));
+    // A backlog does not make the operator fight the external autoscaler.
+    bed.produce(&topic, 5000).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(replicas(&deps.get("x-worker").await.unwrap()), 3);
+}
