@@ -327,9 +327,23 @@ async fn reconcile_inner(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
     shared.metrics.kafka_clients.with_label_values(&["offset_connection"]).set(counts.offset_connections as i64);
 
     let t_probe = t_start.elapsed();
+    // A same-named Deployment that this pipeline does not control is never taken over.
+    if dep.is_none() && problem.is_none() {
+        let api: Api<Deployment> = Api::namespaced(shared.client.clone(), &ns);
+        if let Some(existing) =
+            api.get_opt(&child).await.map_err(kube_err(format!("reading Deployment {ns}/{child}")))?
+            && !existing.owner_references().iter().any(|o| o.controller == Some(true) && o.uid == uid)
+        {
+            problem = Some(Problem {
+                reason: "ChildConflict".into(),
+                message: format!("Deployment {child} exists and is not controlled by this pipeline; not touching it"),
+            });
+        }
+    }
     // Apply children.
     let mut configured = false;
-    if let Ok(v) = &validated {
+    let conflict = problem.as_ref().is_some_and(|p| p.reason == "ChildConflict");
+    if let (Ok(v), false) = (&validated, conflict) {
         let pp = PatchParams::apply(&shared.settings.field_manager).force();
         if cm.is_none() || cm_hash.as_deref() != Some(v.config_hash.as_str()) {
             let api: Api<ConfigMap> = Api::namespaced(shared.client.clone(), &ns);

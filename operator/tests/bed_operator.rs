@@ -378,3 +378,31 @@ async fn external_mode_follows_the_scale_subresource() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(replicas(&deps.get("x-worker").await.unwrap()), 3);
 }
+
+#[tokio::test]
+#[ignore = "needs the local test bed (make testbed-up)"]
+async fn a_foreign_deployment_with_the_child_name_is_not_taken_over() {
+    let bed = TestBed::connect().await.unwrap();
+    let ns = bed.temp_namespace("op-conflict").await.unwrap();
+    let ns = ns.name().to_string();
+    let topic = format!("{ns}-in");
+    bed.create_topic(&topic, 1).await.unwrap();
+    let client = bed.client();
+    let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let foreign: Deployment = serde_json::from_value(serde_json::json!({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "c-worker"},
+        "spec": {"replicas": 0, "selector": {"matchLabels": {"app": "mine"}},
+                 "template": {"metadata": {"labels": {"app": "mine"}},
+                              "spec": {"containers": [{"name": "c", "image": "busybox:1"}]}}}
+    }))
+    .unwrap();
+    deps.create(&PostParams::default(), &foreign).await.unwrap();
+    let _op = Operator::start(&bed, &ns, &[]);
+    let cps: Api<ConsumerPipeline> = Api::namespaced(client.clone(), &ns);
+    cps.create(&PostParams::default(), &pipeline("c", &ns, bed.kafka_bootstrap(), &topic, serde_json::json!({})))
+        .await
+        .unwrap();
+    wait_condition(&cps, "c", "Degraded", "True", Some("ChildConflict")).await;
+    let d = deps.get("c-worker").await.unwrap();
+    assert!(d.metadata.owner_references.is_none(), "the foreign Deployment was modified");
+}
