@@ -369,7 +369,7 @@ async fn reconcile_inner(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
     let replicas = if configured { decision.desired } else { previous_replicas };
 
     // Events and metrics for scale decisions.
-    let scaled = configured && replicas != previous_replicas && dep.is_some();
+    let scaled = configured && replicas != previous_replicas;
     if scaled {
         let direction = if replicas > previous_replicas { "up" } else { "down" };
         shared.metrics.scale_events.with_label_values(&[&ns, &name, direction]).inc();

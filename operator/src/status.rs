@@ -90,8 +90,10 @@ pub fn compute(previous: Option<&ConsumerPipelineStatus>, obs: &Observed, now: T
         condition::SCALING,
         scaling_now,
         if obs.scale_reason.is_empty() { "Steady" } else { &obs.scale_reason },
-        &if scaling_now {
-            format!("{} → {} replicas ({} ready): {}", obs.replicas, obs.desired, obs.ready_replicas, obs.scale_message)
+        &if obs.desired != obs.replicas {
+            format!("{} → {} replicas: {}", obs.replicas, obs.desired, obs.scale_message)
+        } else if scaling_now {
+            format!("{} of {} workers ready: {}", obs.ready_replicas, obs.replicas, obs.scale_message)
         } else {
             obs.scale_message.clone()
         },
