@@ -522,11 +522,32 @@ pub async fn run(
     )
     .touched_objects();
 
+    // Referenced Secrets (metadata only, not cached): a created, fixed or rotated Secret
+    // reconciles the pipelines that reference it at once instead of at the next backoff.
+    let secret_stream =
+        watcher(scope.api::<PartialObjectMeta<Secret>>(&client), watcher::Config::default()).touched_objects();
+    let pipeline_index = pipelines.clone();
+    let referencing = move |secret: PartialObjectMeta<Secret>| {
+        let (name, ns) = (secret.name_any(), secret.namespace().unwrap_or_default());
+        pipeline_index
+            .state()
+            .into_iter()
+            .filter(|g| {
+                g.0.as_ref().is_ok_and(|cp| {
+                    cp.namespace().as_deref() == Some(ns.as_str())
+                        && build::referenced_secrets(&cp.spec).contains_key(&name)
+                })
+            })
+            .map(|g| ObjectRef::from_obj(&*g))
+            .collect::<Vec<_>>()
+    };
+
     let ctx = Arc::new(Context { shared, deployments, config_maps });
     info!(?scope, "starting ConsumerPipeline controller");
     Controller::for_stream(primary, pipelines)
         .owns_stream(dep_stream)
         .owns_stream(cm_stream)
+        .watches_stream(secret_stream, referencing)
         .with_config(ControllerConfig::default().concurrency(32))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)

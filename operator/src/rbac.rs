@@ -41,8 +41,9 @@ pub const RULES: &[Rule] = &[
     Rule {
         api_group: "",
         resource: "secrets",
-        verbs: &["get"],
-        used_by: "controller: referenced SASL/TLS Secrets (key names for validation, values only for the lag probe)",
+        verbs: &["get", "list", "watch"],
+        used_by: "controller: referenced SASL/TLS Secrets (get: key names for validation, values only for the lag probe; \
+                  list/watch: metadata-only trigger so a created or rotated Secret reconciles at once)",
     },
     Rule {
         api_group: "events.k8s.io",
