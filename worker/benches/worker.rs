@@ -57,14 +57,21 @@ fn produce_fixed(bootstrap: &str, topic: &str, n: u64, keys: u64) -> Duration {
     started.elapsed()
 }
 
-fn bare_consumer(bootstrap: &str, topic: &str, n: u64) -> f64 {
-    let consumer: BaseConsumer = ClientConfig::new()
+/// Returns (records/s, CPU µs per record).
+fn bare_consumer(bootstrap: &str, topic: &str, n: u64) -> (f64, f64) {
+    let cpu0 = cpu_seconds("self");
+    let mut config = ClientConfig::new();
+    // The same librdkafka tuning the worker applies, so the comparison is about kpipe's overhead.
+    for (k, v) in kpipe_worker::kafka_config::CONSUMER_TUNING {
+        config.set(*k, *v);
+    }
+    let consumer: BaseConsumer = config
         .set("bootstrap.servers", bootstrap)
         .set("group.id", unique("bench-bare"))
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "true")
         .set("partition.assignment.strategy", "cooperative-sticky")
-        .set("queued.max.messages.kbytes", "16384")
+        .set_log_level(rdkafka::config::RDKafkaLogLevel::Warning)
         .create()
         .unwrap();
     consumer.subscribe(&[topic]).unwrap();
@@ -82,7 +89,19 @@ fn bare_consumer(bootstrap: &str, topic: &str, n: u64) -> f64 {
     let elapsed = first.map(|f| f.elapsed()).unwrap_or_default();
     assert_eq!(count, n, "bare consumer read {count} of {n}");
     std::hint::black_box(bytes);
-    n as f64 / elapsed.as_secs_f64()
+    let cpu = cpu_seconds("self") - cpu0;
+    (n as f64 / elapsed.as_secs_f64(), cpu * 1e6 / n as f64)
+}
+
+/// user+system CPU seconds of a process (`self` or a pid), from /proc/<pid>/stat.
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = stat.rsplit(')').next().unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    ticks / 100.0
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -95,8 +114,8 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 /// Polls the worker's metrics until `n` records are processed; returns (records/s between the
-/// first and the last observed progress, peak RSS in MiB).
-async fn drive_worker(w: &Worker, n: u64, timeout: Duration) -> (f64, f64) {
+/// first and the last observed progress, peak RSS in MiB, CPU µs per record).
+async fn drive_worker(w: &Worker, n: u64, timeout: Duration) -> (f64, f64, f64) {
     let deadline = Instant::now() + timeout;
     let mut first: Option<(Instant, f64)> = None;
     let mut peak_rss = 0u64;
@@ -111,7 +130,8 @@ async fn drive_worker(w: &Worker, n: u64, timeout: Duration) -> (f64, f64) {
         if processed >= n as f64 {
             let (t0, p0) = first.unwrap();
             let rate = (processed - p0) / now.duration_since(t0).as_secs_f64().max(1e-3);
-            return (rate, peak_rss as f64 / 1024.0);
+            let cpu = cpu_seconds(&w.child.id().to_string());
+            return (rate, peak_rss as f64 / 1024.0, cpu * 1e6 / n as f64);
         }
         assert!(now < deadline, "worker processed {processed} of {n} in {timeout:?}; log {}", w.log.display());
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -140,8 +160,19 @@ async fn main() {
 
     let bare = if only.is_empty() || only == "bare" {
         let (b, topic) = (bootstrap.clone(), topic.clone());
-        let bare = tokio::task::spawn_blocking(move || bare_consumer(&b, &topic, n)).await.unwrap();
-        println!("bare rdkafka BaseConsumer: {bare:.0} records/s");
+        let (bare, cpu) = tokio::task::spawn_blocking(move || bare_consumer(&b, &topic, n)).await.unwrap();
+        let hwm = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmHWM:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            })
+            .unwrap_or(0.0);
+        println!(
+            "bare rdkafka BaseConsumer: {bare:.0} records/s, {cpu:.2} CPU-µs/record, peak RSS of the bench process {:.0} MiB",
+            hwm / 1024.0
+        );
         bare
     } else {
         f64::NAN
@@ -159,9 +190,12 @@ async fn main() {
             serde_json::json!({"processor": {"noop": {}}, "onFailure": "drop"}),
         );
         let w = Worker::start("bench-noop", &cfg);
-        let (noop, rss) = drive_worker(&w, n, Duration::from_secs(600)).await;
+        let (noop, rss, cpu) = drive_worker(&w, n, Duration::from_secs(600)).await;
         drop(w);
-        println!("kpipe-worker noop: {noop:.0} records/s ({:.2}x bare), peak RSS {rss:.0} MiB", noop / bare);
+        println!(
+            "kpipe-worker noop: {noop:.0} records/s ({:.2}x bare), {cpu:.2} CPU-µs/record (whole process), peak RSS {rss:.0} MiB",
+            noop / bare
+        );
     }
     if !(only.is_empty() || only == "slow") {
         return;
@@ -198,7 +232,7 @@ async fn main() {
         }),
     );
     let w = Worker::start("bench-slow", &cfg);
-    let (slow, slow_rss) = drive_worker(&w, slow_n, Duration::from_secs(600)).await;
+    let (slow, slow_rss, _) = drive_worker(&w, slow_n, Duration::from_secs(600)).await;
     drop(w);
     let ideal = 256.0 / 0.020;
     println!(

@@ -24,10 +24,13 @@ use crate::metrics::Metrics;
 use crate::partition::{Input, PartitionProgress, PartitionSettings, PartitionTask};
 use crate::record::Record;
 
-type TopicPartition = (String, i32);
+type TopicPartition = (Arc<str>, i32);
 
 /// Records handed to a partition task per channel message.
 const CHUNK_RECORDS: usize = 256;
+/// Overflow (records fetched while the task's channel is full) that pauses the partition.
+const MAX_OVERFLOW_RECORDS: usize = 16_384;
+const MIN_OVERFLOW_BYTES: u64 = 2 << 20;
 /// How long a partly filled chunk may wait while other partitions keep the consumer busy.
 const CHUNK_MAX_DELAY: Duration = Duration::from_millis(5);
 
@@ -57,6 +60,7 @@ pub struct Dispatch {
     health: Arc<Health>,
     partitions: Mutex<HashMap<TopicPartition, PartitionHandle>>,
     channel_capacity: usize,
+    max_overflow_bytes: u64,
 }
 
 pub struct WorkerContext(pub Arc<Dispatch>);
@@ -78,7 +82,8 @@ impl Dispatch {
             metrics,
             health,
             partitions: Mutex::new(HashMap::new()),
-            channel_capacity: settings.max_pending_records.clamp(256, 4096),
+            channel_capacity: settings.max_pending_records.clamp(1024, 4096),
+            max_overflow_bytes: settings.max_pending_bytes.max(MIN_OVERFLOW_BYTES),
         }
     }
 
@@ -90,14 +95,14 @@ impl Dispatch {
     fn assign(&self, tpl: &TopicPartitionList) {
         let mut parts = self.partitions();
         for e in tpl.elements() {
-            let tp = (e.topic().to_owned(), e.partition());
+            let tp = (Arc::<str>::from(e.topic()), e.partition());
             if parts.contains_key(&tp) {
                 continue;
             }
             let (tx, rx) = mpsc::channel(self.channel_capacity.div_ceil(CHUNK_RECORDS).max(2));
             let progress = Arc::new(PartitionProgress::default());
             let task = PartitionTask {
-                topic: tp.0.clone(),
+                topic: tp.0.to_string(),
                 partition: tp.1,
                 settings: self.settings,
                 jobs: self.jobs.clone(),
@@ -109,7 +114,7 @@ impl Dispatch {
             parts.insert(
                 tp.clone(),
                 PartitionHandle {
-                    topic: tp.0,
+                    topic: tp.0.to_string(),
                     tx,
                     staged: Vec::with_capacity(CHUNK_RECORDS),
                     staged_bytes: 0,
@@ -159,8 +164,8 @@ impl Dispatch {
                     h.progress.committable()
                 }
             };
-            let _ = self.metrics.lag.remove_label_values(&[&topic, &partition.to_string()]);
-            let _ = self.metrics.committed_offset.remove_label_values(&[&topic, &partition.to_string()]);
+            let _ = self.metrics.lag.remove_label_values(&[&*topic, &partition.to_string()]);
+            let _ = self.metrics.committed_offset.remove_label_values(&[&*topic, &partition.to_string()]);
             if let Some(offset) = committable
                 && h.last_committed != Some(offset)
                 && let Err(e) = tpl.add_partition_offset(&topic, partition, Offset::Offset(offset))
@@ -177,20 +182,17 @@ impl Dispatch {
 
     /// Stages a record for its partition task. Records travel in chunks (fewer task wake-ups per
     /// record); a full chunk is sent at once, the rest by `flush`.
-    fn dispatch<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, mut record: Record) {
+    fn dispatch<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, record: Record) {
         let mut parts = self.partitions();
-        // Borrow the topic for the lookup without allocating a key per record.
-        let tp = (std::mem::take(&mut record.topic), record.partition);
-        let handle = parts.get_mut(&tp);
-        record.topic = tp.0;
-        let Some(h) = handle else {
+        let record_partition = record.partition;
+        let Some(h) = parts.get_mut(&(record.topic.clone(), record.partition)) else {
             tracing::debug!(topic = %record.topic, partition = record.partition, "record for a partition not assigned; ignored");
             return;
         };
         h.staged_bytes += record.size_bytes();
         h.staged.push(Input::Record(record));
         if h.staged.len() >= CHUNK_RECORDS {
-            self.send_staged(consumer, h, &tp.1);
+            self.send_staged(consumer, h, &record_partition);
         }
     }
 
@@ -219,9 +221,9 @@ impl Dispatch {
         h.overflow_records += chunk.len();
         h.overflow_bytes += bytes;
         h.overflow.push_back((chunk, bytes));
-        if !h.paused
-            && (h.overflow_records >= self.channel_capacity || h.overflow_bytes >= self.settings.max_pending_bytes)
-        {
+        // librdkafka hands over a whole fetch response of a partition at once (up to
+        // max.partition.fetch.bytes), so the overflow must absorb such a burst without pausing.
+        if !h.paused && (h.overflow_records >= MAX_OVERFLOW_RECORDS || h.overflow_bytes >= self.max_overflow_bytes) {
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition(&h.topic, *partition);
             if let Err(e) = consumer.pause(&tpl) {
@@ -284,7 +286,7 @@ impl Dispatch {
             if let Some(positions) = positions {
                 for e in positions.elements() {
                     if let (Offset::Offset(pos), Some(h)) =
-                        (e.offset(), parts.get_mut(&(e.topic().to_owned(), e.partition())))
+                        (e.offset(), parts.get_mut(&(Arc::<str>::from(e.topic()), e.partition())))
                         && h.overflow.is_empty()
                     {
                         // In-band after every record below it; sent with the next flush.
@@ -314,7 +316,7 @@ impl Dispatch {
         for e in offsets.elements() {
             if let (Offset::Offset(o), None) = (e.offset(), e.error().err()) {
                 self.metrics.committed_offset.with_label_values(&[e.topic(), &e.partition().to_string()]).set(o);
-                if let Some(h) = parts.get_mut(&(e.topic().to_owned(), e.partition())) {
+                if let Some(h) = parts.get_mut(&(Arc::<str>::from(e.topic()), e.partition())) {
                     h.last_committed = Some(o);
                 }
             }
@@ -362,7 +364,7 @@ impl ClientContext for WorkerContext {
         let parts = self.0.partitions();
         for (topic, t) in &stats.topics {
             for (id, p) in &t.partitions {
-                if *id < 0 || !parts.contains_key(&(topic.clone(), *id)) {
+                if *id < 0 || !parts.contains_key(&(Arc::<str>::from(topic.as_str()), *id)) {
                     continue;
                 }
                 if p.consumer_lag >= 0 {
@@ -377,7 +379,7 @@ impl ConsumerContext for WorkerContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             let tps: Vec<TopicPartition> =
-                tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
+                tpl.elements().iter().map(|e| (Arc::<str>::from(e.topic()), e.partition())).collect();
             if tps.is_empty() {
                 return;
             }
@@ -424,13 +426,21 @@ impl ConsumerContext for WorkerContext {
     }
 }
 
-fn to_record(m: &BorrowedMessage<'_>) -> Record {
+fn to_record(m: &BorrowedMessage<'_>, topic_cache: &mut Option<Arc<str>>) -> Record {
+    let topic = match topic_cache {
+        Some(t) if **t == *m.topic() => t.clone(),
+        _ => {
+            let t: Arc<str> = Arc::from(m.topic());
+            *topic_cache = Some(t.clone());
+            t
+        }
+    };
     let headers = m
         .headers()
         .map(|hs| hs.iter().map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec))).collect())
         .unwrap_or_default();
     Record {
-        topic: m.topic().to_owned(),
+        topic,
         partition: m.partition(),
         offset: m.offset(),
         timestamp_ms: m.timestamp().to_millis(),
@@ -483,6 +493,7 @@ impl ConsumerLoop {
         let mut staged = false;
         let mut last_flush = Instant::now();
         let mut last_probe = Instant::now();
+        let mut topic_cache: Option<Arc<str>> = None;
         while !self.shutdown.is_cancelled() {
             let timeout = if staged {
                 Duration::ZERO
@@ -495,7 +506,7 @@ impl ConsumerLoop {
             match self.consumer.poll(timeout) {
                 Some(Ok(m)) => {
                     d.metrics.consumed.inc();
-                    let record = to_record(&m);
+                    let record = to_record(&m, &mut topic_cache);
                     drop(m);
                     d.dispatch(&self.consumer, record);
                     staged = true;

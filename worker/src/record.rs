@@ -2,11 +2,13 @@
 //! and the dead-letter writer.
 
 use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 
 /// A record copied out of librdkafka's buffers so it can cross tasks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
-    pub topic: String,
+    /// Shared by every record of the topic (one allocation per topic, not per record).
+    pub topic: Arc<str>,
     pub partition: i32,
     pub offset: i64,
     /// Milliseconds since the Unix epoch, when the record carries a timestamp.

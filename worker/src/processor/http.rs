@@ -236,7 +236,7 @@ pub fn encode_protobuf(pipeline: &str, records: &[Arc<Record>]) -> Vec<u8> {
         records: records
             .iter()
             .map(|r| proto::Record {
-                topic: r.topic.clone(),
+                topic: r.topic.to_string(),
                 partition: r.partition,
                 offset: r.offset,
                 timestamp_ms: r.timestamp_ms.unwrap_or(0),
@@ -300,7 +300,7 @@ pub fn match_failed(records: &[Arc<Record>], failed: Vec<FailedRecord>) -> Vec<(
     let mut out = Vec::new();
     for f in failed {
         let found = records.iter().position(|r| {
-            r.partition == f.partition && r.offset == f.offset && f.topic.as_ref().is_none_or(|t| *t == r.topic)
+            r.partition == f.partition && r.offset == f.offset && f.topic.as_ref().is_none_or(|t| **t == *r.topic)
         });
         match found {
             Some(i) if !out.iter().any(|(j, _)| *j == i) => out.push((

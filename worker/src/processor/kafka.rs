@@ -108,7 +108,7 @@ pub fn dead_letter_headers(
     pipeline: &str,
 ) -> Vec<(String, Vec<u8>)> {
     let mut h: BTreeMap<&str, String> = BTreeMap::new();
-    h.insert("kpipe.original.topic", record.topic.clone());
+    h.insert("kpipe.original.topic", record.topic.to_string());
     h.insert("kpipe.original.partition", record.partition.to_string());
     h.insert("kpipe.original.offset", record.offset.to_string());
     if let Some(ts) = record.timestamp_ms {
