@@ -406,3 +406,28 @@ async fn a_foreign_deployment_with_the_child_name_is_not_taken_over() {
     let d = deps.get("c-worker").await.unwrap();
     assert!(d.metadata.owner_references.is_none(), "the foreign Deployment was modified");
 }
+
+#[tokio::test]
+#[ignore = "needs the local test bed (make testbed-up)"]
+async fn auto_mode_puts_a_hand_scaled_deployment_back() {
+    let bed = TestBed::connect().await.unwrap();
+    let ns = bed.temp_namespace("op-drift").await.unwrap();
+    let ns = ns.name().to_string();
+    let topic = format!("{ns}-in");
+    bed.create_topic(&topic, 2).await.unwrap();
+    let _op = Operator::start(&bed, &ns, &[]);
+    let client = bed.client();
+    let cps: Api<ConsumerPipeline> = Api::namespaced(client.clone(), &ns);
+    let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    cps.create(&PostParams::default(), &pipeline("d", &ns, bed.kafka_bootstrap(), &topic, serde_json::json!({})))
+        .await
+        .unwrap();
+    wait_deployment(&deps, "d-worker", |d| replicas(d) == 0).await;
+    let scaled = deps
+        .patch_scale("d-worker", &PatchParams::default(), &Patch::Merge(serde_json::json!({"spec": {"replicas": 2}})))
+        .await
+        .unwrap();
+    assert_eq!(scaled.spec.and_then(|s| s.replicas), Some(2));
+    // The operator owns the count in auto mode: the hand-set 2 goes back to the decided 0.
+    wait_deployment(&deps, "d-worker", |d| replicas(d) == 0).await;
+}

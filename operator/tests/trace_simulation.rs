@@ -134,3 +134,29 @@ fn drain_experiment() {
         }
     }
 }
+
+#[test]
+#[ignore = "experiment"]
+fn knob_experiment() {
+    let world = sim::default_world();
+    for frac in [0.25, 0.5, 1.0] {
+        for settle in [0u64, 30, 60] {
+            let mut row = String::new();
+            for trace in sim::standard_traces() {
+                let mut p = kpipe_policy(12);
+                p.max_scale_down_fraction = frac;
+                p.scale_up_settle = std::time::Duration::from_secs(settle);
+                let kp = sim::run(&world, &trace, &mut Kpipe::new(p, 5));
+                let keda = sim::run(&world, &trace, &mut KedaHpa::defaults(THRESHOLD, 12));
+                row += &format!(
+                    " {} {:.3} {}/{}",
+                    trace.name,
+                    kp.replica_seconds as f64 / keda.replica_seconds as f64,
+                    kp.worst_lag,
+                    keda.worst_lag
+                );
+            }
+            println!("frac {frac} settle {settle}:{row}");
+        }
+    }
+}
