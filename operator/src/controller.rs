@@ -103,7 +103,14 @@ pub struct Shared {
     pub metrics: Metrics,
     pub recorder: Recorder,
     origin: Instant,
-    pipelines: Mutex<HashMap<String, Arc<tokio::sync::Mutex<PipelineState>>>>,
+    /// uid → (namespace, name, state).
+    pipelines: Mutex<HashMap<String, Tracked>>,
+}
+
+struct Tracked {
+    namespace: String,
+    name: String,
+    state: Arc<tokio::sync::Mutex<PipelineState>>,
 }
 
 impl Shared {
@@ -120,11 +127,36 @@ impl Shared {
         }
     }
 
-    fn state(&self, uid: &str) -> Arc<tokio::sync::Mutex<PipelineState>> {
+    fn state(&self, uid: &str, namespace: &str, name: &str) -> Arc<tokio::sync::Mutex<PipelineState>> {
         match self.pipelines.lock() {
-            Ok(mut map) => map.entry(uid.to_string()).or_default().clone(),
+            Ok(mut map) => map
+                .entry(uid.to_string())
+                .or_insert_with(|| Tracked {
+                    namespace: namespace.to_string(),
+                    name: name.to_string(),
+                    state: Arc::default(),
+                })
+                .state
+                .clone(),
             Err(_) => Arc::default(),
         }
+    }
+
+    /// Forget pipelines of `scope` that no longer exist (deleted objects are not reconciled:
+    /// there is no finalizer), with their metric series.
+    fn prune(&self, scope: &Scope, live: &std::collections::HashSet<String>) {
+        let Ok(mut map) = self.pipelines.lock() else { return };
+        map.retain(|uid, t| {
+            let in_scope = match scope {
+                Scope::All => true,
+                Scope::Namespace(ns) => &t.namespace == ns,
+            };
+            let keep = !in_scope || live.contains(uid);
+            if !keep {
+                self.metrics.forget(&t.namespace, &t.name);
+            }
+            keep
+        });
     }
 
     fn forget(&self, uid: &str) {
@@ -250,7 +282,7 @@ async fn reconcile_inner(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
     let oref = cp.object_ref(&());
     let poll: Duration = spec.scaling.poll_interval.into();
     let now = shared.origin.elapsed();
-    let state_lock = shared.state(&uid);
+    let state_lock = shared.state(&uid, &ns, &name);
     let mut state = state_lock.lock().await;
 
     // Observed children.
@@ -407,7 +439,7 @@ async fn reconcile_inner(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
         problem: problem.clone(),
         workers_configured: configured || dep.is_some(),
         replicas,
-        ready_replicas: ready.min(replicas.max(ready)),
+        ready_replicas: ready,
         desired: decision.desired,
         scale_reason: decision.reason.as_str().into(),
         scale_message: decision.message.clone(),
@@ -542,6 +574,21 @@ pub async fn run(
             .collect::<Vec<_>>()
     };
 
+    let prune_store = pipelines.clone();
+    let prune_shared = shared.clone();
+    let prune_scope = scope.clone();
+    let pruner = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            if prune_store.wait_until_ready().await.is_err() {
+                continue;
+            }
+            let live = prune_store.state().iter().filter_map(|g| g.meta().uid.clone()).collect();
+            prune_shared.prune(&prune_scope, &live);
+        }
+    });
+
     let ctx = Arc::new(Context { shared, deployments, config_maps });
     info!(?scope, "starting ConsumerPipeline controller");
     Controller::for_stream(primary, pipelines)
@@ -557,5 +604,6 @@ pub async fn run(
             }
         })
         .await;
+    pruner.abort();
     info!(?scope, "controller stopped");
 }
