@@ -32,15 +32,19 @@ struct Attempt {
     blocked: bool,
 }
 
-fn age_of(record: &Record) -> Option<Duration> {
+fn now_millis() -> Option<u64> {
+    Some(SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_millis() as u64)
+}
+
+fn age_of(record: &Record, now_ms: Option<u64>) -> Option<Duration> {
     let ts = u64::try_from(record.timestamp_ms?).ok()?;
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_millis() as u64;
-    Some(Duration::from_millis(now.saturating_sub(ts)))
+    Some(Duration::from_millis(now_ms?.saturating_sub(ts)))
 }
 
 impl JobContext {
-    fn finished(&self, record: &Record) {
-        if let Some(age) = age_of(record) {
+    /// Records the end-to-end latency of a done record (`now_ms` read once per group of records).
+    fn finished(&self, record: &Record, now_ms: Option<u64>) {
+        if let Some(age) = age_of(record, now_ms) {
             self.metrics.end_to_end_seconds.observe(age.as_secs_f64());
         }
     }
@@ -104,6 +108,7 @@ impl JobContext {
                 }
                 failures
             };
+            let now_ms = now_millis();
             let mut succeeded = Vec::new();
             let mut retry = Vec::new();
             let mut give_up = Vec::new();
@@ -115,7 +120,7 @@ impl JobContext {
                             self.health.unblock(&a.record.topic, a.record.partition, a.record.offset);
                         }
                         self.metrics.processed.inc();
-                        self.finished(&a.record);
+                        self.finished(&a.record, now_ms);
                         succeeded.push(a.record);
                     }
                     Some(f) => {
@@ -125,7 +130,7 @@ impl JobContext {
                             self.health.block(&a.record.topic, a.record.partition, a.record.offset, f.to_string());
                             retry.push(a);
                         } else if f.class.is_retryable()
-                            && self.backoff.may_retry(a.attempts, age_of(&a.record)).is_ok()
+                            && self.backoff.may_retry(a.attempts, age_of(&a.record, now_ms)).is_ok()
                         {
                             self.metrics.retried.inc();
                             retry.push(a);
@@ -146,12 +151,12 @@ impl JobContext {
                             tracing::warn!(topic = %a.record.topic, partition = a.record.partition, offset = a.record.offset,
                                 attempts = a.attempts, error = %f, "dropping record (onFailure: drop)");
                             self.metrics.dropped.inc();
-                            self.finished(&a.record);
+                            self.finished(&a.record, now_ms);
                             finished.push(a.record);
                         }
                         OnFailure::DeadLetter if self.dead_letter.is_some() => {
                             self.write_dead_letter(&a.record, &f, a.attempts).await;
-                            self.finished(&a.record);
+                            self.finished(&a.record, now_millis());
                             finished.push(a.record);
                         }
                         OnFailure::DeadLetter | OnFailure::Block => {

@@ -11,12 +11,36 @@
 //! `max_records` or `max_bytes`, or once its oldest record has waited `max_wait`.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kpipe_api::v1alpha1::Ordering;
 
 use crate::record::Record;
+
+/// The keys are already hashes: use them as they are.
+#[derive(Default)]
+struct KeyHashHasher(u64);
+
+impl Hasher for KeyHashHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8) | u64::from(*b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type KeyHashMap<V> = HashMap<u64, V, BuildHasherDefault<KeyHashHasher>>;
+type KeyHashSet = HashSet<u64, BuildHasherDefault<KeyHashHasher>>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchLimits {
@@ -51,7 +75,7 @@ pub struct Scheduler {
     pending: VecDeque<Pending>,
     pending_bytes: u64,
     in_flight_records: usize,
-    in_flight_keys: HashMap<u64, usize>,
+    in_flight_keys: KeyHashMap<usize>,
 }
 
 impl Scheduler {
@@ -65,7 +89,7 @@ impl Scheduler {
             pending: VecDeque::new(),
             pending_bytes: 0,
             in_flight_records: 0,
-            in_flight_keys: HashMap::new(),
+            in_flight_keys: KeyHashMap::default(),
         }
     }
 
@@ -99,7 +123,7 @@ impl Scheduler {
         let mut picked: Vec<usize> = Vec::new();
         let mut bytes = 0u64;
         let mut full = false;
-        let mut blocked_keys: HashSet<u64> = HashSet::new();
+        let mut blocked_keys = KeyHashSet::default();
         let mut oldest: Option<Instant> = None;
         for (i, p) in self.pending.iter().enumerate() {
             if let Some(k) = p.key

@@ -6,12 +6,15 @@
 //! commit is one past the last received record, or the consumer's fetch position if that is
 //! further (so transaction markers at the log end do not leave a permanent lag of 1).
 
-use std::collections::BTreeSet;
+use std::collections::VecDeque;
 
 #[derive(Debug, Default, Clone)]
 pub struct OffsetTracker {
-    /// Received offsets that are not done yet.
-    outstanding: BTreeSet<i64>,
+    /// Received offsets (increasing) with their done flag, from the first one not done. Done
+    /// entries at the front are popped, so the front is always the commit point.
+    entries: VecDeque<(i64, bool)>,
+    /// Entries not done yet.
+    outstanding: usize,
     /// One past the highest offset received (or observed as fetch position).
     next: Option<i64>,
 }
@@ -34,7 +37,8 @@ impl OffsetTracker {
         {
             return Err(TrackerError::OutOfOrder { offset, next });
         }
-        self.outstanding.insert(offset);
+        self.entries.push_back((offset, false));
+        self.outstanding += 1;
         self.next = Some(offset + 1);
         Ok(())
     }
@@ -42,7 +46,16 @@ impl OffsetTracker {
     /// The record at `offset` is done (processed, dead-lettered or dropped). Unknown or repeated
     /// offsets are ignored.
     pub fn done(&mut self, offset: i64) {
-        self.outstanding.remove(&offset);
+        if let Ok(i) = self.entries.binary_search_by_key(&offset, |e| e.0)
+            && let Some(entry) = self.entries.get_mut(i)
+            && !entry.1
+        {
+            entry.1 = true;
+            self.outstanding -= 1;
+        }
+        while self.entries.front().is_some_and(|e| e.1) {
+            self.entries.pop_front();
+        }
     }
 
     /// The consumer's fetch position: every record below it has already been received by this
@@ -56,12 +69,12 @@ impl OffsetTracker {
     /// The offset to commit: the first received offset not yet done, else the next position.
     /// `None` before anything was received.
     pub fn committable(&self) -> Option<i64> {
-        self.outstanding.first().copied().or(self.next)
+        self.entries.front().map(|e| e.0).or(self.next)
     }
 
     /// Records received but not yet done.
     pub fn outstanding(&self) -> usize {
-        self.outstanding.len()
+        self.outstanding
     }
 }
 
