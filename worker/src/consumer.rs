@@ -518,7 +518,7 @@ impl ConsumerLoop {
             // Flush when the local queue ran dry, or every few ms under a constant stream (the
             // clock is read every 64 records only: it is not free on every machine).
             iterations = iterations.wrapping_add(1);
-            if !ran_dry && iterations % 64 != 0 {
+            if !ran_dry && !iterations.is_multiple_of(64) {
                 continue;
             }
             let now = Instant::now();
