@@ -336,7 +336,8 @@ async fn only_the_leader_acts_and_a_standby_takes_over() {
     wait_deployment(&deps, "two-worker", |_| true).await;
     let took = killed.elapsed();
     println!("standby took over in {took:?}");
-    assert!(took <= Duration::from_secs(25), "takeover took {took:?}");
+    // ~10.5 s on an idle bed (10 s lease); generous bound for a loaded shared bed.
+    assert!(took <= Duration::from_secs(30), "takeover took {took:?}");
     assert_eq!(standby.metric("kpipe_operator_leader").await, Some(1.0));
 }
 
