@@ -607,3 +607,51 @@ pub async fn run(
     pruner.abort();
     info!(?scope, "controller stopped");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_credentials_come_from_the_referenced_secrets() {
+        let spec: ConsumerPipelineSpec = serde_json::from_value(serde_json::json!({
+            "source": {
+                "bootstrapServers": ["b:9096"], "topics": ["t"],
+                "auth": {
+                    "sasl": {"mechanism": "SCRAM-SHA-512", "secretRef": {"name": "user", "usernameKey": "u"}},
+                    "tls": {"caSecretRef": {"name": "ca"}, "clientCertSecretRef": {"name": "client"}}
+                }
+            },
+            "processor": {"noop": {}}
+        }))
+        .unwrap();
+        let mut d = Dereferenced::default();
+        d.data.insert("user".into(), BTreeMap::from([("u".into(), "alice".into()), ("password".into(), "pw".into())]));
+        d.data.insert("ca".into(), BTreeMap::from([("ca.crt".into(), "CA".into())]));
+        d.data
+            .insert("client".into(), BTreeMap::from([("tls.crt".into(), "C".into()), ("tls.key".into(), "K".into())]));
+        let c = cluster_for(&spec, &d);
+        let sasl = c.sasl.unwrap();
+        assert_eq!(
+            (sasl.mechanism.as_str(), sasl.username.as_str(), sasl.password.as_str()),
+            ("SCRAM-SHA-512", "alice", "pw")
+        );
+        let tls = c.tls.unwrap();
+        assert_eq!(
+            (tls.ca_pem.as_deref(), tls.cert_pem.as_deref(), tls.key_pem.as_deref()),
+            (Some("CA"), Some("C"), Some("K"))
+        );
+        let plain: ConsumerPipelineSpec = serde_json::from_value(serde_json::json!({
+            "source": {"bootstrapServers": ["b:9092"], "topics": ["t"]}, "processor": {"noop": {}}
+        }))
+        .unwrap();
+        let c = cluster_for(&plain, &Dereferenced::default());
+        assert!(c.sasl.is_none() && c.tls.is_none());
+    }
+
+    #[test]
+    fn error_reasons_and_policy_classes() {
+        assert_eq!(Error::InvalidObject("x".into()).reason(), "InvalidObject");
+        assert_eq!(Error::CacheNotReady.reason(), "CacheNotReady");
+    }
+}
