@@ -90,7 +90,7 @@ pub fn uninstall_kpipe(bed: &TestBed, namespace: &str) -> Result<(), TestBedErro
 /// The HTTP sink pod of a test.
 #[derive(Debug, Clone)]
 pub struct Sink {
-    /// `http://<pod IP>:8080/records` (the bed has no Service VIPs, so pipelines address the pod).
+    /// `http://<name>.<namespace>.svc:8080/records`, the address pipelines use.
     pub url: String,
     base: String,
 }
@@ -131,22 +131,42 @@ pub async fn deploy_sink(bed: &TestBed, namespace: &str, name: &str, args: &[&st
     Api::<Deployment>::namespaced(bed.client(), namespace)
         .patch(name, &PatchParams::apply("kpipe-e2e").force(), &Patch::Apply(&deployment))
         .await?;
+    // A Service gives the sink a stable address: pods reach it by name (the bed's kubelet resolves Service names and
+    // proxies ClusterIPs), the test process by its ClusterIP.
+    let service: k8s_openapi::api::core::v1::Service = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name},
+        "spec": {"selector": {"app": name}, "ports": [{"name": "http", "port": 8080, "targetPort": 8080}]},
+    }))
+    .map_err(other)?;
+    let services: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(bed.client(), namespace);
+    let service = services.patch(name, &PatchParams::apply("kpipe-e2e").force(), &Patch::Apply(&service)).await?;
+    let cluster_ip = service
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .filter(|ip| !ip.is_empty() && ip != "None")
+        .ok_or_else(|| other(format!("Service {name} has no ClusterIP")))?;
     let pods: Api<Pod> = Api::namespaced(bed.client(), namespace);
     let selector = format!("app={name}");
-    let ip = wait_for(&format!("sink {name} ready"), Duration::from_secs(90), || {
+    wait_for(&format!("sink {name} ready"), Duration::from_secs(90), || {
         let (pods, selector) = (pods.clone(), selector.clone());
         async move {
             let list = pods.list(&ListParams::default().labels(&selector)).await.ok()?;
             list.items.into_iter().find_map(|p| {
                 let status = p.status?;
-                let ready = status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True");
-                ready.then_some(status.pod_ip).flatten()
+                status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True").then_some(())
             })
         }
     })
     .await?;
-    let base = format!("http://{ip}:8080");
-    Ok(Sink { url: format!("{base}/records"), base })
+    let base = format!("http://{cluster_ip}:8080");
+    // The test process reaches the ClusterIP through the kubelet's proxy once it has the endpoint.
+    wait_for(&format!("sink {name} answers on {base}"), Duration::from_secs(60), || {
+        let base = base.clone();
+        async move { reqwest::get(format!("{base}/healthz")).await.ok()?.status().is_success().then_some(()) }
+    })
+    .await?;
+    Ok(Sink { url: format!("http://{name}.{namespace}.svc:8080/records"), base })
 }
 
 /// Applies a ConsumerPipeline given as JSON (server-side apply, field manager `kpipe-e2e`).

@@ -376,6 +376,8 @@ impl TestBed {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("testbed").join("up.sh");
         let out = tokio::process::Command::new(&script)
             .env("KPIPE_RUN", self.path_var("KPIPE_RUN"))
+            // Only Kafka is meant to (re)start here; restarting the kubelet would restart every pod on the bed.
+            .env("KPIPE_KEEP_KUBELET", "1")
             .output()
             .await
             .map_err(|source| TestBedError::Io { path: script.clone(), source })?;

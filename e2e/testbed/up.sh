@@ -27,7 +27,11 @@ kubelet_stale() {
     || [ -n "$(find "$REPO_ROOT/e2e/src" "$REPO_ROOT/e2e/Cargo.toml" -newer "$KUBELET_STAMP" -print -quit)" ]
 }
 # The running kubelet is older than its binary (rebuilt since it started).
-kubelet_outdated() { [ -f "$(pidfile kubelet)" ] && [ "$KUBELET_BIN" -nt "$(pidfile kubelet)" ]; }
+# KPIPE_KEEP_KUBELET=1 (used by tests that restart only Kafka) never restarts a running kubelet: that would
+# restart every pod of every test sharing the bed.
+kubelet_outdated() {
+  [ "${KPIPE_KEEP_KUBELET:-0}" != 1 ] && [ -f "$(pidfile kubelet)" ] && [ "$KUBELET_BIN" -nt "$(pidfile kubelet)" ]
+}
 if [ -d "$KPIPE_RUN" ] && ! kubelet_stale && ! kubelet_outdated && all_up; then
   log "test bed already up and healthy (checked in $(( $(date +%s) - t0 ))s); env: $KPIPE_RUN/env"
   exit 0
@@ -41,7 +45,7 @@ done
 if [ "$missing" = 1 ]; then
   "$TESTBED_DIR/build-all.sh"
 fi
-if kubelet_stale; then
+if kubelet_stale && [ "${KPIPE_KEEP_KUBELET:-0}" != 1 ]; then
   # librdkafka 2.12's CMake build includes curl/curl.h even without curl support (rdkafka_conf.c).
   compgen -G "/usr/include/curl/curl.h" >/dev/null || compgen -G "/usr/include/*/curl/curl.h" >/dev/null \
     || die "curl headers missing (rdkafka-sys needs them to compile): apt-get install -y libcurl4-openssl-dev"

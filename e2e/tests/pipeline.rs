@@ -233,6 +233,15 @@ async fn pipeline_poison_records_go_to_the_dead_letter_topic_with_context() {
     )
     .await
     .expect("apply");
+    wait_for("payments Ready with its worker", Duration::from_secs(90), || async {
+        let s = pipeline_status(&bed, ns.name(), "payments").await.ok()?;
+        (condition(&s, READY).map(|c| c.0).as_deref() == Some("True")).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| {
+        bed.dump_pod_logs(ns.name());
+        panic!("{e}")
+    });
     let n = 10_000;
     let records: Vec<(Vec<u8>, Vec<u8>)> = (0..n)
         .map(|i| {
@@ -294,7 +303,8 @@ async fn pipeline_poison_records_go_to_the_dead_letter_topic_with_context() {
     assert_eq!(
         condition(&status, READY).map(|c| c.0).as_deref(),
         Some("True"),
-        "a poison record must not make the pipeline unready"
+        "a poison record must not make the pipeline unready: {:#?}",
+        status.conditions
     );
     println!(
         "poison: {} poison records dead-lettered with context headers, {} good delivered, {} duplicates",
