@@ -584,7 +584,6 @@ async fn testbed_connect_fails_loudly_without_a_bed() {
 /// Manual check of the broker-restart helper (ignored by default: restarting the shared broker would disturb
 /// concurrent tests). Run: `cargo test -p kpipe-e2e --test testbed -- --ignored testbed_kafka_restart`.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "restarts the shared Kafka broker"]
 async fn testbed_kafka_restart_keeps_data() {
     let bed = bed().await;
     let topic = format!("tb-restart-{:08x}", rand::random::<u32>());

@@ -113,7 +113,6 @@ fn replicas(d: &Deployment) -> i32 {
 }
 
 #[tokio::test]
-#[ignore = "needs the local test bed (make testbed-up)"]
 async fn children_are_applied_rolled_repaired_and_collected() {
     let bed = TestBed::connect().await.unwrap();
     let ns = bed.temp_namespace("op-children").await.unwrap();
@@ -169,7 +168,6 @@ async fn children_are_applied_rolled_repaired_and_collected() {
 }
 
 #[tokio::test]
-#[ignore = "needs the local test bed (make testbed-up)"]
 async fn bad_input_degrades_and_recovers_without_restart() {
     let bed = TestBed::connect().await.unwrap();
     let ns = bed.temp_namespace("op-degraded").await.unwrap();
@@ -246,7 +244,6 @@ async fn bad_input_degrades_and_recovers_without_restart() {
 }
 
 #[tokio::test]
-#[ignore = "needs the local test bed and target/release/kpipe-worker"]
 async fn scales_up_on_backlog_then_down_to_zero() {
     let bed = TestBed::connect().await.unwrap();
     let ns = bed.temp_namespace("op-scale").await.unwrap();
@@ -291,7 +288,6 @@ async fn scales_up_on_backlog_then_down_to_zero() {
 }
 
 #[tokio::test]
-#[ignore = "needs the local test bed (make testbed-up)"]
 async fn only_the_leader_acts_and_a_standby_takes_over() {
     let bed = TestBed::connect().await.unwrap();
     let ns = bed.temp_namespace("op-leader").await.unwrap();
@@ -342,7 +338,6 @@ async fn only_the_leader_acts_and_a_standby_takes_over() {
 }
 
 #[tokio::test]
-#[ignore = "needs the local test bed (make testbed-up)"]
 async fn external_mode_follows_the_scale_subresource() {
     let bed = TestBed::connect().await.unwrap();
     let ns = bed.temp_namespace("op-external").await.unwrap();
@@ -381,7 +376,6 @@ async fn external_mode_follows_the_scale_subresource() {
 }
 
 #[tokio::test]
-#[ignore = "needs the local test bed (make testbed-up)"]
 async fn a_foreign_deployment_with_the_child_name_is_not_taken_over() {
     let bed = TestBed::connect().await.unwrap();
     let ns = bed.temp_namespace("op-conflict").await.unwrap();
@@ -409,7 +403,6 @@ async fn a_foreign_deployment_with_the_child_name_is_not_taken_over() {
 }
 
 #[tokio::test]
-#[ignore = "needs the local test bed (make testbed-up)"]
 async fn auto_mode_puts_a_hand_scaled_deployment_back() {
     let bed = TestBed::connect().await.unwrap();
     let ns = bed.temp_namespace("op-drift").await.unwrap();

@@ -29,7 +29,6 @@ fn commit(bootstrap: &str, group: &str, topic: &str, offsets: &[(i32, i64)]) {
 }
 
 #[tokio::test]
-#[ignore = "needs the local test bed (make testbed-up)"]
 async fn offsets_committed_missing_topic_and_unreachable_broker() {
     let bed = TestBed::connect().await.unwrap();
     let bootstrap = bed.kafka_bootstrap().to_string();
