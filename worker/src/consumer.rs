@@ -29,7 +29,7 @@ type TopicPartition = (Arc<str>, i32);
 /// Records handed to a partition task per channel message.
 const CHUNK_RECORDS: usize = 256;
 /// Overflow (records fetched while the task's channel is full) that pauses the partition.
-const MAX_OVERFLOW_RECORDS: usize = 16_384;
+const MAX_OVERFLOW_RECORDS: usize = 8_192;
 const MIN_OVERFLOW_BYTES: u64 = 2 << 20;
 /// How long a partly filled chunk may wait while other partitions keep the consumer busy.
 const CHUNK_MAX_DELAY: Duration = Duration::from_millis(5);
@@ -495,7 +495,7 @@ impl ConsumerLoop {
         let mut last_probe = Instant::now();
         let mut topic_cache: Option<Arc<str>> = None;
         let mut iterations = 0u64;
-        while !self.shutdown.is_cancelled() {
+        loop {
             let timeout = if staged {
                 Duration::ZERO
             } else if any_overflow {
@@ -520,6 +520,9 @@ impl ConsumerLoop {
             iterations = iterations.wrapping_add(1);
             if !ran_dry && !iterations.is_multiple_of(64) {
                 continue;
+            }
+            if self.shutdown.is_cancelled() {
+                break;
             }
             let now = Instant::now();
             if (staged || any_overflow) && (ran_dry || now.duration_since(last_flush) >= CHUNK_MAX_DELAY) {

@@ -54,8 +54,13 @@ pub fn common(config: &WorkerConfig, env: &Env) -> ClientConfig {
 /// stays flat with any backlog, and a short back-off when that prefetch is full so fetching
 /// resumes as soon as the partition tasks have taken records (librdkafka's default of 1 s makes
 /// throughput bursty).
-pub const CONSUMER_TUNING: &[(&str, &str)] =
-    &[("queued.max.messages.kbytes", "16384"), ("fetch.max.bytes", "16777216"), ("fetch.queue.backoff.ms", "10")];
+pub const CONSUMER_TUNING: &[(&str, &str)] = &[
+    ("queued.max.messages.kbytes", "8192"),
+    ("queued.min.messages", "10000"),
+    ("fetch.max.bytes", "4194304"),
+    ("max.partition.fetch.bytes", "262144"),
+    ("fetch.queue.backoff.ms", "10"),
+];
 
 pub fn consumer(config: &WorkerConfig, env: &Env) -> ClientConfig {
     let mut c = common(config, env);

@@ -15,6 +15,11 @@ use kpipe_worker::kafka_config::Env;
 use kpipe_worker::run::{RunSettings, run};
 use tokio_util::sync::CancellationToken;
 
+// Records are allocated on the consumer thread and freed on runtime threads; mimalloc handles
+// that pattern with less CPU and far less fragmentation (flat RSS) than glibc's per-thread arenas.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(name = "kpipe-worker", version, about = "kpipe worker: processes a ConsumerPipeline's records")]
 struct Args {
