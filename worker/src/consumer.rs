@@ -495,6 +495,9 @@ impl ConsumerLoop {
         let mut last_probe = Instant::now();
         let mut topic_cache: Option<Arc<str>> = None;
         let mut iterations = 0u64;
+        // Shared counters are updated in bulk: a per-record atomic on a cache line other
+        // threads write too is measurable at a million records per second.
+        let mut consumed = 0u64;
         loop {
             let timeout = if staged {
                 Duration::ZERO
@@ -506,7 +509,7 @@ impl ConsumerLoop {
             let mut ran_dry = false;
             match self.consumer.poll(timeout) {
                 Some(Ok(m)) => {
-                    d.metrics.consumed.inc();
+                    consumed += 1;
                     let record = to_record(&m, &mut topic_cache);
                     drop(m);
                     d.dispatch(&self.consumer, record);
@@ -521,6 +524,7 @@ impl ConsumerLoop {
             if !ran_dry && !iterations.is_multiple_of(64) {
                 continue;
             }
+            d.metrics.consumed.inc_by(std::mem::take(&mut consumed));
             if self.shutdown.is_cancelled() {
                 break;
             }

@@ -126,6 +126,7 @@ impl PartitionTask {
                 }
                 chunk = input.recv(), if room => {
                     let mut next = chunk;
+                    let mut received = 0i64;
                     let now = Instant::now().into_std();
                     // Take what is already queued in one go (fewer scheduler passes per record).
                     loop {
@@ -142,7 +143,7 @@ impl PartitionTask {
                                         // consistent.
                                         tracing::warn!(topic = %self.topic, partition = self.partition, "{e}");
                                     } else {
-                                        metrics.in_flight.inc();
+                                        received += 1;
                                         scheduler.push(Arc::new(r), now);
                                     }
                                 }
@@ -158,6 +159,7 @@ impl PartitionTask {
                             Err(mpsc::error::TryRecvError::Disconnected) => next = None,
                         }
                     }
+                    metrics.in_flight.add(received);
                     self.progress.set(tracker.committable());
                 }
                 _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {}
