@@ -166,8 +166,8 @@ impl Dispatch {
             };
             let _ = self.metrics.lag.remove_label_values(&[&*topic, &partition.to_string()]);
             let _ = self.metrics.committed_offset.remove_label_values(&[&*topic, &partition.to_string()]);
+            // Always part of the final synchronous commit, whatever the async commits did.
             if let Some(offset) = committable
-                && h.last_committed != Some(offset)
                 && let Err(e) = tpl.add_partition_offset(&topic, partition, Offset::Offset(offset))
             {
                 tracing::error!(%topic, partition, "cannot build commit list: {e}");
@@ -294,12 +294,18 @@ impl Dispatch {
                     }
                 }
             }
-            for ((topic, partition), h) in parts.iter() {
+            for ((topic, partition), h) in parts.iter_mut() {
                 if let Some(offset) = h.progress.committable()
                     && h.last_committed != Some(offset)
-                    && tpl.add_partition_offset(topic, *partition, Offset::Offset(offset)).is_err()
                 {
-                    tracing::warn!(%topic, partition, "cannot add offset to commit list");
+                    if tpl.add_partition_offset(topic, *partition, Offset::Offset(offset)).is_err() {
+                        tracing::warn!(%topic, partition, "cannot add offset to commit list");
+                    }
+                    // librdkafka does not always report async commit results to the consumer
+                    // queue, so this is "requested", not "acknowledged"; the final commit on
+                    // revoke/shutdown is synchronous and unconditional, and the committed-offset
+                    // gauge comes from librdkafka's statistics.
+                    h.last_committed = Some(offset);
                 }
             }
         }
@@ -370,6 +376,13 @@ impl ClientContext for WorkerContext {
                 if p.consumer_lag >= 0 {
                     self.0.metrics.lag.with_label_values(&[topic, &id.to_string()]).set(p.consumer_lag);
                 }
+                if p.committed_offset >= 0 {
+                    self.0
+                        .metrics
+                        .committed_offset
+                        .with_label_values(&[topic, &id.to_string()])
+                        .set(p.committed_offset);
+                }
             }
         }
     }
@@ -412,6 +425,7 @@ impl ConsumerContext for WorkerContext {
     }
 
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        tracing::debug!(?result, offsets = ?offsets.to_topic_map(), "commit result");
         match result {
             Ok(()) => {
                 self.0.health.set_broker_error(None);

@@ -153,3 +153,67 @@ async fn kafka_partial_batch_failure_retries_only_the_named_records() {
     assert!(retry_requests > 0);
     assert_eq!(report_duplicates(&state.accepted), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kafka_block_policy_stalls_visibly_then_recovers() {
+    let bootstrap = bootstrap();
+    let topic = unique("block");
+    create_topic(&bootstrap, &topic, 1).await;
+    let n = 200u64;
+    produce_ids(&bootstrap, &topic, 0..n, 10).await;
+    let sink = Sink::start(SinkBehavior { poison: [50u64].into_iter().collect(), ..Default::default() }).await;
+    let cfg = config(
+        &bootstrap,
+        "block",
+        &topic,
+        &unique("g"),
+        serde_json::json!({
+            "processor": {"http": {"url": sink.url}},
+            "ordering": "key",
+            "batch": {"maxRecords": 10, "maxWait": "10ms"},
+            "retry": {"maxAttempts": 2, "initialBackoff": "10ms", "maxBackoff": "200ms"},
+            "onFailure": "block"
+        }),
+    );
+    let w = Worker::start("block", &cfg);
+    // Records of other keys get through; id 50 (key-0) is stuck, and with `key` ordering so are
+    // the later key-0 records (60, 70, ..., 190): 15 in all.
+    assert!(sink.wait_for(n as usize - 15, Duration::from_secs(60)).await, "log {}", w.log.display());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let accepted = sink.accepted();
+    for id in (50..n).step_by(10) {
+        assert!(!accepted.contains_key(&id), "id {id} overtook the blocked record of its key");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = w.metrics().await;
+        let ready = reqwest::get(format!("http://{}/readyz", w.listen)).await.unwrap();
+        let status = ready.status();
+        let detail = ready.text().await.unwrap();
+        let blocked = metric(&m, "kpipe_worker_blocked_records").unwrap_or(0.0);
+        let committed = metric(&m, "kpipe_worker_committed_offset").unwrap_or(-1.0);
+        if blocked == 1.0 && detail.contains(&format!("blocked: {topic}/0@50")) && committed == 50.0 {
+            assert!(status.is_success(), "a blocked record does not make the worker unready");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "block not visible: blocked={blocked} committed={committed} (expected the commit to stop at 50) readyz={detail}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The handler is fixed: the record goes through and the commit reaches the end.
+    sink.state.lock().unwrap().behavior.poison.clear();
+    assert!(sink.wait_for(n as usize, Duration::from_secs(20)).await, "log {}", w.log.display());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = w.metrics().await;
+        if metric(&m, "kpipe_worker_blocked_records") == Some(0.0)
+            && metric(&m, "kpipe_worker_committed_offset") == Some(n as f64)
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "did not recover:\n{m}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
