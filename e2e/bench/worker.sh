@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# `make bench-worker`: the worker benchmark on the test bed's broker (noop worker vs a bare rdkafka consumer on a
+# 12-partition 2M × 100 B topic, a 20 ms HTTP handler with key ordering and concurrency 256, RSS while draining).
+# Driver: worker/benches/worker.rs. Record the output in docs/BENCHMARKS.md.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+e2e/testbed/install-deps.sh
+e2e/testbed/up.sh
+cargo build --release -p kpipe-worker
+echo "== machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r); date: $(date -u +%FT%TZ); load: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "== command: cargo bench -p kpipe-worker --bench worker"
+cargo bench -p kpipe-worker --bench worker
