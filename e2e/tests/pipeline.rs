@@ -199,6 +199,14 @@ async fn pipeline_happy_path_scales_from_zero_delivers_everything_and_returns_to
     let activated = reasons.iter().position(|r| *r == "Activated");
     let to_zero = reasons.iter().rposition(|r| *r == "ScaledToZero");
     assert!(matches!((activated, to_zero), (Some(a), Some(z)) if a < z), "scale Events out of order: {events:?}");
+    // The operator ran as a pod under the chart's ServiceAccount: its RBAC was sufficient (no 403 in its log).
+    let operator_log: String =
+        bed.pod_logs(ns.name()).split("===== ").filter(|part| part.contains("kpipe-operator")).collect();
+    assert!(!operator_log.is_empty(), "no operator log found");
+    assert!(
+        !operator_log.contains("403") && !operator_log.contains("Forbidden") && !operator_log.contains("forbidden"),
+        "the operator hit an RBAC denial:\n{operator_log}"
+    );
     let table = bed.kubectl_cmd().args(["get", "cpl", "-n", ns.name()]).output().expect("kubectl");
     let table = String::from_utf8_lossy(&table.stdout).to_string();
     assert!(table.starts_with("NAME") && table.contains("DESIRED") && table.contains("orders"), "{table}");
@@ -563,5 +571,68 @@ async fn pipeline_chaos_loses_nothing() {
     );
     assert!(broker_restarted && operator_killed, "the chaos schedule did not run fully");
     assert!(dups < n / 2, "{dups} duplicates: the commit position is not advancing under chaos");
+    ns.delete().await.expect("delete");
+}
+
+#[tokio::test]
+async fn pipeline_helm_upgrade_and_uninstall_leave_the_cluster_consistent() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    let _serial = SERIAL.lock().await;
+    let bed = bed().await;
+    let (ns, sink) = setup(&bed, "e2e-helm", Install::default(), &[]).await;
+    let topic = unique_topic("upgrade");
+    bed.create_topic(&topic, 3).await.expect("topic");
+    apply_pipeline(&bed, ns.name(), pipeline("up", &bed, &topic, &sink, json!({"scaling": {"minReplicas": 1}})))
+        .await
+        .expect("apply");
+    let ready = || async {
+        let s = pipeline_status(&bed, ns.name(), "up").await.ok()?;
+        (condition(&s, READY).map(|c| c.0).as_deref() == Some("True") && s.ready_replicas >= 1).then_some(())
+    };
+    wait_for("pipeline Ready before the upgrade", Duration::from_secs(120), ready).await.unwrap_or_else(|e| {
+        bed.dump_pod_logs(ns.name());
+        panic!("{e}")
+    });
+    // Upgrade with a changed value: the operator restarts with new default worker resources and re-renders workers.
+    let install = Install { sets: vec!["worker.resources.limits.memory=300Mi".into()], ..Install::default() };
+    install_kpipe(&bed, ns.name(), &install).expect("helm upgrade");
+    let workers: Api<Deployment> = Api::namespaced(bed.client(), ns.name());
+    wait_for("worker Deployment carries the upgraded default resources", Duration::from_secs(120), || async {
+        let d = workers.get("up-worker").await.ok()?;
+        let limits = d.spec?.template.spec?.containers.first()?.resources.clone()?.limits?;
+        (limits.get("memory").map(|q| q.0.as_str()) == Some("300Mi")).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| {
+        bed.dump_pod_logs(ns.name());
+        panic!("{e}")
+    });
+    wait_for("pipeline Ready after the upgrade", Duration::from_secs(120), ready).await.expect("ready after upgrade");
+    // Uninstall: the operator, its RBAC and Service go; user pipelines (and their workers) stay, untouched.
+    scenario::uninstall_kpipe(&bed, ns.name()).expect("helm uninstall");
+    wait_for("operator Deployment removed", Duration::from_secs(60), || async {
+        workers.get_opt("kpipe-operator").await.ok()?.is_none().then_some(())
+    })
+    .await
+    .expect("operator removed");
+    let roles = Api::<Role>::namespaced(bed.client(), ns.name()).list(&ListParams::default()).await.expect("roles");
+    let bindings =
+        Api::<RoleBinding>::namespaced(bed.client(), ns.name()).list(&ListParams::default()).await.expect("bindings");
+    let leftovers: Vec<String> = roles
+        .items
+        .iter()
+        .filter_map(|r| r.metadata.name.clone())
+        .chain(bindings.items.iter().filter_map(|b| b.metadata.name.clone()))
+        .filter(|n| n.starts_with("kpipe"))
+        .collect();
+    assert!(leftovers.is_empty(), "helm uninstall left RBAC behind: {leftovers:?}");
+    let cp = Api::<kpipe_api::v1alpha1::ConsumerPipeline>::namespaced(bed.client(), ns.name()).get("up").await;
+    assert!(cp.is_ok(), "uninstalling kpipe must not delete user pipelines");
+    let crd = bed.kubectl_cmd().args(["get", "crd", "consumerpipelines.kpipe.io"]).output().expect("kubectl");
+    assert!(crd.status.success(), "the CRD must survive an uninstall");
+    println!(
+        "helm: upgrade re-rendered the workers with the new defaults; uninstall removed operator + RBAC, kept pipelines and CRD"
+    );
     ns.delete().await.expect("delete");
 }
