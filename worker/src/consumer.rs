@@ -50,6 +50,9 @@ struct PartitionHandle {
     task: JoinHandle<Option<i64>>,
 }
 
+/// How often every committable offset is committed again, changed or not.
+const FULL_COMMIT_EVERY: Duration = Duration::from_secs(5);
+
 /// Everything the consumer callbacks and the dispatch loop share.
 pub struct Dispatch {
     runtime: Handle,
@@ -317,6 +320,24 @@ impl Dispatch {
         }
     }
 
+    /// Forgets which offsets were already sent, so the next periodic commit sends every committable offset
+    /// again. Called after a rebalance (librdkafka rejects commits made while the group rebalances with
+    /// ILLEGAL_GENERATION, and async commit results do not reliably come back), after a failed commit, and
+    /// periodically: an unacknowledged commit must not widen the redelivery window of a later crash.
+    fn forget_commits(&self, only: Option<&TopicPartitionList>) {
+        let mut parts = self.partitions();
+        match only {
+            None => parts.values_mut().for_each(|h| h.last_committed = None),
+            Some(tpl) => {
+                for e in tpl.elements() {
+                    if let Some(h) = parts.get_mut(&(Arc::<str>::from(e.topic()), e.partition())) {
+                        h.last_committed = None;
+                    }
+                }
+            }
+        }
+    }
+
     fn record_committed(&self, offsets: &TopicPartitionList) {
         let mut parts = self.partitions();
         for e in offsets.elements() {
@@ -418,7 +439,9 @@ impl ConsumerContext for WorkerContext {
                     tracing::warn!("cannot resume newly assigned partitions: {e}");
                 }
                 self.0.assign(tpl);
+                self.0.forget_commits(None);
             }
+            Rebalance::Revoke(_) => self.0.forget_commits(None),
             Rebalance::Error(e) => tracing::error!("rebalance error: {e}"),
             _ => {}
         }
@@ -435,6 +458,7 @@ impl ConsumerContext for WorkerContext {
             Err(e) => {
                 self.0.metrics.commit_failures.inc();
                 tracing::warn!("commit failed: {e}");
+                self.0.forget_commits(Some(offsets));
             }
         }
     }
@@ -503,6 +527,7 @@ impl ConsumerLoop {
         d.health.set_subscribed();
         tracing::info!(?topics, "subscribed");
         let mut last_commit = Instant::now();
+        let mut last_full_commit = Instant::now();
         let mut any_overflow = false;
         let mut staged = false;
         let mut last_flush = Instant::now();
@@ -556,6 +581,11 @@ impl ConsumerLoop {
                 }
             }
             if last_commit.elapsed() >= self.commit_interval {
+                if last_full_commit.elapsed() >= FULL_COMMIT_EVERY {
+                    // Re-send unchanged offsets now and then: an async commit may have failed unseen.
+                    d.forget_commits(None);
+                    last_full_commit = Instant::now();
+                }
                 d.periodic_commit(&self.consumer);
                 staged = true;
                 last_commit = Instant::now();
