@@ -451,7 +451,10 @@ async fn build_command(ctx: &PodCtx, c: &Container) -> Result<(tokio::process::C
                     format!("image {image:?} maps to {} which does not exist (build it first)", path.display()),
                 ));
             }
-            std::iter::once(path.display().to_string()).chain(cmd.into_iter().skip(1)).chain(args).collect()
+            // Run a pod-local link (or copy) of the binary: the pod's own mounts (an emptyDir on /tmp, say) may
+            // hide the folder the binary lives in, and a rebuild while the pod runs must not change it under us.
+            let staged = stage_executable(&path, &ctx.dir).await.map_err(|e| ("RunContainerError".to_string(), e))?;
+            std::iter::once(staged.display().to_string()).chain(cmd.into_iter().skip(1)).chain(args).collect()
         }
         Executable::Command => {
             if cmd.is_empty() {
@@ -497,6 +500,22 @@ async fn build_command(ctx: &PodCtx, c: &Container) -> Result<(tokio::process::C
         .process_group(0)
         .kill_on_drop(true);
     Ok((command, log_path))
+}
+
+/// Hard-links (or, across filesystems, copies) `binary` into `<pod dir>/bin/` and returns the pod-local path.
+async fn stage_executable(binary: &Path, pod_dir: &Path) -> Result<PathBuf, String> {
+    let name = binary.file_name().ok_or_else(|| format!("{}: not a file path", binary.display()))?;
+    let dir = pod_dir.join("bin");
+    tokio::fs::create_dir_all(&dir).await.map_err(|e| format!("{}: {e}", dir.display()))?;
+    let staged = dir.join(name);
+    // A previous container of this pod may have left its copy; always stage the current build.
+    let _ = tokio::fs::remove_file(&staged).await;
+    if tokio::fs::hard_link(binary, &staged).await.is_err() {
+        tokio::fs::copy(binary, &staged)
+            .await
+            .map_err(|e| format!("cannot stage {} into {}: {e}", binary.display(), staged.display()))?;
+    }
+    Ok(staged)
 }
 
 fn signal_group(pid: u32, sig: Signal) {
