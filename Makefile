@@ -46,7 +46,7 @@ integration-test: release ## Integration + e2e tests against the local test bed 
 	$(TESTBED)/up.sh
 	set -a; source "$${KPIPE_RUN:-$${XDG_CACHE_HOME:-$$HOME/.cache}/kpipe/run}/env"; set +a; \
 	  export KPIPE_KAFKA_BOOTSTRAP="$${KAFKA_BOOTSTRAP}"; \
-	  $(CARGO) test --workspace --test '*' -- --test-threads=$${KPIPE_TEST_THREADS:-1}
+	  $(CARGO) test --workspace --no-fail-fast --test '*' -- --test-threads=$${KPIPE_TEST_THREADS:-1}
 
 test: deps ## Everything CI runs: lint, CRD drift, unit tests, then integration/e2e on a fresh local test bed
 	$(MAKE) lint

@@ -205,6 +205,11 @@ pub fn validate(
     hasher.update(config_json.as_bytes());
     hasher.update(b"\0");
     hasher.update(image.as_bytes());
+    // The operator's defaults shape the pod too: a changed default (e.g. after `helm upgrade`) must roll the workers.
+    hasher.update(b"\0");
+    hasher.update(serde_json::to_string(&resources).unwrap_or_default().as_bytes());
+    hasher.update(b"\0");
+    hasher.update(defaults.image_pull_policy.as_deref().unwrap_or_default().as_bytes());
     for (secret, version) in secret_versions {
         hasher.update(format!("\0{secret}={version}").as_bytes());
     }
@@ -544,6 +549,10 @@ mod tests {
         let rotated = BTreeMap::from([("kafka-user".to_string(), "42".to_string())]);
         let v3 = validate(&cp, &BTreeMap::new(), &rotated, &defaults()).unwrap();
         assert_ne!(v1.config_hash, v3.config_hash, "a rotated Secret rolls the pods");
+        let mut bigger = defaults();
+        bigger.resources = serde_json::from_value(serde_json::json!({"limits": {"memory": "300Mi"}})).unwrap();
+        let v4 = validate(&cp, &BTreeMap::new(), &BTreeMap::new(), &bigger).unwrap();
+        assert_ne!(v1.config_hash, v4.config_hash, "new operator defaults (helm upgrade) roll the pods");
     }
 
     #[test]
