@@ -332,8 +332,9 @@ async fn only_the_leader_acts_and_a_standby_takes_over() {
     wait_deployment(&deps, "two-worker", |_| true).await;
     let took = killed.elapsed();
     println!("standby took over in {took:?}");
-    // ~10.5 s on an idle bed (10 s lease); generous bound for a loaded shared bed.
-    assert!(took <= Duration::from_secs(30), "takeover took {took:?}");
+    // ~10.5 s on an idle bed (10 s lease), up to ~40 s seen on a loaded 2-core bed. Timing goals belong to
+    // benchmarks; this bound only proves that a takeover happens at all.
+    assert!(took <= Duration::from_secs(90), "no takeover within {took:?}");
     assert_eq!(standby.metric("kpipe_operator_leader").await, Some(1.0));
 }
 
