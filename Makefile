@@ -52,6 +52,9 @@ test: deps ## Everything CI runs: lint, CRD drift, unit tests, then integration/
 	$(MAKE) lint
 	$(MAKE) check-crds
 	$(MAKE) unit-test
+	@# A fresh cluster every time: state left on the bed (a demo's cluster-wide operator, old pipelines) must not
+	@# leak into the tests. The component builds stay cached; only the run state (PKI, etcd, Kafka data) is reset.
+	$(TESTBED)/down.sh --purge
 	@trap '$(TESTBED)/down.sh' EXIT; $(MAKE) integration-test
 
 testbed-up: deps ## Build (cached) and start etcd, kube-apiserver, controller-manager, Kafka and the process kubelet
