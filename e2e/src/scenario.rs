@@ -2,7 +2,6 @@
 //! namespace (namespaced mode, so concurrent tests never share an operator), run the HTTP sink as a pod, apply
 //! pipelines and read their status, find worker processes for chaos.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -234,31 +233,6 @@ pub async fn events_for(
         .into_iter()
         .map(|e| (e.type_.unwrap_or_default(), e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
         .collect())
-}
-
-/// PIDs of the running containers of pods matching `selector` in `namespace`, from the kubelet's pid files
-/// (`$KPIPE_RUN/pods/<ns>_<pod>.<uid>/<container>.pid`).
-pub fn container_pids(bed: &TestBed, namespace: &str, pod_name_prefix: &str) -> BTreeMap<String, u32> {
-    let mut out = BTreeMap::new();
-    let Some(run) = bed.var("KPIPE_RUN") else { return out };
-    let Ok(dirs) = std::fs::read_dir(PathBuf::from(run).join("pods")) else { return out };
-    let prefix = format!("{namespace}_{pod_name_prefix}");
-    for dir in dirs.flatten() {
-        let name = dir.file_name().to_string_lossy().into_owned();
-        if !name.starts_with(&prefix) {
-            continue;
-        }
-        let Ok(files) = std::fs::read_dir(dir.path()) else { continue };
-        for f in files.flatten() {
-            let path = f.path();
-            if path.extension().is_some_and(|e| e == "pid")
-                && let Some(pid) = std::fs::read_to_string(&path).ok().and_then(|s| s.trim().parse().ok())
-            {
-                out.insert(name.clone(), pid);
-            }
-        }
-    }
-    out
 }
 
 /// Ids `<prefix>-<i>` for `i` in `range`, as `(key, value)` records keyed by `i % keys`.

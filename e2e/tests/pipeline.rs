@@ -21,6 +21,7 @@ use kpipe_e2e::testbed::wait_for;
 use kpipe_e2e::{TempNamespace, TestBed};
 use kube::Api;
 use kube::api::{ListParams, PostParams};
+use nix::sys::signal::Signal;
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Headers;
@@ -96,20 +97,11 @@ fn duplicates(ids: &[String]) -> usize {
     ids.len() - ids.iter().collect::<BTreeSet<_>>().len()
 }
 
-async fn worker_pids(bed: &TestBed, ns: &str, pipeline: &str) -> BTreeMap<String, u32> {
+/// Names of the pipeline's running worker pods.
+async fn worker_pods(bed: &TestBed, ns: &str, pipeline: &str) -> Vec<String> {
     let pods: Api<Pod> = Api::namespaced(bed.client(), ns);
     let list = pods.list(&ListParams::default().labels(&format!("app.kubernetes.io/instance={pipeline}"))).await;
-    let names: Vec<String> =
-        list.map(|l| l.items.into_iter().filter_map(|p| p.metadata.name).collect()).unwrap_or_default();
-    let mut out = BTreeMap::new();
-    for name in names {
-        out.extend(scenario::container_pids(bed, ns, &format!("{name}.")));
-    }
-    out
-}
-
-fn kill9(pid: u32) {
-    let _ = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status();
+    list.map(|l| l.items.into_iter().filter_map(|p| p.metadata.name).collect()).unwrap_or_default()
 }
 
 #[tokio::test]
@@ -521,10 +513,11 @@ async fn pipeline_chaos_loses_nothing() {
     while start.elapsed() < Duration::from_secs(60) {
         step += 1;
         tokio::time::sleep(Duration::from_secs(4)).await;
-        let pids = worker_pids(&bed, ns.name(), "chaos").await;
-        if let Some((pod, pid)) = pids.iter().nth(step % pids.len().max(1)) {
-            println!("chaos: kill -9 {pod} (pid {pid})");
-            kill9(*pid);
+        let pods = worker_pods(&bed, ns.name(), "chaos").await;
+        if let Some(pod) = pods.get(step % pods.len().max(1))
+            && bed.kill_container(ns.name(), pod, "worker", Signal::SIGKILL).await.is_ok()
+        {
+            println!("chaos: kill -9 worker {pod}");
             crashes += 1;
         }
         if step % 3 == 0 {
@@ -544,11 +537,10 @@ async fn pipeline_chaos_loses_nothing() {
             let lease =
                 Api::<Lease>::namespaced(bed.client(), ns.name()).list(&ListParams::default()).await.expect("leases");
             let holder = lease.items.iter().find_map(|l| l.spec.as_ref()?.holder_identity.clone());
-            if let Some(holder) = holder {
-                for (pod, pid) in scenario::container_pids(&bed, ns.name(), &format!("{holder}.")) {
-                    println!("chaos: kill -9 operator leader {pod} (pid {pid})");
-                    kill9(pid);
-                }
+            if let Some(holder) = holder
+                && bed.kill_container(ns.name(), &holder, "operator", Signal::SIGKILL).await.is_ok()
+            {
+                println!("chaos: kill -9 operator leader {holder}");
                 operator_killed = true;
             }
         }
