@@ -131,7 +131,7 @@ KC
 # ---------------------------------------------------------------- process helpers
 # start <component> <cmdline-match> <cmd...>: runs detached in its own session, output to logs/<component>.log.
 # The command is remembered so wait_healthy can start it again if a pre-existing (e.g. shutting-down) process dies.
-declare -A START_CMD STARTED
+declare -A START_CMD STARTED RETRIED
 declare -A PORT_OF=([etcd]=$ETCD_PORT [kube-apiserver]=$APISERVER_PORT [kube-controller-manager]=10257
   [kafka]=$KAFKA_PORT [kubelet]=10250)
 # port_owner <port>: pid of the process listening on a TCP port (empty if free).
@@ -157,6 +157,17 @@ wait_healthy() {
         # It was an old process that was still running (unhealthy, e.g. shutting down): start a fresh one.
         log "$name (pre-existing, unhealthy) exited: starting it again"
         STARTED[$name]=1
+        eval "setsid ${START_CMD[$name]} >>\"\$KPIPE_RUN/logs/$name.log\" 2>&1 </dev/null 9>&- &"
+        echo $! >"$(pidfile "$name")"
+        s=$(date +%s)
+        continue
+      fi
+      if [ -z "${RETRIED[$name]:-}" ] && [ -n "${START_CMD[$name]:-}" ]; then
+        # One retry: right after a fresh PKI the controller-manager has been seen to fail its first TLS handshake
+        # with the just-started apiserver (and exit); a second start succeeds.
+        RETRIED[$name]=1
+        log "$name exited during startup: retrying once (log: $KPIPE_RUN/logs/$name.log)"
+        sleep 1
         eval "setsid ${START_CMD[$name]} >>\"\$KPIPE_RUN/logs/$name.log\" 2>&1 </dev/null 9>&- &"
         echo $! >"$(pidfile "$name")"
         s=$(date +%s)
