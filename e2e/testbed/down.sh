@@ -47,6 +47,15 @@ stop kafka kafka.Kafka 30
 stop kube-controller-manager kube-controller-manager 10
 stop kube-apiserver kube-apiserver 15
 stop etcd etcd 10
+# Copies of bed components the pid files do not track (e.g. started twice by an older up.sh): left running they hold
+# ports and would run every pod a second time. Only processes of this run directory are touched.
+for match in kpipe-kubelet kafka.Kafka kube-controller-manager kube-apiserver etcd; do
+  for pid in $(pgrep -f -- "$match" || true); do
+    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$KPIPE_RUN" || continue
+    log "killing untracked $match (pid $pid)"
+    kill -KILL "$pid" 2>/dev/null || true
+  done
+done
 
 # Network: per-pod namespaces are named kpipe-<uid>; host veth ends are kv<uid> (they vanish with the namespace).
 for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep '^kpipe-' || true); do

@@ -144,8 +144,21 @@ start() {
   [ -z "$owner" ] || die "cannot start $name: port ${PORT_OF[$name]} is used by pid $owner ($(tr '\0' ' ' </proc/"$owner"/cmdline 2>/dev/null | cut -c1-80)) which this bed does not track; stop it (or run down.sh) first"
   log "starting $name"
   STARTED[$name]=1
-  setsid "$@" >>"$KPIPE_RUN/logs/$name.log" 2>&1 </dev/null 9>&- &
-  echo $! >"$(pidfile "$name")"
+  spawn "$name" "$match"
+}
+# spawn <component> <cmdline-match>: runs the remembered command detached in its own session and records its pid.
+spawn() {
+  local name=$1 match=$2 pid
+  eval "setsid ${START_CMD[$name]} >>\"\$KPIPE_RUN/logs/$name.log\" 2>&1 </dev/null 9>&- &"
+  pid=$!
+  echo "$pid" >"$(pidfile "$name")"
+  # Until it execs, $! is a copy of this shell whose cmdline does not match: wait for the exec, so `alive` cannot
+  # take that moment for an early exit and start a second copy (two kubelets running every pod twice).
+  for _ in $(seq 1 100); do
+    [ -r "/proc/$pid/cmdline" ] || break
+    tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "$match" && break
+    sleep 0.05
+  done
 }
 # wait_healthy <component> <cmdline-match> <check-fn> <timeout-s>
 wait_healthy() {
@@ -157,8 +170,7 @@ wait_healthy() {
         # It was an old process that was still running (unhealthy, e.g. shutting down): start a fresh one.
         log "$name (pre-existing, unhealthy) exited: starting it again"
         STARTED[$name]=1
-        eval "setsid ${START_CMD[$name]} >>\"\$KPIPE_RUN/logs/$name.log\" 2>&1 </dev/null 9>&- &"
-        echo $! >"$(pidfile "$name")"
+        spawn "$name" "$match"
         s=$(date +%s)
         continue
       fi
@@ -168,8 +180,7 @@ wait_healthy() {
         RETRIED[$name]=1
         log "$name exited during startup: retrying once (log: $KPIPE_RUN/logs/$name.log)"
         sleep 1
-        eval "setsid ${START_CMD[$name]} >>\"\$KPIPE_RUN/logs/$name.log\" 2>&1 </dev/null 9>&- &"
-        echo $! >"$(pidfile "$name")"
+        spawn "$name" "$match"
         s=$(date +%s)
         continue
       fi
