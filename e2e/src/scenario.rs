@@ -239,3 +239,55 @@ pub async fn events_for(
 pub fn id_records(prefix: &str, range: std::ops::Range<usize>, keys: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
     range.map(|i| (format!("k{}", i % keys.max(1)).into_bytes(), format!("{prefix}-{i:08}").into_bytes())).collect()
 }
+
+/// A namespace with kpipe installed (namespaced mode) and an HTTP sink `sink` started with `sink_args`. Panics
+/// with the namespace's pod logs when either does not come up (for tests and benchmarks).
+pub async fn setup_with_sink(
+    bed: &TestBed,
+    prefix: &str,
+    install: &Install,
+    sink_args: &[&str],
+) -> Result<(crate::TempNamespace, Sink), TestBedError> {
+    let ns = bed.temp_namespace(prefix).await?;
+    if let Err(e) = install_kpipe(bed, ns.name(), install) {
+        bed.dump_pod_logs(ns.name());
+        return Err(e);
+    }
+    let sink = deploy_sink(bed, ns.name(), "sink", sink_args).await?;
+    Ok((ns, sink))
+}
+
+/// A ConsumerPipeline manifest reading `topic` from the bed's broker into `sink`, scaling 0..6 with short
+/// intervals; `extra` is merged over the spec (objects merge key by key, anything else replaces).
+pub fn pipeline_manifest(
+    name: &str,
+    bed: &TestBed,
+    topic: &str,
+    sink: &Sink,
+    extra: serde_json::Value,
+) -> serde_json::Value {
+    let mut spec = json!({
+        "source": {"bootstrapServers": [bed.kafka_bootstrap()], "topics": [topic], "startOffset": "earliest"},
+        "processor": {"http": {"url": sink.url, "timeout": "5s"}},
+        "scaling": {"minReplicas": 0, "maxReplicas": 6, "pollInterval": "2s", "scaleDownStabilization": "10s",
+                    "cooldownToZero": "15s", "lagThreshold": 5000},
+    });
+    merge_json(&mut spec, extra);
+    json!({"apiVersion": "kpipe.io/v1alpha1", "kind": "ConsumerPipeline", "metadata": {"name": name}, "spec": spec})
+}
+
+/// JSON merge: objects key by key, `null` removes the key, anything else replaces.
+pub fn merge_json(base: &mut serde_json::Value, extra: serde_json::Value) {
+    match (base, extra) {
+        (serde_json::Value::Object(b), serde_json::Value::Object(e)) => {
+            for (k, v) in e {
+                if v.is_null() {
+                    b.remove(&k);
+                } else {
+                    merge_json(b.entry(k).or_insert(serde_json::Value::Null), v);
+                }
+            }
+        }
+        (b, e) => *b = e,
+    }
+}
