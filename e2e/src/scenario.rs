@@ -37,9 +37,33 @@ pub fn install_crd(bed: &TestBed) -> Result<(), TestBedError> {
         .args(["apply", "--server-side", "--force-conflicts", "-f"])
         .arg(repo_root().join("crds/consumerpipeline.yaml"));
     run(apply, "kubectl apply CRD")?;
-    let mut wait = bed.kubectl_cmd();
-    wait.args(["wait", "--for=condition=Established", "crd/consumerpipelines.kpipe.io", "--timeout=60s"]);
-    run(wait, "wait for CRD")?;
+    wait_crds_established(bed, &["consumerpipelines.kpipe.io"])
+}
+
+/// Waits (up to 60 s) until every named CRD reports Established=True. Polls instead of `kubectl wait
+/// --for=condition`, which fails at once when it reads a CRD whose status has no conditions yet.
+pub fn wait_crds_established(bed: &TestBed, names: &[&str]) -> Result<(), TestBedError> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    for name in names {
+        loop {
+            let out = bed
+                .kubectl_cmd()
+                .args(["get", "crd", name, "-o", r#"jsonpath={.status.conditions[?(@.type=="Established")].status}"#])
+                .output()
+                .map_err(|e| other(format!("kubectl get crd {name}: {e}")))?;
+            if out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "True" {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(other(format!(
+                    "CRD {name} not Established after 60s: {}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
     Ok(())
 }
 

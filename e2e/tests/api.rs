@@ -28,19 +28,8 @@ fn text(o: &Output) -> String {
 
 /// Installs (server-side apply) the generated CRD and waits until it is Established.
 async fn install_crd(bed: &TestBed) {
-    let out = bed
-        .kubectl_cmd()
-        .args(["apply", "--server-side", "--force-conflicts", "-f"])
-        .arg(repo("crds/consumerpipeline.yaml"))
-        .output()
-        .expect("run kubectl");
-    assert!(out.status.success(), "the apiserver rejected the generated CRD:\n{}", text(&out));
-    let out = bed
-        .kubectl_cmd()
-        .args(["wait", "--for=condition=Established", "crd/consumerpipelines.kpipe.io", "--timeout=60s"])
-        .output()
-        .expect("run kubectl");
-    assert!(out.status.success(), "CRD not established:\n{}", text(&out));
+    kpipe_e2e::scenario::install_crd(bed)
+        .unwrap_or_else(|e| panic!("the apiserver did not take the generated CRD: {e}"));
 }
 
 #[tokio::test]

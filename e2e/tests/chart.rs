@@ -139,18 +139,11 @@ async fn chart_renders_manifests_the_apiserver_accepts() {
         .collect::<String>();
     let out = kubectl_stdin(&bed, &["apply", "--server-side", "-f", "-"], &monitoring_crds);
     assert!(out.status.success(), "{}", text(&out));
-    let wait = bed
-        .kubectl_cmd()
-        .args([
-            "wait",
-            "--for=condition=Established",
-            "crd/servicemonitors.monitoring.coreos.com",
-            "crd/podmonitors.monitoring.coreos.com",
-            "--timeout=60s",
-        ])
-        .output()
-        .expect("kubectl");
-    assert!(wait.status.success(), "{}", text(&wait));
+    kpipe_e2e::scenario::wait_crds_established(
+        &bed,
+        &["servicemonitors.monitoring.coreos.com", "podmonitors.monitoring.coreos.com"],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
 
     let namespaced = format!("watchNamespaces={{{},{}}}", team_a.name(), team_b.name());
     let variants: Vec<Vec<&str>> = vec![

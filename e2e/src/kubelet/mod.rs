@@ -69,6 +69,14 @@ pub enum KubeletError {
     /// The pod spec references something missing or unsupported.
     #[error("{0}")]
     PodConfig(String),
+    /// Another kubelet already serves this run folder.
+    #[error("another kubelet (pid {holder}) already runs for {run_dir}; stop it first (e2e/testbed/down.sh)")]
+    AlreadyRunning {
+        /// The bed's run folder.
+        run_dir: PathBuf,
+        /// The pid written by the kubelet holding the lock.
+        holder: String,
+    },
 }
 
 /// Static configuration of a kubelet instance.
@@ -272,10 +280,37 @@ struct Worker {
     tx: watch::Sender<PodUpdate>,
 }
 
+/// Takes `<run_dir>/kubelet.lock` exclusively for as long as the returned guard lives; fails naming the holder.
+fn lock_run_dir(run_dir: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs::File>, KubeletError> {
+    let path = run_dir.join("kubelet.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|source| KubeletError::Io { path: path.clone(), source })?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(mut lock) => {
+            use std::io::{Seek, Write};
+            let _ = lock.set_len(0);
+            let _ = lock.rewind();
+            let _ = write!(lock, "{}", std::process::id());
+            Ok(lock)
+        }
+        Err((_, _)) => Err(KubeletError::AlreadyRunning {
+            run_dir: run_dir.to_path_buf(),
+            holder: std::fs::read_to_string(&path).unwrap_or_default().trim().to_owned(),
+        }),
+    }
+}
+
 /// Runs the kubelet until SIGTERM/SIGINT; then stops all pod processes (without deleting the Pods).
 pub async fn run(client: Client, cfg: KubeletConfig) -> Result<(), KubeletError> {
     std::fs::create_dir_all(cfg.run_dir.join("pods"))
         .map_err(|source| KubeletError::Io { path: cfg.run_dir.join("pods"), source })?;
+    // One kubelet per run folder: a second one would start every pod again (and kill the first one's processes).
+    let _single = lock_run_dir(&cfg.run_dir)?;
     pod::kill_stale_processes(&cfg.run_dir);
     net::cleanup_stale_namespaces().await;
     if let Some(tls) = cfg.server.clone() {
@@ -451,6 +486,21 @@ mod tests {
 
     fn pod(spec: serde_json::Value) -> Pod {
         serde_json::from_value(serde_json::json!({"metadata": {"name": "p"}, "spec": spec})).unwrap()
+    }
+
+    #[test]
+    fn a_second_kubelet_on_the_same_run_dir_is_refused() {
+        let dir = std::env::temp_dir().join(format!("kpipe-kubelet-lock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let first = lock_run_dir(&dir).unwrap();
+        let err = lock_run_dir(&dir).unwrap_err();
+        assert!(
+            matches!(&err, KubeletError::AlreadyRunning { holder, .. } if *holder == std::process::id().to_string()),
+            "{err}"
+        );
+        drop(first);
+        assert!(lock_run_dir(&dir).is_ok(), "the lock must be free once its holder is gone");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
