@@ -9,7 +9,7 @@ deps: ## Install the Debian packages builds and the test bed need (when missing)
 	$(TESTBED)/install-deps.sh
 
 .PHONY: help deps build release test unit-test integration-test lint fmt crds check-crds demo bench bench-worker \
-        bench-operator testbed-up testbed-down testbed-status images e2e-kind clean
+        bench-operator bench-peers bench-scaling testbed-up testbed-down testbed-status images e2e-kind clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -71,15 +71,19 @@ demo: deps ## The main job on the local stack: helm install, apply a pipeline, b
 	  echo "make demo: not there yet — the demo script lands with the end-to-end issue (helm chart + operator + worker)."; \
 	  echo "Today: 'make testbed-up' brings up the local Kafka + Kubernetes stack the demo will run on."; exit 2; fi
 
-bench: bench-worker bench-operator ## All benchmarks (results go to docs/BENCHMARKS.md)
+bench: bench-peers bench-worker bench-operator bench-scaling ## All benchmarks (each writes its block of docs/BENCHMARKS.md)
 
-bench-worker: ## Worker throughput / slow-handler / memory benchmark on the test bed
-	@if [ -x e2e/bench/worker.sh ]; then e2e/bench/worker.sh; else \
-	  echo "make bench-worker: not there yet — lands with the worker benchmark work (see docs/BENCHMARKS.md)."; exit 2; fi
+bench-peers: ## kpipe-worker side by side with kcat, ConsumerPerformance, seed-style sarama, franz-go
+	e2e/bench/peers.sh
+
+bench-scaling: ## Autoscaling: trace simulation vs KEDA+HPA model, scale-from-zero reaction on the test bed
+	e2e/bench/scaling.sh
+
+bench-worker: ## Worker throughput / slow-handler / memory (5M backlog) benchmark on the test bed
+	e2e/bench/worker.sh
 
 bench-operator: ## Operator scale (1,000 pipelines) and scale-reaction benchmark on the test bed
-	@if [ -x e2e/bench/operator.sh ]; then e2e/bench/operator.sh; else \
-	  echo "make bench-operator: not there yet — lands with the operator benchmark work (see docs/BENCHMARKS.md)."; exit 2; fi
+	e2e/bench/operator.sh
 
 images: ## Build the container images (needs a Docker engine)
 	@if [ -x e2e/kind/images.sh ]; then e2e/kind/images.sh; else \

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs the Debian packages kpipe's builds and test bed need, when they are missing (idempotent, quick when
 # everything is there). librdkafka's CMake build includes curl/curl.h even without curl support, so the rdkafka
-# crates (worker, operator, e2e) need libcurl's headers to compile.
+# crates (worker, operator, e2e) need libcurl's headers to compile. Extra package names given as arguments are
+# installed too (the benchmarks ask for kcat).
 set -euo pipefail
-packages=(libcurl4-openssl-dev openssl iproute2 curl procps)
+packages=(libcurl4-openssl-dev openssl iproute2 curl procps "$@")
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

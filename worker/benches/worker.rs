@@ -4,7 +4,8 @@
 //! 2. a bare rdkafka `BaseConsumer` reading all of it (records/s from first to last record);
 //! 3. the `kpipe-worker` binary with the noop processor on the same topic (records/s from the
 //!    first to the last processed record, from its metrics) and its peak RSS while draining;
-//! 4. the worker with an HTTP handler that sleeps 20 ms per request, `key` ordering,
+//! 4. the worker's RSS over time while draining `KPIPE_BENCH_MEMORY_RECORDS` (default 5,000,000) with noop;
+//! 5. the worker with an HTTP handler that sleeps 20 ms per request, `key` ordering,
 //!    concurrency 256, one record per request, on `KPIPE_BENCH_SLOW_RECORDS` (default 100,000).
 //!
 //! Run: `cargo bench -p kpipe-worker --bench worker` (bootstrap as for the integration tests).
@@ -12,6 +13,7 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod support;
 
 use std::time::{Duration, Instant};
 
@@ -20,42 +22,7 @@ use axum::routing::post;
 use common::*;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn produce_fixed(bootstrap: &str, topic: &str, n: u64, keys: u64) -> Duration {
-    let producer: BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("linger.ms", "20")
-        .set("batch.size", "1000000")
-        .set("queue.buffering.max.messages", "1000000")
-        .set("compression.type", "lz4")
-        .create()
-        .unwrap();
-    let started = Instant::now();
-    let mut payload = [b'x'; 100];
-    for id in 0..n {
-        let key = format!("key-{}", id % keys);
-        let digits = id.to_string();
-        payload[..digits.len()].copy_from_slice(digits.as_bytes());
-        loop {
-            match producer.send(BaseRecord::to(topic).key(&key).payload(&payload[..])) {
-                Ok(()) => break,
-                Err((_, _)) => {
-                    producer.poll(Duration::from_millis(10));
-                }
-            }
-        }
-        if id % 10_000 == 0 {
-            producer.poll(Duration::ZERO);
-        }
-    }
-    producer.flush(Duration::from_secs(120)).unwrap();
-    started.elapsed()
-}
+use support::*;
 
 /// Returns (records/s, CPU µs per record).
 fn bare_consumer(bootstrap: &str, topic: &str, n: u64) -> (f64, f64) {
@@ -93,51 +60,6 @@ fn bare_consumer(bootstrap: &str, topic: &str, n: u64) -> (f64, f64) {
     (n as f64 / elapsed.as_secs_f64(), cpu * 1e6 / n as f64)
 }
 
-/// user+system CPU seconds of a process (`self` or a pid), from /proc/<pid>/stat.
-fn cpu_seconds(pid: &str) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may contain spaces) start after the last ')'.
-    let rest = stat.rsplit(')').next().unwrap_or_default();
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
-        + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
-    ticks / 100.0
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// Polls the worker's metrics until `n` records are processed; returns (records/s between the
-/// first and the last observed progress, peak RSS in MiB, CPU µs per record).
-async fn drive_worker(w: &Worker, n: u64, timeout: Duration) -> (f64, f64, f64) {
-    let deadline = Instant::now() + timeout;
-    let mut first: Option<(Instant, f64)> = None;
-    let mut peak_rss = 0u64;
-    loop {
-        let m = w.metrics().await;
-        let processed = metric(&m, "kpipe_worker_records_processed_total").unwrap_or(0.0);
-        peak_rss = peak_rss.max(rss_kib(w.child.id()));
-        let now = Instant::now();
-        if processed > 0.0 && first.is_none() {
-            first = Some((now, processed));
-        }
-        if processed >= n as f64 {
-            let (t0, p0) = first.unwrap();
-            let rate = (processed - p0) / now.duration_since(t0).as_secs_f64().max(1e-3);
-            let cpu = cpu_seconds(&w.child.id().to_string());
-            return (rate, peak_rss as f64 / 1024.0, cpu * 1e6 / n as f64);
-        }
-        assert!(now < deadline, "worker processed {processed} of {n} in {timeout:?}; log {}", w.log.display());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     // `cargo bench` passes `--bench`; nothing else to parse.
@@ -152,7 +74,7 @@ async fn main() {
             let topic = unique("bench");
             create_topic(&bootstrap, &topic, 12).await;
             let (b, t) = (bootstrap.clone(), topic.clone());
-            let took = tokio::task::spawn_blocking(move || produce_fixed(&b, &t, n, 10_000)).await.unwrap();
+            let took = tokio::task::spawn_blocking(move || produce_fixed(&b, &t, n, 10_000, 100)).await.unwrap();
             println!("produced {n} x 100 B records to {topic} (12 partitions) in {:.1}s", took.as_secs_f64());
             topic
         }
@@ -190,12 +112,16 @@ async fn main() {
             serde_json::json!({"processor": {"noop": {}}, "onFailure": "drop"}),
         );
         let w = Worker::start("bench-noop", &cfg);
-        let (noop, rss, cpu) = drive_worker(&w, n, Duration::from_secs(600)).await;
+        let run = drive_worker(&w, n, Instant::now(), Duration::from_secs(600)).await;
         drop(w);
+        let (noop, rss, cpu) = (run.rate, run.peak_rss_mib, run.cpu_s * 1e6 / n as f64);
         println!(
             "kpipe-worker noop: {noop:.0} records/s ({:.2}x bare), {cpu:.2} CPU-µs/record (whole process), peak RSS {rss:.0} MiB",
             noop / bare
         );
+    }
+    if only.is_empty() || only == "memory" {
+        memory_over_time(&bootstrap, env_u64("KPIPE_BENCH_MEMORY_RECORDS", 5_000_000)).await;
     }
     if !(only.is_empty() || only == "slow") {
         return;
@@ -206,7 +132,7 @@ async fn main() {
     create_topic(&bootstrap, &slow_topic, 12).await;
     {
         let (b, topic) = (bootstrap.clone(), slow_topic.clone());
-        tokio::task::spawn_blocking(move || produce_fixed(&b, &topic, slow_n, 10_000)).await.unwrap();
+        tokio::task::spawn_blocking(move || produce_fixed(&b, &topic, slow_n, 10_000, 100)).await.unwrap();
     }
     let app = Router::new().route(
         "/records",
@@ -232,7 +158,8 @@ async fn main() {
         }),
     );
     let w = Worker::start("bench-slow", &cfg);
-    let (slow, slow_rss, _) = drive_worker(&w, slow_n, Duration::from_secs(600)).await;
+    let run = drive_worker(&w, slow_n, Instant::now(), Duration::from_secs(600)).await;
+    let (slow, slow_rss) = (run.rate, run.peak_rss_mib);
     drop(w);
     let ideal = 256.0 / 0.020;
     println!(
@@ -240,4 +167,33 @@ async fn main() {
          ({:.0}% of {ideal:.0}), peak RSS {slow_rss:.0} MiB",
         100.0 * slow / ideal
     );
+}
+
+/// RSS of a noop worker draining a large backlog, sampled about once a second (goal: flat, ≤ 128 MiB).
+async fn memory_over_time(bootstrap: &str, n: u64) {
+    let topic = unique("bench-memory");
+    create_topic(bootstrap, &topic, 12).await;
+    let (b, t) = (bootstrap.to_owned(), topic.clone());
+    let took = tokio::task::spawn_blocking(move || produce_fixed(&b, &t, n, 10_000, 100)).await.unwrap();
+    println!("produced {n} x 100 B records to {topic} (12 partitions) in {:.1}s", took.as_secs_f64());
+    let cfg = config(
+        bootstrap,
+        "bench-memory",
+        &topic,
+        &unique("bench-memory"),
+        serde_json::json!({"processor": {"noop": {}}, "onFailure": "drop"}),
+    );
+    let w = Worker::start("bench-memory", &cfg);
+    let run = drive_worker(&w, n, Instant::now(), Duration::from_secs(900)).await;
+    drop(w);
+    println!(
+        "kpipe-worker noop draining {n} records: {:.0} records/s, peak RSS {:.0} MiB; RSS over time \
+         (s: MiB @ records processed):",
+        run.rate, run.peak_rss_mib
+    );
+    let series: Vec<String> =
+        run.rss_series.iter().map(|(t, mib, done)| format!("{t:.0}s: {mib:.0} MiB @ {:.1}M", done / 1e6)).collect();
+    for line in series.chunks(6) {
+        println!("  {}", line.join(" | "));
+    }
 }

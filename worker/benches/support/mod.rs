@@ -1,0 +1,130 @@
+//! Pieces shared by the worker benchmarks (`benches/worker.rs`, `benches/peers.rs`): filling a topic, reading a
+//! process's CPU time and RSS, and following a running `kpipe-worker` through its metrics.
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientConfig;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
+use crate::common::{Worker, metric};
+
+pub fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Produces `n` records of `value_bytes` bytes (the id in decimal, padded with `x`), keyed `key-<id % keys>`, lz4,
+/// and waits for every acknowledgement. Returns how long it took.
+pub fn produce_fixed(bootstrap: &str, topic: &str, n: u64, keys: u64, value_bytes: usize) -> Duration {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "20")
+        .set("batch.size", "1000000")
+        .set("queue.buffering.max.messages", "1000000")
+        .set("compression.type", "lz4")
+        .create()
+        .unwrap();
+    let started = Instant::now();
+    let mut payload = vec![b'x'; value_bytes.max(20)];
+    for id in 0..n {
+        let key = format!("key-{}", id % keys);
+        let digits = id.to_string();
+        payload[..digits.len()].copy_from_slice(digits.as_bytes());
+        loop {
+            match producer.send(BaseRecord::to(topic).key(&key).payload(&payload[..])) {
+                Ok(()) => break,
+                Err((_, _)) => {
+                    producer.poll(Duration::from_millis(10));
+                }
+            }
+        }
+        if id % 10_000 == 0 {
+            producer.poll(Duration::ZERO);
+        }
+    }
+    producer.flush(Duration::from_secs(300)).unwrap();
+    started.elapsed()
+}
+
+/// user+system CPU seconds of a process (`self` or a pid), from /proc/<pid>/stat.
+pub fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = stat.rsplit(')').next().unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// What following a worker to `n` processed records measured.
+pub struct WorkerRun {
+    /// records/s between the first and the last observed progress.
+    pub rate: f64,
+    /// Seconds from the first to the last observed progress.
+    pub active_s: f64,
+    /// Seconds from `started` (the process start) until `n` records were processed.
+    pub wall_s: f64,
+    pub peak_rss_mib: f64,
+    /// user+system CPU seconds of the whole worker process so far.
+    pub cpu_s: f64,
+    /// (seconds since `started`, RSS MiB, records processed) about once a second.
+    pub rss_series: Vec<(f64, f64, f64)>,
+}
+
+/// Polls the worker's metrics (every 20 ms) until `n` records are processed.
+pub async fn drive_worker(w: &Worker, n: u64, started: Instant, timeout: Duration) -> WorkerRun {
+    let deadline = Instant::now() + timeout;
+    let mut first: Option<(Instant, f64)> = None;
+    let mut peak_rss = 0u64;
+    let mut rss_series: Vec<(f64, f64, f64)> = Vec::new();
+    loop {
+        let m = w.metrics().await;
+        let processed = metric(&m, "kpipe_worker_records_processed_total").unwrap_or(0.0);
+        let rss = rss_kib(w.child.id());
+        peak_rss = peak_rss.max(rss);
+        let now = Instant::now();
+        let since_start = now.duration_since(started).as_secs_f64();
+        if rss_series.last().is_none_or(|last| since_start - last.0 >= 1.0) {
+            rss_series.push((since_start, rss as f64 / 1024.0, processed));
+        }
+        if processed > 0.0 && first.is_none() {
+            // The first sample already includes some records; count the rate from there.
+            first = Some((now, processed));
+        }
+        if processed >= n as f64 {
+            let (t0, p0) = first.unwrap();
+            let active_s = now.duration_since(t0).as_secs_f64().max(1e-3);
+            return WorkerRun {
+                rate: (processed - p0) / active_s,
+                active_s,
+                wall_s: now.duration_since(started).as_secs_f64(),
+                peak_rss_mib: peak_rss as f64 / 1024.0,
+                cpu_s: cpu_seconds(&w.child.id().to_string()),
+                rss_series,
+            };
+        }
+        assert!(now < deadline, "worker processed {processed} of {n} in {timeout:?}; log {}", w.log.display());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Median of a non-empty sample (NaN when empty).
+pub fn median(values: &[f64]) -> f64 {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    if v.len() % 2 == 1 { v[mid] } else { (v[mid - 1] + v[mid]) / 2.0 }
+}
