@@ -85,7 +85,7 @@ impl PartitionTask {
         while input_open {
             let mut wake = None;
             loop {
-                match scheduler.next(Instant::now().into_std()) {
+                match scheduler.next_within(Instant::now().into_std(), self.worker_permits.available_permits()) {
                     Next::Ready(batch) => {
                         let n = u32::try_from(batch.len()).unwrap_or(u32::MAX);
                         // Clamped to perWorker at start-up, so this cannot wait forever.

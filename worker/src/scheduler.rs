@@ -113,7 +113,17 @@ impl Scheduler {
 
     /// Picks the next batch (marking its records in flight when ready).
     pub fn next(&mut self, now: Instant) -> Next {
-        let capacity = self.per_partition.saturating_sub(self.in_flight_records).min(self.limits.max_records);
+        self.next_within(now, usize::MAX)
+    }
+
+    /// Like [`Scheduler::next`], with at most `room` records: the worker-wide in-flight budget left. A batch cut
+    /// short by `room` is sent at once, like any capacity-limited batch: waiting for whole batches would leave part
+    /// of `perWorker` idle (with batches of 100 and perWorker 256 only two fit). Batches are never cut below half of
+    /// `maxRecords`, so a saturated worker does not degrade into many tiny batches (the caller then waits for the
+    /// budget, as with a whole batch).
+    pub fn next_within(&mut self, now: Instant, room: usize) -> Next {
+        let room = room.max(self.limits.max_records.div_ceil(2));
+        let capacity = self.per_partition.saturating_sub(self.in_flight_records).min(self.limits.max_records).min(room);
         if capacity == 0 || self.pending.is_empty() {
             return Next::Idle;
         }
@@ -205,6 +215,21 @@ mod tests {
             Next::Ready(b) => b.iter().map(|r| r.offset).collect(),
             _ => vec![],
         }
+    }
+
+    #[test]
+    fn a_batch_cut_short_by_the_worker_budget_goes_at_once_but_not_below_half() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(Ordering::Key, limits(10), 256);
+        for o in 0..22 {
+            s.push(Arc::new(test_record(o, Some(&format!("k{o}")), "v")), t0);
+        }
+        // 7 records of budget left worker-wide: a 7-record batch now, not a wait for 10.
+        assert_eq!(offsets(&s.next_within(t0, 7)), (0..7).collect::<Vec<_>>());
+        // Less than half a batch of budget: half a batch (the caller waits for the budget).
+        assert_eq!(offsets(&s.next_within(t0, 2)), (7..12).collect::<Vec<_>>());
+        assert_eq!(offsets(&s.next_within(t0, usize::MAX)), (12..22).collect::<Vec<_>>());
+        assert_eq!(s.next_within(t0, 0), Next::Idle);
     }
 
     #[test]
