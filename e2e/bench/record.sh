@@ -11,7 +11,7 @@ cpu=$(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo)
 header="### ${title}
 
 - **Command:** \`${command}\`
-- **Date:** $(date -u '+%F %H:%M UTC'); **commit:** $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with local changes)')
+- **Date:** $(date -u '+%F %H:%M UTC'); **commit:** $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet -- . ':!docs/BENCHMARKS.md' 2>/dev/null || echo ' (with local changes)')
 - **Machine:** $(nproc) × ${cpu:-unknown CPU}, $(free -g | awk '/Mem:/{print $2}') GiB RAM, Linux $(uname -r); load average at the end $(cut -d' ' -f1-3 /proc/loadavg)
 "
 BENCH_BLOCK="${header}
