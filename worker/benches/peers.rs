@@ -355,7 +355,7 @@ async fn throughput(bootstrap: &str, n: u64, value_bytes: usize, rounds: usize, 
     let kpipe = table.drain(Contestant::KpipeNoop.name());
     let _ = writeln!(
         report,
-        "### Throughput ceiling — {n} × {value_bytes} B, 12 partitions, lz4 ({rounds} rounds, order rotated each \
+        "#### Throughput ceiling — {n} × {value_bytes} B, 12 partitions, lz4 ({rounds} rounds, order rotated each \
          round)\n\n{}\nDrain rate (records ÷ time from process start to the last record) is the headline: the \
          steady rate depends on how each client batches its first fetch (franz-go receives a large part of the topic \
          in its first fetch, so its first → last time is tiny). Drain-rate ratios: kpipe noop / bare rdkafka = \
@@ -453,7 +453,7 @@ async fn slow(bootstrap: &str, n: u64, seconds: f64, rounds: usize, report: &mut
     let seed = contestants.last().unwrap().0;
     let _ = writeln!(
         report,
-        "### Slow handler — 20 ms per request, {n}-record topic, 12 partitions ({rounds} rounds, order rotated)\n\n\
+        "#### Slow handler — 20 ms per request, {n}-record topic, 12 partitions ({rounds} rounds, order rotated)\n\n\
          Each contestant reads about {seconds:.0} s worth of its ideal rate (at least 1,000 records, at most the \
          topic). The ratio column compares steady rates with the seed-style pool; CPU-s per 1M records shows what \
          batching saves.\n\n{}\n{ideal_rows}",
