@@ -28,12 +28,8 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use axum::Router;
-use axum::routing::post;
 use common::*;
 use nix::sys::resource::{UsageWho, getrusage};
-use rdkafka::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use support::*;
 
 /// One contestant's measurement in one round.
@@ -55,48 +51,9 @@ fn children_cpu_s() -> f64 {
     secs(u.user_time()) + secs(u.system_time())
 }
 
-fn self_cpu_s() -> f64 {
-    let u = getrusage(UsageWho::RUSAGE_SELF).unwrap();
-    let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
-    secs(u.user_time()) + secs(u.system_time())
-}
-
 fn run_rdkafka_bare(bootstrap: &str, topic: &str, n: u64) -> Sample {
-    let cpu0 = self_cpu_s();
-    let started = Instant::now();
-    let mut config = ClientConfig::new();
-    // The same librdkafka tuning the worker applies, so this is the ceiling kpipe is measured against.
-    for (k, v) in kpipe_worker::kafka_config::CONSUMER_TUNING {
-        config.set(*k, *v);
-    }
-    let consumer: BaseConsumer = config
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", unique("peers-bare"))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "true")
-        .set_log_level(rdkafka::config::RDKafkaLogLevel::Warning)
-        .create()
-        .unwrap();
-    consumer.subscribe(&[topic]).unwrap();
-    let (mut count, mut bytes, mut first) = (0u64, 0usize, None);
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while count < n && Instant::now() < deadline {
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
-            first.get_or_insert_with(Instant::now);
-            bytes += m.payload_len();
-            count += 1;
-        }
-    }
-    assert_eq!(count, n, "bare rdkafka read {count} of {n}");
-    std::hint::black_box(bytes);
-    let sample = Sample {
-        records: n,
-        active_s: first.map(|f| f.elapsed()).unwrap_or_default().as_secs_f64(),
-        wall_s: started.elapsed().as_secs_f64(),
-        cpu_s: 0.0,
-    };
-    drop(consumer);
-    Sample { cpu_s: self_cpu_s() - cpu0, ..sample }
+    let run = bare_consume(bootstrap, topic, n);
+    Sample { records: n, active_s: run.active_s, wall_s: run.wall_s, cpu_s: run.cpu_s }
 }
 
 /// kcat reading every partition from the beginning to its end, one newline per record (counted here).
@@ -368,21 +325,6 @@ async fn throughput(bootstrap: &str, n: u64, value_bytes: usize, rounds: usize, 
         kpipe / table.drain(Contestant::Kcat.name()),
         kpipe / table.drain(Contestant::ConsumerPerf.name()),
     );
-}
-
-/// The slow handler: 20 ms per request whatever it carries (a kpipe batch or one seed record).
-async fn slow_handler() -> String {
-    let app = Router::new().route(
-        "/records",
-        post(|| async {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            ""
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/records", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    url
 }
 
 async fn slow(bootstrap: &str, n: u64, seconds: f64, rounds: usize, report: &mut String) {

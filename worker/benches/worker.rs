@@ -17,47 +17,13 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use axum::Router;
-use axum::routing::post;
 use common::*;
-use rdkafka::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use support::*;
 
-/// Returns (records/s, CPU µs per record).
+/// Returns (records/s, CPU µs per record) of the bare consumer.
 fn bare_consumer(bootstrap: &str, topic: &str, n: u64) -> (f64, f64) {
-    let cpu0 = cpu_seconds("self");
-    let mut config = ClientConfig::new();
-    // The same librdkafka tuning the worker applies, so the comparison is about kpipe's overhead.
-    for (k, v) in kpipe_worker::kafka_config::CONSUMER_TUNING {
-        config.set(*k, *v);
-    }
-    let consumer: BaseConsumer = config
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", unique("bench-bare"))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "true")
-        .set("partition.assignment.strategy", "cooperative-sticky")
-        .set_log_level(rdkafka::config::RDKafkaLogLevel::Warning)
-        .create()
-        .unwrap();
-    consumer.subscribe(&[topic]).unwrap();
-    let mut count = 0u64;
-    let mut bytes = 0usize;
-    let mut first = None;
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while count < n && Instant::now() < deadline {
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
-            first.get_or_insert_with(Instant::now);
-            bytes += m.payload_len();
-            count += 1;
-        }
-    }
-    let elapsed = first.map(|f| f.elapsed()).unwrap_or_default();
-    assert_eq!(count, n, "bare consumer read {count} of {n}");
-    std::hint::black_box(bytes);
-    let cpu = cpu_seconds("self") - cpu0;
-    (n as f64 / elapsed.as_secs_f64(), cpu * 1e6 / n as f64)
+    let run = bare_consume(bootstrap, topic, n);
+    (n as f64 / run.active_s, run.cpu_s * 1e6 / n as f64)
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -134,16 +100,7 @@ async fn main() {
         let (b, topic) = (bootstrap.clone(), slow_topic.clone());
         tokio::task::spawn_blocking(move || produce_fixed(&b, &topic, slow_n, 10_000, 100)).await.unwrap();
     }
-    let app = Router::new().route(
-        "/records",
-        post(|| async {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            ""
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/records", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let url = slow_handler().await;
     let cfg = config(
         &bootstrap,
         "bench-slow",

@@ -5,9 +5,10 @@
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
-use crate::common::{Worker, metric};
+use crate::common::{Worker, metric, unique};
 
 pub fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -127,4 +128,69 @@ pub fn median(values: &[f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     let mid = v.len() / 2;
     if v.len() % 2 == 1 { v[mid] } else { (v[mid - 1] + v[mid]) / 2.0 }
+}
+
+/// What a bare librdkafka consumer reading a whole topic measured.
+pub struct BareRun {
+    /// First to last record, seconds.
+    pub active_s: f64,
+    /// Consumer creation to the last record, seconds.
+    pub wall_s: f64,
+    /// user+system CPU seconds this process spent meanwhile.
+    pub cpu_s: f64,
+}
+
+/// The ceiling kpipe is measured against: a `BaseConsumer` poll loop with the same librdkafka tuning the worker
+/// applies, counting `n` records of `topic` from the beginning (group join included in `wall_s`).
+pub fn bare_consume(bootstrap: &str, topic: &str, n: u64) -> BareRun {
+    let cpu0 = cpu_seconds("self");
+    let started = Instant::now();
+    let mut config = ClientConfig::new();
+    for (k, v) in kpipe_worker::kafka_config::CONSUMER_TUNING {
+        config.set(*k, *v);
+    }
+    let consumer: BaseConsumer = config
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", unique("bench-bare"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "true")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set_log_level(rdkafka::config::RDKafkaLogLevel::Warning)
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let (mut count, mut bytes, mut first) = (0u64, 0usize, None);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while count < n && Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            first.get_or_insert_with(Instant::now);
+            bytes += m.payload_len();
+            count += 1;
+        }
+    }
+    assert_eq!(count, n, "bare consumer read {count} of {n}");
+    std::hint::black_box(bytes);
+    let run = BareRun {
+        active_s: first.map(|f| f.elapsed()).unwrap_or_default().as_secs_f64(),
+        wall_s: started.elapsed().as_secs_f64(),
+        cpu_s: 0.0,
+    };
+    drop(consumer);
+    BareRun { cpu_s: cpu_seconds("self") - cpu0, ..run }
+}
+
+/// Serves an HTTP handler that takes 20 ms per request whatever it carries (a kpipe batch or one record); returns
+/// its URL.
+pub async fn slow_handler() -> String {
+    let app = axum::Router::new().route(
+        "/records",
+        axum::routing::post(|| async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            ""
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/records", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    url
 }
