@@ -581,8 +581,8 @@ async fn testbed_connect_fails_loudly_without_a_bed() {
     assert!(msg.contains("not running") && msg.contains("up.sh"), "unhelpful error: {msg}");
 }
 
-/// Manual check of the broker-restart helper (ignored by default: restarting the shared broker would disturb
-/// concurrent tests). Run: `cargo test -p kpipe-e2e --test testbed -- --ignored testbed_kafka_restart`.
+/// The broker-restart helper keeps data. It restarts the shared broker, so the suite runs one test at a time
+/// (`make integration-test` passes `--test-threads=1`).
 #[tokio::test(flavor = "multi_thread")]
 async fn testbed_kafka_restart_keeps_data() {
     let bed = bed().await;
