@@ -50,6 +50,9 @@ if kubelet_stale && [ "${KPIPE_KEEP_KUBELET:-0}" != 1 ]; then
   compgen -G "/usr/include/curl/curl.h" >/dev/null || compgen -G "/usr/include/*/curl/curl.h" >/dev/null \
     || die "curl headers missing (rdkafka-sys needs them to compile): apt-get install -y libcurl4-openssl-dev"
   log "building the process kubelet (cargo build -p kpipe-e2e --bins)"
+  # The stamp is taken before the build (sources edited during it count as newer); on a fresh clone target/ does
+  # not exist yet.
+  mkdir -p "$(dirname "$KUBELET_STAMP")"
   touch "$KUBELET_STAMP.new"
   (cd "$REPO_ROOT" && cargo build -q -p kpipe-e2e --bins) || die "cargo build of kpipe-kubelet failed"
   mv "$KUBELET_STAMP.new" "$KUBELET_STAMP"
