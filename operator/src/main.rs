@@ -146,7 +146,9 @@ async fn main() -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn,rdkafka=warn"));
     if args.log_format == "text" {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
+        // Colour only on a terminal: text logs in files and `kubectl logs` must not carry escape codes.
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+        tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).init();
     } else {
         tracing_subscriber::fmt().json().with_env_filter(filter).init();
     }
