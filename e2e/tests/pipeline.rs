@@ -15,7 +15,7 @@ use k8s_openapi::api::core::v1::{Pod, Secret};
 use kpipe_api::v1alpha1::condition::{DEGRADED, READY};
 use kpipe_e2e::scenario::{
     self, Install, Sink, apply_pipeline, condition, events_for, id_records, install_kpipe, patch_pipeline_spec,
-    pipeline_status, worker_replicas,
+    pipeline_manifest, pipeline_status, worker_replicas,
 };
 use kpipe_e2e::testbed::wait_for;
 use kpipe_e2e::{TempNamespace, TestBed};
@@ -38,10 +38,6 @@ async fn bed() -> TestBed {
 /// A namespace with kpipe installed (namespaced mode) and an HTTP sink.
 async fn setup(bed: &TestBed, prefix: &str, install: Install, sink_args: &[&str]) -> (TempNamespace, Sink) {
     scenario::setup_with_sink(bed, prefix, &install, sink_args).await.unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn pipeline(name: &str, bed: &TestBed, topic: &str, sink: &Sink, extra: serde_json::Value) -> serde_json::Value {
-    scenario::pipeline_manifest(name, bed, topic, sink, extra)
 }
 
 fn unique_topic(prefix: &str) -> String {
@@ -92,7 +88,7 @@ async fn pipeline_happy_path_scales_from_zero_delivers_everything_and_returns_to
     apply_pipeline(
         &bed,
         ns.name(),
-        pipeline("orders", &bed, &topic, &sink, json!({"deadLetter": {"topic": format!("{topic}-dlq")}})),
+        pipeline_manifest("orders", &bed, &topic, &sink, json!({"deadLetter": {"topic": format!("{topic}-dlq")}})),
     )
     .await
     .expect("apply");
@@ -197,7 +193,7 @@ async fn pipeline_poison_records_go_to_the_dead_letter_topic_with_context() {
     apply_pipeline(
         &bed,
         ns.name(),
-        pipeline(
+        pipeline_manifest(
             "payments",
             &bed,
             &topic,
@@ -334,7 +330,9 @@ async fn pipeline_runtime_errors_degrade_with_a_reason_and_recover_when_fixed() 
 
     // Missing topic -> Degraded; creating it recovers the pipeline.
     let missing_topic = unique_topic("not-yet");
-    apply_pipeline(&bed, n, pipeline("missing-topic", &bed, &missing_topic, &sink, json!({}))).await.expect("apply");
+    apply_pipeline(&bed, n, pipeline_manifest("missing-topic", &bed, &missing_topic, &sink, json!({})))
+        .await
+        .expect("apply");
     let said = wait_degraded(&bed, n, "missing-topic", "topic").await;
     bed.create_topic(&missing_topic, 3).await.expect("topic");
     wait_recovered(&bed, n, "missing-topic").await;
@@ -343,7 +341,7 @@ async fn pipeline_runtime_errors_degrade_with_a_reason_and_recover_when_fixed() 
     // Unreachable broker -> Degraded; pointing at the real broker recovers.
     let topic = unique_topic("reachable");
     bed.create_topic(&topic, 3).await.expect("topic");
-    let mut p = pipeline("unreachable", &bed, &topic, &sink, json!({}));
+    let mut p = pipeline_manifest("unreachable", &bed, &topic, &sink, json!({}));
     p["spec"]["source"]["bootstrapServers"] = json!(["10.244.0.1:1"]);
     apply_pipeline(&bed, n, p).await.expect("apply");
     let said = wait_degraded(&bed, n, "unreachable", "").await;
@@ -354,7 +352,7 @@ async fn pipeline_runtime_errors_degrade_with_a_reason_and_recover_when_fixed() 
     println!("unreachable broker: Degraded ({said}) and recovered");
 
     // Missing Secret -> Degraded naming the Secret; creating it clears that reason.
-    let mut p = pipeline("missing-secret", &bed, &topic, &sink, json!({}));
+    let mut p = pipeline_manifest("missing-secret", &bed, &topic, &sink, json!({}));
     p["spec"]["source"]["auth"] = json!({"sasl": {"mechanism": "SCRAM-SHA-512", "secretRef": {"name": "kafka-user"}}});
     apply_pipeline(&bed, n, p).await.expect("apply");
     let said = wait_degraded(&bed, n, "missing-secret", "kafka-user").await;
@@ -379,7 +377,7 @@ async fn pipeline_runtime_errors_degrade_with_a_reason_and_recover_when_fixed() 
     apply_pipeline(
         &bed,
         n,
-        pipeline("too-few-partitions", &bed, &small, &sink, json!({"scaling": {"minReplicas": 3}})),
+        pipeline_manifest("too-few-partitions", &bed, &small, &sink, json!({"scaling": {"minReplicas": 3}})),
     )
     .await
     .expect("apply");
@@ -407,7 +405,7 @@ async fn pipeline_scale_down_loses_nothing_and_duplicates_nothing() {
     apply_pipeline(
         &bed,
         ns.name(),
-        pipeline(
+        pipeline_manifest(
             "steady",
             &bed,
             &topic,
@@ -459,7 +457,7 @@ async fn pipeline_chaos_loses_nothing() {
     apply_pipeline(
         &bed,
         ns.name(),
-        pipeline(
+        pipeline_manifest(
             "chaos",
             &bed,
             &topic,
@@ -558,9 +556,13 @@ async fn pipeline_helm_upgrade_and_uninstall_leave_the_cluster_consistent() {
     let (ns, sink) = setup(&bed, "e2e-helm", Install::default(), &[]).await;
     let topic = unique_topic("upgrade");
     bed.create_topic(&topic, 3).await.expect("topic");
-    apply_pipeline(&bed, ns.name(), pipeline("up", &bed, &topic, &sink, json!({"scaling": {"minReplicas": 1}})))
-        .await
-        .expect("apply");
+    apply_pipeline(
+        &bed,
+        ns.name(),
+        pipeline_manifest("up", &bed, &topic, &sink, json!({"scaling": {"minReplicas": 1}})),
+    )
+    .await
+    .expect("apply");
     let ready = || async {
         let s = pipeline_status(&bed, ns.name(), "up").await.ok()?;
         (condition(&s, READY).map(|c| c.0).as_deref() == Some("True") && s.ready_replicas >= 1).then_some(())

@@ -163,10 +163,8 @@ struct Table {
 }
 
 impl Table {
+    /// Records one round of `name` (a contestant declared in `order`).
     fn add(&mut self, name: &str, s: Sample) {
-        if !self.order.iter().any(|o| o == name) {
-            self.order.push(name.to_owned());
-        }
         println!(
             "  {name}: {} records, {:.0} rec/s (first→last {:.2}s, wall {:.2}s), {:.2} CPU-s",
             s.records,
@@ -246,14 +244,8 @@ impl Contestant {
 }
 
 async fn throughput(bootstrap: &str, n: u64, value_bytes: usize, rounds: usize, report: &mut String) {
-    let topic = unique(&format!("peers-{value_bytes}b"));
-    create_topic(bootstrap, &topic, 12).await;
-    let (b, t) = (bootstrap.to_owned(), topic.clone());
-    let took = tokio::task::spawn_blocking(move || produce_fixed(&b, &t, n, 10_000, value_bytes)).await.unwrap();
-    println!(
-        "== throughput: produced {n} × {value_bytes} B to {topic} (12 partitions, lz4) in {:.1}s",
-        took.as_secs_f64()
-    );
+    println!("== throughput: {n} × {value_bytes} B");
+    let topic = filled_topic(bootstrap, &format!("peers-{value_bytes}b"), n, value_bytes).await;
     let all = [
         Contestant::Bare,
         Contestant::Kcat,
@@ -295,16 +287,7 @@ async fn throughput(bootstrap: &str, n: u64, value_bytes: usize, rounds: usize, 
                 })
                 .await
                 .unwrap(),
-                Contestant::KpipeNoop => {
-                    run_kpipe(
-                        &b,
-                        &t,
-                        n,
-                        "peers-noop",
-                        serde_json::json!({"processor": {"noop": {}}, "onFailure": "drop"}),
-                    )
-                    .await
-                }
+                Contestant::KpipeNoop => run_kpipe(&b, &t, n, "peers-noop", noop_spec()).await,
             };
             table.add(c.name(), sample);
         }
@@ -328,10 +311,7 @@ async fn throughput(bootstrap: &str, n: u64, value_bytes: usize, rounds: usize, 
 }
 
 async fn slow(bootstrap: &str, n: u64, seconds: f64, rounds: usize, report: &mut String) {
-    let topic = unique("peers-slow");
-    create_topic(bootstrap, &topic, 12).await;
-    let (b, t) = (bootstrap.to_owned(), topic.clone());
-    tokio::task::spawn_blocking(move || produce_fixed(&b, &t, n, 10_000, 100)).await.unwrap();
+    let topic = filled_topic(bootstrap, "peers-slow", n, 100).await;
     let url = slow_handler().await;
     println!("== slow handler (20 ms per request): {n} records on {topic}, handler {url}");
     // (name, ideal records/s, kpipe spec or None for the seed pool). The ideal is records in flight ÷ 20 ms, and kpipe's

@@ -36,14 +36,7 @@ async fn main() {
     // Re-use a topic produced by an earlier run (it must hold exactly KPIPE_BENCH_RECORDS).
     let topic = match std::env::var("KPIPE_BENCH_TOPIC") {
         Ok(t) => t,
-        Err(_) => {
-            let topic = unique("bench");
-            create_topic(&bootstrap, &topic, 12).await;
-            let (b, t) = (bootstrap.clone(), topic.clone());
-            let took = tokio::task::spawn_blocking(move || produce_fixed(&b, &t, n, 10_000, 100)).await.unwrap();
-            println!("produced {n} x 100 B records to {topic} (12 partitions) in {:.1}s", took.as_secs_f64());
-            topic
-        }
+        Err(_) => filled_topic(&bootstrap, "bench", n, 100).await,
     };
 
     let bare = if only.is_empty() || only == "bare" {
@@ -70,13 +63,7 @@ async fn main() {
     }
 
     if only.is_empty() || only == "noop" {
-        let cfg = config(
-            &bootstrap,
-            "bench-noop",
-            &topic,
-            &unique("bench-noop"),
-            serde_json::json!({"processor": {"noop": {}}, "onFailure": "drop"}),
-        );
+        let cfg = config(&bootstrap, "bench-noop", &topic, &unique("bench-noop"), noop_spec());
         let w = Worker::start("bench-noop", &cfg);
         let run = drive_worker(&w, n, Instant::now(), Duration::from_secs(600)).await;
         drop(w);
@@ -94,12 +81,7 @@ async fn main() {
     }
 
     // Slow handler: 20 ms per request, one record per request, key ordering, 256 concurrent.
-    let slow_topic = unique("bench-slow");
-    create_topic(&bootstrap, &slow_topic, 12).await;
-    {
-        let (b, topic) = (bootstrap.clone(), slow_topic.clone());
-        tokio::task::spawn_blocking(move || produce_fixed(&b, &topic, slow_n, 10_000, 100)).await.unwrap();
-    }
+    let slow_topic = filled_topic(&bootstrap, "bench-slow", slow_n, 100).await;
     let url = slow_handler().await;
     let cfg = config(
         &bootstrap,
@@ -128,18 +110,8 @@ async fn main() {
 
 /// RSS of a noop worker draining a large backlog, sampled about once a second (goal: flat, ≤ 128 MiB).
 async fn memory_over_time(bootstrap: &str, n: u64) {
-    let topic = unique("bench-memory");
-    create_topic(bootstrap, &topic, 12).await;
-    let (b, t) = (bootstrap.to_owned(), topic.clone());
-    let took = tokio::task::spawn_blocking(move || produce_fixed(&b, &t, n, 10_000, 100)).await.unwrap();
-    println!("produced {n} x 100 B records to {topic} (12 partitions) in {:.1}s", took.as_secs_f64());
-    let cfg = config(
-        bootstrap,
-        "bench-memory",
-        &topic,
-        &unique("bench-memory"),
-        serde_json::json!({"processor": {"noop": {}}, "onFailure": "drop"}),
-    );
+    let topic = filled_topic(bootstrap, "bench-memory", n, 100).await;
+    let cfg = config(bootstrap, "bench-memory", &topic, &unique("bench-memory"), noop_spec());
     let w = Worker::start("bench-memory", &cfg);
     let run = drive_worker(&w, n, Instant::now(), Duration::from_secs(900)).await;
     drop(w);

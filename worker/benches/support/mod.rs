@@ -47,6 +47,22 @@ pub fn produce_fixed(bootstrap: &str, topic: &str, n: u64, keys: u64, value_byte
     started.elapsed()
 }
 
+/// A new 12-partition topic named after `prefix`, filled with `n` records of `value_bytes` bytes (see
+/// [`produce_fixed`]); prints how long producing took.
+pub async fn filled_topic(bootstrap: &str, prefix: &str, n: u64, value_bytes: usize) -> String {
+    let topic = unique(prefix);
+    crate::common::create_topic(bootstrap, &topic, 12).await;
+    let (b, t) = (bootstrap.to_owned(), topic.clone());
+    let took = tokio::task::spawn_blocking(move || produce_fixed(&b, &t, n, 10_000, value_bytes)).await.unwrap();
+    println!("produced {n} × {value_bytes} B records to {topic} (12 partitions, lz4) in {:.1}s", took.as_secs_f64());
+    topic
+}
+
+/// The spec of a noop pipeline (kpipe's own commits, nothing else).
+pub fn noop_spec() -> serde_json::Value {
+    serde_json::json!({"processor": {"noop": {}}, "onFailure": "drop"})
+}
+
 /// user+system CPU seconds of a process (`self` or a pid), from /proc/<pid>/stat.
 pub fn cpu_seconds(pid: &str) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
