@@ -90,6 +90,12 @@ pub fn concurrency_bounds() -> Rule {
         .reason(Reason::FieldValueInvalid)
 }
 
+pub fn uncommitted_bound() -> Rule {
+    Rule::new("self.uncommittedPerPartition >= self.perPartition")
+        .message("concurrency.uncommittedPerPartition must be at least concurrency.perPartition")
+        .reason(Reason::FieldValueInvalid)
+}
+
 pub fn backoff_order() -> Rule {
     Rule::new("duration(self.initialBackoff) <= duration(self.maxBackoff)")
         .message("retry.initialBackoff must not exceed retry.maxBackoff")

@@ -3,13 +3,14 @@
 //! channels, pauses partitions whose tasks are full, and commits the offsets the tasks report.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
@@ -46,12 +47,16 @@ struct PartitionHandle {
     overflow_bytes: u64,
     paused: bool,
     progress: Arc<PartitionProgress>,
+    /// The offset last handed to the committer (forgotten again when its commit fails).
     last_committed: Option<i64>,
     task: JoinHandle<Option<i64>>,
 }
 
-/// How often every committable offset is committed again, changed or not.
-const FULL_COMMIT_EVERY: Duration = Duration::from_secs(5);
+/// Offsets to commit: topic, partition, offset.
+type CommitRequest = Vec<(Arc<str>, i32, i64)>;
+
+/// Least time between two commits asked for early by partitions near their uncommitted bound.
+const EARLY_COMMIT_GAP: Duration = Duration::from_millis(5);
 
 /// Everything the consumer callbacks and the dispatch loop share.
 pub struct Dispatch {
@@ -64,6 +69,11 @@ pub struct Dispatch {
     partitions: Mutex<HashMap<TopicPartition, PartitionHandle>>,
     channel_capacity: usize,
     max_overflow_bytes: u64,
+    /// Set by partition tasks near their uncommitted bound: commit before the interval is up.
+    commit_requested: Arc<AtomicBool>,
+    /// Held while committing, so a revoke's final commit can never be overtaken by an older offset the
+    /// committer thread is still sending for the same partition.
+    commit_lock: Mutex<()>,
 }
 
 pub struct WorkerContext(pub Arc<Dispatch>);
@@ -87,6 +97,8 @@ impl Dispatch {
             partitions: Mutex::new(HashMap::new()),
             channel_capacity: settings.max_pending_records.clamp(1024, 4096),
             max_overflow_bytes: settings.max_pending_bytes.max(MIN_OVERFLOW_BYTES),
+            commit_requested: Arc::new(AtomicBool::new(false)),
+            commit_lock: Mutex::new(()),
         }
     }
 
@@ -103,7 +115,7 @@ impl Dispatch {
                 continue;
             }
             let (tx, rx) = mpsc::channel(self.channel_capacity.div_ceil(CHUNK_RECORDS).max(2));
-            let progress = Arc::new(PartitionProgress::default());
+            let progress = Arc::new(PartitionProgress::new(self.commit_requested.clone()));
             let task = PartitionTask {
                 topic: tp.0.to_string(),
                 partition: tp.1,
@@ -280,50 +292,38 @@ impl Dispatch {
     }
 
     /// Tells idle partition tasks the consumer's fetch position (so commits can pass transaction
-    /// markers at the log end), then commits every partition whose committable offset moved.
-    fn periodic_commit<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>) {
+    /// markers at the log end), and returns the partitions whose committable offset moved since it
+    /// was last handed to the committer.
+    fn periodic_commit<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>) -> CommitRequest {
+        self.commit_requested.store(false, AtomicOrdering::Release);
         let positions = consumer.position().ok();
-        let mut tpl = TopicPartitionList::new();
-        {
-            let mut parts = self.partitions();
-            if let Some(positions) = positions {
-                for e in positions.elements() {
-                    if let (Offset::Offset(pos), Some(h)) =
-                        (e.offset(), parts.get_mut(&(Arc::<str>::from(e.topic()), e.partition())))
-                        && h.overflow.is_empty()
-                    {
-                        // In-band after every record below it; sent with the next flush.
-                        h.staged.push(Input::Position(pos));
-                    }
-                }
-            }
-            for ((topic, partition), h) in parts.iter_mut() {
-                if let Some(offset) = h.progress.committable()
-                    && h.last_committed != Some(offset)
+        let mut request = CommitRequest::new();
+        let mut parts = self.partitions();
+        if let Some(positions) = positions {
+            for e in positions.elements() {
+                if let (Offset::Offset(pos), Some(h)) =
+                    (e.offset(), parts.get_mut(&(Arc::<str>::from(e.topic()), e.partition())))
+                    && h.overflow.is_empty()
                 {
-                    if tpl.add_partition_offset(topic, *partition, Offset::Offset(offset)).is_err() {
-                        tracing::warn!(%topic, partition, "cannot add offset to commit list");
-                    }
-                    // librdkafka does not always report async commit results to the consumer
-                    // queue, so this is "requested", not "acknowledged"; the final commit on
-                    // revoke/shutdown is synchronous and unconditional, and the committed-offset
-                    // gauge comes from librdkafka's statistics.
-                    h.last_committed = Some(offset);
+                    // In-band after every record below it; sent with the next flush.
+                    h.staged.push(Input::Position(pos));
                 }
             }
         }
-        if tpl.count() > 0
-            && let Err(e) = consumer.commit(&tpl, CommitMode::Async)
-        {
-            self.metrics.commit_failures.inc();
-            tracing::warn!("async commit failed: {e}");
+        for ((topic, partition), h) in parts.iter_mut() {
+            if let Some(offset) = h.progress.committable()
+                && h.last_committed != Some(offset)
+            {
+                request.push((topic.clone(), *partition, offset));
+                h.last_committed = Some(offset);
+            }
         }
+        request
     }
 
     /// Forgets which offsets were already sent, so the next periodic commit sends every committable offset
-    /// again. Called after a rebalance (librdkafka rejects commits made while the group rebalances with
-    /// ILLEGAL_GENERATION, and async commit results do not reliably come back), after a failed commit, and
-    /// periodically: an unacknowledged commit must not widen the redelivery window of a later crash.
+    /// again. Called after a rebalance (commits made while the group rebalances are rejected) and after a
+    /// failed commit: an unacknowledged commit must not widen the redelivery window of a later crash.
     fn forget_commits(&self, only: Option<&TopicPartitionList>) {
         let mut parts = self.partitions();
         match only {
@@ -345,16 +345,19 @@ impl Dispatch {
                 self.metrics.committed_offset.with_label_values(&[e.topic(), &e.partition().to_string()]).set(o);
                 if let Some(h) = parts.get_mut(&(Arc::<str>::from(e.topic()), e.partition())) {
                     h.last_committed = Some(o);
+                    h.progress.acknowledge(o);
                 }
             }
         }
     }
 }
 
+/// The final commit of partitions being revoked or shut down.
 fn commit_sync<C: ConsumerContext>(consumer: &BaseConsumer<C>, tpl: &TopicPartitionList, dispatch: &Dispatch) {
     if tpl.count() == 0 {
         return;
     }
+    let _committing = dispatch.commit_lock.lock().unwrap_or_else(|e| e.into_inner());
     match consumer.commit(tpl, CommitMode::Sync) {
         Ok(()) => {
             dispatch.record_committed(tpl);
@@ -365,6 +368,63 @@ fn commit_sync<C: ConsumerContext>(consumer: &BaseConsumer<C>, tpl: &TopicPartit
             dispatch.metrics.commit_failures.inc();
             tracing::error!("synchronous commit failed: {e}");
         }
+    }
+}
+
+/// Commits a periodic or early request synchronously, for the partitions still assigned. Synchronous,
+/// because the acknowledgement is what moves each partition's uncommitted window (librdkafka posts async
+/// commit results only to an `offset_commit_cb`, which the event-based rust-rdkafka consumer does not set).
+fn commit_request<C: ConsumerContext>(consumer: &BaseConsumer<C>, request: &[(Arc<str>, i32, i64)], dispatch: &Dispatch) {
+    let _committing = dispatch.commit_lock.lock().unwrap_or_else(|e| e.into_inner());
+    let mut tpl = TopicPartitionList::new();
+    {
+        let parts = dispatch.partitions();
+        for (topic, partition, offset) in request {
+            if parts.contains_key(&(topic.clone(), *partition))
+                && tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset)).is_err()
+            {
+                tracing::warn!(%topic, partition, "cannot add offset to commit list");
+            }
+        }
+    }
+    if tpl.count() == 0 {
+        return;
+    }
+    match consumer.commit(&tpl, CommitMode::Sync) {
+        Ok(()) => {
+            dispatch.health.set_broker_error(None);
+            dispatch.record_committed(&tpl);
+            tracing::debug!(offsets = ?tpl.to_topic_map(), "committed");
+        }
+        Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+        Err(e) => {
+            dispatch.metrics.commit_failures.inc();
+            tracing::warn!("commit failed: {e}");
+            dispatch.forget_commits(Some(&tpl));
+        }
+    }
+}
+
+/// Merges queued requests into one (the newest offset of a partition wins): a slow commit makes the
+/// next one bigger, not later.
+fn merge_requests(mut request: CommitRequest, more: CommitRequest) -> CommitRequest {
+    for (topic, partition, offset) in more {
+        match request.iter_mut().find(|(t, p, _)| *t == topic && *p == partition) {
+            Some(entry) => entry.2 = entry.2.max(offset),
+            None => request.push((topic, partition, offset)),
+        }
+    }
+    request
+}
+
+/// The committer thread: commits requests from the poll thread one after another, so the poll thread never
+/// waits for a broker round trip.
+fn run_committer(consumer: &BaseConsumer<WorkerContext>, requests: std::sync::mpsc::Receiver<CommitRequest>) {
+    while let Ok(mut request) = requests.recv() {
+        while let Ok(more) = requests.try_recv() {
+            request = merge_requests(request, more);
+        }
+        commit_request(consumer, &request, &consumer.context().0);
     }
 }
 
@@ -446,22 +506,6 @@ impl ConsumerContext for WorkerContext {
             _ => {}
         }
     }
-
-    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        tracing::debug!(?result, offsets = ?offsets.to_topic_map(), "commit result");
-        match result {
-            Ok(()) => {
-                self.0.health.set_broker_error(None);
-                self.0.record_committed(offsets);
-            }
-            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
-            Err(e) => {
-                self.0.metrics.commit_failures.inc();
-                tracing::warn!("commit failed: {e}");
-                self.0.forget_commits(Some(offsets));
-            }
-        }
-    }
 }
 
 fn to_record(m: &BorrowedMessage<'_>, topic_cache: &mut Option<Arc<str>>) -> Record {
@@ -489,7 +533,8 @@ fn to_record(m: &BorrowedMessage<'_>, topic_cache: &mut Option<Arc<str>>) -> Rec
 }
 
 pub struct ConsumerLoop {
-    pub consumer: BaseConsumer<WorkerContext>,
+    /// Shared with the committer thread only.
+    pub consumer: Arc<BaseConsumer<WorkerContext>>,
     pub dispatch: Arc<Dispatch>,
     pub topics: Vec<String>,
     pub commit_interval: Duration,
@@ -526,8 +571,20 @@ impl ConsumerLoop {
         self.consumer.subscribe(&topics)?;
         d.health.set_subscribed();
         tracing::info!(?topics, "subscribed");
+        let (commits, requests) = std::sync::mpsc::channel::<CommitRequest>();
+        let committer = {
+            let consumer = self.consumer.clone();
+            std::thread::Builder::new().name("kpipe-committer".into()).spawn(move || run_committer(&consumer, requests))
+        };
+        // Without the thread (the OS refused one), commits run on this thread.
+        let (commits, committer) = match committer {
+            Ok(thread) => (Some(commits), Some(thread)),
+            Err(e) => {
+                tracing::error!("cannot start the committer thread, committing on the consumer thread: {e}");
+                (None, None)
+            }
+        };
         let mut last_commit = Instant::now();
-        let mut last_full_commit = Instant::now();
         let mut any_overflow = false;
         let mut staged = false;
         let mut last_flush = Instant::now();
@@ -543,7 +600,8 @@ impl ConsumerLoop {
             } else if any_overflow {
                 Duration::from_millis(5)
             } else {
-                Duration::from_millis(100)
+                // Short enough that an early commit asked for by a partition task is sent promptly.
+                Duration::from_millis(20)
             };
             let mut ran_dry = false;
             match self.consumer.poll(timeout) {
@@ -580,22 +638,34 @@ impl ConsumerLoop {
                     d.health.set_broker_error(None);
                 }
             }
-            if last_commit.elapsed() >= self.commit_interval {
-                if last_full_commit.elapsed() >= FULL_COMMIT_EVERY {
-                    // Re-send unchanged offsets now and then: an async commit may have failed unseen.
-                    d.forget_commits(None);
-                    last_full_commit = Instant::now();
+            let early = d.commit_requested.load(AtomicOrdering::Acquire) && last_commit.elapsed() >= EARLY_COMMIT_GAP;
+            if early || last_commit.elapsed() >= self.commit_interval {
+                let request = d.periodic_commit(&self.consumer);
+                if !request.is_empty() {
+                    match &commits {
+                        Some(commits) => {
+                            if let Err(std::sync::mpsc::SendError(request)) = commits.send(request) {
+                                commit_request(&self.consumer, &request, &d);
+                            }
+                        }
+                        None => commit_request(&self.consumer, &request, &d),
+                    }
                 }
-                d.periodic_commit(&self.consumer);
                 staged = true;
                 last_commit = Instant::now();
             }
         }
         tracing::info!("shutting down: draining all partitions");
+        drop(commits);
+        if let Some(committer) = committer
+            && committer.join().is_err()
+        {
+            tracing::error!("committer thread panicked");
+        }
         let offsets = d.drain(&d.all_partitions());
         commit_sync(&self.consumer, &offsets, &d);
         self.consumer.unsubscribe();
-        // Dropping the consumer closes it: it leaves the group (the revoke callback finds no
+        // Dropping the last handle closes the consumer: it leaves the group (the revoke callback finds no
         // partitions left to drain).
         drop(self.consumer);
         tracing::info!("consumer closed");

@@ -21,6 +21,7 @@ pub mod run;
 pub mod scheduler;
 pub mod server;
 pub mod tracker;
+pub mod window;
 
 /// Generated from `proto/kpipe/v1/records.proto`.
 #[allow(clippy::all)]

@@ -25,6 +25,7 @@ pub struct Metrics {
     pub assigned_partitions: IntGauge,
     pub paused_partitions: IntGauge,
     pub commit_failures: IntCounter,
+    pub commit_waits: IntCounter,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +108,10 @@ impl Metrics {
             assigned_partitions: gauge("kpipe_worker_assigned_partitions", "Partitions assigned to this worker")?,
             paused_partitions: gauge("kpipe_worker_paused_partitions", "Partitions paused for backpressure")?,
             commit_failures: counter("kpipe_worker_commit_failures_total", "Failed offset commits")?,
+            commit_waits: counter(
+                "kpipe_worker_commit_waits_total",
+                "Times a partition held records back at concurrency.uncommittedPerPartition until a commit was acknowledged",
+            )?,
             registry,
         })
     }

@@ -3,10 +3,10 @@
 //! when its input closes (revoke or shutdown).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering as AtomicOrdering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering as AtomicOrdering};
 use std::time::Duration;
 
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -14,6 +14,7 @@ use crate::job::JobContext;
 use crate::record::Record;
 use crate::scheduler::{BatchLimits, Next, Scheduler};
 use crate::tracker::OffsetTracker;
+use crate::window::UncommittedWindow;
 
 /// What the dispatcher sends a partition task, in fetch order.
 #[derive(Debug)]
@@ -23,19 +24,27 @@ pub enum Input {
     Position(i64),
 }
 
-/// Shared with the dispatcher, which commits `committable` periodically.
+/// Shared between a partition task and the consumer thread: the task publishes what may be committed, the consumer
+/// reports which commits the broker acknowledged.
 #[derive(Debug)]
 pub struct PartitionProgress {
     committable: AtomicI64,
-}
-
-impl Default for PartitionProgress {
-    fn default() -> Self {
-        Self { committable: AtomicI64::new(-1) }
-    }
+    acknowledged: AtomicI64,
+    acknowledged_changed: Notify,
+    /// Worker-wide: some partition wants a commit before the commit interval is up.
+    commit_requested: Arc<AtomicBool>,
 }
 
 impl PartitionProgress {
+    pub fn new(commit_requested: Arc<AtomicBool>) -> Self {
+        Self {
+            committable: AtomicI64::new(-1),
+            acknowledged: AtomicI64::new(-1),
+            acknowledged_changed: Notify::new(),
+            commit_requested,
+        }
+    }
+
     pub fn committable(&self) -> Option<i64> {
         let v = self.committable.load(AtomicOrdering::Acquire);
         (v >= 0).then_some(v)
@@ -45,6 +54,23 @@ impl PartitionProgress {
         if let Some(o) = offset {
             self.committable.store(o, AtomicOrdering::Release);
         }
+    }
+
+    /// The broker acknowledged a commit of `offset` for this partition.
+    pub fn acknowledge(&self, offset: i64) {
+        if self.acknowledged.fetch_max(offset, AtomicOrdering::AcqRel) < offset {
+            self.acknowledged_changed.notify_one();
+        }
+    }
+
+    pub fn acknowledged(&self) -> Option<i64> {
+        let v = self.acknowledged.load(AtomicOrdering::Acquire);
+        (v >= 0).then_some(v)
+    }
+
+    /// Whether the committable offset is ahead of what the broker acknowledged.
+    pub fn unacknowledged(&self) -> bool {
+        self.committable().is_some_and(|c| self.acknowledged().is_none_or(|a| c > a))
     }
 }
 
@@ -59,6 +85,8 @@ pub struct PartitionSettings {
     pub max_pending_bytes: u64,
     /// How long in-flight work may finish after the input closed before it is abandoned.
     pub drain_timeout: Duration,
+    /// Records started but not yet below an acknowledged commit (`concurrency.uncommittedPerPartition`).
+    pub max_uncommitted: usize,
 }
 
 pub struct PartitionTask {
@@ -71,6 +99,16 @@ pub struct PartitionTask {
 }
 
 impl PartitionTask {
+    /// Offers the commit point to the consumer, and asks for an early commit when the uncommitted window needs one.
+    fn publish(&self, tracker: &OffsetTracker, window: &mut UncommittedWindow, held_back: bool) {
+        let Some(point) = tracker.committable() else { return };
+        self.progress.set(Some(point));
+        window.published(point, tracker.settled());
+        if window.wants_commit(tracker, held_back) {
+            self.progress.commit_requested.store(true, AtomicOrdering::Release);
+        }
+    }
+
     /// Runs until the input closes and in-flight work drained (or the drain deadline passed).
     /// Returns the final committable offset.
     pub async fn run(self, mut input: mpsc::Receiver<Vec<Input>>) -> Option<i64> {
@@ -78,14 +116,20 @@ impl PartitionTask {
         let metrics = self.jobs.metrics.clone();
         let mut scheduler = Scheduler::new(s.ordering, s.limits, s.per_partition);
         let mut tracker = OffsetTracker::new();
+        let mut window = UncommittedWindow::new(s.max_uncommitted);
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Vec<Arc<Record>>>();
         let mut jobs = JoinSet::new();
         let mut input_open = true;
 
+        let mut held_back = false;
         while input_open {
+            if let Some(offset) = self.progress.acknowledged() {
+                window.acknowledged(offset);
+            }
+            let horizon = window.horizon(&tracker);
             let mut wake = None;
             loop {
-                match scheduler.next_within(Instant::now().into_std(), self.worker_permits.available_permits()) {
+                match scheduler.next_within(Instant::now().into_std(), self.worker_permits.available_permits(), horizon) {
                     Next::Ready(batch) => {
                         let n = u32::try_from(batch.len()).unwrap_or(u32::MAX);
                         // Clamped to perWorker at start-up, so this cannot wait forever.
@@ -107,6 +151,14 @@ impl PartitionTask {
                     Next::Idle => break,
                 }
             }
+            let holding = horizon.is_some_and(|h| scheduler.last_pending_offset().is_some_and(|p| p >= h));
+            if holding && !held_back {
+                metrics.commit_waits.inc();
+                if window.wants_commit(&tracker, true) {
+                    self.progress.commit_requested.store(true, AtomicOrdering::Release);
+                }
+            }
+            held_back = holding;
             let room =
                 scheduler.pending_len() < s.max_pending_records && scheduler.pending_bytes() < s.max_pending_bytes;
             tokio::select! {
@@ -117,8 +169,9 @@ impl PartitionTask {
                     }
                     metrics.in_flight.sub(done.len() as i64);
                     scheduler.complete(&done);
-                    self.progress.set(tracker.committable());
+                    self.publish(&tracker, &mut window, held_back);
                 }
+                _ = self.progress.acknowledged_changed.notified() => {}
                 Some(joined) = jobs.join_next(), if !jobs.is_empty() => {
                     if let Err(e) = joined && e.is_panic() {
                         tracing::error!(topic = %self.topic, partition = self.partition, "batch job panicked: {e}");
@@ -160,7 +213,7 @@ impl PartitionTask {
                         }
                     }
                     metrics.in_flight.add(received);
-                    self.progress.set(tracker.committable());
+                    self.publish(&tracker, &mut window, held_back);
                 }
                 _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {}
             }

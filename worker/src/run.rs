@@ -66,6 +66,7 @@ pub fn partition_settings(config: &WorkerConfig, drain_timeout: Duration) -> Par
         max_pending_records: (2 * max_records).max(per_partition).max(256),
         max_pending_bytes: (2 * max_bytes).max(1 << 20),
         drain_timeout,
+        max_uncommitted: (spec.concurrency.uncommitted_per_partition as usize).max(1),
     }
 }
 
@@ -124,7 +125,7 @@ pub async fn run(config: WorkerConfig, settings: RunSettings, shutdown: Cancella
         .create_with_context(WorkerContext(dispatch.clone()))
         .map_err(|source| RunError::Kafka { what: "consumer", source })?;
     let consumer_loop = ConsumerLoop {
-        consumer,
+        consumer: Arc::new(consumer),
         dispatch,
         topics: spec.source.topics.clone(),
         commit_interval: settings.commit_interval,

@@ -107,21 +107,32 @@ impl Scheduler {
         self.pending_bytes
     }
 
+    /// Offset of the oldest record not yet started.
+    pub fn first_pending_offset(&self) -> Option<i64> {
+        self.pending.front().map(|p| p.record.offset)
+    }
+
+    /// Offset of the newest record not yet started.
+    pub fn last_pending_offset(&self) -> Option<i64> {
+        self.pending.back().map(|p| p.record.offset)
+    }
+
     pub fn in_flight(&self) -> usize {
         self.in_flight_records
     }
 
     /// Picks the next batch (marking its records in flight when ready).
     pub fn next(&mut self, now: Instant) -> Next {
-        self.next_within(now, usize::MAX)
+        self.next_within(now, usize::MAX, None)
     }
 
     /// Like [`Scheduler::next`], with at most `room` records: the worker-wide in-flight budget left. A batch cut
     /// short by `room` is sent at once, like any capacity-limited batch: waiting for whole batches would leave part
     /// of `perWorker` idle (with batches of 100 and perWorker 256 only two fit). Batches are never cut below half of
     /// `maxRecords`, so a saturated worker does not degrade into many tiny batches (the caller then waits for the
-    /// budget, as with a whole batch).
-    pub fn next_within(&mut self, now: Instant, room: usize) -> Next {
+    /// budget, as with a whole batch). No record at or above `horizon` starts (the partition's uncommitted bound); a
+    /// batch cut short by it is sent at once too.
+    pub fn next_within(&mut self, now: Instant, room: usize, horizon: Option<i64>) -> Next {
         let room = room.max(self.limits.max_records.div_ceil(2));
         let capacity = self.per_partition.saturating_sub(self.in_flight_records).min(self.limits.max_records).min(room);
         if capacity == 0 || self.pending.is_empty() {
@@ -136,6 +147,11 @@ impl Scheduler {
         let mut blocked_keys = KeyHashSet::default();
         let mut oldest: Option<Instant> = None;
         for (i, p) in self.pending.iter().enumerate() {
+            // Pending records are in offset order: everything from here on is beyond the horizon.
+            if horizon.is_some_and(|h| p.record.offset >= h) {
+                full = true;
+                break;
+            }
             if let Some(k) = p.key
                 && (self.in_flight_keys.contains_key(&k) || blocked_keys.contains(&k))
             {
@@ -225,11 +241,31 @@ mod tests {
             s.push(Arc::new(test_record(o, Some(&format!("k{o}")), "v")), t0);
         }
         // 7 records of budget left worker-wide: a 7-record batch now, not a wait for 10.
-        assert_eq!(offsets(&s.next_within(t0, 7)), (0..7).collect::<Vec<_>>());
+        assert_eq!(offsets(&s.next_within(t0, 7, None)), (0..7).collect::<Vec<_>>());
         // Less than half a batch of budget: half a batch (the caller waits for the budget).
-        assert_eq!(offsets(&s.next_within(t0, 2)), (7..12).collect::<Vec<_>>());
-        assert_eq!(offsets(&s.next_within(t0, usize::MAX)), (12..22).collect::<Vec<_>>());
-        assert_eq!(s.next_within(t0, 0), Next::Idle);
+        assert_eq!(offsets(&s.next_within(t0, 2, None)), (7..12).collect::<Vec<_>>());
+        assert_eq!(offsets(&s.next_within(t0, usize::MAX, None)), (12..22).collect::<Vec<_>>());
+        assert_eq!(s.next_within(t0, 0, None), Next::Idle);
+    }
+
+    #[test]
+    fn nothing_at_or_beyond_the_horizon_starts() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(Ordering::Key, limits(10), 256);
+        s.push(Arc::new(test_record(0, Some("a"), "v")), t0);
+        assert_eq!(offsets(&s.next_within(t0 + Duration::from_secs(1), usize::MAX, Some(1))), vec![0]);
+        for (o, k) in [(1, "a"), (2, "b"), (3, "c"), (4, "d")] {
+            s.push(Arc::new(test_record(o, Some(k), "v")), t0);
+        }
+        // Cut by the horizon: sent at once (waiting cannot make it bigger), not held for maxWait.
+        assert_eq!(offsets(&s.next_within(t0, usize::MAX, Some(3))), vec![2]);
+        assert_eq!(s.next_within(t0, usize::MAX, Some(3)), Next::Idle, "1 waits behind its key, 3 is beyond");
+        assert_eq!(s.first_pending_offset(), Some(1));
+        s.complete(&[Arc::new(test_record(0, Some("a"), "v"))]);
+        // The record behind its key is below the horizon, so it can always start: the commit point can advance.
+        assert_eq!(offsets(&s.next_within(t0, usize::MAX, Some(3))), vec![1]);
+        assert_eq!(offsets(&s.next_within(t0, usize::MAX, Some(4))), vec![3]);
+        assert!(matches!(s.next_within(t0, usize::MAX, Some(5)), Next::WaitUntil(_)), "not cut: waits for maxWait");
     }
 
     #[test]

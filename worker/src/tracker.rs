@@ -17,6 +17,8 @@ pub struct OffsetTracker {
     outstanding: usize,
     /// One past the highest offset received (or observed as fetch position).
     next: Option<i64>,
+    /// Received records now below the commit point (all of them done).
+    settled: u64,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -55,6 +57,7 @@ impl OffsetTracker {
         }
         while self.entries.front().is_some_and(|e| e.1) {
             self.entries.pop_front();
+            self.settled += 1;
         }
     }
 
@@ -75,6 +78,16 @@ impl OffsetTracker {
     /// Records received but not yet done.
     pub fn outstanding(&self) -> usize {
         self.outstanding
+    }
+
+    /// The offset of the `n`-th received record counted from the commit point (0 = the first one not done).
+    pub fn nth_from_commit_point(&self, n: usize) -> Option<i64> {
+        self.entries.get(n).map(|e| e.0)
+    }
+
+    /// How many received records lie below [`OffsetTracker::committable`], ever (monotonic).
+    pub fn settled(&self) -> u64 {
+        self.settled
     }
 }
 
@@ -97,8 +110,11 @@ mod tests {
         assert_eq!(t.committable(), Some(10));
         t.done(10);
         assert_eq!(t.committable(), Some(16), "gap 12..15 (compacted) is skipped");
+        assert_eq!(t.settled(), 3, "10, 11 and 15 are below the commit point; the gap counts nothing");
+        assert_eq!((t.nth_from_commit_point(0), t.nth_from_commit_point(1)), (Some(16), None));
         t.done(16);
         assert_eq!(t.committable(), Some(17));
+        assert_eq!(t.settled(), 4);
     }
 
     #[test]
@@ -167,6 +183,7 @@ mod tests {
             }
             prop_assert_eq!(t.committable(), Some(offsets[offsets.len() - 1] + 1));
             prop_assert_eq!(t.outstanding(), 0);
+            prop_assert_eq!(t.settled(), offsets.len() as u64);
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Crash and graceful-stop behaviour of the worker binary against the test bed's Kafka broker:
-//! kill -9 mid-batch loses nothing; SIGTERM finishes in-flight batches, commits, and a restart
-//! re-delivers nothing.
+//! kill -9 mid-batch loses nothing and re-delivers at most `concurrency.uncommittedPerPartition` per partition;
+//! SIGTERM finishes in-flight batches, commits, and a restart re-delivers nothing.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -8,6 +8,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+
+const UNCOMMITTED_PER_PARTITION: u64 = 60;
 
 fn slow_pipeline(bootstrap: &str, name: &str, topic: &str, group: &str, sink: &Sink) -> serde_json::Value {
     config(
@@ -19,7 +21,7 @@ fn slow_pipeline(bootstrap: &str, name: &str, topic: &str, group: &str, sink: &S
             "processor": {"http": {"url": sink.url}},
             "ordering": "key",
             "batch": {"maxRecords": 20, "maxWait": "10ms"},
-            "concurrency": {"perPartition": 40, "perWorker": 80},
+            "concurrency": {"perPartition": 40, "perWorker": 80, "uncommittedPerPartition": UNCOMMITTED_PER_PARTITION},
             "onFailure": "block"
         }),
     )
@@ -35,7 +37,8 @@ async fn kafka_kill_9_mid_batch_then_restart_loses_nothing() {
     produce_ids(&bootstrap, &topic, 0..n, 64).await;
     let sink = Sink::start(SinkBehavior { delay: Duration::from_millis(40), ..Default::default() }).await;
     let cfg = slow_pipeline(&bootstrap, "kill9", &topic, &group, &sink);
-    let mut first = Worker::start("kill9-a", &cfg);
+    // No periodic commit during the test: only the early commits the uncommitted bound asks for.
+    let mut first = Worker::start_with_env("kill9-a", &cfg, &[("KPIPE_COMMIT_INTERVAL", "1h")]);
     assert!(
         sink.wait_for(800, Duration::from_secs(60)).await,
         "first worker made no progress; log {}",
@@ -45,7 +48,7 @@ async fn kafka_kill_9_mid_batch_then_restart_loses_nothing() {
     assert_eq!(first.wait_exit(Duration::from_secs(10)).await, None, "killed by SIGKILL");
     let before = sink.accepted_distinct();
     assert!(before < n as usize, "the kill happened mid-stream");
-    let second = Worker::start("kill9-b", &cfg);
+    let second = Worker::start_with_env("kill9-b", &cfg, &[("KPIPE_COMMIT_INTERVAL", "1h")]);
     assert!(
         sink.wait_for(n as usize, Duration::from_secs(90)).await,
         "after restart only {} of {n} ids; log {}",
@@ -56,9 +59,11 @@ async fn kafka_kill_9_mid_batch_then_restart_loses_nothing() {
     let missing: Vec<u64> = (0..n).filter(|id| !accepted.contains_key(id)).collect();
     assert!(missing.is_empty(), "missing ids: {missing:?}");
     let dups = report_duplicates(&accepted);
-    eprintln!(
-        "kill -9 after {before} ids: {dups} duplicate deliveries (at-least-once re-delivery of uncommitted work)"
-    );
+    let bound = 4 * UNCOMMITTED_PER_PARTITION as usize;
+    eprintln!("kill -9 after {before} ids: {dups} duplicate deliveries (bound: 4 partitions × {UNCOMMITTED_PER_PARTITION})");
+    assert!(dups <= bound, "{dups} duplicates exceed 4 partitions × uncommittedPerPartition = {bound}");
+    let waits = metric(&second.metrics().await, "kpipe_worker_commit_waits_total").unwrap_or(0.0);
+    eprintln!("second worker: {waits} waits at the uncommitted bound");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

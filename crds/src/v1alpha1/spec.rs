@@ -366,6 +366,7 @@ pub enum Ordering {
 /// Bounds on records being processed at once.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[x_kube(validation = rules::concurrency_bounds())]
+#[x_kube(validation = rules::uncommitted_bound())]
 #[serde(rename_all = "camelCase")]
 pub struct Concurrency {
     /// Records in flight per partition (with `partition` ordering effectively 1 batch).
@@ -376,10 +377,21 @@ pub struct Concurrency {
     #[serde(default = "default_per_worker")]
     #[schemars(range(min = 1, max = 100000))]
     pub per_worker: u32,
+    /// Records per partition that have been handed to the processor but are not yet below an
+    /// acknowledged commit: the most a crash, a lost assignment or a failed commit can re-deliver
+    /// per partition the worker owned. A partition that reaches it commits early and waits for the
+    /// commit to be acknowledged before it starts more records.
+    #[serde(default = "default_uncommitted_per_partition")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub uncommitted_per_partition: u32,
 }
 
 fn default_per_partition() -> u32 {
     32
+}
+
+fn default_uncommitted_per_partition() -> u32 {
+    4096
 }
 
 fn default_per_worker() -> u32 {
@@ -388,7 +400,11 @@ fn default_per_worker() -> u32 {
 
 impl Default for Concurrency {
     fn default() -> Self {
-        Self { per_partition: default_per_partition(), per_worker: default_per_worker() }
+        Self {
+            per_partition: default_per_partition(),
+            per_worker: default_per_worker(),
+            uncommitted_per_partition: default_uncommitted_per_partition(),
+        }
     }
 }
 

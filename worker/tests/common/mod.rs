@@ -288,6 +288,11 @@ pub fn config(
 
 impl Worker {
     pub fn start(name: &str, config: &serde_json::Value) -> Worker {
+        Self::start_with_env(name, config, &[])
+    }
+
+    /// Like [`Worker::start`]; `env` overrides the defaults set here.
+    pub fn start_with_env(name: &str, config: &serde_json::Value, env: &[(&str, &str)]) -> Worker {
         let dir = std::env::temp_dir().join("kpipe-worker-tests");
         std::fs::create_dir_all(&dir).unwrap();
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
@@ -303,6 +308,7 @@ impl Worker {
             .env("KPIPE_COMMIT_INTERVAL", "200ms")
             .env("KPIPE_POD_NAME", name)
             .env("RUST_LOG", "info,librdkafka=warn")
+            .envs(env.iter().copied())
             .stdout(log_file.try_clone().unwrap())
             .stderr(log_file)
             .spawn()
