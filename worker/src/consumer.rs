@@ -181,7 +181,7 @@ impl Dispatch {
             };
             let _ = self.metrics.lag.remove_label_values(&[&*topic, &partition.to_string()]);
             let _ = self.metrics.committed_offset.remove_label_values(&[&*topic, &partition.to_string()]);
-            // Always part of the final synchronous commit, whatever the async commits did.
+            // Always part of the final synchronous commit, whatever the periodic commits did.
             if let Some(offset) = committable
                 && let Err(e) = tpl.add_partition_offset(&topic, partition, Offset::Offset(offset))
             {
@@ -374,7 +374,11 @@ fn commit_sync<C: ConsumerContext>(consumer: &BaseConsumer<C>, tpl: &TopicPartit
 /// Commits a periodic or early request synchronously, for the partitions still assigned. Synchronous,
 /// because the acknowledgement is what moves each partition's uncommitted window (librdkafka posts async
 /// commit results only to an `offset_commit_cb`, which the event-based rust-rdkafka consumer does not set).
-fn commit_request<C: ConsumerContext>(consumer: &BaseConsumer<C>, request: &[(Arc<str>, i32, i64)], dispatch: &Dispatch) {
+fn commit_request<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    request: &[(Arc<str>, i32, i64)],
+    dispatch: &Dispatch,
+) {
     let _committing = dispatch.commit_lock.lock().unwrap_or_else(|e| e.into_inner());
     let mut tpl = TopicPartitionList::new();
     {
@@ -390,7 +394,10 @@ fn commit_request<C: ConsumerContext>(consumer: &BaseConsumer<C>, request: &[(Ar
     if tpl.count() == 0 {
         return;
     }
-    match consumer.commit(&tpl, CommitMode::Sync) {
+    let started = Instant::now();
+    let result = consumer.commit(&tpl, CommitMode::Sync);
+    dispatch.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
+    match result {
         Ok(()) => {
             dispatch.health.set_broker_error(None);
             dispatch.record_committed(&tpl);
@@ -670,5 +677,20 @@ impl ConsumerLoop {
         drop(self.consumer);
         tracing::info!("consumer closed");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queued_commit_requests_merge_to_the_newest_offset_per_partition() {
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+        let first = vec![(a.clone(), 0, 10), (a.clone(), 1, 5)];
+        let second = vec![(a.clone(), 0, 12), (b.clone(), 0, 7), (a.clone(), 1, 4)];
+        let mut merged = merge_requests(first, second);
+        merged.sort();
+        assert_eq!(merged, vec![(a.clone(), 0, 12), (a, 1, 5), (b, 0, 7)], "an older offset never wins");
     }
 }

@@ -26,6 +26,7 @@ pub struct Metrics {
     pub paused_partitions: IntGauge,
     pub commit_failures: IntCounter,
     pub commit_waits: IntCounter,
+    pub commit_seconds: Histogram,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +112,11 @@ impl Metrics {
             commit_waits: counter(
                 "kpipe_worker_commit_waits_total",
                 "Times a partition held records back at concurrency.uncommittedPerPartition until a commit was acknowledged",
+            )?,
+            commit_seconds: histogram(
+                "kpipe_worker_commit_duration_seconds",
+                "Round trip of one offset commit, until the broker acknowledged it",
+                vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0],
             )?,
             registry,
         })

@@ -67,11 +67,6 @@ impl PartitionProgress {
         let v = self.acknowledged.load(AtomicOrdering::Acquire);
         (v >= 0).then_some(v)
     }
-
-    /// Whether the committable offset is ahead of what the broker acknowledged.
-    pub fn unacknowledged(&self) -> bool {
-        self.committable().is_some_and(|c| self.acknowledged().is_none_or(|a| c > a))
-    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -129,7 +124,8 @@ impl PartitionTask {
             let horizon = window.horizon(&tracker);
             let mut wake = None;
             loop {
-                match scheduler.next_within(Instant::now().into_std(), self.worker_permits.available_permits(), horizon) {
+                match scheduler.next_within(Instant::now().into_std(), self.worker_permits.available_permits(), horizon)
+                {
                     Next::Ready(batch) => {
                         let n = u32::try_from(batch.len()).unwrap_or(u32::MAX);
                         // Clamped to perWorker at start-up, so this cannot wait forever.

@@ -60,7 +60,9 @@ async fn kafka_kill_9_mid_batch_then_restart_loses_nothing() {
     assert!(missing.is_empty(), "missing ids: {missing:?}");
     let dups = report_duplicates(&accepted);
     let bound = 4 * UNCOMMITTED_PER_PARTITION as usize;
-    eprintln!("kill -9 after {before} ids: {dups} duplicate deliveries (bound: 4 partitions × {UNCOMMITTED_PER_PARTITION})");
+    eprintln!(
+        "kill -9 after {before} ids: {dups} duplicate deliveries (bound: 4 partitions × {UNCOMMITTED_PER_PARTITION})"
+    );
     assert!(dups <= bound, "{dups} duplicates exceed 4 partitions × uncommittedPerPartition = {bound}");
     let waits = metric(&second.metrics().await, "kpipe_worker_commit_waits_total").unwrap_or(0.0);
     eprintln!("second worker: {waits} waits at the uncommitted bound");

@@ -391,7 +391,7 @@ fn default_per_partition() -> u32 {
 }
 
 fn default_uncommitted_per_partition() -> u32 {
-    4096
+    16384
 }
 
 fn default_per_worker() -> u32 {

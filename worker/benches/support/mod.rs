@@ -60,7 +60,12 @@ pub async fn filled_topic(bootstrap: &str, prefix: &str, n: u64, value_bytes: us
 
 /// The spec of a noop pipeline (kpipe's own commits, nothing else).
 pub fn noop_spec() -> serde_json::Value {
-    serde_json::json!({"processor": {"noop": {}}, "onFailure": "drop"})
+    let mut spec = serde_json::json!({"processor": {"noop": {}}, "onFailure": "drop"});
+    // KPIPE_BENCH_UNCOMMITTED sets concurrency.uncommittedPerPartition (the default otherwise).
+    if let Some(n) = std::env::var("KPIPE_BENCH_UNCOMMITTED").ok().and_then(|v| v.parse::<u64>().ok()) {
+        spec["concurrency"] = serde_json::json!({"uncommittedPerPartition": n});
+    }
+    spec
 }
 
 /// user+system CPU seconds of a process (`self` or a pid), from /proc/<pid>/stat.
@@ -119,6 +124,13 @@ pub async fn drive_worker(w: &Worker, n: u64, started: Instant, timeout: Duratio
             first = Some((now, processed));
         }
         if processed >= n as f64 {
+            let commits = metric(&m, "kpipe_worker_commit_duration_seconds_count").unwrap_or(0.0);
+            let commit_s = metric(&m, "kpipe_worker_commit_duration_seconds_sum").unwrap_or(0.0);
+            println!(
+                "  worker commits: {commits:.0}, mean round trip {:.1} ms; waits at concurrency.uncommittedPerPartition: {:.0}",
+                1e3 * commit_s / commits.max(1.0),
+                metric(&m, "kpipe_worker_commit_waits_total").unwrap_or(0.0)
+            );
             let (t0, p0) = first.unwrap();
             let active_s = now.duration_since(t0).as_secs_f64().max(1e-3);
             return WorkerRun {
