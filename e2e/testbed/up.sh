@@ -59,6 +59,12 @@ if kubelet_stale && [ "${KPIPE_KEEP_KUBELET:-0}" != 1 ]; then
 fi
 [ -x "$KUBELET_BIN" ] || die "kubelet binary $KUBELET_BIN missing after build"
 
+# Pods run their containers from <run>/pods/<pod>/bin inside a private mount namespace, where the worker's emptyDir on
+# /tmp (and any other volume) is mounted over the host path. A run folder under /tmp would be hidden and every worker
+# would fail with "kpipe-worker: not found".
+case "$(realpath -m "$KPIPE_RUN")/" in
+  /tmp/*) die "run folder $KPIPE_RUN is under /tmp, which pods mount an emptyDir over: set KPIPE_RUN (or KPIPE_CACHE / XDG_CACHE_HOME) outside /tmp" ;;
+esac
 mkdir -p "$KPIPE_RUN"/{pids,logs,pods,bin}
 P="$KPIPE_RUN/pki"
 

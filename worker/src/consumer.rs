@@ -52,8 +52,9 @@ struct PartitionHandle {
     task: JoinHandle<Option<i64>>,
 }
 
-/// Offsets to commit: topic, partition, offset.
-type CommitRequest = Vec<(Arc<str>, i32, i64)>;
+/// Partitions to commit. The committer reads their committable offsets when it sends the commit: the freshest
+/// offset, and never one of an earlier assignment of a partition that was revoked and assigned again meanwhile.
+type CommitRequest = Vec<TopicPartition>;
 
 /// Least time between two commits asked for early by partitions near their uncommitted bound.
 const EARLY_COMMIT_GAP: Duration = Duration::from_millis(5);
@@ -314,7 +315,7 @@ impl Dispatch {
             if let Some(offset) = h.progress.committable()
                 && h.last_committed != Some(offset)
             {
-                request.push((topic.clone(), *partition, offset));
+                request.push((topic.clone(), *partition));
                 h.last_committed = Some(offset);
             }
         }
@@ -374,20 +375,19 @@ fn commit_sync<C: ConsumerContext>(consumer: &BaseConsumer<C>, tpl: &TopicPartit
 /// Commits a periodic or early request synchronously, for the partitions still assigned. Synchronous,
 /// because the acknowledgement is what moves each partition's uncommitted window (librdkafka posts async
 /// commit results only to an `offset_commit_cb`, which the event-based rust-rdkafka consumer does not set).
-fn commit_request<C: ConsumerContext>(
-    consumer: &BaseConsumer<C>,
-    request: &[(Arc<str>, i32, i64)],
-    dispatch: &Dispatch,
-) {
+fn commit_request<C: ConsumerContext>(consumer: &BaseConsumer<C>, request: &[TopicPartition], dispatch: &Dispatch) {
     let _committing = dispatch.commit_lock.lock().unwrap_or_else(|e| e.into_inner());
     let mut tpl = TopicPartitionList::new();
     {
-        let parts = dispatch.partitions();
-        for (topic, partition, offset) in request {
-            if parts.contains_key(&(topic.clone(), *partition))
-                && tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset)).is_err()
+        let mut parts = dispatch.partitions();
+        for tp in request {
+            if let Some(h) = parts.get_mut(tp)
+                && let Some(offset) = h.progress.committable()
             {
-                tracing::warn!(%topic, partition, "cannot add offset to commit list");
+                h.last_committed = Some(offset);
+                if tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(offset)).is_err() {
+                    tracing::warn!(topic = %tp.0, partition = tp.1, "cannot add offset to commit list");
+                }
             }
         }
     }
@@ -412,13 +412,11 @@ fn commit_request<C: ConsumerContext>(
     }
 }
 
-/// Merges queued requests into one (the newest offset of a partition wins): a slow commit makes the
-/// next one bigger, not later.
+/// Merges queued requests into one, each partition once: a slow commit makes the next one bigger, not later.
 fn merge_requests(mut request: CommitRequest, more: CommitRequest) -> CommitRequest {
-    for (topic, partition, offset) in more {
-        match request.iter_mut().find(|(t, p, _)| *t == topic && *p == partition) {
-            Some(entry) => entry.2 = entry.2.max(offset),
-            None => request.push((topic, partition, offset)),
+    for tp in more {
+        if !request.contains(&tp) {
+            request.push(tp);
         }
     }
     request
@@ -685,12 +683,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn queued_commit_requests_merge_to_the_newest_offset_per_partition() {
+    fn queued_commit_requests_merge_to_each_partition_once() {
         let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
-        let first = vec![(a.clone(), 0, 10), (a.clone(), 1, 5)];
-        let second = vec![(a.clone(), 0, 12), (b.clone(), 0, 7), (a.clone(), 1, 4)];
+        let first = vec![(a.clone(), 0), (a.clone(), 1)];
+        let second = vec![(a.clone(), 0), (b.clone(), 0), (a.clone(), 1)];
         let mut merged = merge_requests(first, second);
         merged.sort();
-        assert_eq!(merged, vec![(a.clone(), 0, 12), (a, 1, 5), (b, 0, 7)], "an older offset never wins");
+        assert_eq!(merged, vec![(a.clone(), 0), (a, 1), (b, 0)]);
     }
 }
