@@ -292,12 +292,13 @@ impl Dispatch {
         any_overflow
     }
 
-    /// Tells idle partition tasks the consumer's fetch position (so commits can pass transaction
-    /// markers at the log end), and returns the partitions whose committable offset moved since it
-    /// was last handed to the committer.
-    fn periodic_commit<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>) -> CommitRequest {
+    /// Returns the partitions whose committable offset moved since it was last handed to the
+    /// committer. On the regular interval (`with_positions`) it also tells idle partition tasks the
+    /// consumer's fetch position, so commits can pass transaction markers at the log end; early
+    /// commits, which can come every few milliseconds, skip that.
+    fn periodic_commit<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, with_positions: bool) -> CommitRequest {
         self.commit_requested.store(false, AtomicOrdering::Release);
-        let positions = consumer.position().ok();
+        let positions = if with_positions { consumer.position().ok() } else { None };
         let mut request = CommitRequest::new();
         let mut parts = self.partitions();
         if let Some(positions) = positions {
@@ -353,29 +354,42 @@ impl Dispatch {
     }
 }
 
-/// The final commit of partitions being revoked or shut down.
+/// Commits `tpl` synchronously and records what the broker acknowledged. Holds the commit lock, so the
+/// committer thread and a revoke's final commit never overtake each other.
 fn commit_sync<C: ConsumerContext>(consumer: &BaseConsumer<C>, tpl: &TopicPartitionList, dispatch: &Dispatch) {
     if tpl.count() == 0 {
         return;
     }
     let _committing = dispatch.commit_lock.lock().unwrap_or_else(|e| e.into_inner());
-    match consumer.commit(tpl, CommitMode::Sync) {
+    tracing::info!(offsets = ?tpl.to_topic_map(), "final commit");
+    commit_locked(consumer, tpl, dispatch);
+}
+
+fn commit_locked<C: ConsumerContext>(consumer: &BaseConsumer<C>, tpl: &TopicPartitionList, dispatch: &Dispatch) {
+    let started = Instant::now();
+    let result = consumer.commit(tpl, CommitMode::Sync);
+    dispatch.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
+    match result {
         Ok(()) => {
+            dispatch.health.set_broker_error(None);
             dispatch.record_committed(tpl);
-            tracing::info!(offsets = ?tpl.to_topic_map(), "committed");
+            tracing::debug!(offsets = ?tpl.to_topic_map(), "committed");
         }
         Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
         Err(e) => {
             dispatch.metrics.commit_failures.inc();
-            tracing::error!("synchronous commit failed: {e}");
+            tracing::warn!("commit failed: {e}");
+            dispatch.forget_commits(Some(tpl));
         }
     }
 }
 
-/// Commits a periodic or early request synchronously, for the partitions still assigned. Synchronous,
-/// because the acknowledgement is what moves each partition's uncommitted window (librdkafka posts async
-/// commit results only to an `offset_commit_cb`, which the event-based rust-rdkafka consumer does not set).
+/// Commits a periodic or early request for the partitions still assigned, each at its committable offset
+/// of now. Synchronous, because the acknowledgement is what moves each partition's uncommitted window
+/// (librdkafka posts async commit results only to an `offset_commit_cb`, which the event-based rust-rdkafka
+/// consumer does not set).
 fn commit_request<C: ConsumerContext>(consumer: &BaseConsumer<C>, request: &[TopicPartition], dispatch: &Dispatch) {
+    // Taken before the offsets are read: a partition revoked meanwhile is gone from the map by then.
     let _committing = dispatch.commit_lock.lock().unwrap_or_else(|e| e.into_inner());
     let mut tpl = TopicPartitionList::new();
     {
@@ -391,24 +405,8 @@ fn commit_request<C: ConsumerContext>(consumer: &BaseConsumer<C>, request: &[Top
             }
         }
     }
-    if tpl.count() == 0 {
-        return;
-    }
-    let started = Instant::now();
-    let result = consumer.commit(&tpl, CommitMode::Sync);
-    dispatch.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
-    match result {
-        Ok(()) => {
-            dispatch.health.set_broker_error(None);
-            dispatch.record_committed(&tpl);
-            tracing::debug!(offsets = ?tpl.to_topic_map(), "committed");
-        }
-        Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
-        Err(e) => {
-            dispatch.metrics.commit_failures.inc();
-            tracing::warn!("commit failed: {e}");
-            dispatch.forget_commits(Some(&tpl));
-        }
+    if tpl.count() > 0 {
+        commit_locked(consumer, &tpl, dispatch);
     }
 }
 
@@ -643,9 +641,10 @@ impl ConsumerLoop {
                     d.health.set_broker_error(None);
                 }
             }
+            let due = last_commit.elapsed() >= self.commit_interval;
             let early = d.commit_requested.load(AtomicOrdering::Acquire) && last_commit.elapsed() >= EARLY_COMMIT_GAP;
-            if early || last_commit.elapsed() >= self.commit_interval {
-                let request = d.periodic_commit(&self.consumer);
+            if due || early {
+                let request = d.periodic_commit(&self.consumer, due);
                 if !request.is_empty() {
                     match &commits {
                         Some(commits) => {

@@ -63,6 +63,11 @@ impl PartitionProgress {
         }
     }
 
+    /// Asks the consumer thread to commit before the commit interval is up.
+    fn request_commit(&self) {
+        self.commit_requested.store(true, AtomicOrdering::Release);
+    }
+
     pub fn acknowledged(&self) -> Option<i64> {
         let v = self.acknowledged.load(AtomicOrdering::Acquire);
         (v >= 0).then_some(v)
@@ -100,7 +105,7 @@ impl PartitionTask {
         self.progress.set(Some(point));
         window.published(point, tracker.settled());
         if window.wants_commit(tracker, held_back) {
-            self.progress.commit_requested.store(true, AtomicOrdering::Release);
+            self.progress.request_commit();
         }
     }
 
@@ -151,7 +156,7 @@ impl PartitionTask {
             if holding && !held_back {
                 metrics.commit_waits.inc();
                 if window.wants_commit(&tracker, true) {
-                    self.progress.commit_requested.store(true, AtomicOrdering::Release);
+                    self.progress.request_commit();
                 }
             }
             held_back = holding;

@@ -107,11 +107,6 @@ impl Scheduler {
         self.pending_bytes
     }
 
-    /// Offset of the oldest record not yet started.
-    pub fn first_pending_offset(&self) -> Option<i64> {
-        self.pending.front().map(|p| p.record.offset)
-    }
-
     /// Offset of the newest record not yet started.
     pub fn last_pending_offset(&self) -> Option<i64> {
         self.pending.back().map(|p| p.record.offset)
@@ -260,7 +255,7 @@ mod tests {
         // Cut by the horizon: sent at once (waiting cannot make it bigger), not held for maxWait.
         assert_eq!(offsets(&s.next_within(t0, usize::MAX, Some(3))), vec![2]);
         assert_eq!(s.next_within(t0, usize::MAX, Some(3)), Next::Idle, "1 waits behind its key, 3 is beyond");
-        assert_eq!(s.first_pending_offset(), Some(1));
+        assert_eq!(s.last_pending_offset(), Some(4));
         s.complete(&[Arc::new(test_record(0, Some("a"), "v"))]);
         // The record behind its key is below the horizon, so it can always start: the commit point can advance.
         assert_eq!(offsets(&s.next_within(t0, usize::MAX, Some(3))), vec![1]);
