@@ -13,7 +13,7 @@ done
 mkdir -p "$run_dir"
 version=$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' charts/kpipe/Chart.yaml)
 
-if ! kind get clusters | grep -qx "$cluster"; then
+if ! kind get clusters | grep -x "$cluster" >/dev/null; then
   kind create cluster --name "$cluster" --config e2e/kind/kind-config.yaml --wait 120s
 fi
 kind get kubeconfig --name "$cluster" > "$run_dir/kubeconfig"

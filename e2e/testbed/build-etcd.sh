@@ -29,6 +29,6 @@ go mod tidy
 CGO_ENABLED=0 go build -trimpath \
   -ldflags "-s -w -X go.etcd.io/etcd/api/v3/version.GitSHA=module-$ETCD_VERSION" -o "$out/etcd" . \
   || die "etcd build failed"
-"$out/etcd" --version | grep -q "${ETCD_VERSION#v}" || die "built etcd does not report $ETCD_VERSION"
+"$out/etcd" --version | matches "${ETCD_VERSION#v}" || die "built etcd does not report $ETCD_VERSION"
 touch "$out/.complete"
 log "etcd $ETCD_VERSION built in $(( $(date +%s) - start ))s (cached in $out)"

@@ -18,6 +18,6 @@ for p in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
 done
 GOBIN="$out" CGO_ENABLED=0 go install -trimpath -ldflags "$ld" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" \
   || die "go install helm.sh/helm/v3/cmd/helm@$HELM_VERSION failed"
-"$out/helm" version --short | grep -q "$HELM_VERSION" || die "built helm does not report $HELM_VERSION"
+"$out/helm" version --short | matches "$HELM_VERSION" || die "built helm does not report $HELM_VERSION"
 touch "$out/.complete"
 log "helm $HELM_VERSION built in $(( $(date +%s) - start ))s (cached in $out)"

@@ -49,6 +49,6 @@ done
 log "compiling kube-apiserver, kube-controller-manager, kubectl"
 CGO_ENABLED=0 go build -trimpath -tags selinux,notest,grpcnotrace -ldflags "$ld" -o "$out/" \
   k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kubectl
-"$out/kube-apiserver" --version | grep -q "$K8S_VERSION" || die "kube-apiserver is not stamped with $K8S_VERSION"
+"$out/kube-apiserver" --version | matches "$K8S_VERSION" || die "kube-apiserver is not stamped with $K8S_VERSION"
 touch "$out/.complete"
 log "Kubernetes $K8S_VERSION built in $(( $(date +%s) - start ))s (cold build time; cached in $out)"

@@ -51,7 +51,7 @@ stop etcd etcd 10
 # ports and would run every pod a second time. Only processes of this run directory are touched.
 for match in kpipe-kubelet kafka.Kafka kube-controller-manager kube-apiserver etcd; do
   for pid in $(pgrep -f -- "$match" || true); do
-    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$KPIPE_RUN" || continue
+    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | matches "$KPIPE_RUN" || continue
     log "killing untracked $match (pid $pid)"
     kill -KILL "$pid" 2>/dev/null || true
   done

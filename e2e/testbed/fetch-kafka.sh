@@ -13,8 +13,8 @@ mvn -B -q -f "$TESTBED_DIR/kafka/pom.xml" -Dkafka.version="$KAFKA_VERSION" \
   -DoutputDirectory="$KAFKA_HOME/libs" -DincludeScope=runtime \
   || die "maven could not resolve org.apache.kafka:kafka_2.13:$KAFKA_VERSION (is Maven Central reachable?)"
 core=$(ls "$KAFKA_HOME"/libs/kafka_2.13-"$KAFKA_VERSION".jar 2>/dev/null) || die "kafka_2.13-$KAFKA_VERSION.jar missing after resolve"
-unzip -l "$core" | grep -q 'kafka/Kafka.class' || die "$core has no kafka.Kafka main class"
-unzip -l "$core" | grep -q 'kafka/tools/StorageTool.class' || die "$core has no kafka.tools.StorageTool"
+unzip -l "$core" | matches 'kafka/Kafka.class' || die "$core has no kafka.Kafka main class"
+unzip -l "$core" | matches 'kafka/tools/StorageTool.class' || die "$core has no kafka.tools.StorageTool"
 compgen -G "$KAFKA_HOME/libs/log4j-core-*.jar" >/dev/null || die "log4j-core not on the Kafka classpath (check the published POM)"
 touch "$KAFKA_HOME/.complete"
 log "Kafka $KAFKA_VERSION fetched in $(( $(date +%s) - start ))s ($(find "$KAFKA_HOME/libs" -name '*.jar' | wc -l) jars)"

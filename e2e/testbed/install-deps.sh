@@ -7,7 +7,7 @@ set -euo pipefail
 packages=(libcurl4-openssl-dev openssl iproute2 curl procps "$@")
 missing=()
 for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep "install ok installed" >/dev/null || missing+=("$p")
 done
 [ ${#missing[@]} -eq 0 ] && exit 0
 echo "[deps] installing Debian packages: ${missing[*]}" >&2

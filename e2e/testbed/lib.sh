@@ -34,6 +34,11 @@ log() { printf '[testbed %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf '[testbed] ERROR: %s\n' "$*" >&2; exit 1; }
 need() { command -v "$1" >/dev/null 2>&1 || die "required tool '$1' not found on PATH"; }
 
+# matches <regex>: some line of stdin matches. Reads all of stdin: `grep -q` stops at the first match, and when the
+# writer's output spans several writes (a bridge with many service addresses, a JVM's classpath, a jar listing) its
+# next write gets SIGPIPE, which `pipefail` turns into a failed pipeline although the line was there.
+matches() { grep -e "$1" >/dev/null; }
+
 pidfile() { echo "$KPIPE_RUN/pids/$1.pid"; }
 
 # alive <component> <expected substring of /proc/<pid>/cmdline>: the recorded pid still runs that program.
@@ -43,11 +48,11 @@ alive() {
   [ -f "$f" ] || return 1
   pid=$(cat "$f")
   [ -n "$pid" ] && [ -r "/proc/$pid/cmdline" ] || return 1
-  tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "$2"
+  tr '\0' ' ' <"/proc/$pid/cmdline" | matches "$2"
 }
 
 # Health checks: each returns 0 when the component serves requests.
-etcd_healthy() { curl -fsS -m 2 "http://127.0.0.1:$ETCD_PORT/health" 2>/dev/null | grep -q '"health":"true"'; }
+etcd_healthy() { curl -fsS -m 2 "http://127.0.0.1:$ETCD_PORT/health" 2>/dev/null | matches '"health":"true"'; }
 apiserver_healthy() {
   curl -fsS -m 3 --cacert "$KPIPE_RUN/pki/ca.crt" --cert "$KPIPE_RUN/pki/admin.crt" --key "$KPIPE_RUN/pki/admin.key" \
     "https://$KPIPE_BRIDGE_IP:$APISERVER_PORT/readyz" >/dev/null 2>&1
@@ -66,4 +71,4 @@ kubelet_healthy() {
   [ "$("$K8S_BIN/kubectl" --kubeconfig "$KPIPE_RUN/admin.kubeconfig" get node "$KPIPE_NODE" \
       -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" = "True" ]
 }
-bridge_healthy() { ip -4 addr show dev "$KPIPE_BRIDGE" 2>/dev/null | grep -q "inet $KPIPE_BRIDGE_IP/"; }
+bridge_healthy() { ip -4 addr show dev "$KPIPE_BRIDGE" 2>/dev/null | matches "inet $KPIPE_BRIDGE_IP/"; }

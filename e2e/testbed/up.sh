@@ -165,7 +165,7 @@ spawn() {
   # take that moment for an early exit and start a second copy (two kubelets running every pod twice).
   for _ in $(seq 1 100); do
     [ -r "/proc/$pid/cmdline" ] || break
-    tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "$match" && break
+    tr '\0' ' ' <"/proc/$pid/cmdline" | matches "$match" && break
     sleep 0.05
   done
 }

@@ -140,6 +140,14 @@ async fn reconcile(
         warn!(file = %hosts_file.display(), error = %e, "cannot write hosts file");
     }
     let want = desired(&services, apiserver);
+    // ClusterIPs no Service uses any more leave the bridge: tests create and delete hundreds of Services, and a
+    // bridge piling up addresses slows every `ip` call and the bed's own health check.
+    for gone in released_ips(listeners.keys(), &want) {
+        let cidr = format!("{gone}/32");
+        if let Err(e) = ip(&["addr", "del", &cidr, "dev", bridge]).await {
+            debug!(ip = %gone, error = %e, "cannot remove a released ClusterIP from the bridge");
+        }
+    }
     listeners.retain(|fe, handle| {
         let keep = want.contains_key(fe);
         if !keep {
@@ -165,6 +173,15 @@ async fn reconcile(
         let (eps, rr) = (eps_store.clone(), rr.clone());
         listeners.insert(fe, tokio::spawn(serve(listener, be, eps, rr)));
     }
+}
+
+/// Addresses some current listener uses and no wanted frontend does (several ports may share one ClusterIP).
+fn released_ips<'a>(
+    current: impl Iterator<Item = &'a Frontend>,
+    want: &BTreeMap<Frontend, Backend>,
+) -> std::collections::BTreeSet<Ipv4Addr> {
+    let kept: std::collections::BTreeSet<Ipv4Addr> = want.keys().map(|fe| fe.ip).collect();
+    current.map(|fe| fe.ip).filter(|ip| !kept.contains(ip)).collect()
 }
 
 fn pick(be: &Backend, eps: &Store<EndpointSlice>, rr: &AtomicUsize) -> Option<SocketAddr> {
@@ -251,5 +268,17 @@ mod tests {
         let want = desired(&all, "127.0.0.1:6443".parse().unwrap());
         assert_eq!(want.len(), 1);
         assert!(want.contains_key(&Frontend { ip: Ipv4Addr::new(10, 0, 0, 7), port: 80 }));
+    }
+
+    #[test]
+    fn an_address_is_released_only_when_no_port_uses_it() {
+        let fe = |last: u8, port: u16| Frontend { ip: Ipv4Addr::new(10, 0, 0, last), port };
+        let backend = Backend::Fixed("127.0.0.1:6443".parse().unwrap());
+        let current = [fe(7, 80), fe(7, 443), fe(8, 80), fe(9, 80)];
+        // 10.0.0.7 keeps one of its two ports, 10.0.0.8 is gone, 10.0.0.9 is still wanted, 10.0.0.10 is new.
+        let want: BTreeMap<Frontend, Backend> =
+            [fe(7, 443), fe(9, 80), fe(10, 80)].into_iter().map(|f| (f, backend.clone())).collect();
+        let released: Vec<Ipv4Addr> = released_ips(current.iter(), &want).into_iter().collect();
+        assert_eq!(released, vec![Ipv4Addr::new(10, 0, 0, 8)]);
     }
 }
