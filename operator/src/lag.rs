@@ -1,5 +1,7 @@
 //! Pure lag accounting: per-partition lag from watermarks and committed offsets, the consume rate
-//! from committed-offset deltas, and stuck-partition detection (DESIGN.md §3).
+//! from committed-offset deltas, stuck-partition detection (DESIGN.md §3), and the arrival rate
+//! per partition from log-end deltas. Each poll also feeds the group's [`ThroughputModel`]
+//! (capacity per replica, and the part of the lag that only awaits its commit).
 //!
 //! The Kafka I/O lives in [`crate::probe`]; this module only sees numbers, so the trace simulation
 //! drives the very same tracker the controller uses.
@@ -10,6 +12,7 @@ use std::time::Duration;
 use kpipe_api::v1alpha1::{LagSummary, StartOffset};
 
 use crate::scaler::Observation;
+use crate::throughput::{Capacity, Poll, ThroughputModel};
 
 /// Offsets of one partition, as read from the cluster.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,6 +50,28 @@ struct PartitionState {
     log_end: i64,
     unchanged_polls: u32,
     stuck: bool,
+    /// (poll time, log end) within the rate window, oldest first: the arrival rate.
+    log_ends: VecDeque<(Duration, i64)>,
+}
+
+impl PartitionState {
+    fn new(p: &PartitionOffsets, now: Duration) -> Self {
+        Self {
+            committed: p.committed,
+            log_end: p.log_end,
+            unchanged_polls: 0,
+            stuck: false,
+            log_ends: VecDeque::from([(now, p.log_end)]),
+        }
+    }
+
+    /// Records per second written to the partition over the window.
+    fn arrival_rate(&self) -> f64 {
+        match (self.log_ends.front(), self.log_ends.back()) {
+            (Some(&(t0, e0)), Some(&(t1, e1))) if t1 > t0 && e1 > e0 => (e1 - e0) as f64 / (t1 - t0).as_secs_f64(),
+            _ => 0.0,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -72,6 +97,14 @@ pub struct Snapshot {
     pub records_per_second: Option<f64>,
     /// Records committed per second by one consumer while there was a backlog.
     pub rate_per_replica: Option<f64>,
+    /// Records per second arriving on each partition, highest first.
+    pub arrival_rates: Vec<f64>,
+    /// What one replica can do, as far as the throughput model knows.
+    pub capacity: Option<Capacity>,
+    /// Lag that only awaits its commit.
+    pub in_flight: i64,
+    /// The set of ready consumers changed within the last polls.
+    pub rebalancing: bool,
 }
 
 impl Snapshot {
@@ -83,6 +116,10 @@ impl Snapshot {
             partitions: self.partitions,
             log_end_advanced: self.log_end_advanced,
             rate_per_replica: self.rate_per_replica,
+            arrival_rates: self.arrival_rates.clone(),
+            capacity: self.capacity,
+            in_flight: self.in_flight,
+            rebalancing: self.rebalancing,
         }
     }
 
@@ -107,6 +144,8 @@ pub struct LagTracker {
     samples: VecDeque<RateSample>,
     last_poll: Option<Duration>,
     last_busy: bool,
+    last_scalable_lag: i64,
+    model: ThroughputModel,
     /// Polls with lag and an unchanged committed offset (while consumers run) before a partition
     /// counts as stuck.
     pub stuck_after_polls: u32,
@@ -127,6 +166,8 @@ impl LagTracker {
             samples: VecDeque::new(),
             last_poll: None,
             last_busy: false,
+            last_scalable_lag: 0,
+            model: ThroughputModel::default(),
             stuck_after_polls: stuck_after_polls.max(1),
             rate_window,
         }
@@ -142,6 +183,7 @@ impl LagTracker {
     ) -> Snapshot {
         let mut snap = Snapshot { partitions: offsets.len() as i32, ..Default::default() };
         let mut committed_delta = 0i64;
+        let mut arrived = 0i64;
         let mut seen = HashMap::with_capacity(offsets.len());
         for p in offsets {
             let lag = partition_lag(p, start);
@@ -150,6 +192,7 @@ impl LagTracker {
                 Some(mut prev) => {
                     if p.log_end > prev.log_end {
                         snap.log_end_advanced = true;
+                        arrived += p.log_end - prev.log_end;
                     }
                     if let (Some(now_c), Some(prev_c)) = (p.committed, prev.committed)
                         && now_c > prev_c
@@ -171,10 +214,15 @@ impl LagTracker {
                     }
                     prev.committed = p.committed;
                     prev.log_end = p.log_end;
+                    prev.log_ends.push_back((now, p.log_end));
+                    while prev.log_ends.front().is_some_and(|(t, _)| now.saturating_sub(*t) > self.rate_window) {
+                        prev.log_ends.pop_front();
+                    }
                     prev
                 }
-                None => PartitionState { committed: p.committed, log_end: p.log_end, unchanged_polls: 0, stuck: false },
+                None => PartitionState::new(p, now),
             };
+            snap.arrival_rates.push(state.arrival_rate());
             snap.total_lag += lag;
             if lag > 0 {
                 snap.partitions_with_lag += 1;
@@ -186,6 +234,8 @@ impl LagTracker {
             seen.insert(key, state);
         }
         self.partitions = seen;
+        snap.arrival_rates.sort_by(|a, b| b.total_cmp(a));
+        let scalable = snap.total_lag - snap.stuck_lag;
 
         if let Some(prev) = self.last_poll
             && now > prev
@@ -205,8 +255,9 @@ impl LagTracker {
                 break;
             }
         }
+        let span_since_last = self.last_poll.filter(|prev| now > *prev).map(|prev| now - prev);
         self.last_poll = Some(now);
-        self.last_busy = snap.total_lag - snap.stuck_lag > 0;
+        self.last_busy = scalable > 0;
 
         let span: f64 = self.samples.iter().map(|s| s.span.as_secs_f64()).sum();
         if span > 0.0 {
@@ -220,6 +271,22 @@ impl LagTracker {
         if busy_pod_secs > 0.0 && busy_delta > 0 {
             snap.rate_per_replica = Some(busy_delta as f64 / busy_pod_secs);
         }
+        if let Some(span) = span_since_last {
+            let estimate = self.model.observe(&Poll {
+                at: now,
+                span,
+                committed: committed_delta,
+                arrived,
+                consumers,
+                lag_before: self.last_scalable_lag,
+                lag_now: scalable,
+                recent_commit_rate: snap.records_per_second,
+            });
+            snap.capacity = estimate.capacity;
+            snap.in_flight = estimate.in_flight;
+            snap.rebalancing = estimate.rebalancing;
+        }
+        self.last_scalable_lag = scalable;
         snap
     }
 }
@@ -310,6 +377,24 @@ mod tests {
         }
         let snap = t.update(&[po(0, 0, 100, Some(40))], StartOffset::Earliest, 0, s(45));
         assert_eq!(snap.stuck_partitions, 1, "a poison record stays stuck after scaling to zero");
+    }
+
+    #[test]
+    fn arrival_per_partition_and_capacity_from_a_backlog() {
+        let mut t = LagTracker::default();
+        let mut snap = Snapshot::default();
+        // Partition 0 receives 100 records/s, partition 1 20/s; 2 consumers work through a large backlog
+        // committing 150 records/s each (750 per partition per 5 s poll).
+        for i in 0..6 {
+            let committed = Some(750 * i);
+            let offsets = [po(0, 0, 100_000 + 500 * i, committed), po(1, 0, 50_000 + 100 * i, committed)];
+            snap = t.update(&offsets, StartOffset::Earliest, 2, s(i as u64 * 5));
+        }
+        assert_eq!(snap.arrival_rates, vec![100.0, 20.0], "highest first");
+        assert_eq!(snap.capacity, Some(Capacity::Measured(150.0)));
+        assert_eq!(snap.in_flight, 0, "a group draining a backlog is not keeping up: no commit delay yet");
+        let obs = snap.observation();
+        assert_eq!((obs.capacity, obs.arrival_rates.len()), (snap.capacity, 2));
     }
 
     #[test]

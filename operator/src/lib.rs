@@ -14,3 +14,4 @@ pub mod rbac;
 pub mod scaler;
 pub mod sim;
 pub mod status;
+pub mod throughput;

@@ -12,6 +12,12 @@
 //!    `ceil(scalable lag / (rate per replica × targetDrainSeconds))` once a rate is known
 //!    (`lagThreshold` until then). Scalable lag excludes stuck partitions: more pods cannot help a
 //!    poison record, and a permanent lag of 1 from transaction markers must not keep a pod alive.
+//!    Once the group's capacity per replica is measured (see [`crate::lag`]), the recommendation
+//!    is the larger of two needs instead: the replicas that keep up with the arrival rate at
+//!    `target_utilization` (partition-aware: a pod's load is the sum of the busiest partitions it
+//!    may own), and the lag rule applied to the backlog only, the lag minus what is merely waiting
+//!    for its commit. A plain lag rule pays pods for that commit delay: at 6,000 records/s and a 2 s
+//!    delay it asks for 12 pods where 6 keep up.
 //! 4. Clamp to `[minReplicas, min(maxReplicas, partitions)]`. With `partitionDistribution: even`,
 //!    round up to the next divisor of the partition count so every pod gets the same number of
 //!    partitions (12 partitions: 5 → 6, 7 → 12). Rounding down to a "balanced" count was tried in
@@ -27,6 +33,8 @@ use std::fmt;
 use std::time::Duration;
 
 use kpipe_api::v1alpha1::{ConsumerPipelineSpec, PartitionDistribution, ScalingMode};
+
+use crate::throughput::Capacity;
 
 /// How the lag translates into replicas.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -66,6 +74,9 @@ pub struct Policy {
     /// the rebalance a scale-down causes pauses consumption briefly, and that transient lag must
     /// not bounce the count straight back up (flapping).
     pub scale_up_settle: Duration,
+    /// Share of a replica's measured capacity the keep-up rule plans to use (headroom for bursts
+    /// and for a pod that owns the busier partitions).
+    pub target_utilization: f64,
 }
 
 impl Policy {
@@ -95,9 +106,18 @@ impl Policy {
             even_distribution: s.partition_distribution == PartitionDistribution::Even,
             max_scale_down_fraction: 0.5,
             scale_up_settle: DEFAULT_SCALE_UP_SETTLE,
+            target_utilization: DEFAULT_TARGET_UTILIZATION,
         }
     }
 }
+
+/// A backlog that is gone within this time at the pace it shrinks needs no more replicas.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(30);
+
+/// Default [`Policy::target_utilization`].
+/// 0.7: in the trace simulation a scale-up from 6 to 12 replicas at 80 % pauses consumption (the
+/// rebalance) at a rate whose backlog tops KEDA's worst-case lag; at 70 % it stays below.
+pub const DEFAULT_TARGET_UTILIZATION: f64 = 0.7;
 
 /// Default [`Policy::scale_up_settle`].
 pub const DEFAULT_SCALE_UP_SETTLE: Duration = Duration::from_secs(30);
@@ -115,6 +135,14 @@ pub struct Observation {
     pub log_end_advanced: bool,
     /// Records per second one replica commits, when known.
     pub rate_per_replica: Option<f64>,
+    /// Records per second arriving on each partition, highest first.
+    pub arrival_rates: Vec<f64>,
+    /// What one replica can do, once the throughput model knows.
+    pub capacity: Option<Capacity>,
+    /// Part of the lag that only awaits its commit (included in `total_lag`).
+    pub in_flight: i64,
+    /// The set of ready consumers changed within the last polls (a rebalance pauses consumption).
+    pub rebalancing: bool,
 }
 
 impl Observation {
@@ -133,6 +161,7 @@ pub enum Reason {
     Activation,
     ScaleUp,
     ConfirmingScaleUp,
+    Draining,
     AboveMaximum,
     BelowMinimum,
     Steady,
@@ -153,6 +182,7 @@ impl Reason {
             Self::Activation => "Activated",
             Self::ScaleUp => "ScaledUp",
             Self::ConfirmingScaleUp => "ConfirmingScaleUp",
+            Self::Draining => "Draining",
             Self::AboveMaximum => "AboveMaximum",
             Self::BelowMinimum => "BelowMinimum",
             Self::Steady => "Steady",
@@ -197,6 +227,8 @@ pub struct ScalerState {
     last_scale_down: Option<Duration>,
     /// The previous poll asked for a scale-up that the settle window held back.
     pending_up: bool,
+    /// (time, backlog beyond what awaits its commit) of the previous decision.
+    last_backlog: Option<(Duration, i64)>,
 }
 
 /// `ceil(a / b)` for positive `b`, saturating into `i32`.
@@ -206,6 +238,21 @@ fn ceil_div(a: i64, b: f64) -> i32 {
     }
     let v = (a as f64 / b).ceil();
     if v >= i32::MAX as f64 { i32::MAX } else { v as i32 }
+}
+
+/// The fewest replicas (at most `partitions`) whose busiest pod stays within `per_replica` records/s,
+/// when partitions are spread by count: a pod owns up to `ceil(partitions / replicas)` of them, and
+/// it may get the busiest ones. 0 when nothing arrives.
+pub fn keep_up_replicas(arrival_desc: &[f64], per_replica: f64, partitions: i32) -> i32 {
+    if partitions <= 0 || per_replica <= 0.0 || !arrival_desc.iter().any(|r| *r > 0.0) {
+        return 0;
+    }
+    (1..=partitions)
+        .find(|&c| {
+            let owned = (partitions + c - 1) / c;
+            arrival_desc.iter().take(owned as usize).sum::<f64>() <= per_replica
+        })
+        .unwrap_or(partitions)
 }
 
 /// With even distribution: the smallest replica count ≥ `n` that divides the partition count, so
@@ -252,19 +299,49 @@ impl ScalerState {
         let idle_for = now.saturating_sub(self.last_busy.unwrap_or(now));
         let cooled = lower == 0 && !busy && idle_for >= policy.cooldown_to_zero;
 
-        let (raw, basis) = match policy.target {
-            Target::LagThreshold(t) => (ceil_div(scalable, t.max(1) as f64), format!("lagThreshold {t}")),
+        // With a measured capacity, the keep-up rule covers the records in flight, so the lag rule
+        // only has to drain the backlog beyond them.
+        // A measured capacity is planned at `target_utilization`; a lower bound as it is (the replicas
+        // showed that rate, and a group that then falls behind gets its capacity measured).
+        let capacity = match obs.capacity {
+            Some(Capacity::Measured(k)) if k > 0.0 => Some(k * policy.target_utilization),
+            Some(Capacity::AtLeast(k)) if k > 0.0 => Some(k),
+            _ => None,
+        };
+        let keep_up = capacity.map(|k| keep_up_replicas(&obs.arrival_rates, k, obs.partitions)).unwrap_or(0);
+        let backlog = scalable - obs.in_flight.clamp(0, scalable);
+        let (per_replica_lag, mut basis) = match policy.target {
+            Target::LagThreshold(t) => (t.max(1) as f64, format!("lagThreshold {t}")),
             Target::DrainSeconds { seconds, fallback_threshold } => match obs.rate_per_replica {
                 Some(rate) if rate > 0.0 => (
-                    ceil_div(scalable, rate * seconds.max(1) as f64),
+                    rate * seconds.max(1) as f64,
                     format!("{rate:.0} records/s per replica, targetDrainSeconds {seconds}"),
                 ),
-                _ => (
-                    ceil_div(scalable, fallback_threshold.max(1) as f64),
-                    format!("lagThreshold {fallback_threshold} (no rate yet)"),
-                ),
+                _ => (fallback_threshold.max(1) as f64, format!("lagThreshold {fallback_threshold} (no rate yet)")),
             },
         };
+        let by_lag = ceil_div(backlog, per_replica_lag);
+        // Never more than the plain lag rule would ask for: the model only saves pods.
+        let keep_up = keep_up.min(ceil_div(scalable, per_replica_lag));
+        if obs.in_flight > 0 {
+            basis.push_str(&format!("; backlog {backlog} beyond {} awaiting commit", obs.in_flight));
+        }
+        if let Some(k) = capacity {
+            let arrival: f64 = obs.arrival_rates.iter().sum();
+            basis.push_str(&format!(
+                "; {arrival:.0} records/s arriving, planning {k:.0} records/s per replica: {keep_up} keep up"
+            ));
+        }
+        let raw = by_lag.max(keep_up);
+        // Seconds until the backlog is gone at the pace it shrank since the previous decision.
+        let drains_in = match self.last_backlog {
+            Some((at, prev)) if backlog < prev && now > at => {
+                let pace = (prev - backlog) as f64 / (now - at).as_secs_f64();
+                Some(backlog as f64 / pace)
+            }
+            _ => None,
+        };
+        self.last_backlog = Some((now, backlog));
         let floor = if lower > 0 {
             lower
         } else if cooled || current == 0 {
@@ -306,8 +383,20 @@ impl ScalerState {
             return Decision::new(rec.max(lower), Reason::BelowMinimum, format!("minReplicas {lower}"));
         }
         if rec > current {
+            // More pods only for the backlog (the arrival alone needs no more): not while the backlog drains
+            // soon anyway, and not on the first poll that sees it grow during a rebalance, which pauses
+            // consumption and leaves a backlog the settled group then drains.
+            let backlog_driven = keep_up <= current;
+            if backlog_driven && let Some(secs) = drains_in.filter(|s| *s <= DRAIN_GRACE.as_secs_f64()) {
+                self.pending_up = false;
+                return Decision::new(
+                    current,
+                    Reason::Draining,
+                    format!("backlog {backlog} drains in about {secs:.0}s with {current} replicas: {why}"),
+                );
+            }
             let settling = self.last_scale_down.is_some_and(|t| now.saturating_sub(t) < policy.scale_up_settle);
-            if settling && !self.pending_up {
+            if (settling || (backlog_driven && obs.rebalancing)) && !self.pending_up {
                 self.pending_up = true;
                 return Decision::new(
                     current,
@@ -385,6 +474,7 @@ mod tests {
             even_distribution: false,
             max_scale_down_fraction: 0.5,
             scale_up_settle: Duration::from_secs(30),
+            target_utilization: DEFAULT_TARGET_UTILIZATION,
         }
     }
 
@@ -622,6 +712,89 @@ mod tests {
             let d = st.decide(&c.policy, c.obs.as_ref(), c.current, s(1000));
             assert_eq!((d.desired, d.reason), (c.want, c.reason), "case {:?}: {}", c.name, d.message);
         }
+    }
+
+    #[test]
+    fn keep_up_counts_are_partition_aware() {
+        let uniform = vec![500.0; 12];
+        // 1,000 records/s per replica: two 500/s partitions per pod, so 6 pods.
+        assert_eq!(keep_up_replicas(&uniform, 1000.0, 12), 6);
+        assert_eq!(keep_up_replicas(&uniform, 499.0, 12), 12, "no count keeps up: all of them");
+        // One hot partition: whoever owns it may own it with others, so few pods are not enough.
+        let skewed = [900.0, 50.0, 50.0, 50.0];
+        assert_eq!(keep_up_replicas(&skewed, 1000.0, 4), 2);
+        assert_eq!(keep_up_replicas(&skewed, 2000.0, 4), 1);
+        assert_eq!(keep_up_replicas(&[0.0; 12], 1000.0, 12), 0, "nothing arrives");
+        assert_eq!(keep_up_replicas(&uniform, 0.0, 12), 0, "no capacity known");
+    }
+
+    /// A diurnal-peak observation: 12 partitions, `arrival` records/s spread evenly, the whole lag
+    /// only awaiting its commit, capacity measured at 1,000 records/s per replica.
+    fn keeping_up(arrival: f64, lag: i64) -> Observation {
+        Observation {
+            total_lag: lag,
+            partitions: 12,
+            log_end_advanced: true,
+            arrival_rates: vec![arrival / 12.0; 12],
+            capacity: Some(Capacity::Measured(1000.0)),
+            in_flight: lag,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn lag_that_only_awaits_its_commit_does_not_buy_pods() {
+        let p = Policy { max_replicas: 12, even_distribution: true, ..policy() };
+        // 3,000 records/s with a 2 s commit delay: a lag of 6,000, which the plain rule (lagThreshold
+        // 100) answers with 12 pods. 250/s per partition at 700/s per pod: 2 partitions each, 6 pods.
+        let mut st = ScalerState::default();
+        let d = st.decide(&p, Some(&keeping_up(3000.0, 6000)), 6, s(100));
+        assert_eq!((d.desired, d.reason), (6, Reason::Steady), "{}", d.message);
+        assert!(d.message.contains("6 keep up"), "{}", d.message);
+        // More arrives: 400/s per partition, one each at 700/s per pod → 12, at once.
+        let d = st.decide(&p, Some(&keeping_up(4800.0, 9600)), 6, s(105));
+        assert_eq!((d.desired, d.reason), (12, Reason::ScaleUp), "{}", d.message);
+    }
+
+    #[test]
+    fn the_model_never_asks_for_more_than_the_plain_lag_rule() {
+        let p = Policy { max_replicas: 12, ..policy() };
+        // A tiny lower bound of the capacity would want every partition covered; the lag (250 at
+        // lagThreshold 100) says 3.
+        let o = Observation { capacity: Some(Capacity::AtLeast(1.0)), ..keeping_up(1200.0, 250) };
+        let d = ScalerState::default().decide(&p, Some(&o), 1, s(100));
+        assert_eq!(d.desired, 3, "{}", d.message);
+    }
+
+    #[test]
+    fn a_backlog_that_drains_soon_needs_no_more_replicas() {
+        let p = Policy { max_replicas: 12, ..policy() };
+        // 50 records/s per partition: one pod keeps up, so any scale-up is for the backlog alone.
+        let backlog = |lag: i64| Observation { in_flight: 0, ..keeping_up(600.0, lag) };
+        let mut st = ScalerState::default();
+        let d = st.decide(&p, Some(&backlog(1000)), 5, s(100));
+        assert_eq!((d.desired, d.reason), (10, Reason::ScaleUp), "a new backlog scales up at once");
+        // 5 pods shrink it by 300 in 5 s: gone in about 12 s, within the grace.
+        let d = st.decide(&p, Some(&backlog(700)), 5, s(105));
+        assert_eq!((d.desired, d.reason), (5, Reason::Draining), "{}", d.message);
+        // By 50 in 5 s: 65 s left, too slow.
+        let d = st.decide(&p, Some(&backlog(650)), 5, s(110));
+        assert_eq!((d.desired, d.reason), (7, Reason::ScaleUp), "{}", d.message);
+        // Growing again: scale up.
+        let d = st.decide(&p, Some(&backlog(800)), 5, s(115));
+        assert_eq!((d.desired, d.reason), (8, Reason::ScaleUp), "{}", d.message);
+    }
+
+    #[test]
+    fn backlog_growth_during_a_rebalance_is_confirmed_first() {
+        let p = Policy { max_replicas: 12, ..policy() };
+        let o = |lag: i64, rebalancing: bool| Observation { in_flight: 0, rebalancing, ..keeping_up(600.0, lag) };
+        let mut st = ScalerState::default();
+        st.decide(&p, Some(&o(300, false)), 3, s(100));
+        let d = st.decide(&p, Some(&o(800, true)), 3, s(105));
+        assert_eq!((d.desired, d.reason), (3, Reason::ConfirmingScaleUp), "{}", d.message);
+        let d = st.decide(&p, Some(&o(900, true)), 3, s(110));
+        assert_eq!((d.desired, d.reason), (9, Reason::ScaleUp), "{}", d.message);
     }
 
     #[test]

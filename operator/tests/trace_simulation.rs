@@ -58,15 +58,15 @@ fn compare(world: &World, traces: &[sim::Trace]) -> Vec<(&'static str, String)> 
 #[test]
 fn kpipe_beats_keda_hpa_defaults() {
     let failures = compare(&sim::default_world(), &sim::standard_traces());
-    // Known shortfall, reported rather than hidden: on the slow diurnal trace both policies track
-    // ceil(lag / lagThreshold) almost all day, so with the same lagThreshold kpipe only wins the
-    // transitions (it still has lower worst-case lag). The replica-seconds goal is met on step and
-    // spiky load; on diurnal kpipe must at least not be worse than KEDA by more than 5 %.
+    // Known shortfall, reported rather than hidden: on the slow diurnal trace the replicas never run
+    // out of capacity, so kpipe only learns a lower bound of it and sizes for that (0.88× KEDA, at a
+    // lower worst-case lag; it was 1.00× with the lag rule alone). The goal is met on the other traces;
+    // on diurnal kpipe must stay at or below 0.9×.
     let mut unexpected = Vec::new();
     for (name, msg) in &failures {
         let tolerated = *name == "diurnal" && msg.starts_with("replica-seconds ratio") && {
             let ratio: f64 = msg.split_whitespace().nth(2).and_then(|r| r.parse().ok()).unwrap_or(f64::MAX);
-            ratio <= 1.05
+            ratio <= 0.9
         };
         if !tolerated {
             unexpected.push(format!("{name}: {msg}"));
