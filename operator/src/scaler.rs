@@ -326,7 +326,8 @@ impl ScalerState {
         if obs.in_flight > 0 {
             basis.push_str(&format!("; backlog {backlog} beyond {} awaiting commit", obs.in_flight));
         }
-        if let Some(k) = capacity {
+        // Only when it counts: after a burst the minute's arrival average outlives the lag.
+        if let Some(k) = capacity.filter(|_| keep_up > 0) {
             let arrival: f64 = obs.arrival_rates.iter().sum();
             basis.push_str(&format!(
                 "; {arrival:.0} records/s arriving, planning {k:.0} records/s per replica: {keep_up} keep up"
