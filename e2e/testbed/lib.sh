@@ -39,6 +39,10 @@ need() { command -v "$1" >/dev/null 2>&1 || die "required tool '$1' not found on
 # next write gets SIGPIPE, which `pipefail` turns into a failed pipeline although the line was there.
 matches() { grep -e "$1" >/dev/null; }
 
+# The Kafka jars in the cache were resolved from the current e2e/testbed/kafka/pom.xml.
+kafka_pom_sum() { sha256sum "$TESTBED_DIR/kafka/pom.xml" | cut -d' ' -f1; }
+kafka_current() { [ -f "$KAFKA_HOME/.complete" ] && [ "$(cat "$KAFKA_HOME/.complete")" = "$(kafka_pom_sum)" ]; }
+
 pidfile() { echo "$KPIPE_RUN/pids/$1.pid"; }
 
 # alive <component> <expected substring of /proc/<pid>/cmdline>: the recorded pid still runs that program.

@@ -39,9 +39,10 @@ fi
 
 # ---------------------------------------------------------------- build / fetch (cached)
 missing=0
-for c in "$K8S_BIN/.complete" "$ETCD_BIN/.complete" "$HELM_BIN/.complete" "$KAFKA_HOME/.complete"; do
+for c in "$K8S_BIN/.complete" "$ETCD_BIN/.complete" "$HELM_BIN/.complete"; do
   [ -f "$c" ] || missing=1
 done
+kafka_current || missing=1
 if [ "$missing" = 1 ]; then
   "$TESTBED_DIR/build-all.sh"
 fi
