@@ -10,10 +10,12 @@ start=$(date +%s)
 log "fetching Apache Kafka $KAFKA_VERSION jars from Maven Central into $KAFKA_HOME/libs"
 new="$KAFKA_HOME/libs.new"
 rm -rf "$new"; mkdir -p "$new"
+# Maven's output goes to a log (even quiet it prints terminal escape codes); shown when it fails.
+mvn_log="$KAFKA_HOME/mvn.log"
 mvn -B -q -Dstyle.color=never -f "$TESTBED_DIR/kafka/pom.xml" -Dkafka.version="$KAFKA_VERSION" \
   "org.apache.maven.plugins:maven-dependency-plugin:$MAVEN_DEPENDENCY_PLUGIN:copy-dependencies" \
-  -DoutputDirectory="$new" -DincludeScope=runtime \
-  || die "maven could not resolve org.apache.kafka:kafka_2.13:$KAFKA_VERSION (is Maven Central reachable?)"
+  -DoutputDirectory="$new" -DincludeScope=runtime >"$mvn_log" 2>&1 \
+  || { tail -n 40 "$mvn_log" >&2; die "maven could not resolve org.apache.kafka:kafka_2.13:$KAFKA_VERSION (is Maven Central reachable?)"; }
 core=$(ls "$new"/kafka_2.13-"$KAFKA_VERSION".jar 2>/dev/null) || die "kafka_2.13-$KAFKA_VERSION.jar missing after resolve"
 unzip -l "$core" | matches 'kafka/Kafka.class' || die "$core has no kafka.Kafka main class"
 unzip -l "$core" | matches 'kafka/tools/StorageTool.class' || die "$core has no kafka.tools.StorageTool"
