@@ -133,6 +133,10 @@ impl Snapshot {
             stuck_partitions: self.stuck_partitions,
             records_per_second: rate.map(|r| r.round() as i64),
             estimated_drain_seconds: rate.map(|r| (self.total_lag as f64 / r).ceil() as i64),
+            arrival_records_per_second: Some(self.arrival_rates.iter().sum::<f64>().round() as i64),
+            awaiting_commit: Some(self.in_flight),
+            capacity_per_replica: self.capacity.map(|c| c.rate().round() as i64),
+            capacity_measured: self.capacity.map(|c| matches!(c, Capacity::Measured(_))),
         }
     }
 }
@@ -395,6 +399,11 @@ mod tests {
         assert_eq!(snap.in_flight, 0, "a group draining a backlog is not keeping up: no commit delay yet");
         let obs = snap.observation();
         assert_eq!((obs.capacity, obs.arrival_rates.len()), (snap.capacity, 2));
+        let sum = snap.summary();
+        assert_eq!(
+            (sum.arrival_records_per_second, sum.awaiting_commit, sum.capacity_per_replica, sum.capacity_measured),
+            (Some(120), Some(0), Some(150), Some(true))
+        );
     }
 
     #[test]

@@ -13,6 +13,8 @@ pub struct Metrics {
     pub reconcile_duration: Histogram,
     pub lag: IntGaugeVec,
     pub stuck_partitions: IntGaugeVec,
+    pub arrival_rate: IntGaugeVec,
+    pub capacity_per_replica: IntGaugeVec,
     pub desired_replicas: IntGaugeVec,
     pub replicas: IntGaugeVec,
     pub scale_events: IntCounterVec,
@@ -63,6 +65,20 @@ impl Metrics {
             ),
             pipe,
         ));
+        let arrival_rate = must(IntGaugeVec::new(
+            Opts::new(
+                "kpipe_operator_pipeline_arrival_records_per_second",
+                "Records written to the pipeline's source topics per second (last minute)",
+            ),
+            pipe,
+        ));
+        let capacity_per_replica = must(IntGaugeVec::new(
+            Opts::new(
+                "kpipe_operator_pipeline_replica_capacity_records_per_second",
+                "Records per second one worker replica handles, as the scaler's throughput model knows it",
+            ),
+            pipe,
+        ));
         let desired_replicas = must(IntGaugeVec::new(
             Opts::new("kpipe_operator_pipeline_desired_replicas", "Replicas the scaler wants"),
             pipe,
@@ -98,6 +114,8 @@ impl Metrics {
             Box::new(reconcile_duration.clone()),
             Box::new(lag.clone()),
             Box::new(stuck_partitions.clone()),
+            Box::new(arrival_rate.clone()),
+            Box::new(capacity_per_replica.clone()),
             Box::new(desired_replicas.clone()),
             Box::new(replicas.clone()),
             Box::new(scale_events.clone()),
@@ -115,6 +133,8 @@ impl Metrics {
             reconcile_duration,
             lag,
             stuck_partitions,
+            arrival_rate,
+            capacity_per_replica,
             desired_replicas,
             replicas,
             scale_events,
@@ -127,7 +147,14 @@ impl Metrics {
 
     /// Forget a deleted pipeline's series.
     pub fn forget(&self, namespace: &str, pipeline: &str) {
-        for g in [&self.lag, &self.stuck_partitions, &self.desired_replicas, &self.replicas] {
+        for g in [
+            &self.lag,
+            &self.stuck_partitions,
+            &self.arrival_rate,
+            &self.capacity_per_replica,
+            &self.desired_replicas,
+            &self.replicas,
+        ] {
             let _ = g.remove_label_values(&[namespace, pipeline]);
         }
         for d in ["up", "down"] {
@@ -154,9 +181,17 @@ mod tests {
         let m = Metrics::new();
         m.reconciles.with_label_values(&["ok"]).inc();
         m.lag.with_label_values(&["ns", "p"]).set(42);
+        m.arrival_rate.with_label_values(&["ns", "p"]).set(6000);
+        m.capacity_per_replica.with_label_values(&["ns", "p"]).set(1000);
         let text = m.render();
         assert!(text.contains("kpipe_operator_reconciles_total{result=\"ok\"} 1"));
         assert!(text.contains("kpipe_operator_pipeline_lag_records{namespace=\"ns\",pipeline=\"p\"} 42"));
+        assert!(
+            text.contains("kpipe_operator_pipeline_arrival_records_per_second{namespace=\"ns\",pipeline=\"p\"} 6000")
+        );
+        assert!(text.contains(
+            "kpipe_operator_pipeline_replica_capacity_records_per_second{namespace=\"ns\",pipeline=\"p\"} 1000"
+        ));
         m.forget("ns", "p");
         assert!(!m.render().contains("pipeline=\"p\""));
     }

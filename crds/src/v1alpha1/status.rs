@@ -69,6 +69,22 @@ pub struct LagSummary {
     /// Estimated seconds to drain the lag at the current rate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub estimated_drain_seconds: Option<i64>,
+    /// Records written to the source topics per second over the last minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arrival_records_per_second: Option<i64>,
+    /// Part of `total` that is most likely processed already and only waits for its commit (commit rate ×
+    /// the commit delay seen while the group kept up). More replicas cannot shrink it, so it does not drive
+    /// scale-up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub awaiting_commit: Option<i64>,
+    /// Records per second one replica handles: measured while the replicas had more work than they could
+    /// do (`capacityMeasured: true`), else the highest rate a replica has shown (a lower bound). The scaler
+    /// keeps enough replicas for the arrival rate at this capacity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity_per_replica: Option<i64>,
+    /// Whether `capacityPerReplica` was measured (true) or is a lower bound (false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity_measured: Option<bool>,
 }
 
 impl ConsumerPipelineStatus {
