@@ -58,6 +58,51 @@ type CommitRequest = Vec<TopicPartition>;
 
 /// Least time between two commits asked for early by partitions near their uncommitted bound.
 const EARLY_COMMIT_GAP: Duration = Duration::from_millis(5);
+/// How long after the shutdown timeout a shutdown may keep retrying a final commit the broker refused: the pod's
+/// grace period is the shutdown timeout + 10 s, and this leaves 2 s of it for closing. The member only learns of
+/// a rebalance at its next heartbeat (librdkafka does not rejoin on a refused commit), so the retry must be able
+/// to outlast `heartbeat.interval.ms`.
+const FINAL_COMMIT_MARGIN: Duration = Duration::from_secs(8);
+
+/// Final offsets of a shutdown whose commit the broker refused, typically because a rebalance was in
+/// progress (a new pod joining while this one stops). The revoke that rebalance brings commits them while the
+/// partitions are still ours, or the shutdown retries them while they stay assigned. Never later: once a
+/// partition is gone, its new owner may already have committed past them.
+#[derive(Debug, Default)]
+struct HeldOffsets(HashMap<TopicPartition, i64>);
+
+impl HeldOffsets {
+    fn hold(&mut self, offsets: impl IntoIterator<Item = (TopicPartition, i64)>) {
+        self.0.extend(offsets);
+    }
+
+    /// Removes and returns the held offsets of `tps`.
+    fn take(&mut self, tps: &[TopicPartition]) -> Vec<(TopicPartition, i64)> {
+        tps.iter().filter_map(|tp| self.0.remove(tp).map(|o| (tp.clone(), o))).collect()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// The offsets of a commit list.
+fn offsets_of(tpl: &TopicPartitionList) -> Vec<(TopicPartition, i64)> {
+    tpl.elements()
+        .iter()
+        .filter_map(|e| e.offset().to_raw().map(|o| ((Arc::<str>::from(e.topic()), e.partition()), o)))
+        .collect()
+}
+
+fn commit_list(offsets: &[(TopicPartition, i64)]) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::new();
+    for ((topic, partition), offset) in offsets {
+        if let Err(e) = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset)) {
+            tracing::error!(%topic, partition, "cannot build commit list: {e}");
+        }
+    }
+    tpl
+}
 
 /// Everything the consumer callbacks and the dispatch loop share.
 pub struct Dispatch {
@@ -75,6 +120,8 @@ pub struct Dispatch {
     /// Held while committing, so a revoke's final commit can never be overtaken by an older offset the
     /// committer thread is still sending for the same partition.
     commit_lock: Mutex<()>,
+    /// Final offsets whose commit failed at shutdown.
+    held: Mutex<HeldOffsets>,
 }
 
 pub struct WorkerContext(pub Arc<Dispatch>);
@@ -100,12 +147,17 @@ impl Dispatch {
             max_overflow_bytes: settings.max_pending_bytes.max(MIN_OVERFLOW_BYTES),
             commit_requested: Arc::new(AtomicBool::new(false)),
             commit_lock: Mutex::new(()),
+            held: Mutex::new(HeldOffsets::default()),
         }
     }
 
     fn partitions(&self) -> MutexGuard<'_, HashMap<TopicPartition, PartitionHandle>> {
         // A poisoned lock only means a panic elsewhere; the map itself is still consistent.
         self.partitions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn held(&self) -> MutexGuard<'_, HeldOffsets> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn assign(&self, tpl: &TopicPartitionList) {
@@ -355,17 +407,22 @@ impl Dispatch {
 }
 
 /// Commits `tpl` synchronously and records what the broker acknowledged. Holds the commit lock, so the
-/// committer thread and a revoke's final commit never overtake each other.
-fn commit_sync<C: ConsumerContext>(consumer: &BaseConsumer<C>, tpl: &TopicPartitionList, dispatch: &Dispatch) {
+/// committer thread and a revoke's final commit never overtake each other. False when the broker refused it.
+fn commit_sync<C: ConsumerContext>(consumer: &BaseConsumer<C>, tpl: &TopicPartitionList, dispatch: &Dispatch) -> bool {
     if tpl.count() == 0 {
-        return;
+        return true;
     }
     let _committing = dispatch.commit_lock.lock().unwrap_or_else(|e| e.into_inner());
     tracing::info!(offsets = ?tpl.to_topic_map(), "final commit");
-    commit_locked(consumer, tpl, dispatch);
+    commit_locked(consumer, tpl, dispatch)
 }
 
-fn commit_locked<C: ConsumerContext>(consumer: &BaseConsumer<C>, tpl: &TopicPartitionList, dispatch: &Dispatch) {
+/// Commits and records the result; true when the broker acknowledged it (or there was nothing to commit).
+fn commit_locked<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    tpl: &TopicPartitionList,
+    dispatch: &Dispatch,
+) -> bool {
     let started = Instant::now();
     let result = consumer.commit(tpl, CommitMode::Sync);
     dispatch.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
@@ -374,12 +431,14 @@ fn commit_locked<C: ConsumerContext>(consumer: &BaseConsumer<C>, tpl: &TopicPart
             dispatch.health.set_broker_error(None);
             dispatch.record_committed(tpl);
             tracing::debug!(offsets = ?tpl.to_topic_map(), "committed");
+            true
         }
-        Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+        Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => true,
         Err(e) => {
             dispatch.metrics.commit_failures.inc();
             tracing::warn!("commit failed: {e}");
             dispatch.forget_commits(Some(tpl));
+            false
         }
     }
 }
@@ -407,6 +466,33 @@ fn commit_request<C: ConsumerContext>(consumer: &BaseConsumer<C>, request: &[Top
     }
     if tpl.count() > 0 {
         commit_locked(consumer, &tpl, dispatch);
+    }
+}
+
+/// After a refused final commit at shutdown: keeps serving the consumer so the rebalance in progress can finish
+/// (its revoke commits the held offsets) and retries those still assigned, until all are committed or the
+/// `deadline`. Records fetched meanwhile belong to drained partitions and are not processed.
+fn settle_held_offsets<C: ConsumerContext>(consumer: &BaseConsumer<C>, dispatch: &Dispatch, deadline: Instant) {
+    let mut next_try = Instant::now() + Duration::from_millis(200);
+    while !dispatch.held().is_empty() && Instant::now() < deadline {
+        if let Some(Err(e)) = consumer.poll(Duration::from_millis(50)) {
+            tracing::debug!("consumer error while retrying the final commit: {e}");
+        }
+        if Instant::now() < next_try {
+            continue;
+        }
+        next_try = Instant::now() + Duration::from_millis(500);
+        let Ok(assignment) = consumer.assignment() else { continue };
+        let assigned: Vec<TopicPartition> =
+            assignment.elements().iter().map(|e| (Arc::<str>::from(e.topic()), e.partition())).collect();
+        let retry = dispatch.held().take(&assigned);
+        if !retry.is_empty() && !commit_sync(consumer, &commit_list(&retry), dispatch) {
+            dispatch.held().hold(retry);
+        }
+    }
+    let held = std::mem::take(&mut *dispatch.held());
+    if !held.is_empty() {
+        tracing::warn!(offsets = ?held.0, "final offsets not committed: their records will be delivered again");
     }
 }
 
@@ -483,7 +569,15 @@ impl ConsumerContext for WorkerContext {
             let lost = consumer.assignment_lost();
             self.0.metrics.rebalances.with_label_values(&[if lost { "lost" } else { "revoke" }]).inc();
             tracing::info!(partitions = ?tps, lost, "partitions revoked; draining");
-            let offsets = self.0.drain(&tps);
+            let mut offsets = self.0.drain(&tps);
+            // Final offsets a shutdown could not commit: now, while these partitions are still ours, or never.
+            for ((topic, partition), offset) in self.0.held().take(&tps) {
+                if offsets.find_partition(&topic, partition).is_none()
+                    && let Err(e) = offsets.add_partition_offset(&topic, partition, Offset::Offset(offset))
+                {
+                    tracing::error!(%topic, partition, "cannot build commit list: {e}");
+                }
+            }
             if lost {
                 tracing::warn!("assignment lost: not committing (another member owns these partitions now)");
             } else {
@@ -660,6 +754,7 @@ impl ConsumerLoop {
             }
         }
         tracing::info!("shutting down: draining all partitions");
+        let final_commit_deadline = Instant::now() + d.settings.drain_timeout + FINAL_COMMIT_MARGIN;
         drop(commits);
         if let Some(committer) = committer
             && committer.join().is_err()
@@ -667,7 +762,10 @@ impl ConsumerLoop {
             tracing::error!("committer thread panicked");
         }
         let offsets = d.drain(&d.all_partitions());
-        commit_sync(&self.consumer, &offsets, &d);
+        if !commit_sync(&self.consumer, &offsets, &d) {
+            d.held().hold(offsets_of(&offsets));
+            settle_held_offsets(&self.consumer, &d, final_commit_deadline);
+        }
         self.consumer.unsubscribe();
         // Dropping the last handle closes the consumer: it leaves the group (the revoke callback finds no
         // partitions left to drain).
@@ -680,6 +778,29 @@ impl ConsumerLoop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn held_offsets_are_taken_once_and_only_for_the_named_partitions() {
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+        let mut held = HeldOffsets::default();
+        held.hold([((a.clone(), 0), 10), ((a.clone(), 1), 20), ((b.clone(), 0), 30)]);
+        let mut taken = held.take(&[(a.clone(), 1), (b.clone(), 0), (b.clone(), 7)]);
+        taken.sort();
+        assert_eq!(taken, vec![((a.clone(), 1), 20), ((b.clone(), 0), 30)]);
+        assert!(held.take(&[(a.clone(), 1)]).is_empty(), "taken offsets are gone");
+        assert!(!held.is_empty());
+        assert_eq!(held.take(&[(a.clone(), 0)]), vec![((a, 0), 10)]);
+        assert!(held.is_empty());
+    }
+
+    #[test]
+    fn commit_lists_round_trip() {
+        let a: Arc<str> = Arc::from("a");
+        let offsets = vec![((a.clone(), 0), 10), ((a, 3), 42)];
+        let mut back = offsets_of(&commit_list(&offsets));
+        back.sort();
+        assert_eq!(back, offsets);
+    }
 
     #[test]
     fn queued_commit_requests_merge_to_each_partition_once() {
