@@ -34,25 +34,34 @@ fn matches_holds_under_pipefail_when_the_writer_outlives_the_match() {
     assert_eq!(missing, 7);
 }
 
-/// No test-bed script pipes into `grep -q` any more (the helper above replaces it).
+/// No shell script of e2e/ (test bed, benchmarks, demo, kind) pipes into `grep -q` any more.
 #[test]
-fn no_bed_script_pipes_into_grep_q() {
-    let dirs =
-        [Path::new(env!("CARGO_MANIFEST_DIR")).join("testbed"), Path::new(env!("CARGO_MANIFEST_DIR")).join("bench")];
-    let mut offenders = Vec::new();
-    for dir in dirs {
-        for entry in std::fs::read_dir(&dir).unwrap() {
+fn no_e2e_script_pipes_into_grep_q() {
+    fn scripts(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
             let path = entry.unwrap().path();
-            if path.extension().and_then(|e| e.to_str()) != Some("sh") {
-                continue;
-            }
-            let text = std::fs::read_to_string(&path).unwrap();
-            for (n, line) in text.lines().enumerate() {
-                if line.contains('|') && line.contains("grep -q") {
-                    offenders.push(format!("{}:{}: {line}", path.display(), n + 1));
-                }
+            if path.is_dir() {
+                scripts(&path, out);
+            } else if path.extension().and_then(|e| e.to_str()) == Some("sh") {
+                out.push(path);
             }
         }
     }
-    assert!(offenders.is_empty(), "pipe into `matches` instead of `grep -q`:\n{}", offenders.join("\n"));
+    let mut paths = Vec::new();
+    scripts(Path::new(env!("CARGO_MANIFEST_DIR")), &mut paths);
+    assert!(paths.len() >= 10, "found only {paths:?}");
+    let mut offenders = Vec::new();
+    for path in paths {
+        let text = std::fs::read_to_string(&path).unwrap();
+        for (n, line) in text.lines().enumerate() {
+            if line.contains('|') && line.contains("grep -q") {
+                offenders.push(format!("{}:{}: {line}", path.display(), n + 1));
+            }
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "pipe into `matches` (or grep >/dev/null) instead of `grep -q`:\n{}",
+        offenders.join("\n")
+    );
 }

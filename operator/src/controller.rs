@@ -427,8 +427,7 @@ async fn reconcile_inner(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
     if let Some(s) = &snapshot {
         shared.metrics.lag.with_label_values(&labels).set(s.total_lag);
         shared.metrics.stuck_partitions.with_label_values(&labels).set(i64::from(s.stuck_partitions));
-        let arrival: f64 = s.arrival_rates.iter().sum();
-        shared.metrics.arrival_rate.with_label_values(&labels).set(arrival.round() as i64);
+        shared.metrics.arrival_rate.with_label_values(&labels).set(s.arrival_rate().round() as i64);
         if let Some(capacity) = s.capacity {
             shared.metrics.capacity_per_replica.with_label_values(&labels).set(capacity.rate().round() as i64);
         }

@@ -102,7 +102,7 @@ pub struct Snapshot {
     /// What one replica can do, as far as the throughput model knows.
     pub capacity: Option<Capacity>,
     /// Lag that only awaits its commit.
-    pub in_flight: i64,
+    pub awaiting_commit: i64,
     /// The set of ready consumers changed within the last polls.
     pub rebalancing: bool,
 }
@@ -118,9 +118,14 @@ impl Snapshot {
             rate_per_replica: self.rate_per_replica,
             arrival_rates: self.arrival_rates.clone(),
             capacity: self.capacity,
-            in_flight: self.in_flight,
+            awaiting_commit: self.awaiting_commit,
             rebalancing: self.rebalancing,
         }
+    }
+
+    /// Records per second arriving on all partitions together.
+    pub fn arrival_rate(&self) -> f64 {
+        self.arrival_rates.iter().sum()
     }
 
     /// The status summary.
@@ -133,8 +138,8 @@ impl Snapshot {
             stuck_partitions: self.stuck_partitions,
             records_per_second: rate.map(|r| r.round() as i64),
             estimated_drain_seconds: rate.map(|r| (self.total_lag as f64 / r).ceil() as i64),
-            arrival_records_per_second: Some(self.arrival_rates.iter().sum::<f64>().round() as i64),
-            awaiting_commit: Some(self.in_flight),
+            arrival_records_per_second: Some(self.arrival_rate().round() as i64),
+            awaiting_commit: Some(self.awaiting_commit),
             capacity_per_replica: self.capacity.map(|c| c.rate().round() as i64),
             capacity_measured: self.capacity.map(|c| matches!(c, Capacity::Measured(_))),
         }
@@ -148,7 +153,6 @@ pub struct LagTracker {
     samples: VecDeque<RateSample>,
     last_poll: Option<Duration>,
     last_busy: bool,
-    last_scalable_lag: i64,
     model: ThroughputModel,
     /// Polls with lag and an unchanged committed offset (while consumers run) before a partition
     /// counts as stuck.
@@ -170,7 +174,6 @@ impl LagTracker {
             samples: VecDeque::new(),
             last_poll: None,
             last_busy: false,
-            last_scalable_lag: 0,
             model: ThroughputModel::default(),
             stuck_after_polls: stuck_after_polls.max(1),
             rate_window,
@@ -241,12 +244,11 @@ impl LagTracker {
         snap.arrival_rates.sort_by(|a, b| b.total_cmp(a));
         let scalable = snap.total_lag - snap.stuck_lag;
 
-        if let Some(prev) = self.last_poll
-            && now > prev
-        {
+        let since_last = self.last_poll.filter(|prev| now > *prev).map(|prev| now - prev);
+        if let Some(span) = since_last {
             self.samples.push_back(RateSample {
                 at: now,
-                span: now - prev,
+                span,
                 committed_delta,
                 consumers,
                 busy: self.last_busy && consumers > 0,
@@ -259,7 +261,6 @@ impl LagTracker {
                 break;
             }
         }
-        let span_since_last = self.last_poll.filter(|prev| now > *prev).map(|prev| now - prev);
         self.last_poll = Some(now);
         self.last_busy = scalable > 0;
 
@@ -275,22 +276,18 @@ impl LagTracker {
         if busy_pod_secs > 0.0 && busy_delta > 0 {
             snap.rate_per_replica = Some(busy_delta as f64 / busy_pod_secs);
         }
-        if let Some(span) = span_since_last {
-            let estimate = self.model.observe(&Poll {
-                at: now,
-                span,
-                committed: committed_delta,
-                arrived,
-                consumers,
-                lag_before: self.last_scalable_lag,
-                lag_now: scalable,
-                recent_commit_rate: snap.records_per_second,
-            });
-            snap.capacity = estimate.capacity;
-            snap.in_flight = estimate.in_flight;
-            snap.rebalancing = estimate.rebalancing;
-        }
-        self.last_scalable_lag = scalable;
+        let estimate = self.model.observe(&Poll {
+            at: now,
+            span: since_last.unwrap_or_default(),
+            committed: committed_delta,
+            arrived,
+            consumers,
+            lag: scalable,
+            recent_commit_rate: snap.records_per_second,
+        });
+        snap.capacity = estimate.capacity;
+        snap.awaiting_commit = estimate.awaiting_commit;
+        snap.rebalancing = estimate.rebalancing;
         snap
     }
 }
@@ -396,7 +393,7 @@ mod tests {
         }
         assert_eq!(snap.arrival_rates, vec![100.0, 20.0], "highest first");
         assert_eq!(snap.capacity, Some(Capacity::Measured(150.0)));
-        assert_eq!(snap.in_flight, 0, "a group draining a backlog is not keeping up: no commit delay yet");
+        assert_eq!(snap.awaiting_commit, 0, "a group draining a backlog is not keeping up: no commit delay yet");
         let obs = snap.observation();
         assert_eq!((obs.capacity, obs.arrival_rates.len()), (snap.capacity, 2));
         let sum = snap.summary();

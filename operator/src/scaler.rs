@@ -12,12 +12,13 @@
 //!    `ceil(scalable lag / (rate per replica × targetDrainSeconds))` once a rate is known
 //!    (`lagThreshold` until then). Scalable lag excludes stuck partitions: more pods cannot help a
 //!    poison record, and a permanent lag of 1 from transaction markers must not keep a pod alive.
-//!    Once the group's capacity per replica is measured (see [`crate::lag`]), the recommendation
-//!    is the larger of two needs instead: the replicas that keep up with the arrival rate at
-//!    `target_utilization` (partition-aware: a pod's load is the sum of the busiest partitions it
-//!    may own), and the lag rule applied to the backlog only, the lag minus what is merely waiting
-//!    for its commit. A plain lag rule pays pods for that commit delay: at 6,000 records/s and a 2 s
-//!    delay it asks for 12 pods where 6 keep up.
+//!    With the throughput model ([`crate::throughput`]) the rule applies to the backlog only: the
+//!    lag minus the records that merely await their commit. A plain lag rule pays pods for that
+//!    commit delay: at 6,000 records/s and a 2 s delay it asks for 12 pods where 6 keep up. The
+//!    recommendation is then the larger of that and the replicas that keep up with the arrival rate
+//!    (partition-aware: a pod's load is the sum of the busiest partitions it may own), at
+//!    `target_utilization` of a measured capacity or at the lower bound the replicas have shown;
+//!    never more than the plain rule on the whole lag.
 //! 4. Clamp to `[minReplicas, min(maxReplicas, partitions)]`. With `partitionDistribution: even`,
 //!    round up to the next divisor of the partition count so every pod gets the same number of
 //!    partitions (12 partitions: 5 → 6, 7 → 12). Rounding down to a "balanced" count was tried in
@@ -140,7 +141,7 @@ pub struct Observation {
     /// What one replica can do, once the throughput model knows.
     pub capacity: Option<Capacity>,
     /// Part of the lag that only awaits its commit (included in `total_lag`).
-    pub in_flight: i64,
+    pub awaiting_commit: i64,
     /// The set of ready consumers changed within the last polls (a rebalance pauses consumption).
     pub rebalancing: bool,
 }
@@ -299,8 +300,6 @@ impl ScalerState {
         let idle_for = now.saturating_sub(self.last_busy.unwrap_or(now));
         let cooled = lower == 0 && !busy && idle_for >= policy.cooldown_to_zero;
 
-        // With a measured capacity, the keep-up rule covers the records in flight, so the lag rule
-        // only has to drain the backlog beyond them.
         // A measured capacity is planned at `target_utilization`; a lower bound as it is (the replicas
         // showed that rate, and a group that then falls behind gets its capacity measured).
         let capacity = match obs.capacity {
@@ -309,7 +308,7 @@ impl ScalerState {
             _ => None,
         };
         let keep_up = capacity.map(|k| keep_up_replicas(&obs.arrival_rates, k, obs.partitions)).unwrap_or(0);
-        let backlog = scalable - obs.in_flight.clamp(0, scalable);
+        let backlog = scalable - obs.awaiting_commit.clamp(0, scalable);
         let (per_replica_lag, mut basis) = match policy.target {
             Target::LagThreshold(t) => (t.max(1) as f64, format!("lagThreshold {t}")),
             Target::DrainSeconds { seconds, fallback_threshold } => match obs.rate_per_replica {
@@ -323,8 +322,8 @@ impl ScalerState {
         let by_lag = ceil_div(backlog, per_replica_lag);
         // Never more than the plain lag rule would ask for: the model only saves pods.
         let keep_up = keep_up.min(ceil_div(scalable, per_replica_lag));
-        if obs.in_flight > 0 {
-            basis.push_str(&format!("; backlog {backlog} beyond {} awaiting commit", obs.in_flight));
+        if obs.awaiting_commit > 0 {
+            basis.push_str(&format!("; backlog {backlog} beyond {} awaiting commit", obs.awaiting_commit));
         }
         // Only when it counts: after a burst the minute's arrival average outlives the lag.
         if let Some(k) = capacity.filter(|_| keep_up > 0) {
@@ -738,7 +737,7 @@ mod tests {
             log_end_advanced: true,
             arrival_rates: vec![arrival / 12.0; 12],
             capacity: Some(Capacity::Measured(1000.0)),
-            in_flight: lag,
+            awaiting_commit: lag,
             ..Default::default()
         }
     }
@@ -771,7 +770,7 @@ mod tests {
     fn a_backlog_that_drains_soon_needs_no_more_replicas() {
         let p = Policy { max_replicas: 12, ..policy() };
         // 50 records/s per partition: one pod keeps up, so any scale-up is for the backlog alone.
-        let backlog = |lag: i64| Observation { in_flight: 0, ..keeping_up(600.0, lag) };
+        let backlog = |lag: i64| Observation { awaiting_commit: 0, ..keeping_up(600.0, lag) };
         let mut st = ScalerState::default();
         let d = st.decide(&p, Some(&backlog(1000)), 5, s(100));
         assert_eq!((d.desired, d.reason), (10, Reason::ScaleUp), "a new backlog scales up at once");
@@ -789,7 +788,7 @@ mod tests {
     #[test]
     fn backlog_growth_during_a_rebalance_is_confirmed_first() {
         let p = Policy { max_replicas: 12, ..policy() };
-        let o = |lag: i64, rebalancing: bool| Observation { in_flight: 0, rebalancing, ..keeping_up(600.0, lag) };
+        let o = |lag: i64, rebalancing: bool| Observation { awaiting_commit: 0, rebalancing, ..keeping_up(600.0, lag) };
         let mut st = ScalerState::default();
         st.decide(&p, Some(&o(300, false)), 3, s(100));
         let d = st.decide(&p, Some(&o(800, true)), 3, s(105));

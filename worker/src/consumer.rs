@@ -86,12 +86,9 @@ impl HeldOffsets {
     }
 }
 
-/// The offsets of a commit list.
-fn offsets_of(tpl: &TopicPartitionList) -> Vec<(TopicPartition, i64)> {
-    tpl.elements()
-        .iter()
-        .filter_map(|e| e.offset().to_raw().map(|o| ((Arc::<str>::from(e.topic()), e.partition()), o)))
-        .collect()
+/// The partitions of a list.
+fn partitions_of(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
+    tpl.elements().iter().map(|e| (Arc::<str>::from(e.topic()), e.partition())).collect()
 }
 
 fn commit_list(offsets: &[(TopicPartition, i64)]) -> TopicPartitionList {
@@ -162,8 +159,7 @@ impl Dispatch {
 
     fn assign(&self, tpl: &TopicPartitionList) {
         let mut parts = self.partitions();
-        for e in tpl.elements() {
-            let tp = (Arc::<str>::from(e.topic()), e.partition());
+        for tp in partitions_of(tpl) {
             if parts.contains_key(&tp) {
                 continue;
             }
@@ -201,14 +197,14 @@ impl Dispatch {
 
     /// Stops the given partitions' tasks, waits for them to drain (bounded), and returns the final
     /// offsets to commit.
-    fn drain(&self, tps: &[TopicPartition]) -> TopicPartitionList {
+    fn drain(&self, tps: &[TopicPartition]) -> Vec<(TopicPartition, i64)> {
         let handles: Vec<(TopicPartition, PartitionHandle)> = {
             let mut parts = self.partitions();
             let taken = tps.iter().filter_map(|tp| parts.remove(tp).map(|h| (tp.clone(), h))).collect();
             self.metrics.assigned_partitions.set(parts.len() as i64);
             taken
         };
-        let mut tpl = TopicPartitionList::new();
+        let mut offsets = Vec::with_capacity(handles.len());
         // The tasks apply drain_timeout themselves; the margin covers a task stuck waiting for
         // worker permits.
         let deadline = Instant::now() + self.settings.drain_timeout + Duration::from_secs(2);
@@ -235,13 +231,11 @@ impl Dispatch {
             let _ = self.metrics.lag.remove_label_values(&[&*topic, &partition.to_string()]);
             let _ = self.metrics.committed_offset.remove_label_values(&[&*topic, &partition.to_string()]);
             // Always part of the final synchronous commit, whatever the periodic commits did.
-            if let Some(offset) = committable
-                && let Err(e) = tpl.add_partition_offset(&topic, partition, Offset::Offset(offset))
-            {
-                tracing::error!(%topic, partition, "cannot build commit list: {e}");
+            if let Some(offset) = committable {
+                offsets.push(((topic, partition), offset));
             }
         }
-        tpl
+        offsets
     }
 
     fn all_partitions(&self) -> Vec<TopicPartition> {
@@ -483,9 +477,7 @@ fn settle_held_offsets<C: ConsumerContext>(consumer: &BaseConsumer<C>, dispatch:
         }
         next_try = Instant::now() + Duration::from_millis(500);
         let Ok(assignment) = consumer.assignment() else { continue };
-        let assigned: Vec<TopicPartition> =
-            assignment.elements().iter().map(|e| (Arc::<str>::from(e.topic()), e.partition())).collect();
-        let retry = dispatch.held().take(&assigned);
+        let retry = dispatch.held().take(&partitions_of(&assignment));
         if !retry.is_empty() && !commit_sync(consumer, &commit_list(&retry), dispatch) {
             dispatch.held().hold(retry);
         }
@@ -561,8 +553,7 @@ impl ClientContext for WorkerContext {
 impl ConsumerContext for WorkerContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
-            let tps: Vec<TopicPartition> =
-                tpl.elements().iter().map(|e| (Arc::<str>::from(e.topic()), e.partition())).collect();
+            let tps = partitions_of(tpl);
             if tps.is_empty() {
                 return;
             }
@@ -571,17 +562,12 @@ impl ConsumerContext for WorkerContext {
             tracing::info!(partitions = ?tps, lost, "partitions revoked; draining");
             let mut offsets = self.0.drain(&tps);
             // Final offsets a shutdown could not commit: now, while these partitions are still ours, or never.
-            for ((topic, partition), offset) in self.0.held().take(&tps) {
-                if offsets.find_partition(&topic, partition).is_none()
-                    && let Err(e) = offsets.add_partition_offset(&topic, partition, Offset::Offset(offset))
-                {
-                    tracing::error!(%topic, partition, "cannot build commit list: {e}");
-                }
-            }
+            // (A shutdown drained them already, so the two lists never name the same partition.)
+            offsets.extend(self.0.held().take(&tps));
             if lost {
                 tracing::warn!("assignment lost: not committing (another member owns these partitions now)");
             } else {
-                commit_sync(consumer, &offsets, &self.0);
+                commit_sync(consumer, &commit_list(&offsets), &self.0);
             }
         }
     }
@@ -762,8 +748,8 @@ impl ConsumerLoop {
             tracing::error!("committer thread panicked");
         }
         let offsets = d.drain(&d.all_partitions());
-        if !commit_sync(&self.consumer, &offsets, &d) {
-            d.held().hold(offsets_of(&offsets));
+        if !commit_sync(&self.consumer, &commit_list(&offsets), &d) {
+            d.held().hold(offsets);
             settle_held_offsets(&self.consumer, &d, final_commit_deadline);
         }
         self.consumer.unsubscribe();
@@ -794,12 +780,11 @@ mod tests {
     }
 
     #[test]
-    fn commit_lists_round_trip() {
+    fn commit_lists_carry_every_offset() {
         let a: Arc<str> = Arc::from("a");
-        let offsets = vec![((a.clone(), 0), 10), ((a, 3), 42)];
-        let mut back = offsets_of(&commit_list(&offsets));
-        back.sort();
-        assert_eq!(back, offsets);
+        let tpl = commit_list(&[((a.clone(), 0), 10), ((a.clone(), 3), 42)]);
+        assert_eq!(partitions_of(&tpl), vec![(a.clone(), 0), (a, 3)]);
+        assert_eq!(tpl.find_partition("a", 3).map(|e| e.offset()), Some(Offset::Offset(42)));
     }
 
     #[test]
