@@ -4,6 +4,7 @@
 //! This crate holds types only (no client code) and enables no k8s-openapi version feature of its
 //! own beyond the workspace's pinned one.
 
+pub mod commit_metadata;
 pub mod corpus;
 mod duration;
 mod quantity;

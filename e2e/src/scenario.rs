@@ -125,6 +125,16 @@ impl Sink {
         Ok(body.lines().map(str::to_string).collect())
     }
 
+    /// Starts (`true`) or ends an outage: the sink answers 503 to every request meanwhile.
+    pub async fn set_outage(&self, on: bool) -> Result<(), TestBedError> {
+        let url = format!("{}/outage/{}", self.base, if on { "start" } else { "end" });
+        let resp = reqwest::Client::new().post(url).send().await.map_err(other)?;
+        if !resp.status().is_success() {
+            return Err(other(format!("sink outage switch answered {}", resp.status())));
+        }
+        Ok(())
+    }
+
     /// `{"requests","records","unique","rejected"}`.
     pub async fn stats(&self) -> Result<serde_json::Value, TestBedError> {
         reqwest::get(format!("{}/stats", self.base)).await.map_err(other)?.json().await.map_err(other)

@@ -464,7 +464,7 @@ async fn pipeline_chaos_loses_nothing() {
             &sink,
             json!({"onFailure": "block",
                    "concurrency": {"perWorker": 256, "perPartition": 32, "uncommittedPerPartition": uncommitted_per_partition},
-                   "scaling": {"minReplicas": 2, "maxReplicas": 6, "lagThreshold": 2000}}),
+                   "scaling": {"minReplicas": 0, "maxReplicas": 6, "lagThreshold": 2000}}),
         ),
     )
     .await

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kpipe_api::v1alpha1::{ConsumerPipeline, ConsumerPipelineSpec};
 use kube::api::{Api, PartialObjectMeta, Patch, PatchParams};
@@ -29,7 +29,9 @@ use crate::lag::LagTracker;
 use crate::metrics::Metrics;
 use crate::probe::{Cluster, LagProbe, Sasl, Tls};
 use crate::scaler::{Decision, Policy, Reason, ScalerState};
+use crate::stall::{self, StallInputs, StallReason};
 use crate::status::{self, Observed, Problem};
+use crate::workers::{PodView, WorkerPods};
 
 /// Reconcile errors (Degraded causes are not errors: they are reported in status and requeued).
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +67,12 @@ fn kube_err(action: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
     move |source| Error::Kube { action, source }
 }
 
+/// The shortest time without a commit before a backlog counts as stalled.
+const MIN_STALL_WINDOW: Duration = Duration::from_secs(30);
+/// How long new worker pods may take to become ready (scheduling, image pulls) before a backlog with
+/// no ready worker is `NoCapacity`.
+const STARTUP_GRACE: Duration = Duration::from_secs(120);
+
 /// Operator settings that reach the reconciler.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -92,6 +100,8 @@ struct PipelineState {
     /// Replicas this operator last set (auto mode); None before the first decision.
     last_desired: Option<i32>,
     last_problem: Option<Problem>,
+    /// The stall reason last reported (Events on change).
+    last_stall: Option<StallReason>,
     failures: u32,
 }
 
@@ -178,6 +188,29 @@ pub struct Context {
     pub shared: Arc<Shared>,
     deployments: Store<Deployment>,
     config_maps: Store<PartialObjectMeta<ConfigMap>>,
+    /// Worker pods (status only), for restarts, readiness and the consumer set.
+    pods: Store<Pod>,
+}
+
+impl Context {
+    /// The worker pods of pipeline `ns/name`, as the Pod cache has them.
+    fn worker_pods(&self, ns: &str, name: &str) -> Vec<PodView> {
+        self.pods
+            .state()
+            .iter()
+            .filter(|p| {
+                p.metadata.namespace.as_deref() == Some(ns)
+                    && p.metadata.labels.as_ref().and_then(|l| l.get(build::LABEL_INSTANCE)).map(String::as_str)
+                        == Some(name)
+            })
+            .map(|p| PodView::from_pod(p))
+            .collect()
+    }
+}
+
+/// Whether `owners` make `uid` the object's controller.
+fn controlled_by(owners: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference], uid: &str) -> bool {
+    owners.iter().any(|o| o.controller == Some(true) && o.uid == uid)
 }
 
 /// Secrets a pipeline references: key names and versions (for validation and the config hash)
@@ -307,6 +340,11 @@ async fn reconcile_inner(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
     // The operator owns the replica count in auto mode: its own last decision is the truth, a
     // drifted Deployment is put back.
     let current = state.last_desired.or(dep_replicas).unwrap_or(0);
+    let wall = jiff::Timestamp::now();
+    let workers = WorkerPods::summarize(&ctx.worker_pods(&ns, &name), wall.as_second());
+    // The Deployment's ready count is what the scaler has always used; the pods add restarts and identity.
+    let consumers = crate::lag::Consumers { ready, epoch: workers.epoch.wrapping_add(ready as u64) };
+    let wall_ms = u64::try_from(wall.as_millisecond()).unwrap_or(0);
 
     let t_start = Instant::now();
     // Dereference and validate.
@@ -331,7 +369,7 @@ async fn reconcile_inner(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
                     let tracker = state.tracker.get_or_insert_with(|| {
                         LagTracker::new(shared.settings.stuck_after_polls, Duration::from_secs(60))
                     });
-                    let snap = tracker.update(&offsets, spec.source.start_offset, ready, now);
+                    let snap = tracker.update(&offsets, spec.source.start_offset, consumers, now, wall_ms);
                     if snap.partitions < spec.scaling.min_replicas {
                         problem = Some(Problem {
                             reason: "InsufficientPartitions".into(),
@@ -359,43 +397,92 @@ async fn reconcile_inner(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
     shared.metrics.kafka_clients.with_label_values(&["offset_connection"]).set(counts.offset_connections as i64);
 
     let t_probe = t_start.elapsed();
-    // A same-named Deployment that this pipeline does not control is never taken over.
-    if dep.is_none() && problem.is_none() {
-        let api: Api<Deployment> = Api::namespaced(shared.client.clone(), &ns);
-        if let Some(existing) =
-            api.get_opt(&child).await.map_err(kube_err(format!("reading Deployment {ns}/{child}")))?
-            && !existing.owner_references().iter().any(|o| o.controller == Some(true) && o.uid == uid)
-        {
-            problem = Some(Problem {
-                reason: "ChildConflict".into(),
-                message: format!("Deployment {child} exists and is not controlled by this pipeline; not touching it"),
-            });
+    // Never touch a child this pipeline does not control (a controller owner reference with its uid),
+    // whatever else went wrong in this reconcile: a user's same-named ConfigMap or Deployment is left
+    // byte for byte as it is. The caches only hold objects labelled as ours, so an absent entry is
+    // looked up directly.
+    let mut conflicts = Vec::new();
+    let dep_ours = match &dep {
+        Some(d) => controlled_by(d.owner_references(), &uid),
+        None => {
+            let api: Api<Deployment> = Api::namespaced(shared.client.clone(), &ns);
+            match api.get_metadata_opt(&child).await {
+                Ok(found) => found.is_none_or(|d| controlled_by(d.owner_references(), &uid)),
+                Err(e) => {
+                    problem.get_or_insert(Problem {
+                        reason: "KubernetesApiError".into(),
+                        message: format!("reading Deployment {ns}/{child}: {e}"),
+                    });
+                    false
+                }
+            }
         }
+    };
+    let cm_ours = match &cm {
+        Some(c) => controlled_by(c.owner_references(), &uid),
+        None => {
+            let api: Api<ConfigMap> = Api::namespaced(shared.client.clone(), &ns);
+            match api.get_metadata_opt(&child).await {
+                Ok(found) => found.is_none_or(|c| controlled_by(c.owner_references(), &uid)),
+                Err(e) => {
+                    problem.get_or_insert(Problem {
+                        reason: "KubernetesApiError".into(),
+                        message: format!("reading ConfigMap {ns}/{child}: {e}"),
+                    });
+                    false
+                }
+            }
+        }
+    };
+    if !dep_ours {
+        conflicts.push(format!("Deployment {child}"));
+    }
+    if !cm_ours {
+        conflicts.push(format!("ConfigMap {child}"));
+    }
+    if !conflicts.is_empty() && problem.as_ref().is_none_or(|p| p.reason != "KubernetesApiError") {
+        problem = Some(Problem {
+            reason: "ChildConflict".into(),
+            message: format!(
+                "{} already exists and is not controlled by this pipeline; kpipe does not touch it. Rename or \
+                 delete it, or rename the pipeline",
+                conflicts.join(" and ")
+            ),
+        });
     }
     // Apply children.
     let mut configured = false;
-    let conflict = problem.as_ref().is_some_and(|p| p.reason == "ChildConflict");
-    if let (Ok(v), false) = (&validated, conflict) {
+    if let (Ok(v), true) = (&validated, dep_ours && cm_ours) {
         let pp = PatchParams::apply(&shared.settings.field_manager).force();
+        let mut applied = Ok(());
         if cm.is_none() || cm_hash.as_deref() != Some(v.config_hash.as_str()) {
             let api: Api<ConfigMap> = Api::namespaced(shared.client.clone(), &ns);
-            api.patch(&child, &pp, &Patch::Apply(build::config_map(v)))
+            applied = api
+                .patch(&child, &pp, &Patch::Apply(build::config_map(v)))
                 .await
-                .map_err(kube_err(format!("applying ConfigMap {ns}/{child}")))?;
-            debug!(%ns, %name, "applied ConfigMap");
+                .map(|_| debug!(%ns, %name, "applied ConfigMap"))
+                .map_err(|e| format!("applying ConfigMap {ns}/{child}: {e}"));
         }
-        if dep.is_none()
-            || dep_hash.as_deref() != Some(v.config_hash.as_str())
-            || dep_replicas != Some(decision.desired)
+        if applied.is_ok()
+            && (dep.is_none()
+                || dep_hash.as_deref() != Some(v.config_hash.as_str())
+                || dep_replicas != Some(decision.desired))
         {
             let api: Api<Deployment> = Api::namespaced(shared.client.clone(), &ns);
-            api.patch(&child, &pp, &Patch::Apply(build::deployment(v, decision.desired)))
+            applied = api
+                .patch(&child, &pp, &Patch::Apply(build::deployment(v, decision.desired)))
                 .await
-                .map_err(kube_err(format!("applying Deployment {ns}/{child}")))?;
-            debug!(%ns, %name, replicas = decision.desired, "applied Deployment");
+                .map(|_| debug!(%ns, %name, replicas = decision.desired, "applied Deployment"))
+                .map_err(|e| format!("applying Deployment {ns}/{child}: {e}"));
         }
-        configured = true;
-        state.last_desired = Some(decision.desired);
+        match applied {
+            Ok(()) => {
+                configured = true;
+                state.last_desired = Some(decision.desired);
+            }
+            // Denied by admission, a quota, a webhook...: said in status, retried at the next poll.
+            Err(message) => problem = Some(Problem { reason: "ChildApplyFailed".into(), message }),
+        }
     }
     let previous_replicas = dep_replicas.unwrap_or(0);
     let replicas = if configured { decision.desired } else { previous_replicas };
@@ -423,10 +510,47 @@ async fn reconcile_inner(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
         }
         state.last_problem = problem.clone();
     }
+    // Is the backlog draining? (Stalled condition, Ready=False and a Warning Event when not.)
+    let stall = snapshot.as_ref().and_then(|snap| {
+        stall::assess(&StallInputs {
+            snapshot: snap,
+            workers: &workers,
+            replicas,
+            suspended: spec.suspend,
+            activation_lag: spec.scaling.activation_lag,
+            window: poll.saturating_mul(shared.settings.stuck_after_polls.max(1)).max(MIN_STALL_WINDOW),
+            startup_grace: STARTUP_GRACE,
+            wall_ms,
+        })
+    });
+    let stall_reason = stall.as_ref().map(|st| st.reason);
+    if stall_reason != state.last_stall {
+        match &stall {
+            Some(st) => {
+                warn!(%ns, %name, reason = %st.reason, "stalled: {}", st.message);
+                shared.event(&oref, EventType::Warning, st.reason.as_str(), st.message.clone(), "Stall").await;
+            }
+            None if snapshot.is_some() => {
+                let lag = snapshot.as_ref().map(|s| s.total_lag).unwrap_or(0);
+                let note = format!("backlog moving again (lag {lag})");
+                shared.event(&oref, EventType::Normal, "Draining", note, "Stall").await;
+            }
+            None => {}
+        }
+        if stall.is_some() || snapshot.is_some() {
+            state.last_stall = stall_reason;
+        }
+    }
     let labels = [ns.as_str(), name.as_str()];
+    shared.metrics.worker_restarts.with_label_values(&labels).set(i64::from(workers.restarts));
+    shared.metrics.crash_looping_workers.with_label_values(&labels).set(i64::from(workers.crash_looping));
+    if snapshot.is_some() {
+        shared.metrics.set_stalled(&ns, &name, stall_reason);
+    }
     if let Some(s) = &snapshot {
         shared.metrics.lag.with_label_values(&labels).set(s.total_lag);
         shared.metrics.stuck_partitions.with_label_values(&labels).set(i64::from(s.stuck_partitions));
+        shared.metrics.retrying_partitions.with_label_values(&labels).set(i64::from(s.retrying_partitions));
         shared.metrics.arrival_rate.with_label_values(&labels).set(s.arrival_rate().round() as i64);
         if let Some(capacity) = s.capacity {
             shared.metrics.capacity_per_replica.with_label_values(&labels).set(capacity.rate().round() as i64);
@@ -451,6 +575,10 @@ async fn reconcile_inner(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
         group_id: Some(spec.source.effective_group_id(&ns, &name)),
         lag: snapshot.as_ref().map(|s| s.summary()).or_else(|| prev_status.and_then(|s| s.lag.clone())),
         scaled_at: scaled.then(|| Time(jiff::Timestamp::now())),
+        stall: stall.map(|st| Problem { reason: st.reason.as_str().into(), message: st.message }),
+        backlog: snapshot.as_ref().is_some_and(|s| s.total_lag > spec.scaling.activation_lag),
+        suspended: spec.suspend,
+        workers: Some(workers.summary()),
     };
     let new_status = status::compute(prev_status, &observed, Time(jiff::Timestamp::now()));
     if prev_status != Some(&new_status) {
@@ -558,6 +686,27 @@ pub async fn run(
     )
     .touched_objects();
 
+    // Worker pods: readiness and restarts only (the spec is dropped). Driven by its own task: pod
+    // changes do not trigger reconciles, the poll interval paces them.
+    let (pods, pod_writer) = reflector::store::<Pod>();
+    let pod_stream = reflector::reflector(
+        pod_writer,
+        watcher(
+            scope.api::<Pod>(&client),
+            watcher::Config::default().labels(&format!("{}=kpipe-worker", build::LABEL_NAME)),
+        )
+        .modify(|p: &mut Pod| {
+            p.metadata.managed_fields = None;
+            p.metadata.annotations = None;
+            p.spec = None;
+        }),
+    );
+    let pod_driver = tokio::spawn(pod_stream.for_each(|ev| async move {
+        if let Err(e) = ev {
+            debug!(error = %e, "worker pod watch");
+        }
+    }));
+
     // Referenced Secrets (metadata only, not cached): a created, fixed or rotated Secret
     // reconciles the pipelines that reference it at once instead of at the next backoff.
     let secret_stream =
@@ -593,7 +742,7 @@ pub async fn run(
         }
     });
 
-    let ctx = Arc::new(Context { shared, deployments, config_maps });
+    let ctx = Arc::new(Context { shared, deployments, config_maps, pods });
     info!(?scope, "starting ConsumerPipeline controller");
     Controller::for_stream(primary, pipelines)
         .owns_stream(dep_stream)
@@ -609,6 +758,7 @@ pub async fn run(
         })
         .await;
     pruner.abort();
+    pod_driver.abort();
     info!(?scope, "controller stopped");
 }
 

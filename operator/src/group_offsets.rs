@@ -51,8 +51,15 @@ pub struct GroupOffsets {
     correlation: AtomicI32,
 }
 
-/// Committed offsets: (topic, partition) → offset (`None`: nothing committed).
-pub type Committed = HashMap<(String, i32), Option<i64>>;
+/// One partition's commit: the offset and its metadata string (empty when none was given).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Commit {
+    pub offset: i64,
+    pub metadata: String,
+}
+
+/// Committed offsets: (topic, partition) → commit (`None`: nothing committed).
+pub type Committed = HashMap<(String, i32), Option<Commit>>;
 
 impl GroupOffsets {
     pub fn new(bootstrap: Vec<String>, timeout: Duration) -> Self {
@@ -217,8 +224,11 @@ impl GroupOffsets {
         let mut out = Committed::new();
         for t in &g.topics {
             for p in &t.partitions {
-                let off = (p.error_code == 0 && p.committed_offset >= 0).then_some(p.committed_offset);
-                out.insert((t.name.0.as_str().to_string(), p.partition_index), off);
+                let commit = (p.error_code == 0 && p.committed_offset >= 0).then(|| Commit {
+                    offset: p.committed_offset,
+                    metadata: p.metadata.as_ref().map(|m| m.as_str().to_string()).unwrap_or_default(),
+                });
+                out.insert((t.name.0.as_str().to_string(), p.partition_index), commit);
             }
         }
         Ok(out)

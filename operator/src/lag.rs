@@ -9,13 +9,14 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
+use kpipe_api::commit_metadata::RetryReport;
 use kpipe_api::v1alpha1::{LagSummary, StartOffset};
 
 use crate::scaler::Observation;
 use crate::throughput::{Capacity, Poll, ThroughputModel};
 
 /// Offsets of one partition, as read from the cluster.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PartitionOffsets {
     pub topic: String,
     pub partition: i32,
@@ -25,6 +26,25 @@ pub struct PartitionOffsets {
     pub log_end: i64,
     /// The group's committed offset, if any.
     pub committed: Option<i64>,
+    /// A worker's report, in the commit metadata, that the record at the committed offset is being
+    /// retried ([`kpipe_api::commit_metadata`]); it may be stale (see [`RetryReport::is_current`]).
+    pub retry: Option<RetryReport>,
+}
+
+/// How long a worker's retry report stays believable, in milliseconds of the operator's clock. Workers
+/// re-report on every commit interval (1 s by default); the margin absorbs missed commits and clock skew
+/// between nodes.
+pub const RETRY_REPORT_FRESH_MS: u64 = 60_000;
+
+/// Who consumes the group, as the controller sees the worker pods.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Consumers {
+    /// Ready worker pods.
+    pub ready: i32,
+    /// Changes whenever the consumer set may have changed: a pod added, removed or restarted, or its
+    /// readiness flipped. Every such change rebalances the group, and commits pause meanwhile, so
+    /// stuck evidence gathered before it says nothing about the partitions' new owners.
+    pub epoch: u64,
 }
 
 /// Lag of one partition.
@@ -48,6 +68,7 @@ pub fn partition_lag(p: &PartitionOffsets, start: StartOffset) -> i64 {
 struct PartitionState {
     committed: Option<i64>,
     log_end: i64,
+    /// Polls in a row with lag, a stable consumer set, no retry report and the same committed offset.
     unchanged_polls: u32,
     stuck: bool,
     /// (poll time, log end) within the rate window, oldest first: the arrival rate.
@@ -91,6 +112,20 @@ pub struct Snapshot {
     pub partitions: i32,
     pub partitions_with_lag: i32,
     pub stuck_partitions: i32,
+    /// Partitions whose head record a live worker reports it is retrying (not stuck).
+    pub retrying_partitions: i32,
+    /// Lag on retrying partitions (included in `total_lag`).
+    pub retrying_lag: i64,
+    /// The longest-running current retry: (first failure, Unix ms of the worker's clock; attempts).
+    pub oldest_retry: Option<(u64, u32)>,
+    /// Some retrying record exhausted its attempts and is retried until it succeeds (`onFailure:
+    /// block`, or a dead-letter write that keeps failing).
+    pub blocked: bool,
+    /// Partitions with lag or with records arriving: the most pods that can have work.
+    pub active_partitions: i32,
+    /// How long the group has had lag without committing anything (zero while it progresses or has
+    /// no lag).
+    pub no_progress_for: Duration,
     /// Some partition's log end grew since the previous poll.
     pub log_end_advanced: bool,
     /// Records committed per second by the whole group over the recent polls.
@@ -113,6 +148,9 @@ impl Snapshot {
         Observation {
             total_lag: self.total_lag,
             stuck_lag: self.stuck_lag,
+            retrying_lag: self.retrying_lag,
+            held_partitions: self.stuck_partitions + self.retrying_partitions,
+            active_partitions: self.active_partitions,
             partitions: self.partitions,
             log_end_advanced: self.log_end_advanced,
             rate_per_replica: self.rate_per_replica,
@@ -136,6 +174,7 @@ impl Snapshot {
             partitions: self.partitions,
             partitions_with_lag: self.partitions_with_lag,
             stuck_partitions: self.stuck_partitions,
+            retrying_partitions: Some(self.retrying_partitions),
             records_per_second: rate.map(|r| r.round() as i64),
             estimated_drain_seconds: rate.map(|r| (self.total_lag as f64 / r).ceil() as i64),
             arrival_records_per_second: Some(self.arrival_rate().round() as i64),
@@ -153,6 +192,10 @@ pub struct LagTracker {
     samples: VecDeque<RateSample>,
     last_poll: Option<Duration>,
     last_busy: bool,
+    /// The consumer set of the previous poll.
+    last_epoch: Option<u64>,
+    /// Last poll that saw the group commit something, or no lag at all.
+    last_progress: Option<Duration>,
     model: ThroughputModel,
     /// Polls with lag and an unchanged committed offset (while consumers run) before a partition
     /// counts as stuck.
@@ -174,27 +217,42 @@ impl LagTracker {
             samples: VecDeque::new(),
             last_poll: None,
             last_busy: false,
+            last_epoch: None,
+            last_progress: None,
             model: ThroughputModel::default(),
             stuck_after_polls: stuck_after_polls.max(1),
             rate_window,
         }
     }
 
-    /// Fold in one poll. `consumers` is the number of ready worker pods.
+    /// Fold in one poll. `now` is a monotonic offset (any fixed origin); `wall_ms` the wall clock in
+    /// Unix milliseconds, to judge the workers' retry reports.
+    ///
+    /// Stuck evidence (DESIGN.md §3, "stuck is a symptom"): a partition counts as stuck after
+    /// `stuck_after_polls` polls in a row with lag and the same committed offset, while ready consumers
+    /// run, the consumer set stays the same and no worker reports a retry of its head record. Any change
+    /// of the consumer set resets the evidence of every partition; with no ready consumer nothing
+    /// accrues and nothing is stuck.
     pub fn update(
         &mut self,
         offsets: &[PartitionOffsets],
         start: StartOffset,
-        consumers: i32,
+        consumers: Consumers,
         now: Duration,
+        wall_ms: u64,
     ) -> Snapshot {
         let mut snap = Snapshot { partitions: offsets.len() as i32, ..Default::default() };
         let mut committed_delta = 0i64;
         let mut arrived = 0i64;
         let mut seen = HashMap::with_capacity(offsets.len());
+        let set_changed = self.last_epoch.is_some_and(|e| e != consumers.epoch);
+        self.last_epoch = Some(consumers.epoch);
+        let ready = consumers.ready;
         for p in offsets {
             let lag = partition_lag(p, start);
             let key = (p.topic.clone(), p.partition);
+            let retry =
+                p.retry.filter(|r| ready > 0 && lag > 0 && r.is_current(p.committed, wall_ms, RETRY_REPORT_FRESH_MS));
             let state = match self.partitions.remove(&key) {
                 Some(mut prev) => {
                     if p.log_end > prev.log_end {
@@ -206,18 +264,16 @@ impl LagTracker {
                     {
                         committed_delta += now_c - prev_c;
                     }
-                    if prev.committed != p.committed {
+                    let no_evidence =
+                        prev.committed != p.committed || lag == 0 || ready == 0 || set_changed || retry.is_some();
+                    if no_evidence {
                         prev.unchanged_polls = 0;
                         prev.stuck = false;
-                    } else if lag > 0 && consumers > 0 {
+                    } else {
                         prev.unchanged_polls += 1;
                         if prev.unchanged_polls >= self.stuck_after_polls {
                             prev.stuck = true;
                         }
-                    }
-                    if lag == 0 {
-                        prev.unchanged_polls = 0;
-                        prev.stuck = false;
                     }
                     prev.committed = p.committed;
                     prev.log_end = p.log_end;
@@ -229,20 +285,35 @@ impl LagTracker {
                 }
                 None => PartitionState::new(p, now),
             };
-            snap.arrival_rates.push(state.arrival_rate());
+            let arrival = state.arrival_rate();
+            snap.arrival_rates.push(arrival);
             snap.total_lag += lag;
             if lag > 0 {
                 snap.partitions_with_lag += 1;
             }
+            if lag > 0 || arrival > 0.0 {
+                snap.active_partitions += 1;
+            }
             if state.stuck {
                 snap.stuck_partitions += 1;
                 snap.stuck_lag += lag;
+            } else if let Some(r) = retry {
+                snap.retrying_partitions += 1;
+                snap.retrying_lag += lag;
+                snap.blocked |= r.blocked;
+                if snap.oldest_retry.is_none_or(|(since, _)| r.since_ms < since) {
+                    snap.oldest_retry = Some((r.since_ms, r.attempts));
+                }
             }
             seen.insert(key, state);
         }
         self.partitions = seen;
         snap.arrival_rates.sort_by(|a, b| b.total_cmp(a));
-        let scalable = snap.total_lag - snap.stuck_lag;
+        let scalable = snap.total_lag - snap.stuck_lag - snap.retrying_lag;
+        if committed_delta > 0 || snap.total_lag == 0 || self.last_progress.is_none() {
+            self.last_progress = Some(now);
+        }
+        snap.no_progress_for = now.saturating_sub(self.last_progress.unwrap_or(now));
 
         let since_last = self.last_poll.filter(|prev| now > *prev).map(|prev| now - prev);
         if let Some(span) = since_last {
@@ -250,8 +321,8 @@ impl LagTracker {
                 at: now,
                 span,
                 committed_delta,
-                consumers,
-                busy: self.last_busy && consumers > 0,
+                consumers: ready,
+                busy: self.last_busy && ready > 0,
             });
         }
         while let Some(s) = self.samples.front() {
@@ -281,7 +352,7 @@ impl LagTracker {
             span: since_last.unwrap_or_default(),
             committed: committed_delta,
             arrived,
-            consumers,
+            consumers: ready,
             lag: scalable,
             recent_commit_rate: snap.records_per_second,
         });
@@ -297,7 +368,12 @@ mod tests {
     use super::*;
 
     fn po(partition: i32, log_start: i64, log_end: i64, committed: Option<i64>) -> PartitionOffsets {
-        PartitionOffsets { topic: "t".into(), partition, log_start, log_end, committed }
+        PartitionOffsets { topic: "t".into(), partition, log_start, log_end, committed, retry: None }
+    }
+
+    /// One poll of an `earliest` pipeline with `ready` consumers of a stable set, wall clock 0.
+    fn upd(t: &mut LagTracker, offsets: &[PartitionOffsets], ready: i32, at: Duration) -> Snapshot {
+        t.update(offsets, StartOffset::Earliest, Consumers { ready, epoch: 0 }, at, 0)
     }
 
     #[test]
@@ -324,9 +400,9 @@ mod tests {
     #[test]
     fn totals_and_growth() {
         let mut t = LagTracker::default();
-        let a = t.update(&[po(0, 0, 100, Some(50)), po(1, 0, 10, Some(10))], StartOffset::Earliest, 1, s(0));
+        let a = upd(&mut t, &[po(0, 0, 100, Some(50)), po(1, 0, 10, Some(10))], 1, s(0));
         assert_eq!((a.total_lag, a.partitions, a.partitions_with_lag, a.log_end_advanced), (50, 2, 1, false));
-        let b = t.update(&[po(0, 0, 100, Some(50)), po(1, 0, 11, Some(10))], StartOffset::Earliest, 1, s(5));
+        let b = upd(&mut t, &[po(0, 0, 100, Some(50)), po(1, 0, 11, Some(10))], 1, s(5));
         assert!(b.log_end_advanced);
         assert_eq!(b.total_lag, 51);
     }
@@ -334,8 +410,8 @@ mod tests {
     #[test]
     fn rate_from_committed_deltas() {
         let mut t = LagTracker::default();
-        t.update(&[po(0, 0, 1000, Some(0)), po(1, 0, 1000, Some(0))], StartOffset::Earliest, 2, s(0));
-        let snap = t.update(&[po(0, 0, 1000, Some(100)), po(1, 0, 1000, Some(100))], StartOffset::Earliest, 2, s(5));
+        upd(&mut t, &[po(0, 0, 1000, Some(0)), po(1, 0, 1000, Some(0))], 2, s(0));
+        let snap = upd(&mut t, &[po(0, 0, 1000, Some(100)), po(1, 0, 1000, Some(100))], 2, s(5));
         assert_eq!(snap.records_per_second, Some(40.0));
         assert_eq!(snap.rate_per_replica, Some(20.0));
         let sum = snap.summary();
@@ -345,9 +421,9 @@ mod tests {
     #[test]
     fn rate_per_replica_ignores_idle_samples() {
         let mut t = LagTracker::default();
-        t.update(&[po(0, 0, 10, Some(10))], StartOffset::Earliest, 1, s(0));
+        upd(&mut t, &[po(0, 0, 10, Some(10))], 1, s(0));
         // No backlog before this poll: the 5 records committed say nothing about capacity.
-        let snap = t.update(&[po(0, 0, 15, Some(15))], StartOffset::Earliest, 1, s(5));
+        let snap = upd(&mut t, &[po(0, 0, 15, Some(15))], 1, s(5));
         assert_eq!(snap.records_per_second, Some(1.0));
         assert_eq!(snap.rate_per_replica, None);
     }
@@ -357,27 +433,86 @@ mod tests {
         let mut t = LagTracker::new(3, s(60));
         let p = |c| [po(0, 0, 100, Some(c)), po(1, 0, 100, Some(100))];
         for (i, want) in [(0, 0), (1, 0), (2, 0), (3, 1), (4, 1)] {
-            let snap = t.update(&p(40), StartOffset::Earliest, 1, s(i * 5));
+            let snap = upd(&mut t, &p(40), 1, s(i * 5));
             assert_eq!(snap.stuck_partitions, want, "poll {i}");
         }
-        let snap = t.update(&p(40), StartOffset::Earliest, 1, s(25));
+        let snap = upd(&mut t, &p(40), 1, s(25));
         assert_eq!(snap.stuck_lag, 60);
-        let snap = t.update(&p(41), StartOffset::Earliest, 1, s(30));
+        let snap = upd(&mut t, &p(41), 1, s(30));
         assert_eq!((snap.stuck_partitions, snap.stuck_lag), (0, 0));
     }
 
     #[test]
-    fn no_consumers_means_not_stuck_but_stuck_persists_at_zero() {
+    fn stuck_never_accrues_or_persists_without_consumers() {
         let mut t = LagTracker::new(2, s(60));
         for i in 0..5 {
-            let snap = t.update(&[po(0, 0, 100, Some(40))], StartOffset::Earliest, 0, s(i * 5));
+            let snap = upd(&mut t, &[po(0, 0, 100, Some(40))], 0, s(i * 5));
             assert_eq!(snap.stuck_partitions, 0, "nobody consumes at zero replicas");
         }
         for i in 5..8 {
-            t.update(&[po(0, 0, 100, Some(40))], StartOffset::Earliest, 2, s(i * 5));
+            upd(&mut t, &[po(0, 0, 100, Some(40))], 2, s(i * 5));
         }
-        let snap = t.update(&[po(0, 0, 100, Some(40))], StartOffset::Earliest, 0, s(45));
-        assert_eq!(snap.stuck_partitions, 1, "a poison record stays stuck after scaling to zero");
+        let snap = upd(&mut t, &[po(0, 0, 100, Some(40))], 2, s(40));
+        assert_eq!(snap.stuck_partitions, 1);
+        // Nothing commits at zero replicas, so nothing could ever clear a flag kept there: it goes.
+        let snap = upd(&mut t, &[po(0, 0, 100, Some(40))], 0, s(45));
+        assert_eq!((snap.stuck_partitions, snap.stuck_lag), (0, 0));
+    }
+
+    #[test]
+    fn a_changing_consumer_set_resets_stuck_evidence() {
+        // A crash loop: pods restart every poll or two, commits pause while the group rebalances.
+        let mut t = LagTracker::new(3, s(60));
+        let offsets = [po(0, 0, 1000, Some(10)), po(1, 0, 1000, Some(20))];
+        let mut epoch = 0;
+        for i in 0..30u64 {
+            if i % 2 == 0 {
+                epoch += 1; // a restart or a rebalance
+            }
+            let snap = t.update(&offsets, StartOffset::Earliest, Consumers { ready: 2, epoch }, s(i * 5), 0);
+            assert_eq!(snap.stuck_partitions, 0, "poll {i}: restarts are not a poison record");
+        }
+        // Once the set is stable, the same evidence does count.
+        let mut last = Snapshot::default();
+        for i in 30..34u64 {
+            last = t.update(&offsets, StartOffset::Earliest, Consumers { ready: 2, epoch }, s(i * 5), 0);
+        }
+        assert_eq!(last.stuck_partitions, 2);
+    }
+
+    #[test]
+    fn a_live_retry_report_is_retrying_not_stuck() {
+        let mut t = LagTracker::new(2, s(60));
+        let report = |at_ms| RetryReport { offset: 40, attempts: 5, since_ms: 1_000, at_ms, blocked: false };
+        let with = |at_ms| [PartitionOffsets { retry: Some(report(at_ms)), ..po(0, 0, 100, Some(40)) }];
+        let c = Consumers { ready: 1, epoch: 7 };
+        for i in 0..6u64 {
+            let wall = 10_000 + i * 5_000;
+            let snap = t.update(&with(wall), StartOffset::Earliest, c, s(i * 5), wall);
+            assert_eq!((snap.stuck_partitions, snap.retrying_partitions, snap.retrying_lag), (0, 1, 60), "poll {i}");
+            assert_eq!(snap.oldest_retry, Some((1_000, 5)));
+            assert_eq!(snap.observation().scalable_lag(), 0, "more pods cannot speed up a retry");
+            assert_eq!(snap.observation().held_partitions, 1);
+        }
+        // The worker stopped re-reporting (it died): the stale report is evidence of nothing.
+        let mut snap = Snapshot::default();
+        for i in 6..9u64 {
+            let wall = 10_000 + i * 5_000 + RETRY_REPORT_FRESH_MS;
+            snap = t.update(&with(10_000), StartOffset::Earliest, c, s(i * 5), wall);
+        }
+        assert_eq!((snap.stuck_partitions, snap.retrying_partitions), (1, 0));
+    }
+
+    #[test]
+    fn progress_and_active_partitions() {
+        let mut t = LagTracker::default();
+        let a = upd(&mut t, &[po(0, 0, 100, Some(0)), po(1, 0, 0, None), po(2, 0, 50, Some(50))], 1, s(0));
+        assert_eq!((a.active_partitions, a.no_progress_for), (1, s(0)));
+        let b = upd(&mut t, &[po(0, 0, 100, Some(0)), po(1, 0, 0, None), po(2, 0, 60, Some(50))], 1, s(5));
+        assert_eq!(b.active_partitions, 2, "lag on 0, arrival and lag on 2");
+        assert_eq!(b.no_progress_for, s(5));
+        let c = upd(&mut t, &[po(0, 0, 100, Some(30)), po(1, 0, 0, None), po(2, 0, 60, Some(50))], 1, s(10));
+        assert_eq!(c.no_progress_for, s(0));
     }
 
     #[test]
@@ -389,7 +524,7 @@ mod tests {
         for i in 0..6 {
             let committed = Some(750 * i);
             let offsets = [po(0, 0, 100_000 + 500 * i, committed), po(1, 0, 50_000 + 100 * i, committed)];
-            snap = t.update(&offsets, StartOffset::Earliest, 2, s(i as u64 * 5));
+            snap = upd(&mut t, &offsets, 2, s(i as u64 * 5));
         }
         assert_eq!(snap.arrival_rates, vec![100.0, 20.0], "highest first");
         assert_eq!(snap.capacity, Some(Capacity::Measured(150.0)));
@@ -406,8 +541,8 @@ mod tests {
     #[test]
     fn vanished_partitions_are_forgotten() {
         let mut t = LagTracker::default();
-        t.update(&[po(0, 0, 10, Some(0)), po(1, 0, 10, Some(0))], StartOffset::Earliest, 1, s(0));
-        let snap = t.update(&[po(0, 0, 10, Some(0))], StartOffset::Earliest, 1, s(5));
+        upd(&mut t, &[po(0, 0, 10, Some(0)), po(1, 0, 10, Some(0))], 1, s(0));
+        let snap = upd(&mut t, &[po(0, 0, 10, Some(0))], 1, s(5));
         assert_eq!((snap.partitions, snap.total_lag), (1, 10));
     }
 }

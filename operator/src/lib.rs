@@ -13,5 +13,7 @@ pub mod probe;
 pub mod rbac;
 pub mod scaler;
 pub mod sim;
+pub mod stall;
 pub mod status;
 pub mod throughput;
+pub mod workers;

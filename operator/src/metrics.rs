@@ -4,6 +4,8 @@ use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::stall::StallReason;
+
 /// Every metric the operator exports.
 #[derive(Clone)]
 pub struct Metrics {
@@ -13,6 +15,10 @@ pub struct Metrics {
     pub reconcile_duration: Histogram,
     pub lag: IntGaugeVec,
     pub stuck_partitions: IntGaugeVec,
+    pub retrying_partitions: IntGaugeVec,
+    pub worker_restarts: IntGaugeVec,
+    pub crash_looping_workers: IntGaugeVec,
+    pub stalled: IntGaugeVec,
     pub arrival_rate: IntGaugeVec,
     pub capacity_per_replica: IntGaugeVec,
     pub desired_replicas: IntGaugeVec,
@@ -65,6 +71,34 @@ impl Metrics {
             ),
             pipe,
         ));
+        let retrying_partitions = must(IntGaugeVec::new(
+            Opts::new(
+                "kpipe_operator_pipeline_retrying_partitions",
+                "Partitions whose head record a live worker reports it is retrying (commit metadata)",
+            ),
+            pipe,
+        ));
+        let worker_restarts = must(IntGaugeVec::new(
+            Opts::new(
+                "kpipe_operator_pipeline_worker_restarts",
+                "Container restarts summed over the pipeline's current worker pods",
+            ),
+            pipe,
+        ));
+        let crash_looping_workers = must(IntGaugeVec::new(
+            Opts::new(
+                "kpipe_operator_pipeline_crash_looping_workers",
+                "Worker pods that restarted within 5 minutes or wait in CrashLoopBackOff",
+            ),
+            pipe,
+        ));
+        let stalled = must(IntGaugeVec::new(
+            Opts::new(
+                "kpipe_operator_pipeline_stalled",
+                "1 while the pipeline's backlog is not draining, by reason (the Stalled condition)",
+            ),
+            &["namespace", "pipeline", "reason"],
+        ));
         let arrival_rate = must(IntGaugeVec::new(
             Opts::new(
                 "kpipe_operator_pipeline_arrival_records_per_second",
@@ -114,6 +148,10 @@ impl Metrics {
             Box::new(reconcile_duration.clone()),
             Box::new(lag.clone()),
             Box::new(stuck_partitions.clone()),
+            Box::new(retrying_partitions.clone()),
+            Box::new(worker_restarts.clone()),
+            Box::new(crash_looping_workers.clone()),
+            Box::new(stalled.clone()),
             Box::new(arrival_rate.clone()),
             Box::new(capacity_per_replica.clone()),
             Box::new(desired_replicas.clone()),
@@ -133,6 +171,10 @@ impl Metrics {
             reconcile_duration,
             lag,
             stuck_partitions,
+            retrying_partitions,
+            worker_restarts,
+            crash_looping_workers,
+            stalled,
             arrival_rate,
             capacity_per_replica,
             desired_replicas,
@@ -150,6 +192,9 @@ impl Metrics {
         for g in [
             &self.lag,
             &self.stuck_partitions,
+            &self.retrying_partitions,
+            &self.worker_restarts,
+            &self.crash_looping_workers,
             &self.arrival_rate,
             &self.capacity_per_replica,
             &self.desired_replicas,
@@ -159,6 +204,19 @@ impl Metrics {
         }
         for d in ["up", "down"] {
             let _ = self.scale_events.remove_label_values(&[namespace, pipeline, d]);
+        }
+        self.set_stalled(namespace, pipeline, None);
+    }
+
+    /// `kpipe_operator_pipeline_stalled`: 1 for the current reason, no series while not stalled.
+    pub fn set_stalled(&self, namespace: &str, pipeline: &str, reason: Option<StallReason>) {
+        for r in StallReason::ALL {
+            if Some(r) != reason {
+                let _ = self.stalled.remove_label_values(&[namespace, pipeline, r.as_str()]);
+            }
+        }
+        if let Some(r) = reason {
+            self.stalled.with_label_values(&[namespace, pipeline, r.as_str()]).set(1);
         }
     }
 

@@ -21,7 +21,9 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::{Offset, TopicPartitionList};
 use sha2::{Digest, Sha256};
 
-use crate::group_offsets::{GroupOffsets, GroupOffsetsError};
+use kpipe_api::commit_metadata;
+
+use crate::group_offsets::{Commit, GroupOffsets, GroupOffsetsError};
 use crate::lag::PartitionOffsets;
 
 /// SASL credentials (values from the referenced Secret; never logged).
@@ -288,11 +290,11 @@ impl LagProbe {
         clients: &ClusterClients,
         group: &str,
         parts: &[(String, i32)],
-    ) -> Result<HashMap<(String, i32), i64>, ProbeError> {
+    ) -> Result<HashMap<(String, i32), Commit>, ProbeError> {
         let cluster = &clients.cluster;
         if let Some(shared) = &clients.shared_offsets {
             match shared.committed(group, parts) {
-                Ok(map) => return Ok(map.into_iter().filter_map(|(k, v)| v.map(|o| (k, o))).collect()),
+                Ok(map) => return Ok(map.into_iter().filter_map(|(k, v)| v.map(|c| (k, c))).collect()),
                 Err(e @ (GroupOffsetsError::Connect { .. } | GroupOffsetsError::Io { .. })) => {
                     return Err(ProbeError::BrokerUnreachable {
                         servers: cluster.bootstrap_servers.join(","),
@@ -317,7 +319,8 @@ impl LagProbe {
         let mut committed_map = HashMap::new();
         for e in committed.elements() {
             if let Offset::Offset(o) = e.offset() {
-                committed_map.insert((e.topic().to_string(), e.partition()), o);
+                let commit = Commit { offset: o, metadata: e.metadata().to_string() };
+                committed_map.insert((e.topic().to_string(), e.partition()), commit);
             }
         }
         Ok(committed_map)
@@ -369,8 +372,10 @@ impl LagProbe {
             .map(|key| {
                 let log_end = ends.get(&key).copied().unwrap_or(0);
                 let log_start = starts.get(&key).copied().unwrap_or(0).min(log_end);
-                let committed = committed_map.get(&key).copied();
-                PartitionOffsets { topic: key.0, partition: key.1, log_start, log_end, committed }
+                let commit = committed_map.get(&key);
+                let committed = commit.map(|c| c.offset);
+                let retry = commit.and_then(|c| commit_metadata::decode(&c.metadata));
+                PartitionOffsets { topic: key.0, partition: key.1, log_start, log_end, committed, retry }
             })
             .collect())
     }

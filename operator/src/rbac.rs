@@ -46,6 +46,12 @@ pub const RULES: &[Rule] = &[
                   list/watch: metadata-only trigger so a created or rotated Secret reconciles at once)",
     },
     Rule {
+        api_group: "",
+        resource: "pods",
+        verbs: &["list", "watch"],
+        used_by: "controller: worker pods' readiness and restarts (crash loops, consumer-set changes), read only",
+    },
+    Rule {
         api_group: "events.k8s.io",
         resource: "events",
         verbs: &["create", "patch"],

@@ -130,6 +130,13 @@ pub struct Observation {
     pub total_lag: i64,
     /// Lag on stuck partitions (included in `total_lag`).
     pub stuck_lag: i64,
+    /// Lag on partitions whose head record a live worker is retrying (included in `total_lag`).
+    pub retrying_lag: i64,
+    /// Stuck or retrying partitions: each is held by a pod that must not be scaled away, since that
+    /// would restart the work on the record (and a stuck flag is only a symptom).
+    pub held_partitions: i32,
+    /// Partitions with lag or arriving records: more pods than this get nothing to do.
+    pub active_partitions: i32,
     /// Partitions of the source topics.
     pub partitions: i32,
     /// Some partition's log-end offset grew since the previous poll.
@@ -147,9 +154,9 @@ pub struct Observation {
 }
 
 impl Observation {
-    /// Lag that more pods could work on.
+    /// Lag that more pods could work on (not the stuck or retrying partitions' lag).
     pub fn scalable_lag(&self) -> i64 {
-        (self.total_lag - self.stuck_lag).max(0)
+        (self.total_lag - self.stuck_lag - self.retrying_lag).max(0)
     }
 }
 
@@ -342,23 +349,43 @@ impl ScalerState {
             _ => None,
         };
         self.last_backlog = Some((now, backlog));
+        // Never strand: lag beyond activationLag keeps a pod, stuck or not (a stuck flag is a symptom,
+        // and nothing can ever commit at zero replicas). The pods that hold stuck or retrying partitions
+        // stay too: scaling them away restarts the work on those records.
+        let strands = obs.total_lag > policy.activation_lag;
+        let holds = obs.held_partitions.min(current).min(upper).max(0);
         let floor = if lower > 0 {
             lower
-        } else if cooled || current == 0 {
+        } else if (cooled || current == 0) && !strands {
             0
         } else {
             1.min(upper)
-        };
-        let mut rec = raw.clamp(floor, upper.max(floor));
-        if policy.even_distribution && rec > 0 {
-            rec = Some(even_count(rec, obs.partitions)).filter(|c| *c <= upper).unwrap_or(rec).max(floor);
         }
-        let why =
+        .max(holds);
+        // Useful pods only: lag or arrivals on k partitions give work to at most k pods, whatever the
+        // lag rule says (one hot partition of twelve needs one pod, not twelve).
+        let useful = obs.active_partitions.max(floor);
+        let mut rec = raw.clamp(floor, upper.max(floor)).min(useful);
+        if policy.even_distribution && rec > 0 {
+            // Round up to an even spread, but not past the pods that can get work.
+            rec =
+                Some(even_count(rec, obs.partitions)).filter(|c| *c <= upper && *c <= useful).unwrap_or(rec).max(floor);
+        }
+        let mut why =
             format!("lag {} ({} stuck) over {} partitions, {basis}", obs.total_lag, obs.stuck_lag, obs.partitions);
+        if obs.retrying_lag > 0 {
+            why.push_str(&format!("; {} lag on partitions whose records are being retried", obs.retrying_lag));
+        }
+        if holds > 0 {
+            why.push_str(&format!("; keeping the pods of {} stuck or retrying partitions", obs.held_partitions));
+        }
+        if rec < raw.min(upper) {
+            why.push_str(&format!("; only {} partitions have work", obs.active_partitions));
+        }
 
         // From zero.
         if current == 0 {
-            let activate = scalable > policy.activation_lag || (policy.activation_lag == 0 && obs.log_end_advanced);
+            let activate = strands || (policy.activation_lag == 0 && obs.log_end_advanced);
             if activate && upper > 0 {
                 let desired = rec.max(1);
                 self.record(now, desired, policy);
@@ -409,7 +436,7 @@ impl ScalerState {
         }
         self.pending_up = false;
         if rec == current {
-            let reason = if lower == 0 && raw == 0 && !busy { Reason::CoolingDown } else { Reason::Steady };
+            let reason = if lower == 0 && raw == 0 && !busy && !strands { Reason::CoolingDown } else { Reason::Steady };
             return Decision::new(current, reason, why);
         }
         if rec == 0 {
@@ -435,10 +462,13 @@ impl ScalerState {
             );
         }
         let max_step = ((current as f64 * policy.max_scale_down_fraction).ceil() as i32).max(1);
-        let mut desired = stabilized.max(current - max_step);
+        let mut desired = stabilized.max(current - max_step).min(useful.max(rec));
         if policy.even_distribution {
-            desired = Some(even_count(desired, obs.partitions)).filter(|c| *c <= upper).unwrap_or(desired).max(floor);
+            desired = Some(even_count(desired, obs.partitions))
+                .filter(|c| *c <= upper && *c <= useful.max(rec))
+                .unwrap_or(desired);
         }
+        let desired = desired.max(floor);
         if desired >= current {
             return Decision::new(current, Reason::StabilizingScaleDown, why);
         }
@@ -478,8 +508,14 @@ mod tests {
         }
     }
 
+    /// Lag spread over every partition.
     fn obs(lag: i64, partitions: i32) -> Observation {
-        Observation { total_lag: lag, partitions, ..Default::default() }
+        Observation {
+            total_lag: lag,
+            partitions,
+            active_partitions: if lag > 0 { partitions } else { 0 },
+            ..Default::default()
+        }
     }
 
     fn s(secs: u64) -> Duration {
@@ -611,8 +647,16 @@ mod tests {
                 reason: Reason::Steady,
             },
             Case {
-                name: "stuck lag does not activate",
+                name: "stuck lag activates too: never strand",
                 policy: policy(),
+                obs: Some(Observation { stuck_lag: 3, ..obs(3, 10) }),
+                current: 0,
+                want: 1,
+                reason: Reason::Activation,
+            },
+            Case {
+                name: "lag up to activationLag stays at zero",
+                policy: Policy { activation_lag: 3, ..policy() },
                 obs: Some(Observation { stuck_lag: 3, ..obs(3, 10) }),
                 current: 0,
                 want: 0,
@@ -736,6 +780,7 @@ mod tests {
             partitions: 12,
             log_end_advanced: true,
             arrival_rates: vec![arrival / 12.0; 12],
+            active_partitions: 12,
             capacity: Some(Capacity::Measured(1000.0)),
             awaiting_commit: lag,
             ..Default::default()
@@ -888,19 +933,58 @@ mod tests {
     }
 
     #[test]
-    fn cooldown_ignores_stuck_lag_and_goes_straight_to_zero() {
+    fn stuck_lag_never_strands_and_keeps_the_pods_that_hold_it() {
         let p = policy();
         let mut st = ScalerState::default();
         st.decide(&p, Some(&obs(600, 10)), 0, s(0));
-        let marker = Observation { stuck_lag: 10, ..obs(10, 10) };
-        let mut last = 0;
-        for t in (5..=130).step_by(5) {
-            last = st.decide(&p, Some(&marker), 6, s(t)).desired;
-            if last == 0 {
-                break;
-            }
+        // Every partition looks stuck (a crash loop looks like this to commit-based evidence): hold all
+        // six pods, long past scaleDownStabilization and cooldownToZero.
+        let all_stuck = Observation { stuck_lag: 600, held_partitions: 10, ..obs(600, 10) };
+        for t in (5..=600).step_by(5) {
+            let d = st.decide(&p, Some(&all_stuck), 6, s(t));
+            assert_eq!(d.desired, 6, "t={t}: {d:?}");
         }
-        assert_eq!(last, 0, "a permanent lag of 1 per partition must not block scale to zero");
+        // One stuck partition: scale down to the pod that holds it, never to zero.
+        let one_stuck = Observation { stuck_lag: 10, held_partitions: 1, active_partitions: 1, ..obs(10, 10) };
+        let mut current = 6;
+        for t in (605..=2000).step_by(5) {
+            current = st.decide(&p, Some(&one_stuck), current, s(t)).desired;
+            assert!(current >= 1, "t={t}: stranded");
+        }
+        assert_eq!(current, 1);
+        // At zero (an operator restart, or a user's manual scale), stuck lag wakes the pipeline.
+        let d = ScalerState::default().decide(&p, Some(&one_stuck), 0, s(0));
+        assert_eq!((d.desired, d.reason), (1, Reason::Activation), "{}", d.message);
+    }
+
+    #[test]
+    fn retrying_partitions_hold_their_pods_but_buy_none() {
+        let p = policy();
+        let mut st = ScalerState::default();
+        // 4 pods; 3 partitions' head records are being retried (the downstream fails), lag 3,000.
+        let retrying = Observation { retrying_lag: 3000, held_partitions: 3, active_partitions: 3, ..obs(3000, 10) };
+        let d = st.decide(&p, Some(&retrying), 4, s(0));
+        assert_eq!(d.desired, 4, "no scale-up for lag a retry holds: {}", d.message);
+        let mut current = 4;
+        for t in (5..=1000).step_by(5) {
+            current = st.decide(&p, Some(&retrying), current, s(t)).desired;
+        }
+        assert_eq!(current, 3, "down to the pods that hold retrying partitions, no further");
+    }
+
+    #[test]
+    fn lag_on_one_hot_partition_wakes_one_pod() {
+        let even = Policy { max_replicas: 12, even_distribution: true, target: Target::LagThreshold(1000), ..policy() };
+        let hot = Observation { total_lag: 12_000, partitions: 12, active_partitions: 1, ..Default::default() };
+        let d = ScalerState::default().decide(&even, Some(&hot), 0, s(0));
+        assert_eq!((d.desired, d.reason), (1, Reason::Activation), "{}", d.message);
+        assert!(d.message.contains("only 1 partitions have work"), "{}", d.message);
+        // Five busy partitions of 12: at most 5 pods, not the even count 6.
+        let five = Observation { active_partitions: 5, ..hot.clone() };
+        assert_eq!(ScalerState::default().decide(&even, Some(&five), 1, s(0)).desired, 5);
+        // Spread over every partition: even distribution as before (7 → 12).
+        let spread = Observation { total_lag: 7_000, active_partitions: 12, ..hot };
+        assert_eq!(ScalerState::default().decide(&even, Some(&spread), 1, s(0)).desired, 12);
     }
 
     #[test]
@@ -937,7 +1021,44 @@ mod tests {
         assert_eq!(p.cooldown_to_zero, s(120));
     }
 
+    /// One observation of a random walk: lag split into scalable, stuck and retrying parts.
+    fn arbitrary_observation() -> impl proptest::strategy::Strategy<Value = Observation> {
+        use proptest::prelude::*;
+        (0i64..50_000, 0i64..2_000, 0i64..2_000, 1i32..24, 0i32..24, any::<bool>(), any::<bool>()).prop_map(
+            |(free, stuck, retrying, partitions, active, advanced, rebalancing)| Observation {
+                total_lag: free + stuck + retrying,
+                stuck_lag: stuck,
+                retrying_lag: retrying,
+                held_partitions: i32::from(stuck > 0) + i32::from(retrying > 0),
+                active_partitions: if free + stuck + retrying > 0 { active.max(1) } else { active },
+                partitions,
+                log_end_advanced: advanced,
+                rebalancing,
+                ..Default::default()
+            },
+        )
+    }
+
     proptest::proptest! {
+        /// DESIGN.md §3 "never strand": for every observation and scaler state,
+        /// lag > activationLag ∧ ¬suspend ⇒ desired ≥ 1.
+        #[test]
+        fn never_strands(steps in proptest::collection::vec((arbitrary_observation(), 1u64..400), 1..60),
+                         activation in 0i64..500, min in 0i32..2, even: bool, start in 0i32..12) {
+            let p = Policy { min_replicas: min, max_replicas: 12, activation_lag: activation, even_distribution: even,
+                             ..policy() };
+            let mut st = ScalerState::default();
+            let (mut current, mut now) = (start, 0u64);
+            for (o, dt) in steps {
+                now += dt;
+                let d = st.decide(&p, Some(&o), current, s(now));
+                if o.total_lag > activation {
+                    proptest::prop_assert!(d.desired >= 1, "stranded: {o:?} at {current} -> {d:?}");
+                }
+                current = d.desired;
+            }
+        }
+
         #[test]
         fn desired_stays_in_bounds(lag in 0i64..1_000_000, stuck in 0i64..1000, parts in 1i32..64, cur in 0i32..80,
                                    min in 0i32..10, max in 1i32..50, even: bool, t in 0u64..10_000) {

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use kpipe_api::v1alpha1::StartOffset;
 
-use crate::lag::{LagTracker, PartitionOffsets};
+use crate::lag::{Consumers, LagTracker, PartitionOffsets};
 use crate::scaler::{Policy, ScalerState};
 
 /// The simulated consumer group and cluster.
@@ -35,8 +35,22 @@ pub struct World {
     pub startup_secs: u64,
     pub rebalance_secs: u64,
     pub commit_delay_secs: u64,
-    /// Every partition ends in a transaction marker, so log end − committed ≥ 1 forever.
+    /// Every write ends in a transaction marker, so log end − committed ≥ 1 for consumers that commit
+    /// one past their last record (kpipe's worker commits its fetch position instead once a partition is
+    /// caught up, see [`Autoscaler::commits_past_markers`]).
     pub transaction_markers: bool,
+    /// A crash loop: from `from` to `until` (seconds), every ready pod crashes every `every` seconds. A
+    /// crashed pod is back `startup_secs` later and its group re-reads from the committed offsets (what it
+    /// had consumed but not committed is consumed again).
+    pub crash_loop: Option<CrashLoop>,
+}
+
+/// See [`World::crash_loop`].
+#[derive(Clone, Copy, Debug)]
+pub struct CrashLoop {
+    pub from: u64,
+    pub until: u64,
+    pub every: u64,
 }
 
 /// A load trace: records/s produced (over all partitions) at each second.
@@ -44,6 +58,8 @@ pub struct Trace {
     pub name: &'static str,
     pub seconds: u64,
     pub rate: Box<dyn Fn(u64) -> f64>,
+    /// Every record goes to partition 0 (a hot key), instead of an even spread.
+    pub hot_partition: bool,
 }
 
 /// Outcome of one run.
@@ -53,13 +69,23 @@ pub struct Outcome {
     pub worst_lag: i64,
     pub scale_changes: u32,
     pub final_replicas: i32,
+    /// Σ(log end − committed) at the end of the trace: a backlog left behind.
+    pub final_lag: i64,
     /// (second, replicas, lag) every 30 s, for plots and debugging.
     pub series: Vec<(u64, i32, i64)>,
 }
 
 /// Something that sets the replica count once per simulated second.
 pub trait Autoscaler {
-    fn tick(&mut self, t: u64, offsets: &[PartitionOffsets], replicas: i32, ready: i32) -> i32;
+    /// `consumers`: the ready pods, with an epoch that changes whenever the set changes or a pod restarts.
+    fn tick(&mut self, t: u64, offsets: &[PartitionOffsets], replicas: i32, consumers: Consumers) -> i32;
+
+    /// Whether the consumers this autoscaler runs with commit past a transaction marker at the log
+    /// end once they have caught up (kpipe's worker commits its fetch position; a consumer that commits
+    /// one past its last record does not).
+    fn commits_past_markers(&self) -> bool {
+        false
+    }
 }
 
 /// kpipe: the real tracker and scaler, polled every `poll_secs`.
@@ -84,13 +110,17 @@ impl Kpipe {
 }
 
 impl Autoscaler for Kpipe {
-    fn tick(&mut self, t: u64, offsets: &[PartitionOffsets], replicas: i32, ready: i32) -> i32 {
+    fn tick(&mut self, t: u64, offsets: &[PartitionOffsets], replicas: i32, consumers: Consumers) -> i32 {
         if !t.is_multiple_of(self.poll_secs) {
             return replicas;
         }
         let now = Duration::from_secs(t);
-        let snap = self.tracker.update(offsets, self.start, ready, now);
+        let snap = self.tracker.update(offsets, self.start, consumers, now, t * 1000);
         self.state.decide(&self.policy, Some(&snap.observation()), replicas, now).desired
+    }
+
+    fn commits_past_markers(&self) -> bool {
+        true
     }
 }
 
@@ -137,7 +167,7 @@ impl KedaHpa {
 }
 
 impl Autoscaler for KedaHpa {
-    fn tick(&mut self, t: u64, offsets: &[PartitionOffsets], replicas: i32, _ready: i32) -> i32 {
+    fn tick(&mut self, t: u64, offsets: &[PartitionOffsets], replicas: i32, _consumers: Consumers) -> i32 {
         let lag = Self::total_lag(offsets);
         let mut replicas = replicas;
         if t.is_multiple_of(self.polling_interval) {
@@ -193,17 +223,47 @@ pub fn run(world: &World, trace: &Trace, scaler: &mut dyn Autoscaler) -> Outcome
     let mut pods: Vec<u64> = Vec::new();
     let mut last_ready = 0usize;
     let mut paused_until = 0u64;
-    let mut out = Outcome { replica_seconds: 0, worst_lag: 0, scale_changes: 0, final_replicas: 0, series: Vec::new() };
+    let mut out = Outcome {
+        replica_seconds: 0,
+        worst_lag: 0,
+        scale_changes: 0,
+        final_replicas: 0,
+        final_lag: 0,
+        series: Vec::new(),
+    };
+    let mut epoch = 0u64;
+    let marker = i64::from(world.transaction_markers);
+    let past_markers = world.transaction_markers && scaler.commits_past_markers();
 
     for t in 0..trace.seconds {
-        let per_partition = (trace.rate)(t).max(0.0) / p as f64;
-        for v in produced.iter_mut() {
-            *v += per_partition;
+        let rate = (trace.rate)(t).max(0.0);
+        if trace.hot_partition {
+            produced[0] += rate;
+        } else {
+            for v in produced.iter_mut() {
+                *v += rate / p as f64;
+            }
+        }
+        if let Some(c) = world.crash_loop
+            && (c.from..c.until).contains(&t)
+            && (t - c.from).is_multiple_of(c.every.max(1))
+            && pods.iter().any(|r| *r <= t)
+        {
+            // Every running pod dies and restarts; the group re-reads from its committed offsets.
+            for r in pods.iter_mut().filter(|r| **r <= t) {
+                *r = t + world.startup_secs;
+            }
+            for (c, done) in consumed.iter_mut().zip(&committed) {
+                *c = c.min(done.unwrap_or(0) as f64);
+            }
+            history.clear();
+            epoch += 1;
         }
         let ready = pods.iter().filter(|r| **r <= t).count();
         if ready != last_ready {
             paused_until = t + world.rebalance_secs;
             last_ready = ready;
+            epoch += 1;
         }
         if ready > 0 && t >= paused_until {
             for pod in 0..ready {
@@ -229,7 +289,20 @@ pub fn run(world: &World, trace: &Trace, scaler: &mut dyn Autoscaler) -> Outcome
         }
         // Workers commit what they finished `commit_delay_secs` ago (records in flight, batching,
         // the periodic commit), so a busy group always shows a small lag.
-        history.push_back(consumed.clone());
+        // A consumer that caught up on a partition commits its fetch position, past the trailing marker, if
+        // it does that at all.
+        let positions: Vec<f64> = (0..p)
+            .map(|i| {
+                let caught_up = ready > 0 && consumed[i] >= produced[i] - 1e-9 && produced[i] >= 1.0;
+                match committed[i] {
+                    // Nobody consumes: nothing new is committed (the last commit may be past a marker).
+                    Some(c) if ready == 0 => c as f64,
+                    _ if past_markers && caught_up => (produced[i].floor() as i64 + marker) as f64,
+                    _ => consumed[i],
+                }
+            })
+            .collect();
+        history.push_back(positions);
         if history.len() > world.commit_delay_secs as usize
             && let Some(done) = history.pop_front()
         {
@@ -239,7 +312,6 @@ pub fn run(world: &World, trace: &Trace, scaler: &mut dyn Autoscaler) -> Outcome
                 }
             }
         }
-        let marker = i64::from(world.transaction_markers);
         let offsets: Vec<PartitionOffsets> = (0..p)
             .map(|i| {
                 let end = produced[i].floor() as i64;
@@ -249,14 +321,16 @@ pub fn run(world: &World, trace: &Trace, scaler: &mut dyn Autoscaler) -> Outcome
                     log_start: 0,
                     log_end: if end > 0 { end + marker } else { 0 },
                     committed: committed[i],
+                    retry: None,
                 }
             })
             .collect();
         let lag: i64 = offsets.iter().map(|o| o.log_end - o.committed.unwrap_or(0)).sum();
         out.worst_lag = out.worst_lag.max(lag);
+        out.final_lag = lag;
 
         let replicas = pods.len() as i32;
-        let desired = scaler.tick(t, &offsets, replicas, ready as i32).max(0) as usize;
+        let desired = scaler.tick(t, &offsets, replicas, Consumers { ready: ready as i32, epoch }).max(0) as usize;
         if desired != pods.len() {
             out.scale_changes += 1;
         }
@@ -282,6 +356,7 @@ pub fn default_world() -> World {
         rebalance_secs: 3,
         commit_delay_secs: 2,
         transaction_markers: false,
+        crash_loop: None,
     }
 }
 
@@ -296,6 +371,7 @@ pub fn standard_traces() -> Vec<Trace> {
                 1800..2400 => 3000.0,
                 _ => 0.0,
             }),
+            hot_partition: false,
         },
         Trace {
             name: "diurnal",
@@ -308,6 +384,7 @@ pub fn standard_traces() -> Vec<Trace> {
                     0.0
                 }
             }),
+            hot_partition: false,
         },
         Trace {
             name: "spiky",
@@ -316,6 +393,34 @@ pub fn standard_traces() -> Vec<Trace> {
                 let base = 200.0;
                 if t % 600 >= 60 && t % 600 < 70 { base + 30_000.0 } else { base }
             }),
+            hot_partition: false,
         },
     ]
+}
+
+/// The failure traces of the never-strand rules (DESIGN.md §3), run in their own worlds:
+/// - `hot-partition`: 800 records/s for 20 minutes, then a burst of 12,000, all on one partition of 12
+///   (one hot key): one pod can do all there is to do;
+/// - `crash-loop`: a backlog of 100,000 records while every pod crashes every 12 s for two minutes (an
+///   OOM-kill loop: each pod lives about 2 s past its 10 s start-up); the backlog must drain to 0
+///   afterwards.
+pub fn failure_traces() -> Vec<(World, Trace)> {
+    let hot = Trace {
+        name: "hot-partition",
+        seconds: 3600,
+        rate: Box::new(|t| match t {
+            120..1320 => 800.0,
+            1800..1810 => 1200.0,
+            _ => 0.0,
+        }),
+        hot_partition: true,
+    };
+    let crash = Trace {
+        name: "crash-loop",
+        seconds: 1800,
+        rate: Box::new(|t| if (60..70).contains(&t) { 10_000.0 } else { 0.0 }),
+        hot_partition: false,
+    };
+    let crashing = World { crash_loop: Some(CrashLoop { from: 70, until: 190, every: 12 }), ..default_world() };
+    vec![(default_world(), hot), (crashing, crash)]
 }

@@ -2,7 +2,7 @@
 //! only when a condition's status changes; reason/message/observedGeneration are refreshed).
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kpipe_api::v1alpha1::{ConsumerPipelineStatus, LagSummary, condition};
+use kpipe_api::v1alpha1::{ConsumerPipelineStatus, LagSummary, WorkerSummary, condition};
 
 /// Something wrong that the user or the cluster must fix.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -32,6 +32,14 @@ pub struct Observed {
     pub lag: Option<LagSummary>,
     /// When the replica count was last changed (None: keep the previous value).
     pub scaled_at: Option<Time>,
+    /// Why the backlog is not draining, if it is not ([`crate::stall`]).
+    pub stall: Option<Problem>,
+    /// Lag beyond `activationLag` (a backlog the workers should be draining).
+    pub backlog: bool,
+    /// `spec.suspend`.
+    pub suspended: bool,
+    /// The worker pods (None: not observed).
+    pub workers: Option<WorkerSummary>,
 }
 
 fn cond(type_: &str, status: bool, reason: &str, message: &str, generation: Option<i64>, now: &Time) -> Condition {
@@ -67,15 +75,37 @@ pub fn compute(previous: Option<&ConsumerPipelineStatus>, obs: &Observed, now: T
         Some(p) => cond(condition::DEGRADED, true, &p.reason, &p.message, g, &now),
         None => cond(condition::DEGRADED, false, "AsExpected", "", g, &now),
     };
-    let ready = match &obs.problem {
-        Some(p) => cond(condition::READY, false, &p.reason, &p.message, g, &now),
-        None if !obs.workers_configured => {
+    // Ready=True only while the pipeline does its work: never with a stalled backlog, never with a
+    // backlog at zero replicas (DESIGN.md §3).
+    let lag_total = obs.lag.as_ref().map(|l| l.total).unwrap_or(0);
+    let ready = match (&obs.problem, &obs.stall) {
+        (Some(p), _) | (None, Some(p)) => cond(condition::READY, false, &p.reason, &p.message, g, &now),
+        (None, None) if !obs.workers_configured => {
             cond(condition::READY, false, "Reconciling", "worker Deployment not applied yet", g, &now)
         }
-        None if obs.desired == 0 && obs.replicas == 0 => {
+        (None, None) if obs.replicas == 0 && obs.backlog && obs.suspended => cond(
+            condition::READY,
+            false,
+            "Suspended",
+            &format!("suspended with a backlog of {lag_total} records; set spec.suspend to false to drain it"),
+            g,
+            &now,
+        ),
+        (None, None) if obs.replicas == 0 && obs.backlog => cond(
+            condition::READY,
+            false,
+            "BacklogAtZero",
+            &format!("lag {lag_total} and no worker replicas yet: {}", obs.scale_message),
+            g,
+            &now,
+        ),
+        (None, None) if obs.suspended && obs.replicas == 0 => {
+            cond(condition::READY, true, "Suspended", "suspended; no backlog", g, &now)
+        }
+        (None, None) if obs.desired == 0 && obs.replicas == 0 => {
             cond(condition::READY, true, "ScaledToZero", "no lag: no workers needed", g, &now)
         }
-        None if obs.ready_replicas > 0 => cond(
+        (None, None) if obs.ready_replicas > 0 => cond(
             condition::READY,
             true,
             "WorkersReady",
@@ -83,7 +113,7 @@ pub fn compute(previous: Option<&ConsumerPipelineStatus>, obs: &Observed, now: T
             g,
             &now,
         ),
-        None => cond(condition::READY, false, "WaitingForWorkers", "no worker is ready yet", g, &now),
+        (None, None) => cond(condition::READY, false, "WaitingForWorkers", "no worker is ready yet", g, &now),
     };
     let scaling_now = obs.desired != obs.replicas || obs.ready_replicas != obs.replicas;
     let scaling = cond(
@@ -105,10 +135,17 @@ pub fn compute(previous: Option<&ConsumerPipelineStatus>, obs: &Observed, now: T
     } else {
         cond(condition::ACTIVE, false, "ScaledToZero", "no workers wanted", g, &now)
     };
+    let stalled = match &obs.stall {
+        Some(p) => cond(condition::STALLED, true, &p.reason, &p.message, g, &now),
+        None if obs.backlog && !obs.suspended => {
+            cond(condition::STALLED, false, "Draining", &format!("lag {lag_total} is being worked on"), g, &now)
+        }
+        None => cond(condition::STALLED, false, "NoBacklog", "", g, &now),
+    };
     let prev_conditions = previous.map(|p| p.conditions.as_slice()).unwrap_or_default();
     ConsumerPipelineStatus {
         observed_generation: g,
-        conditions: merge_conditions(prev_conditions, vec![ready, scaling, degraded, active]),
+        conditions: merge_conditions(prev_conditions, vec![ready, scaling, degraded, active, stalled]),
         replicas: obs.replicas,
         desired_replicas: obs.desired,
         ready_replicas: obs.ready_replicas,
@@ -116,6 +153,7 @@ pub fn compute(previous: Option<&ConsumerPipelineStatus>, obs: &Observed, now: T
         group_id: obs.group_id.clone(),
         lag: obs.lag.clone(),
         last_scale_time: obs.scaled_at.clone().or_else(|| previous.and_then(|p| p.last_scale_time.clone())),
+        workers: obs.workers.clone().or_else(|| previous.and_then(|p| p.workers.clone())),
     }
 }
 
@@ -212,6 +250,60 @@ mod tests {
                 assert_eq!((c.status.as_str(), c.reason.as_str()), (status, reason), "{name}: {type_}");
                 assert_eq!(c.observed_generation, Some(1));
             }
+        }
+    }
+
+    #[test]
+    fn ready_is_never_true_with_a_backlog_that_does_not_drain() {
+        let lag = |total| Some(LagSummary { total, ..Default::default() });
+        let stall = Some(Problem { reason: "CrashLoopingWorkers".into(), message: "2 of 2 crash-looping".into() });
+        type Case = (&'static str, Observed, (&'static str, &'static str), (&'static str, &'static str));
+        let cases: Vec<Case> = vec![
+            (
+                "stalled",
+                Observed { stall: stall.clone(), backlog: true, lag: lag(500), ..observed() },
+                ("False", "CrashLoopingWorkers"),
+                ("True", "CrashLoopingWorkers"),
+            ),
+            (
+                "draining",
+                Observed { backlog: true, lag: lag(500), ..observed() },
+                ("True", "WorkersReady"),
+                ("False", "Draining"),
+            ),
+            (
+                "backlog at zero replicas",
+                Observed { backlog: true, lag: lag(500), replicas: 0, ready_replicas: 0, desired: 1, ..observed() },
+                ("False", "BacklogAtZero"),
+                ("False", "Draining"),
+            ),
+            (
+                "suspended with a backlog",
+                Observed {
+                    backlog: true,
+                    suspended: true,
+                    lag: lag(110),
+                    replicas: 0,
+                    ready_replicas: 0,
+                    desired: 0,
+                    ..observed()
+                },
+                ("False", "Suspended"),
+                ("False", "NoBacklog"),
+            ),
+            (
+                "at zero without backlog",
+                Observed { lag: lag(0), replicas: 0, ready_replicas: 0, desired: 0, ..observed() },
+                ("True", "ScaledToZero"),
+                ("False", "NoBacklog"),
+            ),
+        ];
+        for (name, obs, ready, stalled) in cases {
+            let s = compute(None, &obs, t(100));
+            let r = status_of(&s, "Ready");
+            assert_eq!((r.status.as_str(), r.reason.as_str()), ready, "{name}: Ready");
+            let st = status_of(&s, "Stalled");
+            assert_eq!((st.status.as_str(), st.reason.as_str()), stalled, "{name}: Stalled");
         }
     }
 

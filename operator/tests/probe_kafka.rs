@@ -72,3 +72,32 @@ async fn offsets_committed_missing_topic_and_unreachable_broker() {
     assert!(started.elapsed() < Duration::from_secs(15));
     assert_eq!(probe.counts().clusters, 2);
 }
+
+/// The workers' retry report travels in the commit metadata: what a worker commits, the probe reads back.
+#[tokio::test]
+async fn retry_reports_travel_in_the_commit_metadata() {
+    use kpipe_api::commit_metadata::{self, RetryReport};
+    let bed = TestBed::connect().await.unwrap();
+    let bootstrap = bed.kafka_bootstrap().to_string();
+    let topic = unique("probe-retry");
+    bed.create_topic(&topic, 2).await.unwrap();
+    bed.produce(&topic, 20).await.unwrap();
+    let group = unique("probe-retry-group");
+    let report = RetryReport { offset: 3, attempts: 4, since_ms: 1_000, at_ms: 2_000, blocked: true };
+    let c: BaseConsumer =
+        ClientConfig::new().set("bootstrap.servers", &bootstrap).set("group.id", &group).create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    let mut e = tpl.add_partition(&topic, 0);
+    e.set_offset(Offset::Offset(3)).unwrap();
+    e.set_metadata(commit_metadata::encode(Some(&report)));
+    tpl.add_partition_offset(&topic, 1, Offset::Offset(2)).unwrap();
+    c.commit(&tpl, CommitMode::Sync).unwrap();
+
+    let probe = Arc::new(LagProbe::new(Duration::from_secs(5)));
+    let cluster = Cluster { bootstrap_servers: vec![bootstrap], ..Default::default() };
+    let offs = probe.offsets(cluster, vec![topic], group).await.unwrap();
+    let p0 = offs.iter().find(|o| o.partition == 0).unwrap();
+    let p1 = offs.iter().find(|o| o.partition == 1).unwrap();
+    assert_eq!((p0.committed, p0.retry), (Some(3), Some(report)));
+    assert_eq!((p1.committed, p1.retry), (Some(2), None), "no metadata, no report");
+}

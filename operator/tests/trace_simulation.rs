@@ -82,6 +82,24 @@ fn transaction_markers_do_not_pin_a_replica() {
     compare(&world, &traces);
     let kp = sim::run(&world, &traces[0], &mut Kpipe::new(kpipe_policy(12), 5));
     let keda = sim::run(&world, &traces[0], &mut KedaHpa::defaults(THRESHOLD, 12));
-    assert_eq!(kp.final_replicas, 0, "kpipe treats the marker lag as stuck and scales to zero");
+    assert_eq!(
+        (kp.final_replicas, kp.final_lag),
+        (0, 0),
+        "kpipe's worker commits its fetch position past the marker, so nothing is left and it scales to zero"
+    );
     assert_eq!(keda.final_replicas, 1, "KEDA keeps one replica for a permanent lag of 1 (keda#5675)");
+}
+
+#[test]
+fn failure_traces_never_strand_and_cost_less_than_keda() {
+    for (world, trace) in sim::failure_traces() {
+        let failures = compare(&world, std::slice::from_ref(&trace));
+        let kp = sim::run(&world, &trace, &mut Kpipe::new(kpipe_policy(world.partitions as i32), 5));
+        assert_eq!(kp.final_lag, 0, "{}: a backlog was stranded: {:?}", trace.name, kp.series);
+        assert!(failures.is_empty(), "{}: {failures:?}", trace.name);
+        if trace.name == "hot-partition" {
+            let most = kp.series.iter().map(|(_, r, _)| *r).max().unwrap_or(0);
+            assert_eq!(most, 1, "one hot partition gives work to one pod: {:?}", kp.series);
+        }
+    }
 }

@@ -24,6 +24,7 @@ use crate::job::JobContext;
 use crate::metrics::Metrics;
 use crate::partition::{Input, PartitionProgress, PartitionSettings, PartitionTask};
 use crate::record::Record;
+use kpipe_api::commit_metadata;
 
 type TopicPartition = (Arc<str>, i32);
 
@@ -84,6 +85,11 @@ impl HeldOffsets {
     fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+}
+
+/// Wall-clock Unix milliseconds (0 if the clock is before 1970).
+fn unix_millis() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// The partitions of a list.
@@ -228,6 +234,7 @@ impl Dispatch {
                     h.progress.committable()
                 }
             };
+            self.health.forget_partition(&topic, partition);
             let _ = self.metrics.lag.remove_label_values(&[&*topic, &partition.to_string()]);
             let _ = self.metrics.committed_offset.remove_label_values(&[&*topic, &partition.to_string()]);
             // Always part of the final synchronous commit, whatever the periodic commits did.
@@ -359,9 +366,11 @@ impl Dispatch {
             }
         }
         for ((topic, partition), h) in parts.iter_mut() {
-            if let Some(offset) = h.progress.committable()
-                && h.last_committed != Some(offset)
-            {
+            let Some(offset) = h.progress.committable() else { continue };
+            // A record being retried at the commit point is re-reported on every regular interval (the
+            // same offset, fresh metadata), so the operator sees a live retry rather than a stuck partition.
+            let report_retry = with_positions && self.health.retry_report(topic, *partition, offset, 0).is_some();
+            if h.last_committed != Some(offset) || report_retry {
                 request.push((topic.clone(), *partition));
                 h.last_committed = Some(offset);
             }
@@ -452,8 +461,11 @@ fn commit_request<C: ConsumerContext>(consumer: &BaseConsumer<C>, request: &[Top
                 && let Some(offset) = h.progress.committable()
             {
                 h.last_committed = Some(offset);
-                if tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(offset)).is_err() {
-                    tracing::warn!(topic = %tp.0, partition = tp.1, "cannot add offset to commit list");
+                let report = dispatch.health.retry_report(&tp.0, tp.1, offset, unix_millis());
+                let mut elem = tpl.add_partition(&tp.0, tp.1);
+                elem.set_metadata(commit_metadata::encode(report.as_ref()));
+                if let Err(e) = elem.set_offset(Offset::Offset(offset)) {
+                    tracing::warn!(topic = %tp.0, partition = tp.1, "cannot add offset to commit list: {e}");
                 }
             }
         }

@@ -4,6 +4,16 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use kpipe_api::commit_metadata::RetryReport;
+
+/// A record waiting for another attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Retrying {
+    attempts: u32,
+    /// First failure, Unix milliseconds.
+    since_ms: u64,
+}
+
 #[derive(Default)]
 pub struct Health {
     /// Subscribed to the source topics after reaching the brokers.
@@ -12,6 +22,9 @@ pub struct Health {
     broker_error: Mutex<Option<String>>,
     /// Records stalled by the `block` failure policy: (topic, partition, offset) → last error.
     blocked: Mutex<BTreeMap<(String, i32, i64), String>>,
+    /// Records that failed and wait for another attempt (or for their dead-letter write), until they
+    /// are done: reported to the operator through the commit metadata.
+    retrying: Mutex<BTreeMap<(String, i32, i64), Retrying>>,
 }
 
 /// Readiness verdict and a human-readable detail.
@@ -45,6 +58,48 @@ impl Health {
         if let Ok(mut b) = self.blocked.lock() {
             b.remove(&(topic.to_owned(), partition, offset));
         }
+    }
+
+    /// A record failed and will be tried again (`attempts` failures so far, the first at `since_ms`).
+    pub fn retrying(&self, topic: &str, partition: i32, offset: i64, attempts: u32, since_ms: u64) {
+        if let Ok(mut r) = self.retrying.lock() {
+            r.insert((topic.to_owned(), partition, offset), Retrying { attempts, since_ms });
+        }
+    }
+
+    /// A record that was retried is done (processed, dead-lettered or dropped).
+    pub fn settled(&self, topic: &str, partition: i32, offset: i64) {
+        if let Ok(mut r) = self.retrying.lock() {
+            r.remove(&(topic.to_owned(), partition, offset));
+        }
+    }
+
+    /// Forgets the retry state of a partition that is no longer assigned (its records were abandoned
+    /// or finished; a later assignment starts its own count).
+    pub fn forget_partition(&self, topic: &str, partition: i32) {
+        let in_partition = |k: &(String, i32, i64)| k.0 == topic && k.1 == partition;
+        if let Ok(mut r) = self.retrying.lock() {
+            r.retain(|k, _| !in_partition(k));
+        }
+        if let Ok(mut b) = self.blocked.lock() {
+            b.retain(|k, _| !in_partition(k));
+        }
+    }
+
+    /// The retry state of the record at `commit_point` of a partition, if that record is being
+    /// retried: what the worker reports to the operator in the commit metadata
+    /// ([`kpipe_api::commit_metadata`]). `now_ms` stamps the report.
+    pub fn retry_report(&self, topic: &str, partition: i32, commit_point: i64, now_ms: u64) -> Option<RetryReport> {
+        let key = (topic.to_owned(), partition, commit_point);
+        let state = *self.retrying.lock().ok()?.get(&key)?;
+        let blocked = self.blocked.lock().map(|b| b.contains_key(&key)).unwrap_or(false);
+        Some(RetryReport {
+            offset: commit_point,
+            attempts: state.attempts,
+            since_ms: state.since_ms,
+            at_ms: now_ms,
+            blocked,
+        })
     }
 
     /// Not ready until subscribed, or while the brokers are unreachable. Records stalled by the
@@ -96,5 +151,23 @@ mod tests {
         assert!(r.ready && r.detail.contains("blocked: t/1@5"), "{}", r.detail);
         h.unblock("t", 1, 5);
         assert_eq!(h.readiness().detail, "ok\n");
+    }
+
+    #[test]
+    fn retry_report_is_about_the_commit_point_only() {
+        let h = Health::default();
+        h.retrying("t", 1, 7, 2, 1_000);
+        h.retrying("t", 1, 9, 1, 2_000);
+        assert_eq!(h.retry_report("t", 1, 5, 9_000), None, "the head record is not retrying");
+        let r = h.retry_report("t", 1, 7, 9_000).unwrap();
+        assert_eq!((r.offset, r.attempts, r.since_ms, r.at_ms, r.blocked), (7, 2, 1_000, 9_000, false));
+        h.block("t", 1, 7, "http_500".into());
+        assert!(h.retry_report("t", 1, 7, 9_000).unwrap().blocked);
+        h.settled("t", 1, 7);
+        assert_eq!(h.retry_report("t", 1, 7, 9_000), None);
+        assert_eq!(h.retry_report("t", 2, 9, 9_000), None, "other partition");
+        h.forget_partition("t", 1);
+        assert_eq!(h.retry_report("t", 1, 9, 9_000), None);
+        assert!(h.readiness().detail.starts_with("not subscribed"), "blocked records of a revoked partition are gone");
     }
 }

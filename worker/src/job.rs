@@ -30,6 +30,8 @@ struct Attempt {
     attempts: u32,
     /// Gave up under the `block` policy: retried at max backoff forever.
     blocked: bool,
+    /// When the record first failed, Unix milliseconds.
+    first_failure_ms: Option<u64>,
 }
 
 fn now_millis() -> Option<u64> {
@@ -83,8 +85,10 @@ impl JobContext {
 
     /// Processes `records` until every one is done, reporting completed records on `done`.
     pub async fn run(&self, records: Vec<Arc<Record>>, done: UnboundedSender<Vec<Arc<Record>>>) {
-        let mut remaining: Vec<Attempt> =
-            records.into_iter().map(|record| Attempt { record, attempts: 0, blocked: false }).collect();
+        let mut remaining: Vec<Attempt> = records
+            .into_iter()
+            .map(|record| Attempt { record, attempts: 0, blocked: false, first_failure_ms: None })
+            .collect();
         let mut round = 0u32;
         let mut isolate = false;
         while !remaining.is_empty() {
@@ -131,10 +135,16 @@ impl JobContext {
                             self.metrics.blocked.dec();
                             self.health.unblock(&a.record.topic, a.record.partition, a.record.offset);
                         }
+                        if a.attempts > 0 {
+                            self.health.settled(&a.record.topic, a.record.partition, a.record.offset);
+                        }
                         succeeded.push(a.record);
                     }
                     Some(f) => {
                         a.attempts += 1;
+                        let since = *a.first_failure_ms.get_or_insert(now_ms.unwrap_or_default());
+                        // Reported to the operator (commit metadata) until the record is done.
+                        self.health.retrying(&a.record.topic, a.record.partition, a.record.offset, a.attempts, since);
                         self.metrics.failed.with_label_values(&[f.class.metric_label()]).inc();
                         if a.blocked {
                             self.health.block(&a.record.topic, a.record.partition, a.record.offset, f.to_string());
@@ -178,6 +188,9 @@ impl JobContext {
                             retry.push(Attempt { blocked: true, ..a });
                         }
                     }
+                }
+                for r in &finished {
+                    self.health.settled(&r.topic, r.partition, r.offset);
                 }
                 if !finished.is_empty() {
                     let _ = done.send(finished);

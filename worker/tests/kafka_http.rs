@@ -8,6 +8,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::*;
+use kpipe_api::commit_metadata;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kafka_every_id_is_delivered() {
@@ -162,11 +163,12 @@ async fn kafka_block_policy_stalls_visibly_then_recovers() {
     let n = 200u64;
     produce_ids(&bootstrap, &topic, 0..n, 10).await;
     let sink = Sink::start(SinkBehavior { poison: [50u64].into_iter().collect(), ..Default::default() }).await;
+    let group = unique("g");
     let cfg = config(
         &bootstrap,
         "block",
         &topic,
-        &unique("g"),
+        &group,
         serde_json::json!({
             "processor": {"http": {"url": sink.url}},
             "ordering": "key",
@@ -202,6 +204,26 @@ async fn kafka_block_policy_stalls_visibly_then_recovers() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // The operator learns of the retry from the commit metadata: the worker re-commits offset 50 with a fresh report
+    // on every commit interval.
+    let report = |at_least_ms: u64| {
+        let (offset, metadata) = committed_with_metadata(&bootstrap, &group, &topic);
+        (offset, commit_metadata::decode(&metadata).filter(|r| r.at_ms >= at_least_ms))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let first = loop {
+        if let (Some(50), Some(r)) = report(0) {
+            break r;
+        }
+        assert!(std::time::Instant::now() < deadline, "no retry report in the commit metadata: {:?}", report(0));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(first.offset == 50 && first.blocked && first.attempts >= 2, "{first:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while report(first.at_ms + 1).1.is_none() {
+        assert!(std::time::Instant::now() < deadline, "the retry report is not refreshed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // The handler is fixed: the record goes through and the commit reaches the end.
     sink.state.lock().unwrap().behavior.poison.clear();
     assert!(sink.wait_for(n as usize, Duration::from_secs(20)).await, "log {}", w.log.display());
@@ -211,9 +233,26 @@ async fn kafka_block_policy_stalls_visibly_then_recovers() {
         if metric(&m, "kpipe_worker_blocked_records") == Some(0.0)
             && metric(&m, "kpipe_worker_committed_offset") == Some(n as f64)
         {
+            assert_eq!(committed_with_metadata(&bootstrap, &group, &topic), (Some(n as i64), String::new()));
             break;
         }
         assert!(std::time::Instant::now() < deadline, "did not recover:\n{m}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The group's committed offset of partition 0 and its metadata, as an outsider (the operator) reads them.
+fn committed_with_metadata(bootstrap: &str, group: &str, topic: &str) -> (Option<i64>, String) {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let c: BaseConsumer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", bootstrap).set("group.id", group).create().unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition(topic, 0);
+    let got = c.committed_offsets(tpl, Duration::from_secs(5)).unwrap();
+    let e = got.elements_for_topic(topic).into_iter().next().unwrap();
+    let offset = match e.offset() {
+        rdkafka::Offset::Offset(o) => Some(o),
+        _ => None,
+    };
+    (offset, e.metadata().to_string())
 }

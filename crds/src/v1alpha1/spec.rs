@@ -53,6 +53,12 @@ use crate::{ByteSize, Duration, rules};
         description = "Records of consumer-group lag"
     ),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
+        description = "Why the pipeline is (not) Ready: e.g. WorkersReady, ScaledToZero, CrashLoopingWorkers, Retrying"
+    ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[x_kube(validation = rules::dead_letter_required())]

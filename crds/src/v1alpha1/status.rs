@@ -14,6 +14,11 @@ pub mod condition {
     pub const DEGRADED: &str = "Degraded";
     /// At least one worker replica is wanted (there is work, or minReplicas > 0).
     pub const ACTIVE: &str = "Active";
+    /// A backlog is not draining; the reason says why: `CrashLoopingWorkers`, `NoCapacity` (workers
+    /// wanted but none ready), `NoWorkers` (none running, e.g. an external autoscaler at zero),
+    /// `PartitionStuck`, `Retrying` (a live worker retries the head record of some partitions) or
+    /// `NotDraining`. False with reason `Draining` or `NoBacklog` otherwise.
+    pub const STALLED: &str = "Stalled";
 }
 
 /// Observed state of a ConsumerPipeline.
@@ -48,6 +53,26 @@ pub struct ConsumerPipelineStatus {
     /// When the operator last changed the replica count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scale_time: Option<Time>,
+    /// The worker pods as the operator last saw them: restarts tell a crash loop from a poison record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<WorkerSummary>,
+}
+
+/// The worker pods of a pipeline (from the Pods' status).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerSummary {
+    /// Worker pods that exist (any phase).
+    pub pods: i32,
+    /// Container restarts summed over the current worker pods.
+    pub restarts: i32,
+    /// Pods whose worker container restarted within the last few minutes or waits in
+    /// `CrashLoopBackOff`.
+    pub crash_looping: i32,
+    /// Why a worker container last terminated (e.g. `OOMKilled`, `Error`), from the most recent
+    /// restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_termination_reason: Option<String>,
 }
 
 /// Consumer-group lag summary from the last poll.
@@ -63,6 +88,10 @@ pub struct LagSummary {
     /// Partitions with lag whose committed offset has not moved for several polls (likely a poison
     /// record or a blocked partition); they do not drive scale-up.
     pub stuck_partitions: i32,
+    /// Partitions whose head record a live worker reports it is retrying (through the commit
+    /// metadata): they wait for the processor, not for more replicas, and are not stuck.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retrying_partitions: Option<i32>,
     /// Records committed per second over the recent polls, all replicas together.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub records_per_second: Option<i64>,

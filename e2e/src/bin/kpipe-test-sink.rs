@@ -9,7 +9,8 @@
 //! * `--poison-mode named`: 200 with `{"failed":[{"partition":..,"offset":..,"permanent":true}]}` naming only the
 //!   poison records (partial batch failure);
 //! * `--fail-first N`: answer 503 to the first N requests (retry path);
-//! * `--delay-ms D`: sleep D ms per request (slow handler).
+//! * `--delay-ms D`: sleep D ms per request (slow handler);
+//! * `POST /outage/start` / `POST /outage/end`: answer 503 to every request in between (a downstream outage).
 //!
 //! `GET /ids` returns every delivered id, one per line, in arrival order (duplicates included);
 //! `GET /stats` returns `{"requests":..,"records":..,"unique":..,"rejected":..}`; `/healthz` is the probe.
@@ -64,6 +65,8 @@ struct Ledger {
 struct Sink {
     args: Args,
     ledger: Mutex<Ledger>,
+    /// Between `POST /outage/start` and `POST /outage/end`: every request gets 503.
+    outage: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Deserialize)]
@@ -93,6 +96,10 @@ async fn records(State(sink): State<Arc<Sink>>, headers: HeaderMap, body: Bytes)
     };
     if request_no <= sink.args.fail_first {
         return (StatusCode::SERVICE_UNAVAILABLE, "warming up".to_string());
+    }
+    if sink.outage.load(std::sync::atomic::Ordering::Relaxed) {
+        sink.ledger.lock().await.rejected += 1;
+        return (StatusCode::SERVICE_UNAVAILABLE, "outage".to_string());
     }
     // CloudEvents binary mode carries one record per request, with ce-* headers and the value as the body.
     let batch: Vec<BatchRecord> = if headers.contains_key("ce-id") {
@@ -169,13 +176,25 @@ async fn main() -> anyhow::Result<()> {
         None => None,
     };
     let listen = args.listen.clone();
-    let sink = Arc::new(Sink { args, ledger: Mutex::new(Ledger { file, ..Ledger::default() }) });
+    let sink = Arc::new(Sink {
+        args,
+        ledger: Mutex::new(Ledger { file, ..Ledger::default() }),
+        outage: std::sync::atomic::AtomicBool::new(false),
+    });
+    let outage = |on: bool| {
+        move |State(sink): State<Arc<Sink>>| async move {
+            sink.outage.store(on, std::sync::atomic::Ordering::Relaxed);
+            if on { "outage started\n" } else { "outage ended\n" }
+        }
+    };
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/records", post(records))
         .route("/", post(records))
         .route("/ids", get(ids))
         .route("/stats", get(stats))
+        .route("/outage/start", post(outage(true)))
+        .route("/outage/end", post(outage(false)))
         .with_state(sink);
     let listener = tokio::net::TcpListener::bind(&listen).await?;
     println!("kpipe-test-sink listening on {listen}");
