@@ -5,8 +5,9 @@ use std::{borrow::Cow, fmt, str::FromStr};
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// Pattern the apiserver enforces for the string form.
-pub const BYTE_SIZE_PATTERN: &str = r"^[0-9]+(Ki|Mi|Gi|k|M|G)?$";
+/// Pattern the apiserver enforces for the string form: a positive number of at most 10 digits
+/// without leading zeros (so no value overflows), optionally with a suffix.
+pub const BYTE_SIZE_PATTERN: &str = r"^[1-9][0-9]{0,9}(Ki|Mi|Gi|k|M|G)?$";
 
 /// A size in bytes. Accepts an integer or a string with a binary (Ki, Mi, Gi) or decimal (k, M, G)
 /// suffix; serialises back to the shortest exact string.
@@ -45,7 +46,12 @@ impl FromStr for ByteSize {
         let err = || ByteSizeParseError(s.to_string());
         let (digits, factor) =
             SUFFIXES.iter().find_map(|(suffix, factor)| s.strip_suffix(suffix).map(|d| (d, *factor))).unwrap_or((s, 1));
-        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        // Same language as BYTE_SIZE_PATTERN: 1 to 10 digits, the first not 0.
+        if digits.is_empty()
+            || digits.len() > 10
+            || digits.starts_with('0')
+            || !digits.bytes().all(|b| b.is_ascii_digit())
+        {
             return Err(err());
         }
         let n: u64 = digits.parse().map_err(|_| err())?;
@@ -102,7 +108,9 @@ impl JsonSchema for ByteSize {
             // Top-level value validations: `pattern` only applies to the string form and `minimum`
             // only to the integer form (anyOf branches without types would each accept the other).
             "pattern": BYTE_SIZE_PATTERN,
+            "maxLength": 12,
             "minimum": 1,
+            "maximum": crate::rules::MAX_BATCH_BYTES,
         })
     }
 }
@@ -118,8 +126,35 @@ mod tests {
         assert_eq!("1M".parse(), Ok(ByteSize::bytes(1_000_000)));
         assert_eq!("2G".parse(), Ok(ByteSize::bytes(2_000_000_000)));
         assert_eq!("100".parse(), Ok(ByteSize::bytes(100)));
-        for bad in ["", "Mi", "1.5Mi", "1mi", "-1", "1 Mi", "1MiB"] {
+        assert_eq!("9999999999Gi".parse(), Ok(ByteSize::bytes(9_999_999_999 << 30)));
+        for bad in ["", "Mi", "1.5Mi", "1mi", "-1", "1 Mi", "1MiB", "0", "0Mi", "01Mi", "99999999999Gi"] {
             assert!(bad.parse::<ByteSize>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn pattern_agrees_with_parser() {
+        let pattern = regex::Regex::new(BYTE_SIZE_PATTERN).unwrap();
+        for text in [
+            "1",
+            "1Mi",
+            "512Ki",
+            "1G",
+            "1k",
+            "9999999999Gi",
+            "0",
+            "0Mi",
+            "01",
+            "99999999999",
+            "1MB",
+            "1mi",
+            "",
+            "Gi",
+            "1.5Mi",
+            " 1Mi",
+            "+1Mi",
+        ] {
+            assert_eq!(pattern.is_match(text), text.parse::<ByteSize>().is_ok(), "{text:?}");
         }
     }
 
