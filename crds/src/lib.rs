@@ -17,7 +17,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{CustomR
 use kube::CustomResourceExt;
 
 pub use duration::{DURATION_PATTERN, Duration, DurationParseError};
-pub use quantity::{BYTE_SIZE_PATTERN, ByteSize, ByteSizeParseError};
+pub use quantity::{BYTE_SIZE_PATTERN, BYTE_SIZE_SYNTAX, ByteSize, ByteSizeParseError};
 
 /// Every CRD kpipe installs.
 pub fn all_crds() -> Vec<CustomResourceDefinition> {

@@ -409,19 +409,6 @@ pub fn pod_annotations_schema(_: &mut schemars::SchemaGenerator) -> schemars::Sc
     .unwrap_or_default()
 }
 
-/// `batch.maxBytes` at most [`MAX_BATCH_BYTES`] in its string form (the integer form has
-/// `maximum`). Quantities with these suffixes mean the same to the apiserver's `quantity()`. The
-/// value is an int or a string, so the rule reads it through `string()`; a string the pattern
-/// rejects is left to the pattern's error.
-pub fn max_bytes_bound() -> Rule {
-    Rule::new(format!(
-        "!string(self).matches({}) || quantity(string(self)).compareTo(quantity('1Gi')) <= 0",
-        cel_raw(crate::BYTE_SIZE_PATTERN)
-    ))
-    .message("batch.maxBytes must be at most 1Gi")
-    .reason(Reason::FieldValueInvalid)
-}
-
 const NOOP_HINT: &str = "processor must set exactly one of http, kafka or noop (a bare `noop:` is null and is \
     dropped by the apiserver: write `noop: {}`)";
 

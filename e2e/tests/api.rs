@@ -75,12 +75,8 @@ async fn api_valid_corpus_is_accepted_by_the_apiserver() {
     let mut failures = Vec::new();
     for case in &cases {
         // A real create (not a dry run), with kubectl's strict field validation: stored, defaults filled in.
-        let out = bed
-            .kubectl_cmd()
-            .args(["create", "-n", ns.name(), "-f"])
-            .arg(&case.file)
-            .output()
-            .expect("run kubectl");
+        let out =
+            bed.kubectl_cmd().args(["create", "-n", ns.name(), "-f"]).arg(&case.file).output().expect("run kubectl");
         if !out.status.success() {
             let name = case.file.file_name().and_then(|n| n.to_str()).unwrap_or("?").to_string();
             failures.push(format!("{name}: rejected:\n{}", text(&out)));

@@ -419,7 +419,6 @@ pub struct Batch {
     pub max_records: u32,
     /// Most bytes (keys plus values) in one batch, e.g. `1Mi`: from 1 byte to 1Gi.
     #[serde(default = "default_max_bytes")]
-    #[x_kube(validation = rules::max_bytes_bound())]
     pub max_bytes: ByteSize,
     /// Longest a batch waits for more records after its first one (at most 1m).
     #[serde(default = "default_max_wait")]
