@@ -1,5 +1,6 @@
-//! The invalid-manifest corpus (`crds/tests/invalid/*.yaml`), shared by the schema unit tests and
-//! the end-to-end replay against a real apiserver.
+//! The manifest corpora, shared by the schema unit tests and the end-to-end replay against a real
+//! apiserver: `crds/tests/invalid/*.yaml` must be rejected naming a field, `crds/tests/valid/*.yaml`
+//! (edge cases) must be accepted.
 //!
 //! Each file is one ConsumerPipeline manifest with a header:
 //! ```yaml
@@ -30,16 +31,30 @@ pub enum CorpusError {
     MissingField { path: PathBuf },
 }
 
-/// The directory of the corpus in this source tree.
+/// One manifest the apiserver must accept (header `# Valid: <what it exercises>.`).
+#[derive(Debug, Clone)]
+pub struct ValidCase {
+    pub file: PathBuf,
+    /// The manifest text (including the header comment).
+    pub manifest: String,
+}
+
+/// The directory of the invalid corpus in this source tree.
 pub fn invalid_corpus_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("invalid")
 }
 
-/// Loads every `*.yaml` case of `dir`, sorted by file name.
-pub fn load_invalid_corpus(dir: &Path) -> Result<Vec<InvalidCase>, CorpusError> {
-    fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CorpusError + '_ {
-        move |source| CorpusError::Io { path: path.to_path_buf(), source }
-    }
+/// The directory of the valid corpus in this source tree.
+pub fn valid_corpus_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("valid")
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CorpusError + '_ {
+    move |source| CorpusError::Io { path: path.to_path_buf(), source }
+}
+
+/// The `*.yaml` files of `dir` with their text, sorted by file name.
+fn yaml_files(dir: &Path) -> Result<Vec<(PathBuf, String)>, CorpusError> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(io(dir))?
         .filter_map(|entry| entry.ok().map(|e| e.path()))
@@ -49,7 +64,22 @@ pub fn load_invalid_corpus(dir: &Path) -> Result<Vec<InvalidCase>, CorpusError> 
     files
         .into_iter()
         .map(|file| {
-            let manifest = std::fs::read_to_string(&file).map_err(io(&file))?;
+            let text = std::fs::read_to_string(&file).map_err(io(&file))?;
+            Ok((file, text))
+        })
+        .collect()
+}
+
+/// Loads every `*.yaml` case of `dir` (the valid corpus), sorted by file name.
+pub fn load_valid_corpus(dir: &Path) -> Result<Vec<ValidCase>, CorpusError> {
+    Ok(yaml_files(dir)?.into_iter().map(|(file, manifest)| ValidCase { file, manifest }).collect())
+}
+
+/// Loads every `*.yaml` case of `dir`, sorted by file name.
+pub fn load_invalid_corpus(dir: &Path) -> Result<Vec<InvalidCase>, CorpusError> {
+    yaml_files(dir)?
+        .into_iter()
+        .map(|(file, manifest)| {
             let header = |key: &str| {
                 manifest
                     .lines()

@@ -1,7 +1,9 @@
-//! A typed duration that is written like Go's `time.ParseDuration` ("50ms", "1m30s", "2h").
+//! A typed duration that is written like Go's `time.ParseDuration` ("50ms", "1m30s", "2h", ".5s",
+//! "1.s", "+5s", "0").
 //!
 //! Kubernetes users already write durations this way, and CEL's `duration()` accepts the same
-//! syntax, so schema rules can compare durations server-side.
+//! syntax, so schema rules can compare durations server-side. The accepted language is Go's minus
+//! negative values, and the same range: at most 2^63−1 nanoseconds (about 2,562,047 hours).
 
 use std::{borrow::Cow, fmt, str::FromStr, time::Duration as StdDuration};
 
@@ -9,7 +11,7 @@ use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Regex the apiserver uses to check a duration string (mirrors [`Duration::from_str`]).
-pub const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$";
+pub const DURATION_PATTERN: &str = r"^\+?(0|(([0-9]+(\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h))+)$";
 
 /// A non-negative duration, serialised as a Go-style duration string.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -63,7 +65,8 @@ impl From<Duration> for StdDuration {
 fn unit_nanos(unit: &str) -> Option<u128> {
     Some(match unit {
         "ns" => 1,
-        "us" | "µs" => 1_000,
+        // U+00B5 (micro sign) and U+03BC (Greek mu), as Go accepts both.
+        "us" | "µs" | "μs" => 1_000,
         "ms" => 1_000_000,
         "s" => 1_000_000_000,
         "m" => 60_000_000_000,
@@ -79,12 +82,17 @@ impl FromStr for Duration {
         if s.is_empty() {
             return Err(DurationParseError::Empty);
         }
-        if s == "0" {
+        let invalid = || DurationParseError::Invalid(s.to_string());
+        // Go accepts a leading sign; a negative duration means nothing here.
+        let unsigned = s.strip_prefix('+').unwrap_or(s);
+        if unsigned == "0" {
             return Ok(Self::ZERO);
         }
-        let invalid = || DurationParseError::Invalid(s.to_string());
+        if unsigned.is_empty() {
+            return Err(invalid());
+        }
         let mut total: u128 = 0;
-        let mut rest = s;
+        let mut rest = unsigned;
         while !rest.is_empty() {
             let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(invalid)?;
             if num_len == 0 {
@@ -94,12 +102,17 @@ impl FromStr for Duration {
             let unit_len = after.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(after.len());
             let (unit, after) = after.split_at(unit_len);
             let scale = unit_nanos(unit).ok_or_else(invalid)?;
+            // Go: digits before or after the point (or both): "1.5", ".5", "1."; never "." alone or two points.
             let (int_part, frac_part) = match number.split_once('.') {
-                Some((i, f)) if !i.is_empty() && !f.is_empty() => (i, f),
+                Some((i, f)) if (!i.is_empty() || !f.is_empty()) && !f.contains('.') => (i, f),
                 Some(_) => return Err(invalid()),
                 None => (number, ""),
             };
-            let int: u128 = int_part.parse().map_err(|_| DurationParseError::Overflow(s.to_string()))?;
+            let int: u128 = if int_part.is_empty() {
+                0
+            } else {
+                int_part.parse().map_err(|_| DurationParseError::Overflow(s.to_string()))?
+            };
             let mut nanos = int.checked_mul(scale).ok_or_else(|| DurationParseError::Overflow(s.to_string()))?;
             if !frac_part.is_empty() {
                 // Fractions beyond nanosecond precision are truncated, as Go does.
@@ -109,6 +122,10 @@ impl FromStr for Duration {
             }
             total = total.checked_add(nanos).ok_or_else(|| DurationParseError::Overflow(s.to_string()))?;
             rest = after;
+        }
+        // Go's (and so the apiserver's CEL) limit: an int64 of nanoseconds.
+        if total > i64::MAX as u128 {
+            return Err(DurationParseError::Overflow(s.to_string()));
         }
         let secs = u64::try_from(total / 1_000_000_000).map_err(|_| DurationParseError::Overflow(s.to_string()))?;
         Ok(Self(StdDuration::new(secs, (total % 1_000_000_000) as u32)))
@@ -198,6 +215,15 @@ mod tests {
             ("10ns", StdDuration::from_nanos(10)),
             ("0", StdDuration::ZERO),
             ("0s", StdDuration::ZERO),
+            // The rest of Go's syntax.
+            (".5s", StdDuration::from_millis(500)),
+            ("1.s", StdDuration::from_secs(1)),
+            ("+5s", StdDuration::from_secs(5)),
+            ("+0", StdDuration::ZERO),
+            ("1h.5m", StdDuration::from_secs(3630)),
+            ("3μs", StdDuration::from_micros(3)),
+            ("3µs", StdDuration::from_micros(3)),
+            ("2562047h", StdDuration::from_secs(2_562_047 * 3600)),
         ];
         for (text, want) in cases {
             assert_eq!(text.parse::<Duration>().map(|d| d.as_std()), Ok(want), "{text}");
@@ -206,9 +232,12 @@ mod tests {
 
     #[test]
     fn rejects_malformed_durations() {
-        for bad in ["", "5", "s", "5 s", "5sec", "-5s", "1.s", ".5s", "5d", "1m30"] {
+        for bad in
+            ["", "5", "s", "5 s", "5sec", "-5s", "-0", "+", "+-5s", ".s", "1..5s", "1.2.3s", "5d", "1m30", "2562048h"]
+        {
             assert!(bad.parse::<Duration>().is_err(), "{bad:?} should be rejected");
         }
+        assert!(matches!("2562048h".parse::<Duration>(), Err(DurationParseError::Overflow(_))));
     }
 
     #[test]
@@ -223,12 +252,24 @@ mod tests {
     }
 
     #[test]
-    fn pattern_agrees_with_parser_on_examples() {
-        // The schema pattern is what the apiserver enforces; keep it in step with the parser.
-        let accepted = ["50ms", "1m30s", "1.5h", "10us"];
-        for a in accepted {
-            assert!(a.parse::<Duration>().is_ok());
+    fn pattern_agrees_with_parser() {
+        // The schema pattern is what the apiserver enforces; the parser must accept exactly the same
+        // strings (up to the range limit, which the CEL bounds of every duration field enforce).
+        let pattern = regex::Regex::new(DURATION_PATTERN).unwrap();
+        let samples = [
+            "50ms", "1m30s", "1.5h", "10us", "0", "+0", "0s", ".5s", "1.s", "+5s", "3μs", "3µs", "1h.5m", "", "5", "s",
+            "5 s", "5sec", "-5s", "-0", "+", ".s", "1..5s", "1.2.3s", "5d", "1m30", "00", "0.0s", "++5s", "5S",
+        ];
+        for text in samples {
+            assert_eq!(pattern.is_match(text), text.parse::<Duration>().is_ok(), "{text:?}");
         }
-        assert!(DURATION_PATTERN.starts_with('^') && DURATION_PATTERN.ends_with('$'));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn pattern_and_parser_agree_on_generated_strings(text in "[+\\-]?[0-9.]{0,4}(ns|us|µs|μs|ms|s|m|h|x|)([0-9.]{0,3}(s|m|h|))?") {
+            let pattern = regex::Regex::new(DURATION_PATTERN).unwrap();
+            proptest::prop_assert_eq!(pattern.is_match(&text), text.parse::<Duration>().is_ok(), "{:?}", text);
+        }
     }
 }

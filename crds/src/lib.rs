@@ -12,15 +12,38 @@ pub mod rules;
 pub mod v1alpha1;
 pub mod worker_contract;
 
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use std::collections::BTreeMap;
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{CustomResourceDefinition, JSONSchemaProps};
 use kube::CustomResourceExt;
 
 pub use duration::{DURATION_PATTERN, Duration, DurationParseError};
-pub use quantity::{BYTE_SIZE_PATTERN, ByteSize, ByteSizeParseError};
+pub use quantity::{BYTE_SIZE_PATTERN, BYTE_SIZE_SYNTAX, ByteSize, ByteSizeParseError};
 
 /// Every CRD kpipe installs.
 pub fn all_crds() -> Vec<CustomResourceDefinition> {
-    vec![v1alpha1::ConsumerPipeline::crd()]
+    vec![consumer_pipeline_crd()]
+}
+
+/// The ConsumerPipeline CRD: the derived one, plus the bound on `metadata.name` (the one part of
+/// metadata a CRD schema may restrict): the name is a label value and the prefix of child names.
+fn consumer_pipeline_crd() -> CustomResourceDefinition {
+    let mut crd = v1alpha1::ConsumerPipeline::crd();
+    for version in &mut crd.spec.versions {
+        let Some(root) = version.schema.as_mut().and_then(|s| s.open_api_v3_schema.as_mut()) else { continue };
+        let name = JSONSchemaProps {
+            type_: Some("string".into()),
+            max_length: Some(rules::MAX_PIPELINE_NAME_LEN as i64),
+            ..Default::default()
+        };
+        let metadata = JSONSchemaProps {
+            type_: Some("object".into()),
+            properties: Some(BTreeMap::from([("name".to_string(), name)])),
+            ..Default::default()
+        };
+        root.properties.get_or_insert_with(BTreeMap::new).insert("metadata".into(), metadata);
+    }
+    crd
 }
 
 /// The CRDs as the YAML document committed at `crds/consumerpipeline.yaml`.

@@ -5,7 +5,8 @@ mod support;
 
 use kpipe_api::{
     ByteSize, Duration,
-    corpus::{invalid_corpus_dir, load_invalid_corpus},
+    corpus::{invalid_corpus_dir, load_invalid_corpus, load_valid_corpus, valid_corpus_dir},
+    rules,
     v1alpha1::{ConsumerPipeline, OnFailure, Ordering, Processor, ScalingMode, StartOffset},
 };
 use kube::CustomResourceExt;
@@ -212,4 +213,133 @@ fn corpus_cases_are_valid_once_fixed() {
         }
     });
     assert!(rejections(&base).is_empty(), "{:?}", rejections(&base));
+}
+
+fn pipeline_name(doc: &Value) -> &str {
+    doc["metadata"]["name"].as_str().unwrap_or_default()
+}
+
+#[test]
+fn valid_corpus_is_accepted_by_the_schema_and_the_rust_check() {
+    let cases = load_valid_corpus(&valid_corpus_dir()).expect("valid corpus");
+    assert!(cases.len() >= 10, "the valid corpus must have at least 10 cases, has {}", cases.len());
+    let mut failures = Vec::new();
+    for case in &cases {
+        let name = case.file.file_name().and_then(|n| n.to_str()).unwrap_or("?").to_string();
+        let docs = yaml_documents(&case.manifest);
+        assert_eq!(docs.len(), 1, "{name}: one manifest per file");
+        let found = rejections(&docs[0]);
+        if !found.is_empty() {
+            failures.push(format!("{name}: schema rejects it: {found:?}"));
+            continue;
+        }
+        match serde_json::from_value::<ConsumerPipeline>(docs[0].clone()) {
+            Err(e) => failures.push(format!("{name}: does not deserialise: {e}")),
+            Ok(cp) => {
+                if let Err(e) = rules::check(pipeline_name(&docs[0]), &cp.spec) {
+                    failures.push(format!("{name}: the Rust check rejects it: {e}"));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The operator's Rust-side check must reject what the apiserver rejects: every invalid case is
+/// refused by deserialisation or by `rules::check`, except unknown fields (the apiserver's strict
+/// field validation; serde ignores them).
+#[test]
+fn invalid_corpus_is_rejected_by_the_rust_check_too() {
+    let cases = load_invalid_corpus(&invalid_corpus_dir()).expect("corpus");
+    let mut failures = Vec::new();
+    for case in &cases {
+        let name = case.file.file_name().and_then(|n| n.to_str()).unwrap_or("?").to_string();
+        let doc = yaml_documents(&case.manifest).remove(0);
+        if rejections(&doc).iter().all(|r| r.message == "unknown field") {
+            continue;
+        }
+        // What the apiserver stores: nulls of non-nullable fields dropped.
+        let stored = without_nulls(doc.clone());
+        if let Ok(cp) = serde_json::from_value::<ConsumerPipeline>(stored) {
+            match rules::check(pipeline_name(&doc), &cp.spec) {
+                Ok(()) => failures.push(format!("{name}: accepted by rules::check")),
+                Err(e) if !e.field.starts_with(&case.field) && !case.field.starts_with(&e.field) => failures
+                    .push(format!("{name}: rules::check names {} ({}), the corpus {}", e.field, e.message, case.field)),
+                Err(_) => {}
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+fn without_nulls(v: Value) -> Value {
+    match v {
+        Value::Object(map) => {
+            Value::Object(map.into_iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k, without_nulls(v))).collect())
+        }
+        Value::Array(items) => Value::Array(items.into_iter().map(without_nulls).collect()),
+        other => other,
+    }
+}
+
+#[test]
+fn bare_noop_is_explained() {
+    let doc = yaml_documents(
+        "apiVersion: kpipe.io/v1alpha1\nkind: ConsumerPipeline\nmetadata: {name: p}\nspec:\n  source: {bootstrapServers: [k:9092], topics: [t]}\n  processor:\n    noop:\n",
+    )
+    .remove(0);
+    let found = rejections(&doc);
+    assert!(found.iter().any(|r| r.field == "spec.processor" && r.message.contains("write `noop: {}`")), "{found:?}");
+}
+
+fn unanchored(pattern: &str) -> &str {
+    pattern.trim_start_matches('^').trim_end_matches('$')
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+    /// Every URL the schema admits is one the worker's HTTP client (reqwest, on the `url` crate)
+    /// parses to an http(s) URL with a host, whatever the case of the scheme.
+    #[test]
+    fn urls_the_schema_accepts_parse_in_the_worker(url in proptest::string::string_regex(unanchored(rules::HTTP_URL_PATTERN)).unwrap()) {
+        let parsed = url::Url::parse(&url);
+        proptest::prop_assert!(parsed.is_ok(), "{url:?}: {parsed:?}");
+        let parsed = parsed.unwrap();
+        proptest::prop_assert!(parsed.scheme() == "http" || parsed.scheme() == "https", "{url:?}");
+        proptest::prop_assert!(parsed.host_str().is_some_and(|h| !h.is_empty()), "{url:?}");
+    }
+
+    /// The Rust check and the schema agree on bootstrap servers.
+    #[test]
+    fn bootstrap_servers_rust_and_schema_agree(server in "(\\[[0-9a-f:]{0,8}\\]|[a-z0-9.:_-]{0,12}):[0-9]{0,6}") {
+        let doc = serde_json::json!({
+            "apiVersion": "kpipe.io/v1alpha1", "kind": "ConsumerPipeline", "metadata": {"name": "p"},
+            "spec": {"source": {"bootstrapServers": [server], "topics": ["t"]}, "processor": {"noop": {}}}
+        });
+        let schema_ok = rejections(&doc).is_empty();
+        let cp: ConsumerPipeline = serde_json::from_value(doc).unwrap();
+        proptest::prop_assert_eq!(schema_ok, rules::check("p", &cp.spec).is_ok(), "{:?}", server);
+    }
+}
+
+#[test]
+fn upper_case_scheme_and_ipv6_hosts_parse_in_the_worker() {
+    let pattern = regex::Regex::new(rules::HTTP_URL_PATTERN).unwrap();
+    for url in ["HTTPS://Sink.Shop.svc:443/records", "Http://10.0.0.1", "http://[fd00::1]:8080/records"] {
+        assert!(pattern.is_match(url), "{url}");
+        let parsed = url::Url::parse(url).unwrap();
+        assert!(parsed.scheme() == "https" || parsed.scheme() == "http", "{url}: scheme {}", parsed.scheme());
+    }
+    for bad in [
+        "http://:8080/records",
+        "http://user:pw@host/",
+        "ftp://host/",
+        "http://host:0/",
+        "http://host:65536/",
+        "http://1.2.3.256/",
+        "http://host/a b",
+    ] {
+        assert!(!pattern.is_match(bad), "{bad}");
+    }
 }

@@ -1,6 +1,7 @@
 //! The ConsumerPipeline API against the real kube-apiserver of the local test bed: the generated CRD is accepted
 //! (structural, CEL within the cost budget), every manifest of the invalid corpus is rejected with the field named,
-//! the examples are accepted, and `kubectl explain` / `kubectl get cpl` read like documentation.
+//! every manifest of the valid corpus (edge cases) and the examples are accepted, and `kubectl explain` /
+//! `kubectl get cpl` read like documentation.
 //!
 //! Run: `cargo test -p kpipe-e2e --test api` (needs `make testbed-up`; fails with the reason otherwise).
 
@@ -10,7 +11,7 @@ use std::path::PathBuf;
 use std::process::Output;
 use std::time::Duration;
 
-use kpipe_api::corpus::{invalid_corpus_dir, load_invalid_corpus};
+use kpipe_api::corpus::{invalid_corpus_dir, load_invalid_corpus, load_valid_corpus, valid_corpus_dir};
 use kpipe_e2e::TestBed;
 use kpipe_e2e::testbed::wait_for;
 
@@ -62,6 +63,43 @@ async fn api_invalid_corpus_is_rejected_by_the_apiserver_naming_the_field() {
     }
     ns.delete().await.expect("delete namespace");
     assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
+}
+
+#[tokio::test]
+async fn api_valid_corpus_is_accepted_by_the_apiserver() {
+    let bed = bed().await;
+    install_crd(&bed).await;
+    let ns = bed.temp_namespace("api-valid").await.expect("namespace");
+    let cases = load_valid_corpus(&valid_corpus_dir()).expect("valid corpus");
+    assert!(cases.len() >= 10, "valid corpus has {} cases", cases.len());
+    let mut failures = Vec::new();
+    for case in &cases {
+        // A real create (not a dry run), with kubectl's strict field validation: stored, defaults filled in.
+        let out =
+            bed.kubectl_cmd().args(["create", "-n", ns.name(), "-f"]).arg(&case.file).output().expect("run kubectl");
+        if !out.status.success() {
+            let name = case.file.file_name().and_then(|n| n.to_str()).unwrap_or("?").to_string();
+            failures.push(format!("{name}: rejected:\n{}", text(&out)));
+        }
+    }
+    // What the apiserver stored reads back as the Rust types and passes the operator's check.
+    let list = bed.kubectl_cmd().args(["get", "cpl", "-n", ns.name(), "-o", "json"]).output().expect("kubectl");
+    let list: serde_json::Value = serde_json::from_slice(&list.stdout).expect("cpl list json");
+    let items = list["items"].as_array().cloned().unwrap_or_default();
+    for item in &items {
+        let name = item["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        match serde_json::from_value::<kpipe_api::v1alpha1::ConsumerPipeline>(item.clone()) {
+            Err(e) => failures.push(format!("{name}: stored object does not deserialise: {e}")),
+            Ok(cp) => {
+                if let Err(e) = kpipe_api::rules::check(&name, &cp.spec) {
+                    failures.push(format!("{name}: stored object fails rules::check: {e}"));
+                }
+            }
+        }
+    }
+    ns.delete().await.expect("delete namespace");
+    assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
+    assert_eq!(items.len(), cases.len(), "every valid case is stored");
 }
 
 #[tokio::test]

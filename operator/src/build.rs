@@ -52,6 +52,9 @@ pub enum ValidationError {
     MissingMetadata(&'static str),
     #[error("name {0:?} is longer than 63 characters and cannot be used as a label value")]
     NameTooLong(String),
+    /// A rule of the API schema is broken (an object admitted before the rule existed).
+    #[error("{0}")]
+    InvalidField(kpipe_api::rules::FieldError),
     #[error("Secret {0:?} not found in the pipeline's namespace")]
     SecretNotFound(String),
     #[error("Secret {secret:?} has no key {key:?}")]
@@ -64,7 +67,9 @@ impl ValidationError {
     /// CamelCase reason for conditions and Events.
     pub fn reason(&self) -> &'static str {
         match self {
-            Self::MissingMetadata(_) | Self::NameTooLong(_) | Self::Serialize(_) => "InvalidSpec",
+            Self::MissingMetadata(_) | Self::NameTooLong(_) | Self::InvalidField(_) | Self::Serialize(_) => {
+                "InvalidSpec"
+            }
             Self::SecretNotFound(_) => "SecretNotFound",
             Self::SecretKeyMissing { .. } => "SecretKeyMissing",
         }
@@ -177,6 +182,9 @@ pub fn validate(
     if name.len() > 63 {
         return Err(ValidationError::NameTooLong(name));
     }
+    // The schema's rules again: a pipeline stored under an older CRD must not render children that
+    // fail to apply or a worker that fails to start.
+    kpipe_api::rules::check(&name, &cp.spec).map_err(ValidationError::InvalidField)?;
     for (secret, keys) in referenced_secrets(&cp.spec) {
         let found = secrets.get(&secret).ok_or_else(|| ValidationError::SecretNotFound(secret.clone()))?;
         if let Some(key) = keys.iter().find(|k| !found.contains(*k)) {
@@ -573,6 +581,11 @@ mod tests {
             validate(&long, &secrets_for(&cp), &BTreeMap::new(), &defaults()),
             Err(ValidationError::NameTooLong(_))
         ));
+        let mut old = cp.clone();
+        old.spec.source.bootstrap_servers = vec!["fd00::1:9092".into()];
+        let err = validate(&old, &secrets_for(&cp), &BTreeMap::new(), &defaults()).unwrap_err();
+        assert_eq!(err.reason(), "InvalidSpec");
+        assert!(err.to_string().starts_with("spec.source.bootstrapServers[0]: "), "{err}");
     }
 
     #[test]

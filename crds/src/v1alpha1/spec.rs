@@ -63,6 +63,7 @@ use crate::{ByteSize, Duration, rules};
 )]
 #[x_kube(validation = rules::dead_letter_required())]
 #[x_kube(validation = rules::dead_letter_not_source())]
+#[x_kube(validation = rules::dead_letter_not_forward_topic())]
 #[x_kube(validation = rules::forward_topic_not_source())]
 #[serde(rename_all = "camelCase")]
 pub struct ConsumerPipelineSpec {
@@ -133,15 +134,12 @@ fn is_false(b: &bool) -> bool {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Source {
-    /// Bootstrap brokers as `host:port`.
-    #[schemars(
-        length(min = 1, max = 32),
-        inner(regex(pattern = r"^[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}$"), length(max = 253))
-    )]
+    /// Bootstrap brokers as `host:port`, or `[address]:port` for an IPv6 address; ports 1-65535.
+    #[schemars(schema_with = "rules::bootstrap_servers_schema")]
     pub bootstrap_servers: Vec<String>,
 
-    /// Topics to consume. Each topic's partitions are spread over the workers.
-    #[schemars(length(min = 1, max = 64), inner(regex(pattern = r"^[A-Za-z0-9._\-]+$"), length(min = 1, max = 249)))]
+    /// Topics to consume (distinct names). Each topic's partitions are spread over the workers.
+    #[schemars(schema_with = "rules::topic_list_schema")]
     pub topics: Vec<String>,
 
     /// Consumer group id. Default: `<namespace>.<name>` of the pipeline.
@@ -229,11 +227,11 @@ pub struct CredentialsSecretRef {
     pub name: String,
     /// Key of the username in the Secret.
     #[serde(default = "default_username_key")]
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 253), regex(pattern = rules::SECRET_KEY_PATTERN))]
     pub username_key: String,
     /// Key of the password in the Secret.
     #[serde(default = "default_password_key")]
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 253), regex(pattern = rules::SECRET_KEY_PATTERN))]
     pub password_key: String,
 }
 
@@ -267,7 +265,7 @@ pub struct SecretKeyRef {
     pub name: String,
     /// Key in the Secret.
     #[serde(default = "default_ca_key")]
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 253), regex(pattern = rules::SECRET_KEY_PATTERN))]
     pub key: String,
 }
 
@@ -297,22 +295,24 @@ pub enum Processor {
 }
 
 /// POST batches of records to an HTTP endpoint.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpProcessor {
-    /// Endpoint that receives the records, e.g. `http://enricher.shop.svc:8080/records`.
-    #[schemars(regex(pattern = r"^https?://[^\s/$.?#][^\s]*$"), length(max = 2048))]
+    /// Endpoint that receives the records, e.g. `http://enricher.shop.svc:8080/records`. The scheme
+    /// is `http` or `https` in any case; the host a DNS name, an IPv4 address or `[IPv6]`; no user info.
+    #[schemars(schema_with = "rules::http_url_schema")]
     pub url: String,
     /// Wire format. `json`: a JSON batch. `protobuf`: a `kpipe.v1.RecordBatch` message.
     /// `cloudevents`: CloudEvents binary mode, one record per request.
     #[serde(default)]
     pub format: HttpFormat,
-    /// Per-request timeout. A timeout is a retryable failure.
+    /// Per-request timeout (1ms to 5m). A timeout is a retryable failure.
     #[serde(default = "default_http_timeout")]
+    #[x_kube(validation = rules::duration_between("processor.http.timeout", rules::HTTP_TIMEOUT_RANGE))]
     pub timeout: Duration,
-    /// Extra request headers (not secret).
+    /// Extra request headers (not secret): names are HTTP tokens, values without control characters.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(extend("maxProperties" = 32))]
+    #[schemars(schema_with = "rules::http_headers_schema")]
     pub headers: BTreeMap<String, String>,
 }
 
@@ -335,7 +335,7 @@ pub enum HttpFormat {
 #[serde(rename_all = "camelCase")]
 pub struct KafkaProcessor {
     /// Output topic. Must not be one of the source topics.
-    #[schemars(regex(pattern = r"^[A-Za-z0-9._\-]+$"), length(min = 1, max = 249))]
+    #[schemars(schema_with = "rules::topic_schema")]
     pub topic: String,
     /// `keep` the record key (same partitioning downstream) or `drop` it.
     #[serde(default)]
@@ -423,12 +423,12 @@ pub struct Batch {
     #[serde(default = "default_max_records")]
     #[schemars(range(min = 1, max = 100000))]
     pub max_records: u32,
-    /// Most bytes (keys plus values) in one batch, e.g. `1Mi`.
+    /// Most bytes (keys plus values) in one batch, e.g. `1Mi`: from 1 byte to 1Gi.
     #[serde(default = "default_max_bytes")]
     pub max_bytes: ByteSize,
-    /// Longest a batch waits for more records after its first one.
+    /// Longest a batch waits for more records after its first one (at most 1m).
     #[serde(default = "default_max_wait")]
-    #[x_kube(validation = rules::duration_at_most("maxWait", "1m"))]
+    #[x_kube(validation = rules::duration_at_most("batch.maxWait", rules::MAX_WAIT_MAX))]
     pub max_wait: Duration,
 }
 
@@ -460,19 +460,22 @@ pub struct Retry {
     #[serde(default = "default_max_attempts")]
     #[schemars(range(min = 1, max = 1000))]
     pub max_attempts: u32,
-    /// Backoff cap for the first retry.
+    /// Backoff cap for the first retry (at most 1h).
     #[serde(default = "default_initial_backoff")]
+    #[x_kube(validation = rules::duration_at_most("retry.initialBackoff", rules::BACKOFF_MAX))]
     pub initial_backoff: Duration,
-    /// Largest backoff between attempts.
+    /// Largest backoff between attempts (at most 1h).
     #[serde(default = "default_max_backoff")]
+    #[x_kube(validation = rules::duration_at_most("retry.maxBackoff", rules::BACKOFF_MAX))]
     pub max_backoff: Duration,
     /// Growth factor of the backoff per attempt.
     #[serde(default = "default_multiplier")]
     #[schemars(range(min = 1.0, max = 10.0))]
     pub multiplier: f64,
     /// Stop retrying a record once it is older than this (by its Kafka timestamp) and apply the
-    /// failure policy. Unset: no age limit.
+    /// failure policy (at most 8760h). Unset: no age limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = rules::duration_at_most("retry.maxRecordAge", rules::MAX_RECORD_AGE_MAX))]
     pub max_record_age: Option<Duration>,
 }
 
@@ -518,8 +521,9 @@ pub enum OnFailure {
 #[serde(rename_all = "camelCase")]
 pub struct DeadLetter {
     /// Topic (in the source cluster) that receives failed records with their original key, value
-    /// and headers plus `kpipe.*` context headers.
-    #[schemars(regex(pattern = r"^[A-Za-z0-9._\-]+$"), length(min = 1, max = 249))]
+    /// and headers plus `kpipe.*` context headers. Must be neither a source topic nor
+    /// `processor.kafka.topic`.
+    #[schemars(schema_with = "rules::topic_schema")]
     pub topic: String,
 }
 
@@ -554,15 +558,18 @@ pub struct Scaling {
     pub activation_lag: i64,
     /// How often the operator measures lag (also while at zero replicas).
     #[serde(default = "default_poll_interval")]
-    #[x_kube(validation = rules::duration_between("pollInterval", "1s", "5m"))]
+    #[x_kube(validation = rules::duration_between("scaling.pollInterval", rules::POLL_INTERVAL_RANGE))]
     pub poll_interval: Duration,
     /// Scale down only to the highest desired count seen during this window (damps flapping).
     #[serde(default = "default_scale_down_stabilization")]
-    #[x_kube(validation = rules::duration_at_most("scaleDownStabilization", "1h"))]
+    #[x_kube(validation = rules::duration_at_most(
+        "scaling.scaleDownStabilization",
+        rules::SCALE_DOWN_STABILIZATION_MAX
+    ))]
     pub scale_down_stabilization: Duration,
     /// Scale to zero only after lag has been zero for this long.
     #[serde(default = "default_cooldown_to_zero")]
-    #[x_kube(validation = rules::duration_at_most("cooldownToZero", "24h"))]
+    #[x_kube(validation = rules::duration_at_most("scaling.cooldownToZero", rules::COOLDOWN_TO_ZERO_MAX))]
     pub cooldown_to_zero: Duration,
     /// `even`: round the replica count up so partitions spread evenly over pods (no pod gets more
     /// partitions than another by more than the remainder allows). `any`: use the raw count.
@@ -642,7 +649,7 @@ pub enum ScalingMode {
 pub struct WorkerTemplate {
     /// Worker image. Default: the operator's configured worker image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 512))]
+    #[schemars(length(min = 1, max = 512), regex(pattern = rules::IMAGE_PATTERN))]
     pub image: Option<String>,
     /// Compute resources of the worker container. Default: the operator's configured defaults.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -651,8 +658,9 @@ pub struct WorkerTemplate {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
     pub env: Vec<EnvVar>,
-    /// Node selector of the worker pods.
+    /// Node selector of the worker pods (label keys and values).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "rules::node_selector_schema")]
     pub node_selector: BTreeMap<String, String>,
     /// Tolerations of the worker pods.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -661,15 +669,18 @@ pub struct WorkerTemplate {
     /// Affinity of the worker pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity: Option<Affinity>,
-    /// Extra annotations on the worker pods.
+    /// Extra annotations on the worker pods (keys are qualified names).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "rules::pod_annotations_schema")]
     pub pod_annotations: BTreeMap<String, String>,
-    /// Extra labels on the worker pods (kpipe's own `app.kubernetes.io/*` labels win).
+    /// Extra labels on the worker pods (kpipe's own `app.kubernetes.io/*` labels win). Keys are
+    /// qualified names, values label values (at most 63 characters).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "rules::pod_labels_schema")]
     pub pod_labels: BTreeMap<String, String>,
     /// Service account of the worker pods (workers need no Kubernetes API access). Default: `default`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 253), regex(pattern = rules::DNS_SUBDOMAIN_PATTERN))]
     pub service_account_name: Option<String>,
     /// Use Kafka static group membership (`group.instance.id` = pod name), so a restarted container
     /// rejoins without a rebalance. Off by default: a deleted static member keeps its partitions
