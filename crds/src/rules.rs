@@ -383,11 +383,17 @@ fn qualified_keys_rule(field: &str) -> serde_json::Value {
 pub fn labels_schema(field: &str) -> schemars::Schema {
     schemars::Schema::try_from(serde_json::json!({
         "type": "object",
+        // Bounds the key rule's CEL cost estimate (without it the apiserver rejects the CRD: the estimate
+        // assumes as many keys as fit in a request).
+        "maxProperties": MAX_WORKER_MAP_ENTRIES,
         "additionalProperties": {"type": "string", "maxLength": 63, "pattern": LABEL_VALUE_PATTERN},
         "x-kubernetes-validations": [qualified_keys_rule(field)],
     }))
     .unwrap_or_default()
 }
+
+/// Most entries of `worker.podLabels`, `worker.podAnnotations` and `worker.nodeSelector`.
+pub const MAX_WORKER_MAP_ENTRIES: i64 = 64;
 
 /// `worker.podLabels`.
 pub fn pod_labels_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
@@ -403,6 +409,7 @@ pub fn node_selector_schema(_: &mut schemars::SchemaGenerator) -> schemars::Sche
 pub fn pod_annotations_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::Schema::try_from(serde_json::json!({
         "type": "object",
+        "maxProperties": MAX_WORKER_MAP_ENTRIES,
         "additionalProperties": {"type": "string"},
         "x-kubernetes-validations": [qualified_keys_rule("worker.podAnnotations")],
     }))
