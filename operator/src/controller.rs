@@ -69,6 +69,8 @@ fn kube_err(action: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
 
 /// The shortest time without a commit before a backlog counts as stalled.
 const MIN_STALL_WINDOW: Duration = Duration::from_secs(30);
+/// How long a transient probe state (a group coordinator being set up) may last before it is Degraded.
+const TRANSIENT_GRACE: Duration = Duration::from_secs(60);
 /// How long new worker pods may take to become ready (scheduling, image pulls) before a backlog with
 /// no ready worker is `NoCapacity`.
 const STARTUP_GRACE: Duration = Duration::from_secs(120);
@@ -102,6 +104,8 @@ struct PipelineState {
     last_problem: Option<Problem>,
     /// The stall reason last reported (Events on change).
     last_stall: Option<StallReason>,
+    /// Since when (operator clock) the lag probe has failed with a transient error, if it does.
+    transient_since: Option<Duration>,
     failures: u32,
 }
 
@@ -384,8 +388,22 @@ async fn reconcile_inner(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
                 Err(e) => {
                     shared.metrics.probe_duration.with_label_values(&["error"]).observe(secs);
                     shared.metrics.probe_errors.with_label_values(&[e.reason()]).inc();
-                    problem = Some(Problem { reason: e.reason().into(), message: e.to_string() });
+                    // A coordinator that is still being set up is normal for a while: a Normal Event once, and
+                    // Degraded only past TRANSIENT_GRACE.
+                    let since = *state.transient_since.get_or_insert(now);
+                    if !e.is_transient() || now.saturating_sub(since) >= TRANSIENT_GRACE {
+                        problem = Some(Problem { reason: e.reason().into(), message: e.to_string() });
+                    } else if since == now {
+                        let note = format!("{e}; waiting up to {}s", TRANSIENT_GRACE.as_secs());
+                        shared.event(&oref, EventType::Normal, e.reason(), note, "Probe").await;
+                    }
+                    if !e.is_transient() {
+                        state.transient_since = None;
+                    }
                 }
+            }
+            if snapshot.is_some() {
+                state.transient_since = None;
             }
             let obs = snapshot.as_ref().map(|s| s.observation());
             state.scaler.decide(&policy, obs.as_ref(), current, now)

@@ -126,6 +126,10 @@ pub enum ProbeError {
     BrokerUnreachable { servers: String, detail: String },
     #[error("authentication to Kafka failed: {0}")]
     Authentication(String),
+    /// The group's coordinator is not ready yet (COORDINATOR_LOAD_IN_PROGRESS 14, COORDINATOR_NOT_AVAILABLE
+    /// 15, NOT_COORDINATOR 16): normal for a new group on a fresh cluster or during a broker restart.
+    #[error("the consumer group's coordinator is not available yet: {0}")]
+    CoordinatorPending(String),
     #[error("Kafka request failed: {0}")]
     Kafka(String),
     #[error("probe task failed: {0}")]
@@ -139,8 +143,15 @@ impl ProbeError {
             Self::TopicNotFound(_) => "TopicNotFound",
             Self::BrokerUnreachable { .. } => "BrokerUnreachable",
             Self::Authentication(_) => "KafkaAuthenticationFailed",
+            Self::CoordinatorPending(_) => "CoordinatorPending",
             Self::Kafka(_) | Self::Task(_) => "LagProbeFailed",
         }
+    }
+
+    /// A state that is normal for a while (a group or topic being set up) and only a problem when it
+    /// persists.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::CoordinatorPending(_))
     }
 
     fn from_kafka(cluster: &Cluster, e: KafkaError) -> Self {
@@ -151,10 +162,13 @@ impl ProbeError {
                 | RDKafkaErrorCode::AllBrokersDown
                 | RDKafkaErrorCode::OperationTimedOut
                 | RDKafkaErrorCode::RequestTimedOut
-                | RDKafkaErrorCode::Resolve
-                | RDKafkaErrorCode::CoordinatorNotAvailable
-                | RDKafkaErrorCode::NotCoordinator,
+                | RDKafkaErrorCode::Resolve,
             ) => Self::BrokerUnreachable { servers: cluster.bootstrap_servers.join(","), detail: e.to_string() },
+            Some(
+                RDKafkaErrorCode::CoordinatorNotAvailable
+                | RDKafkaErrorCode::NotCoordinator
+                | RDKafkaErrorCode::CoordinatorLoadInProgress,
+            ) => Self::CoordinatorPending(e.to_string()),
             Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed) => {
                 Self::Authentication(e.to_string())
             }
@@ -301,6 +315,12 @@ impl LagProbe {
                         detail: e.to_string(),
                     });
                 }
+                Err(
+                    e @ (GroupOffsetsError::Coordinator { code: 14..=16, .. }
+                    | GroupOffsetsError::Fetch { code: 14..=16, .. }),
+                ) => {
+                    return Err(ProbeError::CoordinatorPending(e.to_string()));
+                }
                 Err(e @ (GroupOffsetsError::Coordinator { .. } | GroupOffsetsError::Fetch { .. })) => {
                     return Err(ProbeError::Kafka(e.to_string()));
                 }
@@ -409,5 +429,8 @@ mod tests {
         let c = Cluster { bootstrap_servers: vec!["x:1".into()], ..Default::default() };
         let e = ProbeError::from_kafka(&c, KafkaError::MetadataFetch(RDKafkaErrorCode::AllBrokersDown));
         assert_eq!(e.reason(), "BrokerUnreachable");
+        assert!(!e.is_transient());
+        let e = ProbeError::from_kafka(&c, KafkaError::MetadataFetch(RDKafkaErrorCode::CoordinatorNotAvailable));
+        assert_eq!((e.reason(), e.is_transient()), ("CoordinatorPending", true));
     }
 }
