@@ -529,10 +529,13 @@ async fn reconcile_inner(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
         state.last_problem = problem.clone();
     }
     // Is the backlog draining? (Stalled condition, Ready=False and a Warning Event when not.)
+    // Readiness from the Deployment too: a Pod cache that lags (or an install without Pod access) must not
+    // make running workers look absent.
+    let stall_workers = WorkerPods { ready: workers.ready.max(ready), ..workers.clone() };
     let stall = snapshot.as_ref().and_then(|snap| {
         stall::assess(&StallInputs {
             snapshot: snap,
-            workers: &workers,
+            workers: &stall_workers,
             replicas,
             suspended: spec.suspend,
             activation_lag: spec.scaling.activation_lag,

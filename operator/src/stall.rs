@@ -116,7 +116,11 @@ pub fn assess(i: &StallInputs<'_>) -> Option<Stall> {
             message: format!("lag {lag} and no worker replicas for {}s", idle.as_secs()),
         });
     }
-    if w.ready == 0 && idle >= i.startup_grace {
+    if w.ready == 0 {
+        // Workers starting (scheduling, image pulls) are not a stall until the grace is up.
+        if idle < i.startup_grace {
+            return None;
+        }
         return stall(
             StallReason::NoCapacity,
             format!(
@@ -215,7 +219,7 @@ mod tests {
             ("crash loop", backlog(40), crashing.clone(), 2, Some(StallReason::CrashLoopingWorkers)),
             ("crash loop that still drains", backlog(5), crashing.clone(), 2, None),
             ("no replicas", backlog(40), WorkerPods::default(), 0, Some(StallReason::NoWorkers)),
-            ("pods pending, within grace", backlog(60), pending.clone(), 2, Some(StallReason::NotDraining)),
+            ("pods pending, within grace", backlog(60), pending.clone(), 2, None),
             ("pods pending too long", backlog(200), pending, 2, Some(StallReason::NoCapacity)),
             ("stuck partition", stuck, healthy.clone(), 2, Some(StallReason::PartitionStuck)),
             ("retrying for 45 s", r, healthy.clone(), 2, Some(StallReason::Retrying)),
