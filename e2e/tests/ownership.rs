@@ -30,11 +30,19 @@ fn unique_topic(prefix: &str) -> String {
     format!("{prefix}-{:08x}", rand::random::<u32>())
 }
 
-/// The user's object as the apiserver stores it, without the fields the apiserver itself moves.
+/// The user's object as the apiserver stores it, without what the apiserver and the cluster's own controllers move
+/// (resourceVersion, status, managedFields — checked separately). Fails if the operator's field manager ever wrote
+/// to it.
 fn fingerprint<K: serde::Serialize>(obj: &K) -> serde_json::Value {
     let mut v = serde_json::to_value(obj).unwrap();
+    let managers: Vec<String> = v["metadata"]["managedFields"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|m| m["manager"].as_str().map(str::to_string)).collect())
+        .unwrap_or_default();
+    assert!(!managers.iter().any(|m| m.contains("kpipe")), "kpipe wrote to the user's object: {managers:?}");
     if let Some(meta) = v.get_mut("metadata").and_then(|m| m.as_object_mut()) {
         meta.remove("managedFields");
+        meta.remove("resourceVersion");
     }
     if let Some(o) = v.as_object_mut() {
         o.remove("status");
@@ -79,8 +87,10 @@ where
 {
     let api: Api<K> = Api::namespaced(bed.client(), ns);
     let child = format!("{pipeline}-worker");
-    let created = api.create(&PostParams::default(), &object).await.expect("create the user's object");
-    let before = fingerprint(&created);
+    api.create(&PostParams::default(), &object).await.expect("create the user's object");
+    // The cluster's own controllers settle first (the Deployment controller stamps its revision annotation).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = fingerprint(&api.get(&child).await.expect("the user's object"));
     let topic = unique_topic("own");
     bed.create_topic(&topic, 2).await.expect("topic");
     let mut manifest = pipeline_manifest(pipeline, bed, &topic, sink, json!({}));
