@@ -6,6 +6,7 @@
 
 pub mod corpus;
 mod duration;
+pub mod offsets;
 mod quantity;
 pub mod rules;
 pub mod v1alpha1;

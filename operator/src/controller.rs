@@ -332,6 +332,12 @@ async fn reconcile_inner(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
                         LagTracker::new(shared.settings.stuck_after_polls, Duration::from_secs(60))
                     });
                     let snap = tracker.update(&offsets, spec.source.start_offset, ready, now);
+                    // issue 13 (offsets-lifecycle): out-of-range committed offsets -> Warning Event, see operator/src/lifecycle.rs
+                    if let Some(msg) = crate::lifecycle::out_of_range_message(&offsets) {
+                        shared
+                            .event(&oref, EventType::Warning, crate::lifecycle::OFFSET_OUT_OF_RANGE, msg, "Reconcile")
+                            .await;
+                    }
                     if snap.partitions < spec.scaling.min_replicas {
                         problem = Some(Problem {
                             reason: "InsufficientPartitions".into(),
