@@ -275,6 +275,37 @@ async fn added_partitions_under_earliest_deliver_every_record() {
     added_partitions("earliest").await;
 }
 
+/// Partitions added while the pipeline is scaled to zero (`latest`): the records on them must wake it and be
+/// delivered.
+#[tokio::test]
+async fn added_partitions_while_at_zero_replicas_under_latest_wake_the_pipeline() {
+    let _serial = SERIAL.lock().await;
+    let bed = bed().await;
+    let (ns, sink) = setup(&bed, "e2e-addpart-zero").await;
+    let topic = unique_topic("addpart-zero");
+    bed.create_topic(&topic, 2).await.expect("topic");
+    let manifest = pipeline_manifest("az", &bed, &topic, &sink, json!({"source": {"startOffset": "latest"}}));
+    apply_pipeline(&bed, ns.name(), manifest).await.expect("apply");
+    let first = ids("first", 0..100);
+    produce_ids(&bed, &topic, None, &first).await;
+    wait_delivered(&bed, ns.name(), &sink, &first, Duration::from_secs(120)).await;
+    wait_for("back to zero replicas", Duration::from_secs(90), || async {
+        (worker_replicas(&bed, ns.name(), "az").await.ok()? == 0).then_some(())
+    })
+    .await
+    .expect("scaled to zero");
+    add_partitions(&bed, &topic, 4).await;
+    let added = Instant::now();
+    let on_new = ids("p3", 0..100);
+    produce_ids(&bed, &topic, Some(3), &on_new).await;
+    wait_delivered(&bed, ns.name(), &sink, &on_new, Duration::from_secs(60)).await;
+    println!(
+        "added partitions at zero replicas (latest): 100/100 delivered {:.1}s after the partitions were added",
+        added.elapsed().as_secs_f64()
+    );
+    ns.delete().await.ok();
+}
+
 /// Issue 13, item 3: under `latest`, the group committed at 200 and the log start moved to 500 while the pipeline
 /// was at zero replicas. The worker used to reset to the log END and skip everything; now it starts at the earliest
 /// retained record (500), the operator counts exactly that lag, and a Warning Event says what happened.

@@ -322,8 +322,13 @@ async fn reconcile_inner(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
         }
         Ok(v) => {
             let t0 = Instant::now();
-            let probed =
-                shared.probe.offsets(cluster_for(spec, &deref), spec.source.topics.clone(), v.group_id.clone()).await;
+            // issue 13 (offsets-lifecycle): `latest` counts the records since the pipeline's creation (probe.rs)
+            let (start, since) =
+                (spec.source.start_offset, cp.metadata.creation_timestamp.as_ref().map(|t| t.0.as_millisecond()));
+            let probed = shared
+                .probe
+                .offsets_since(cluster_for(spec, &deref), spec.source.topics.clone(), v.group_id.clone(), start, since)
+                .await;
             let secs = t0.elapsed().as_secs_f64();
             match probed {
                 Ok(offsets) => {

@@ -34,8 +34,10 @@ pub struct PartitionOffsets {
 /// - Committed offset out of range (deleted by retention, or beyond the log end after the topic was recreated or
 ///   truncated): the workers reset to the earliest retained record, so `log_end − log_start`, whatever
 ///   `startOffset` says ([`crate::lifecycle`] raises the Event).
-/// - No committed offset: `earliest` → `log_end − log_start`; `latest` → 0 here (the records since the pipeline
-///   started are not looked up by the probe; a growing log end still activates, see [`Snapshot::log_end_advanced`]).
+/// - No committed offset: `earliest` → `log_end − log_start`; `latest` → 0. (The controller probes with
+///   [`crate::probe::LagProbe::offsets_since`], which reports a never-committed partition under `latest` as committed
+///   where the workers will start, its first record since the pipeline's creation, so only partitions without that
+///   lookup reach this case.)
 pub fn partition_lag(p: &PartitionOffsets, start: StartOffset) -> i64 {
     kpipe_api::offsets::start_point(&crate::lifecycle::position(p), start, None).lag(p.log_end)
 }

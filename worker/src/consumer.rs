@@ -217,14 +217,12 @@ fn log_ends<C: ConsumerContext>(
 }
 
 /// The topic and partition named by librdkafka's offset-reset log line
-/// (`"<topic> [<partition>]: offset reset (at offset 200 ..., broker 1) to offset BEGINNING ...: Offset out of range"`);
-/// `None` for any other line.
+/// (`"[thrd:main]: <topic> [<partition>]: offset reset (at offset 200 ..., broker 1) to offset BEGINNING ...: Offset
+/// out of range"`, the thread prefix optional); `None` for any other line. Topic names have no spaces.
 fn parse_offset_reset_log(message: &str) -> Option<(String, i32)> {
-    let (head, rest) = message.split_once("]: ")?;
-    if !rest.starts_with("offset reset (at ") {
-        return None;
-    }
-    let (topic, partition) = head.rsplit_once(" [")?;
+    let (head, _) = message.split_once("]: offset reset (at ")?;
+    let (before, partition) = head.rsplit_once(" [")?;
+    let topic = before.rsplit(' ').next().filter(|t| !t.is_empty())?;
     Some((topic.to_owned(), partition.parse().ok()?))
 }
 
@@ -1096,6 +1094,11 @@ mod tests {
                     (leader epoch -1): fetch failed due to requested offset not available on the broker: Broker: \
                     Offset out of range";
         assert_eq!(parse_offset_reset_log(line), Some(("orders.v2".to_owned(), 3)));
+        // As librdkafka 2.12 logs it on the bed (seen when a topic was recreated under a running worker).
+        let seen = "[thrd:main]: recreate-190a5893 [0]: offset reset (at offset 1000 (leader epoch 0), broker 1) to \
+                    offset BEGINNING (leader epoch -1): fetch failed due to requested offset not available on the \
+                    broker: Broker: Offset out of range";
+        assert_eq!(parse_offset_reset_log(seen), Some(("recreate-190a5893".to_owned(), 0)));
         assert_eq!(
             parse_offset_reset_log("orders [3]: offset reset (at INVALID, broker 1) to BEGINNING"),
             Some(("orders".into(), 3))
