@@ -108,7 +108,9 @@ pub fn install_kpipe(bed: &TestBed, namespace: &str, opts: &Install) -> Result<(
 
 /// Env var naming the operator image of test releases (default: the chart's, which the bed's kubelet maps to
 /// `$CARGO_TARGET_DIR/release/kpipe-operator` of the bed's checkout). `file:///abs/path:tag` runs
-/// `/abs/path:tag` (the chart always renders `repository:tag`, so point a symlink with that name at the binary).
+/// `/abs/path:tag`: the chart always renders `repository:tag`, so give the binary that name with a hard link
+/// (`ln -f kpipe-operator kpipe-operator:e2e`; the kubelet copies the file into the pod, a relative symlink would
+/// dangle there).
 pub const ENV_OPERATOR_IMAGE: &str = "KPIPE_E2E_OPERATOR_IMAGE";
 /// Env var naming the default worker image of test releases; same form as [`ENV_OPERATOR_IMAGE`].
 pub const ENV_WORKER_IMAGE: &str = "KPIPE_E2E_WORKER_IMAGE";
