@@ -7,6 +7,7 @@
 pub mod commit_metadata;
 pub mod corpus;
 mod duration;
+pub mod offsets;
 mod quantity;
 pub mod rules;
 pub mod v1alpha1;

@@ -51,6 +51,14 @@ pub struct WorkerConfig {
     pub tls_client_cert_file: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_client_key_file: Option<String>,
+    /// When the pipeline started consuming, in milliseconds since the Unix epoch: the operator
+    /// writes the pipeline's `metadata.creationTimestamp`. Under `startOffset: latest`, a partition
+    /// the group never committed on starts at its first record with a timestamp at or after this
+    /// instant (Kafka offsets-for-times; see [`crate::offsets::start_point`]), so records produced
+    /// while the pipeline was scaled to zero, and every record of a partition added later, are
+    /// consumed. `None` (a worker run by hand): such partitions start at their log end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at_ms: Option<i64>,
     /// The pipeline spec as admitted by the apiserver (defaults filled in).
     pub spec: ConsumerPipelineSpec,
 }

@@ -95,11 +95,42 @@ pub fn install_kpipe(bed: &TestBed, namespace: &str, opts: &Install) -> Result<(
         .args(["--set", "crds.install=false", "--set", "logging.format=text"])
         .args(["--set", &format!("replicas={}", opts.replicas)])
         .args(["--set", "logging.level=info\\,kpipe_operator=debug"]);
+    for (key, image) in image_overrides() {
+        let (repository, tag) = split_image(&image);
+        helm.args(["--set", &format!("{key}.repository={repository}"), "--set", &format!("{key}.tag={tag}")]);
+    }
     for s in &opts.sets {
         helm.args(["--set", s]);
     }
     run(helm, "helm install kpipe")?;
     Ok(())
+}
+
+/// Env var naming the operator image of test releases (default: the chart's, which the bed's kubelet maps to
+/// `$CARGO_TARGET_DIR/release/kpipe-operator` of the bed's checkout). `file:///abs/path:tag` runs
+/// `/abs/path:tag`: the chart always renders `repository:tag`, so give the binary that name with a hard link
+/// (`ln -f kpipe-operator kpipe-operator:e2e`; the kubelet copies the file into the pod, a relative symlink would
+/// dangle there).
+pub const ENV_OPERATOR_IMAGE: &str = "KPIPE_E2E_OPERATOR_IMAGE";
+/// Env var naming the default worker image of test releases; same form as [`ENV_OPERATOR_IMAGE`].
+pub const ENV_WORKER_IMAGE: &str = "KPIPE_E2E_WORKER_IMAGE";
+
+/// `(chart value prefix, image)` for the image overrides set in the environment.
+fn image_overrides() -> Vec<(&'static str, String)> {
+    [("image", ENV_OPERATOR_IMAGE), ("worker.image", ENV_WORKER_IMAGE)]
+        .into_iter()
+        .filter_map(|(key, var)| std::env::var(var).ok().filter(|v| !v.is_empty()).map(|v| (key, v)))
+        .collect()
+}
+
+/// Splits an image reference into repository and tag (`latest` when it has none).
+pub fn split_image(image: &str) -> (&str, &str) {
+    match image.rsplit_once(':') {
+        Some((repository, tag)) if !tag.contains('/') && !repository.is_empty() && repository != "file" => {
+            (repository, tag)
+        }
+        _ => (image, "latest"),
+    }
 }
 
 /// `helm uninstall` of the test release.

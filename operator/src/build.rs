@@ -204,6 +204,9 @@ pub fn validate(
         tls_client_key_file: tls
             .and_then(|t| t.client_cert_secret_ref.as_ref())
             .map(|_| format!("{}/tls.key", wc::TLS_CLIENT_DIR)),
+        // "Started consuming" for `startOffset: latest` is the pipeline's creation (docs/api.md, "Offsets and topic
+        // lifecycle"): stable across restarts, scale-to-zero and re-renders, so the config hash does not churn.
+        started_at_ms: cp.metadata.creation_timestamp.as_ref().map(|t| t.0.as_millisecond()),
         spec: cp.spec.clone(),
     };
     let config_json = serde_json::to_string_pretty(&config).map_err(|e| ValidationError::Serialize(e.to_string()))?;
@@ -601,6 +604,20 @@ mod tests {
         assert_eq!(listen[0].value.as_deref(), Some("0.0.0.0:9090"));
         assert!(env.iter().any(|e| e.name == "EXTRA"));
         assert_eq!(c.image.as_deref(), Some(cp.spec.worker.image.as_deref().unwrap_or("kpipe/worker:0.1.0")));
+    }
+
+    /// `startOffset: latest` means "records produced after the pipeline started": the worker gets the pipeline's
+    /// creation time, and a re-render (any reconcile) keeps the config hash.
+    #[test]
+    fn workers_get_the_pipeline_creation_time() {
+        let mut cp = pipeline(&example("http-dlq-scale-to-zero.yaml"));
+        let created: jiff::Timestamp = "2025-03-04T05:06:07Z".parse().unwrap();
+        cp.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(created));
+        let v = validate(&cp, &secrets_for(&cp), &BTreeMap::new(), &defaults()).unwrap();
+        let config: WorkerConfig = serde_json::from_str(&v.config_json).unwrap();
+        assert_eq!(config.started_at_ms, Some(created.as_millisecond()));
+        let again = validate(&cp, &secrets_for(&cp), &BTreeMap::new(), &defaults()).unwrap();
+        assert_eq!(v.config_hash, again.config_hash);
     }
 
     #[test]

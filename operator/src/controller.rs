@@ -364,8 +364,13 @@ async fn reconcile_inner(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
         }
         Ok(v) => {
             let t0 = Instant::now();
-            let probed =
-                shared.probe.offsets(cluster_for(spec, &deref), spec.source.topics.clone(), v.group_id.clone()).await;
+            // issue 13 (offsets-lifecycle): `latest` counts the records since the pipeline's creation (probe.rs)
+            let (start, since) =
+                (spec.source.start_offset, cp.metadata.creation_timestamp.as_ref().map(|t| t.0.as_millisecond()));
+            let probed = shared
+                .probe
+                .offsets_since(cluster_for(spec, &deref), spec.source.topics.clone(), v.group_id.clone(), start, since)
+                .await;
             let secs = t0.elapsed().as_secs_f64();
             match probed {
                 Ok(offsets) => {
@@ -374,6 +379,12 @@ async fn reconcile_inner(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
                         LagTracker::new(shared.settings.stuck_after_polls, Duration::from_secs(60))
                     });
                     let snap = tracker.update(&offsets, spec.source.start_offset, consumers, now, wall_ms);
+                    // issue 13 (offsets-lifecycle): out-of-range committed offsets -> Warning Event, see operator/src/lifecycle.rs
+                    if let Some(msg) = crate::lifecycle::out_of_range_message(&offsets) {
+                        shared
+                            .event(&oref, EventType::Warning, crate::lifecycle::OFFSET_OUT_OF_RANGE, msg, "Reconcile")
+                            .await;
+                    }
                     if snap.partitions < spec.scaling.min_replicas {
                         problem = Some(Problem {
                             reason: "InsufficientPartitions".into(),

@@ -47,21 +47,19 @@ pub struct Consumers {
     pub epoch: u64,
 }
 
-/// Lag of one partition.
+/// Lag of one partition: the records from where the workers start to the log end, by the rule the workers use
+/// themselves ([`kpipe_api::offsets::start_point`], one function for both):
 ///
-/// - Committed offset: `log_end − max(committed, log_start)`; an offset deleted by retention
-///   counts from the log start (the consumer will be reset there).
-/// - No committed offset: `earliest` → `log_end − log_start` (only retained records), `latest` → 0
-///   (a growing log end still activates; see [`Snapshot::log_end_advanced`]).
+/// - Committed offset inside the retained log: `log_end − committed`.
+/// - Committed offset out of range (deleted by retention, or beyond the log end after the topic was recreated or
+///   truncated): the workers reset to the earliest retained record, so `log_end − log_start`, whatever
+///   `startOffset` says ([`crate::lifecycle`] raises the Event).
+/// - No committed offset: `earliest` → `log_end − log_start`; `latest` → 0. (The controller probes with
+///   [`crate::probe::LagProbe::offsets_since`], which reports a never-committed partition under `latest` as committed
+///   where the workers will start, its first record since the pipeline's creation, so only partitions without that
+///   lookup reach this case.)
 pub fn partition_lag(p: &PartitionOffsets, start: StartOffset) -> i64 {
-    let lag = match p.committed {
-        Some(c) => p.log_end - c.max(p.log_start),
-        None => match start {
-            StartOffset::Earliest => p.log_end - p.log_start,
-            StartOffset::Latest => 0,
-        },
-    };
-    lag.max(0)
+    kpipe_api::offsets::start_point(&crate::lifecycle::position(p), start, None).lag(p.log_end)
 }
 
 #[derive(Clone, Debug)]
@@ -385,7 +383,7 @@ mod tests {
             ("no commit earliest counts retained only", po(0, 70, 100, None), Earliest, 30),
             ("no commit latest", po(0, 70, 100, None), Latest, 0),
             ("retention trimmed commit counts from log start", po(0, 80, 100, Some(10)), Latest, 20),
-            ("commit beyond end (truncation) clamps", po(0, 0, 100, Some(150)), Earliest, 0),
+            ("commit beyond end (recreated, truncated) resets to the log start", po(0, 0, 100, Some(150)), Latest, 100),
             ("empty partition", po(0, 0, 0, None), Earliest, 0),
         ];
         for (name, p, start, want) in cases {

@@ -8,6 +8,7 @@ pub mod build;
 pub mod controller;
 pub mod group_offsets;
 pub mod lag;
+pub mod lifecycle;
 pub mod metrics;
 pub mod probe;
 pub mod rbac;

@@ -22,6 +22,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use sha2::{Digest, Sha256};
 
 use kpipe_api::commit_metadata;
+use kpipe_api::v1alpha1::StartOffset;
 
 use crate::group_offsets::{Commit, GroupOffsets, GroupOffsetsError};
 use crate::lag::PartitionOffsets;
@@ -282,6 +283,65 @@ impl LagProbe {
         .map_err(|e| ProbeError::Task(e.to_string()))?
     }
 
+    /// [`LagProbe::offsets`], counting from where the workers start: under `startOffset: latest` a partition the
+    /// group never committed on is read from its first record produced at or after `started_at_ms` (the pipeline's
+    /// creation, ms since the Unix epoch; see `kpipe_api::offsets`). Such a partition is reported with that offset
+    /// as its `committed` offset, so its lag — and the wake-up from zero replicas — counts exactly the records the
+    /// workers will read, including those of a partition added while the pipeline is scaled to zero. One batched
+    /// ListOffsets by timestamp, only for never-committed partitions.
+    pub async fn offsets_since(
+        self: &Arc<Self>,
+        cluster: Cluster,
+        topics: Vec<String>,
+        group: String,
+        start: StartOffset,
+        started_at_ms: Option<i64>,
+    ) -> Result<Vec<PartitionOffsets>, ProbeError> {
+        let probe = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let clients = probe.clients(&cluster)?;
+            let mut offsets = probe.fetch(&clients, &topics, &group)?;
+            if let (StartOffset::Latest, Some(ts)) = (start, started_at_ms) {
+                let since = probe.since(&clients, &offsets, ts)?;
+                apply_latest_start(&mut offsets, &since);
+            }
+            Ok(offsets)
+        })
+        .await
+        .map_err(|e| ProbeError::Task(e.to_string()))?
+    }
+
+    /// The first offset at or after `ts` of each never-committed partition of `offsets` (`None`: no such record).
+    fn since(
+        &self,
+        clients: &ClusterClients,
+        offsets: &[PartitionOffsets],
+        ts: i64,
+    ) -> Result<HashMap<(String, i32), Option<i64>>, ProbeError> {
+        let cluster = &clients.cluster;
+        let mut tpl = TopicPartitionList::new();
+        for p in offsets.iter().filter(|p| p.committed.is_none()) {
+            tpl.add_partition_offset(&p.topic, p.partition, Offset::Offset(ts))
+                .map_err(|e| ProbeError::from_kafka(cluster, e))?;
+        }
+        if tpl.count() == 0 {
+            return Ok(HashMap::new());
+        }
+        let res = clients.meta.offsets_for_times(tpl, self.timeout).map_err(|e| ProbeError::from_kafka(cluster, e))?;
+        let mut out = HashMap::new();
+        for e in res.elements() {
+            if let Err(err) = e.error() {
+                return Err(ProbeError::from_kafka(cluster, err));
+            }
+            let offset = match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            };
+            out.insert((e.topic().to_string(), e.partition()), offset);
+        }
+        Ok(out)
+    }
+
     fn group_consumer(&self, clients: &ClusterClients, group: &str) -> Result<Arc<BaseConsumer>, ProbeError> {
         let mut groups = clients.groups.lock().map_err(|e| ProbeError::Task(e.to_string()))?;
         if let Some(g) = groups.get_mut(group) {
@@ -401,9 +461,54 @@ impl LagProbe {
     }
 }
 
+/// Reports each never-committed partition found in `since` as committed at the offset the workers start at under
+/// `latest` (the rule of `kpipe_api::offsets::start_point`): its first record at or after the pipeline's start, or
+/// its log end when there is none.
+pub fn apply_latest_start(offsets: &mut [PartitionOffsets], since: &HashMap<(String, i32), Option<i64>>) {
+    for p in offsets.iter_mut().filter(|p| p.committed.is_none()) {
+        if let Some(found) = since.get(&(p.topic.clone(), p.partition)) {
+            let position =
+                kpipe_api::offsets::PartitionPosition { log_start: p.log_start, log_end: p.log_end, committed: None };
+            let start =
+                kpipe_api::offsets::start_point(&position, StartOffset::Latest, Some(found.unwrap_or(p.log_end)));
+            p.committed = Some(start.offset());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn latest_counts_the_records_since_the_pipeline_started() {
+        let po = |partition, log_start, log_end, committed| PartitionOffsets {
+            topic: "t".into(),
+            partition,
+            log_start,
+            log_end,
+            committed,
+            retry: None,
+        };
+        let mut offsets = vec![
+            po(0, 0, 100, Some(40)),
+            po(1, 0, 100, None),
+            po(2, 0, 30, None),
+            po(3, 10, 50, None),
+            po(4, 0, 9, None),
+        ];
+        let since = HashMap::from([
+            (("t".to_string(), 1), Some(90)), // records since the start: 90..100
+            (("t".to_string(), 2), Some(0)),  // a partition added after the start: all of it
+            (("t".to_string(), 3), None),     // nothing since the start: the log end
+            (("t".to_string(), 0), Some(5)),  // committed partitions are left alone
+        ]);
+        apply_latest_start(&mut offsets, &since);
+        let committed: Vec<Option<i64>> = offsets.iter().map(|p| p.committed).collect();
+        assert_eq!(committed, vec![Some(40), Some(90), Some(0), Some(50), None]);
+        let lags: Vec<i64> = offsets.iter().map(|p| crate::lag::partition_lag(p, StartOffset::Latest)).collect();
+        assert_eq!(lags, vec![60, 10, 30, 0, 0], "the lag is exactly what the workers will read");
+    }
 
     #[test]
     fn cluster_key_ignores_order_and_hides_credentials() {

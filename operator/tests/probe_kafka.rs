@@ -101,3 +101,35 @@ async fn retry_reports_travel_in_the_commit_metadata() {
     assert_eq!((p0.committed, p0.retry), (Some(3), Some(report)));
     assert_eq!((p1.committed, p1.retry), (Some(2), None), "no metadata, no report");
 }
+
+/// Under `latest`, a never-committed partition counts the records produced since the pipeline started (Kafka
+/// offsets-for-times on the real broker), which is where the workers start (issue 13).
+#[tokio::test]
+async fn latest_counts_records_since_the_pipeline_started() {
+    let bed = TestBed::connect().await.unwrap();
+    let bootstrap = bed.kafka_bootstrap().to_string();
+    let topic = unique("probe-since");
+    bed.create_topic(&topic, 1).await.unwrap();
+    bed.produce(&topic, 10).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    bed.produce(&topic, 4).await.unwrap();
+
+    let probe = Arc::new(LagProbe::new(Duration::from_secs(5)));
+    let cluster = Cluster { bootstrap_servers: vec![bootstrap.clone()], ..Default::default() };
+    let group = unique("probe-since-group");
+    let latest = kpipe_api::v1alpha1::StartOffset::Latest;
+    let offs = probe.offsets_since(cluster.clone(), vec![topic.clone()], group.clone(), latest, Some(started)).await;
+    let offs = offs.unwrap();
+    assert_eq!((offs[0].log_end, offs[0].committed), (14, Some(10)), "{offs:?}");
+    assert_eq!(kpipe_operator::lag::partition_lag(&offs[0], latest), 4);
+    // Nothing produced since: the log end (a new pipeline does not count history).
+    let later = started + 3_600_000;
+    let offs = probe.offsets_since(cluster.clone(), vec![topic.clone()], group.clone(), latest, Some(later)).await;
+    assert_eq!(offs.unwrap()[0].committed, Some(14));
+    // A real commit wins.
+    commit(&bootstrap, &group, &topic, &[(0, 12)]);
+    let offs = probe.offsets_since(cluster, vec![topic], group, latest, Some(started)).await.unwrap();
+    assert_eq!(offs[0].committed, Some(12));
+}

@@ -2,17 +2,21 @@
 //! async runtime), copies records out and dispatches them to per-partition tasks through bounded
 //! channels, pauses partitions whose tasks are full, and commits the offsets the tasks report.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use kpipe_api::offsets::{PartitionPosition, StartPoint, start_point};
+use kpipe_api::v1alpha1::StartOffset;
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::RebalanceProtocol;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::statistics::Statistics;
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::runtime::Handle;
 use tokio::sync::{Semaphore, mpsc};
@@ -107,6 +111,139 @@ fn commit_list(offsets: &[(TopicPartition, i64)]) -> TopicPartitionList {
     tpl
 }
 
+/// How long each offset lookup (OffsetFetch, ListOffsets) at assignment and before a commit may take.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where a partition the group never committed on starts (the pipeline's `startOffset` and start time).
+#[derive(Debug, Clone, Copy)]
+pub struct StartPolicy {
+    pub start_offset: StartOffset,
+    /// When the pipeline started consuming, ms since the Unix epoch (`WorkerConfig::started_at_ms`).
+    pub started_at_ms: Option<i64>,
+}
+
+/// Why the start offsets of newly assigned partitions could not be looked up.
+#[derive(Debug, thiserror::Error)]
+pub enum LookupError {
+    #[error("cannot read the committed offsets: {0}")]
+    Committed(KafkaError),
+    #[error("cannot list offsets ({what}): {source}")]
+    ListOffsets { what: &'static str, source: KafkaError },
+    #[error("no {what} offset for {topic} [{partition}]")]
+    Missing { what: &'static str, topic: String, partition: i32 },
+}
+
+/// A list of `parts`, each at `offset`.
+fn list_at(parts: &[TopicPartition], offset: Offset) -> Result<TopicPartitionList, KafkaError> {
+    let mut tpl = TopicPartitionList::with_capacity(parts.len());
+    for (topic, partition) in parts {
+        tpl.add_partition_offset(topic, *partition, offset)?;
+    }
+    Ok(tpl)
+}
+
+/// ListOffsets for `parts` at `spec` (a timestamp, or `Beginning`/`End` for the watermarks), in one batched
+/// request. Per partition: the offset, `None` when no record matches (a timestamp after the last record).
+fn list_offsets<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    parts: &[TopicPartition],
+    spec: Offset,
+    what: &'static str,
+) -> Result<HashMap<TopicPartition, Option<i64>>, LookupError> {
+    let request = list_at(parts, spec).map_err(|source| LookupError::ListOffsets { what, source })?;
+    let result = consumer
+        .offsets_for_times(request, LOOKUP_TIMEOUT)
+        .map_err(|source| LookupError::ListOffsets { what, source })?;
+    let mut out = HashMap::with_capacity(parts.len());
+    for e in result.elements() {
+        e.error().map_err(|source| LookupError::ListOffsets { what, source })?;
+        let offset = match e.offset() {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        };
+        out.insert((Arc::<str>::from(e.topic()), e.partition()), offset);
+    }
+    Ok(out)
+}
+
+/// Reads what [`start_point`] needs for `parts`: watermarks, the group's committed offsets and, under `latest`
+/// for never-committed partitions, the first offset at or after the pipeline's start time.
+fn lookup_starts<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    parts: &[TopicPartition],
+    policy: StartPolicy,
+) -> Result<Vec<(TopicPartition, PartitionPosition, Option<i64>)>, LookupError> {
+    let request = list_at(parts, Offset::Invalid).map_err(LookupError::Committed)?;
+    let committed = consumer.committed_offsets(request, LOOKUP_TIMEOUT).map_err(LookupError::Committed)?;
+    let starts = list_offsets(consumer, parts, Offset::Beginning, "log start")?;
+    let ends = list_offsets(consumer, parts, Offset::End, "log end")?;
+    let mut out = Vec::with_capacity(parts.len());
+    for tp in parts {
+        let missing = |what| LookupError::Missing { what, topic: tp.0.to_string(), partition: tp.1 };
+        let log_end = ends.get(tp).copied().flatten().ok_or_else(|| missing("log end"))?;
+        let log_start = starts.get(tp).copied().flatten().ok_or_else(|| missing("log start"))?;
+        let committed = match committed.find_partition(&tp.0, tp.1).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => Some(o),
+            _ => None,
+        };
+        out.push((tp.clone(), PartitionPosition { log_start, log_end, committed }, None));
+    }
+    if let (StartOffset::Latest, Some(started)) = (policy.start_offset, policy.started_at_ms) {
+        let fresh: Vec<TopicPartition> =
+            out.iter().filter(|(_, p, _)| p.committed.is_none()).map(|(tp, _, _)| tp.clone()).collect();
+        if !fresh.is_empty() {
+            let since = list_offsets(consumer, &fresh, Offset::Offset(started), "start time")?;
+            for (tp, p, s) in &mut out {
+                if p.committed.is_none() {
+                    // No record at or after the start time: everything from the log end on.
+                    *s = Some(since.get(tp).copied().flatten().unwrap_or(p.log_end));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The log end of each of `parts` (one batched ListOffsets); an error per partition (e.g. the topic is gone).
+fn log_ends<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    parts: &[TopicPartition],
+) -> Result<HashMap<TopicPartition, Result<i64, KafkaError>>, KafkaError> {
+    let request = list_at(parts, Offset::End)?;
+    let result = consumer.offsets_for_times(request, LOOKUP_TIMEOUT)?;
+    let mut out = HashMap::with_capacity(parts.len());
+    for e in result.elements() {
+        let end = e.error().and_then(|()| match e.offset() {
+            Offset::Offset(o) => Ok(o),
+            _ => Err(KafkaError::OffsetFetch(RDKafkaErrorCode::InvalidArgument)),
+        });
+        out.insert((Arc::<str>::from(e.topic()), e.partition()), end);
+    }
+    Ok(out)
+}
+
+/// The topic and partition named by librdkafka's offset-reset log line
+/// (`"[thrd:main]: <topic> [<partition>]: offset reset (at offset 200 ..., broker 1) to offset BEGINNING ...: Offset
+/// out of range"`, the thread prefix optional); `None` for any other line. Topic names have no spaces.
+fn parse_offset_reset_log(message: &str) -> Option<(String, i32)> {
+    let (head, _) = message.split_once("]: offset reset (at ")?;
+    let (before, partition) = head.rsplit_once(" [")?;
+    let topic = before.rsplit(' ').next().filter(|t| !t.is_empty())?;
+    Some((topic.to_owned(), partition.parse().ok()?))
+}
+
+/// Whether a commit or lookup error means the partition's topic no longer exists.
+fn topic_gone(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::UnknownTopicOrPartition
+                | RDKafkaErrorCode::UnknownTopic
+                | RDKafkaErrorCode::UnknownTopicId
+        )
+    )
+}
+
 /// Everything the consumer callbacks and the dispatch loop share.
 pub struct Dispatch {
     runtime: Handle,
@@ -125,6 +262,11 @@ pub struct Dispatch {
     commit_lock: Mutex<()>,
     /// Final offsets whose commit failed at shutdown.
     held: Mutex<HeldOffsets>,
+    /// Where never-committed partitions start.
+    start: StartPolicy,
+    /// Partitions whose log may have shrunk under us (librdkafka reset an out-of-range position, or a commit found
+    /// the topic gone): their commits are checked against the log end first. Never held while calling librdkafka.
+    suspects: Mutex<HashSet<TopicPartition>>,
 }
 
 pub struct WorkerContext(pub Arc<Dispatch>);
@@ -137,6 +279,7 @@ impl Dispatch {
         per_worker: usize,
         metrics: Metrics,
         health: Arc<Health>,
+        start: StartPolicy,
     ) -> Self {
         Self {
             runtime,
@@ -151,7 +294,118 @@ impl Dispatch {
             commit_requested: Arc::new(AtomicBool::new(false)),
             commit_lock: Mutex::new(()),
             held: Mutex::new(HeldOffsets::default()),
+            start,
+            suspects: Mutex::new(HashSet::new()),
         }
+    }
+
+    fn suspects(&self) -> MutexGuard<'_, HashSet<TopicPartition>> {
+        self.suspects.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// librdkafka reset a partition whose fetch position was out of range (to the earliest retained record, as
+    /// `auto.offset.reset` says): counted, and the partition's commits are checked against its log end until one
+    /// passes.
+    fn offset_reset_seen(&self, topic: &str, partition: i32) {
+        self.metrics.offset_resets.with_label_values(&["out_of_range"]).inc();
+        self.suspects().insert((Arc::from(topic), partition));
+    }
+
+    /// Sets the start offset of each newly assigned partition in `tpl` by the shared rule
+    /// ([`kpipe_api::offsets::start_point`]): out-of-range committed offsets reset to the earliest retained record
+    /// (counted and logged), never-committed partitions start where `startOffset` says. When the lookups fail the
+    /// offsets stay unset and librdkafka resolves them: the committed offset, else `auto.offset.reset` (earliest).
+    fn resolve_starts<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, tpl: &mut TopicPartitionList) {
+        let parts = partitions_of(tpl);
+        if parts.is_empty() {
+            return;
+        }
+        let looked_up = match lookup_starts(consumer, &parts, self.start) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(partitions = ?parts, "{e}; librdkafka resolves the start offsets (the committed offset, \
+                    else the earliest retained record)");
+                return;
+            }
+        };
+        for (tp, position, since) in looked_up {
+            let point = start_point(&position, self.start.start_offset, since);
+            if let StartPoint::Reset { offset, committed, reason } = point {
+                self.metrics.offset_resets.with_label_values(&[reason.as_str()]).inc();
+                tracing::warn!(topic = %tp.0, partition = tp.1, committed, reset_to = offset, reason = reason.as_str(),
+                    log_start = position.log_start, log_end = position.log_end,
+                    "committed offset out of range: starting at the earliest retained record");
+            } else {
+                tracing::info!(topic = %tp.0, partition = tp.1, offset = point.offset(), start = ?point,
+                    log_start = position.log_start, log_end = position.log_end, "start position");
+            }
+            if let Err(e) = tpl.set_partition_offset(&tp.0, tp.1, Offset::Offset(point.offset())) {
+                tracing::warn!(topic = %tp.0, partition = tp.1, "cannot set the start offset: {e}");
+            }
+            self.suspects().remove(&tp);
+        }
+    }
+
+    /// The offsets of `offsets` that may be committed: none beyond its partition's log end. Final commits
+    /// (`verify_all`) look up every partition's log end; periodic commits only those of suspect partitions (a
+    /// shrinking log is always preceded by an out-of-range reset or a failed commit), so the hot path costs nothing.
+    /// Withheld offsets are counted and logged, and handed to the committer again later.
+    fn within_log_end<C: ConsumerContext>(
+        &self,
+        consumer: &BaseConsumer<C>,
+        offsets: Vec<(TopicPartition, i64)>,
+        verify_all: bool,
+    ) -> Vec<(TopicPartition, i64)> {
+        let check: Vec<TopicPartition> = {
+            let suspects = self.suspects();
+            offsets.iter().map(|(tp, _)| tp).filter(|tp| verify_all || suspects.contains(*tp)).cloned().collect()
+        };
+        if check.is_empty() {
+            return offsets;
+        }
+        let ends = match log_ends(consumer, &check) {
+            Ok(ends) => ends,
+            Err(e) => {
+                tracing::warn!(partitions = ?check, "cannot read the log ends before committing: {e}");
+                HashMap::new()
+            }
+        };
+        let mut keep = Vec::with_capacity(offsets.len());
+        let mut withheld = TopicPartitionList::new();
+        for (tp, offset) in offsets {
+            if !check.contains(&tp) {
+                keep.push((tp, offset));
+                continue;
+            }
+            let suspect = self.suspects().contains(&tp);
+            let verdict = match ends.get(&tp) {
+                Some(Ok(end)) if offset <= *end => Ok(()),
+                Some(Ok(end)) => Err(format!("beyond the log end {end}")),
+                Some(Err(e)) if topic_gone(e) => Err(format!("the topic is gone: {e}")),
+                // Not verifiable: only a suspect partition is held back.
+                _ if suspect => Err("its log end is unknown".to_owned()),
+                _ => Ok(()),
+            };
+            match verdict {
+                Ok(()) => {
+                    self.suspects().remove(&tp);
+                    keep.push((tp, offset));
+                }
+                Err(why) => {
+                    self.metrics.commits_withheld.inc();
+                    tracing::warn!(topic = %tp.0, partition = tp.1, offset,
+                        "not committing offset {offset}: {why} (topic recreated or log truncated)");
+                    self.suspects().insert(tp.clone());
+                    if withheld.add_partition_offset(&tp.0, tp.1, Offset::Offset(offset)).is_err() {
+                        tracing::debug!(topic = %tp.0, partition = tp.1, "cannot list a withheld offset");
+                    }
+                }
+            }
+        }
+        if withheld.count() > 0 {
+            self.forget_commits(Some(&withheld));
+        }
+        keep
     }
 
     fn partitions(&self) -> MutexGuard<'_, HashMap<TopicPartition, PartitionHandle>> {
@@ -409,15 +663,25 @@ impl Dispatch {
     }
 }
 
-/// Commits `tpl` synchronously and records what the broker acknowledged. Holds the commit lock, so the
-/// committer thread and a revoke's final commit never overtake each other. False when the broker refused it.
-fn commit_sync<C: ConsumerContext>(consumer: &BaseConsumer<C>, tpl: &TopicPartitionList, dispatch: &Dispatch) -> bool {
-    if tpl.count() == 0 {
+/// Commits final `offsets` synchronously and records what the broker acknowledged. Holds the commit lock, so the
+/// committer thread and a revoke's final commit never overtake each other. Every offset is checked against its
+/// partition's log end first (a revoke often follows a topic deletion); offsets beyond it are not committed. False
+/// when the broker refused the commit.
+fn commit_sync<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    offsets: &[(TopicPartition, i64)],
+    dispatch: &Dispatch,
+) -> bool {
+    if offsets.is_empty() {
         return true;
     }
     let _committing = dispatch.commit_lock.lock().unwrap_or_else(|e| e.into_inner());
+    let tpl = commit_list(&dispatch.within_log_end(consumer, offsets.to_vec(), true));
+    if tpl.count() == 0 {
+        return true;
+    }
     tracing::info!(offsets = ?tpl.to_topic_map(), "final commit");
-    commit_locked(consumer, tpl, dispatch)
+    commit_locked(consumer, &tpl, dispatch)
 }
 
 /// Commits and records the result; true when the broker acknowledged it (or there was nothing to commit).
@@ -440,6 +704,10 @@ fn commit_locked<C: ConsumerContext>(
         Err(e) => {
             dispatch.metrics.commit_failures.inc();
             tracing::warn!("commit failed: {e}");
+            if topic_gone(&e) {
+                // Deleted, perhaps about to be recreated: the next commits of these partitions check the log end.
+                dispatch.suspects().extend(partitions_of(tpl));
+            }
             dispatch.forget_commits(Some(tpl));
             false
         }
@@ -453,7 +721,7 @@ fn commit_locked<C: ConsumerContext>(
 fn commit_request<C: ConsumerContext>(consumer: &BaseConsumer<C>, request: &[TopicPartition], dispatch: &Dispatch) {
     // Taken before the offsets are read: a partition revoked meanwhile is gone from the map by then.
     let _committing = dispatch.commit_lock.lock().unwrap_or_else(|e| e.into_inner());
-    let mut tpl = TopicPartitionList::new();
+    let mut offsets = Vec::with_capacity(request.len());
     {
         let mut parts = dispatch.partitions();
         for tp in request {
@@ -461,13 +729,20 @@ fn commit_request<C: ConsumerContext>(consumer: &BaseConsumer<C>, request: &[Top
                 && let Some(offset) = h.progress.committable()
             {
                 h.last_committed = Some(offset);
-                let report = dispatch.health.retry_report(&tp.0, tp.1, offset, unix_millis());
-                let mut elem = tpl.add_partition(&tp.0, tp.1);
-                elem.set_metadata(commit_metadata::encode(report.as_ref()));
-                if let Err(e) = elem.set_offset(Offset::Offset(offset)) {
-                    tracing::warn!(topic = %tp.0, partition = tp.1, "cannot add offset to commit list: {e}");
-                }
+                offsets.push((tp.clone(), offset));
             }
+        }
+    }
+    // Each commit carries the partition's retry report (empty when none) in its metadata: how the operator tells
+    // a partition a live worker retries from a stuck one (kpipe_api::commit_metadata).
+    let now = unix_millis();
+    let mut tpl = TopicPartitionList::new();
+    for ((topic, partition), offset) in dispatch.within_log_end(consumer, offsets, false) {
+        let report = dispatch.health.retry_report(&topic, partition, offset, now);
+        let mut elem = tpl.add_partition(&topic, partition);
+        elem.set_metadata(commit_metadata::encode(report.as_ref()));
+        if let Err(e) = elem.set_offset(Offset::Offset(offset)) {
+            tracing::warn!(%topic, partition, "cannot add offset to commit list: {e}");
         }
     }
     if tpl.count() > 0 {
@@ -490,7 +765,7 @@ fn settle_held_offsets<C: ConsumerContext>(consumer: &BaseConsumer<C>, dispatch:
         next_try = Instant::now() + Duration::from_millis(500);
         let Ok(assignment) = consumer.assignment() else { continue };
         let retry = dispatch.held().take(&partitions_of(&assignment));
-        if !retry.is_empty() && !commit_sync(consumer, &commit_list(&retry), dispatch) {
+        if !retry.is_empty() && !commit_sync(consumer, &retry, dispatch) {
             dispatch.held().hold(retry);
         }
     }
@@ -523,6 +798,11 @@ fn run_committer(consumer: &BaseConsumer<WorkerContext>, requests: std::sync::mp
 
 impl ClientContext for WorkerContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        if fac == "OFFSET"
+            && let Some((topic, partition)) = parse_offset_reset_log(message)
+        {
+            self.0.offset_reset_seen(&topic, partition);
+        }
         match level {
             RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
                 tracing::error!(target: "librdkafka", fac, "{message}")
@@ -563,6 +843,34 @@ impl ClientContext for WorkerContext {
 }
 
 impl ConsumerContext for WorkerContext {
+    /// librdkafka's rebalance callback, as rust-rdkafka's default implementation, except that newly assigned
+    /// partitions get explicit start offsets ([`Dispatch::resolve_starts`]) before they are assigned: setting them
+    /// in the assignment is the only race-free way (a seek after the assignment races librdkafka's own
+    /// committed-offset fetch).
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        let assign = err == RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS;
+        if assign {
+            self.0.resolve_starts(consumer, tpl);
+        }
+        let rebalance = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => Rebalance::Assign(&*tpl),
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => Rebalance::Revoke(&*tpl),
+            other => Rebalance::Error(KafkaError::Rebalance(other.into())),
+        };
+        self.pre_rebalance(consumer, &rebalance);
+        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        let applied = match (assign, cooperative) {
+            (true, true) => consumer.incremental_assign(tpl),
+            (true, false) => consumer.assign(tpl),
+            (false, true) => consumer.incremental_unassign(tpl),
+            (false, false) => consumer.unassign(),
+        };
+        if let Err(e) = applied {
+            tracing::error!(assign, "cannot apply the rebalance: {e}");
+        }
+        self.post_rebalance(consumer, &rebalance);
+    }
+
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             let tps = partitions_of(tpl);
@@ -579,7 +887,7 @@ impl ConsumerContext for WorkerContext {
             if lost {
                 tracing::warn!("assignment lost: not committing (another member owns these partitions now)");
             } else {
-                commit_sync(consumer, &commit_list(&offsets), &self.0);
+                commit_sync(consumer, &offsets, &self.0);
             }
         }
     }
@@ -624,6 +932,7 @@ fn to_record(m: &BorrowedMessage<'_>, topic_cache: &mut Option<Arc<str>>) -> Rec
         key: m.key().map(<[u8]>::to_vec),
         value: m.payload().map(<[u8]>::to_vec),
         headers,
+        epoch: 0,
     }
 }
 
@@ -760,7 +1069,7 @@ impl ConsumerLoop {
             tracing::error!("committer thread panicked");
         }
         let offsets = d.drain(&d.all_partitions());
-        if !commit_sync(&self.consumer, &commit_list(&offsets), &d) {
+        if !commit_sync(&self.consumer, &offsets, &d) {
             d.held().hold(offsets);
             settle_held_offsets(&self.consumer, &d, final_commit_deadline);
         }
@@ -797,6 +1106,26 @@ mod tests {
         let tpl = commit_list(&[((a.clone(), 0), 10), ((a.clone(), 3), 42)]);
         assert_eq!(partitions_of(&tpl), vec![(a.clone(), 0), (a, 3)]);
         assert_eq!(tpl.find_partition("a", 3).map(|e| e.offset()), Some(Offset::Offset(42)));
+    }
+
+    #[test]
+    fn offset_reset_log_lines_name_their_partition() {
+        let line = "orders.v2 [3]: offset reset (at offset 1000 (leader epoch 0), broker 1) to offset BEGINNING \
+                    (leader epoch -1): fetch failed due to requested offset not available on the broker: Broker: \
+                    Offset out of range";
+        assert_eq!(parse_offset_reset_log(line), Some(("orders.v2".to_owned(), 3)));
+        // As librdkafka 2.12 logs it on the bed (seen when a topic was recreated under a running worker).
+        let seen = "[thrd:main]: recreate-190a5893 [0]: offset reset (at offset 1000 (leader epoch 0), broker 1) to \
+                    offset BEGINNING (leader epoch -1): fetch failed due to requested offset not available on the \
+                    broker: Broker: Offset out of range";
+        assert_eq!(parse_offset_reset_log(seen), Some(("recreate-190a5893".to_owned(), 0)));
+        assert_eq!(
+            parse_offset_reset_log("orders [3]: offset reset (at INVALID, broker 1) to BEGINNING"),
+            Some(("orders".into(), 3))
+        );
+        assert_eq!(parse_offset_reset_log("orders [x]: offset reset (at offset 1, broker 1)"), None);
+        assert_eq!(parse_offset_reset_log("orders [3]: stored offset 5"), None);
+        assert_eq!(parse_offset_reset_log("no brackets at all"), None);
     }
 
     #[test]

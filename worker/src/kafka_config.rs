@@ -1,6 +1,5 @@
 //! librdkafka client properties derived from the worker configuration.
 
-use kpipe_api::v1alpha1::StartOffset;
 use kpipe_api::worker_contract::WorkerConfig;
 use rdkafka::ClientConfig;
 
@@ -62,6 +61,11 @@ pub const CONSUMER_TUNING: &[(&str, &str)] = &[
     ("fetch.queue.backoff.ms", "10"),
 ];
 
+/// librdkafka's period of metadata refreshes (new partitions, deleted topics), in milliseconds.
+pub const METADATA_REFRESH: &str = "topic.metadata.refresh.interval.ms";
+
+/// Consumer properties: group membership, explicit commits, resets to the earliest retained record and a metadata
+/// refresh every `scaling.pollInterval` (1 s to 5 min).
 pub fn consumer(config: &WorkerConfig, env: &Env) -> ClientConfig {
     let mut c = common(config, env);
     c.set("group.id", &config.group_id);
@@ -70,13 +74,18 @@ pub fn consumer(config: &WorkerConfig, env: &Env) -> ClientConfig {
     c.set("enable.auto.commit", "false");
     c.set("enable.auto.offset.store", "false");
     c.set("enable.partition.eof", "false");
-    c.set(
-        "auto.offset.reset",
-        match config.spec.source.start_offset {
-            StartOffset::Earliest => "earliest",
-            StartOffset::Latest => "latest",
-        },
-    );
+    // `startOffset` is applied by the worker itself when a partition is assigned (explicit start offsets, see
+    // `kpipe_api::offsets::start_point`). What librdkafka resets on its own — a fetch position found out of range
+    // while consuming (retention passed it, the topic was recreated), or a start it had to resolve because the
+    // lookups failed — goes to the earliest retained record, whatever `startOffset` says: never to the end, which
+    // would skip records nobody processed.
+    c.set("auto.offset.reset", "earliest");
+    // New partitions (and deleted or recreated topics) are noticed within one pollInterval, the period at which the
+    // operator sees them (librdkafka's default is 5 minutes). Overridable through `spec.source.config`.
+    if !config.spec.source.config.contains_key(METADATA_REFRESH) {
+        let poll_ms = config.spec.scaling.poll_interval.as_std().as_millis().clamp(1_000, 300_000);
+        c.set(METADATA_REFRESH, poll_ms.to_string());
+    }
     // Stats carry the per-partition high watermark for the lag gauge.
     c.set("statistics.interval.ms", "5000");
     // Keep prefetch memory modest so RSS stays flat with any backlog (overridable passthrough).
@@ -148,6 +157,10 @@ mod tests {
         assert_eq!(c.get("sasl.password"), Some("pw"));
         assert_eq!(c.get("ssl.ca.location"), Some("/ca.crt"));
         assert_eq!(c.get("group.instance.id"), None, "static membership is off by default");
+        assert_eq!(c.get("auto.offset.reset"), Some("earliest"), "out-of-range positions never reset to the end");
+        assert_eq!(c.get(METADATA_REFRESH), Some("5000"), "new partitions within one pollInterval (default 5s)");
+        let latest = consumer(&cfg(r#","scaling":{"pollInterval":"2s"}"#), &env);
+        assert_eq!(latest.get(METADATA_REFRESH), Some("2000"));
         let c = consumer(&cfg(r#","worker":{"staticMembership":true}"#), &env);
         assert_eq!(c.get("group.instance.id"), Some("pod-1"));
     }

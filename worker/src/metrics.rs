@@ -27,6 +27,17 @@ pub struct Metrics {
     pub commit_failures: IntCounter,
     pub commit_waits: IntCounter,
     pub commit_seconds: Histogram,
+    /// `kpipe_worker_offset_resets_total{reason}`: committed offsets found out of range (the rule of
+    /// `kpipe_api::offsets::start_point`), by reason: `below_log_start` (retention), `above_log_end` (recreated topic,
+    /// truncated log) — both resolved at assignment — and `out_of_range` (librdkafka reported a fetch position out
+    /// of range while consuming and reset it to the earliest retained record).
+    pub offset_resets: IntCounterVec,
+    /// `kpipe_worker_offset_regressions_total`: times a partition's offsets went back while it was assigned (a
+    /// reset, a recreated topic) and its tracker re-based.
+    pub offset_regressions: IntCounter,
+    /// `kpipe_worker_commits_withheld_total`: per-partition commits not sent because the offset was beyond the
+    /// partition's log end (a recreated topic): no committed offset ever exceeds the log end.
+    pub commits_withheld: IntCounter,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +83,14 @@ impl Metrics {
             &["kind"],
         )?;
         registry.register(Box::new(rebalances.clone()))?;
+        let offset_resets = IntCounterVec::new(
+            Opts::new(
+                "kpipe_worker_offset_resets_total",
+                "Committed offsets out of range, reset to the earliest retained record, by reason",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(offset_resets.clone()))?;
         Ok(Self {
             consumed: counter("kpipe_worker_records_consumed_total", "Records received from Kafka")?,
             processed: counter("kpipe_worker_records_processed_total", "Records the processor completed")?,
@@ -118,6 +137,15 @@ impl Metrics {
                 "Round trip of one offset commit, until the broker acknowledged it",
                 vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0],
             )?,
+            offset_resets,
+            offset_regressions: counter(
+                "kpipe_worker_offset_regressions_total",
+                "Times a partition's offsets went back while assigned (reset, recreated topic) and its tracker re-based",
+            )?,
+            commits_withheld: counter(
+                "kpipe_worker_commits_withheld_total",
+                "Partition commits not sent because the offset was beyond the partition's log end",
+            )?,
             registry,
         })
     }
@@ -141,6 +169,8 @@ mod tests {
         m.consumed.inc();
         m.failed.with_label_values(&["timeout"]).inc();
         m.committed_offset.with_label_values(&["t", "0"]).set(5);
+        m.offset_resets.with_label_values(&["below_log_start"]).inc();
+        m.offset_regressions.inc();
         let text = m.render();
         for name in [
             "kpipe_worker_records_consumed_total 1",
@@ -148,6 +178,9 @@ mod tests {
             "kpipe_worker_committed_offset{partition=\"0\",topic=\"t\"} 5",
             "kpipe_worker_processing_duration_seconds_bucket",
             "kpipe_worker_in_flight_records 0",
+            "kpipe_worker_offset_resets_total{reason=\"below_log_start\"} 1",
+            "kpipe_worker_offset_regressions_total 1",
+            "kpipe_worker_commits_withheld_total 0",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

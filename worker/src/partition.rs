@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use crate::job::JobContext;
 use crate::record::Record;
 use crate::scheduler::{BatchLimits, Next, Scheduler};
-use crate::tracker::OffsetTracker;
+use crate::tracker::{OffsetTracker, Rebase};
 use crate::window::UncommittedWindow;
 
 /// What the dispatcher sends a partition task, in fetch order.
@@ -68,6 +68,13 @@ impl PartitionProgress {
         self.commit_requested.store(true, AtomicOrdering::Release);
     }
 
+    /// The partition's tracker re-based to lower offsets: acknowledgements of commits made before say nothing
+    /// about the new offsets. (One still in flight may land after this; it only lets the uncommitted window count
+    /// a few records as acknowledged early, never moves a commit.)
+    fn rebased(&self) {
+        self.acknowledged.store(-1, AtomicOrdering::Release);
+    }
+
     pub fn acknowledged(&self) -> Option<i64> {
         let v = self.acknowledged.load(AtomicOrdering::Acquire);
         (v >= 0).then_some(v)
@@ -107,6 +114,28 @@ impl PartitionTask {
         if window.wants_commit(tracker, held_back) {
             self.progress.request_commit();
         }
+    }
+
+    /// The partition's offsets went back (see [`OffsetTracker::received`]): the records not yet started at or above
+    /// the new offset are forgotten (the consumer delivers them again, or they no longer exist), the uncommitted
+    /// window restarts, and the regression is counted and logged. Nothing is refused.
+    fn rebased(
+        &self,
+        rebase: Rebase,
+        tracker: &OffsetTracker,
+        scheduler: &mut Scheduler,
+        window: &mut UncommittedWindow,
+    ) {
+        let discarded = scheduler.discard_from(rebase.to);
+        window.rebased(tracker);
+        self.progress.rebased();
+        let metrics = &self.jobs.metrics;
+        metrics.offset_regressions.inc();
+        metrics.in_flight.sub(rebase.forgotten as i64);
+        tracing::warn!(topic = %self.topic, partition = self.partition, from = rebase.from, to = rebase.to,
+            forgotten = rebase.forgotten, discarded, epoch = rebase.epoch,
+            "offsets went back (the consumer was reset or the topic recreated): tracker re-based, every record from \
+             the new offset on is processed");
     }
 
     /// Runs until the input closes and in-flight work drained (or the drain deadline passed).
@@ -165,10 +194,8 @@ impl PartitionTask {
             tokio::select! {
                 biased;
                 Some(done) = done_rx.recv() => {
-                    for r in &done {
-                        tracker.done(r.offset);
-                    }
-                    metrics.in_flight.sub(done.len() as i64);
+                    let settled = done.iter().filter(|r| tracker.done(r.offset, r.epoch)).count();
+                    metrics.in_flight.sub(settled as i64);
                     scheduler.complete(&done);
                     self.publish(&tracker, &mut window, held_back);
                 }
@@ -190,18 +217,20 @@ impl PartitionTask {
                         };
                         for item in chunk {
                             match item {
-                                Input::Record(r) => {
-                                    if let Err(e) = tracker.received(r.offset) {
-                                        // A re-delivery below what we already track (cannot
-                                        // happen without a seek); skipping keeps the tracker
-                                        // consistent.
-                                        tracing::warn!(topic = %self.topic, partition = self.partition, "{e}");
-                                    } else {
-                                        received += 1;
-                                        scheduler.push(Arc::new(r), now);
+                                Input::Record(mut r) => {
+                                    let rebase = tracker.received(r.offset);
+                                    r.epoch = tracker.epoch();
+                                    if let Some(rebase) = rebase {
+                                        self.rebased(rebase, &tracker, &mut scheduler, &mut window);
+                                    }
+                                    received += 1;
+                                    scheduler.push(Arc::new(r), now);
+                                }
+                                Input::Position(p) => {
+                                    if let Some(rebase) = tracker.observe_position(p) {
+                                        self.rebased(rebase, &tracker, &mut scheduler, &mut window);
                                     }
                                 }
-                                Input::Position(p) => tracker.observe_position(p),
                             }
                         }
                         if scheduler.pending_len() >= s.max_pending_records || scheduler.pending_bytes() >= s.max_pending_bytes {
@@ -226,10 +255,8 @@ impl PartitionTask {
         while !jobs.is_empty() {
             tokio::select! {
                 Some(done) = done_rx.recv() => {
-                    for r in &done {
-                        tracker.done(r.offset);
-                    }
-                    metrics.in_flight.sub(done.len() as i64);
+                    let settled = done.iter().filter(|r| tracker.done(r.offset, r.epoch)).count();
+                    metrics.in_flight.sub(settled as i64);
                 }
                 _ = jobs.join_next() => {}
                 _ = tokio::time::sleep_until(deadline) => {
@@ -243,10 +270,8 @@ impl PartitionTask {
         while jobs.join_next().await.is_some() {}
         drop(done_tx);
         while let Ok(done) = done_rx.try_recv() {
-            for r in &done {
-                tracker.done(r.offset);
-            }
-            metrics.in_flight.sub(done.len() as i64);
+            let settled = done.iter().filter(|r| tracker.done(r.offset, r.epoch)).count();
+            metrics.in_flight.sub(settled as i64);
         }
         metrics.in_flight.sub(tracker.outstanding() as i64);
         let committable = tracker.committable();

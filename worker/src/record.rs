@@ -16,6 +16,9 @@ pub struct Record {
     pub value: Option<Vec<u8>>,
     /// Headers in their original order; a header may have no value.
     pub headers: Vec<(String, Option<Vec<u8>>)>,
+    /// The partition tracker's epoch the record was received in (set by the partition task; 0 until then). After
+    /// an offset regression re-based the tracker, completions of records of an earlier epoch are not counted.
+    pub epoch: u32,
 }
 
 impl Record {
@@ -46,5 +49,6 @@ pub(crate) fn test_record(offset: i64, key: Option<&str>, value: &str) -> Record
         key: key.map(|k| k.as_bytes().to_vec()),
         value: Some(value.as_bytes().to_vec()),
         headers: vec![],
+        epoch: 0,
     }
 }

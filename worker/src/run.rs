@@ -13,7 +13,7 @@ use rdkafka::producer::FutureProducer;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::BackoffPolicy;
-use crate::consumer::{ConsumerLoop, Dispatch, WorkerContext};
+use crate::consumer::{ConsumerLoop, Dispatch, StartPolicy, WorkerContext};
 use crate::health::Health;
 use crate::job::JobContext;
 use crate::kafka_config::{self, Env};
@@ -120,6 +120,7 @@ pub async fn run(config: WorkerConfig, settings: RunSettings, shutdown: Cancella
         spec.concurrency.per_worker as usize,
         metrics.clone(),
         health.clone(),
+        StartPolicy { start_offset: spec.source.start_offset, started_at_ms: config.started_at_ms },
     ));
     let consumer: BaseConsumer<WorkerContext> = kafka_config::consumer(&config, &settings.env)
         .create_with_context(WorkerContext(dispatch.clone()))

@@ -107,6 +107,23 @@ impl Scheduler {
         self.pending_bytes
     }
 
+    /// Forgets the records not yet started at or above `offset` (the partition's offsets went back there: the
+    /// consumer delivers them again, or they no longer exist). Returns how many were removed. Records below it and
+    /// records in flight are untouched.
+    pub fn discard_from(&mut self, offset: i64) -> usize {
+        let before = self.pending.len();
+        let mut bytes = 0u64;
+        self.pending.retain(|p| {
+            let keep = p.record.offset < offset;
+            if !keep {
+                bytes += p.record.size_bytes();
+            }
+            keep
+        });
+        self.pending_bytes -= bytes;
+        before - self.pending.len()
+    }
+
     /// Offset of the newest record not yet started.
     pub fn last_pending_offset(&self) -> Option<i64> {
         self.pending.back().map(|p| p.record.offset)
@@ -226,6 +243,22 @@ mod tests {
             Next::Ready(b) => b.iter().map(|r| r.offset).collect(),
             _ => vec![],
         }
+    }
+
+    #[test]
+    fn discarding_from_an_offset_keeps_the_records_below_it_and_those_in_flight() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(Ordering::Key, limits(2), 256);
+        for o in 0..6 {
+            s.push(Arc::new(test_record(o, Some(&format!("k{o}")), "vv")), t0);
+        }
+        assert_eq!(offsets(&s.next(t0)), vec![0, 1]);
+        assert_eq!(s.discard_from(4), 2);
+        assert_eq!((s.pending_len(), s.pending_bytes(), s.last_pending_offset()), (2, 8, Some(3)));
+        assert_eq!(s.in_flight(), 2, "records in flight are not the scheduler's to forget");
+        s.push(Arc::new(test_record(4, Some("k4"), "vv")), t0);
+        assert_eq!(offsets(&s.next(t0)), vec![2, 3]);
+        assert_eq!(offsets(&s.next(t0 + Duration::from_secs(1))), vec![4]);
     }
 
     #[test]

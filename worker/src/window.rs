@@ -54,6 +54,13 @@ impl UncommittedWindow {
         }
     }
 
+    /// The tracker re-based (an offset regression): commit points published before it say nothing about the offsets
+    /// received from now on, so the window restarts empty, with everything settled so far counted as acknowledged.
+    pub fn rebased(&mut self, tracker: &OffsetTracker) {
+        self.published.clear();
+        self.acknowledged = tracker.settled();
+    }
+
     /// Records done and below the commit point, but not yet below an acknowledged commit.
     pub fn unacknowledged(&self, tracker: &OffsetTracker) -> u64 {
         tracker.settled().saturating_sub(self.acknowledged)
@@ -85,7 +92,7 @@ mod tests {
     fn tracker_with(offsets: impl IntoIterator<Item = i64>) -> OffsetTracker {
         let mut t = OffsetTracker::new();
         for o in offsets {
-            t.received(o).unwrap();
+            assert!(t.received(o).is_none());
         }
         t
     }
@@ -96,7 +103,7 @@ mod tests {
         let mut w = UncommittedWindow::new(5);
         assert_eq!(w.horizon(&t), Some(210), "200..208 (5 records) may start");
         for o in [200, 202, 204] {
-            t.done(o);
+            t.done(o, 0);
         }
         w.published(t.committable().unwrap(), t.settled());
         assert_eq!(w.horizon(&t), Some(210), "done but unacknowledged records still count");
@@ -113,7 +120,7 @@ mod tests {
         let mut t = tracker_with(0..10);
         let mut w = UncommittedWindow::new(3);
         for o in 0..3 {
-            t.done(o);
+            t.done(o, 0);
         }
         w.published(3, 3);
         assert_eq!(w.horizon(&t), Some(3), "nothing from the commit point on starts");
@@ -167,7 +174,7 @@ mod tests {
                 } else if !in_flight.is_empty() {
                     let i = in_flight[c % in_flight.len()];
                     done[i] = true;
-                    t.done(offsets[i]);
+                    t.done(offsets[i], 0);
                     w.published(t.committable().unwrap(), t.settled());
                 } else {
                     // Nothing may start and nothing is in flight: only a commit can help, and it must.
