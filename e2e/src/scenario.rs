@@ -356,3 +356,41 @@ pub fn merge_json(base: &mut serde_json::Value, extra: serde_json::Value) {
         (b, e) => *b = e,
     }
 }
+
+/// A topic name unique to one test run: `<prefix>-<8 hex digits>`.
+pub fn unique_topic(prefix: &str) -> String {
+    format!("{prefix}-{:08x}", rand::random::<u32>())
+}
+
+/// Waits until the sink has every id of `expected`; returns all delivered ids (duplicates included), or an error
+/// naming how many are missing after `timeout`.
+pub async fn wait_delivered(
+    sink: &Sink,
+    expected: &std::collections::BTreeSet<String>,
+    timeout: Duration,
+) -> Result<Vec<String>, TestBedError> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let ids = sink.ids().await.unwrap_or_default();
+        let got: std::collections::BTreeSet<&String> = ids.iter().collect();
+        if expected.iter().all(|id| got.contains(id)) {
+            return Ok(ids);
+        }
+        if std::time::Instant::now() > deadline {
+            let missing: Vec<&String> = expected.iter().filter(|id| !got.contains(id)).take(10).collect();
+            return Err(other(format!(
+                "{} of {} ids not delivered after {timeout:?}, e.g. {missing:?}",
+                expected.iter().filter(|id| !got.contains(id)).count(),
+                expected.len()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Names of the pipeline's worker pods (any phase).
+pub async fn worker_pods(bed: &TestBed, namespace: &str, pipeline: &str) -> Vec<String> {
+    let pods: Api<Pod> = Api::namespaced(bed.client(), namespace);
+    let list = pods.list(&ListParams::default().labels(&format!("app.kubernetes.io/instance={pipeline}"))).await;
+    list.map(|l| l.items.into_iter().filter_map(|p| p.metadata.name).collect()).unwrap_or_default()
+}

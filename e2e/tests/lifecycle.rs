@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use kpipe_api::v1alpha1::condition::DEGRADED;
 use kpipe_e2e::scenario::{
-    self, Install, Sink, apply_pipeline, condition, events_for, pipeline_manifest, pipeline_status, worker_replicas,
+    self, Install, Sink, apply_pipeline, condition, events_for, pipeline_manifest, pipeline_status, unique_topic,
+    worker_replicas,
 };
 use kpipe_e2e::testbed::wait_for;
 use kpipe_e2e::{TempNamespace, TestBed};
@@ -35,10 +36,6 @@ async fn bed() -> TestBed {
 
 async fn setup(bed: &TestBed, prefix: &str) -> (TempNamespace, Sink) {
     scenario::setup_with_sink(bed, prefix, &Install::default(), &[]).await.unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn unique_topic(prefix: &str) -> String {
-    format!("{prefix}-{:08x}", rand::random::<u32>())
 }
 
 fn ids(prefix: &str, range: std::ops::Range<usize>) -> Vec<String> {

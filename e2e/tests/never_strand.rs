@@ -14,16 +14,13 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Pod;
 use kpipe_api::v1alpha1::condition::{READY, STALLED};
 use kpipe_e2e::scenario::{
     self, Install, Sink, apply_pipeline, condition, events_for, id_records, pipeline_manifest, pipeline_status,
-    worker_replicas,
+    unique_topic, worker_pods, worker_replicas,
 };
 use kpipe_e2e::testbed::wait_for;
 use kpipe_e2e::{TempNamespace, TestBed};
-use kube::Api;
-use kube::api::ListParams;
 use nix::sys::signal::Signal;
 use serde_json::json;
 
@@ -33,10 +30,6 @@ async fn bed() -> TestBed {
 
 async fn setup(bed: &TestBed, prefix: &str) -> (TempNamespace, Sink) {
     scenario::setup_with_sink(bed, prefix, &Install::default(), &[]).await.unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn unique_topic(prefix: &str) -> String {
-    format!("{prefix}-{:08x}", rand::random::<u32>())
 }
 
 /// One look at the pipeline: seconds since the watch started, replicas on the Deployment, lag, Ready and Stalled.
@@ -89,21 +82,7 @@ fn longest_backlog_at_zero(samples: &[Sample]) -> f64 {
 }
 
 async fn wait_delivered(sink: &Sink, expected: &BTreeSet<String>, timeout: Duration) -> Vec<String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let ids = sink.ids().await.unwrap_or_default();
-        let got: BTreeSet<&String> = ids.iter().collect();
-        if expected.iter().all(|id| got.contains(id)) {
-            return ids;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} of {} ids not delivered after {timeout:?}",
-            expected.len() - expected.iter().filter(|id| got.contains(id)).count(),
-            expected.len()
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    scenario::wait_delivered(sink, expected, timeout).await.unwrap_or_else(|e| panic!("{e}"))
 }
 
 async fn wait_back_at_zero(bed: &TestBed, ns: &str, name: &str, timeout: Duration) {
@@ -117,12 +96,6 @@ async fn wait_back_at_zero(bed: &TestBed, ns: &str, name: &str, timeout: Duratio
         bed.dump_pod_logs(ns);
         panic!("{e}")
     });
-}
-
-async fn worker_pods(bed: &TestBed, ns: &str, pipeline: &str) -> Vec<String> {
-    let pods: Api<Pod> = Api::namespaced(bed.client(), ns);
-    let list = pods.list(&ListParams::default().labels(&format!("app.kubernetes.io/instance={pipeline}"))).await;
-    list.map(|l| l.items.into_iter().filter_map(|p| p.metadata.name).collect()).unwrap_or_default()
 }
 
 #[tokio::test]

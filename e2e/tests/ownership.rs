@@ -15,7 +15,7 @@ use kpipe_api::v1alpha1::ConsumerPipeline;
 use kpipe_api::v1alpha1::condition::READY;
 use kpipe_e2e::TestBed;
 use kpipe_e2e::scenario::{
-    self, Install, Sink, apply_pipeline, condition, events_for, pipeline_manifest, pipeline_status,
+    self, Install, Sink, apply_pipeline, condition, events_for, pipeline_manifest, pipeline_status, unique_topic,
 };
 use kpipe_e2e::testbed::wait_for;
 use kube::Api;
@@ -24,10 +24,6 @@ use serde_json::json;
 
 async fn bed() -> TestBed {
     TestBed::connect().await.unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn unique_topic(prefix: &str) -> String {
-    format!("{prefix}-{:08x}", rand::random::<u32>())
 }
 
 /// The user's object as the apiserver stores it, without what the apiserver and the cluster's own controllers move

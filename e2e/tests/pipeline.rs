@@ -11,11 +11,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::Secret;
 use kpipe_api::v1alpha1::condition::{DEGRADED, READY};
 use kpipe_e2e::scenario::{
     self, Install, Sink, apply_pipeline, condition, events_for, id_records, install_kpipe, patch_pipeline_spec,
-    pipeline_manifest, pipeline_status, worker_replicas,
+    pipeline_manifest, pipeline_status, unique_topic, worker_pods, worker_replicas,
 };
 use kpipe_e2e::testbed::wait_for;
 use kpipe_e2e::{TempNamespace, TestBed};
@@ -40,40 +40,13 @@ async fn setup(bed: &TestBed, prefix: &str, install: Install, sink_args: &[&str]
     scenario::setup_with_sink(bed, prefix, &install, sink_args).await.unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn unique_topic(prefix: &str) -> String {
-    format!("{prefix}-{:08x}", rand::random::<u32>())
-}
-
 /// Waits until the sink has every id of `expected` (returns all delivered ids, duplicates included).
 async fn wait_delivered(sink: &Sink, expected: &BTreeSet<String>, timeout: Duration) -> Vec<String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let ids = sink.ids().await.unwrap_or_default();
-        let got: BTreeSet<&String> = ids.iter().collect();
-        if expected.iter().all(|id| got.contains(id)) {
-            return ids;
-        }
-        if Instant::now() > deadline {
-            let missing: Vec<&String> = expected.iter().filter(|id| !got.contains(id)).take(10).collect();
-            panic!(
-                "{} of {} ids not delivered after {timeout:?}, e.g. {missing:?}",
-                expected.len() - got.len().min(expected.len()),
-                expected.len()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    scenario::wait_delivered(sink, expected, timeout).await.unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn duplicates(ids: &[String]) -> usize {
     ids.len() - ids.iter().collect::<BTreeSet<_>>().len()
-}
-
-/// Names of the pipeline's running worker pods.
-async fn worker_pods(bed: &TestBed, ns: &str, pipeline: &str) -> Vec<String> {
-    let pods: Api<Pod> = Api::namespaced(bed.client(), ns);
-    let list = pods.list(&ListParams::default().labels(&format!("app.kubernetes.io/instance={pipeline}"))).await;
-    list.map(|l| l.items.into_iter().filter_map(|p| p.metadata.name).collect()).unwrap_or_default()
 }
 
 #[tokio::test]
