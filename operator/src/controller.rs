@@ -25,6 +25,7 @@ use kube::{Client, Resource, ResourceExt};
 use tracing::{debug, info, warn};
 
 use crate::build::{self, CONFIG_HASH_ANNOTATION, LABEL_MANAGED_BY, MANAGER, SecretKeys, WorkerDefaults};
+use crate::keepalive::{OffsetBook, OffsetKeeper};
 use crate::lag::LagTracker;
 use crate::metrics::Metrics;
 use crate::probe::{Cluster, LagProbe, Sasl, Tls};
@@ -107,6 +108,8 @@ struct PipelineState {
     /// Since when (operator clock) the lag probe has failed with a transient error, if it does.
     transient_since: Option<Duration>,
     failures: u32,
+    /// Last committed offsets seen (idle-offset keepalive and restore, [`crate::keepalive`]).
+    offsets_book: OffsetBook,
 }
 
 /// State shared by every controller (one per watched namespace) of this process.
@@ -114,6 +117,8 @@ pub struct Shared {
     pub client: Client,
     pub settings: Settings,
     pub probe: Arc<LagProbe>,
+    /// Keeps idle pipelines' committed offsets alive and restores vanished ones.
+    pub keeper: Arc<OffsetKeeper>,
     pub metrics: Metrics,
     pub recorder: Recorder,
     origin: Instant,
@@ -132,6 +137,7 @@ impl Shared {
         let recorder = Recorder::new(client.clone(), Reporter { controller: MANAGER.into(), instance });
         Self {
             probe: Arc::new(LagProbe::new(settings.probe_timeout)),
+            keeper: Arc::new(OffsetKeeper::new(settings.probe_timeout, &metrics.registry)),
             client,
             settings,
             metrics,
@@ -278,6 +284,41 @@ fn invalid_object_ref(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Obj
     }
 }
 
+/// Events, logs and metrics for what the offset keeper did; a Degraded cause when vanished offsets
+/// could not be restored.
+async fn offsets_problem(
+    ns: &str,
+    name: &str,
+    tended: &crate::keepalive::Tended,
+    shared: &Shared,
+    oref: &ObjectReference,
+) -> Option<Problem> {
+    let list = |l: &[crate::keepalive::Lost]| l.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ");
+    if !tended.restored.is_empty() {
+        let note = format!(
+            "committed offsets vanished while the pipeline was idle; restored the recorded positions: {}",
+            list(&tended.restored)
+        );
+        warn!(%ns, %name, "{note}");
+        shared.keeper.restored_total.with_label_values(&[ns, name]).inc_by(tended.restored.len() as u64);
+        shared.event(oref, EventType::Warning, "OffsetsRestored", note, "RestoreOffsets").await;
+    }
+    if !tended.not_restored.is_empty() {
+        let error = tended.error.as_ref().map(|e| e.to_string()).unwrap_or_default();
+        return Some(Problem {
+            reason: "OffsetsLost".into(),
+            message: format!(
+                "committed offsets vanished while the pipeline was idle and could not be restored ({error}): {}",
+                list(&tended.not_restored)
+            ),
+        });
+    }
+    if let Some(e) = &tended.error {
+        debug!(%ns, %name, error = %e, "idle offset refresh failed; retried next poll");
+    }
+    None
+}
+
 /// Reconcile one pipeline.
 pub async fn reconcile(obj: Arc<DeserializeGuard<ConsumerPipeline>>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
@@ -373,8 +414,18 @@ async fn reconcile_inner(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
                 .await;
             let secs = t0.elapsed().as_secs_f64();
             match probed {
-                Ok(offsets) => {
+                Ok(mut offsets) => {
                     shared.metrics.probe_duration.with_label_values(&["ok"]).observe(secs);
+                    // Idle pipelines keep their place (keepalive.rs): refresh, or restore vanished offsets
+                    // before the scaler sees the lag. Idle = no worker pod and none wanted.
+                    let idle = current == 0 && dep_replicas.unwrap_or(0) == 0 && workers.pods == 0;
+                    let tended = shared
+                        .keeper
+                        .tend(&cluster_for(spec, &deref), &v.group_id, &mut offsets, idle, now, &mut state.offsets_book)
+                        .await;
+                    if let Some(p) = offsets_problem(&ns, &name, &tended, shared, &oref).await {
+                        problem = Some(p);
+                    }
                     let tracker = state.tracker.get_or_insert_with(|| {
                         LagTracker::new(shared.settings.stuck_after_polls, Duration::from_secs(60))
                     });

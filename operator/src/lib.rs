@@ -7,6 +7,7 @@
 pub mod build;
 pub mod controller;
 pub mod group_offsets;
+pub mod keepalive;
 pub mod lag;
 pub mod lifecycle;
 pub mod metrics;
