@@ -27,6 +27,7 @@ use tracing::{debug, info, warn};
 use crate::build::{self, CONFIG_HASH_ANNOTATION, LABEL_MANAGED_BY, MANAGER, SecretKeys, WorkerDefaults};
 use crate::keepalive::{OffsetBook, OffsetKeeper};
 use crate::lag::LagTracker;
+use crate::leader::LeaderFence;
 use crate::metrics::Metrics;
 use crate::probe::{Cluster, LagProbe, Sasl, Tls};
 use crate::scaler::{Decision, Policy, Reason, ScalerState};
@@ -119,6 +120,9 @@ pub struct Shared {
     pub probe: Arc<LagProbe>,
     /// Keeps idle pipelines' committed offsets alive and restores vanished ones.
     pub keeper: Arc<OffsetKeeper>,
+    /// Asked before every write (children, status, Events, offset commits): false once this
+    /// replica may no longer be the leader ([`crate::leader`]).
+    pub fence: LeaderFence,
     pub metrics: Metrics,
     pub recorder: Recorder,
     origin: Instant,
@@ -138,12 +142,26 @@ impl Shared {
         Self {
             probe: Arc::new(LagProbe::new(settings.probe_timeout)),
             keeper: Arc::new(OffsetKeeper::new(settings.probe_timeout, &metrics.registry)),
+            fence: LeaderFence::always(),
             client,
             settings,
             metrics,
             recorder,
             origin: Instant::now(),
             pipelines: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Guard every write with `fence` (leader election; the default fence is always open).
+    pub fn with_fence(mut self, fence: LeaderFence) -> Self {
+        self.fence = fence;
+        self
+    }
+
+    /// Forget every pipeline's in-memory state: a new leadership term starts from observed state.
+    pub fn reset(&self) {
+        if let Ok(mut map) = self.pipelines.lock() {
+            map.clear();
         }
     }
 
@@ -186,6 +204,10 @@ impl Shared {
     }
 
     async fn event(&self, oref: &ObjectReference, type_: EventType, reason: &str, note: String, action: &str) {
+        if !self.fence.may_act() {
+            debug!(reason, "not the leader: Event not published");
+            return;
+        }
         let ev = Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None };
         if let Err(e) = self.recorder.publish(&ev, oref).await {
             warn!(error = %e, reason, "cannot publish Event");
@@ -419,6 +441,7 @@ async fn reconcile_inner(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
                     // Idle pipelines keep their place (keepalive.rs): refresh, or restore vanished offsets
                     // before the scaler sees the lag. Idle = no worker pod and none wanted.
                     let idle = current == 0 && dep_replicas.unwrap_or(0) == 0 && workers.pods == 0;
+                    let idle = idle && shared.fence.may_act();
                     let tended = shared
                         .keeper
                         .tend(&cluster_for(spec, &deref), &v.group_id, &mut offsets, idle, now, &mut state.offsets_book)
@@ -529,6 +552,11 @@ async fn reconcile_inner(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
                 conflicts.join(" and ")
             ),
         });
+    }
+    // Leader fence: no child, status or Event write once leadership may have passed on.
+    if !shared.fence.may_act() {
+        debug!(%ns, %name, "not the leader: no writes");
+        return Ok(Action::requeue(poll));
     }
     // Apply children.
     let mut configured = false;
@@ -664,7 +692,7 @@ async fn reconcile_inner(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
         workers: Some(workers.summary()),
     };
     let new_status = status::compute(prev_status, &observed, Time(jiff::Timestamp::now()));
-    if prev_status != Some(&new_status) {
+    if prev_status != Some(&new_status) && shared.fence.may_act() {
         let api: Api<ConsumerPipeline> = Api::namespaced(shared.client.clone(), &ns);
         let patch = serde_json::json!({
             "apiVersion": "kpipe.io/v1alpha1",
