@@ -109,29 +109,53 @@ struct Seen {
 pub struct OffsetBook {
     /// Last committed offset seen per partition and the log end at that time.
     seen: BTreeMap<Key, Seen>,
-    /// Exact commits (offset and metadata) read while the group was idle.
+    /// The exact commit (offset and metadata) at the recorded position, read while idle: what a
+    /// refresh re-commits and a restore puts back.
     exact: BTreeMap<Key, Commit>,
+    /// The last idle read per partition: (the offset the probe reported then, the real commit's
+    /// offset). Under `startOffset: latest` the probe reports a never-committed partition as
+    /// committed where the workers will start (`LagProbe::offsets_since`): not a commit to keep.
+    read: BTreeMap<Key, (Option<i64>, Option<i64>)>,
     /// When (operator clock) the idle offsets were last committed by the operator.
     last_refresh: Option<Duration>,
 }
 
 impl OffsetBook {
-    /// Decide this poll's step. `idle`: no worker pod exists and none is wanted (replicas 0, or
+    /// What the group really has committed on `p`, as far as the idle reads tell: `Some(None)` no
+    /// commit, `Some(Some(o))` a commit at `o`, `None` unknown (the probe's value was never read
+    /// exactly: read it).
+    fn real(&self, p: &PartitionOffsets) -> Option<Option<i64>> {
+        let key = (p.topic.clone(), p.partition);
+        match (p.committed, self.read.get(&key)) {
+            // The probe never hides a real commit.
+            (None, _) => Some(None),
+            (v, Some((probed, real))) if *probed == v => Some(*real),
+            _ => None,
+        }
+    }
+
+    /// Decide this poll's step. `idle`: no worker pod exists and none wanted (replicas 0, or
     /// suspended); `now`: the operator's monotonic clock; `every`: the refresh interval.
     pub fn plan(&self, offsets: &[PartitionOffsets], idle: bool, now: Duration, every: Duration) -> Step {
         if !idle {
             return Step::Record;
         }
+        let mut real = Vec::with_capacity(offsets.len());
+        for p in offsets {
+            match self.real(p) {
+                Some(r) => real.push(r),
+                None => return Step::ReadExact,
+            }
+        }
         let mut lost = Vec::new();
         let mut commits = Vec::new();
-        let mut changed = false;
-        for p in offsets {
+        let mut present = Vec::new();
+        for (p, found) in offsets.iter().zip(real) {
             let key = (p.topic.clone(), p.partition);
-            let seen = self.seen.get(&key);
-            match (seen, p.committed) {
+            match self.seen.get(&key) {
                 // A log end never moves backwards: this is another log (topic recreated), not a loss.
-                (Some(s), _) if p.log_end < s.log_end => {}
-                (Some(s), found) if found.is_none_or(|c| c < s.offset) => {
+                Some(s) if p.log_end < s.log_end => {}
+                Some(s) if found.is_none_or(|c| c < s.offset) => {
                     lost.push(Lost { topic: p.topic.clone(), partition: p.partition, recorded: s.offset, found });
                     let commit = self
                         .exact
@@ -141,39 +165,36 @@ impl OffsetBook {
                         .unwrap_or(Commit { offset: s.offset, metadata: String::new() });
                     commits.push((key, commit));
                 }
-                (_, Some(c)) if self.exact.get(&key).is_none_or(|e| e.offset != c) => changed = true,
-                _ => {}
+                _ => {
+                    if let (Some(o), Some(c)) = (found, self.exact.get(&key))
+                        && c.offset == o
+                    {
+                        present.push((key, c.clone()));
+                    }
+                }
             }
         }
         if !lost.is_empty() {
             return Step::Restore { lost, commits };
         }
-        if changed {
-            return Step::ReadExact;
-        }
         let due = self.last_refresh.is_none_or(|t| now.saturating_sub(t) >= every);
-        let present: Vec<(Key, Commit)> = offsets
-            .iter()
-            .filter(|p| p.committed.is_some())
-            .filter_map(|p| {
-                let key = (p.topic.clone(), p.partition);
-                self.exact.get(&key).cloned().map(|c| (key, c))
-            })
-            .collect();
         if due && !present.is_empty() { Step::Refresh(present) } else { Step::Nothing }
     }
 
     /// Record what the group has committed (every poll, busy or idle). Forgets partitions whose log
-    /// end moved backwards; keeps the record of a partition whose offset is gone while consumers
-    /// run only until they commit again. Busy polls drop the exact commits (they go stale).
+    /// end moved backwards; keeps the record of a partition whose commit is gone until a commit
+    /// replaces it. Idle polls record only what the idle reads confirmed as real commits; busy polls
+    /// record the probe's offsets and drop the idle reads (they go stale).
     pub fn record(&mut self, offsets: &[PartitionOffsets], idle: bool) {
         for p in offsets {
             let key = (p.topic.clone(), p.partition);
             if self.seen.get(&key).is_some_and(|s| p.log_end < s.log_end) {
                 self.seen.remove(&key);
                 self.exact.remove(&key);
+                self.read.remove(&key);
             }
-            match p.committed {
+            let committed = if idle { self.real(p).flatten() } else { p.committed };
+            match committed {
                 Some(offset) => {
                     self.seen.insert(key, Seen { offset, log_end: p.log_end });
                 }
@@ -186,13 +207,31 @@ impl OffsetBook {
         }
         if !idle {
             self.exact.clear();
+            self.read.clear();
             self.last_refresh = None;
         }
     }
 
-    /// The exact commits were read (idle): remember them for refreshes and restores.
+    /// The result of an exact read (idle) of the partitions in `offsets`: `found` maps each to its
+    /// commit (`None` or missing: no commit). A commit at or past the recorded position becomes the
+    /// one to keep; one behind it (or none) is a loss, and the kept commit stays for the restore.
+    pub fn set_read(&mut self, offsets: &[PartitionOffsets], found: &HashMap<Key, Option<Commit>>) {
+        for p in offsets {
+            let key = (p.topic.clone(), p.partition);
+            let commit = found.get(&key).cloned().flatten();
+            self.read.insert(key.clone(), (p.committed, commit.as_ref().map(|c| c.offset)));
+            if let Some(c) = commit
+                && self.seen.get(&key).is_none_or(|s| c.offset >= s.offset)
+            {
+                self.exact.insert(key, c);
+            }
+        }
+    }
+
+    /// Commits the operator wrote (a restore): they are the group's commits now.
     pub fn set_exact(&mut self, commits: impl IntoIterator<Item = (Key, Commit)>) {
         for (key, c) in commits {
+            self.read.insert(key.clone(), (Some(c.offset), Some(c.offset)));
             self.exact.insert(key, c);
         }
     }
@@ -345,7 +384,7 @@ impl OffsetKeeper {
                 let parts: Vec<Key> = snapshot.iter().map(|p| (p.topic.clone(), p.partition)).collect();
                 match kc.offsets.committed(&group_owned, &parts) {
                     Ok(found) => {
-                        work_book.set_exact(found.into_iter().filter_map(|(k, c)| c.map(|c| (k, c))));
+                        work_book.set_read(&snapshot, &found);
                         step = work_book.plan(&snapshot, true, now, every);
                     }
                     Err(e) => {
@@ -420,9 +459,8 @@ mod tests {
         let mut b = OffsetBook::default();
         b.record(offsets, false);
         assert_eq!(b.plan(offsets, true, Duration::ZERO, EVERY), Step::ReadExact);
-        b.set_exact(
-            offsets.iter().filter_map(|p| p.committed.map(|c| ((p.topic.clone(), p.partition), commit(c, metadata)))),
-        );
+        let found = offsets.iter().map(|p| ((p.topic.clone(), p.partition), p.committed.map(|c| commit(c, metadata))));
+        b.set_read(offsets, &found.collect());
         b.record(offsets, true);
         b
     }
@@ -464,6 +502,10 @@ mod tests {
         let offs = [po(0, 10, Some(5)), po(1, 10, Some(8)), po(2, 10, Some(3))];
         let b = idle_book(&offs, "meta");
         let now = [po(0, 10, None), po(1, 10, Some(2)), po(2, 10, Some(3))];
+        // A moved offset is read exactly first (it could be a start position the probe reports).
+        assert_eq!(b.plan(&now, true, Duration::ZERO, EVERY), Step::ReadExact);
+        let mut b = b;
+        b.set_read(&now, &HashMap::from([(key(1), Some(commit(2, "reset"))), (key(2), Some(commit(3, "meta")))]));
         match b.plan(&now, true, Duration::ZERO, EVERY) {
             Step::Restore { lost, commits } => {
                 assert_eq!(
@@ -496,7 +538,7 @@ mod tests {
         let mut b = idle_book(&offs, "m");
         let moved = [po(0, 10, Some(9))];
         assert_eq!(b.plan(&moved, true, Duration::ZERO, EVERY), Step::ReadExact);
-        b.set_exact([(key(0), commit(9, "admin"))]);
+        b.set_read(&moved, &HashMap::from([(key(0), Some(commit(9, "admin")))]));
         b.record(&moved, true);
         assert_eq!(b.plan(&moved, true, Duration::ZERO, EVERY), Step::Refresh(vec![(key(0), commit(9, "admin"))]));
         assert_eq!(b.recorded("t", 0), Some(9));
@@ -521,6 +563,32 @@ mod tests {
         let now = [po(0, 15, None)];
         b.record(&now, true);
         assert!(matches!(b.plan(&now, true, Duration::ZERO, EVERY), Step::Restore { .. }));
+    }
+
+    /// Under `latest` the probe reports a never-committed partition as committed where the workers
+    /// will start. That is not a commit: it is never refreshed, and a real commit that vanishes
+    /// behind such a value is still restored.
+    #[test]
+    fn start_positions_reported_by_the_probe_are_not_commits() {
+        let offs = [po(0, 10, Some(7)), po(1, 10, Some(3))];
+        let read = HashMap::from([(key(0), Some(commit(7, "m"))), (key(1), None)]);
+        let mut b = OffsetBook::default();
+        assert_eq!(b.plan(&offs, true, Duration::ZERO, EVERY), Step::ReadExact);
+        b.set_read(&offs, &read);
+        b.record(&offs, true);
+        assert_eq!(b.recorded("t", 1), None, "a start position is not recorded as a commit");
+        assert_eq!(b.plan(&offs, true, Duration::ZERO, EVERY), Step::Refresh(vec![(key(0), commit(7, "m"))]));
+        // The real commit on partition 0 expires; the probe now reports the start position 2 there.
+        let expired = [po(0, 10, Some(2)), po(1, 10, Some(3))];
+        assert_eq!(b.plan(&expired, true, Duration::ZERO, EVERY), Step::ReadExact);
+        b.set_read(&expired, &HashMap::from([(key(0), None), (key(1), None)]));
+        match b.plan(&expired, true, Duration::ZERO, EVERY) {
+            Step::Restore { lost, commits } => {
+                assert_eq!(lost, vec![Lost { topic: "t".into(), partition: 0, recorded: 7, found: None }]);
+                assert_eq!(commits, vec![(key(0), commit(7, "m"))]);
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
