@@ -2,18 +2,19 @@
 # A private single-node Kafka (KRaft) with a short offset retention, for tests of idle-group
 # offsets. offsets.retention.minutes is a read-only broker config, so the shared test bed's broker
 # cannot be changed without a restart that would disturb other suites: this broker is the test's own.
-# Usage: short-retention-kafka.sh DIR BROKER_PORT CONTROLLER_PORT  (runs in the foreground; the
-# caller kills it). Needs KAFKA_HOME (the bed's env file sets it).
+# Usage: short-retention-kafka.sh DIR BROKER_PORT CONTROLLER_PORT [HOST]  (runs in the foreground;
+# the caller kills it). HOST defaults to 127.0.0.1; the bed's bridge IP makes it reachable from
+# worker pods. Needs KAFKA_HOME (the bed's env file sets it).
 set -euo pipefail
-dir=$1 port=$2 cport=$3
+dir=$1 port=$2 cport=$3 host=${4:-127.0.0.1}
 : "${KAFKA_HOME:?KAFKA_HOME not set (source the test bed env)}"
 mkdir -p "$dir/data"
 cat > "$dir/server.properties" <<PROPS
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$cport
-listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
-advertised.listeners=PLAINTEXT://127.0.0.1:$port
+listeners=PLAINTEXT://$host:$port,CONTROLLER://127.0.0.1:$cport
+advertised.listeners=PLAINTEXT://$host:$port
 listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
