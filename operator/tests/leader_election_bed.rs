@@ -26,7 +26,7 @@ struct Proxy {
     epoch: watch::Sender<u32>,
 }
 
-async fn proxy(upstream: String) -> Proxy {
+pub(crate) async fn proxy(upstream: String) -> Proxy {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let cut = Arc::new(AtomicBool::new(false));
@@ -161,4 +161,164 @@ async fn a_cut_off_leader_stops_acting_before_the_standby_takes_over() {
     let _ = a.stop.send(true);
     tokio::time::timeout(Duration::from_secs(5), &mut a.task).await.unwrap().unwrap();
     let _ = api.delete(&lease, &DeleteParams::default()).await;
+}
+
+mod operators {
+    //! Two operator processes (this build) with leader election; replica a reaches the apiserver
+    //! through the blackholing proxy. Each replica writes with its own field manager, so every
+    //! write the apiserver applied is attributable in `managedFields`.
+
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use k8s_openapi::api::apps::v1::Deployment;
+    use kpipe_api::v1alpha1::ConsumerPipeline;
+    use kpipe_e2e::testbed::{TestBed, wait_for};
+    use kube::api::{Api, ListParams, PostParams};
+
+    struct Op {
+        child: Child,
+        port: u16,
+        log: std::path::PathBuf,
+    }
+
+    impl Drop for Op {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    impl Op {
+        fn start(kubeconfig: &std::path::Path, ns: &str, id: &str) -> Self {
+            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let log = std::env::temp_dir().join(format!("op-{ns}-{id}.log"));
+            let file = std::fs::File::create(&log).unwrap();
+            let child = Command::new(env!("CARGO_BIN_EXE_kpipe-operator"))
+                .env("KUBECONFIG", kubeconfig)
+                .env("RUST_LOG", "info,kpipe_operator=debug")
+                .args(["--namespaces", ns, "--listen", &format!("127.0.0.1:{port}"), "--log-format", "text"])
+                .args(["--leader-election", "--lease-namespace", ns, "--lease-duration", "6"])
+                .args(["--identity", id, "--field-manager", &format!("kpipe-{id}")])
+                .stdout(file.try_clone().unwrap())
+                .stderr(file)
+                .stdin(Stdio::null())
+                .spawn()
+                .unwrap();
+            Self { child, port, log }
+        }
+
+        async fn metric(&self, line_prefix: &str) -> Option<f64> {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.ok()?;
+            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").await.ok()?;
+            let mut buf = String::new();
+            s.read_to_string(&mut buf).await.ok()?;
+            buf.lines().find(|l| l.starts_with(line_prefix)).and_then(|l| l.rsplit(' ').next())?.parse().ok()
+        }
+    }
+
+    fn pipeline(name: &str, bootstrap: &str, topic: &str) -> ConsumerPipeline {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "kpipe.io/v1alpha1", "kind": "ConsumerPipeline", "metadata": {"name": name},
+            "spec": {"source": {"bootstrapServers": [bootstrap], "topics": [topic]}, "processor": {"noop": {}},
+                     "scaling": {"pollInterval": "1s"}}
+        }))
+        .unwrap()
+    }
+
+    /// (manager, time) of every managedFields entry of the namespace's pipelines and Deployments.
+    async fn writes(client: &kube::Client, ns: &str) -> Vec<(String, String, jiff::Timestamp)> {
+        let mut out = Vec::new();
+        let cps: Api<ConsumerPipeline> = Api::namespaced(client.clone(), ns);
+        let deps: Api<Deployment> = Api::namespaced(client.clone(), ns);
+        let metas: Vec<_> = cps
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|o| o.metadata)
+            .chain(deps.list(&ListParams::default()).await.unwrap().items.into_iter().map(|o| o.metadata))
+            .collect();
+        for m in metas {
+            for f in m.managed_fields.unwrap_or_default() {
+                if let (Some(manager), Some(t)) = (f.manager, f.time) {
+                    out.push((m.name.clone().unwrap_or_default(), manager, t.0));
+                }
+            }
+        }
+        out
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_operators_never_both_write_when_the_leader_is_cut_off() {
+        let bed = TestBed::connect().await.unwrap();
+        let ns_guard = bed.temp_namespace("op-ha").await.unwrap();
+        let ns = ns_guard.name().to_string();
+        let topic = format!("{ns}-in");
+        bed.create_topic(&topic, 2).await.unwrap();
+        let apiserver = bed.var("KPIPE_APISERVER").unwrap().to_string();
+        let p = super::proxy(apiserver.trim_start_matches("https://").to_string()).await;
+        let kc_a = std::env::temp_dir().join(format!("kubeconfig-{ns}-a"));
+        let text = std::fs::read_to_string(bed.kubeconfig()).unwrap();
+        std::fs::write(&kc_a, text.replace(&apiserver, &format!("https://127.0.0.1:{}", p.port))).unwrap();
+
+        let a = Op::start(&kc_a, &ns, "op-a");
+        wait_for("a leads", Duration::from_secs(30), || async {
+            (a.metric("kpipe_operator_leader ").await? == 1.0).then_some(())
+        })
+        .await
+        .unwrap();
+        let b = Op::start(&bed.kubeconfig(), &ns, "op-b");
+        let client = bed.client();
+        let cps: Api<ConsumerPipeline> = Api::namespaced(client.clone(), &ns);
+        let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+        cps.create(&PostParams::default(), &pipeline("one", bed.kafka_bootstrap(), &topic)).await.unwrap();
+        wait_for("one-worker", Duration::from_secs(30), || async { deps.get_opt("one-worker").await.ok()? })
+            .await
+            .unwrap();
+        assert_eq!(b.metric("kpipe_operator_leader ").await, Some(0.0));
+
+        p.set_cut(true);
+        let cut = Instant::now();
+        let cut_wall = jiff::Timestamp::now();
+        wait_for("b leads", Duration::from_secs(30), || async {
+            (b.metric("kpipe_operator_leader ").await? == 1.0).then_some(())
+        })
+        .await
+        .unwrap();
+        let b_leads = cut.elapsed();
+        let b_leads_wall = jiff::Timestamp::now();
+        // Scaling continues under the new leader: a new pipeline gets its children from b.
+        cps.create(&PostParams::default(), &pipeline("two", bed.kafka_bootstrap(), &topic)).await.unwrap();
+        wait_for("two-worker", Duration::from_secs(30), || async { deps.get_opt("two-worker").await.ok()? })
+            .await
+            .unwrap();
+        let two = cut.elapsed();
+        println!("cut → b leading after {b_leads:?}; new pipeline's Deployment after {two:?}");
+        assert!(two <= Duration::from_secs(6 + 2 + 3), "new leader acted {two:?} after the cut (6 s lease)");
+
+        // a reconnects: it must see b's lease and stay fenced.
+        p.set_cut(false);
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        assert_eq!(a.metric("kpipe_operator_leader ").await, Some(0.0));
+        assert_eq!(a.metric("kpipe_operator_leader_transitions_total{transition=\"lost\"}").await, Some(1.0));
+        let log_a = std::fs::read_to_string(&a.log).unwrap();
+        assert!(log_a.contains("acquired leadership") && log_a.contains("lost leadership"), "{log_a}");
+
+        // Every write a made was applied before b led (managedFields times have 1 s resolution), and b
+        // wrote nothing before it led.
+        let all = writes(&client, &ns).await;
+        for (object, manager, t) in &all {
+            if manager == "kpipe-op-a" {
+                assert!(*t <= b_leads_wall, "{object}: a wrote at {t} after b led at {b_leads_wall}");
+            }
+            if manager == "kpipe-op-b" {
+                assert!(*t >= cut_wall - jiff::SignedDuration::from_secs(1), "{object}: b wrote at {t} before the cut");
+            }
+        }
+        assert!(all.iter().any(|(o, m, _)| o == "two" && m == "kpipe-op-b"), "{all:?}");
+        assert!(all.iter().any(|(o, m, _)| o == "one" && m == "kpipe-op-a"), "{all:?}");
+    }
 }
