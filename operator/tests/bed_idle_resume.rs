@@ -177,12 +177,14 @@ async fn a_suspended_pipeline_whose_group_was_deleted_resumes_where_it_stopped()
 struct Broker {
     child: Child,
     bootstrap: String,
+    dir: std::path::PathBuf,
 }
 
 impl Drop for Broker {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -202,6 +204,7 @@ async fn idle_pipelines_survive_offset_retention_suspended_and_at_zero() {
             .spawn()
             .unwrap(),
         bootstrap: format!("{host}:{port}"),
+        dir: dir.clone(),
     };
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", &broker.bootstrap);
