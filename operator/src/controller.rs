@@ -25,7 +25,9 @@ use kube::{Client, Resource, ResourceExt};
 use tracing::{debug, info, warn};
 
 use crate::build::{self, CONFIG_HASH_ANNOTATION, LABEL_MANAGED_BY, MANAGER, SecretKeys, WorkerDefaults};
+use crate::keepalive::{OffsetBook, OffsetKeeper};
 use crate::lag::LagTracker;
+use crate::leader::LeaderFence;
 use crate::metrics::Metrics;
 use crate::probe::{Cluster, LagProbe, Sasl, Tls};
 use crate::scaler::{Decision, Policy, Reason, ScalerState};
@@ -107,6 +109,8 @@ struct PipelineState {
     /// Since when (operator clock) the lag probe has failed with a transient error, if it does.
     transient_since: Option<Duration>,
     failures: u32,
+    /// Last committed offsets seen (idle-offset keepalive and restore, [`crate::keepalive`]).
+    offsets_book: OffsetBook,
 }
 
 /// State shared by every controller (one per watched namespace) of this process.
@@ -114,6 +118,11 @@ pub struct Shared {
     pub client: Client,
     pub settings: Settings,
     pub probe: Arc<LagProbe>,
+    /// Keeps idle pipelines' committed offsets alive and restores vanished ones.
+    pub keeper: Arc<OffsetKeeper>,
+    /// Asked before every write (children, status, Events, offset commits): false once this
+    /// replica may no longer be the leader ([`crate::leader`]).
+    pub fence: LeaderFence,
     pub metrics: Metrics,
     pub recorder: Recorder,
     origin: Instant,
@@ -132,12 +141,27 @@ impl Shared {
         let recorder = Recorder::new(client.clone(), Reporter { controller: MANAGER.into(), instance });
         Self {
             probe: Arc::new(LagProbe::new(settings.probe_timeout)),
+            keeper: Arc::new(OffsetKeeper::new(settings.probe_timeout, &metrics.registry)),
+            fence: LeaderFence::always(),
             client,
             settings,
             metrics,
             recorder,
             origin: Instant::now(),
             pipelines: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Guard every write with `fence` (leader election; the default fence is always open).
+    pub fn with_fence(mut self, fence: LeaderFence) -> Self {
+        self.fence = fence;
+        self
+    }
+
+    /// Forget every pipeline's in-memory state: a new leadership term starts from observed state.
+    pub fn reset(&self) {
+        if let Ok(mut map) = self.pipelines.lock() {
+            map.clear();
         }
     }
 
@@ -180,6 +204,10 @@ impl Shared {
     }
 
     async fn event(&self, oref: &ObjectReference, type_: EventType, reason: &str, note: String, action: &str) {
+        if !self.fence.may_act() {
+            debug!(reason, "not the leader: Event not published");
+            return;
+        }
         let ev = Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None };
         if let Err(e) = self.recorder.publish(&ev, oref).await {
             warn!(error = %e, reason, "cannot publish Event");
@@ -278,6 +306,41 @@ fn invalid_object_ref(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Obj
     }
 }
 
+/// Events, logs and metrics for what the offset keeper did; a Degraded cause when vanished offsets
+/// could not be restored.
+async fn offsets_problem(
+    ns: &str,
+    name: &str,
+    tended: &crate::keepalive::Tended,
+    shared: &Shared,
+    oref: &ObjectReference,
+) -> Option<Problem> {
+    let list = |l: &[crate::keepalive::Lost]| l.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ");
+    if !tended.restored.is_empty() {
+        let note = format!(
+            "committed offsets vanished while the pipeline was idle; restored the recorded positions: {}",
+            list(&tended.restored)
+        );
+        warn!(%ns, %name, "{note}");
+        shared.keeper.restored_total.with_label_values(&[ns, name]).inc_by(tended.restored.len() as u64);
+        shared.event(oref, EventType::Warning, "OffsetsRestored", note, "RestoreOffsets").await;
+    }
+    if !tended.not_restored.is_empty() {
+        let error = tended.error.as_ref().map(|e| e.to_string()).unwrap_or_default();
+        return Some(Problem {
+            reason: "OffsetsLost".into(),
+            message: format!(
+                "committed offsets vanished while the pipeline was idle and could not be restored ({error}): {}",
+                list(&tended.not_restored)
+            ),
+        });
+    }
+    if let Some(e) = &tended.error {
+        debug!(%ns, %name, error = %e, "idle offset refresh failed; retried next poll");
+    }
+    None
+}
+
 /// Reconcile one pipeline.
 pub async fn reconcile(obj: Arc<DeserializeGuard<ConsumerPipeline>>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
@@ -373,8 +436,19 @@ async fn reconcile_inner(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
                 .await;
             let secs = t0.elapsed().as_secs_f64();
             match probed {
-                Ok(offsets) => {
+                Ok(mut offsets) => {
                     shared.metrics.probe_duration.with_label_values(&["ok"]).observe(secs);
+                    // Idle pipelines keep their place (keepalive.rs): refresh, or restore vanished offsets
+                    // before the scaler sees the lag. Idle = no worker pod and none wanted.
+                    let idle = current == 0 && dep_replicas.unwrap_or(0) == 0 && workers.pods == 0;
+                    let idle = idle && shared.fence.may_act();
+                    let tended = shared
+                        .keeper
+                        .tend(&cluster_for(spec, &deref), &v.group_id, &mut offsets, idle, now, &mut state.offsets_book)
+                        .await;
+                    if let Some(p) = offsets_problem(&ns, &name, &tended, shared, &oref).await {
+                        problem = Some(p);
+                    }
                     let tracker = state.tracker.get_or_insert_with(|| {
                         LagTracker::new(shared.settings.stuck_after_polls, Duration::from_secs(60))
                     });
@@ -478,6 +552,11 @@ async fn reconcile_inner(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
                 conflicts.join(" and ")
             ),
         });
+    }
+    // Leader fence: no child, status or Event write once leadership may have passed on.
+    if !shared.fence.may_act() {
+        debug!(%ns, %name, "not the leader: no writes");
+        return Ok(Action::requeue(poll));
     }
     // Apply children.
     let mut configured = false;
@@ -613,7 +692,7 @@ async fn reconcile_inner(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
         workers: Some(workers.summary()),
     };
     let new_status = status::compute(prev_status, &observed, Time(jiff::Timestamp::now()));
-    if prev_status != Some(&new_status) {
+    if prev_status != Some(&new_status) && shared.fence.may_act() {
         let api: Api<ConsumerPipeline> = Api::namespaced(shared.client.clone(), &ns);
         let patch = serde_json::json!({
             "apiVersion": "kpipe.io/v1alpha1",

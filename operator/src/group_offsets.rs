@@ -1,5 +1,12 @@
 //! Committed offsets of any consumer group over a few shared connections, speaking the Kafka
-//! protocol directly (FindCoordinator v4, OffsetFetch v8) with the `kafka-protocol` codecs.
+//! protocol directly (FindCoordinator v4, OffsetFetch v8, OffsetCommit v8, DescribeConfigs v4)
+//! with the `kafka-protocol` codecs.
+//!
+//! Besides reading offsets, [`GroupOffsets::commit_empty`] writes them for a group *without
+//! members* (generation -1, empty member id: the broker accepts that only while the group is empty
+//! and refuses it with `UNKNOWN_MEMBER_ID`/`ILLEGAL_GENERATION` once a consumer has joined, so it can
+//! never overwrite a live consumer's position), and [`GroupOffsets::offsets_retention`] reads the
+//! coordinator's `offsets.retention.minutes` (KIP-211).
 //!
 //! librdkafka (rdkafka 0.39) only reads committed offsets for its own `group.id`, which would
 //! mean one client per group, and connections and threads growing with the pipeline count. Here
@@ -14,8 +21,14 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use kafka_protocol::messages::describe_configs_request::{DescribeConfigsRequest, DescribeConfigsResource};
+use kafka_protocol::messages::describe_configs_response::DescribeConfigsResponse;
 use kafka_protocol::messages::find_coordinator_request::FindCoordinatorRequest;
 use kafka_protocol::messages::find_coordinator_response::FindCoordinatorResponse;
+use kafka_protocol::messages::offset_commit_request::{
+    OffsetCommitRequest, OffsetCommitRequestPartition, OffsetCommitRequestTopic,
+};
+use kafka_protocol::messages::offset_commit_response::OffsetCommitResponse;
 use kafka_protocol::messages::offset_fetch_request::{
     OffsetFetchRequest, OffsetFetchRequestGroup, OffsetFetchRequestTopics,
 };
@@ -25,6 +38,12 @@ use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
 
 const FIND_COORDINATOR_VERSION: i16 = 4;
 const OFFSET_FETCH_VERSION: i16 = 8;
+const OFFSET_COMMIT_VERSION: i16 = 8;
+const DESCRIBE_CONFIGS_VERSION: i16 = 4;
+/// `ConfigResource.Type.BROKER` in the DescribeConfigs request.
+const RESOURCE_BROKER: i8 = 4;
+/// The broker config that says how long an empty group's offsets are kept (KIP-211).
+pub const OFFSETS_RETENTION_KEY: &str = "offsets.retention.minutes";
 const MAX_RESPONSE: usize = 64 << 20;
 
 /// Failure of a protocol exchange.
@@ -42,12 +61,37 @@ pub enum GroupOffsetsError {
     Fetch { group: String, code: i16 },
 }
 
+/// Failure of an offset write ([`GroupOffsets::commit_empty`]) or a config read
+/// ([`GroupOffsets::offsets_retention`]).
+#[derive(Debug, thiserror::Error)]
+pub enum OffsetWriteError {
+    /// Finding the coordinator or the exchange itself failed.
+    #[error(transparent)]
+    Exchange(#[from] GroupOffsetsError),
+    /// OffsetCommit refused for some partitions (the first failing partition's code; 25
+    /// `UNKNOWN_MEMBER_ID` / 22 `ILLEGAL_GENERATION`: the group has members again).
+    #[error("OffsetCommit for group {group:?} failed with error {code} on {failed} partition(s)")]
+    Commit { group: String, code: i16, failed: usize },
+    /// DescribeConfigs for the coordinator broker failed or did not return the key.
+    #[error("DescribeConfigs of broker {broker}: {detail}")]
+    Config { broker: i32, detail: String },
+}
+
+impl OffsetWriteError {
+    /// Whether a commit was refused because consumers are in the group (a worker joined between
+    /// the probe and the commit): the group is not idle after all, nothing to repair.
+    pub fn group_has_members(&self) -> bool {
+        matches!(self, Self::Commit { code: 22 | 25 | 27, .. })
+    }
+}
+
 /// Shared connections to one cluster.
 pub struct GroupOffsets {
     bootstrap: Vec<String>,
     timeout: Duration,
     conns: Mutex<HashMap<String, TcpStream>>,
-    coordinators: Mutex<HashMap<String, String>>,
+    /// group → (coordinator address, coordinator node id).
+    coordinators: Mutex<HashMap<String, (String, i32)>>,
     correlation: AtomicI32,
 }
 
@@ -147,8 +191,13 @@ impl GroupOffsets {
     }
 
     fn coordinator(&self, group: &str) -> Result<String, GroupOffsetsError> {
-        if let Some(addr) = self.coordinators.lock().ok().and_then(|c| c.get(group).cloned()) {
-            return Ok(addr);
+        self.coordinator_node(group).map(|(addr, _)| addr)
+    }
+
+    /// Address and node id of `group`'s coordinator (cached until an error says it moved).
+    fn coordinator_node(&self, group: &str) -> Result<(String, i32), GroupOffsetsError> {
+        if let Some(found) = self.coordinators.lock().ok().and_then(|c| c.get(group).cloned()) {
+            return Ok(found);
         }
         let req = FindCoordinatorRequest::default()
             .with_key_type(0)
@@ -169,10 +218,11 @@ impl GroupOffsets {
                         return Err(GroupOffsetsError::Coordinator { group: group.into(), code: c.error_code });
                     }
                     let addr = format!("{}:{}", c.host.as_str(), c.port);
+                    let node = c.node_id.0;
                     if let Ok(mut map) = self.coordinators.lock() {
-                        map.insert(group.to_string(), addr.clone());
+                        map.insert(group.to_string(), (addr.clone(), node));
                     }
-                    return Ok(addr);
+                    return Ok((addr, node));
                 }
                 Err(e) => last = Some(e),
             }
@@ -235,6 +285,100 @@ impl GroupOffsets {
     }
 }
 
+impl GroupOffsets {
+    /// Commit `commits` for `group` as a client outside the group (OffsetCommit v8 with generation
+    /// -1, an empty member id and no instance id), each partition with its metadata unchanged.
+    ///
+    /// Kafka accepts this only while the group has no members (or does not exist, which creates a
+    /// "simple" group whose offsets then expire `offsets.retention.minutes` after their commit);
+    /// with members it fails with [`OffsetWriteError::Commit`] and
+    /// [`OffsetWriteError::group_has_members`] is true. A metadata string is sent as given
+    /// (an empty string for none), so a worker's retry report survives byte for byte.
+    pub fn commit_empty(&self, group: &str, commits: &[((String, i32), Commit)]) -> Result<(), OffsetWriteError> {
+        if commits.is_empty() {
+            return Ok(());
+        }
+        let addr = self.coordinator(group)?;
+        let mut by_topic: HashMap<&str, Vec<OffsetCommitRequestPartition>> = HashMap::new();
+        for ((t, p), c) in commits {
+            by_topic.entry(t.as_str()).or_default().push(
+                OffsetCommitRequestPartition::default()
+                    .with_partition_index(*p)
+                    .with_committed_offset(c.offset)
+                    .with_committed_leader_epoch(-1)
+                    .with_committed_metadata(Some(StrBytes::from_string(c.metadata.clone()))),
+            );
+        }
+        let topics = by_topic
+            .into_iter()
+            .map(|(t, ps)| {
+                OffsetCommitRequestTopic::default()
+                    .with_name(TopicName(StrBytes::from_string(t.to_string())))
+                    .with_partitions(ps)
+            })
+            .collect();
+        let req = OffsetCommitRequest::default()
+            .with_group_id(GroupId(StrBytes::from_string(group.to_string())))
+            .with_generation_id_or_member_epoch(-1)
+            .with_member_id(StrBytes::from_static_str(""))
+            .with_group_instance_id(None)
+            .with_topics(topics);
+        let resp: OffsetCommitResponse = match self.call(&addr, ApiKey::OffsetCommit, OFFSET_COMMIT_VERSION, &req) {
+            Ok(r) => r,
+            Err(e) => {
+                self.forget_coordinator(group);
+                return Err(e.into());
+            }
+        };
+        let errors: Vec<i16> =
+            resp.topics.iter().flat_map(|t| t.partitions.iter()).map(|p| p.error_code).filter(|c| *c != 0).collect();
+        match errors.first() {
+            None => Ok(()),
+            Some(&code) => {
+                if matches!(code, 14..=16) {
+                    self.forget_coordinator(group);
+                }
+                Err(OffsetWriteError::Commit { group: group.into(), code, failed: errors.len() })
+            }
+        }
+    }
+
+    /// `offsets.retention.minutes` of the broker coordinating `group` (DescribeConfigs v4 on that
+    /// broker), as a duration. Callers cache it: it is a read-only broker config.
+    pub fn offsets_retention(&self, group: &str) -> Result<Duration, OffsetWriteError> {
+        let (addr, node) = self.coordinator_node(group)?;
+        let req = DescribeConfigsRequest::default().with_resources(vec![
+            DescribeConfigsResource::default()
+                .with_resource_type(RESOURCE_BROKER)
+                .with_resource_name(StrBytes::from_string(node.to_string()))
+                .with_configuration_keys(Some(vec![StrBytes::from_static_str(OFFSETS_RETENTION_KEY)])),
+        ]);
+        let resp: DescribeConfigsResponse =
+            self.call(&addr, ApiKey::DescribeConfigs, DESCRIBE_CONFIGS_VERSION, &req)?;
+        let err = |detail: String| OffsetWriteError::Config { broker: node, detail };
+        let Some(r) = resp.results.first() else {
+            return Err(err("empty response".into()));
+        };
+        if r.error_code != 0 {
+            let msg = r.error_message.as_ref().map(|m| m.as_str().to_string()).unwrap_or_default();
+            return Err(err(format!("error {} {msg}", r.error_code)));
+        }
+        let value = r
+            .configs
+            .iter()
+            .find(|c| c.name.as_str() == OFFSETS_RETENTION_KEY)
+            .and_then(|c| c.value.as_ref())
+            .ok_or_else(|| err(format!("{OFFSETS_RETENTION_KEY} not returned")))?;
+        parse_retention_minutes(value.as_str()).ok_or_else(|| err(format!("{OFFSETS_RETENTION_KEY}={value:?}")))
+    }
+}
+
+/// `offsets.retention.minutes` as a duration; `None` for a value that is not a positive integer.
+pub fn parse_retention_minutes(value: &str) -> Option<Duration> {
+    let m: u64 = value.trim().parse().ok()?;
+    (m > 0).then(|| Duration::from_secs(m.saturating_mul(60)))
+}
+
 fn exchange(stream: &mut TcpStream, frame: &[u8]) -> std::io::Result<Vec<u8>> {
     stream.write_all(frame)?;
     let mut len = [0u8; 4];
@@ -246,4 +390,26 @@ fn exchange(stream: &mut TcpStream, frame: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut body = vec![0u8; n as usize];
     stream.read_exact(&mut body)?;
     Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retention_minutes_parse() {
+        assert_eq!(parse_retention_minutes("10080"), Some(Duration::from_secs(7 * 24 * 3600)));
+        assert_eq!(parse_retention_minutes(" 2 "), Some(Duration::from_secs(120)));
+        assert_eq!(parse_retention_minutes("0"), None);
+        assert_eq!(parse_retention_minutes("-1"), None);
+        assert_eq!(parse_retention_minutes("soon"), None);
+    }
+
+    #[test]
+    fn members_are_recognised_from_commit_errors() {
+        let e = |code| OffsetWriteError::Commit { group: "g".into(), code, failed: 1 };
+        assert!(e(25).group_has_members());
+        assert!(e(22).group_has_members());
+        assert!(!e(15).group_has_members());
+    }
 }

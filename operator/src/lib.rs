@@ -7,7 +7,9 @@
 pub mod build;
 pub mod controller;
 pub mod group_offsets;
+pub mod keepalive;
 pub mod lag;
+pub mod leader;
 pub mod lifecycle;
 pub mod metrics;
 pub mod probe;

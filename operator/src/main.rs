@@ -16,10 +16,11 @@ use k8s_openapi::api::core::v1::ResourceRequirements;
 use kpipe_api::v1alpha1::ConsumerPipeline;
 use kpipe_operator::build::{MANAGER, WorkerDefaults};
 use kpipe_operator::controller::{self, Scope, Settings, Shared};
+use kpipe_operator::leader::{self, Elector, LeaderFence, Timing, Transition};
 use kpipe_operator::metrics::Metrics;
 use kube::Client;
 use kube::api::{Api, ListParams};
-use kube_lease_manager::LeaseManagerBuilder;
+use prometheus::{IntCounterVec, Opts};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
@@ -51,7 +52,8 @@ struct Args {
     /// Namespace of the Lease (default: KPIPE_POD_NAMESPACE / POD_NAMESPACE, else "default").
     #[arg(long, env = "KPIPE_LEASE_NAMESPACE")]
     lease_namespace: Option<String>,
-    /// Lease duration in seconds (a standby takes over this long after the leader dies).
+    /// Lease duration in seconds (a standby takes over this long after the leader dies). The leader
+    /// stops writing 2/3 of it after its last successful renew (client-go's 15 s / 10 s / 2 s).
     #[arg(long, env = "KPIPE_LEASE_DURATION", default_value_t = 15)]
     lease_duration: u64,
     /// Identity in the Lease and Events (default: KPIPE_POD_NAME / POD_NAME, else the hostname).
@@ -194,7 +196,11 @@ async fn main() -> anyhow::Result<()> {
         probe_timeout: Duration::from_secs(args.probe_timeout.max(1)),
         stuck_after_polls: args.stuck_after_polls,
     };
-    let shared = Arc::new(Shared::new(client.clone(), settings, metrics.clone(), Some(identity.clone())));
+    let timing = Timing::for_lease(args.lease_duration.max(2)).context("leader election timing")?;
+    let fence = if args.leader_election { LeaderFence::new(timing.renew_deadline) } else { LeaderFence::always() };
+    let shared = Arc::new(
+        Shared::new(client.clone(), settings, metrics.clone(), Some(identity.clone())).with_fence(fence.clone()),
+    );
     {
         let probe = shared.probe.clone();
         tokio::spawn(async move {
@@ -223,32 +229,40 @@ async fn main() -> anyhow::Result<()> {
             .or_else(|| std::env::var("KPIPE_POD_NAMESPACE").ok())
             .or_else(|| std::env::var("POD_NAMESPACE").ok())
             .unwrap_or_else(|| "default".into());
-        let duration = args.lease_duration.max(2);
-        let manager = LeaseManagerBuilder::new(client.clone(), &args.lease_name)
-            .with_namespace(&lease_ns)
-            .with_identity(&identity)
-            .with_duration(duration)
-            .with_grace(duration.div_ceil(3).max(1))
-            .with_field_manager(&args.field_manager)
-            .build()
-            .await
-            .context("creating the lease manager")?;
-        let (mut leader_rx, lease_task) = manager.watch().await;
-        info!(lease = %format!("{lease_ns}/{}", args.lease_name), %identity, "leader election started");
+        let transitions = IntCounterVec::new(
+            Opts::new("kpipe_operator_leader_transitions_total", "Leadership acquired or lost by this replica"),
+            &["transition"],
+        )
+        .context("defining kpipe_operator_leader_transitions_total")?;
+        metrics.registry.register(Box::new(transitions.clone())).context("registering leader transitions")?;
+        let elector = Elector {
+            api: leader::lease_api(client.clone(), &lease_ns),
+            name: args.lease_name.clone(),
+            identity: identity.clone(),
+            timing,
+            fence: fence.clone(),
+        };
+        let (leader_tx, mut leader_rx) = watch::channel(false);
+        let lease_task = tokio::spawn(elector.run(leader_tx, stop_rx.clone(), move |t| {
+            transitions.with_label_values(&[if t == Transition::Acquired { "acquired" } else { "lost" }]).inc();
+        }));
+        info!(lease = %format!("{lease_ns}/{}", args.lease_name), %identity, ?timing, "leader election started");
         ready.store(true, Ordering::Relaxed);
         let mut stop = stop_rx.clone();
         loop {
             // Standby: wait for leadership or shutdown.
             tokio::select! {
-                r = leader_rx.wait_for(|l| *l) => if r.is_err() { warn!("lease manager stopped"); break; },
+                r = leader_rx.wait_for(|l| *l) => if r.is_err() { warn!("leader election stopped"); break; },
                 _ = stop.wait_for(|s| *s) => break,
             }
-            info!(%identity, "acquired leadership: starting controllers");
+            // A new term starts from observed state, not from what an earlier term remembered.
+            shared.reset();
+            info!(%identity, "starting controllers");
             metrics.leader.set(1);
             let (lost_tx, lost_rx) = watch::channel(false);
             let controllers = tokio::spawn(run_controllers(shared.clone(), scopes.clone(), lost_rx));
             tokio::select! {
-                _ = leader_rx.wait_for(|l| !*l) => warn!(%identity, "lost leadership: stopping controllers"),
+                _ = leader_rx.wait_for(|l| !*l) => warn!(%identity, "stopping controllers"),
                 _ = stop.wait_for(|s| *s) => {}
             }
             metrics.leader.set(0);
@@ -260,8 +274,8 @@ async fn main() -> anyhow::Result<()> {
                 break;
             }
         }
-        // Dropping the receiver makes the lease manager release the lease.
-        drop(leader_rx);
+        // The election loop releases a held lease when `stop` turns true.
+        let _ = stop_tx.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(5), lease_task).await;
     }
     let _ = stop_tx.send(true);

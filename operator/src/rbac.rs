@@ -61,7 +61,7 @@ pub const RULES: &[Rule] = &[
         api_group: "coordination.k8s.io",
         resource: "leases",
         verbs: &["get", "create", "patch"],
-        used_by: "leader election (kube-lease-manager), only with --leader-election",
+        used_by: "leader election (operator/src/leader.rs: get, create, merge patch with resourceVersion), only with --leader-election",
     },
 ];
 

@@ -1,0 +1,144 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The operator process on the test bed (real apiserver, real Kafka) restores the committed offsets
+//! of an idle pipeline after an admin deletes its group: Warning Event `OffsetsRestored` naming the
+//! partitions, the offsets and their metadata back, no worker started, the metric counted.
+//!
+//! `make testbed-up`, then `cargo test -p kpipe-operator --test bed_idle_offsets -- --nocapture`.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use kpipe_api::v1alpha1::ConsumerPipeline;
+use kpipe_e2e::testbed::{TestBed, wait_for};
+use kpipe_operator::group_offsets::{Commit, GroupOffsets};
+use kube::Api;
+use kube::api::PostParams;
+use rdkafka::admin::AdminOptions;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+struct Operator {
+    child: Child,
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+async fn metric(port: u16, prefix: &str) -> Option<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").await.ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.ok()?;
+    buf.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn admin_deleted_offsets_of_an_idle_pipeline_are_restored_loudly() {
+    let bed = TestBed::connect().await.unwrap();
+    let ns = bed.temp_namespace("op-idle").await.unwrap();
+    let ns = ns.name().to_string();
+    let topic = format!("{ns}-in");
+    bed.create_topic(&topic, 3).await.unwrap();
+    bed.produce(&topic, 30).await.unwrap();
+    let ends = bed.end_offsets(&topic).await.unwrap();
+    let group = format!("{ns}.idle");
+
+    // The group has consumed everything (as workers would have) and left: lag 0, pipeline at zero.
+    let meta = "{\"kpipe\":1}\u{1}report";
+    let c: BaseConsumer =
+        ClientConfig::new().set("bootstrap.servers", bed.kafka_bootstrap()).set("group.id", &group).create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for (p, end) in &ends {
+        tpl.add_partition_offset(&topic, *p, Offset::Offset(*end)).unwrap();
+        tpl.find_partition(&topic, *p).unwrap().set_metadata(meta);
+    }
+    c.commit(&tpl, CommitMode::Sync).unwrap();
+    drop(c);
+
+    let port = free_port();
+    let log = std::fs::File::create(format!("{}/op-{ns}-{port}.log", std::env::temp_dir().display())).unwrap();
+    let _op = Operator {
+        child: Command::new(env!("CARGO_BIN_EXE_kpipe-operator"))
+            .env("KUBECONFIG", bed.kubeconfig())
+            .env("RUST_LOG", "info,kpipe_operator=debug")
+            .args(["--namespaces", &ns, "--listen", &format!("127.0.0.1:{port}"), "--log-format", "text"])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    };
+    let client = bed.client();
+    let cps: Api<ConsumerPipeline> = Api::namespaced(client.clone(), &ns);
+    let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let cp: ConsumerPipeline = serde_json::from_value(serde_json::json!({
+        "apiVersion": "kpipe.io/v1alpha1", "kind": "ConsumerPipeline",
+        "metadata": {"name": "idle", "namespace": ns},
+        "spec": {
+            "source": {"bootstrapServers": [bed.kafka_bootstrap()], "topics": [topic], "groupId": group},
+            "processor": {"noop": {}},
+            "scaling": {"pollInterval": "1s"},
+        }
+    }))
+    .unwrap();
+    cps.create(&PostParams::default(), &cp).await.unwrap();
+    // Idle and recorded: a few polls at lag 0.
+    wait_for("pipeline idle at lag 0", Duration::from_secs(60), || async {
+        let cp = cps.get("idle").await.ok()?;
+        (cp.status.as_ref()?.lag.as_ref()?.total == 0).then_some(())
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // An admin deletes the group: every committed offset is gone at once.
+    let admin = bed.kafka_admin().unwrap();
+    let r = admin.delete_groups(&[group.as_str()], &AdminOptions::new()).await.unwrap();
+    assert!(r.iter().all(|x| x.is_ok()), "{r:?}");
+
+    let go = GroupOffsets::new(vec![bed.kafka_bootstrap().to_string()], Duration::from_secs(5));
+    let parts: Vec<(String, i32)> = ends.keys().map(|p| (topic.clone(), *p)).collect();
+    wait_for("offsets restored", Duration::from_secs(30), || async {
+        let got = go.committed(&group, &parts).ok()?;
+        ends.iter()
+            .all(|(p, end)| {
+                got.get(&(topic.clone(), *p)) == Some(&Some(Commit { offset: *end, metadata: meta.into() }))
+            })
+            .then_some(())
+    })
+    .await
+    .unwrap();
+
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client, &ns);
+    let note = wait_for("OffsetsRestored Event", Duration::from_secs(30), || async {
+        let list = events.list(&Default::default()).await.ok()?;
+        list.items.into_iter().find(|e| e.reason.as_deref() == Some("OffsetsRestored")).and_then(|e| e.note)
+    })
+    .await
+    .unwrap();
+    println!("{note}");
+    for (p, end) in &ends {
+        assert!(note.contains(&format!("{topic}/{p} (was {end}, found none)")), "{note}");
+    }
+    let restored = metric(port, "kpipe_operator_offsets_restored_total").await;
+    assert_eq!(restored, Some(ends.len() as f64));
+    // The lag never jumped: no worker was started for records that were already processed.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let d = deps.get("idle-worker").await.unwrap();
+    assert_eq!(d.spec.and_then(|s| s.replicas), Some(0));
+    let lag = cps.get("idle").await.unwrap().status.unwrap().lag.unwrap().total;
+    assert_eq!(lag, 0);
+    let reasons: Vec<String> =
+        events.list(&Default::default()).await.unwrap().items.into_iter().filter_map(|e| e.reason).collect();
+    assert!(!reasons.iter().any(|r| r == "Activated"), "a worker was woken for processed records: {reasons:?}");
+}

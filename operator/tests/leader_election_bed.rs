@@ -1,0 +1,324 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Leader election against the test bed's real kube-apiserver: two electors on one Lease, the
+//! leader's apiserver connection going through a proxy the test blackholes (connections hang, as
+//! with a network partition). The old leader's fence must close before the standby acquires, and
+//! the standby must lead within one lease duration (plus a retry) of the cut.
+//!
+//! Run: `set -a; source ~/.cache/kpipe/run/env; set +a;
+//!       cargo test -p kpipe-operator --test leader_election_bed -- --nocapture`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::Lease;
+use kpipe_operator::leader::{Elector, LeaderFence, Timing, Transition};
+use kube::api::{Api, DeleteParams};
+use kube::{Client, Config};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// A TCP proxy to the apiserver that can be switched to a blackhole (accepts, never forwards, and
+/// drops the forwarding of connections already open).
+struct Proxy {
+    port: u16,
+    cut: Arc<AtomicBool>,
+    epoch: watch::Sender<u32>,
+}
+
+pub(crate) async fn proxy(upstream: String) -> Proxy {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let cut = Arc::new(AtomicBool::new(false));
+    let (epoch, _) = watch::channel(0u32);
+    let (c, e) = (cut.clone(), epoch.clone());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let Ok((mut inbound, _)) = listener.accept().await else { return };
+            if c.load(Ordering::SeqCst) {
+                held.push(inbound); // blackhole: the client waits until its own timeout
+                continue;
+            }
+            let upstream = upstream.clone();
+            let mut cancelled = e.subscribe();
+            tokio::spawn(async move {
+                let Ok(mut out) = TcpStream::connect(&upstream).await else { return };
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut inbound, &mut out) => {}
+                    _ = cancelled.changed() => {
+                        // Keep both sockets open but silent: a hang, not a reset.
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                    }
+                }
+            });
+        }
+    });
+    Proxy { port, cut, epoch }
+}
+
+impl Proxy {
+    fn set_cut(&self, on: bool) {
+        self.cut.store(on, Ordering::SeqCst);
+        if on {
+            self.epoch.send_modify(|e| *e += 1);
+        }
+    }
+}
+
+async fn client_via(port: Option<u16>) -> Client {
+    let mut config = Config::infer().await.expect("KUBECONFIG of the test bed");
+    if let Some(port) = port {
+        config.cluster_url = format!("https://127.0.0.1:{port}").parse().unwrap();
+    }
+    config.read_timeout = Some(Duration::from_secs(2));
+    config.connect_timeout = Some(Duration::from_secs(2));
+    Client::try_from(config).unwrap()
+}
+
+struct Run {
+    fence: LeaderFence,
+    leader: watch::Receiver<bool>,
+    lost: Arc<AtomicU32>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn start(client: Client, lease: &str, identity: &str, timing: Timing) -> Run {
+    let fence = LeaderFence::new(timing.renew_deadline);
+    let elector = Elector {
+        api: Api::namespaced(client, "default"),
+        name: lease.into(),
+        identity: identity.into(),
+        timing,
+        fence: fence.clone(),
+    };
+    let (leader_tx, leader) = watch::channel(false);
+    let (stop, stop_rx) = watch::channel(false);
+    let lost = Arc::new(AtomicU32::new(0));
+    let l = lost.clone();
+    let task = tokio::spawn(elector.run(leader_tx, stop_rx, move |t| {
+        if t == Transition::Lost {
+            l.fetch_add(1, Ordering::SeqCst);
+        }
+    }));
+    Run { fence, leader, lost, stop, task }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_leader_stops_acting_before_the_standby_takes_over() {
+    let apiserver = std::env::var("KPIPE_APISERVER").expect("source ~/.cache/kpipe/run/env first");
+    let upstream = apiserver.trim_start_matches("https://").to_string();
+    let p = proxy(upstream).await;
+    let lease = format!("kpipe-leader-test-{}", std::process::id());
+    let timing = Timing::for_lease(6).unwrap();
+
+    let mut a = start(client_via(Some(p.port)).await, &lease, "replica-a", timing);
+    tokio::time::timeout(Duration::from_secs(10), a.leader.wait_for(|l| *l)).await.unwrap().unwrap();
+    let mut b = start(client_via(None).await, &lease, "replica-b", timing);
+    // b follows while a renews.
+    tokio::time::sleep(timing.lease_duration + timing.retry_period).await;
+    assert!(*a.leader.borrow() && a.fence.may_act() && !*b.leader.borrow() && !b.fence.may_act());
+
+    // Cut a off; sample both fences every 20 ms: never both open.
+    p.set_cut(true);
+    let cut_at = Instant::now();
+    let (mut a_closed, mut b_open) = (None, None);
+    while b_open.is_none() && cut_at.elapsed() < Duration::from_secs(30) {
+        let (fa, fb) = (a.fence.may_act(), b.fence.may_act());
+        assert!(!(fa && fb), "both replicas may write at {:?} after the cut", cut_at.elapsed());
+        if !fa && a_closed.is_none() {
+            a_closed = Some(cut_at.elapsed());
+        }
+        if fb {
+            b_open = Some(cut_at.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (a_closed, b_open) = (a_closed.unwrap(), b_open.expect("standby never took over"));
+    println!("cut → old leader fenced after {a_closed:?}, standby leading after {b_open:?}");
+    assert!(a_closed <= timing.renew_deadline + Duration::from_millis(100), "{a_closed:?}");
+    assert!(b_open >= timing.lease_duration - timing.retry_period, "took over too early: {b_open:?}");
+    assert!(b_open <= timing.lease_duration + 2 * timing.retry_period + Duration::from_secs(1), "{b_open:?}");
+    tokio::time::timeout(Duration::from_secs(5), a.leader.wait_for(|l| !*l)).await.unwrap().unwrap();
+    assert_eq!(a.lost.load(Ordering::SeqCst), 1, "a logged and counted 'lost leadership'");
+
+    // Reconnected, a sees b's valid lease and stays a follower.
+    p.set_cut(false);
+    tokio::time::sleep(timing.lease_duration).await;
+    assert!(!a.fence.may_act() && !*a.leader.borrow() && b.fence.may_act());
+    let api: Api<Lease> = Api::namespaced(client_via(None).await, "default");
+    let spec = api.get(&lease).await.unwrap().spec.unwrap();
+    assert_eq!(spec.holder_identity.as_deref(), Some("replica-b"));
+    assert_eq!(spec.lease_transitions, Some(1));
+
+    // b stops: it releases the lease, and a takes over within a few retries, not a lease duration.
+    let _ = b.stop.send(true);
+    tokio::time::timeout(Duration::from_secs(5), &mut b.task).await.unwrap().unwrap();
+    let released = Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), a.leader.wait_for(|l| *l)).await.unwrap().unwrap();
+    println!("released → a leading after {:?}", released.elapsed());
+    let _ = a.stop.send(true);
+    tokio::time::timeout(Duration::from_secs(5), &mut a.task).await.unwrap().unwrap();
+    let _ = api.delete(&lease, &DeleteParams::default()).await;
+}
+
+mod operators {
+    //! Two operator processes (this build) with leader election; replica a reaches the apiserver
+    //! through the blackholing proxy. Each replica writes with its own field manager, so every
+    //! write the apiserver applied is attributable in `managedFields`.
+
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use k8s_openapi::api::apps::v1::Deployment;
+    use kpipe_api::v1alpha1::ConsumerPipeline;
+    use kpipe_e2e::testbed::{TestBed, wait_for};
+    use kube::api::{Api, ListParams, PostParams};
+
+    struct Op {
+        child: Child,
+        port: u16,
+        log: std::path::PathBuf,
+    }
+
+    impl Drop for Op {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    impl Op {
+        fn start(kubeconfig: &std::path::Path, ns: &str, id: &str) -> Self {
+            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let log = std::env::temp_dir().join(format!("op-{ns}-{id}.log"));
+            let file = std::fs::File::create(&log).unwrap();
+            let child = Command::new(env!("CARGO_BIN_EXE_kpipe-operator"))
+                .env("KUBECONFIG", kubeconfig)
+                .env("RUST_LOG", "info,kpipe_operator=debug")
+                .args(["--namespaces", ns, "--listen", &format!("127.0.0.1:{port}"), "--log-format", "text"])
+                .args(["--leader-election", "--lease-namespace", ns, "--lease-duration", "6"])
+                .args(["--identity", id, "--field-manager", &format!("kpipe-{id}")])
+                .stdout(file.try_clone().unwrap())
+                .stderr(file)
+                .stdin(Stdio::null())
+                .spawn()
+                .unwrap();
+            Self { child, port, log }
+        }
+
+        async fn metric(&self, line_prefix: &str) -> Option<f64> {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.ok()?;
+            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").await.ok()?;
+            let mut buf = String::new();
+            s.read_to_string(&mut buf).await.ok()?;
+            buf.lines().find(|l| l.starts_with(line_prefix)).and_then(|l| l.rsplit(' ').next())?.parse().ok()
+        }
+    }
+
+    fn pipeline(name: &str, bootstrap: &str, topic: &str) -> ConsumerPipeline {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "kpipe.io/v1alpha1", "kind": "ConsumerPipeline", "metadata": {"name": name},
+            "spec": {"source": {"bootstrapServers": [bootstrap], "topics": [topic]}, "processor": {"noop": {}},
+                     "scaling": {"pollInterval": "1s"}}
+        }))
+        .unwrap()
+    }
+
+    /// (manager, time) of every managedFields entry of the namespace's pipelines and Deployments.
+    async fn writes(client: &kube::Client, ns: &str) -> Vec<(String, String, jiff::Timestamp)> {
+        let mut out = Vec::new();
+        let cps: Api<ConsumerPipeline> = Api::namespaced(client.clone(), ns);
+        let deps: Api<Deployment> = Api::namespaced(client.clone(), ns);
+        let metas: Vec<_> = cps
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|o| o.metadata)
+            .chain(deps.list(&ListParams::default()).await.unwrap().items.into_iter().map(|o| o.metadata))
+            .collect();
+        for m in metas {
+            for f in m.managed_fields.unwrap_or_default() {
+                if let (Some(manager), Some(t)) = (f.manager, f.time) {
+                    out.push((m.name.clone().unwrap_or_default(), manager, t.0));
+                }
+            }
+        }
+        out
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_operators_never_both_write_when_the_leader_is_cut_off() {
+        let bed = TestBed::connect().await.unwrap();
+        let ns_guard = bed.temp_namespace("op-ha").await.unwrap();
+        let ns = ns_guard.name().to_string();
+        let topic = format!("{ns}-in");
+        bed.create_topic(&topic, 2).await.unwrap();
+        let apiserver = bed.var("KPIPE_APISERVER").unwrap().to_string();
+        let p = super::proxy(apiserver.trim_start_matches("https://").to_string()).await;
+        let kc_a = std::env::temp_dir().join(format!("kubeconfig-{ns}-a"));
+        let text = std::fs::read_to_string(bed.kubeconfig()).unwrap();
+        std::fs::write(&kc_a, text.replace(&apiserver, &format!("https://127.0.0.1:{}", p.port))).unwrap();
+
+        let a = Op::start(&kc_a, &ns, "op-a");
+        wait_for("a leads", Duration::from_secs(30), || async {
+            (a.metric("kpipe_operator_leader ").await? == 1.0).then_some(())
+        })
+        .await
+        .unwrap();
+        let b = Op::start(&bed.kubeconfig(), &ns, "op-b");
+        let client = bed.client();
+        let cps: Api<ConsumerPipeline> = Api::namespaced(client.clone(), &ns);
+        let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+        cps.create(&PostParams::default(), &pipeline("one", bed.kafka_bootstrap(), &topic)).await.unwrap();
+        wait_for("one-worker", Duration::from_secs(30), || async { deps.get_opt("one-worker").await.ok()? })
+            .await
+            .unwrap();
+        assert_eq!(b.metric("kpipe_operator_leader ").await, Some(0.0));
+
+        p.set_cut(true);
+        let cut = Instant::now();
+        let cut_wall = jiff::Timestamp::now();
+        wait_for("b leads", Duration::from_secs(30), || async {
+            (b.metric("kpipe_operator_leader ").await? == 1.0).then_some(())
+        })
+        .await
+        .unwrap();
+        let b_leads = cut.elapsed();
+        let b_leads_wall = jiff::Timestamp::now();
+        // Scaling continues under the new leader: a new pipeline gets its children from b.
+        cps.create(&PostParams::default(), &pipeline("two", bed.kafka_bootstrap(), &topic)).await.unwrap();
+        wait_for("two-worker", Duration::from_secs(30), || async { deps.get_opt("two-worker").await.ok()? })
+            .await
+            .unwrap();
+        let two = cut.elapsed();
+        println!("cut → b leading after {b_leads:?}; new pipeline's Deployment after {two:?}");
+        assert!(two <= Duration::from_secs(6 + 2 + 3), "new leader acted {two:?} after the cut (6 s lease)");
+
+        // a reconnects: it must see b's lease and stay fenced.
+        p.set_cut(false);
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        assert_eq!(a.metric("kpipe_operator_leader ").await, Some(0.0));
+        assert_eq!(a.metric("kpipe_operator_leader_transitions_total{transition=\"lost\"}").await, Some(1.0));
+        let log_a = std::fs::read_to_string(&a.log).unwrap();
+        assert!(log_a.contains("acquired leadership") && log_a.contains("lost leadership"), "{log_a}");
+
+        // Every write a made was applied before b led (managedFields times have 1 s resolution), and b
+        // wrote nothing before it led.
+        let all = writes(&client, &ns).await;
+        for (object, manager, t) in &all {
+            if manager == "kpipe-op-a" {
+                assert!(*t <= b_leads_wall, "{object}: a wrote at {t} after b led at {b_leads_wall}");
+            }
+            if manager == "kpipe-op-b" {
+                assert!(*t >= cut_wall - jiff::SignedDuration::from_secs(1), "{object}: b wrote at {t} before the cut");
+            }
+        }
+        assert!(all.iter().any(|(o, m, _)| o == "two" && m == "kpipe-op-b"), "{all:?}");
+        assert!(all.iter().any(|(o, m, _)| o == "one" && m == "kpipe-op-a"), "{all:?}");
+    }
+}
