@@ -104,6 +104,8 @@ struct PipelineState {
     /// Replicas this operator last set (auto mode); None before the first decision.
     last_desired: Option<i32>,
     last_problem: Option<Problem>,
+    /// Offsets restored while idle, until a worker has consumed from them (the OffsetsRestored condition).
+    offsets_restored: Option<String>,
     /// The stall reason last reported (Events on change).
     last_stall: Option<StallReason>,
     /// Since when (operator clock) the lag probe has failed with a transient error, if it does.
@@ -449,6 +451,12 @@ async fn reconcile_inner(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
                     if let Some(p) = offsets_problem(&ns, &name, &tended, shared, &oref).await {
                         problem = Some(p);
                     }
+                    if !tended.restored.is_empty() {
+                        let list = tended.restored.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ");
+                        state.offsets_restored = Some(format!(
+                            "committed offsets vanished while idle; restored the recorded positions: {list}"
+                        ));
+                    }
                     let tracker = state.tracker.get_or_insert_with(|| {
                         LagTracker::new(shared.settings.stuck_after_polls, Duration::from_secs(60))
                     });
@@ -619,6 +627,10 @@ async fn reconcile_inner(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
         state.last_problem = problem.clone();
     }
     // Is the backlog draining? (Stalled condition, Ready=False and a Warning Event when not.)
+    // A restore is news until a ready worker has committed from the restored positions.
+    if ready > 0 && snapshot.as_ref().is_some_and(|s| s.no_progress_for.is_zero()) {
+        state.offsets_restored = None;
+    }
     // Readiness from the Deployment too: a Pod cache that lags (or an install without Pod access) must not
     // make running workers look absent.
     let stall_workers = WorkerPods { ready: workers.ready.max(ready), ..workers.clone() };
@@ -687,6 +699,7 @@ async fn reconcile_inner(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
         lag: snapshot.as_ref().map(|s| s.summary()).or_else(|| prev_status.and_then(|s| s.lag.clone())),
         scaled_at: scaled.then(|| Time(jiff::Timestamp::now())),
         stall: stall.map(|st| Problem { reason: st.reason.as_str().into(), message: st.message }),
+        offsets_restored: state.offsets_restored.clone(),
         backlog: snapshot.as_ref().is_some_and(|s| s.total_lag > spec.scaling.activation_lag),
         suspended: spec.suspend,
         workers: Some(workers.summary()),

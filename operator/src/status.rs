@@ -40,6 +40,9 @@ pub struct Observed {
     pub suspended: bool,
     /// The worker pods (None: not observed).
     pub workers: Option<WorkerSummary>,
+    /// The operator restored vanished committed offsets (which, and why) and no worker has consumed
+    /// from them yet.
+    pub offsets_restored: Option<String>,
 }
 
 fn cond(type_: &str, status: bool, reason: &str, message: &str, generation: Option<i64>, now: &Time) -> Condition {
@@ -142,10 +145,14 @@ pub fn compute(previous: Option<&ConsumerPipelineStatus>, obs: &Observed, now: T
         }
         None => cond(condition::STALLED, false, "NoBacklog", "", g, &now),
     };
+    let restored = match &obs.offsets_restored {
+        Some(m) => cond(condition::OFFSETS_RESTORED, true, "OffsetsRestored", m, g, &now),
+        None => cond(condition::OFFSETS_RESTORED, false, "AsCommitted", "", g, &now),
+    };
     let prev_conditions = previous.map(|p| p.conditions.as_slice()).unwrap_or_default();
     ConsumerPipelineStatus {
         observed_generation: g,
-        conditions: merge_conditions(prev_conditions, vec![ready, scaling, degraded, active, stalled]),
+        conditions: merge_conditions(prev_conditions, vec![ready, scaling, degraded, active, stalled, restored]),
         replicas: obs.replicas,
         desired_replicas: obs.desired,
         ready_replicas: obs.ready_replicas,
@@ -292,6 +299,19 @@ mod tests {
                 ("False", "NoBacklog"),
             ),
             (
+                "offsets restored while idle",
+                Observed {
+                    lag: lag(0),
+                    replicas: 0,
+                    ready_replicas: 0,
+                    desired: 0,
+                    offsets_restored: Some("restored t/0 (was 37, found none)".into()),
+                    ..observed()
+                },
+                ("True", "ScaledToZero"),
+                ("False", "NoBacklog"),
+            ),
+            (
                 "at zero without backlog",
                 Observed { lag: lag(0), replicas: 0, ready_replicas: 0, desired: 0, ..observed() },
                 ("True", "ScaledToZero"),
@@ -304,6 +324,8 @@ mod tests {
             assert_eq!((r.status.as_str(), r.reason.as_str()), ready, "{name}: Ready");
             let st = status_of(&s, "Stalled");
             assert_eq!((st.status.as_str(), st.reason.as_str()), stalled, "{name}: Stalled");
+            let restored = status_of(&s, "OffsetsRestored");
+            assert_eq!(restored.status == "True", obs.offsets_restored.is_some(), "{name}: OffsetsRestored");
         }
     }
 

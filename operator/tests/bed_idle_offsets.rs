@@ -136,8 +136,12 @@ async fn admin_deleted_offsets_of_an_idle_pipeline_are_restored_loudly() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let d = deps.get("idle-worker").await.unwrap();
     assert_eq!(d.spec.and_then(|s| s.replicas), Some(0));
-    let lag = cps.get("idle").await.unwrap().status.unwrap().lag.unwrap().total;
-    assert_eq!(lag, 0);
+    let status = cps.get("idle").await.unwrap().status.unwrap();
+    assert_eq!(status.lag.as_ref().unwrap().total, 0);
+    // The condition says it too, naming the partitions, until a worker consumes from the restored positions.
+    let cond = status.condition("OffsetsRestored").expect("OffsetsRestored condition");
+    assert_eq!(cond.status, "True", "{cond:?}");
+    assert!(cond.message.contains(&format!("{topic}/")), "{cond:?}");
     let reasons: Vec<String> =
         events.list(&Default::default()).await.unwrap().items.into_iter().filter_map(|e| e.reason).collect();
     assert!(!reasons.iter().any(|r| r == "Activated"), "a worker was woken for processed records: {reasons:?}");

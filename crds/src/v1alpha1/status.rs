@@ -19,6 +19,10 @@ pub mod condition {
     /// `PartitionStuck`, `Retrying` (a live worker retries the head record of some partitions) or
     /// `NotDraining`. False with reason `Draining` or `NoBacklog` otherwise.
     pub const STALLED: &str = "Stalled";
+    /// The group's committed offsets vanished while the pipeline was idle (expired after
+    /// `offsets.retention.minutes`, deleted by an admin) and the operator restored the positions it
+    /// had recorded; the message names the partitions. False again once a worker consumed from them.
+    pub const OFFSETS_RESTORED: &str = "OffsetsRestored";
 }
 
 /// Observed state of a ConsumerPipeline.
