@@ -58,6 +58,17 @@ impl Default for BreakerSettings {
     }
 }
 
+impl BreakerSettings {
+    /// The defaults, with `min_calls` at most `max_attempts − 1` (and at least 1): the circuit opens
+    /// before a record can exhaust `retry.maxAttempts` on unavailability alone (its failing calls
+    /// are enough to open it, and the call that opens it is not counted).
+    pub fn for_max_attempts(max_attempts: u32) -> Self {
+        let d = Self::default();
+        let cap = max_attempts.saturating_sub(1).max(1) as usize;
+        Self { min_calls: d.min_calls.min(cap), ..d }
+    }
+}
+
 /// The breaker's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
@@ -285,6 +296,14 @@ mod tests {
             initial_open: Duration::from_secs(5),
             max_open: Duration::from_secs(60),
         }
+    }
+
+    #[test]
+    fn min_calls_never_lets_a_record_exhaust_its_attempts_first() {
+        assert_eq!(BreakerSettings::for_max_attempts(8).min_calls, 5);
+        assert_eq!(BreakerSettings::for_max_attempts(3).min_calls, 2);
+        assert_eq!(BreakerSettings::for_max_attempts(1).min_calls, 1);
+        assert_eq!(BreakerSettings::for_max_attempts(0).min_calls, 1);
     }
 
     #[tokio::test(start_paused = true)]

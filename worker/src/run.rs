@@ -28,6 +28,7 @@ use crate::processor::kafka::{
 use crate::processor::{NoopProcessor, Processor};
 use crate::scheduler::BatchLimits;
 use crate::server::{self, ServerError};
+use crate::size;
 
 /// Process-level settings that come from flags/env rather than the config document.
 #[derive(Debug, Clone)]
@@ -92,9 +93,26 @@ pub async fn run(config: WorkerConfig, settings: RunSettings, shutdown: Cancella
         producer_config.set("message.max.bytes", PRODUCER_MESSAGE_MAX_BYTES.to_string());
     }
     let (producer, limits): (Option<FutureProducer>, Arc<TopicLimits>) = if needs_producer {
-        let producer = producer_config.create().map_err(|source| RunError::Kafka { what: "producer", source })?;
         let admin = producer_config.create().map_err(|source| RunError::Kafka { what: "admin client", source })?;
-        (Some(producer), Arc::new(TopicLimits::new(Some(admin))))
+        let limits = Arc::new(TopicLimits::new(Some(admin)));
+        // librdkafka batches records up to batch.size (default 1,000,000) per partition; a batch above a
+        // topic's max.message.bytes is refused whole, so batches stay within the smallest target limit.
+        let mut targets: Vec<&str> = Vec::new();
+        if let ProcessorSpec::Kafka(k) = &spec.processor {
+            targets.push(&k.topic);
+        }
+        if let Some(dl) = &spec.dead_letter {
+            targets.push(&dl.topic);
+        }
+        let smallest = limits.smallest(&targets).await;
+        let batch_size = producer_config.get("batch.size").and_then(|v| v.parse::<u64>().ok()).unwrap_or(1_000_000);
+        if smallest.saturating_sub(size::BATCH_OVERHEAD) < batch_size {
+            let capped = smallest.saturating_sub(size::BATCH_OVERHEAD).max(1);
+            tracing::info!(batch_size = capped, "producer batch.size capped by the target topics' max.message.bytes");
+            producer_config.set("batch.size", capped.to_string());
+        }
+        let producer = producer_config.create().map_err(|source| RunError::Kafka { what: "producer", source })?;
+        (Some(producer), limits)
     } else {
         (None, Arc::new(TopicLimits::new(None)))
     };
@@ -119,15 +137,16 @@ pub async fn run(config: WorkerConfig, settings: RunSettings, shutdown: Cancella
         })),
         _ => None,
     };
+    let backoff = BackoffPolicy::from(&spec.retry);
+    let breaker_settings = BreakerSettings::for_max_attempts(backoff.max_attempts);
     let jobs = Arc::new(JobContext {
         processor,
         dead_letter,
         on_failure,
-        backoff: BackoffPolicy::from(&spec.retry),
+        backoff,
         metrics: metrics.clone(),
         health: health.clone(),
-        breaker: guarded
-            .then(|| Arc::new(CircuitBreaker::new(BreakerSettings::default(), metrics.clone(), health.clone()))),
+        breaker: guarded.then(|| Arc::new(CircuitBreaker::new(breaker_settings, metrics.clone(), health.clone()))),
         limiter: guarded
             .then(|| Arc::new(ConcurrencyLimiter::new(1, spec.concurrency.per_worker as usize, metrics.clone()))),
     });

@@ -122,6 +122,17 @@ impl TopicLimits {
         }
     }
 
+    /// The smallest limit of `topics` (read now): the producer's `batch.size` must not exceed it, or
+    /// librdkafka batches records for that topic beyond what the broker accepts (the broker then
+    /// refuses the whole batch as too large).
+    pub async fn smallest(&self, topics: &[&str]) -> u64 {
+        let mut least = u64::MAX;
+        for t in topics {
+            least = least.min(self.max_message_bytes(t).await);
+        }
+        least
+    }
+
     /// Forgets the cached limit of `topic` (the broker refused a record kpipe judged to fit).
     pub fn invalidate(&self, topic: &str) {
         if self.admin.is_some()
@@ -196,15 +207,25 @@ impl KafkaForwarder {
                 format!("record of about {bytes} bytes exceeds max.message.bytes {limit} of topic {}", self.topic),
             ));
         }
-        produce(&self.producer, &self.topic, r, key, r.value.as_deref(), headers_of(r, &self.headers)).await.map_err(
-            |e| {
-                if is_too_large(&e) {
+        match produce(&self.producer, &self.topic, r, key, r.value.as_deref(), headers_of(r, &self.headers)).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_too_large(&e) => {
+                // Either the topic's limit went down (read it again) or the producer batched this
+                // record with others beyond the limit: then the record alone fits and is retried.
+                self.limits.invalidate(&self.topic);
+                let fresh = self.limits.max_message_bytes(&self.topic).await;
+                if bytes > fresh {
                     self.metrics.too_large.inc();
-                    self.limits.invalidate(&self.topic);
+                    Err(produce_failure(&e))
+                } else {
+                    Err(Failure::new(
+                        FailureClass::Produce { retryable: true },
+                        format!("{e} (the record alone, about {bytes} bytes, fits the limit {fresh}: retried)"),
+                    ))
                 }
-                produce_failure(&e)
-            },
-        )
+            }
+            Err(e) => Err(produce_failure(&e)),
+        }
     }
 }
 
@@ -310,6 +331,15 @@ impl DeadLetterSink for KafkaDeadLetter {
                     Ok(()) => return Ok(Written::Reference(shape)),
                     Err(e) if is_too_large(&e) => {
                         self.limits.invalidate(&self.topic);
+                        let fresh = self.limits.max_message_bytes(&self.topic).await;
+                        if size::dead_letter_size(record, &context, shape) <= fresh {
+                            // The record alone fits: the producer batched it with others beyond the
+                            // limit. Retried as it is (never cut for a reason that is not its own size).
+                            return Err(Failure::new(
+                                FailureClass::Produce { retryable: true },
+                                format!("{e} (the dead letter alone fits the limit {fresh}: retried)"),
+                            ));
+                        }
                         match shape.smaller() {
                             Some(s) => {
                                 tracing::warn!(topic = %self.topic, ?shape, "dead letter refused as too large; trying smaller");

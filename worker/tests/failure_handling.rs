@@ -1,0 +1,358 @@
+//! Failure handling against the test bed's real Kafka broker and a real HTTP endpoint: records
+//! just under and over the dead-letter topic's `max.message.bytes`, a forward to an output topic
+//! that refuses a record's size, an endpoint throttling with 429 + Retry-After, and an endpoint that
+//! is down and comes back (circuit breaker).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::routing::post;
+use common::*;
+use kpipe_api::commit_metadata;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+async fn create_topic_with_limit(bootstrap: &str, name: &str, max_message_bytes: u64) {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", bootstrap).create().unwrap();
+    let limit = max_message_bytes.to_string();
+    let topic = NewTopic::new(name, 1, TopicReplication::Fixed(1)).set("max.message.bytes", &limit);
+    for r in admin.create_topics(&[topic], &AdminOptions::new()).await.unwrap() {
+        r.unwrap();
+    }
+    // Metadata settles like create_topic's (same wait).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
+/// Produces (key, value of `size` bytes whose first line is `id`) records in order.
+async fn produce_sized(bootstrap: &str, topic: &str, records: &[(u64, usize)]) {
+    let producer: FutureProducer =
+        ClientConfig::new().set("bootstrap.servers", bootstrap).set("message.max.bytes", "4000000").create().unwrap();
+    for (id, size) in records {
+        let mut value = format!("{id}\n").into_bytes();
+        value.resize(*size, b'x');
+        let key = format!("key-{id}");
+        producer.send(FutureRecord::to(topic).key(&key).payload(&value), Duration::from_secs(30)).await.unwrap();
+    }
+}
+
+fn first_line(v: &str) -> &str {
+    v.split('\n').next().unwrap_or_default()
+}
+
+/// A programmable endpoint: answers 400 to everything (`reject_all`), or 429 with `Retry-After`
+/// to the first `throttle` requests, else accepts. Records every request.
+#[derive(Default)]
+struct Endpoint {
+    reject_all: bool,
+    throttle: u32,
+    retry_after: String,
+    accepted: HashMap<String, u32>,
+    /// (when, ids, status)
+    requests: Vec<(Instant, Vec<String>, u16)>,
+}
+
+type Shared = Arc<Mutex<Endpoint>>;
+
+async fn endpoint(State(state): State<Shared>, body: Bytes) -> (StatusCode, HeaderMap, String) {
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let ids: Vec<String> = v["records"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|r| first_line(r["value"].as_str().unwrap_or_default()).to_owned())
+        .collect();
+    let mut s = state.lock().unwrap();
+    let mut headers = HeaderMap::new();
+    let status = if s.reject_all {
+        StatusCode::BAD_REQUEST
+    } else if s.throttle > 0 {
+        s.throttle -= 1;
+        headers.insert("retry-after", HeaderValue::from_str(&s.retry_after).unwrap());
+        StatusCode::TOO_MANY_REQUESTS
+    } else {
+        for id in &ids {
+            *s.accepted.entry(id.clone()).or_insert(0) += 1;
+        }
+        StatusCode::OK
+    };
+    s.requests.push((Instant::now(), ids, status.as_u16()));
+    (status, headers, String::new())
+}
+
+async fn serve(state: Shared, addr: SocketAddr) {
+    let app = Router::new().route("/records", post(endpoint)).with_state(state);
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+}
+
+async fn wait_metric(w: &Worker, name: &str, want: f64, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let m = w.metrics().await;
+        if metric(&m, name) == Some(want) {
+            return m;
+        }
+        assert!(Instant::now() < deadline, "{name} never reached {want}: {m}\nlog {}", w.log.display());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// HTTP processor rejecting every record (400): records around the dead-letter topic's 20,000-byte
+/// limit, and one over librdkafka's 1,000,000-byte producer default (the case), all end in
+/// the DLQ — whole when they fit, as reference records when not — and the partition commits past
+/// every one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kafka_records_over_the_dead_letter_topics_limit_are_dead_lettered_as_references() {
+    let bootstrap = bootstrap();
+    let topic = unique("dlq-size");
+    let dlq = unique("dlq-size-dlq");
+    create_topic_with_limit(&bootstrap, &topic, 4_000_000).await;
+    create_topic_with_limit(&bootstrap, &dlq, 20_000).await;
+    // Under: 19,000-byte values fit with their headers; over: 20,000 and more do not.
+    let records = [(0u64, 100usize), (1, 19_000), (2, 20_000), (3, 25_000), (4, 1_100_000), (5, 10)];
+    produce_sized(&bootstrap, &topic, &records).await;
+    let state: Shared = Arc::new(Mutex::new(Endpoint { reject_all: true, ..Default::default() }));
+    let addr = free_port();
+    serve(state.clone(), addr).await;
+    let group = unique("g");
+    let cfg = config(
+        &bootstrap,
+        "dlq-size",
+        &topic,
+        &group,
+        serde_json::json!({
+            "processor": {"http": {"url": format!("http://{addr}/records")}},
+            "batch": {"maxRecords": 1, "maxWait": "1ms"},
+            "retry": {"maxAttempts": 2, "initialBackoff": "10ms", "maxBackoff": "50ms"},
+            "deadLetter": {"topic": dlq}
+        }),
+    );
+    let w = Worker::start("dlq-size", &cfg);
+    w.wait_ready(Duration::from_secs(30)).await;
+    let m = wait_metric(&w, "kpipe_worker_records_dead_lettered_total", 6.0, Duration::from_secs(60)).await;
+    assert_eq!(metric(&m, "kpipe_worker_dead_letter_truncated_total"), Some(3.0), "{m}");
+    assert_eq!(metric(&m, "kpipe_worker_dead_letter_errors_total"), Some(0.0), "sized before producing: {m}");
+    let got = read_topic(&bootstrap, &dlq, 6, Duration::from_secs(20));
+    assert_eq!(got.len(), 6);
+    let by_offset: HashMap<String, &ReadRecord> =
+        got.iter().map(|r| (r.headers["kpipe.original.offset"].clone(), r)).collect();
+    for (id, size) in records {
+        let r = by_offset[&id.to_string()];
+        assert_eq!(r.key.as_deref(), Some(format!("key-{id}").as_bytes()), "key kept");
+        assert_eq!(r.headers["kpipe.error.class"], "http_400");
+        if size <= 19_000 {
+            assert_eq!(r.value.len(), size, "offset {id} fits: whole");
+            assert!(!r.headers.contains_key("kpipe.payload.truncated"));
+        } else {
+            assert!(r.value.is_empty(), "offset {id}: reference record without the value");
+            assert_eq!(r.headers["kpipe.payload.truncated"], "true");
+            assert_eq!(r.headers["kpipe.payload.omitted"], "value");
+            assert_eq!(r.headers["kpipe.payload.bytes"], size.to_string());
+            assert_eq!(r.headers["kpipe.original.topic"], topic);
+        }
+    }
+    // The partition moved on: everything committed.
+    wait_committed(&bootstrap, &group, &topic, 6).await;
+}
+
+async fn wait_committed(bootstrap: &str, group: &str, topic: &str, offset: i64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (committed, _) = committed_with_metadata(bootstrap, group, topic);
+        if committed == Some(offset) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "committed {committed:?}, want {offset}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The forward processor: a record too large for the output topic is a permanent failure, dead-
+/// lettered at once (one attempt), not retried; the others are forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kafka_forwarding_a_record_too_large_for_the_output_topic_dead_letters_it() {
+    let bootstrap = bootstrap();
+    let topic = unique("fwd-size");
+    let out = unique("fwd-size-out");
+    let dlq = unique("fwd-size-dlq");
+    create_topic_with_limit(&bootstrap, &topic, 4_000_000).await;
+    create_topic_with_limit(&bootstrap, &out, 20_000).await;
+    create_topic_with_limit(&bootstrap, &dlq, 4_000_000).await;
+    let records = [(0u64, 100usize), (1, 30_000), (2, 19_000), (3, 1_100_000)];
+    produce_sized(&bootstrap, &topic, &records).await;
+    let group = unique("g");
+    let cfg = config(
+        &bootstrap,
+        "fwd-size",
+        &topic,
+        &group,
+        serde_json::json!({
+            "processor": {"kafka": {"topic": out}},
+            "retry": {"maxAttempts": 5, "initialBackoff": "10ms", "maxBackoff": "50ms"},
+            "deadLetter": {"topic": dlq}
+        }),
+    );
+    let w = Worker::start("fwd-size", &cfg);
+    w.wait_ready(Duration::from_secs(30)).await;
+    let m = wait_metric(&w, "kpipe_worker_records_dead_lettered_total", 2.0, Duration::from_secs(60)).await;
+    assert_eq!(metric(&m, "kpipe_worker_records_too_large_total"), Some(2.0), "{m}");
+    assert_eq!(metric(&m, "kpipe_worker_records_retried_total"), Some(0.0), "too large is permanent: {m}");
+    let forwarded = read_topic(&bootstrap, &out, 2, Duration::from_secs(20));
+    let mut ids: Vec<_> = forwarded.iter().map(|r| first_line(&r.value).to_owned()).collect();
+    ids.sort();
+    assert_eq!(ids, ["0", "2"]);
+    let dead = read_topic(&bootstrap, &dlq, 2, Duration::from_secs(20));
+    let mut dead: Vec<_> =
+        dead.iter().map(|r| (first_line(&r.value).to_owned(), r.value.len(), r.headers.clone())).collect();
+    dead.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!((dead[0].0.as_str(), dead[0].1), ("1", 30_000), "whole copy in the DLQ");
+    assert_eq!((dead[1].0.as_str(), dead[1].1), ("3", 1_100_000));
+    assert_eq!(dead[0].2["kpipe.attempts"], "1");
+    assert_eq!(dead[0].2["kpipe.error.class"], "produce");
+    wait_committed(&bootstrap, &group, &topic, 4).await;
+}
+
+/// An endpoint that answers the first requests with 429 + `Retry-After: 2`: with 2 attempts
+/// allowed, nothing is dead-lettered, every record is delivered, and each throttled record is sent
+/// again only after the 2 s asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kafka_429_with_retry_after_is_waited_for_and_nothing_is_dead_lettered() {
+    let bootstrap = bootstrap();
+    let topic = unique("throttle");
+    let dlq = unique("throttle-dlq");
+    create_topic(&bootstrap, &topic, 3).await;
+    create_topic(&bootstrap, &dlq, 1).await;
+    let n = 300u64;
+    produce_ids(&bootstrap, &topic, 0..n, 30).await;
+    let state: Shared = Arc::new(Mutex::new(Endpoint { throttle: 12, retry_after: "2".into(), ..Default::default() }));
+    let addr = free_port();
+    serve(state.clone(), addr).await;
+    let cfg = config(
+        &bootstrap,
+        "throttle",
+        &topic,
+        &unique("g"),
+        serde_json::json!({
+            "processor": {"http": {"url": format!("http://{addr}/records")}},
+            "batch": {"maxRecords": 20, "maxWait": "10ms"},
+            "retry": {"maxAttempts": 2, "initialBackoff": "10ms", "maxBackoff": "50ms"},
+            "deadLetter": {"topic": dlq}
+        }),
+    );
+    let w = Worker::start("throttle", &cfg);
+    w.wait_ready(Duration::from_secs(30)).await;
+    let started = Instant::now();
+    let m = wait_metric(&w, "kpipe_worker_records_processed_total", n as f64, Duration::from_secs(90)).await;
+    eprintln!("delivered {n} records through 12 throttled requests in {:?}", started.elapsed());
+    assert_eq!(metric(&m, "kpipe_worker_records_dead_lettered_total"), Some(0.0), "{m}");
+    assert!(metric(&m, "kpipe_worker_records_throttled_total").unwrap_or(0.0) > 0.0, "{m}");
+    let limit = metric(&m, "kpipe_worker_concurrency_limit").unwrap();
+    eprintln!("concurrency limit after throttling: {limit} (perWorker 256)");
+    assert!(limit < 256.0, "429s lowered the adaptive limit: {m}");
+    let s = state.lock().unwrap();
+    assert!((0..n).all(|id| s.accepted.contains_key(&id.to_string())), "every record delivered");
+    // Each throttled id's next request came at least 2 s later.
+    let mut min_gap = Duration::MAX;
+    for (i, (at, ids, status)) in s.requests.iter().enumerate() {
+        if *status != 429 {
+            continue;
+        }
+        let next = s.requests[i + 1..].iter().find(|(_, later, _)| later.iter().any(|x| ids.contains(x)));
+        let (next_at, _, _) = next.expect("a throttled record is sent again");
+        min_gap = min_gap.min(*next_at - *at);
+    }
+    eprintln!("shortest wait after a 429 with Retry-After: 2 → {min_gap:?}");
+    assert!(min_gap >= Duration::from_millis(1990), "retried {min_gap:?} after a Retry-After of 2 s");
+    drop(s);
+    assert!(read_topic(&bootstrap, &dlq, 1, Duration::from_secs(3)).is_empty(), "the DLQ stays empty");
+}
+
+/// The endpoint is down (connection refused) for 10 s, then comes back: far beyond 3 attempts at
+/// 10–50 ms backoff, yet nothing is dead-lettered; the circuit opened, the commit metadata said so
+/// (the operator's `ProcessorUnavailable`), and every record is delivered after recovery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kafka_a_downstream_outage_opens_the_circuit_and_nothing_is_dead_lettered() {
+    let bootstrap = bootstrap();
+    let topic = unique("outage");
+    let dlq = unique("outage-dlq");
+    create_topic(&bootstrap, &topic, 1).await;
+    create_topic(&bootstrap, &dlq, 1).await;
+    let n = 200u64;
+    produce_ids(&bootstrap, &topic, 0..n, 20).await;
+    let state: Shared = Arc::new(Mutex::new(Endpoint::default()));
+    let addr = free_port(); // nothing listens yet: connection refused
+    let group = unique("g");
+    let cfg = config(
+        &bootstrap,
+        "outage",
+        &topic,
+        &group,
+        serde_json::json!({
+            "processor": {"http": {"url": format!("http://{addr}/records"), "timeout": "1s"}},
+            "batch": {"maxRecords": 20, "maxWait": "10ms"},
+            "retry": {"maxAttempts": 3, "initialBackoff": "10ms", "maxBackoff": "50ms"},
+            "deadLetter": {"topic": dlq}
+        }),
+    );
+    let w = Worker::start("outage", &cfg);
+    w.wait_ready(Duration::from_secs(30)).await;
+    let down_at = Instant::now();
+    wait_metric(&w, "kpipe_worker_circuit_state", 1.0, Duration::from_secs(20)).await;
+    // The operator sees it in the commit metadata.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let report = loop {
+        let (_, md) = committed_with_metadata(&bootstrap, &group, &topic);
+        if let Some(r) = commit_metadata::decode(&md).filter(|r| r.circuit_open) {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "no circuitOpen report in the commit metadata: {md:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(report.attempts < 3, "attempts stop while the circuit is open: {report:?}");
+    let m = w.metrics().await;
+    assert_eq!(metric(&m, "kpipe_worker_records_dead_lettered_total"), Some(0.0), "{m}");
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(down_at.elapsed())).await;
+    serve(state.clone(), addr).await;
+    let back_at = Instant::now();
+    let m = wait_metric(&w, "kpipe_worker_records_processed_total", n as f64, Duration::from_secs(90)).await;
+    eprintln!("all {n} delivered {:?} after the endpoint came back", back_at.elapsed());
+    assert_eq!(metric(&m, "kpipe_worker_records_dead_lettered_total"), Some(0.0), "{m}");
+    assert_eq!(metric(&m, "kpipe_worker_circuit_state"), Some(0.0), "closed again: {m}");
+    assert!(metric(&m, "kpipe_worker_circuit_opened_total").unwrap_or(0.0) >= 1.0);
+    let s = state.lock().unwrap();
+    assert!((0..n).all(|id| s.accepted.contains_key(&id.to_string())), "every record delivered");
+    drop(s);
+    wait_committed(&bootstrap, &group, &topic, n as i64).await;
+    let (_, md) = committed_with_metadata(&bootstrap, &group, &topic);
+    assert_eq!(commit_metadata::decode(&md), None, "no report once it drained: {md:?}");
+    assert!(read_topic(&bootstrap, &dlq, 1, Duration::from_secs(3)).is_empty(), "the DLQ stays empty");
+}
+
+/// The group's committed offset of partition 0 and its metadata, as the operator reads them.
+fn committed_with_metadata(bootstrap: &str, group: &str, topic: &str) -> (Option<i64>, String) {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let c: BaseConsumer =
+        ClientConfig::new().set("bootstrap.servers", bootstrap).set("group.id", group).create().unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition(topic, 0);
+    let got = c.committed_offsets(tpl, Duration::from_secs(5)).unwrap();
+    let e = got.elements_for_topic(topic).into_iter().next().unwrap();
+    let offset = match e.offset() {
+        rdkafka::Offset::Offset(o) => Some(o),
+        _ => None,
+    };
+    (offset, e.metadata().to_string())
+}
