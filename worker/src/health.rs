@@ -1,8 +1,9 @@
 //! State behind `/healthz` and `/readyz`.
 
 use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use kpipe_api::commit_metadata::RetryReport;
@@ -31,6 +32,12 @@ pub struct Health {
     /// Records whose dead-letter write failed several times in a row: (topic, partition, offset) →
     /// last error.
     dead_letter_failing: Mutex<BTreeMap<(String, i32, i64), String>>,
+    /// Retry state a previous owner of a partition reported at its commit point (read from the
+    /// committed offset's metadata at assignment): (topic, partition, offset) → state, taken by the
+    /// job that starts the record so its budget continues where it was.
+    inherited: Mutex<HashMap<(String, i32, i64), Retrying>>,
+    /// Entries in `inherited`: the hot path only looks there when this is not zero.
+    inherited_len: AtomicUsize,
 }
 
 /// Readiness verdict and a human-readable detail.
@@ -91,6 +98,44 @@ impl Health {
         }
     }
 
+    /// A partition was assigned with a previous owner's retry report at its commit point: the record's
+    /// failed attempts and first failure continue here (`retry.maxAttempts` and `maxRecordAge` mean
+    /// what they say across rebalances, restarts and scale events). Reports without failed attempts
+    /// (only an open circuit) carry nothing to continue.
+    pub fn inherit(&self, topic: &str, partition: i32, report: &RetryReport) {
+        if report.attempts == 0 {
+            return;
+        }
+        let state = Retrying { attempts: report.attempts, since_ms: report.since_ms };
+        let key = (topic.to_owned(), partition, report.offset);
+        tracing::info!(
+            topic,
+            partition,
+            offset = report.offset,
+            attempts = report.attempts,
+            "continuing the attempt budget of a record the previous owner was retrying"
+        );
+        if let Ok(mut r) = self.retrying.lock() {
+            r.insert(key.clone(), state);
+        }
+        if let Ok(mut i) = self.inherited.lock() {
+            i.insert(key, state);
+            self.inherited_len.store(i.len(), Ordering::Release);
+        }
+    }
+
+    /// The inherited (failed attempts, first failure in Unix ms) of a record about to start, if any
+    /// (taken: asked once per record).
+    pub fn take_inherited(&self, topic: &str, partition: i32, offset: i64) -> Option<(u32, u64)> {
+        if self.inherited_len.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let mut i = self.inherited.lock().ok()?;
+        let state = i.remove(&(topic.to_owned(), partition, offset))?;
+        self.inherited_len.store(i.len(), Ordering::Release);
+        Some((state.attempts, state.since_ms))
+    }
+
     /// A record failed and will be tried again (`attempts` failures so far, the first at `since_ms`).
     pub fn retrying(&self, topic: &str, partition: i32, offset: i64, attempts: u32, since_ms: u64) {
         if let Ok(mut r) = self.retrying.lock() {
@@ -117,6 +162,10 @@ impl Health {
         }
         if let Ok(mut d) = self.dead_letter_failing.lock() {
             d.retain(|k, _| !in_partition(k));
+        }
+        if let Ok(mut i) = self.inherited.lock() {
+            i.retain(|k, _| !in_partition(k));
+            self.inherited_len.store(i.len(), Ordering::Release);
         }
     }
 
@@ -223,6 +272,24 @@ mod tests {
         h.forget_partition("t", 1);
         assert_eq!(h.retry_report("t", 1, 9, 9_000), None);
         assert!(h.readiness().detail.starts_with("not subscribed"), "blocked records of a revoked partition are gone");
+    }
+
+    #[test]
+    fn an_inherited_budget_is_reported_and_taken_once() {
+        let h = Health::default();
+        assert_eq!(h.take_inherited("t", 0, 5), None);
+        let r = RetryReport { offset: 5, attempts: 3, since_ms: 1_000, at_ms: 2_000, ..Default::default() };
+        h.inherit("t", 0, &r);
+        h.inherit("t", 1, &RetryReport { attempts: 0, ..r });
+        let now = h.retry_report("t", 0, 5, 9_000).unwrap();
+        assert_eq!((now.attempts, now.since_ms, now.at_ms), (3, 1_000, 9_000), "reported on at once");
+        assert_eq!(h.take_inherited("t", 1, 5), None, "an open-circuit-only report carries no attempts");
+        assert_eq!(h.take_inherited("t", 0, 6), None);
+        assert_eq!(h.take_inherited("t", 0, 5), Some((3, 1_000)));
+        assert_eq!(h.take_inherited("t", 0, 5), None, "taken once");
+        h.inherit("t", 0, &r);
+        h.forget_partition("t", 0);
+        assert_eq!(h.take_inherited("t", 0, 5), None, "revoked");
     }
 
     #[test]

@@ -132,7 +132,15 @@ impl JobContext {
     pub async fn run(&self, records: Vec<Arc<Record>>, done: UnboundedSender<Vec<Arc<Record>>>) {
         let mut remaining: Vec<Attempt> = records
             .into_iter()
-            .map(|record| Attempt { record, attempts: 0, blocked: false, first_failure_ms: None, retry_after: None })
+            .map(|record| {
+                // A record a previous owner of the partition was retrying continues its budget.
+                let (attempts, first) = match self.health.take_inherited(&record.topic, record.partition, record.offset)
+                {
+                    Some((n, since)) => (n, Some(since)),
+                    None => (0, None),
+                };
+                Attempt { record, attempts, blocked: false, first_failure_ms: first, retry_after: None }
+            })
             .collect();
         let mut round = 0u32;
         let mut isolate = false;
@@ -577,5 +585,21 @@ mod tests {
         assert_eq!(c.metrics.dead_letter_errors.get(), 5);
         assert_eq!(d.written.lock().unwrap().len(), 1);
         assert_eq!(c.health.retry_report("t", 0, 0, 1), None, "settled");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_inherited_attempt_budget_continues() {
+        let (c, p, d) = ctx(&[(0, 100, FailureClass::Timeout)], OnFailure::DeadLetter, 0);
+        let report = kpipe_api::commit_metadata::RetryReport {
+            offset: 0,
+            attempts: 2,
+            since_ms: 1_000,
+            at_ms: 2_000,
+            ..Default::default()
+        };
+        c.health.inherit("t", 0, &report);
+        run(&c, batch(1)).await;
+        assert_eq!(p.calls.lock().unwrap().len(), 1, "2 of 3 attempts were spent by the previous owner");
+        assert_eq!(*d.written.lock().unwrap(), vec![(0, "timeout".to_string(), 3)]);
     }
 }

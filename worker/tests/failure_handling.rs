@@ -56,6 +56,8 @@ fn first_line(v: &str) -> &str {
 #[derive(Default)]
 struct Endpoint {
     reject_all: bool,
+    /// Ids named as failed (retryable) in a 200 response, every time.
+    fail_ids: std::collections::HashSet<String>,
     throttle: u32,
     retry_after: String,
     accepted: HashMap<String, u32>,
@@ -67,14 +69,16 @@ type Shared = Arc<Mutex<Endpoint>>;
 
 async fn endpoint(State(state): State<Shared>, body: Bytes) -> (StatusCode, HeaderMap, String) {
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-    let ids: Vec<String> = v["records"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .iter()
-        .map(|r| first_line(r["value"].as_str().unwrap_or_default()).to_owned())
-        .collect();
+    let records = v["records"].as_array().cloned().unwrap_or_default();
+    let ids: Vec<String> =
+        records.iter().map(|r| first_line(r["value"].as_str().unwrap_or_default()).to_owned()).collect();
     let mut s = state.lock().unwrap();
+    let named: Vec<serde_json::Value> = records
+        .iter()
+        .zip(&ids)
+        .filter(|(_, id)| s.fail_ids.contains(*id))
+        .map(|(r, _)| serde_json::json!({"partition": r["partition"], "offset": r["offset"], "error": "not yet"}))
+        .collect();
     let mut headers = HeaderMap::new();
     let status = if s.reject_all {
         StatusCode::BAD_REQUEST
@@ -83,13 +87,15 @@ async fn endpoint(State(state): State<Shared>, body: Bytes) -> (StatusCode, Head
         headers.insert("retry-after", HeaderValue::from_str(&s.retry_after).unwrap());
         StatusCode::TOO_MANY_REQUESTS
     } else {
-        for id in &ids {
-            *s.accepted.entry(id.clone()).or_insert(0) += 1;
+        let good: Vec<String> = ids.iter().filter(|id| !s.fail_ids.contains(*id)).cloned().collect();
+        for id in good {
+            *s.accepted.entry(id).or_insert(0) += 1;
         }
         StatusCode::OK
     };
     s.requests.push((Instant::now(), ids, status.as_u16()));
-    (status, headers, String::new())
+    let body = if named.is_empty() { String::new() } else { serde_json::json!({ "failed": named }).to_string() };
+    (status, headers, body)
 }
 
 async fn serve(state: Shared, addr: SocketAddr) {
@@ -339,6 +345,132 @@ async fn kafka_a_downstream_outage_opens_the_circuit_and_nothing_is_dead_lettere
     let (_, md) = committed_with_metadata(&bootstrap, &group, &topic);
     assert_eq!(commit_metadata::decode(&md), None, "no report once it drained: {md:?}");
     assert!(read_topic(&bootstrap, &dlq, 1, Duration::from_secs(3)).is_empty(), "the DLQ stays empty");
+}
+
+/// A record's attempt budget survives a worker being killed and replaced: the replacement continues
+/// from the attempts the first worker reported in the commit metadata, and the dead letter says
+/// `kpipe.attempts: 5` (maxAttempts), not 5 + what was spent before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kafka_attempt_budgets_survive_a_restart() {
+    let bootstrap = bootstrap();
+    let topic = unique("budget");
+    let dlq = unique("budget-dlq");
+    create_topic(&bootstrap, &topic, 1).await;
+    create_topic(&bootstrap, &dlq, 1).await;
+    produce_ids(&bootstrap, &topic, 0..10, 10).await;
+    let state: Shared =
+        Arc::new(Mutex::new(Endpoint { fail_ids: ["5".to_string()].into_iter().collect(), ..Default::default() }));
+    let addr = free_port();
+    serve(state.clone(), addr).await;
+    let group = unique("g");
+    let cfg = config(
+        &bootstrap,
+        "budget",
+        &topic,
+        &group,
+        serde_json::json!({
+            "processor": {"http": {"url": format!("http://{addr}/records")}},
+            "ordering": "partition",
+            "batch": {"maxRecords": 1, "maxWait": "1ms"},
+            "retry": {"maxAttempts": 5, "initialBackoff": "2s", "maxBackoff": "2s", "multiplier": 1},
+            "deadLetter": {"topic": dlq}
+        }),
+    );
+    let first = Worker::start("budget", &cfg);
+    first.wait_ready(Duration::from_secs(30)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, md) = committed_with_metadata(&bootstrap, &group, &topic);
+        if commit_metadata::decode(&md).is_some_and(|r| r.offset == 5 && r.attempts >= 2) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no retry report with 2 attempts: {md:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(first); // kill -9
+    let (_, md) = committed_with_metadata(&bootstrap, &group, &topic);
+    let inherited = commit_metadata::decode(&md).unwrap();
+    assert!(inherited.attempts >= 2 && inherited.attempts < 5, "{inherited:?}");
+    let restarted_at = Instant::now();
+    let second = Worker::start("budget", &cfg);
+    let dead = read_topic(&bootstrap, &dlq, 1, Duration::from_secs(60));
+    assert_eq!(dead.len(), 1, "log {}", second.log.display());
+    assert_eq!(dead[0].headers["kpipe.attempts"], "5", "the budget continued");
+    let s = state.lock().unwrap();
+    let after = s.requests.iter().filter(|(at, ids, _)| *at > restarted_at && ids.contains(&"5".to_string())).count();
+    eprintln!("previous owner reported {} attempts; the replacement made {after}", inherited.attempts);
+    assert_eq!(after as u32, 5 - inherited.attempts, "the replacement spent only what was left");
+    assert!((0..10).filter(|i| *i != 5).all(|i| s.accepted.contains_key(&i.to_string())));
+}
+
+/// CloudEvents binary mode with binary (Confluent wire-format-like) keys and non-ASCII UTF-8 keys:
+/// every request is built and delivered; `ce-partitionkey` decodes back to the key (percent-decoded
+/// per HTTP binding §3.1.3.2, or base64 when `ce-kpipekeyencoding: base64`); records of one key
+/// arrive in offset order although keys run in parallel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kafka_cloudevents_binary_and_non_ascii_keys_are_delivered_in_key_order() {
+    use base64::Engine;
+    let bootstrap = bootstrap();
+    let topic = unique("ce-keys");
+    create_topic(&bootstrap, &topic, 1).await;
+    let keys: Vec<Vec<u8>> =
+        vec![vec![0, 0, 0, 1, 0xff], vec![0, 0, 0, 2, 0x80], "käse €".as_bytes().to_vec(), b"plain \"%".to_vec()];
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &bootstrap).create().unwrap();
+    let n = 80usize;
+    for i in 0..n {
+        let key = &keys[i % keys.len()];
+        let value = i.to_string();
+        producer.send(FutureRecord::to(&topic).key(key).payload(&value), Duration::from_secs(30)).await.unwrap();
+    }
+    // (key bytes, offset) in arrival order.
+    let seen: Arc<Mutex<Vec<(Vec<u8>, i64)>>> = Arc::default();
+    let app = Router::new()
+        .route(
+            "/ce",
+            post(|State(seen): State<Arc<Mutex<Vec<(Vec<u8>, i64)>>>>, headers: HeaderMap, _body: Bytes| async move {
+                let h = |k: &str| headers.get(k).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+                let raw = h("ce-partitionkey");
+                let key = if h("ce-kpipekeyencoding") == "base64" {
+                    base64::engine::general_purpose::STANDARD.decode(raw).unwrap()
+                } else {
+                    percent_encoding::percent_decode_str(&raw).collect::<Vec<u8>>()
+                };
+                let offset: i64 = h("ce-id").rsplit('-').next().unwrap().parse().unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                seen.lock().unwrap().push((key, offset));
+                StatusCode::OK
+            }),
+        )
+        .with_state(seen.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let cfg = config(
+        &bootstrap,
+        "ce-keys",
+        &topic,
+        &unique("g"),
+        serde_json::json!({
+            "processor": {"http": {"url": format!("http://{addr}/ce"), "format": "cloudevents"}},
+            "ordering": "key",
+            "batch": {"maxRecords": 40, "maxWait": "50ms"},
+            "retry": {"maxAttempts": 2, "initialBackoff": "10ms", "maxBackoff": "50ms"},
+            "onFailure": "drop"
+        }),
+    );
+    let w = Worker::start("ce-keys", &cfg);
+    w.wait_ready(Duration::from_secs(30)).await;
+    let m = wait_metric(&w, "kpipe_worker_records_processed_total", n as f64, Duration::from_secs(60)).await;
+    assert_eq!(metric(&m, "kpipe_worker_records_dropped_total"), Some(0.0), "{m}");
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), n);
+    for (key, offset) in seen.iter() {
+        assert_eq!(key, &keys[*offset as usize % keys.len()], "offset {offset}: key decoded");
+    }
+    for k in &keys {
+        let order: Vec<i64> = seen.iter().filter(|(key, _)| key == k).map(|(_, o)| *o).collect();
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "key {k:?} out of order: {order:?}");
+    }
 }
 
 /// The group's committed offset of partition 0 and its metadata, as the operator reads them.
