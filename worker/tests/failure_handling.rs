@@ -67,6 +67,9 @@ struct Endpoint {
 
 type Shared = Arc<Mutex<Endpoint>>;
 
+/// (key bytes, offset) of CloudEvents in arrival order.
+type Seen = Arc<Mutex<Vec<(Vec<u8>, i64)>>>;
+
 async fn endpoint(State(state): State<Shared>, body: Bytes) -> (StatusCode, HeaderMap, String) {
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
     let records = v["records"].as_array().cloned().unwrap_or_default();
@@ -268,22 +271,28 @@ async fn kafka_429_with_retry_after_is_waited_for_and_nothing_is_dead_lettered()
     let limit = metric(&m, "kpipe_worker_concurrency_limit").unwrap();
     eprintln!("concurrency limit after throttling: {limit} (perWorker 256)");
     assert!(limit < 256.0, "429s lowered the adaptive limit: {m}");
-    let s = state.lock().unwrap();
-    assert!((0..n).all(|id| s.accepted.contains_key(&id.to_string())), "every record delivered");
-    // Each throttled id's next request came at least 2 s later.
+    let min_gap = {
+        let s = state.lock().unwrap();
+        assert!((0..n).all(|id| s.accepted.contains_key(&id.to_string())), "every record delivered");
+        throttled_gap(&s.requests)
+    };
+    eprintln!("shortest wait after a 429 with Retry-After: 2 → {min_gap:?}");
+    assert!(min_gap >= Duration::from_millis(1990), "retried {min_gap:?} after a Retry-After of 2 s");
+    assert!(read_topic(&bootstrap, &dlq, 1, Duration::from_secs(3)).is_empty(), "the DLQ stays empty");
+}
+
+/// The shortest time from a 429 until the next request carrying any of its ids.
+fn throttled_gap(requests: &[(Instant, Vec<String>, u16)]) -> Duration {
     let mut min_gap = Duration::MAX;
-    for (i, (at, ids, status)) in s.requests.iter().enumerate() {
+    for (i, (at, ids, status)) in requests.iter().enumerate() {
         if *status != 429 {
             continue;
         }
-        let next = s.requests[i + 1..].iter().find(|(_, later, _)| later.iter().any(|x| ids.contains(x)));
+        let next = requests[i + 1..].iter().find(|(_, later, _)| later.iter().any(|x| ids.contains(x)));
         let (next_at, _, _) = next.expect("a throttled record is sent again");
         min_gap = min_gap.min(*next_at - *at);
     }
-    eprintln!("shortest wait after a 429 with Retry-After: 2 → {min_gap:?}");
-    assert!(min_gap >= Duration::from_millis(1990), "retried {min_gap:?} after a Retry-After of 2 s");
-    drop(s);
-    assert!(read_topic(&bootstrap, &dlq, 1, Duration::from_secs(3)).is_empty(), "the DLQ stays empty");
+    min_gap
 }
 
 /// The endpoint is down (connection refused) for 10 s, then comes back: far beyond 3 attempts at
@@ -338,9 +347,10 @@ async fn kafka_a_downstream_outage_opens_the_circuit_and_nothing_is_dead_lettere
     assert_eq!(metric(&m, "kpipe_worker_records_dead_lettered_total"), Some(0.0), "{m}");
     assert_eq!(metric(&m, "kpipe_worker_circuit_state"), Some(0.0), "closed again: {m}");
     assert!(metric(&m, "kpipe_worker_circuit_opened_total").unwrap_or(0.0) >= 1.0);
-    let s = state.lock().unwrap();
-    assert!((0..n).all(|id| s.accepted.contains_key(&id.to_string())), "every record delivered");
-    drop(s);
+    {
+        let s = state.lock().unwrap();
+        assert!((0..n).all(|id| s.accepted.contains_key(&id.to_string())), "every record delivered");
+    }
     wait_committed(&bootstrap, &group, &topic, n as i64).await;
     let (_, md) = committed_with_metadata(&bootstrap, &group, &topic);
     assert_eq!(commit_metadata::decode(&md), None, "no report once it drained: {md:?}");
@@ -423,11 +433,11 @@ async fn kafka_cloudevents_binary_and_non_ascii_keys_are_delivered_in_key_order(
         producer.send(FutureRecord::to(&topic).key(key).payload(&value), Duration::from_secs(30)).await.unwrap();
     }
     // (key bytes, offset) in arrival order.
-    let seen: Arc<Mutex<Vec<(Vec<u8>, i64)>>> = Arc::default();
+    let seen: Seen = Arc::default();
     let app = Router::new()
         .route(
             "/ce",
-            post(|State(seen): State<Arc<Mutex<Vec<(Vec<u8>, i64)>>>>, headers: HeaderMap, _body: Bytes| async move {
+            post(|State(seen): State<Seen>, headers: HeaderMap, _body: Bytes| async move {
                 let h = |k: &str| headers.get(k).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
                 let raw = h("ce-partitionkey");
                 let key = if h("ce-kpipekeyencoding") == "base64" {
