@@ -69,35 +69,65 @@ fn headers_of(record: &Record, extra: &[(String, Vec<u8>)]) -> OwnedHeaders {
     h
 }
 
+/// A topic's size limit as far as kpipe knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// Read from the topic's configuration (capped by [`PRODUCER_MESSAGE_MAX_BYTES`]).
+    Known(u64),
+    /// The configuration could not be read (no DescribeConfigs permission, brokers unreachable):
+    /// [`KAFKA_DEFAULT_MAX_MESSAGE_BYTES`] is assumed.
+    Assumed(u64),
+}
+
+impl Limit {
+    pub fn bytes(self) -> u64 {
+        match self {
+            Self::Known(b) | Self::Assumed(b) => b,
+        }
+    }
+}
+
+/// How long a failed read of a topic's configuration is remembered before it is tried again.
+const UNKNOWN_LIMIT_TTL: Duration = Duration::from_secs(60);
+
 /// The `max.message.bytes` of the topics kpipe produces to, read once per topic through the admin
 /// API (DescribeConfigs), cached, and read again after the broker refused a record as too large
-/// ([`TopicLimits::invalidate`]). Capped by [`PRODUCER_MESSAGE_MAX_BYTES`].
+/// ([`TopicLimits::invalidate`]). A failed read assumes Kafka's default and is retried after
+/// [`UNKNOWN_LIMIT_TTL`] (never once per record).
 pub struct TopicLimits {
     admin: Option<AdminClient<DefaultClientContext>>,
-    cache: Mutex<HashMap<String, u64>>,
+    cache: Mutex<HashMap<String, (Limit, Option<std::time::Instant>)>>,
 }
 
 impl TopicLimits {
-    /// `admin`: `None` uses [`KAFKA_DEFAULT_MAX_MESSAGE_BYTES`] for every topic (tests).
+    /// `admin`: `None` assumes [`KAFKA_DEFAULT_MAX_MESSAGE_BYTES`] for every topic (tests).
     pub fn new(admin: Option<AdminClient<DefaultClientContext>>) -> Self {
         Self { admin, cache: Mutex::new(HashMap::new()) }
     }
 
-    /// A fixed limit for `topic` (tests, or a value known otherwise).
+    /// A fixed, known limit for `topic` (tests, or a value known otherwise).
     pub fn with_limit(self, topic: &str, bytes: u64) -> Self {
         if let Ok(mut c) = self.cache.lock() {
-            c.insert(topic.to_owned(), bytes);
+            c.insert(topic.to_owned(), (Limit::Known(bytes), None));
         }
         self
     }
 
     /// The largest record `topic` accepts, in bytes (a record batch of one record, see [`crate::size`]).
-    /// When the configuration cannot be read, Kafka's default, not cached (read again next time).
     pub async fn max_message_bytes(&self, topic: &str) -> u64 {
-        if let Some(v) = self.cache.lock().ok().and_then(|c| c.get(topic).copied()) {
-            return v;
+        self.limit(topic).await.bytes()
+    }
+
+    /// The topic's limit and whether it was read or assumed.
+    pub async fn limit(&self, topic: &str) -> Limit {
+        let now = std::time::Instant::now();
+        if let Some((l, expires)) = self.cache.lock().ok().and_then(|c| c.get(topic).copied())
+            && expires.is_none_or(|e| now < e)
+        {
+            return l;
         }
-        let Some(admin) = &self.admin else { return KAFKA_DEFAULT_MAX_MESSAGE_BYTES };
+        let assumed = Limit::Assumed(KAFKA_DEFAULT_MAX_MESSAGE_BYTES);
+        let Some(admin) = &self.admin else { return assumed };
         let opts = AdminOptions::new().request_timeout(Some(Timeout::After(DESCRIBE_TIMEOUT)));
         let read = match admin.describe_configs(&[ResourceSpecifier::Topic(topic)], &opts).await {
             Ok(results) => results
@@ -109,17 +139,21 @@ impl TopicLimits {
                 None
             }
         };
-        match read {
+        let entry = match read {
             Some(v) => {
                 let v = v.min(PRODUCER_MESSAGE_MAX_BYTES);
                 tracing::info!(topic, max_message_bytes = v, "topic size limit");
-                if let Ok(mut c) = self.cache.lock() {
-                    c.insert(topic.to_owned(), v);
-                }
-                v
+                (Limit::Known(v), None)
             }
-            None => KAFKA_DEFAULT_MAX_MESSAGE_BYTES,
+            None => {
+                tracing::warn!(topic, assumed = KAFKA_DEFAULT_MAX_MESSAGE_BYTES, "topic size limit unknown");
+                (assumed, Some(now + UNKNOWN_LIMIT_TTL))
+            }
+        };
+        if let Ok(mut c) = self.cache.lock() {
+            c.insert(topic.to_owned(), entry);
         }
+        entry.0
     }
 
     /// The smallest limit of `topics` (read now): the producer's `batch.size` must not exceed it, or
@@ -133,10 +167,12 @@ impl TopicLimits {
         least
     }
 
-    /// Forgets the cached limit of `topic` (the broker refused a record kpipe judged to fit).
+    /// Forgets the cached limit of `topic` (the broker refused a record kpipe judged to fit). A
+    /// limit that could not be read stays assumed until its retry time.
     pub fn invalidate(&self, topic: &str) {
         if self.admin.is_some()
             && let Ok(mut c) = self.cache.lock()
+            && c.get(topic).is_some_and(|(l, _)| matches!(l, Limit::Known(_)))
         {
             c.remove(topic);
         }
@@ -213,14 +249,18 @@ impl KafkaForwarder {
                 // Either the topic's limit went down (read it again) or the producer batched this
                 // record with others beyond the limit: then the record alone fits and is retried.
                 self.limits.invalidate(&self.topic);
-                let fresh = self.limits.max_message_bytes(&self.topic).await;
-                if bytes > fresh {
+                let fresh = self.limits.limit(&self.topic).await;
+                // With the limit unknown, the broker's word is all there is: the record is too large.
+                if bytes > fresh.bytes() || matches!(fresh, Limit::Assumed(_)) {
                     self.metrics.too_large.inc();
                     Err(produce_failure(&e))
                 } else {
                     Err(Failure::new(
                         FailureClass::Produce { retryable: true },
-                        format!("{e} (the record alone, about {bytes} bytes, fits the limit {fresh}: retried)"),
+                        format!(
+                            "{e} (the record alone, about {bytes} bytes, fits the limit {}: retried)",
+                            fresh.bytes()
+                        ),
                     ))
                 }
             }
@@ -331,13 +371,13 @@ impl DeadLetterSink for KafkaDeadLetter {
                     Ok(()) => return Ok(Written::Reference(shape)),
                     Err(e) if is_too_large(&e) => {
                         self.limits.invalidate(&self.topic);
-                        let fresh = self.limits.max_message_bytes(&self.topic).await;
-                        if size::dead_letter_size(record, &context, shape) <= fresh {
+                        let fresh = self.limits.limit(&self.topic).await;
+                        if matches!(fresh, Limit::Known(l) if size::dead_letter_size(record, &context, shape) <= l) {
                             // The record alone fits: the producer batched it with others beyond the
                             // limit. Retried as it is (never cut for a reason that is not its own size).
                             return Err(Failure::new(
                                 FailureClass::Produce { retryable: true },
-                                format!("{e} (the dead letter alone fits the limit {fresh}: retried)"),
+                                format!("{e} (the dead letter alone fits the limit {}: retried)", fresh.bytes()),
                             ));
                         }
                         match shape.smaller() {
@@ -374,5 +414,15 @@ mod tests {
         assert!(s("kpipe.error.message").len() <= 1024);
         assert_eq!(s("kpipe.attempts"), "3");
         assert_eq!(s("kpipe.pipeline"), "ns/p");
+    }
+
+    #[tokio::test]
+    async fn limits_are_known_or_assumed() {
+        let l = TopicLimits::new(None).with_limit("small", 20_000);
+        assert_eq!(l.limit("small").await, Limit::Known(20_000));
+        assert_eq!(l.limit("other").await, Limit::Assumed(KAFKA_DEFAULT_MAX_MESSAGE_BYTES));
+        assert_eq!(l.smallest(&["other", "small"]).await, 20_000);
+        l.invalidate("small");
+        assert_eq!(l.limit("small").await, Limit::Known(20_000), "without an admin client nothing is re-read");
     }
 }
