@@ -488,6 +488,24 @@ mod tests {
     }
 
     #[test]
+    fn circuit_open_lag_is_held_and_buys_no_pods() {
+        let mut t = LagTracker::new(2, s(60));
+        // The processor is down: every partition reports circuitOpen, the head records never failed.
+        let report =
+            |offset| RetryReport { offset, since_ms: 1_000, at_ms: 10_000, circuit_open: true, ..Default::default() };
+        let parts = [
+            PartitionOffsets { retry: Some(report(40)), ..po(0, 0, 1_000, Some(40)) },
+            PartitionOffsets { retry: Some(report(10)), ..po(1, 0, 5_000, Some(10)) },
+        ];
+        let snap = t.update(&parts, StartOffset::Earliest, Consumers { ready: 1, epoch: 1 }, s(0), 10_000);
+        assert_eq!((snap.circuit_open_partitions, snap.retrying_partitions), (2, 2));
+        assert_eq!(snap.total_lag, 960 + 4_990);
+        assert_eq!(snap.observation().scalable_lag(), 0, "more pods cannot help a dead downstream");
+        assert_eq!(snap.observation().held_partitions, 2, "and the pods holding it are kept");
+        assert!(!snap.dead_letter_failing);
+    }
+
+    #[test]
     fn a_live_retry_report_is_retrying_not_stuck() {
         let mut t = LagTracker::new(2, s(60));
         let report = |at_ms| RetryReport { offset: 40, attempts: 5, since_ms: 1_000, at_ms, ..Default::default() };
