@@ -44,6 +44,11 @@ pub struct JobContext {
 /// `deadLetterFailing` (commit metadata → the operator's `DeadLetterFailing` reason).
 pub const DEAD_LETTER_FAILING_AFTER: u32 = 3;
 
+/// How long one dead-letter write may go unacknowledged before the record is reported the same way
+/// (librdkafka retries a produce internally for up to `message.timeout.ms`, 5 minutes by default,
+/// before it reports a failure; a DLQ that cannot take writes must show long before that).
+pub const DEAD_LETTER_STALLED_AFTER: Duration = Duration::from_secs(15);
+
 struct Attempt {
     record: Arc<Record>,
     attempts: u32,
@@ -279,10 +284,24 @@ impl JobContext {
     async fn write_dead_letter(&self, record: &Record, failure: &Failure, attempts: u32) {
         let Some(dlq) = &self.dead_letter else { return };
         let mut tries = 0u32;
+        let mut reported = false;
         loop {
-            match dlq.write(record, failure, attempts).await {
+            let write = dlq.write(record, failure, attempts);
+            tokio::pin!(write);
+            let result = tokio::select! {
+                r = &mut write => r,
+                _ = tokio::time::sleep(DEAD_LETTER_STALLED_AFTER) => {
+                    if !reported {
+                        reported = true;
+                        self.dead_letter_failing(record, format!(
+                            "dead-letter write not acknowledged for {}s", DEAD_LETTER_STALLED_AFTER.as_secs()));
+                    }
+                    write.await
+                }
+            };
+            match result {
                 Ok(written) => {
-                    if tries >= DEAD_LETTER_FAILING_AFTER {
+                    if reported {
                         self.health.dead_letter_failing(&record.topic, record.partition, record.offset, None);
                         self.health.unblock(&record.topic, record.partition, record.offset);
                     }
@@ -302,20 +321,23 @@ impl JobContext {
                     self.metrics.dead_letter_errors.inc();
                     tracing::error!(topic = %record.topic, partition = record.partition, offset = record.offset,
                         error = %e, tries, "dead-letter write failed; retrying");
-                    if tries == DEAD_LETTER_FAILING_AFTER {
-                        let why = format!("dead-letter write failing: {e}");
-                        self.health.dead_letter_failing(
-                            &record.topic,
-                            record.partition,
-                            record.offset,
-                            Some(why.clone()),
-                        );
-                        self.health.block(&record.topic, record.partition, record.offset, why);
+                    if tries >= DEAD_LETTER_FAILING_AFTER && !reported {
+                        reported = true;
+                        self.dead_letter_failing(record, format!("dead-letter write failing: {e}"));
                     }
                     tokio::time::sleep(self.backoff.ceiling(tries)).await;
                 }
             }
         }
+    }
+
+    /// Reports a record whose dead-letter write keeps failing: blocked, `deadLetterFailing` in the
+    /// commit metadata, listed on `/readyz`.
+    fn dead_letter_failing(&self, record: &Record, why: String) {
+        tracing::error!(topic = %record.topic, partition = record.partition, offset = record.offset, %why,
+            "the dead-letter topic does not take the record: the partition waits");
+        self.health.dead_letter_failing(&record.topic, record.partition, record.offset, Some(why.clone()));
+        self.health.block(&record.topic, record.partition, record.offset, why);
     }
 }
 
@@ -358,6 +380,8 @@ mod tests {
     struct MemoryDlq {
         written: Mutex<Vec<(i64, String, u32)>>,
         fail_first: Mutex<u32>,
+        /// How long each write takes.
+        slow: Mutex<Duration>,
     }
 
     impl DeadLetterSink for MemoryDlq {
@@ -368,6 +392,8 @@ mod tests {
             attempts: u32,
         ) -> BoxFuture<'a, Result<Written, Failure>> {
             Box::pin(async move {
+                let slow = *self.slow.lock().unwrap();
+                tokio::time::sleep(slow).await;
                 let mut n = self.fail_first.lock().unwrap();
                 if *n > 0 {
                     *n -= 1;
@@ -388,7 +414,11 @@ mod tests {
             failures: Mutex::new(script.iter().map(|(o, n, c)| (*o, (*n, c.clone()))).collect()),
             calls: Mutex::new(vec![]),
         });
-        let d = Arc::new(MemoryDlq { written: Mutex::new(vec![]), fail_first: Mutex::new(dlq_fail_first) });
+        let d = Arc::new(MemoryDlq {
+            written: Mutex::new(vec![]),
+            fail_first: Mutex::new(dlq_fail_first),
+            slow: Mutex::new(Duration::ZERO),
+        });
         let c = JobContext {
             processor: p.clone(),
             dead_letter: Some(d.clone()),
@@ -601,5 +631,25 @@ mod tests {
         run(&c, batch(1)).await;
         assert_eq!(p.calls.lock().unwrap().len(), 1, "2 of 3 attempts were spent by the previous owner");
         assert_eq!(*d.written.lock().unwrap(), vec![(0, "timeout".to_string(), 3)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unacknowledged_dead_letter_write_is_reported_before_it_fails() {
+        let (c, _, d) = ctx(&[(0, 100, FailureClass::HttpStatus(400))], OnFailure::DeadLetter, 0);
+        *d.slow.lock().unwrap() = Duration::from_secs(60);
+        let c = Arc::new(c);
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let job = tokio::spawn({
+            let c = c.clone();
+            async move { c.run(batch(1), tx).await }
+        });
+        tokio::time::sleep(Duration::from_secs(14)).await;
+        assert!(!c.health.retry_report("t", 0, 0, 1).unwrap().dead_letter_failing, "not yet");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let r = c.health.retry_report("t", 0, 0, 1).unwrap();
+        assert!(r.dead_letter_failing && r.blocked, "{r:?}");
+        job.await.unwrap();
+        assert_eq!(d.written.lock().unwrap().len(), 1);
+        assert_eq!(c.health.retry_report("t", 0, 0, 1), None, "cleared once written");
     }
 }

@@ -483,6 +483,68 @@ async fn kafka_cloudevents_binary_and_non_ascii_keys_are_delivered_in_key_order(
     }
 }
 
+/// A dead-letter topic that cannot take even a reference record (`max.message.bytes` 10): the
+/// write fails every time, the record is reported `deadLetterFailing` + blocked in the commit
+/// metadata (the operator's `DeadLetterFailing`) and on `/readyz`; once the topic is fixed the write
+/// completes and the partition commits past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kafka_a_dead_letter_topic_that_refuses_writes_is_reported_then_recovers() {
+    use rdkafka::admin::AlterConfig;
+    let bootstrap = bootstrap();
+    let topic = unique("dlq-down");
+    let dlq = unique("dlq-down-dlq");
+    create_topic(&bootstrap, &topic, 1).await;
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", &bootstrap).create().unwrap();
+    let new = NewTopic::new(&dlq, 1, TopicReplication::Fixed(1)).set("max.message.bytes", "10");
+    for r in admin.create_topics(&[new], &AdminOptions::new()).await.unwrap() {
+        r.unwrap();
+    }
+    produce_ids(&bootstrap, &topic, 0..1, 1).await;
+    let state: Shared = Arc::new(Mutex::new(Endpoint { reject_all: true, ..Default::default() }));
+    let addr = free_port();
+    serve(state.clone(), addr).await;
+    let group = unique("g");
+    let cfg = config(
+        &bootstrap,
+        "dlq-down",
+        &topic,
+        &group,
+        serde_json::json!({
+            "processor": {"http": {"url": format!("http://{addr}/records")}},
+            "retry": {"maxAttempts": 2, "initialBackoff": "10ms", "maxBackoff": "50ms"},
+            "deadLetter": {"topic": dlq}
+        }),
+    );
+    let w = Worker::start("dlq-down", &cfg);
+    w.wait_ready(Duration::from_secs(30)).await;
+    let started = Instant::now();
+    let report = loop {
+        let (_, md) = committed_with_metadata(&bootstrap, &group, &topic);
+        if let Some(r) = commit_metadata::decode(&md).filter(|r| r.dead_letter_failing) {
+            break r;
+        }
+        assert!(started.elapsed() < Duration::from_secs(40), "no deadLetterFailing report: {md:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!("deadLetterFailing reported {:?} after start: {report:?}", started.elapsed());
+    assert!(report.blocked && report.offset == 0, "{report:?}");
+    let ready = reqwest::get(format!("http://{}/readyz", w.listen)).await.unwrap().text().await.unwrap();
+    assert!(ready.contains("dead-letter write"), "{ready}");
+    let fix = AlterConfig::new(rdkafka::admin::ResourceSpecifier::Topic(&dlq)).set("max.message.bytes", "1048588");
+    for r in admin.alter_configs(&[fix], &AdminOptions::new()).await.unwrap() {
+        r.unwrap();
+    }
+    let fixed_at = Instant::now();
+    wait_committed(&bootstrap, &group, &topic, 1).await;
+    eprintln!("committed past the record {:?} after the DLQ topic was fixed", fixed_at.elapsed());
+    let dead = read_topic(&bootstrap, &dlq, 1, Duration::from_secs(10));
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].headers["kpipe.error.class"], "http_400");
+    // Whole or as a reference record, depending on which limit the broker showed at the moment of the fix.
+    assert_eq!(dead[0].headers["kpipe.original.offset"], "0");
+}
+
 /// The group's committed offset of partition 0 and its metadata, as the operator reads them.
 fn committed_with_metadata(bootstrap: &str, group: &str, topic: &str) -> (Option<i64>, String) {
     use rdkafka::consumer::{BaseConsumer, Consumer};

@@ -182,10 +182,10 @@ impl TopicLimits {
 async fn produce(
     producer: &FutureProducer,
     topic: &str,
-    record: &Record,
     key: Option<&[u8]>,
     value: Option<&[u8]>,
     headers: OwnedHeaders,
+    timestamp_ms: Option<i64>,
 ) -> Result<(), KafkaError> {
     let mut fr: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
     if let Some(k) = key {
@@ -194,7 +194,7 @@ async fn produce(
     if let Some(v) = value {
         fr = fr.payload(v);
     }
-    if let Some(ts) = record.timestamp_ms {
+    if let Some(ts) = timestamp_ms {
         fr = fr.timestamp(ts);
     }
     producer.send(fr, PRODUCE_QUEUE_TIMEOUT).await.map(|_| ()).map_err(|(e, _)| e)
@@ -243,7 +243,16 @@ impl KafkaForwarder {
                 format!("record of about {bytes} bytes exceeds max.message.bytes {limit} of topic {}", self.topic),
             ));
         }
-        match produce(&self.producer, &self.topic, r, key, r.value.as_deref(), headers_of(r, &self.headers)).await {
+        match produce(
+            &self.producer,
+            &self.topic,
+            key,
+            r.value.as_deref(),
+            headers_of(r, &self.headers),
+            r.timestamp_ms,
+        )
+        .await
+        {
             Ok(()) => Ok(()),
             Err(e) if is_too_large(&e) => {
                 // Either the topic's limit went down (read it again) or the producer batched this
@@ -366,7 +375,10 @@ impl DeadLetterSink for KafkaDeadLetter {
                 };
                 let key = record.key.as_deref().filter(|_| shape.keeps_key());
                 let value = record.value.as_deref().filter(|_| shape.keeps_value());
-                match produce(&self.producer, &self.topic, record, key, value, headers).await {
+                // Stamped with the time of dead-lettering (the original is `kpipe.original.timestamp`): the
+                // DLQ's time-based retention then counts from when the record failed, and a topic with
+                // `message.timestamp.before.max.ms` does not refuse a dead letter for its age.
+                match produce(&self.producer, &self.topic, key, value, headers, None).await {
                     Ok(()) if shape == Shape::Full => return Ok(Written::Full),
                     Ok(()) => return Ok(Written::Reference(shape)),
                     Err(e) if is_too_large(&e) => {
