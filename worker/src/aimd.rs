@@ -8,6 +8,9 @@
 //!   limit by `decrease` (0.5), down to `min` (1), at most once per `cooldown` (calls in flight when
 //!   the first signal arrived report the same overload).
 //!
+//! Calls that fail while the circuit breaker is open ([`crate::breaker`]) change nothing: an outage is
+//! not overload, and must not leave the limit at its floor when the downstream comes back.
+//!
 //! A call of more records than the current limit still goes, alone (the limit is never below one
 //! call). [`Aimd`] is the pure rule; [`ConcurrencyLimiter`] the async gate, with the gauge
 //! `kpipe_worker_concurrency_limit`.

@@ -166,11 +166,13 @@ fn list_offsets<C: ConsumerContext>(
     Ok(out)
 }
 
-/// Reads what [`start_point`] needs for `parts`: watermarks, the group's committed offsets and, under `latest`
-/// for never-committed partitions, the first offset at or after the pipeline's start time.
+/// What [`lookup_starts`] found: each partition's position and start-time offset, and the retry reports in the
+/// committed offsets' metadata.
 type StartLookup =
     (Vec<(TopicPartition, PartitionPosition, Option<i64>)>, Vec<(TopicPartition, commit_metadata::RetryReport)>);
 
+/// Reads what [`start_point`] needs for `parts`: watermarks, the group's committed offsets and, under `latest`
+/// for never-committed partitions, the first offset at or after the pipeline's start time.
 /// Also returns the retry reports found in the committed offsets' metadata (attempt budgets of records a previous
 /// owner was retrying, issue 19 Deliver 5).
 fn lookup_starts<C: ConsumerContext>(

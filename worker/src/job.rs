@@ -117,10 +117,6 @@ impl JobContext {
             }
         }
         let classes = || failures.iter().flatten().map(|f| &f.class);
-        if let Some(l) = &self.limiter {
-            l.record(batch.len(), classes().any(FailureClass::is_overload));
-        }
-        drop(admission);
         // Unavailable: nothing succeeded and every failure (deferred records aside) is the downstream's.
         let unavailable = classes().any(FailureClass::is_unavailable)
             && failures
@@ -130,6 +126,14 @@ impl JobContext {
             Some(b) => b.record(unavailable, probe),
             None => true,
         };
+        // An outage (the circuit is open) is not overload: it must not leave the limit at its floor
+        // when the downstream comes back.
+        if let Some(l) = &self.limiter
+            && counted
+        {
+            l.record(batch.len(), classes().any(FailureClass::is_overload));
+        }
+        drop(admission);
         (failures, counted)
     }
 
@@ -586,14 +590,17 @@ mod tests {
         let (mut c, _, d) = ctx(&[], OnFailure::DeadLetter, 0);
         let settings = BreakerSettings { min_calls: 2, ..BreakerSettings::default() };
         c.breaker = Some(Arc::new(CircuitBreaker::new(settings, c.metrics.clone(), c.health.clone())));
-        // Down for 40 calls: far beyond the 3 attempts.
-        let p = failing(40, Failure::new(FailureClass::Connection, "connection refused"));
+        c.limiter = Some(Arc::new(crate::aimd::ConcurrencyLimiter::new(1, 16, c.metrics.clone())));
+        // Down (503, a sign of overload too) for 40 calls: far beyond the 3 attempts.
+        let p = failing(40, Failure::new(FailureClass::HttpStatus(503), "service unavailable"));
         c.processor = p.clone();
         let started = tokio::time::Instant::now();
         assert_eq!(run(&c, batch(3)).await, vec![0, 1, 2]);
         assert!(d.written.lock().unwrap().is_empty(), "the DLQ is not for a downstream that is down");
         assert_eq!(p.calls.lock().unwrap().len(), 41);
         assert!(c.metrics.circuit_opened.get() >= 1);
+        // Halved once by the 503 before the circuit opened, then left alone: not at its floor of 1.
+        assert_eq!(c.limiter.as_ref().unwrap().limit(), 8, "an outage is not overload");
         assert_eq!(c.metrics.circuit_state.get(), 0, "closed after recovery");
         // Probes at 5, 10, 20, 40, 60, 60, ... s: the outage costs minutes of waiting, not attempts.
         assert!(started.elapsed() >= Duration::from_secs(600), "{:?}", started.elapsed());

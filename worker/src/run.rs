@@ -150,6 +150,10 @@ pub async fn run(config: WorkerConfig, settings: RunSettings, shutdown: Cancella
         limiter: guarded
             .then(|| Arc::new(ConcurrencyLimiter::new(1, spec.concurrency.per_worker as usize, metrics.clone()))),
     });
+    if !guarded {
+        // Not gated (noop): the limit is the configured one.
+        metrics.concurrency_limit.set(i64::from(spec.concurrency.per_worker));
+    }
     let dispatch = Arc::new(Dispatch::new(
         tokio::runtime::Handle::current(),
         partition_settings(&config, settings.shutdown_timeout),
