@@ -11,6 +11,11 @@
 //!
 //! Document (version 1, ~100 bytes):
 //! `{"kpipe":1,"retrying":{"offset":41,"attempts":3,"sinceMs":1732890000000,"atMs":1732890005000,"blocked":false}}`
+//!
+//! Optional fields (absent = false; older readers ignore them, older writers never set them):
+//! `circuitOpen` (the worker's processor circuit breaker is open: the processor is unavailable and the
+//! partition waits for it, spending no attempts) and `deadLetterFailing` (the record at the commit
+//! point exhausted its attempts and its dead-letter write keeps failing).
 
 use serde::{Deserialize, Serialize};
 
@@ -18,7 +23,7 @@ use serde::{Deserialize, Serialize};
 pub const VERSION: u32 = 1;
 
 /// The retry state of the record at a partition's commit point.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct RetryReport {
     /// Offset of the record being retried (the committed offset when the report is current).
@@ -34,6 +39,17 @@ pub struct RetryReport {
     /// failing) and is retried at the maximum backoff until it succeeds.
     #[serde(default)]
     pub blocked: bool,
+    /// The worker's processor circuit breaker is open (the processor is unavailable): the partition
+    /// waits for it to recover without spending attempts. More pods cannot help.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub circuit_open: bool,
+    /// The record's dead-letter write failed several times in a row and is being retried.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub dead_letter_failing: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 #[derive(Serialize, Deserialize)]
@@ -74,7 +90,26 @@ mod tests {
     use super::*;
 
     fn report() -> RetryReport {
-        RetryReport { offset: 41, attempts: 3, since_ms: 1_000, at_ms: 6_000, blocked: false }
+        RetryReport {
+            offset: 41,
+            attempts: 3,
+            since_ms: 1_000,
+            at_ms: 6_000,
+            blocked: false,
+            circuit_open: false,
+            dead_letter_failing: false,
+        }
+    }
+
+    #[test]
+    fn optional_flags_are_backwards_compatible() {
+        let old = r#"{"kpipe":1,"retrying":{"offset":41,"attempts":3,"sinceMs":1000,"atMs":6000,"blocked":false}}"#;
+        assert_eq!(decode(old), Some(report()), "a report from an older worker");
+        assert_eq!(encode(Some(&report())), old, "flags that are false are not written");
+        let r = RetryReport { circuit_open: true, dead_letter_failing: true, ..report() };
+        let text = encode(Some(&r));
+        assert!(text.contains("\"circuitOpen\":true") && text.contains("\"deadLetterFailing\":true"), "{text}");
+        assert_eq!(decode(&text), Some(r));
     }
 
     #[test]

@@ -119,6 +119,11 @@ pub struct Snapshot {
     /// Some retrying record exhausted its attempts and is retried until it succeeds (`onFailure:
     /// block`, or a dead-letter write that keeps failing).
     pub blocked: bool,
+    /// Retrying partitions whose worker reports its processor circuit breaker open (the processor is
+    /// unavailable; counted in `retrying_partitions`, so their lag never adds pods).
+    pub circuit_open_partitions: i32,
+    /// Some worker reports that the dead-letter write of its head record keeps failing.
+    pub dead_letter_failing: bool,
     /// Partitions with lag or with records arriving: the most pods that can have work.
     pub active_partitions: i32,
     /// How long the group has had lag without committing anything (zero while it progresses or has
@@ -299,6 +304,10 @@ impl LagTracker {
                 snap.retrying_partitions += 1;
                 snap.retrying_lag += lag;
                 snap.blocked |= r.blocked;
+                snap.dead_letter_failing |= r.dead_letter_failing;
+                if r.circuit_open {
+                    snap.circuit_open_partitions += 1;
+                }
                 if snap.oldest_retry.is_none_or(|(since, _)| r.since_ms < since) {
                     snap.oldest_retry = Some((r.since_ms, r.attempts));
                 }
@@ -479,9 +488,27 @@ mod tests {
     }
 
     #[test]
+    fn circuit_open_lag_is_held_and_buys_no_pods() {
+        let mut t = LagTracker::new(2, s(60));
+        // The processor is down: every partition reports circuitOpen, the head records never failed.
+        let report =
+            |offset| RetryReport { offset, since_ms: 1_000, at_ms: 10_000, circuit_open: true, ..Default::default() };
+        let parts = [
+            PartitionOffsets { retry: Some(report(40)), ..po(0, 0, 1_000, Some(40)) },
+            PartitionOffsets { retry: Some(report(10)), ..po(1, 0, 5_000, Some(10)) },
+        ];
+        let snap = t.update(&parts, StartOffset::Earliest, Consumers { ready: 1, epoch: 1 }, s(0), 10_000);
+        assert_eq!((snap.circuit_open_partitions, snap.retrying_partitions), (2, 2));
+        assert_eq!(snap.total_lag, 960 + 4_990);
+        assert_eq!(snap.observation().scalable_lag(), 0, "more pods cannot help a dead downstream");
+        assert_eq!(snap.observation().held_partitions, 2, "and the pods holding it are kept");
+        assert!(!snap.dead_letter_failing);
+    }
+
+    #[test]
     fn a_live_retry_report_is_retrying_not_stuck() {
         let mut t = LagTracker::new(2, s(60));
-        let report = |at_ms| RetryReport { offset: 40, attempts: 5, since_ms: 1_000, at_ms, blocked: false };
+        let report = |at_ms| RetryReport { offset: 40, attempts: 5, since_ms: 1_000, at_ms, ..Default::default() };
         let with = |at_ms| [PartitionOffsets { retry: Some(report(at_ms)), ..po(0, 0, 100, Some(40)) }];
         let c = Consumers { ready: 1, epoch: 7 };
         for i in 0..6u64 {

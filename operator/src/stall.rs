@@ -21,6 +21,12 @@ pub enum StallReason {
     /// Partitions with lag whose commits stopped while their consumers are stable and report no
     /// retry: likely a hung processor call or a worker bug.
     PartitionStuck,
+    /// Workers report their processor circuit breaker open: the processor is unavailable, partitions
+    /// wait for it without spending attempts (more pods cannot help).
+    ProcessorUnavailable,
+    /// A record exhausted its attempts and its dead-letter write keeps failing (the DLQ topic is
+    /// missing, not writable, or the brokers refuse it): the partition cannot move on.
+    DeadLetterFailing,
     /// A live worker retries the head record of some partitions (the processor fails).
     Retrying,
     /// Nothing was committed for the stall window although workers run.
@@ -29,11 +35,13 @@ pub enum StallReason {
 
 impl StallReason {
     /// Every reason, for metric series bookkeeping.
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 8] = [
         Self::CrashLoopingWorkers,
         Self::NoCapacity,
         Self::NoWorkers,
         Self::PartitionStuck,
+        Self::ProcessorUnavailable,
+        Self::DeadLetterFailing,
         Self::Retrying,
         Self::NotDraining,
     ];
@@ -45,9 +53,20 @@ impl StallReason {
             Self::NoCapacity => "NoCapacity",
             Self::NoWorkers => "NoWorkers",
             Self::PartitionStuck => "PartitionStuck",
+            Self::ProcessorUnavailable => "ProcessorUnavailable",
+            Self::DeadLetterFailing => "DeadLetterFailing",
             Self::Retrying => "Retrying",
             Self::NotDraining => "NotDraining",
         }
+    }
+}
+
+impl StallReason {
+    /// Reasons that are a fault outside the workers the user must act on (the processor is down, the
+    /// dead-letter topic refuses writes): the pipeline is `Degraded` with this reason, not only
+    /// `Stalled`. Raised as soon as a worker reports it, without the stall window.
+    pub fn degrades(&self) -> bool {
+        matches!(self, Self::ProcessorUnavailable | Self::DeadLetterFailing)
     }
 }
 
@@ -143,6 +162,28 @@ pub fn assess(i: &StallInputs<'_>) -> Option<Stall> {
             ),
         );
     }
+    if s.dead_letter_failing {
+        return stall(
+            StallReason::DeadLetterFailing,
+            format!(
+                "a record exhausted its attempts and its dead-letter write keeps failing ({} partitions wait, {} \
+                 records of lag); check that the dead-letter topic exists and the workers may write to it \
+                 (kpipe_worker_dead_letter_errors_total, worker logs)",
+                s.retrying_partitions, s.retrying_lag
+            ),
+        );
+    }
+    if s.circuit_open_partitions > 0 {
+        return stall(
+            StallReason::ProcessorUnavailable,
+            format!(
+                "the processor is unavailable: workers opened the circuit breaker and wait for it to recover \
+                 ({} partitions, {} records of lag held, no attempts spent, nothing dead-lettered; \
+                 replicas are not added for this lag)",
+                s.circuit_open_partitions, s.retrying_lag
+            ),
+        );
+    }
     if let Some((since_ms, attempts)) = s.oldest_retry {
         let retrying_for = Duration::from_millis(i.wall_ms.saturating_sub(since_ms));
         if retrying_for >= i.window {
@@ -213,6 +254,8 @@ mod tests {
         let r = retrying(1_000_000 - 45_000);
         let young = retrying(1_000_000 - 5_000);
         let none = Snapshot::default();
+        let open = Snapshot { circuit_open_partitions: 3, ..young.clone() };
+        let dlq = Snapshot { dead_letter_failing: true, blocked: true, ..young.clone() };
         let cases: Vec<(&str, Snapshot, WorkerPods, i32, Option<StallReason>)> = vec![
             ("no backlog", none, healthy.clone(), 2, None),
             ("draining", backlog(5), healthy.clone(), 2, None),
@@ -224,6 +267,8 @@ mod tests {
             ("stuck partition", stuck, healthy.clone(), 2, Some(StallReason::PartitionStuck)),
             ("retrying for 45 s", r, healthy.clone(), 2, Some(StallReason::Retrying)),
             ("retrying for 5 s: a normal retry", young, healthy.clone(), 2, None),
+            ("circuit open: at once", open, healthy.clone(), 2, Some(StallReason::ProcessorUnavailable)),
+            ("dead-letter writes failing: at once", dlq, healthy.clone(), 2, Some(StallReason::DeadLetterFailing)),
             ("not draining", backlog(31), healthy, 2, Some(StallReason::NotDraining)),
         ];
         for (name, snap, workers, replicas, want) in &cases {
@@ -232,6 +277,8 @@ mod tests {
         }
         let msg = assess(&inputs(&backlog(40), &crashing, 2)).unwrap().message;
         assert!(msg.contains("OOMKilled") && msg.contains("9 restarts"), "{msg}");
+        assert!(StallReason::ProcessorUnavailable.degrades() && StallReason::DeadLetterFailing.degrades());
+        assert!(!StallReason::Retrying.degrades());
     }
 
     #[test]

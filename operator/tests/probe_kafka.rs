@@ -83,7 +83,8 @@ async fn retry_reports_travel_in_the_commit_metadata() {
     bed.create_topic(&topic, 2).await.unwrap();
     bed.produce(&topic, 20).await.unwrap();
     let group = unique("probe-retry-group");
-    let report = RetryReport { offset: 3, attempts: 4, since_ms: 1_000, at_ms: 2_000, blocked: true };
+    let report =
+        RetryReport { offset: 3, attempts: 4, since_ms: 1_000, at_ms: 2_000, blocked: true, ..Default::default() };
     let c: BaseConsumer =
         ClientConfig::new().set("bootstrap.servers", &bootstrap).set("group.id", &group).create().unwrap();
     let mut tpl = TopicPartitionList::new();

@@ -1,6 +1,7 @@
 //! Failure classification: which processor errors are worth retrying.
 
 use std::fmt;
+use std::time::Duration;
 
 /// What went wrong with a record (or the whole batch it was in).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,8 +18,12 @@ pub enum FailureClass {
     BadResponse,
     /// Producing to the output topic failed.
     Produce { retryable: bool },
-    /// The record could not be encoded for the processor.
+    /// The record could not be encoded for the processor, or the request for it could not even be
+    /// built (e.g. a header value the HTTP client refuses). Permanent: retrying cannot change it.
     Encode,
+    /// Not attempted: an earlier record of the same key failed in the same call, so sending this one
+    /// would break key order. Retried with its key; never counted as an attempt.
+    Deferred,
 }
 
 impl FailureClass {
@@ -29,7 +34,27 @@ impl FailureClass {
             Self::Rejected { permanent } => !permanent,
             Self::Produce { retryable } => *retryable,
             Self::Encode => false,
+            Self::Deferred => true,
         }
+    }
+
+    /// A failure that says the downstream is unavailable rather than that this record is bad:
+    /// timeouts, connection errors, HTTP 500/502/503/504 and retryable produce errors. These feed
+    /// the circuit breaker ([`crate::breaker`]). 429 is throttling (handled by `Retry-After` and
+    /// adaptive concurrency), other statuses and named rejections are about the records.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Self::Timeout | Self::Connection => true,
+            Self::HttpStatus(s) => matches!(*s, 500 | 502 | 503 | 504),
+            Self::Produce { retryable } => *retryable,
+            Self::Rejected { .. } | Self::BadResponse | Self::Encode | Self::Deferred => false,
+        }
+    }
+
+    /// A sign of overload that should shrink the adaptive concurrency limit ([`crate::aimd`]):
+    /// HTTP 429 and 503, and timeouts.
+    pub fn is_overload(&self) -> bool {
+        matches!(self, Self::Timeout | Self::HttpStatus(429 | 503))
     }
 
     /// Low-cardinality label for metrics and the `kpipe.error.class` header.
@@ -42,6 +67,7 @@ impl FailureClass {
             Self::BadResponse => "bad_response".into(),
             Self::Produce { .. } => "produce".into(),
             Self::Encode => "encode".into(),
+            Self::Deferred => "deferred".into(),
         }
     }
 
@@ -57,20 +83,33 @@ impl FailureClass {
             Self::BadResponse => "bad_response",
             Self::Produce { .. } => "produce",
             Self::Encode => "encode",
+            Self::Deferred => "deferred",
         }
     }
 }
 
-/// A failed record: class plus a human-readable message.
+/// A failed record: class plus a human-readable message, and how long the server asked to wait
+/// before the next try (`Retry-After`, RFC 9110 §10.2.3), if it did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
     pub class: FailureClass,
     pub message: String,
+    /// The server's `Retry-After` on a 429 or 503, already resolved to a wait from the response's
+    /// arrival ([`crate::retry_after::parse`]). The next try of the record waits at least this long,
+    /// and the failure is not counted against `retry.maxAttempts` (the server asked to come back
+    /// later; nothing is wrong with the record).
+    pub retry_after: Option<Duration>,
 }
 
 impl Failure {
     pub fn new(class: FailureClass, message: impl Into<String>) -> Self {
-        Self { class, message: message.into() }
+        Self { class, message: message.into(), retry_after: None }
+    }
+
+    /// The same failure with the server's requested wait.
+    pub fn with_retry_after(mut self, wait: Option<Duration>) -> Self {
+        self.retry_after = wait;
+        self
     }
 }
 
@@ -81,8 +120,14 @@ impl fmt::Display for Failure {
 }
 
 /// Classifies a reqwest error.
+///
+/// A request the client could not build (`is_builder`: an invalid header name or value, a bad URL)
+/// is [`FailureClass::Encode`], permanent: it would fail the same way on every retry and never
+/// reached the network, so it must not count as a connection error.
 pub fn classify_reqwest(err: &reqwest::Error) -> FailureClass {
-    if err.is_timeout() {
+    if err.is_builder() {
+        FailureClass::Encode
+    } else if err.is_timeout() {
         FailureClass::Timeout
     } else if let Some(status) = err.status() {
         FailureClass::HttpStatus(status.as_u16())
@@ -118,5 +163,40 @@ mod tests {
         assert!(!FailureClass::Encode.is_retryable());
         assert_eq!(FailureClass::HttpStatus(404).label(), "http_404");
         assert_eq!(FailureClass::HttpStatus(404).metric_label(), "http_4xx");
+        assert!(FailureClass::Deferred.is_retryable());
+    }
+
+    #[test]
+    fn unavailability_and_overload() {
+        for c in [
+            FailureClass::Timeout,
+            FailureClass::Connection,
+            FailureClass::HttpStatus(503),
+            FailureClass::HttpStatus(502),
+            FailureClass::Produce { retryable: true },
+        ] {
+            assert!(c.is_unavailable(), "{c:?}");
+        }
+        for c in [
+            FailureClass::HttpStatus(429),
+            FailureClass::HttpStatus(400),
+            FailureClass::Rejected { permanent: false },
+            FailureClass::Encode,
+            FailureClass::Deferred,
+            FailureClass::BadResponse,
+        ] {
+            assert!(!c.is_unavailable(), "{c:?}");
+        }
+        assert!(FailureClass::HttpStatus(429).is_overload());
+        assert!(FailureClass::Timeout.is_overload());
+        assert!(!FailureClass::Connection.is_overload());
+    }
+
+    #[tokio::test]
+    async fn an_unbuildable_request_is_a_permanent_encode_failure() {
+        let client = reqwest::Client::new();
+        let err = client.post("http://127.0.0.1:9/").header("ce-partitionkey", "a\u{1}b").send().await.unwrap_err();
+        assert_eq!(classify_reqwest(&err), FailureClass::Encode, "{err:?}");
+        assert!(!classify_reqwest(&err).is_retryable());
     }
 }

@@ -166,26 +166,41 @@ fn list_offsets<C: ConsumerContext>(
     Ok(out)
 }
 
+/// What [`lookup_starts`] found: each partition's position and start-time offset, and the retry reports in the
+/// committed offsets' metadata.
+type StartLookup =
+    (Vec<(TopicPartition, PartitionPosition, Option<i64>)>, Vec<(TopicPartition, commit_metadata::RetryReport)>);
+
 /// Reads what [`start_point`] needs for `parts`: watermarks, the group's committed offsets and, under `latest`
 /// for never-committed partitions, the first offset at or after the pipeline's start time.
+/// Also returns the retry reports found in the committed offsets' metadata (attempt budgets of records a previous
+/// owner was retrying, issue 19 Deliver 5).
 fn lookup_starts<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
     parts: &[TopicPartition],
     policy: StartPolicy,
-) -> Result<Vec<(TopicPartition, PartitionPosition, Option<i64>)>, LookupError> {
+) -> Result<StartLookup, LookupError> {
     let request = list_at(parts, Offset::Invalid).map_err(LookupError::Committed)?;
     let committed = consumer.committed_offsets(request, LOOKUP_TIMEOUT).map_err(LookupError::Committed)?;
     let starts = list_offsets(consumer, parts, Offset::Beginning, "log start")?;
     let ends = list_offsets(consumer, parts, Offset::End, "log end")?;
     let mut out = Vec::with_capacity(parts.len());
+    let mut inherited = Vec::new();
     for tp in parts {
         let missing = |what| LookupError::Missing { what, topic: tp.0.to_string(), partition: tp.1 };
         let log_end = ends.get(tp).copied().flatten().ok_or_else(|| missing("log end"))?;
         let log_start = starts.get(tp).copied().flatten().ok_or_else(|| missing("log start"))?;
-        let committed = match committed.find_partition(&tp.0, tp.1).map(|e| e.offset()) {
+        let entry = committed.find_partition(&tp.0, tp.1);
+        let committed = match entry.as_ref().map(|e| e.offset()) {
             Some(Offset::Offset(o)) => Some(o),
             _ => None,
         };
+        // --- failure handling hook (issue 19): the previous owner's retry report at the commit point.
+        if let Some(r) = entry.as_ref().and_then(|e| commit_metadata::decode(e.metadata()))
+            && committed == Some(r.offset)
+        {
+            inherited.push((tp.clone(), r));
+        }
         out.push((tp.clone(), PartitionPosition { log_start, log_end, committed }, None));
     }
     if let (StartOffset::Latest, Some(started)) = (policy.start_offset, policy.started_at_ms) {
@@ -201,7 +216,7 @@ fn lookup_starts<C: ConsumerContext>(
             }
         }
     }
-    Ok(out)
+    Ok((out, inherited))
 }
 
 /// The log end of each of `parts` (one batched ListOffsets); an error per partition (e.g. the topic is gone).
@@ -320,7 +335,7 @@ impl Dispatch {
         if parts.is_empty() {
             return;
         }
-        let looked_up = match lookup_starts(consumer, &parts, self.start) {
+        let (looked_up, inherited) = match lookup_starts(consumer, &parts, self.start) {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(partitions = ?parts, "{e}; librdkafka resolves the start offsets (the committed offset, \
@@ -328,6 +343,10 @@ impl Dispatch {
                 return;
             }
         };
+        // --- failure handling hook (issue 19): attempt budgets survive rescheduling.
+        for (tp, report) in inherited {
+            self.health.inherit(&tp.0, tp.1, &report);
+        }
         for (tp, position, since) in looked_up {
             let point = start_point(&position, self.start.start_offset, since);
             if let StartPoint::Reset { offset, committed, reason } = point {

@@ -1,6 +1,15 @@
 //! Runs one batch to completion: process, retry the failed records with backoff, then apply the
 //! failure policy. Every record ends processed, dead-lettered or dropped; records are reported
 //! done as soon as they are, so the partition can commit and release their keys.
+//!
+//! What spends a record's budget (`retry.maxAttempts`, `retry.maxRecordAge`):
+//! - a failure counts as an attempt, except: a failure carrying `Retry-After` (the server asked to
+//!   come back later; the next try waits at least that long, RFC 9110 §10.2.3; `maxRecordAge` still
+//!   applies), a failure of the downstream while the circuit breaker is open ([`crate::breaker`]:
+//!   neither attempts nor age are spent, nothing is dead-lettered), and a `deferred` record (not sent
+//!   because an earlier record of its key failed);
+//! - every processor call first passes the circuit breaker and the adaptive concurrency limit
+//!   ([`crate::aimd`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -8,11 +17,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use kpipe_api::v1alpha1::OnFailure;
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::aimd::ConcurrencyLimiter;
 use crate::backoff::{BackoffPolicy, jitter_unit};
-use crate::classify::Failure;
+use crate::breaker::CircuitBreaker;
+use crate::classify::{Failure, FailureClass};
 use crate::health::Health;
 use crate::metrics::Metrics;
-use crate::processor::kafka::DeadLetterSink;
+use crate::processor::kafka::{DeadLetterSink, Written};
 use crate::processor::{BatchOutcome, Processor};
 use crate::record::Record;
 
@@ -23,7 +34,20 @@ pub struct JobContext {
     pub backoff: BackoffPolicy,
     pub metrics: Metrics,
     pub health: Arc<Health>,
+    /// Gate that holds processor calls while the processor is unavailable (`None`: always closed).
+    pub breaker: Option<Arc<CircuitBreaker>>,
+    /// Adaptive limit on records in processor calls (`None`: only `concurrency.perWorker`).
+    pub limiter: Option<Arc<ConcurrencyLimiter>>,
 }
+
+/// Dead-letter write failures in a row after which the record is reported as blocked with
+/// `deadLetterFailing` (commit metadata → the operator's `DeadLetterFailing` reason).
+pub const DEAD_LETTER_FAILING_AFTER: u32 = 3;
+
+/// How long one dead-letter write may go unacknowledged before the record is reported the same way
+/// (librdkafka retries a produce internally for up to `message.timeout.ms`, 5 minutes by default,
+/// before it reports a failure; a DLQ that cannot take writes must show long before that).
+pub const DEAD_LETTER_STALLED_AFTER: Duration = Duration::from_secs(15);
 
 struct Attempt {
     record: Arc<Record>,
@@ -32,6 +56,8 @@ struct Attempt {
     blocked: bool,
     /// When the record first failed, Unix milliseconds.
     first_failure_ms: Option<u64>,
+    /// The server's `Retry-After` on the last failure.
+    retry_after: Option<Duration>,
 }
 
 fn now_millis() -> Option<u64> {
@@ -63,8 +89,18 @@ impl JobContext {
         self.metrics.processed.inc_by(records.len() as u64);
     }
 
-    /// One processor call; returns each record's failure (None = succeeded).
-    async fn call(&self, batch: &[Arc<Record>]) -> Vec<Option<Failure>> {
+    /// One processor call, through the circuit breaker and the concurrency limit; returns each
+    /// record's failure (None = succeeded) and whether failures of this call count against the
+    /// records' budgets (false when the circuit is open after it).
+    async fn call(&self, batch: &[Arc<Record>]) -> (Vec<Option<Failure>>, bool) {
+        let probe = match &self.breaker {
+            Some(b) => b.admit().await,
+            None => false,
+        };
+        let admission = match &self.limiter {
+            Some(l) => Some(l.acquire(batch.len()).await),
+            None => None,
+        };
         self.metrics.batch_size.observe(batch.len() as f64);
         let started = Instant::now();
         let outcome = self.processor.process(batch).await;
@@ -80,36 +116,66 @@ impl JobContext {
                 }
             }
         }
-        failures
+        let classes = || failures.iter().flatten().map(|f| &f.class);
+        // Unavailable: nothing succeeded and every failure (deferred records aside) is the downstream's.
+        let unavailable = classes().any(FailureClass::is_unavailable)
+            && failures
+                .iter()
+                .all(|f| f.as_ref().is_some_and(|f| f.class.is_unavailable() || f.class == FailureClass::Deferred));
+        let counted = match &self.breaker {
+            Some(b) => b.record(unavailable, probe),
+            None => true,
+        };
+        // An outage (the circuit is open) is not overload: it must not leave the limit at its floor
+        // when the downstream comes back.
+        if let Some(l) = &self.limiter
+            && counted
+        {
+            l.record(batch.len(), classes().any(FailureClass::is_overload));
+        }
+        drop(admission);
+        (failures, counted)
     }
 
     /// Processes `records` until every one is done, reporting completed records on `done`.
     pub async fn run(&self, records: Vec<Arc<Record>>, done: UnboundedSender<Vec<Arc<Record>>>) {
         let mut remaining: Vec<Attempt> = records
             .into_iter()
-            .map(|record| Attempt { record, attempts: 0, blocked: false, first_failure_ms: None })
+            .map(|record| {
+                // A record a previous owner of the partition was retrying continues its budget.
+                let (attempts, first) = match self.health.take_inherited(&record.topic, record.partition, record.offset)
+                {
+                    Some((n, since)) => (n, Some(since)),
+                    None => (0, None),
+                };
+                Attempt { record, attempts, blocked: false, first_failure_ms: first, retry_after: None }
+            })
             .collect();
         let mut round = 0u32;
         let mut isolate = false;
         while !remaining.is_empty() {
             if round > 0 {
                 let all_blocked = remaining.iter().all(|a| a.blocked);
-                let delay = if all_blocked { self.backoff.max } else { self.backoff.delay(round, jitter_unit()) };
+                let mut delay = if all_blocked { self.backoff.max } else { self.backoff.delay(round, jitter_unit()) };
+                // Honour the longest wait a server asked for (RFC 9110 §10.2.3).
+                if let Some(asked) = remaining.iter().filter_map(|a| a.retry_after).max() {
+                    delay = delay.max(asked);
+                }
                 tokio::time::sleep(delay).await;
             }
             round += 1;
             let batch: Vec<Arc<Record>> = remaining.iter().map(|a| a.record.clone()).collect();
-            let failures = if isolate {
+            let failures: Vec<(Option<Failure>, bool)> = if isolate {
                 // One record per call, in offset order (keeps key order), to find which records
                 // the processor really rejects.
                 let mut failures = Vec::with_capacity(batch.len());
                 for r in &batch {
-                    let one = self.call(std::slice::from_ref(r)).await;
-                    failures.push(one.into_iter().next().flatten());
+                    let (one, counted) = self.call(std::slice::from_ref(r)).await;
+                    failures.push((one.into_iter().next().flatten(), counted));
                 }
                 failures
             } else {
-                let failures = self.call(&batch).await;
+                let (failures, counted) = self.call(&batch).await;
                 // A multi-record batch rejected as a whole with a non-retryable error: the cause
                 // may be one poison record. Retry each record alone once instead of sending the
                 // whole batch down the failure policy; this round does not count as an attempt.
@@ -122,13 +188,13 @@ impl JobContext {
                     isolate = true;
                     continue;
                 }
-                failures
+                failures.into_iter().map(|f| (f, counted)).collect()
             };
             let now_ms = now_millis();
             let mut succeeded = Vec::new();
             let mut retry = Vec::new();
             let mut give_up = Vec::new();
-            for (mut a, failure) in remaining.drain(..).zip(failures) {
+            for (mut a, (failure, counted)) in remaining.drain(..).zip(failures) {
                 match failure {
                     None => {
                         if a.blocked {
@@ -141,13 +207,27 @@ impl JobContext {
                         succeeded.push(a.record);
                     }
                     Some(f) => {
-                        a.attempts += 1;
+                        let throttled = f.retry_after.is_some();
+                        // The downstream is down and the circuit open: the records wait for it.
+                        let held = !counted && f.class.is_unavailable();
+                        let deferred = f.class == FailureClass::Deferred;
+                        if !(throttled || held || deferred) {
+                            a.attempts += 1;
+                        }
+                        if throttled {
+                            self.metrics.throttled.inc();
+                        }
+                        a.retry_after = f.retry_after;
                         let since = *a.first_failure_ms.get_or_insert(now_ms.unwrap_or_default());
                         // Reported to the operator (commit metadata) until the record is done.
                         self.health.retrying(&a.record.topic, a.record.partition, a.record.offset, a.attempts, since);
-                        self.metrics.failed.with_label_values(&[f.class.metric_label()]).inc();
+                        if !deferred {
+                            self.metrics.failed.with_label_values(&[f.class.metric_label()]).inc();
+                        }
                         if a.blocked {
                             self.health.block(&a.record.topic, a.record.partition, a.record.offset, f.to_string());
+                            retry.push(a);
+                        } else if held || deferred {
                             retry.push(a);
                         } else if f.class.is_retryable()
                             && self.backoff.may_retry(a.attempts, age_of(&a.record, now_ms)).is_ok()
@@ -201,14 +281,41 @@ impl JobContext {
     }
 
     /// Writes to the dead-letter topic until the broker acknowledges it: the record must never be
-    /// committed past without a DLQ copy.
+    /// committed past without a DLQ copy. A record too large for the topic goes as a reference record
+    /// ([`crate::size`]), so size never blocks the partition. Other failures are retried with backoff;
+    /// after [`DEAD_LETTER_FAILING_AFTER`] in a row the record is reported blocked with
+    /// `deadLetterFailing` until a write succeeds.
     async fn write_dead_letter(&self, record: &Record, failure: &Failure, attempts: u32) {
         let Some(dlq) = &self.dead_letter else { return };
         let mut tries = 0u32;
+        let mut reported = false;
         loop {
-            match dlq.write(record, failure, attempts).await {
-                Ok(()) => {
+            let write = dlq.write(record, failure, attempts);
+            tokio::pin!(write);
+            let result = tokio::select! {
+                r = &mut write => r,
+                _ = tokio::time::sleep(DEAD_LETTER_STALLED_AFTER) => {
+                    if !reported {
+                        reported = true;
+                        self.dead_letter_failing(record, format!(
+                            "dead-letter write not acknowledged for {}s", DEAD_LETTER_STALLED_AFTER.as_secs()));
+                    }
+                    write.await
+                }
+            };
+            match result {
+                Ok(written) => {
+                    if reported {
+                        self.health.dead_letter_failing(&record.topic, record.partition, record.offset, None);
+                        self.health.unblock(&record.topic, record.partition, record.offset);
+                    }
                     self.metrics.dead_lettered.inc();
+                    if let Written::Reference(shape) = written {
+                        self.metrics.dead_letter_truncated.inc();
+                        tracing::warn!(topic = %record.topic, partition = record.partition, offset = record.offset,
+                            omitted = shape.omitted().unwrap_or_default(), "record too large for the dead-letter topic: \
+                            dead-lettered as a reference record");
+                    }
                     tracing::warn!(topic = %record.topic, partition = record.partition, offset = record.offset,
                         attempts, error = %failure, "record dead-lettered");
                     return;
@@ -218,10 +325,23 @@ impl JobContext {
                     self.metrics.dead_letter_errors.inc();
                     tracing::error!(topic = %record.topic, partition = record.partition, offset = record.offset,
                         error = %e, tries, "dead-letter write failed; retrying");
+                    if tries >= DEAD_LETTER_FAILING_AFTER && !reported {
+                        reported = true;
+                        self.dead_letter_failing(record, format!("dead-letter write failing: {e}"));
+                    }
                     tokio::time::sleep(self.backoff.ceiling(tries)).await;
                 }
             }
         }
+    }
+
+    /// Reports a record whose dead-letter write keeps failing: blocked, `deadLetterFailing` in the
+    /// commit metadata, listed on `/readyz`.
+    fn dead_letter_failing(&self, record: &Record, why: String) {
+        tracing::error!(topic = %record.topic, partition = record.partition, offset = record.offset, %why,
+            "the dead-letter topic does not take the record: the partition waits");
+        self.health.dead_letter_failing(&record.topic, record.partition, record.offset, Some(why.clone()));
+        self.health.block(&record.topic, record.partition, record.offset, why);
     }
 }
 
@@ -264,18 +384,27 @@ mod tests {
     struct MemoryDlq {
         written: Mutex<Vec<(i64, String, u32)>>,
         fail_first: Mutex<u32>,
+        /// How long each write takes.
+        slow: Mutex<Duration>,
     }
 
     impl DeadLetterSink for MemoryDlq {
-        fn write<'a>(&'a self, r: &'a Record, f: &'a Failure, attempts: u32) -> BoxFuture<'a, Result<(), Failure>> {
+        fn write<'a>(
+            &'a self,
+            r: &'a Record,
+            f: &'a Failure,
+            attempts: u32,
+        ) -> BoxFuture<'a, Result<Written, Failure>> {
             Box::pin(async move {
+                let slow = *self.slow.lock().unwrap();
+                tokio::time::sleep(slow).await;
                 let mut n = self.fail_first.lock().unwrap();
                 if *n > 0 {
                     *n -= 1;
                     return Err(Failure::new(FailureClass::Produce { retryable: true }, "broker down"));
                 }
                 self.written.lock().unwrap().push((r.offset, f.class.label(), attempts));
-                Ok(())
+                Ok(Written::Full)
             })
         }
     }
@@ -289,7 +418,11 @@ mod tests {
             failures: Mutex::new(script.iter().map(|(o, n, c)| (*o, (*n, c.clone()))).collect()),
             calls: Mutex::new(vec![]),
         });
-        let d = Arc::new(MemoryDlq { written: Mutex::new(vec![]), fail_first: Mutex::new(dlq_fail_first) });
+        let d = Arc::new(MemoryDlq {
+            written: Mutex::new(vec![]),
+            fail_first: Mutex::new(dlq_fail_first),
+            slow: Mutex::new(Duration::ZERO),
+        });
         let c = JobContext {
             processor: p.clone(),
             dead_letter: Some(d.clone()),
@@ -303,6 +436,8 @@ mod tests {
             },
             metrics: Metrics::new().unwrap(),
             health: Arc::new(Health::default()),
+            breaker: None,
+            limiter: None,
         };
         (c, p, d)
     }
@@ -403,5 +538,125 @@ mod tests {
         assert!(started.elapsed() >= Duration::from_millis(900), "max backoff between blocked retries");
         assert_eq!(c.metrics.blocked.get(), 0);
         assert_eq!(rx.try_recv().unwrap()[0].offset, 0);
+    }
+
+    /// Answers every call with the given failure `n` times, then succeeds.
+    struct FailsNTimes {
+        left: Mutex<u32>,
+        failure: Failure,
+        calls: Mutex<Vec<tokio::time::Instant>>,
+    }
+
+    impl Processor for FailsNTimes {
+        fn process<'a>(&'a self, _records: &'a [Arc<Record>]) -> BoxFuture<'a, BatchOutcome> {
+            Box::pin(async move {
+                self.calls.lock().unwrap().push(tokio::time::Instant::now());
+                let mut n = self.left.lock().unwrap();
+                if *n > 0 {
+                    *n -= 1;
+                    return BatchOutcome::Failed(self.failure.clone());
+                }
+                BatchOutcome::ok()
+            })
+        }
+    }
+
+    fn failing(n: u32, failure: Failure) -> Arc<FailsNTimes> {
+        Arc::new(FailsNTimes { left: Mutex::new(n), failure, calls: Mutex::new(vec![]) })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_is_waited_for_and_spends_no_attempts() {
+        let (mut c, _, d) = ctx(&[], OnFailure::DeadLetter, 0);
+        // 3 attempts allowed; the server throttles 10 times with Retry-After: 20 s.
+        let p = failing(
+            10,
+            Failure::new(FailureClass::HttpStatus(429), "slow down").with_retry_after(Some(Duration::from_secs(20))),
+        );
+        c.processor = p.clone();
+        assert_eq!(run(&c, batch(5)).await, vec![0, 1, 2, 3, 4]);
+        assert!(d.written.lock().unwrap().is_empty(), "nothing dead-lettered");
+        let calls = p.calls.lock().unwrap();
+        assert_eq!(calls.len(), 11);
+        for w in calls.windows(2) {
+            assert!(w[1] - w[0] >= Duration::from_secs(20), "retried after {:?}", w[1] - w[0]);
+        }
+        assert_eq!(c.metrics.throttled.get(), 50);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_open_circuit_spends_no_attempts_and_dead_letters_nothing() {
+        use crate::breaker::{BreakerSettings, CircuitBreaker};
+        let (mut c, _, d) = ctx(&[], OnFailure::DeadLetter, 0);
+        let settings = BreakerSettings { min_calls: 2, ..BreakerSettings::default() };
+        c.breaker = Some(Arc::new(CircuitBreaker::new(settings, c.metrics.clone(), c.health.clone())));
+        c.limiter = Some(Arc::new(crate::aimd::ConcurrencyLimiter::new(1, 16, c.metrics.clone())));
+        // Down (503, a sign of overload too) for 40 calls: far beyond the 3 attempts.
+        let p = failing(40, Failure::new(FailureClass::HttpStatus(503), "service unavailable"));
+        c.processor = p.clone();
+        let started = tokio::time::Instant::now();
+        assert_eq!(run(&c, batch(3)).await, vec![0, 1, 2]);
+        assert!(d.written.lock().unwrap().is_empty(), "the DLQ is not for a downstream that is down");
+        assert_eq!(p.calls.lock().unwrap().len(), 41);
+        assert!(c.metrics.circuit_opened.get() >= 1);
+        // Halved once by the 503 before the circuit opened, then left alone: not at its floor of 1.
+        assert_eq!(c.limiter.as_ref().unwrap().limit(), 8, "an outage is not overload");
+        assert_eq!(c.metrics.circuit_state.get(), 0, "closed after recovery");
+        // Probes at 5, 10, 20, 40, 60, 60, ... s: the outage costs minutes of waiting, not attempts.
+        assert!(started.elapsed() >= Duration::from_secs(600), "{:?}", started.elapsed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_persistently_failing_dead_letter_write_is_reported() {
+        let (c, _, d) = ctx(&[(0, 100, FailureClass::HttpStatus(400))], OnFailure::DeadLetter, 5);
+        let c = Arc::new(c);
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let job = tokio::spawn({
+            let c = c.clone();
+            async move { c.run(batch(1), tx).await }
+        });
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let r = c.health.retry_report("t", 0, 0, 1).expect("reported");
+        assert!(r.dead_letter_failing && r.blocked, "{r:?}");
+        job.await.unwrap();
+        assert_eq!(c.metrics.dead_letter_errors.get(), 5);
+        assert_eq!(d.written.lock().unwrap().len(), 1);
+        assert_eq!(c.health.retry_report("t", 0, 0, 1), None, "settled");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_inherited_attempt_budget_continues() {
+        let (c, p, d) = ctx(&[(0, 100, FailureClass::Timeout)], OnFailure::DeadLetter, 0);
+        let report = kpipe_api::commit_metadata::RetryReport {
+            offset: 0,
+            attempts: 2,
+            since_ms: 1_000,
+            at_ms: 2_000,
+            ..Default::default()
+        };
+        c.health.inherit("t", 0, &report);
+        run(&c, batch(1)).await;
+        assert_eq!(p.calls.lock().unwrap().len(), 1, "2 of 3 attempts were spent by the previous owner");
+        assert_eq!(*d.written.lock().unwrap(), vec![(0, "timeout".to_string(), 3)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unacknowledged_dead_letter_write_is_reported_before_it_fails() {
+        let (c, _, d) = ctx(&[(0, 100, FailureClass::HttpStatus(400))], OnFailure::DeadLetter, 0);
+        *d.slow.lock().unwrap() = Duration::from_secs(60);
+        let c = Arc::new(c);
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let job = tokio::spawn({
+            let c = c.clone();
+            async move { c.run(batch(1), tx).await }
+        });
+        tokio::time::sleep(Duration::from_secs(14)).await;
+        assert!(!c.health.retry_report("t", 0, 0, 1).unwrap().dead_letter_failing, "not yet");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let r = c.health.retry_report("t", 0, 0, 1).unwrap();
+        assert!(r.dead_letter_failing && r.blocked, "{r:?}");
+        job.await.unwrap();
+        assert_eq!(d.written.lock().unwrap().len(), 1);
+        assert_eq!(c.health.retry_report("t", 0, 0, 1), None, "cleared once written");
     }
 }

@@ -6,7 +6,9 @@
 //! are separate modules with their own tests; Kafka and HTTP I/O stay in `consumer`, `processor`
 //! and `server`.
 
+pub mod aimd;
 pub mod backoff;
+pub mod breaker;
 pub mod classify;
 pub mod config;
 pub mod consumer;
@@ -17,9 +19,11 @@ pub mod metrics;
 pub mod partition;
 pub mod processor;
 pub mod record;
+pub mod retry_after;
 pub mod run;
 pub mod scheduler;
 pub mod server;
+pub mod size;
 pub mod tracker;
 pub mod window;
 

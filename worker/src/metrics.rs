@@ -38,6 +38,24 @@ pub struct Metrics {
     /// `kpipe_worker_commits_withheld_total`: per-partition commits not sent because the offset was beyond the
     /// partition's log end (a recreated topic): no committed offset ever exceeds the log end.
     pub commits_withheld: IntCounter,
+    /// `kpipe_worker_circuit_state`: the processor circuit breaker, 0 closed, 1 open, 2 half-open
+    /// ([`crate::breaker`]).
+    pub circuit_state: IntGauge,
+    /// `kpipe_worker_circuit_opened_total`: times the circuit opened (the processor was unavailable).
+    pub circuit_opened: IntCounter,
+    /// `kpipe_worker_concurrency_limit`: the adaptive limit on records in processor calls at once,
+    /// between 1 and `concurrency.perWorker` ([`crate::aimd`]).
+    pub concurrency_limit: IntGauge,
+    /// `kpipe_worker_records_throttled_total`: record failures that carried a `Retry-After` (429/503),
+    /// waited for as asked and not counted against `retry.maxAttempts`.
+    pub throttled: IntCounter,
+    /// `kpipe_worker_dead_letter_truncated_total`: records dead-lettered as a reference record (value,
+    /// and if need be headers and key, left out) because the full copy exceeds the dead-letter topic's
+    /// `max.message.bytes`.
+    pub dead_letter_truncated: IntCounter,
+    /// `kpipe_worker_records_too_large_total`: records refused before producing because they exceed the
+    /// output topic's `max.message.bytes` (a permanent failure, sent down the failure policy).
+    pub too_large: IntCounter,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -146,6 +164,27 @@ impl Metrics {
                 "kpipe_worker_commits_withheld_total",
                 "Partition commits not sent because the offset was beyond the partition's log end",
             )?,
+            circuit_state: gauge(
+                "kpipe_worker_circuit_state",
+                "Processor circuit breaker: 0 closed, 1 open (processor unavailable), 2 half-open (probing)",
+            )?,
+            circuit_opened: counter("kpipe_worker_circuit_opened_total", "Times the processor circuit breaker opened")?,
+            concurrency_limit: gauge(
+                "kpipe_worker_concurrency_limit",
+                "Adaptive (AIMD) limit on records in processor calls at once",
+            )?,
+            throttled: counter(
+                "kpipe_worker_records_throttled_total",
+                "Record failures with Retry-After (429/503): waited as asked, not counted as attempts",
+            )?,
+            dead_letter_truncated: counter(
+                "kpipe_worker_dead_letter_truncated_total",
+                "Records dead-lettered as a reference record because the full copy exceeds the topic's size limit",
+            )?,
+            too_large: counter(
+                "kpipe_worker_records_too_large_total",
+                "Records refused because they exceed the output topic's max.message.bytes",
+            )?,
             registry,
         })
     }
@@ -181,6 +220,12 @@ mod tests {
             "kpipe_worker_offset_resets_total{reason=\"below_log_start\"} 1",
             "kpipe_worker_offset_regressions_total 1",
             "kpipe_worker_commits_withheld_total 0",
+            "kpipe_worker_circuit_state 0",
+            "kpipe_worker_circuit_opened_total 0",
+            "kpipe_worker_concurrency_limit 0",
+            "kpipe_worker_records_throttled_total 0",
+            "kpipe_worker_dead_letter_truncated_total 0",
+            "kpipe_worker_records_too_large_total 0",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

@@ -12,7 +12,9 @@ use rdkafka::error::KafkaError;
 use rdkafka::producer::FutureProducer;
 use tokio_util::sync::CancellationToken;
 
+use crate::aimd::ConcurrencyLimiter;
 use crate::backoff::BackoffPolicy;
+use crate::breaker::{BreakerSettings, CircuitBreaker};
 use crate::consumer::{ConsumerLoop, Dispatch, StartPolicy, WorkerContext};
 use crate::health::Health;
 use crate::job::JobContext;
@@ -20,10 +22,13 @@ use crate::kafka_config::{self, Env};
 use crate::metrics::{Metrics, MetricsError};
 use crate::partition::PartitionSettings;
 use crate::processor::http::{HttpBuildError, HttpProcessor};
-use crate::processor::kafka::{DeadLetterSink, KafkaDeadLetter, KafkaForwarder};
+use crate::processor::kafka::{
+    DeadLetterSink, KafkaDeadLetter, KafkaForwarder, PRODUCER_MESSAGE_MAX_BYTES, TopicLimits,
+};
 use crate::processor::{NoopProcessor, Processor};
 use crate::scheduler::BatchLimits;
 use crate::server::{self, ServerError};
+use crate::size;
 
 /// Process-level settings that come from flags/env rather than the config document.
 #[derive(Debug, Clone)]
@@ -82,37 +87,73 @@ pub async fn run(config: WorkerConfig, settings: RunSettings, shutdown: Cancella
 
     let spec = &config.spec;
     let needs_producer = matches!(spec.processor, ProcessorSpec::Kafka(_)) || spec.dead_letter.is_some();
-    let producer: Option<FutureProducer> = if needs_producer {
-        Some(
-            kafka_config::producer(&config, &settings.env)
-                .create()
-                .map_err(|source| RunError::Kafka { what: "producer", source })?,
-        )
+    let mut producer_config = kafka_config::producer(&config, &settings.env);
+    // The topics' max.message.bytes decides what fits (crate::size), not librdkafka's 1,000,000 default.
+    if producer_config.get("message.max.bytes").is_none() {
+        producer_config.set("message.max.bytes", PRODUCER_MESSAGE_MAX_BYTES.to_string());
+    }
+    let (producer, limits): (Option<FutureProducer>, Arc<TopicLimits>) = if needs_producer {
+        let admin = producer_config.create().map_err(|source| RunError::Kafka { what: "admin client", source })?;
+        let limits = Arc::new(TopicLimits::new(Some(admin)));
+        // librdkafka batches records up to batch.size (default 1,000,000) per partition; a batch above a
+        // topic's max.message.bytes is refused whole, so batches stay within the smallest target limit.
+        let mut targets: Vec<&str> = Vec::new();
+        if let ProcessorSpec::Kafka(k) = &spec.processor {
+            targets.push(&k.topic);
+        }
+        if let Some(dl) = &spec.dead_letter {
+            targets.push(&dl.topic);
+        }
+        let smallest = limits.smallest(&targets).await;
+        let batch_size = producer_config.get("batch.size").and_then(|v| v.parse::<u64>().ok()).unwrap_or(1_000_000);
+        if smallest.saturating_sub(size::BATCH_OVERHEAD) < batch_size {
+            let capped = smallest.saturating_sub(size::BATCH_OVERHEAD).max(1);
+            tracing::info!(batch_size = capped, "producer batch.size capped by the target topics' max.message.bytes");
+            producer_config.set("batch.size", capped.to_string());
+        }
+        let producer = producer_config.create().map_err(|source| RunError::Kafka { what: "producer", source })?;
+        (Some(producer), limits)
     } else {
-        None
+        (None, Arc::new(TopicLimits::new(None)))
     };
     let processor: Arc<dyn Processor> = match (&spec.processor, &producer) {
-        (ProcessorSpec::Http(h), _) => Arc::new(HttpProcessor::new(h, &config.namespace, &config.pipeline)?),
-        (ProcessorSpec::Kafka(k), Some(p)) => Arc::new(KafkaForwarder::new(p.clone(), k)),
+        (ProcessorSpec::Http(h), _) => {
+            Arc::new(HttpProcessor::new(h, &config.namespace, &config.pipeline)?.with_ordering(spec.ordering))
+        }
+        (ProcessorSpec::Kafka(k), Some(p)) => {
+            Arc::new(KafkaForwarder::new(p.clone(), k, limits.clone(), metrics.clone()))
+        }
         _ => Arc::new(NoopProcessor),
     };
+    // Downstream health gates (crate::breaker, crate::aimd): for processors that can be unavailable.
+    let guarded = !matches!(spec.processor, ProcessorSpec::Noop(_));
     let on_failure = spec.effective_on_failure();
     let dead_letter: Option<Arc<dyn DeadLetterSink>> = match (&spec.dead_letter, &producer) {
         (Some(dl), Some(p)) if on_failure == OnFailure::DeadLetter => Some(Arc::new(KafkaDeadLetter {
             producer: p.clone(),
             topic: dl.topic.clone(),
             pipeline: config.pipeline.clone(),
+            limits: limits.clone(),
         })),
         _ => None,
     };
+    let backoff = BackoffPolicy::from(&spec.retry);
+    let breaker_settings = BreakerSettings::for_max_attempts(backoff.max_attempts);
     let jobs = Arc::new(JobContext {
         processor,
         dead_letter,
         on_failure,
-        backoff: BackoffPolicy::from(&spec.retry),
+        backoff,
         metrics: metrics.clone(),
         health: health.clone(),
+        breaker: guarded.then(|| Arc::new(CircuitBreaker::new(breaker_settings, metrics.clone(), health.clone()))),
+        limiter: guarded
+            .then(|| Arc::new(ConcurrencyLimiter::new(1, spec.concurrency.per_worker as usize, metrics.clone()))),
     });
+    if !guarded {
+        // Not gated (noop): the limit is the configured one.
+        metrics.concurrency_limit.set(i64::from(spec.concurrency.per_worker));
+    }
     let dispatch = Arc::new(Dispatch::new(
         tokio::runtime::Handle::current(),
         partition_settings(&config, settings.shutdown_timeout),

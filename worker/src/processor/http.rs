@@ -14,7 +14,18 @@
 //! body `{"failed": [{"partition": 0, "offset": 42, "error": "why", "permanent": false}]}`
 //! (`topic` may be given too). Only named records are retried; `permanent: true` sends a record
 //! straight to the failure policy. Non-2xx fails the whole batch: 408/409/429/5xx are retried,
-//! other statuses go to the failure policy.
+//! other statuses go to the failure policy. A 429 or 503 with `Retry-After` (RFC 9110 §10.2.3) delays
+//! the retry of those records at least as long as asked ([`crate::retry_after`]).
+//!
+//! CloudEvents (binary content mode, HTTP protocol binding 1.0): one request per record, attributes
+//! in `ce-` headers whose values are percent-encoded as §3.1.3.2 requires (UTF-8, then space, `"`,
+//! `%` and everything outside printable ASCII as `%XX`). The record key goes into the Kafka binding's
+//! `partitionkey` extension (a String): a UTF-8 key as itself, any other key (e.g. Confluent
+//! wire-format keys starting `00 00 00 01`) as standard base64, flagged by the extension
+//! `kpipekeyencoding: base64`. Records are sent in the order `ordering` asks: `partition` one after
+//! the other, `key` records of one key one after the other (keys in parallel), `unordered` all at once.
+//! When a record fails, the later records it orders are not sent in that call (they fail as
+//! `deferred`, not counted as attempts) so they can never overtake it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,7 +33,8 @@ use std::time::Duration;
 
 use base64::Engine;
 use futures::future::BoxFuture;
-use kpipe_api::v1alpha1::{HttpFormat, HttpProcessor as HttpSpec};
+use kpipe_api::v1alpha1::{HttpFormat, HttpProcessor as HttpSpec, Ordering};
+use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 use prost::Message;
 use serde::{Deserialize, Serialize};
 
@@ -30,6 +42,61 @@ use super::{BatchOutcome, Processor};
 use crate::classify::{Failure, FailureClass, classify_reqwest};
 use crate::proto;
 use crate::record::Record;
+use crate::retry_after;
+
+/// What the CloudEvents HTTP binding (§3.1.3.2) requires to be percent-encoded in a header value
+/// besides non-ASCII (which `utf8_percent_encode` always encodes): controls, space, `"` and `%`.
+const CE_HEADER_VALUE: &AsciiSet = &CONTROLS.add(b' ').add(b'"').add(b'%');
+
+/// A CloudEvents attribute value as an HTTP header value (§3.1.3.2).
+pub fn ce_header_value(value: &str) -> String {
+    utf8_percent_encode(value, CE_HEADER_VALUE).to_string()
+}
+
+/// The `partitionkey` extension value of a record key and whether it is base64 (the key is not
+/// UTF-8); see the module docs.
+pub fn ce_partition_key(key: &[u8]) -> (String, bool) {
+    match std::str::from_utf8(key) {
+        Ok(text) => (ce_header_value(text), false),
+        Err(_) => (base64::engine::general_purpose::STANDARD.encode(key), true),
+    }
+}
+
+/// The wait a failed response asks for: its `Retry-After` on a 429 or 503, if valid.
+fn retry_after_of(resp: &reqwest::Response) -> Option<Duration> {
+    if !retry_after::applies_to(resp.status().as_u16()) {
+        return None;
+    }
+    let value = resp.headers().get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    retry_after::parse(value, std::time::SystemTime::now())
+}
+
+/// Groups of batch indices to send one after the other (each group in order; groups in parallel),
+/// as `ordering` requires: one group (`partition`), one per key with keyless records alone (`key`),
+/// or one per record (`unordered`).
+pub fn send_groups(records: &[Arc<Record>], ordering: Ordering) -> Vec<Vec<usize>> {
+    match ordering {
+        Ordering::Partition => vec![(0..records.len()).collect()],
+        Ordering::Unordered => (0..records.len()).map(|i| vec![i]).collect(),
+        Ordering::Key => {
+            let mut groups: Vec<Vec<usize>> = Vec::new();
+            let mut by_key: std::collections::HashMap<&[u8], usize> = std::collections::HashMap::new();
+            for (i, r) in records.iter().enumerate() {
+                match r.key.as_deref() {
+                    None => groups.push(vec![i]),
+                    Some(k) => match by_key.get(k) {
+                        Some(&g) => groups[g].push(i),
+                        None => {
+                            by_key.insert(k, groups.len());
+                            groups.push(vec![i]);
+                        }
+                    },
+                }
+            }
+            groups
+        }
+    }
+}
 
 pub struct HttpProcessor {
     client: reqwest::Client,
@@ -38,6 +105,7 @@ pub struct HttpProcessor {
     headers: BTreeMap<String, String>,
     pipeline: String,
     source: String,
+    ordering: Ordering,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,7 +125,15 @@ impl HttpProcessor {
             headers: spec.headers.clone(),
             pipeline: pipeline.to_owned(),
             source: format!("/kpipe/{namespace}/{pipeline}"),
+            ordering: Ordering::Key,
         })
+    }
+
+    /// The pipeline's `ordering`, which CloudEvents mode (one request per record) keeps within a
+    /// batch (default `key`).
+    pub fn with_ordering(mut self, ordering: Ordering) -> Self {
+        self.ordering = ordering;
+        self
     }
 
     fn request(&self) -> reqwest::RequestBuilder {
@@ -81,16 +157,17 @@ impl HttpProcessor {
             Err(e) => return BatchOutcome::Failed(Failure::new(classify_reqwest(&e), e.to_string())),
         };
         let status = resp.status();
+        let wait = retry_after_of(&resp);
         let bytes = match resp.bytes().await {
             Ok(b) => b,
             Err(e) => return BatchOutcome::Failed(Failure::new(classify_reqwest(&e), e.to_string())),
         };
         if !status.is_success() {
             let snippet = String::from_utf8_lossy(&bytes[..bytes.len().min(256)]).into_owned();
-            return BatchOutcome::Failed(Failure::new(
-                FailureClass::HttpStatus(status.as_u16()),
-                format!("HTTP {status}: {snippet}"),
-            ));
+            return BatchOutcome::Failed(
+                Failure::new(FailureClass::HttpStatus(status.as_u16()), format!("HTTP {status}: {snippet}"))
+                    .with_retry_after(wait),
+            );
         }
         let failed = match self.format {
             HttpFormat::Protobuf => match decode_protobuf_result(&bytes) {
@@ -103,24 +180,32 @@ impl HttpProcessor {
     }
 
     async fn send_cloudevent(&self, record: &Record) -> Result<(), Failure> {
+        let ce = ce_header_value;
         let mut req = self
             .request()
             .header("ce-specversion", "1.0")
-            .header("ce-id", format!("{}-{}-{}", record.topic, record.partition, record.offset))
-            .header("ce-source", &self.source)
+            .header("ce-id", ce(&format!("{}-{}-{}", record.topic, record.partition, record.offset)))
+            .header("ce-source", ce(&self.source))
             .header("ce-type", "io.kpipe.record")
-            .header("ce-subject", format!("{}/{}/{}", record.topic, record.partition, record.offset));
+            .header("ce-subject", ce(&format!("{}/{}/{}", record.topic, record.partition, record.offset)));
         if let Some(ts) = record.timestamp_ms.and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok()) {
-            req = req.header("ce-time", ts.to_string());
+            req = req.header("ce-time", ce(&ts.to_string()));
         }
         if let Some(key) = &record.key {
             // The Kafka protocol binding's `partitionkey` extension.
-            req = req.header("ce-partitionkey", String::from_utf8_lossy(key).into_owned());
+            let (value, base64) = ce_partition_key(key);
+            req = req.header("ce-partitionkey", value);
+            if base64 {
+                req = req.header("ce-kpipekeyencoding", "base64");
+            }
         }
+        // `datacontenttype` maps to Content-Type (§3.1.1); a value that is not a valid header value is
+        // not a content type, so the default applies.
         let mut content_type = "application/octet-stream".to_owned();
         for (k, v) in &record.headers {
             if k.eq_ignore_ascii_case("content-type")
                 && let Some(v) = v.as_ref().and_then(|v| std::str::from_utf8(v).ok())
+                && reqwest::header::HeaderValue::from_str(v).is_ok()
             {
                 content_type = v.to_owned();
             }
@@ -135,8 +220,33 @@ impl HttpProcessor {
         if status.is_success() {
             Ok(())
         } else {
-            Err(Failure::new(FailureClass::HttpStatus(status.as_u16()), format!("HTTP {status}")))
+            Err(Failure::new(FailureClass::HttpStatus(status.as_u16()), format!("HTTP {status}"))
+                .with_retry_after(retry_after_of(&resp)))
         }
+    }
+
+    /// CloudEvents: one request per record, in the order `ordering` requires (see the module docs).
+    async fn send_cloudevents(&self, records: &[Arc<Record>]) -> BatchOutcome {
+        let groups = send_groups(records, self.ordering);
+        let runs = groups.into_iter().map(|group| async move {
+            let mut failed: Vec<(usize, Failure)> = Vec::new();
+            let mut behind: Option<String> = None;
+            for i in group {
+                let Some(r) = records.get(i) else { continue };
+                if let Some(why) = &behind {
+                    failed.push((i, Failure::new(FailureClass::Deferred, why.clone())));
+                    continue;
+                }
+                if let Err(f) = self.send_cloudevent(r).await {
+                    behind = Some(format!("not sent: offset {} before it failed ({f})", r.offset));
+                    failed.push((i, f));
+                }
+            }
+            failed
+        });
+        let mut failed: Vec<(usize, Failure)> = futures::future::join_all(runs).await.into_iter().flatten().collect();
+        failed.sort_by_key(|(i, _)| *i);
+        BatchOutcome::Partial(failed)
     }
 }
 
@@ -144,9 +254,7 @@ impl Processor for HttpProcessor {
     fn process<'a>(&'a self, records: &'a [Arc<Record>]) -> BoxFuture<'a, BatchOutcome> {
         Box::pin(async move {
             if self.format == HttpFormat::Cloudevents {
-                let results = futures::future::join_all(records.iter().map(|r| self.send_cloudevent(r))).await;
-                let failed = results.into_iter().enumerate().filter_map(|(i, r)| r.err().map(|f| (i, f))).collect();
-                BatchOutcome::Partial(failed)
+                self.send_cloudevents(records).await
             } else {
                 self.send_batch(records).await
             }
@@ -357,6 +465,38 @@ mod tests {
         assert!(decode_json_result(b"").is_empty());
         assert!(decode_json_result(b"ok").is_empty());
         assert!(decode_json_result(b"{}").is_empty());
+    }
+
+    #[test]
+    fn cloudevents_header_values_are_percent_encoded() {
+        assert_eq!(ce_header_value("plain-ascii_1.0/x:y"), "plain-ascii_1.0/x:y");
+        assert_eq!(ce_header_value("a b\"c%d"), "a%20b%22c%25d");
+        assert_eq!(ce_header_value("käse €"), "k%C3%A4se%20%E2%82%AC");
+        assert_eq!(ce_header_value("tab\tnl\n\u{7f}"), "tab%09nl%0A%7F");
+        for v in ["käse", "a\u{1}b", "\"%\""] {
+            assert!(reqwest::header::HeaderValue::from_str(&ce_header_value(v)).is_ok(), "{v:?}");
+            let encoded = ce_header_value(v);
+            let decoded = percent_encoding::percent_decode_str(&encoded).decode_utf8().unwrap();
+            assert_eq!(decoded, v, "round trip");
+        }
+    }
+
+    #[test]
+    fn binary_keys_become_base64_partition_keys() {
+        assert_eq!(ce_partition_key(b"order-1"), ("order-1".to_string(), false));
+        assert_eq!(ce_partition_key("ü".as_bytes()), ("%C3%BC".to_string(), false));
+        let (v, b64) = ce_partition_key(&[0, 0, 0, 1, 0xff]);
+        assert!(b64);
+        assert_eq!(base64::engine::general_purpose::STANDARD.decode(&v).unwrap(), vec![0, 0, 0, 1, 0xff]);
+    }
+
+    #[test]
+    fn send_groups_follow_the_ordering() {
+        let keys = [Some("a"), Some("b"), Some("a"), None, None, Some("b")];
+        let recs: Vec<_> = keys.iter().enumerate().map(|(o, k)| Arc::new(test_record(o as i64, *k, "v"))).collect();
+        assert_eq!(send_groups(&recs, Ordering::Key), vec![vec![0, 2], vec![1, 5], vec![3], vec![4]]);
+        assert_eq!(send_groups(&recs, Ordering::Partition), vec![vec![0, 1, 2, 3, 4, 5]]);
+        assert_eq!(send_groups(&recs, Ordering::Unordered).len(), 6);
     }
 
     #[test]

@@ -1,28 +1,54 @@
 //! The `kafka` processor (forward to another topic) and the dead-letter writer. Both produce with
 //! an idempotent producer (acks=all) and count a record done only once the broker acknowledged it.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use kpipe_api::v1alpha1::{KafkaProcessor as KafkaSpec, KeyPolicy};
+use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
 
 use super::{BatchOutcome, Processor};
 use crate::classify::{Failure, FailureClass};
+use crate::metrics::Metrics;
 use crate::record::Record;
+use crate::size::{self, Shape};
+
+/// The producer's own limit on one request (librdkafka `message.max.bytes`), set by the worker so
+/// that the topics' `max.message.bytes` is what decides (librdkafka's default, 1,000,000, is below
+/// Kafka's default topic limit of 1,048,588).
+pub const PRODUCER_MESSAGE_MAX_BYTES: u64 = 64 << 20;
+
+/// Kafka's default `max.message.bytes` (the broker's `message.max.bytes`), used while a topic's own
+/// value cannot be read.
+pub const KAFKA_DEFAULT_MAX_MESSAGE_BYTES: u64 = 1_048_588;
+
+/// How long one read of a topic's configuration may take.
+const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long one produce may wait in librdkafka's queue before it counts as failed (and retried).
 const PRODUCE_QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Whether a produce error says the record is too large for the topic (or the producer).
+pub fn is_too_large(err: &KafkaError) -> bool {
+    matches!(
+        err.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::MessageBatchTooLarge)
+    )
+}
 
 fn classify_produce(err: &KafkaError) -> FailureClass {
     let permanent = matches!(
         err.rdkafka_error_code(),
         Some(
             RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::MessageBatchTooLarge
                 | RDKafkaErrorCode::InvalidMessage
                 | RDKafkaErrorCode::InvalidMessageSize
                 | RDKafkaErrorCode::TopicAuthorizationFailed
@@ -43,28 +69,139 @@ fn headers_of(record: &Record, extra: &[(String, Vec<u8>)]) -> OwnedHeaders {
     h
 }
 
+/// A topic's size limit as far as kpipe knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// Read from the topic's configuration (capped by [`PRODUCER_MESSAGE_MAX_BYTES`]).
+    Known(u64),
+    /// The configuration could not be read (no DescribeConfigs permission, brokers unreachable):
+    /// [`KAFKA_DEFAULT_MAX_MESSAGE_BYTES`] is assumed.
+    Assumed(u64),
+}
+
+impl Limit {
+    pub fn bytes(self) -> u64 {
+        match self {
+            Self::Known(b) | Self::Assumed(b) => b,
+        }
+    }
+}
+
+/// How long a failed read of a topic's configuration is remembered before it is tried again.
+const UNKNOWN_LIMIT_TTL: Duration = Duration::from_secs(60);
+
+/// The `max.message.bytes` of the topics kpipe produces to, read once per topic through the admin
+/// API (DescribeConfigs), cached, and read again after the broker refused a record as too large
+/// ([`TopicLimits::invalidate`]). A failed read assumes Kafka's default and is retried after
+/// [`UNKNOWN_LIMIT_TTL`] (never once per record).
+pub struct TopicLimits {
+    admin: Option<AdminClient<DefaultClientContext>>,
+    cache: Mutex<HashMap<String, (Limit, Option<std::time::Instant>)>>,
+}
+
+impl TopicLimits {
+    /// `admin`: `None` assumes [`KAFKA_DEFAULT_MAX_MESSAGE_BYTES`] for every topic (tests).
+    pub fn new(admin: Option<AdminClient<DefaultClientContext>>) -> Self {
+        Self { admin, cache: Mutex::new(HashMap::new()) }
+    }
+
+    /// A fixed, known limit for `topic` (tests, or a value known otherwise).
+    pub fn with_limit(self, topic: &str, bytes: u64) -> Self {
+        if let Ok(mut c) = self.cache.lock() {
+            c.insert(topic.to_owned(), (Limit::Known(bytes), None));
+        }
+        self
+    }
+
+    /// The largest record `topic` accepts, in bytes (a record batch of one record, see [`crate::size`]).
+    pub async fn max_message_bytes(&self, topic: &str) -> u64 {
+        self.limit(topic).await.bytes()
+    }
+
+    /// The topic's limit and whether it was read or assumed.
+    pub async fn limit(&self, topic: &str) -> Limit {
+        let now = std::time::Instant::now();
+        if let Some((l, expires)) = self.cache.lock().ok().and_then(|c| c.get(topic).copied())
+            && expires.is_none_or(|e| now < e)
+        {
+            return l;
+        }
+        let assumed = Limit::Assumed(KAFKA_DEFAULT_MAX_MESSAGE_BYTES);
+        let Some(admin) = &self.admin else { return assumed };
+        let opts = AdminOptions::new().request_timeout(Some(Timeout::After(DESCRIBE_TIMEOUT)));
+        let read = match admin.describe_configs(&[ResourceSpecifier::Topic(topic)], &opts).await {
+            Ok(results) => results
+                .into_iter()
+                .flatten()
+                .find_map(|r| r.get("max.message.bytes").and_then(|e| e.value.as_deref()?.parse::<u64>().ok())),
+            Err(e) => {
+                tracing::warn!(topic, "cannot read the topic's max.message.bytes: {e}");
+                None
+            }
+        };
+        let entry = match read {
+            Some(v) => {
+                let v = v.min(PRODUCER_MESSAGE_MAX_BYTES);
+                tracing::info!(topic, max_message_bytes = v, "topic size limit");
+                (Limit::Known(v), None)
+            }
+            None => {
+                tracing::warn!(topic, assumed = KAFKA_DEFAULT_MAX_MESSAGE_BYTES, "topic size limit unknown");
+                (assumed, Some(now + UNKNOWN_LIMIT_TTL))
+            }
+        };
+        if let Ok(mut c) = self.cache.lock() {
+            c.insert(topic.to_owned(), entry);
+        }
+        entry.0
+    }
+
+    /// The smallest limit of `topics` (read now): the producer's `batch.size` must not exceed it, or
+    /// librdkafka batches records for that topic beyond what the broker accepts (the broker then
+    /// refuses the whole batch as too large).
+    pub async fn smallest(&self, topics: &[&str]) -> u64 {
+        let mut least = u64::MAX;
+        for t in topics {
+            least = least.min(self.max_message_bytes(t).await);
+        }
+        least
+    }
+
+    /// Forgets the cached limit of `topic` (the broker refused a record kpipe judged to fit). A
+    /// limit that could not be read stays assumed until its retry time.
+    pub fn invalidate(&self, topic: &str) {
+        if self.admin.is_some()
+            && let Ok(mut c) = self.cache.lock()
+            && c.get(topic).is_some_and(|(l, _)| matches!(l, Limit::Known(_)))
+        {
+            c.remove(topic);
+        }
+    }
+}
+
 async fn produce(
     producer: &FutureProducer,
     topic: &str,
-    record: &Record,
     key: Option<&[u8]>,
-    extra_headers: &[(String, Vec<u8>)],
-) -> Result<(), Failure> {
-    let mut fr: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers_of(record, extra_headers));
+    value: Option<&[u8]>,
+    headers: OwnedHeaders,
+    timestamp_ms: Option<i64>,
+) -> Result<(), KafkaError> {
+    let mut fr: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
     if let Some(k) = key {
         fr = fr.key(k);
     }
-    if let Some(v) = record.value.as_deref() {
+    if let Some(v) = value {
         fr = fr.payload(v);
     }
-    if let Some(ts) = record.timestamp_ms {
+    if let Some(ts) = timestamp_ms {
         fr = fr.timestamp(ts);
     }
-    producer
-        .send(fr, PRODUCE_QUEUE_TIMEOUT)
-        .await
-        .map(|_| ())
-        .map_err(|(e, _)| Failure::new(classify_produce(&e), e.to_string()))
+    producer.send(fr, PRODUCE_QUEUE_TIMEOUT).await.map(|_| ()).map_err(|(e, _)| e)
+}
+
+fn produce_failure(e: &KafkaError) -> Failure {
+    Failure::new(classify_produce(e), e.to_string())
 }
 
 pub struct KafkaForwarder {
@@ -72,15 +209,71 @@ pub struct KafkaForwarder {
     topic: String,
     keep_key: bool,
     headers: Vec<(String, Vec<u8>)>,
+    limits: Arc<TopicLimits>,
+    metrics: Metrics,
 }
 
 impl KafkaForwarder {
-    pub fn new(producer: FutureProducer, spec: &KafkaSpec) -> Self {
+    pub fn new(producer: FutureProducer, spec: &KafkaSpec, limits: Arc<TopicLimits>, metrics: Metrics) -> Self {
         Self {
             producer,
             topic: spec.topic.clone(),
             keep_key: spec.key == KeyPolicy::Keep,
             headers: spec.headers.iter().map(|(k, v)| (k.clone(), v.as_bytes().to_vec())).collect(),
+            limits,
+            metrics,
+        }
+    }
+
+    /// Forwards one record. A record larger than the output topic's `max.message.bytes` is a
+    /// permanent failure (sent down the failure policy, never retried): it is refused before
+    /// producing, or, if the broker refuses it after all (the limit changed), the limit is read again.
+    async fn forward(&self, r: &Record, limit: u64) -> Result<(), Failure> {
+        let key = if self.keep_key { r.key.as_deref() } else { None };
+        let headers = r
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_deref()))
+            .chain(self.headers.iter().map(|(k, v)| (k.as_str(), Some(v.as_slice()))));
+        let bytes = size::record_size(key, r.value.as_deref(), headers);
+        if bytes > limit {
+            self.metrics.too_large.inc();
+            return Err(Failure::new(
+                FailureClass::Produce { retryable: false },
+                format!("record of about {bytes} bytes exceeds max.message.bytes {limit} of topic {}", self.topic),
+            ));
+        }
+        match produce(
+            &self.producer,
+            &self.topic,
+            key,
+            r.value.as_deref(),
+            headers_of(r, &self.headers),
+            r.timestamp_ms,
+        )
+        .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if is_too_large(&e) => {
+                // Either the topic's limit went down (read it again) or the producer batched this
+                // record with others beyond the limit: then the record alone fits and is retried.
+                self.limits.invalidate(&self.topic);
+                let fresh = self.limits.limit(&self.topic).await;
+                // With the limit unknown, the broker's word is all there is: the record is too large.
+                if bytes > fresh.bytes() || matches!(fresh, Limit::Assumed(_)) {
+                    self.metrics.too_large.inc();
+                    Err(produce_failure(&e))
+                } else {
+                    Err(Failure::new(
+                        FailureClass::Produce { retryable: true },
+                        format!(
+                            "{e} (the record alone, about {bytes} bytes, fits the limit {}: retried)",
+                            fresh.bytes()
+                        ),
+                    ))
+                }
+            }
+            Err(e) => Err(produce_failure(&e)),
         }
     }
 }
@@ -88,10 +281,8 @@ impl KafkaForwarder {
 impl Processor for KafkaForwarder {
     fn process<'a>(&'a self, records: &'a [Arc<Record>]) -> BoxFuture<'a, BatchOutcome> {
         Box::pin(async move {
-            let sends = records.iter().map(|r| {
-                let key = if self.keep_key { r.key.as_deref() } else { None };
-                produce(&self.producer, &self.topic, r, key, &self.headers)
-            });
+            let limit = self.limits.max_message_bytes(&self.topic).await;
+            let sends = records.iter().map(|r| self.forward(r, limit));
             let results = futures::future::join_all(sends).await;
             BatchOutcome::Partial(
                 results.into_iter().enumerate().filter_map(|(i, r)| r.err().map(|f| (i, f))).collect(),
@@ -130,6 +321,15 @@ pub fn dead_letter_headers(
     h.into_iter().map(|(k, v)| (k.to_owned(), v.into_bytes())).collect()
 }
 
+/// How a dead letter was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    /// The whole record with context headers.
+    Full,
+    /// A reference record: the full copy exceeds the topic's `max.message.bytes` (see [`crate::size`]).
+    Reference(Shape),
+}
+
 /// Writes failed records to the dead-letter topic.
 pub trait DeadLetterSink: Send + Sync {
     fn write<'a>(
@@ -137,7 +337,7 @@ pub trait DeadLetterSink: Send + Sync {
         record: &'a Record,
         failure: &'a Failure,
         attempts: u32,
-    ) -> BoxFuture<'a, Result<(), Failure>>;
+    ) -> BoxFuture<'a, Result<Written, Failure>>;
 }
 
 pub struct KafkaDeadLetter {
@@ -145,18 +345,64 @@ pub struct KafkaDeadLetter {
     pub topic: String,
     /// `<namespace>/<name>` of the pipeline.
     pub pipeline: String,
+    pub limits: Arc<TopicLimits>,
 }
 
 impl DeadLetterSink for KafkaDeadLetter {
+    /// Writes the largest [`Shape`] that fits the topic's `max.message.bytes`; when the broker still
+    /// refuses it as too large, reads the limit again and tries the next smaller shape, down to
+    /// [`Shape::Bare`] (coordinates and error only). Other errors are returned (the caller retries).
     fn write<'a>(
         &'a self,
         record: &'a Record,
         failure: &'a Failure,
         attempts: u32,
-    ) -> BoxFuture<'a, Result<(), Failure>> {
+    ) -> BoxFuture<'a, Result<Written, Failure>> {
         Box::pin(async move {
-            let headers = dead_letter_headers(record, failure, attempts, &self.pipeline);
-            produce(&self.producer, &self.topic, record, record.key.as_deref(), &headers).await
+            let context = dead_letter_headers(record, failure, attempts, &self.pipeline);
+            let mut at_most = Shape::Full;
+            loop {
+                let limit = self.limits.max_message_bytes(&self.topic).await;
+                let shape = size::dead_letter_shape(record, &context, limit, at_most);
+                let mut extra = size::truncation_headers(record, shape);
+                extra.extend(context.iter().cloned());
+                let headers = if shape.keeps_headers() {
+                    headers_of(record, &extra)
+                } else {
+                    extra.iter().fold(OwnedHeaders::new_with_capacity(extra.len()), |h, (k, v)| {
+                        h.insert(Header { key: k, value: Some(v.as_slice()) })
+                    })
+                };
+                let key = record.key.as_deref().filter(|_| shape.keeps_key());
+                let value = record.value.as_deref().filter(|_| shape.keeps_value());
+                // Stamped with the time of dead-lettering (the original is `kpipe.original.timestamp`): the
+                // DLQ's time-based retention then counts from when the record failed, and a topic with
+                // `message.timestamp.before.max.ms` does not refuse a dead letter for its age.
+                match produce(&self.producer, &self.topic, key, value, headers, None).await {
+                    Ok(()) if shape == Shape::Full => return Ok(Written::Full),
+                    Ok(()) => return Ok(Written::Reference(shape)),
+                    Err(e) if is_too_large(&e) => {
+                        self.limits.invalidate(&self.topic);
+                        let fresh = self.limits.limit(&self.topic).await;
+                        if matches!(fresh, Limit::Known(l) if size::dead_letter_size(record, &context, shape) <= l) {
+                            // The record alone fits: the producer batched it with others beyond the
+                            // limit. Retried as it is (never cut for a reason that is not its own size).
+                            return Err(Failure::new(
+                                FailureClass::Produce { retryable: true },
+                                format!("{e} (the dead letter alone fits the limit {}: retried)", fresh.bytes()),
+                            ));
+                        }
+                        match shape.smaller() {
+                            Some(s) => {
+                                tracing::warn!(topic = %self.topic, ?shape, "dead letter refused as too large; trying smaller");
+                                at_most = s;
+                            }
+                            None => return Err(produce_failure(&e)),
+                        }
+                    }
+                    Err(e) => return Err(produce_failure(&e)),
+                }
+            }
         })
     }
 }
@@ -180,5 +426,15 @@ mod tests {
         assert!(s("kpipe.error.message").len() <= 1024);
         assert_eq!(s("kpipe.attempts"), "3");
         assert_eq!(s("kpipe.pipeline"), "ns/p");
+    }
+
+    #[tokio::test]
+    async fn limits_are_known_or_assumed() {
+        let l = TopicLimits::new(None).with_limit("small", 20_000);
+        assert_eq!(l.limit("small").await, Limit::Known(20_000));
+        assert_eq!(l.limit("other").await, Limit::Assumed(KAFKA_DEFAULT_MAX_MESSAGE_BYTES));
+        assert_eq!(l.smallest(&["other", "small"]).await, 20_000);
+        l.invalidate("small");
+        assert_eq!(l.limit("small").await, Limit::Known(20_000), "without an admin client nothing is re-read");
     }
 }
