@@ -158,7 +158,16 @@ impl Sink {
 
     /// Starts (`true`) or ends an outage: the sink answers 503 to every request meanwhile.
     pub async fn set_outage(&self, on: bool) -> Result<(), TestBedError> {
-        let url = format!("{}/outage/{}", self.base, if on { "start" } else { "end" });
+        self.post(&format!("/outage/{}", if on { "start" } else { "end" })).await
+    }
+
+    /// Starts rate limiting: the sink answers 429 with `Retry-After: <seconds>` until [`Sink::set_outage`]`(false)`.
+    pub async fn start_rate_limit(&self, retry_after_secs: u32) -> Result<(), TestBedError> {
+        self.post(&format!("/outage/start?status=429&retry_after={retry_after_secs}")).await
+    }
+
+    async fn post(&self, path: &str) -> Result<(), TestBedError> {
+        let url = format!("{}{path}", self.base);
         let resp = reqwest::Client::new().post(url).send().await.map_err(other)?;
         if !resp.status().is_success() {
             return Err(other(format!("sink outage switch answered {}", resp.status())));

@@ -603,29 +603,6 @@ async fn reconcile_inner(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
     let previous_replicas = dep_replicas.unwrap_or(0);
     let replicas = if configured { decision.desired } else { previous_replicas };
 
-    // Events and metrics for scale decisions.
-    let scaled = configured && replicas != previous_replicas;
-    if scaled {
-        let direction = if replicas > previous_replicas { "up" } else { "down" };
-        shared.metrics.scale_events.with_label_values(&[&ns, &name, direction]).inc();
-        info!(%ns, %name, from = previous_replicas, to = replicas, reason = %decision.reason, "{}", decision.message);
-        shared.event(&oref, EventType::Normal, decision.reason.as_str(), decision.message.clone(), "Scale").await;
-    }
-    if problem != state.last_problem {
-        match &problem {
-            Some(p) => {
-                warn!(%ns, %name, reason = %p.reason, "{}", p.message);
-                shared.metrics.reconcile_errors.with_label_values(&[&p.reason]).inc();
-                shared.event(&oref, EventType::Warning, &p.reason, p.message.clone(), "Reconcile").await;
-            }
-            None => {
-                shared
-                    .event(&oref, EventType::Normal, "Recovered", "pipeline is healthy again".into(), "Reconcile")
-                    .await;
-            }
-        }
-        state.last_problem = problem.clone();
-    }
     // Is the backlog draining? (Stalled condition, Ready=False and a Warning Event when not.)
     // A restore is news until a ready worker has committed from the restored positions.
     if ready > 0 && snapshot.as_ref().is_some_and(|s| s.no_progress_for.is_zero()) {
@@ -646,9 +623,50 @@ async fn reconcile_inner(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
             wall_ms,
         })
     });
+    // A downstream that is down (circuit open) or a dead-letter topic that refuses writes is something the
+    // user must fix: Degraded with the stall's reason (its Warning Event comes from the problem below).
+    if let Some(st) = stall.as_ref().filter(|st| st.reason.degrades())
+        && problem.is_none()
+    {
+        problem = Some(Problem { reason: st.reason.as_str().into(), message: st.message.clone() });
+    }
+    // Events and metrics for scale decisions.
+    let scaled = configured && replicas != previous_replicas;
+    if scaled {
+        let direction = if replicas > previous_replicas { "up" } else { "down" };
+        shared.metrics.scale_events.with_label_values(&[&ns, &name, direction]).inc();
+        info!(%ns, %name, from = previous_replicas, to = replicas, reason = %decision.reason, "{}", decision.message);
+        shared.event(&oref, EventType::Normal, decision.reason.as_str(), decision.message.clone(), "Scale").await;
+    }
+    // A stall-derived problem's message carries moving counts: a new Event only when its reason changes.
+    let news = match (&problem, &state.last_problem) {
+        (Some(a), Some(b))
+            if a.reason == b.reason && StallReason::ALL.iter().any(|r| r.degrades() && r.as_str() == a.reason) =>
+        {
+            false
+        }
+        (a, b) => a != b,
+    };
+    if news {
+        match &problem {
+            Some(p) => {
+                warn!(%ns, %name, reason = %p.reason, "{}", p.message);
+                shared.metrics.reconcile_errors.with_label_values(&[&p.reason]).inc();
+                shared.event(&oref, EventType::Warning, &p.reason, p.message.clone(), "Reconcile").await;
+            }
+            None => {
+                shared
+                    .event(&oref, EventType::Normal, "Recovered", "pipeline is healthy again".into(), "Reconcile")
+                    .await;
+            }
+        }
+    }
+    state.last_problem = problem.clone();
     let stall_reason = stall.as_ref().map(|st| st.reason);
     if stall_reason != state.last_stall {
         match &stall {
+            // Degrading reasons got their Warning Event as the pipeline's problem.
+            Some(st) if st.reason.degrades() => {}
             Some(st) => {
                 warn!(%ns, %name, reason = %st.reason, "stalled: {}", st.message);
                 shared.event(&oref, EventType::Warning, st.reason.as_str(), st.message.clone(), "Stall").await;

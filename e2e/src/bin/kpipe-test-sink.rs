@@ -10,7 +10,8 @@
 //!   poison records (partial batch failure);
 //! * `--fail-first N`: answer 503 to the first N requests (retry path);
 //! * `--delay-ms D`: sleep D ms per request (slow handler);
-//! * `POST /outage/start` / `POST /outage/end`: answer 503 to every request in between (a downstream outage).
+//! * `POST /outage/start` / `POST /outage/end`: answer 503 to every request in between (a downstream outage);
+//!   `POST /outage/start?status=429&retry_after=2` answers 429 with `Retry-After: 2` instead (rate limiting).
 //!
 //! `GET /ids` returns every delivered id, one per line, in arrival order (duplicates included);
 //! `GET /stats` returns `{"requests":..,"records":..,"unique":..,"rejected":..}`; `/healthz` is the probe.
@@ -23,7 +24,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
@@ -65,8 +66,21 @@ struct Ledger {
 struct Sink {
     args: Args,
     ledger: Mutex<Ledger>,
-    /// Between `POST /outage/start` and `POST /outage/end`: every request gets 503.
-    outage: std::sync::atomic::AtomicBool,
+    /// Between `POST /outage/start` and `POST /outage/end`: every request gets this status (and Retry-After).
+    outage: std::sync::Mutex<Option<Outage>>,
+}
+
+/// What the sink answers during an outage.
+#[derive(Deserialize, Clone, Debug)]
+struct Outage {
+    #[serde(default = "default_outage_status")]
+    status: u16,
+    /// `Retry-After` header value, if any.
+    retry_after: Option<String>,
+}
+
+fn default_outage_status() -> u16 {
+    503
 }
 
 #[derive(Deserialize)]
@@ -85,7 +99,7 @@ struct BatchRecord {
     value: Option<String>,
 }
 
-async fn records(State(sink): State<Arc<Sink>>, headers: HeaderMap, body: Bytes) -> impl IntoResponse {
+async fn records(State(sink): State<Arc<Sink>>, headers: HeaderMap, body: Bytes) -> axum::response::Response {
     if sink.args.delay_ms > 0 {
         tokio::time::sleep(Duration::from_millis(sink.args.delay_ms)).await;
     }
@@ -95,11 +109,17 @@ async fn records(State(sink): State<Arc<Sink>>, headers: HeaderMap, body: Bytes)
         ledger.requests
     };
     if request_no <= sink.args.fail_first {
-        return (StatusCode::SERVICE_UNAVAILABLE, "warming up".to_string());
+        return (StatusCode::SERVICE_UNAVAILABLE, "warming up".to_string()).into_response();
     }
-    if sink.outage.load(std::sync::atomic::Ordering::Relaxed) {
+    let outage = sink.outage.lock().ok().and_then(|o| o.clone());
+    if let Some(o) = outage {
         sink.ledger.lock().await.rejected += 1;
-        return (StatusCode::SERVICE_UNAVAILABLE, "outage".to_string());
+        let status = StatusCode::from_u16(o.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        let mut resp = (status, "outage".to_string()).into_response();
+        if let Some(v) = o.retry_after.and_then(|v| axum::http::HeaderValue::from_str(&v).ok()) {
+            resp.headers_mut().insert(axum::http::header::RETRY_AFTER, v);
+        }
+        return resp;
     }
     // CloudEvents binary mode carries one record per request, with ce-* headers and the value as the body.
     let batch: Vec<BatchRecord> = if headers.contains_key("ce-id") {
@@ -112,7 +132,7 @@ async fn records(State(sink): State<Arc<Sink>>, headers: HeaderMap, body: Bytes)
     } else {
         match serde_json::from_slice::<Batch>(&body) {
             Ok(b) => b.records,
-            Err(e) => return (StatusCode::BAD_REQUEST, format!("not a kpipe JSON batch: {e}")),
+            Err(e) => return (StatusCode::BAD_REQUEST, format!("not a kpipe JSON batch: {e}")).into_response(),
         }
     };
     let is_poison = |r: &BatchRecord| {
@@ -121,7 +141,7 @@ async fn records(State(sink): State<Arc<Sink>>, headers: HeaderMap, body: Bytes)
     let poison: Vec<&BatchRecord> = batch.iter().filter(|r| is_poison(r)).collect();
     if !poison.is_empty() && sink.args.poison_mode == PoisonMode::Status400 {
         sink.ledger.lock().await.rejected += batch.len() as u64;
-        return (StatusCode::BAD_REQUEST, format!("{} poison record(s)", poison.len()));
+        return (StatusCode::BAD_REQUEST, format!("{} poison record(s)", poison.len())).into_response();
     }
     let failed: Vec<serde_json::Value> = poison
         .iter()
@@ -142,9 +162,9 @@ async fn records(State(sink): State<Arc<Sink>>, headers: HeaderMap, body: Bytes)
     if let Some(file) = ledger.file.as_mut()
         && let Err(e) = file.write_all(appended.as_bytes()).and_then(|()| file.flush())
     {
-        return (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot record ids: {e}"));
+        return (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot record ids: {e}")).into_response();
     }
-    (StatusCode::OK, serde_json::json!({"failed": failed}).to_string())
+    (StatusCode::OK, serde_json::json!({"failed": failed}).to_string()).into_response()
 }
 
 async fn ids(State(sink): State<Arc<Sink>>) -> String {
@@ -179,13 +199,20 @@ async fn main() -> anyhow::Result<()> {
     let sink = Arc::new(Sink {
         args,
         ledger: Mutex::new(Ledger { file, ..Ledger::default() }),
-        outage: std::sync::atomic::AtomicBool::new(false),
+        outage: std::sync::Mutex::new(None),
     });
-    let outage = |on: bool| {
-        move |State(sink): State<Arc<Sink>>| async move {
-            sink.outage.store(on, std::sync::atomic::Ordering::Relaxed);
-            if on { "outage started\n" } else { "outage ended\n" }
+    let start_outage = |State(sink): State<Arc<Sink>>, Query(o): Query<Outage>| async move {
+        let text = format!("outage started: {o:?}\n");
+        if let Ok(mut slot) = sink.outage.lock() {
+            *slot = Some(o);
         }
+        text
+    };
+    let end_outage = |State(sink): State<Arc<Sink>>| async move {
+        if let Ok(mut slot) = sink.outage.lock() {
+            *slot = None;
+        }
+        "outage ended\n"
     };
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -193,8 +220,8 @@ async fn main() -> anyhow::Result<()> {
         .route("/", post(records))
         .route("/ids", get(ids))
         .route("/stats", get(stats))
-        .route("/outage/start", post(outage(true)))
-        .route("/outage/end", post(outage(false)))
+        .route("/outage/start", post(start_outage))
+        .route("/outage/end", post(end_outage))
         .with_state(sink);
     let listener = tokio::net::TcpListener::bind(&listen).await?;
     println!("kpipe-test-sink listening on {listen}");
