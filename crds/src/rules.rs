@@ -628,6 +628,10 @@ pub fn problems(name: &str, spec: &ConsumerPipelineSpec) -> Vec<FieldError> {
         Processor::Http(h) => {
             if h.url.len() > 2048 || !p.url.is_match(&h.url) {
                 bad("spec.processor.http.url".into(), HTTP_URL_MESSAGE.into());
+            } else if let Err(e) = url::Url::parse(&h.url) {
+                // What a pattern cannot see (a malformed `xn--` IDNA label): the worker's HTTP client parses the
+                // URL with this crate, so the operator rejects it before any worker starts.
+                bad("spec.processor.http.url".into(), format!("processor.http.url does not parse: {e}"));
             }
             if let Some(message) = duration_out_of(h.timeout, HTTP_TIMEOUT_RANGE.0, HTTP_TIMEOUT_RANGE.1) {
                 bad("spec.processor.http.timeout".into(), message);
