@@ -147,9 +147,11 @@ pub struct Source {
     #[schemars(regex(pattern = r"^[A-Za-z0-9._\-]+$"), length(min = 1, max = 249))]
     pub group_id: Option<String>,
 
-    /// Where a consumer group without a committed offset starts: `earliest` (everything retained)
-    /// or `latest` (only new records). Lag is computed the same way: `earliest` counts the retained
-    /// records as lag, `latest` counts none but still wakes on new records.
+    /// Where a partition the group never committed on starts: `earliest` (everything retained) or
+    /// `latest` (records produced since the pipeline was created, so a partition added later is read
+    /// from its start). A committed offset outside the retained log always restarts at the earliest
+    /// retained record. Lag is counted from the same start point (docs/api.md, "Offsets and topic
+    /// lifecycle").
     #[serde(default)]
     pub start_offset: StartOffset,
 
