@@ -242,6 +242,35 @@ impl Context {
     }
 }
 
+/// Whether the child `ns/name` of kind `K` may be written by the pipeline with `uid`: absent, or controlled by it.
+/// `cached` are the owner references from the controller's cache, which only holds objects labelled as kpipe's;
+/// without an entry the apiserver is asked (metadata only). A failed read is a `KubernetesApiError` problem.
+async fn child_is_ours<K>(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    uid: &str,
+    cached: Option<&[k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference]>,
+) -> Result<bool, Problem>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    if let Some(owners) = cached {
+        return Ok(controlled_by(owners, uid));
+    }
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    match api.get_metadata_opt(name).await {
+        Ok(found) => Ok(found.is_none_or(|o| controlled_by(o.owner_references(), uid))),
+        Err(e) => Err(Problem {
+            reason: "KubernetesApiError".into(),
+            message: format!("reading {} {ns}/{name}: {e}", K::kind(&())),
+        }),
+    }
+}
+
 /// Whether `owners` make `uid` the object's controller.
 fn controlled_by(owners: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference], uid: &str) -> bool {
     owners.iter().any(|o| o.controller == Some(true) && o.uid == uid)
@@ -513,38 +542,17 @@ async fn reconcile_inner(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
     // byte for byte as it is. The caches only hold objects labelled as ours, so an absent entry is
     // looked up directly.
     let mut conflicts = Vec::new();
-    let dep_ours = match &dep {
-        Some(d) => controlled_by(d.owner_references(), &uid),
-        None => {
-            let api: Api<Deployment> = Api::namespaced(shared.client.clone(), &ns);
-            match api.get_metadata_opt(&child).await {
-                Ok(found) => found.is_none_or(|d| controlled_by(d.owner_references(), &uid)),
-                Err(e) => {
-                    problem.get_or_insert(Problem {
-                        reason: "KubernetesApiError".into(),
-                        message: format!("reading Deployment {ns}/{child}: {e}"),
-                    });
-                    false
-                }
-            }
-        }
+    let owners = |r: Result<bool, Problem>, problem: &mut Option<Problem>| {
+        r.unwrap_or_else(|p| {
+            problem.get_or_insert(p);
+            false
+        })
     };
-    let cm_ours = match &cm {
-        Some(c) => controlled_by(c.owner_references(), &uid),
-        None => {
-            let api: Api<ConfigMap> = Api::namespaced(shared.client.clone(), &ns);
-            match api.get_metadata_opt(&child).await {
-                Ok(found) => found.is_none_or(|c| controlled_by(c.owner_references(), &uid)),
-                Err(e) => {
-                    problem.get_or_insert(Problem {
-                        reason: "KubernetesApiError".into(),
-                        message: format!("reading ConfigMap {ns}/{child}: {e}"),
-                    });
-                    false
-                }
-            }
-        }
-    };
+    let dep_owners = dep.as_ref().map(|d| d.owner_references());
+    let dep_ours =
+        owners(child_is_ours::<Deployment>(&shared.client, &ns, &child, &uid, dep_owners).await, &mut problem);
+    let cm_owners = cm.as_ref().map(|c| c.owner_references());
+    let cm_ours = owners(child_is_ours::<ConfigMap>(&shared.client, &ns, &child, &uid, cm_owners).await, &mut problem);
     if !dep_ours {
         conflicts.push(format!("Deployment {child}"));
     }
