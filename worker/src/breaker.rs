@@ -118,13 +118,15 @@ pub struct Breaker {
     state: State,
     /// (when, unavailable) of calls that reported while closed, oldest first.
     outcomes: VecDeque<(Instant, bool)>,
+    /// How many of `outcomes` are unavailable (kept with them: no scan of the window per call).
+    unavailable: usize,
     /// Times the circuit opened in a row without closing (sets the probe interval).
     reopened: u32,
 }
 
 impl Breaker {
     pub fn new(settings: BreakerSettings) -> Self {
-        Self { settings, state: State::Closed, outcomes: VecDeque::new(), reopened: 0 }
+        Self { settings, state: State::Closed, outcomes: VecDeque::new(), unavailable: 0, reopened: 0 }
     }
 
     pub fn state(&self) -> State {
@@ -164,6 +166,7 @@ impl Breaker {
         self.state = State::Open { until: now + self.open_for(self.reopened) };
         self.reopened = self.reopened.saturating_add(1);
         self.outcomes.clear();
+        self.unavailable = 0;
     }
 
     /// Reports a call's outcome: `unavailable` when it failed with an unavailability class
@@ -178,6 +181,7 @@ impl Breaker {
                     self.state = State::Closed;
                     self.reopened = 0;
                     self.outcomes.clear();
+                    self.unavailable = 0;
                     Transition::Closed
                 }
             }
@@ -185,15 +189,18 @@ impl Breaker {
             State::Open { .. } | State::HalfOpen { .. } => Transition::None,
             State::Closed => {
                 self.outcomes.push_back((now, unavailable));
+                self.unavailable += usize::from(unavailable);
                 while self
                     .outcomes
                     .front()
                     .is_some_and(|(t, _)| now.saturating_duration_since(*t) > self.settings.window)
                 {
-                    self.outcomes.pop_front();
+                    if let Some((_, u)) = self.outcomes.pop_front() {
+                        self.unavailable -= usize::from(u);
+                    }
                 }
                 let total = self.outcomes.len();
-                let bad = self.outcomes.iter().filter(|(_, u)| *u).count();
+                let bad = self.unavailable;
                 if total >= self.settings.min_calls.max(1)
                     && bad as f64 >= self.settings.failure_ratio * total as f64
                     && bad > 0
@@ -277,10 +284,6 @@ impl CircuitBreaker {
             Transition::None => {}
         }
         !open
-    }
-
-    pub fn is_open(&self) -> bool {
-        self.lock().is_open()
     }
 }
 

@@ -201,7 +201,8 @@ impl JobContext {
                             self.metrics.blocked.dec();
                             self.health.unblock(&a.record.topic, a.record.partition, a.record.offset);
                         }
-                        if a.attempts > 0 {
+                        // Every failure registers the record (throttled, held and deferred ones spend no attempt).
+                        if a.first_failure_ms.is_some() {
                             self.health.settled(&a.record.topic, a.record.partition, a.record.offset);
                         }
                         succeeded.push(a.record);
