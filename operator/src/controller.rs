@@ -104,6 +104,8 @@ struct PipelineState {
     /// Replicas this operator last set (auto mode); None before the first decision.
     last_desired: Option<i32>,
     last_problem: Option<Problem>,
+    /// The last OffsetOutOfRange message (an Event only when it changes).
+    last_out_of_range: Option<String>,
     /// Offsets restored while idle, until a worker has consumed from them (the OffsetsRestored condition).
     offsets_restored: Option<String>,
     /// The stall reason last reported (Events on change).
@@ -156,6 +158,11 @@ impl Shared {
 
     /// Guard every write with `fence` (leader election; the default fence is always open).
     pub fn with_fence(mut self, fence: LeaderFence) -> Self {
+        // The keeper has no other owner yet (called right after `new`).
+        match Arc::get_mut(&mut self.keeper) {
+            Some(keeper) => keeper.set_fence(fence.clone()),
+            None => warn!("the offset keeper is already shared: its commits are not leader-fenced"),
+        }
         self.fence = fence;
         self
     }
@@ -194,6 +201,7 @@ impl Shared {
             let keep = !in_scope || live.contains(uid);
             if !keep {
                 self.metrics.forget(&t.namespace, &t.name);
+                self.keeper.forget(&t.namespace, &t.name);
             }
             keep
         });
@@ -407,6 +415,7 @@ async fn reconcile_inner(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
         // Children go through owner-reference garbage collection.
         shared.forget(&uid);
         shared.metrics.forget(&ns, &name);
+        shared.keeper.forget(&ns, &name);
         return Ok(Action::await_change());
     }
     let spec = &cp.spec;
@@ -491,11 +500,16 @@ async fn reconcile_inner(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
                     });
                     let snap = tracker.update(&offsets, spec.source.start_offset, consumers, now, wall_ms);
                     // issue 13 (offsets-lifecycle): out-of-range committed offsets -> Warning Event, see operator/src/lifecycle.rs
-                    if let Some(msg) = crate::lifecycle::out_of_range_message(&offsets) {
+                    // One Event per new out-of-range situation, not one per poll while it lasts.
+                    let out_of_range = crate::lifecycle::out_of_range_message(&offsets);
+                    if out_of_range != state.last_out_of_range
+                        && let Some(msg) = out_of_range.clone()
+                    {
                         shared
                             .event(&oref, EventType::Warning, crate::lifecycle::OFFSET_OUT_OF_RANGE, msg, "Reconcile")
                             .await;
                     }
+                    state.last_out_of_range = out_of_range;
                     if snap.partitions < spec.scaling.min_replicas {
                         problem = Some(Problem {
                             reason: "InsufficientPartitions".into(),
@@ -711,6 +725,9 @@ async fn reconcile_inner(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
     let t_apply = t_start.elapsed();
     // Status.
     let prev_status = cp.status.as_ref();
+    let observed_lag = snapshot.as_ref().map(|s| s.summary()).or_else(|| prev_status.and_then(|s| s.lag.clone()));
+    // From the lag status shows (the last measurement while a poll fails): never Ready=True beside a backlog.
+    let backlog = observed_lag.as_ref().is_some_and(|l| l.total > spec.scaling.activation_lag);
     let observed = Observed {
         generation: cp.metadata.generation,
         problem: problem.clone(),
@@ -722,11 +739,11 @@ async fn reconcile_inner(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
         scale_message: decision.message.clone(),
         selector: build::selector_string(&name),
         group_id: Some(spec.source.effective_group_id(&ns, &name)),
-        lag: snapshot.as_ref().map(|s| s.summary()).or_else(|| prev_status.and_then(|s| s.lag.clone())),
+        lag: observed_lag,
         scaled_at: scaled.then(|| Time(jiff::Timestamp::now())),
         stall: stall.map(|st| Problem { reason: st.reason.as_str().into(), message: st.message }),
         offsets_restored: state.offsets_restored.clone(),
-        backlog: snapshot.as_ref().is_some_and(|s| s.total_lag > spec.scaling.activation_lag),
+        backlog,
         suspended: spec.suspend,
         workers: Some(workers.summary()),
     };

@@ -37,15 +37,9 @@ use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 
 use crate::group_offsets::{Commit, GroupOffsets, GroupOffsetsError, OffsetWriteError};
 use crate::lag::PartitionOffsets;
+use crate::leader::LeaderFence;
+use crate::metrics::must;
 use crate::probe::Cluster;
-
-fn must<T>(r: prometheus::Result<T>) -> T {
-    // Metric definitions are static; an error here is a programming error caught by the tests.
-    match r {
-        Ok(v) => v,
-        Err(e) => panic!("invalid metric definition: {e}"),
-    }
-}
 
 /// A partition: (topic, partition index).
 pub type Key = (String, i32);
@@ -193,7 +187,7 @@ impl OffsetBook {
                 self.exact.remove(&key);
                 self.read.remove(&key);
             }
-            let committed = if idle { self.real(p).flatten() } else { p.committed };
+            let committed = if idle { self.real(p).flatten() } else { p.committed.filter(|_| !p.start_position) };
             match committed {
                 Some(offset) => {
                     self.seen.insert(key, Seen { offset, log_end: p.log_end });
@@ -286,6 +280,8 @@ pub struct OffsetKeeper {
     pub restored_total: IntCounterVec,
     /// `kpipe_operator_offsets_refreshed_total`: idle partitions re-committed.
     pub refreshed_total: IntCounter,
+    /// Commits go out only while this fence is open (leader election).
+    fence: LeaderFence,
 }
 
 impl OffsetKeeper {
@@ -312,7 +308,24 @@ impl OffsetKeeper {
                 tracing::warn!(error = %e, "offset keeper metrics not registered");
             }
         }
-        Self { timeout, clusters: Mutex::new(HashMap::new()), restored_total, refreshed_total }
+        Self {
+            timeout,
+            clusters: Mutex::new(HashMap::new()),
+            restored_total,
+            refreshed_total,
+            fence: LeaderFence::always(),
+        }
+    }
+
+    /// Send commits only while `fence` is open (checked right before each commit: the reads before it may take a
+    /// while).
+    pub fn set_fence(&mut self, fence: LeaderFence) {
+        self.fence = fence;
+    }
+
+    /// Forgets a deleted pipeline's metric series.
+    pub fn forget(&self, namespace: &str, pipeline: &str) {
+        let _ = self.restored_total.remove_label_values(&[namespace, pipeline]);
     }
 
     fn cluster(&self, cluster: &Cluster) -> Option<Arc<KeeperCluster>> {
@@ -376,6 +389,7 @@ impl OffsetKeeper {
         let snapshot: Vec<PartitionOffsets> = offsets.to_vec();
         let group_owned = group.to_string();
         let mut work_book = book.clone();
+        let fence = self.fence.clone();
         let res = tokio::task::spawn_blocking(move || {
             let every = refresh_every(Self::retention(&kc, &group_owned));
             let mut out = Tended::default();
@@ -392,6 +406,10 @@ impl OffsetKeeper {
                         step = Step::Nothing;
                     }
                 }
+            }
+            // The reads above may take a while: a commit goes out only while this replica still leads.
+            if !fence.may_act() {
+                step = Step::Nothing;
             }
             match step {
                 Step::Refresh(commits) => match kc.offsets.commit_empty(&group_owned, &commits) {
@@ -443,7 +461,7 @@ mod tests {
     const EVERY: Duration = Duration::from_secs(60);
 
     fn po(partition: i32, log_end: i64, committed: Option<i64>) -> PartitionOffsets {
-        PartitionOffsets { topic: "t".into(), partition, log_start: 0, log_end, committed, retry: None }
+        PartitionOffsets { topic: "t".into(), partition, log_start: 0, log_end, committed, ..Default::default() }
     }
 
     fn key(p: i32) -> Key {
@@ -589,6 +607,19 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_start_position_seen_while_busy_is_not_restored_when_idle() {
+        // Workers run under `latest` before anything was committed: the probe reports the start position 5.
+        let busy = [PartitionOffsets { start_position: true, ..po(0, 10, Some(5)) }];
+        let mut b = OffsetBook::default();
+        b.record(&busy, false);
+        assert_eq!(b.recorded("t", 0), None);
+        // Scaled to zero, still nothing committed: nothing vanished, nothing to restore.
+        assert_eq!(b.plan(&busy, true, Duration::ZERO, EVERY), Step::ReadExact);
+        b.set_read(&busy, &HashMap::from([(key(0), None)]));
+        assert!(!matches!(b.plan(&busy, true, Duration::ZERO, EVERY), Step::Restore { .. }));
     }
 
     #[test]

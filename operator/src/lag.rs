@@ -29,6 +29,9 @@ pub struct PartitionOffsets {
     /// A worker's report, in the commit metadata, that the record at the committed offset is being
     /// retried ([`kpipe_api::commit_metadata`]); it may be stale (see [`RetryReport::is_current`]).
     pub retry: Option<RetryReport>,
+    /// `committed` is not a commit but where the workers will start (a never-committed partition under
+    /// `startOffset: latest`, see `probe::apply_latest_start`): it counts for the lag, never as a commit to keep.
+    pub start_position: bool,
 }
 
 /// How long a worker's retry report stays believable, in milliseconds of the operator's clock. Workers
@@ -375,7 +378,7 @@ mod tests {
     use super::*;
 
     fn po(partition: i32, log_start: i64, log_end: i64, committed: Option<i64>) -> PartitionOffsets {
-        PartitionOffsets { topic: "t".into(), partition, log_start, log_end, committed, retry: None }
+        PartitionOffsets { topic: "t".into(), partition, log_start, log_end, committed, ..Default::default() }
     }
 
     /// One poll of an `earliest` pipeline with `ready` consumers of a stable set, wall clock 0.

@@ -79,7 +79,7 @@ mod tests {
     use crate::lag::partition_lag;
 
     fn po(partition: i32, log_start: i64, log_end: i64, committed: Option<i64>) -> PartitionOffsets {
-        PartitionOffsets { topic: "t".into(), partition, log_start, log_end, committed, retry: None }
+        PartitionOffsets { topic: "t".into(), partition, log_start, log_end, committed, ..Default::default() }
     }
 
     #[test]

@@ -260,15 +260,18 @@ async fn main() -> anyhow::Result<()> {
             info!(%identity, "starting controllers");
             metrics.leader.set(1);
             let (lost_tx, lost_rx) = watch::channel(false);
-            let controllers = tokio::spawn(run_controllers(shared.clone(), scopes.clone(), lost_rx));
+            let mut controllers = tokio::spawn(run_controllers(shared.clone(), scopes.clone(), lost_rx));
             tokio::select! {
                 _ = leader_rx.wait_for(|l| !*l) => warn!(%identity, "stopping controllers"),
                 _ = stop.wait_for(|s| *s) => {}
             }
             metrics.leader.set(0);
             let _ = lost_tx.send(true);
-            if tokio::time::timeout(Duration::from_secs(10), controllers).await.is_err() {
-                error!("controllers did not stop in time");
+            if tokio::time::timeout(Duration::from_secs(10), &mut controllers).await.is_err() {
+                // Aborted, never detached: a detached set would keep reconciling beside the next term's.
+                error!("controllers did not stop in time; aborting them");
+                controllers.abort();
+                let _ = controllers.await;
             }
             if *stop.borrow() {
                 break;

@@ -30,7 +30,8 @@ pub struct Metrics {
     pub leader: IntGauge,
 }
 
-fn must<T>(r: prometheus::Result<T>) -> T {
+/// A static metric definition (an error is a programming error the tests catch).
+pub(crate) fn must<T>(r: prometheus::Result<T>) -> T {
     // Metric definitions are static; an error here is a programming error caught by the tests.
     match r {
         Ok(v) => v,

@@ -455,7 +455,15 @@ impl LagProbe {
                 let commit = committed_map.get(&key);
                 let committed = commit.map(|c| c.offset);
                 let retry = commit.and_then(|c| commit_metadata::decode(&c.metadata));
-                PartitionOffsets { topic: key.0, partition: key.1, log_start, log_end, committed, retry }
+                PartitionOffsets {
+                    topic: key.0,
+                    partition: key.1,
+                    log_start,
+                    log_end,
+                    committed,
+                    retry,
+                    start_position: false,
+                }
             })
             .collect())
     }
@@ -472,6 +480,7 @@ pub fn apply_latest_start(offsets: &mut [PartitionOffsets], since: &HashMap<(Str
             let start =
                 kpipe_api::offsets::start_point(&position, StartOffset::Latest, Some(found.unwrap_or(p.log_end)));
             p.committed = Some(start.offset());
+            p.start_position = true;
         }
     }
 }
@@ -488,7 +497,7 @@ mod tests {
             log_start,
             log_end,
             committed,
-            retry: None,
+            ..Default::default()
         };
         let mut offsets = vec![
             po(0, 0, 100, Some(40)),

@@ -322,6 +322,7 @@ pub fn run(world: &World, trace: &Trace, scaler: &mut dyn Autoscaler) -> Outcome
                     log_end: if end > 0 { end + marker } else { 0 },
                     committed: committed[i],
                     retry: None,
+                    start_position: false,
                 }
             })
             .collect();

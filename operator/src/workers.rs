@@ -13,8 +13,6 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use kpipe_api::v1alpha1::WorkerSummary;
 
-use crate::lag::Consumers;
-
 /// How long after a container restart its pod counts as crash-looping.
 pub const RECENT_RESTART: Duration = Duration::from_secs(300);
 
@@ -67,7 +65,7 @@ pub struct WorkerPods {
     pub crash_looping: i32,
     /// The reason of the most recent container termination.
     pub last_termination_reason: Option<String>,
-    /// Changes whenever a pod appears, goes, restarts or flips readiness (see [`Consumers::epoch`]).
+    /// Changes whenever a pod appears, goes, restarts or flips readiness (see [`crate::lag::Consumers::epoch`]).
     pub epoch: u64,
 }
 
@@ -98,11 +96,6 @@ impl WorkerPods {
         out.last_termination_reason = latest.map(|(r, _)| r.to_string());
         out.epoch = hasher.finish();
         out
-    }
-
-    /// The lag tracker's view of the consumers.
-    pub fn consumers(&self) -> Consumers {
-        Consumers { ready: self.ready, epoch: self.epoch }
     }
 
     /// `status.workers`.
