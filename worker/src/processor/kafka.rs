@@ -121,13 +121,20 @@ impl TopicLimits {
     /// The topic's limit and whether it was read or assumed.
     pub async fn limit(&self, topic: &str) -> Limit {
         let now = std::time::Instant::now();
-        if let Some((l, expires)) = self.cache.lock().ok().and_then(|c| c.get(topic).copied())
+        let cached = self.cache.lock().ok().and_then(|c| c.get(topic).copied());
+        if let Some((l, expires)) = cached
             && expires.is_none_or(|e| now < e)
         {
             return l;
         }
         let assumed = Limit::Assumed(KAFKA_DEFAULT_MAX_MESSAGE_BYTES);
         let Some(admin) = &self.admin else { return assumed };
+        // One re-read at a time: meanwhile other callers keep the value they had.
+        if let Some((l, _)) = cached
+            && let Ok(mut c) = self.cache.lock()
+        {
+            c.insert(topic.to_owned(), (l, Some(now + DESCRIBE_TIMEOUT)));
+        }
         let opts = AdminOptions::new().request_timeout(Some(Timeout::After(DESCRIBE_TIMEOUT)));
         let read = match admin.describe_configs(&[ResourceSpecifier::Topic(topic)], &opts).await {
             Ok(results) => results
@@ -145,10 +152,15 @@ impl TopicLimits {
                 tracing::info!(topic, max_message_bytes = v, "topic size limit");
                 (Limit::Known(v), None)
             }
-            None => {
-                tracing::warn!(topic, assumed = KAFKA_DEFAULT_MAX_MESSAGE_BYTES, "topic size limit unknown");
-                (assumed, Some(now + UNKNOWN_LIMIT_TTL))
-            }
+            // A limit read before stays (a failed re-read must not shrink it to the default and refuse records
+            // the topic takes); retried later.
+            None => match cached {
+                Some((known @ Limit::Known(_), _)) => (known, Some(now + UNKNOWN_LIMIT_TTL)),
+                _ => {
+                    tracing::warn!(topic, assumed = KAFKA_DEFAULT_MAX_MESSAGE_BYTES, "topic size limit unknown");
+                    (assumed, Some(now + UNKNOWN_LIMIT_TTL))
+                }
+            },
         };
         if let Ok(mut c) = self.cache.lock() {
             c.insert(topic.to_owned(), entry);
@@ -167,14 +179,15 @@ impl TopicLimits {
         least
     }
 
-    /// Forgets the cached limit of `topic` (the broker refused a record kpipe judged to fit). A
-    /// limit that could not be read stays assumed until its retry time.
+    /// Marks the cached limit of `topic` for a re-read (the broker refused a record kpipe judged to
+    /// fit). A limit that could not be read stays assumed until its retry time.
     pub fn invalidate(&self, topic: &str) {
         if self.admin.is_some()
             && let Ok(mut c) = self.cache.lock()
-            && c.get(topic).is_some_and(|(l, _)| matches!(l, Limit::Known(_)))
+            && let Some((l @ Limit::Known(_), _)) = c.get(topic).copied()
         {
-            c.remove(topic);
+            // Re-read at the next use; the known value stays until a read replaces it.
+            c.insert(topic.to_owned(), (l, Some(std::time::Instant::now())));
         }
     }
 }
