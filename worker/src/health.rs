@@ -175,6 +175,14 @@ impl Health {
     /// earlier of its first failure and the circuit's opening): what the worker reports to the operator
     /// in the commit metadata ([`kpipe_api::commit_metadata`]). `now_ms` stamps the report.
     pub fn retry_report(&self, topic: &str, partition: i32, commit_point: i64, now_ms: u64) -> Option<RetryReport> {
+        // An inherited budget below the commit point belongs to a record that is done or will never come
+        // (compacted away): dropped here, once per commit, so the per-record lookup stops once none is left.
+        if self.inherited_len.load(Ordering::Acquire) != 0
+            && let Ok(mut i) = self.inherited.lock()
+        {
+            i.retain(|(t, p, o), _| !(t == topic && *p == partition && *o < commit_point));
+            self.inherited_len.store(i.len(), Ordering::Release);
+        }
         let key = (topic.to_owned(), partition, commit_point);
         let state = self.retrying.lock().ok()?.get(&key).copied();
         let open_since = self.circuit_open_since_ms.load(Ordering::Relaxed);
@@ -284,9 +292,13 @@ mod tests {
         let now = h.retry_report("t", 0, 5, 9_000).unwrap();
         assert_eq!((now.attempts, now.since_ms, now.at_ms), (3, 1_000, 9_000), "reported on at once");
         assert_eq!(h.take_inherited("t", 1, 5), None, "an open-circuit-only report carries no attempts");
-        assert_eq!(h.take_inherited("t", 0, 6), None);
+        assert_eq!(h.take_inherited("t", 0, 4), None);
         assert_eq!(h.take_inherited("t", 0, 5), Some((3, 1_000)));
         assert_eq!(h.take_inherited("t", 0, 5), None, "taken once");
+        // An inherited offset the commit point passed (the record never came) is dropped.
+        h.inherit("t", 0, &r);
+        h.retry_report("t", 0, 9, 9_000);
+        assert_eq!(h.take_inherited("t", 0, 5), None, "passed, so gone");
         h.inherit("t", 0, &r);
         h.forget_partition("t", 0);
         assert_eq!(h.take_inherited("t", 0, 5), None, "revoked");
