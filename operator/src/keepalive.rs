@@ -323,6 +323,11 @@ impl OffsetKeeper {
         self.fence = fence;
     }
 
+    /// Count `partitions` restored for `namespace/pipeline` (`kpipe_operator_offsets_restored_total`).
+    pub fn record_restored(&self, namespace: &str, pipeline: &str, partitions: usize) {
+        self.restored_total.with_label_values(&[namespace, pipeline]).inc_by(partitions as u64);
+    }
+
     /// Forgets a deleted pipeline's metric series.
     pub fn forget(&self, namespace: &str, pipeline: &str) {
         let _ = self.restored_total.remove_label_values(&[namespace, pipeline]);

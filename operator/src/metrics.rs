@@ -4,7 +4,24 @@ use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use std::time::Duration;
+
+use crate::lag::Snapshot;
+use crate::probe::ClientCounts;
 use crate::stall::StallReason;
+
+/// A pipeline's gauges after one reconcile ([`Metrics::set_pipeline`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PipelineGauges {
+    pub worker_restarts: i32,
+    pub crash_looping_workers: i32,
+    /// This poll's lag measurement (`None`: Kafka not read; the lag gauges keep their values).
+    pub snapshot: Option<Snapshot>,
+    /// `Some(None)`: assessed and not stalled; `None`: not assessed this poll (the gauge is kept).
+    pub stall: Option<Option<StallReason>>,
+    pub desired_replicas: i32,
+    pub replicas: i32,
+}
 
 /// Every metric the operator exports.
 #[derive(Clone)]
@@ -186,6 +203,60 @@ impl Metrics {
             kafka_clients,
             leader,
         }
+    }
+
+    /// One reconcile finished (`ok`: without error) after `elapsed`.
+    pub fn observe_reconcile(&self, ok: bool, elapsed: Duration) {
+        self.reconcile_duration.observe(elapsed.as_secs_f64());
+        self.reconciles.with_label_values(&[if ok { "ok" } else { "error" }]).inc();
+    }
+
+    /// A reconcile failed, or found a new problem, with `reason` (a condition/Event reason).
+    pub fn record_problem(&self, reason: &str) {
+        self.reconcile_errors.with_label_values(&[reason]).inc();
+    }
+
+    /// One lag probe took `elapsed`; `error`: its failure reason.
+    pub fn observe_probe(&self, error: Option<&str>, elapsed: Duration) {
+        let outcome = if error.is_some() { "error" } else { "ok" };
+        self.probe_duration.with_label_values(&[outcome]).observe(elapsed.as_secs_f64());
+        if let Some(reason) = error {
+            self.probe_errors.with_label_values(&[reason]).inc();
+        }
+    }
+
+    /// The lag probe's open Kafka clients.
+    pub fn set_kafka_clients(&self, counts: &ClientCounts) {
+        let set = |kind: &str, n: usize| self.kafka_clients.with_label_values(&[kind]).set(n as i64);
+        set("cluster", counts.clusters);
+        set("group", counts.groups);
+        set("offset_connection", counts.offset_connections);
+    }
+
+    /// The replica count of `namespace/pipeline` changed (`direction`: "up" or "down").
+    pub fn record_scale(&self, namespace: &str, pipeline: &str, direction: &str) {
+        self.scale_events.with_label_values(&[namespace, pipeline, direction]).inc();
+    }
+
+    /// Set the per-pipeline gauges of `namespace/pipeline`.
+    pub fn set_pipeline(&self, namespace: &str, pipeline: &str, g: &PipelineGauges) {
+        let labels = [namespace, pipeline];
+        self.worker_restarts.with_label_values(&labels).set(i64::from(g.worker_restarts));
+        self.crash_looping_workers.with_label_values(&labels).set(i64::from(g.crash_looping_workers));
+        if let Some(stall) = g.stall {
+            self.set_stalled(namespace, pipeline, stall);
+        }
+        if let Some(s) = &g.snapshot {
+            self.lag.with_label_values(&labels).set(s.total_lag);
+            self.stuck_partitions.with_label_values(&labels).set(i64::from(s.stuck_partitions));
+            self.retrying_partitions.with_label_values(&labels).set(i64::from(s.retrying_partitions));
+            self.arrival_rate.with_label_values(&labels).set(s.arrival_rate().round() as i64);
+            if let Some(capacity) = s.capacity {
+                self.capacity_per_replica.with_label_values(&labels).set(capacity.rate().round() as i64);
+            }
+        }
+        self.desired_replicas.with_label_values(&labels).set(i64::from(g.desired_replicas));
+        self.replicas.with_label_values(&labels).set(i64::from(g.replicas));
     }
 
     /// Forget a deleted pipeline's series.

@@ -4,11 +4,75 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kpipe_api::v1alpha1::{ConsumerPipelineStatus, LagSummary, WorkerSummary, condition};
 
-/// Something wrong that the user or the cluster must fix.
+use crate::stall::StallReason;
+
+/// Something wrong that the user or the cluster must fix: the `Degraded` (and `Ready=False`) condition's
+/// reason and message, and the Warning Event that announces it. One variant per kind of cause, so
+/// the reconcile's precedence rules match on causes, not on reason strings.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Problem {
-    pub reason: String,
-    pub message: String,
+pub enum Problem {
+    /// The spec and its Secrets cannot be turned into children; `reason` is
+    /// [`crate::build::ValidationError::reason`] (`InvalidSpec`, `SecretNotFound`, ...).
+    InvalidSpec { reason: &'static str, message: String },
+    /// A Kubernetes API read this reconcile needs failed (Secrets, child ownership, caches).
+    KubernetesApi { message: String },
+    /// Same-named children exist that this pipeline does not control (e.g. `Deployment orders-worker`).
+    ChildConflict { objects: Vec<String> },
+    /// The apiserver refused a child (admission webhook, quota, invalid object).
+    ChildApplyFailed { message: String },
+    /// Kafka could not be read; `reason` is [`crate::probe::ProbeError::reason`].
+    Kafka { reason: &'static str, message: String },
+    /// `minReplicas` is above the topics' partition count.
+    InsufficientPartitions { min_replicas: i32, partitions: i32 },
+    /// Committed offsets vanished while idle and could not be restored ([`crate::keepalive`]).
+    OffsetsLost { message: String },
+    /// A backlog that does not drain ([`crate::stall`]): the `Stalled` condition; also `Degraded` for
+    /// reasons that [`StallReason::degrades`].
+    Stalled { reason: StallReason, message: String },
+}
+
+impl Problem {
+    /// CamelCase reason for conditions, Events and the `reason` metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::InvalidSpec { reason, .. } | Self::Kafka { reason, .. } => reason,
+            Self::KubernetesApi { .. } => "KubernetesApiError",
+            Self::ChildConflict { .. } => "ChildConflict",
+            Self::ChildApplyFailed { .. } => "ChildApplyFailed",
+            Self::InsufficientPartitions { .. } => "InsufficientPartitions",
+            Self::OffsetsLost { .. } => "OffsetsLost",
+            Self::Stalled { reason, .. } => reason.as_str(),
+        }
+    }
+
+    /// A message a user can act on.
+    pub fn message(&self) -> String {
+        match self {
+            Self::InvalidSpec { message, .. }
+            | Self::KubernetesApi { message }
+            | Self::ChildApplyFailed { message }
+            | Self::Kafka { message, .. }
+            | Self::OffsetsLost { message }
+            | Self::Stalled { message, .. } => message.clone(),
+            Self::ChildConflict { objects } => format!(
+                "{} already exists and is not controlled by this pipeline; kpipe does not touch it. Rename or \
+                 delete it, or rename the pipeline",
+                objects.join(" and ")
+            ),
+            Self::InsufficientPartitions { min_replicas, partitions } => format!(
+                "minReplicas is {min_replicas} but the topics have only {partitions} partitions; running {partitions}"
+            ),
+        }
+    }
+
+    /// Whether `other` is the same situation as far as announcing it goes: a stall's message carries moving
+    /// counts, so a stall with the same reason is no news; anything else is news when it differs at all.
+    pub fn same_news(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Stalled { reason: a, .. }, Self::Stalled { reason: b, .. }) => a == b,
+            (a, b) => a == b,
+        }
+    }
 }
 
 /// What the reconcile observed and decided.
@@ -75,14 +139,14 @@ pub fn merge_conditions(previous: &[Condition], new: Vec<Condition>) -> Vec<Cond
 pub fn compute(previous: Option<&ConsumerPipelineStatus>, obs: &Observed, now: Time) -> ConsumerPipelineStatus {
     let g = obs.generation;
     let degraded = match &obs.problem {
-        Some(p) => cond(condition::DEGRADED, true, &p.reason, &p.message, g, &now),
+        Some(p) => cond(condition::DEGRADED, true, p.reason(), &p.message(), g, &now),
         None => cond(condition::DEGRADED, false, "AsExpected", "", g, &now),
     };
     // Ready=True only while the pipeline does its work: never with a stalled backlog, never with a
     // backlog at zero replicas (DESIGN.md §3).
     let lag_total = obs.lag.as_ref().map(|l| l.total).unwrap_or(0);
     let ready = match (&obs.problem, &obs.stall) {
-        (Some(p), _) | (None, Some(p)) => cond(condition::READY, false, &p.reason, &p.message, g, &now),
+        (Some(p), _) | (None, Some(p)) => cond(condition::READY, false, p.reason(), &p.message(), g, &now),
         (None, None) if !obs.workers_configured => {
             cond(condition::READY, false, "Reconciling", "worker Deployment not applied yet", g, &now)
         }
@@ -139,7 +203,7 @@ pub fn compute(previous: Option<&ConsumerPipelineStatus>, obs: &Observed, now: T
         cond(condition::ACTIVE, false, "ScaledToZero", "no workers wanted", g, &now)
     };
     let stalled = match &obs.stall {
-        Some(p) => cond(condition::STALLED, true, &p.reason, &p.message, g, &now),
+        Some(p) => cond(condition::STALLED, true, p.reason(), &p.message(), g, &now),
         None if obs.backlog && !obs.suspended => {
             cond(condition::STALLED, false, "Draining", &format!("lag {lag_total} is being worked on"), g, &now)
         }
@@ -236,8 +300,8 @@ mod tests {
             (
                 "degraded",
                 Observed {
-                    problem: Some(Problem {
-                        reason: "SecretNotFound".into(),
+                    problem: Some(Problem::InvalidSpec {
+                        reason: "SecretNotFound",
                         message: "Secret \"x\" not found".into(),
                     }),
                     ..observed()
@@ -263,7 +327,8 @@ mod tests {
     #[test]
     fn ready_is_never_true_with_a_backlog_that_does_not_drain() {
         let lag = |total| Some(LagSummary { total, ..Default::default() });
-        let stall = Some(Problem { reason: "CrashLoopingWorkers".into(), message: "2 of 2 crash-looping".into() });
+        let stall =
+            Some(Problem::Stalled { reason: StallReason::CrashLoopingWorkers, message: "2 of 2 crash-looping".into() });
         type Case = (&'static str, Observed, (&'static str, &'static str), (&'static str, &'static str));
         let cases: Vec<Case> = vec![
             (
@@ -339,13 +404,13 @@ mod tests {
         assert_eq!(status_of(&scaling, "Scaling").last_transition_time, t(300));
         assert_eq!(status_of(&scaling, "Ready").last_transition_time, t(100));
         let bad =
-            Observed { problem: Some(Problem { reason: "TopicNotFound".into(), message: "m".into() }), ..observed() };
+            Observed { problem: Some(Problem::Kafka { reason: "TopicNotFound", message: "m".into() }), ..observed() };
         let degraded = compute(Some(&scaling), &bad, t(400));
         assert_eq!(status_of(&degraded, "Degraded").last_transition_time, t(400));
         let still = compute(
             Some(&degraded),
             &Observed {
-                problem: Some(Problem { reason: "BrokerUnreachable".into(), message: "n".into() }),
+                problem: Some(Problem::Kafka { reason: "BrokerUnreachable", message: "n".into() }),
                 ..observed()
             },
             t(500),

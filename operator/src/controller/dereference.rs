@@ -1,0 +1,111 @@
+//! Step 1, dereference: read the Secrets a pipeline references (the only objects besides its own
+//! children that a reconcile reads), for validation, the config hash and the lag probe's credentials.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::core::v1::Secret;
+use kpipe_api::v1alpha1::ConsumerPipelineSpec;
+use kube::Client;
+use kube::api::Api;
+
+use crate::build::{self, SecretKeys};
+use crate::probe::{Cluster, Sasl, Tls};
+use crate::status::Problem;
+
+/// Secrets a pipeline references: key names and versions (for validation and the config hash) and the
+/// values the lag probe needs (kept in memory only, never logged or written anywhere).
+#[derive(Default)]
+pub struct Dereferenced {
+    pub keys: SecretKeys,
+    /// Secret name → `resourceVersion` (a rotated Secret changes the config hash and rolls the workers).
+    pub versions: BTreeMap<String, String>,
+    /// Secret name → key → value.
+    pub data: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+/// Read the Secrets `spec` references in `ns`. A missing Secret is left out (validation names it); a
+/// failed read is a [`Problem::KubernetesApi`] naming the Secret, reported in status like any other.
+pub async fn dereference(client: &Client, ns: &str, spec: &ConsumerPipelineSpec) -> Result<Dereferenced, Problem> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let mut out = Dereferenced::default();
+    for name in build::referenced_secrets(spec).into_keys() {
+        let secret = api
+            .get_opt(&name)
+            .await
+            .map_err(|e| Problem::KubernetesApi { message: format!("reading Secret {ns}/{name}: {e}") })?;
+        let Some(secret) = secret else { continue };
+        let mut keys = BTreeSet::new();
+        let mut values = BTreeMap::new();
+        for (k, v) in secret.data.unwrap_or_default() {
+            keys.insert(k.clone());
+            values.insert(k, String::from_utf8_lossy(&v.0).into_owned());
+        }
+        for (k, v) in secret.string_data.unwrap_or_default() {
+            keys.insert(k.clone());
+            values.insert(k, v);
+        }
+        out.versions.insert(name.clone(), secret.metadata.resource_version.unwrap_or_default());
+        out.keys.insert(name.clone(), keys);
+        out.data.insert(name, values);
+    }
+    Ok(out)
+}
+
+/// The Kafka connection settings of `spec` with the credentials from `d` (SASL and TLS material).
+pub fn cluster_for(spec: &ConsumerPipelineSpec, d: &Dereferenced) -> Cluster {
+    let get = |secret: &str, key: &str| d.data.get(secret).and_then(|m| m.get(key)).cloned();
+    let auth = spec.source.auth.as_ref();
+    let sasl = auth.and_then(|a| a.sasl.as_ref()).map(|s| Sasl {
+        mechanism: s.mechanism.as_str().into(),
+        username: get(&s.secret_ref.name, &s.secret_ref.username_key).unwrap_or_default(),
+        password: get(&s.secret_ref.name, &s.secret_ref.password_key).unwrap_or_default(),
+    });
+    let tls = auth.and_then(|a| a.tls.as_ref()).map(|t| Tls {
+        ca_pem: t.ca_secret_ref.as_ref().and_then(|c| get(&c.name, &c.key)),
+        cert_pem: t.client_cert_secret_ref.as_ref().and_then(|c| get(&c.name, "tls.crt")),
+        key_pem: t.client_cert_secret_ref.as_ref().and_then(|c| get(&c.name, "tls.key")),
+    });
+    Cluster { bootstrap_servers: spec.source.bootstrap_servers.clone(), sasl, tls }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_credentials_come_from_the_referenced_secrets() {
+        let spec: ConsumerPipelineSpec = serde_json::from_value(serde_json::json!({
+            "source": {
+                "bootstrapServers": ["b:9096"], "topics": ["t"],
+                "auth": {
+                    "sasl": {"mechanism": "SCRAM-SHA-512", "secretRef": {"name": "user", "usernameKey": "u"}},
+                    "tls": {"caSecretRef": {"name": "ca"}, "clientCertSecretRef": {"name": "client"}}
+                }
+            },
+            "processor": {"noop": {}}
+        }))
+        .unwrap();
+        let mut d = Dereferenced::default();
+        d.data.insert("user".into(), BTreeMap::from([("u".into(), "alice".into()), ("password".into(), "pw".into())]));
+        d.data.insert("ca".into(), BTreeMap::from([("ca.crt".into(), "CA".into())]));
+        d.data
+            .insert("client".into(), BTreeMap::from([("tls.crt".into(), "C".into()), ("tls.key".into(), "K".into())]));
+        let c = cluster_for(&spec, &d);
+        let sasl = c.sasl.unwrap();
+        assert_eq!(
+            (sasl.mechanism.as_str(), sasl.username.as_str(), sasl.password.as_str()),
+            ("SCRAM-SHA-512", "alice", "pw")
+        );
+        let tls = c.tls.unwrap();
+        assert_eq!(
+            (tls.ca_pem.as_deref(), tls.cert_pem.as_deref(), tls.key_pem.as_deref()),
+            (Some("CA"), Some("C"), Some("K"))
+        );
+        let plain: ConsumerPipelineSpec = serde_json::from_value(serde_json::json!({
+            "source": {"bootstrapServers": ["b:9092"], "topics": ["t"]}, "processor": {"noop": {}}
+        }))
+        .unwrap();
+        let c = cluster_for(&plain, &Dereferenced::default());
+        assert!(c.sasl.is_none() && c.tls.is_none());
+    }
+}
