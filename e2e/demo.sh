@@ -111,6 +111,14 @@ done
 echo
 bold "Done: $delivered of $RECORDS records delivered; the pipeline scaled 0 -> N -> 0 in $(( $(date +%s) - start ))s."
 k -n "$NS" get events --field-selector involvedObject.name=orders-demo --sort-by=.lastTimestamp 2>/dev/null | tail -15 || true
+# A healthy run raises no Warning Event (a transient state such as a group coordinator being set up is Normal).
+warnings=$(k -n "$NS" get events --field-selector involvedObject.name=orders-demo,type=Warning -o name | wc -l)
+if [ "$warnings" -gt 0 ]; then
+  echo "demo: $warnings Warning Event(s) on the pipeline:" >&2
+  k -n "$NS" get events --field-selector involvedObject.name=orders-demo,type=Warning >&2
+  exit 1
+fi
+echo "no Warning Event on the pipeline"
 cat <<DONE
 
 Where to look:
