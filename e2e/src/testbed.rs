@@ -412,8 +412,22 @@ impl TestBed {
 
     /// Creates a topic (replication factor 1) and waits until its metadata shows all partitions.
     pub async fn create_topic(&self, name: &str, partitions: i32) -> Result<(), TestBedError> {
+        self.create_topic_with_config(name, partitions, &[]).await
+    }
+
+    /// Creates a topic with topic configs (e.g. `("max.message.bytes", "65536")`) and waits until its metadata shows
+    /// every partition.
+    pub async fn create_topic_with_config(
+        &self,
+        name: &str,
+        partitions: i32,
+        config: &[(&str, &str)],
+    ) -> Result<(), TestBedError> {
         let admin = self.kafka_admin()?;
-        let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+        let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+        for (k, v) in config {
+            topic = topic.set(k, v);
+        }
         let res = admin
             .create_topics([&topic], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))))
             .await?;

@@ -160,7 +160,7 @@ pub fn referenced_secrets(spec: &ConsumerPipelineSpec) -> BTreeMap<String, BTree
 /// Worker shutdown deadline: one processor attempt plus the batch wait, plus time to commit and
 /// leave the group. Retries in backoff are abandoned (uncommitted) at shutdown, so they don't count.
 pub fn shutdown_budget_secs(spec: &ConsumerPipelineSpec) -> i64 {
-    let attempt = match &spec.processor {
+    let attempt = match &spec.processor.kind {
         Processor::Http(h) => h.timeout.as_secs_f64(),
         Processor::Kafka(_) => 10.0,
         Processor::Noop(_) => 0.0,
