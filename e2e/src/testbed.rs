@@ -78,6 +78,16 @@ pub struct Record {
     pub key: Vec<u8>,
     /// Value bytes (empty if none).
     pub value: Vec<u8>,
+    /// Headers in record order (`None`: a null header value).
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+/// The headers of a consumed message.
+fn message_headers(msg: &impl Message) -> Vec<(String, Option<Vec<u8>>)> {
+    use rdkafka::message::Headers;
+    msg.headers()
+        .map(|hs| hs.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec))).collect())
+        .unwrap_or_default()
 }
 
 /// Default location of the bed's env file (`$KPIPE_RUN/env`, else `$KPIPE_CACHE/run/env`, else
@@ -488,6 +498,69 @@ impl TestBed {
         Ok(())
     }
 
+    /// Produces records with headers (`(key, value, headers)`) and waits for every acknowledgement.
+    pub async fn produce_with_headers(
+        &self,
+        topic: &str,
+        records: impl IntoIterator<Item = (Vec<u8>, Vec<u8>, Vec<(String, Vec<u8>)>)>,
+    ) -> Result<(), TestBedError> {
+        use rdkafka::message::{Header, OwnedHeaders};
+        let producer = self.producer()?;
+        let mut pending = futures::stream::FuturesUnordered::new();
+        for (k, v, hs) in records {
+            let headers = hs.iter().fold(OwnedHeaders::new(), |acc, (name, value)| {
+                acc.insert(Header { key: name, value: Some(value.as_slice()) })
+            });
+            let fut = producer
+                .send_result(FutureRecord::to(topic).key(&k).payload(&v).headers(headers))
+                .map_err(|(e, _)| TestBedError::Kafka(e))?;
+            pending.push(fut);
+        }
+        while !pending.is_empty() {
+            drain_one(&mut pending).await?;
+        }
+        Ok(())
+    }
+
+    /// Every record of `topic` from the start of each partition up to its end offset now (no consumer group).
+    pub async fn read_topic(&self, topic: &str, timeout: Duration) -> Result<Vec<Record>, TestBedError> {
+        let ends = self.end_offsets(topic).await?;
+        let want: i64 = ends.values().sum();
+        let mut tpl = TopicPartitionList::new();
+        for p in ends.keys() {
+            tpl.add_partition_offset(topic, *p, Offset::Beginning)?;
+        }
+        let consumer: StreamConsumer = self
+            .kafka_config()
+            .set("group.id", format!("kpipe-e2e-reader-{:08x}", rand::random::<u32>()))
+            .set("enable.auto.commit", "false")
+            .set("fetch.max.bytes", "10485760")
+            .create()?;
+        consumer.assign(&tpl)?;
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::new();
+        while (out.len() as i64) < want {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let msg = match tokio::time::timeout(left, consumer.recv()).await {
+                Ok(m) => m?,
+                Err(_) => {
+                    return Err(TestBedError::Timeout {
+                        what: format!("{want} records of {topic} (got {})", out.len()),
+                        after: timeout,
+                    });
+                }
+            };
+            out.push(Record {
+                partition: msg.partition(),
+                offset: msg.offset(),
+                key: msg.key().unwrap_or_default().to_vec(),
+                value: msg.payload().unwrap_or_default().to_vec(),
+                headers: message_headers(&msg),
+            });
+        }
+        Ok(out)
+    }
+
     /// Consumes exactly `n` records of `topic` as consumer group `group` (from the earliest offset when the
     /// group has none), commits synchronously, and returns them.
     pub async fn consume(
@@ -523,6 +596,7 @@ impl TestBed {
                 offset: msg.offset(),
                 key: msg.key().unwrap_or_default().to_vec(),
                 value: msg.payload().unwrap_or_default().to_vec(),
+                headers: message_headers(&msg),
             });
         }
         consumer.commit_consumer_state(CommitMode::Sync)?;
