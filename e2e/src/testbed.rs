@@ -82,6 +82,37 @@ pub struct Record {
     pub headers: Vec<(String, Option<Vec<u8>>)>,
 }
 
+/// Receives exactly `n` records from `consumer` (of `topic`, for the error) within `timeout`.
+async fn receive(
+    consumer: &StreamConsumer,
+    topic: &str,
+    n: usize,
+    timeout: Duration,
+) -> Result<Vec<Record>, TestBedError> {
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let msg = match tokio::time::timeout(left, consumer.recv()).await {
+            Ok(m) => m?,
+            Err(_) => {
+                return Err(TestBedError::Timeout {
+                    what: format!("{n} records from {topic} (got {})", out.len()),
+                    after: timeout,
+                });
+            }
+        };
+        out.push(Record {
+            partition: msg.partition(),
+            offset: msg.offset(),
+            key: msg.key().unwrap_or_default().to_vec(),
+            value: msg.payload().unwrap_or_default().to_vec(),
+            headers: message_headers(&msg),
+        });
+    }
+    Ok(out)
+}
+
 /// The headers of a consumed message.
 fn message_headers(msg: &impl Message) -> Vec<(String, Option<Vec<u8>>)> {
     use rdkafka::message::Headers;
@@ -537,28 +568,7 @@ impl TestBed {
             .set("fetch.max.bytes", "10485760")
             .create()?;
         consumer.assign(&tpl)?;
-        let deadline = Instant::now() + timeout;
-        let mut out = Vec::new();
-        while (out.len() as i64) < want {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let msg = match tokio::time::timeout(left, consumer.recv()).await {
-                Ok(m) => m?,
-                Err(_) => {
-                    return Err(TestBedError::Timeout {
-                        what: format!("{want} records of {topic} (got {})", out.len()),
-                        after: timeout,
-                    });
-                }
-            };
-            out.push(Record {
-                partition: msg.partition(),
-                offset: msg.offset(),
-                key: msg.key().unwrap_or_default().to_vec(),
-                value: msg.payload().unwrap_or_default().to_vec(),
-                headers: message_headers(&msg),
-            });
-        }
-        Ok(out)
+        receive(&consumer, topic, usize::try_from(want).unwrap_or(0), timeout).await
     }
 
     /// Consumes exactly `n` records of `topic` as consumer group `group` (from the earliest offset when the
@@ -578,27 +588,7 @@ impl TestBed {
             .set("session.timeout.ms", "10000")
             .create()?;
         consumer.subscribe(&[topic])?;
-        let deadline = Instant::now() + timeout;
-        let mut out = Vec::with_capacity(n);
-        while out.len() < n {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let msg = match tokio::time::timeout(left, consumer.recv()).await {
-                Ok(m) => m?,
-                Err(_) => {
-                    return Err(TestBedError::Timeout {
-                        what: format!("{n} records from {topic} (got {})", out.len()),
-                        after: timeout,
-                    });
-                }
-            };
-            out.push(Record {
-                partition: msg.partition(),
-                offset: msg.offset(),
-                key: msg.key().unwrap_or_default().to_vec(),
-                value: msg.payload().unwrap_or_default().to_vec(),
-                headers: message_headers(&msg),
-            });
-        }
+        let out = receive(&consumer, topic, n, timeout).await?;
         consumer.commit_consumer_state(CommitMode::Sync)?;
         consumer.unsubscribe();
         Ok(out)

@@ -164,6 +164,30 @@ fn id_of(value: &[u8]) -> String {
     text.split('|').next().unwrap_or_default().to_string()
 }
 
+/// What must become of each record of a size test, by id.
+#[derive(Default)]
+struct Fates {
+    records: Records,
+    /// Delivered (forwarded or accepted by the sink).
+    delivered: BTreeSet<String>,
+    /// Dead-lettered with its value.
+    whole: BTreeSet<String>,
+    /// Dead-lettered as a reference record: id → original value size.
+    reference: std::collections::BTreeMap<String, usize>,
+}
+
+impl Fates {
+    /// Adds the record `sized(id, len)`, expected to be `d`elivered, dead-lettered `w`hole or as a `r`eference.
+    fn add(&mut self, id: String, len: usize, fate: char) {
+        self.records.push(sized(&id, len));
+        match fate {
+            'd' => self.delivered.insert(id),
+            'w' => self.whole.insert(id),
+            _ => self.reference.insert(id, len).is_none(),
+        };
+    }
+}
+
 fn header<'a>(r: &'a kpipe_e2e::testbed::Record, name: &str) -> Option<&'a str> {
     r.headers.iter().find(|(k, _)| k == name).and_then(|(_, v)| v.as_deref()).and_then(|v| std::str::from_utf8(v).ok())
 }
@@ -240,29 +264,20 @@ async fn records_over_the_output_and_dlq_limits_never_block_the_forward_processo
     .expect("apply");
     // Ids are 10 bytes ("f-<8 digits>"), the key is the id.
     let key = 10;
-    let mut records = Vec::new();
-    let (mut delivered_ids, mut whole, mut reference) =
-        (BTreeSet::new(), BTreeSet::new(), std::collections::BTreeMap::new());
-    let mut add = |i: usize, len: usize, fate: u8| {
-        let id = format!("f-{i:08}");
-        records.push(sized(&id, len));
-        match fate {
-            b'd' => delivered_ids.insert(id),
-            b'w' => whole.insert(id),
-            _ => reference.insert(id, len).is_none(),
-        };
-    };
+    let id = |i: usize| format!("f-{i:08}");
+    let mut f = Fates::default();
     for i in 0..20 {
-        add(i, 100, b'd');
+        f.add(id(i), 100, 'd');
     }
-    add(20, out_limit - FRAMING - key - 16, b'd'); // just under the output topic's limit: forwarded
-    add(21, out_limit - FRAMING - key + 16, b'w'); // just over it: permanent failure, fits the DLQ whole
-    add(22, SMALL_LIMIT - FRAMING - key - 2_000, b'w'); // just under the DLQ's limit with the context headers
-    add(23, SMALL_LIMIT - FRAMING, b'r'); // just over the DLQ's limit: reference record
-    add(24, 300 * 1024, b'r'); // far over both
+    f.add(id(20), out_limit - FRAMING - key - 16, 'd'); // just under the output topic's limit: forwarded
+    f.add(id(21), out_limit - FRAMING - key + 16, 'w'); // just over it: permanent failure, fits the DLQ whole
+    f.add(id(22), SMALL_LIMIT - FRAMING - key - 2_000, 'w'); // just under the DLQ's limit with the context headers
+    f.add(id(23), SMALL_LIMIT - FRAMING, 'r'); // just over the DLQ's limit: reference record
+    f.add(id(24), 300 * 1024, 'r'); // far over both
     for i in 25..45 {
-        add(i, 100, b'd');
+        f.add(id(i), 100, 'd');
     }
+    let Fates { records, delivered: delivered_ids, whole, reference } = f;
     bed.produce_records(&topic, records).await.expect("produce");
     let group = format!("{}.sizefwd", ns.name());
     wait_committed_to_end(&bed, &topic, &group).await;
@@ -307,28 +322,19 @@ async fn records_over_the_dlq_limit_never_block_the_http_processor() {
     .await
     .expect("apply");
     let key = "poison-00000000".len();
-    let mut records = Vec::new();
-    let (mut delivered_ids, mut whole, mut reference) =
-        (BTreeSet::new(), BTreeSet::new(), std::collections::BTreeMap::new());
-    let mut add = |id: String, len: usize, fate: u8| {
-        records.push(sized(&id, len));
-        match fate {
-            b'd' => delivered_ids.insert(id),
-            b'w' => whole.insert(id),
-            _ => reference.insert(id, len).is_none(),
-        };
-    };
+    let mut f = Fates::default();
     for i in 0..20 {
-        add(format!("ok-{i:08}"), 100, b'd');
+        f.add(format!("ok-{i:08}"), 100, 'd');
     }
-    add("ok-big-00000000".into(), 200 * 1024, b'd'); // large but fine for the sink: delivered
-    add("poison-00000001".into(), 100, b'w');
-    add("poison-00000002".into(), SMALL_LIMIT - FRAMING - key - 2_000, b'w'); // just under the DLQ's limit
-    add("poison-00000003".into(), SMALL_LIMIT - FRAMING - key + 16, b'r'); // just over it: reference record
-    add("poison-00000004".into(), 300 * 1024, b'r');
+    f.add("ok-big-00000000".into(), 200 * 1024, 'd'); // large but fine for the sink: delivered
+    f.add("poison-00000001".into(), 100, 'w');
+    f.add("poison-00000002".into(), SMALL_LIMIT - FRAMING - key - 2_000, 'w'); // just under the DLQ's limit
+    f.add("poison-00000003".into(), SMALL_LIMIT - FRAMING - key + 16, 'r'); // just over it: reference record
+    f.add("poison-00000004".into(), 300 * 1024, 'r');
     for i in 20..40 {
-        add(format!("ok-{i:08}"), 100, b'd');
+        f.add(format!("ok-{i:08}"), 100, 'd');
     }
+    let Fates { records, delivered: delivered_ids, whole, reference } = f;
     bed.produce_records(&topic, records).await.expect("produce");
     let group = format!("{}.sizehttp", ns.name());
     wait_committed_to_end(&bed, &topic, &group).await;
