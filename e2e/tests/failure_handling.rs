@@ -289,11 +289,11 @@ async fn records_over_the_output_and_dlq_limits_never_block_the_forward_processo
     let logs = bed.pod_logs(ns.name());
     println!(
         "forward with output limit {out_limit} B and DLQ limit {SMALL_LIMIT} B: {} forwarded, {} dead-lettered whole, \
-         {} as reference records, committed to the end; DLQ write errors in the logs: {}",
+         {} as reference records, committed to the end; dead letters the broker refused as too large: {}",
         forwarded_ids.len(),
         whole.len(),
         reference.len(),
-        logs.matches("dead-letter write failed").count()
+        logs.matches("dead letter refused as too large").count()
     );
     ns.delete().await.expect("delete");
 }
