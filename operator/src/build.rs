@@ -510,6 +510,23 @@ mod tests {
     }
 
     #[test]
+    fn the_circuit_breaker_reaches_the_worker_config() {
+        let mut cp = pipeline(&example("http-dlq-scale-to-zero.yaml"));
+        let cb = kpipe_api::v1alpha1::CircuitBreaker {
+            minimum_calls: Some(3),
+            failure_rate_threshold: 80,
+            open_duration: kpipe_api::Duration::from_secs(2),
+            ..Default::default()
+        };
+        cp.spec.processor.circuit_breaker = Some(cb);
+        let v = validate(&cp, &secrets_for(&cp), &BTreeMap::new(), &defaults()).unwrap();
+        let doc = &config_map(&v).data.unwrap()[wc::CONFIG_KEY];
+        let parsed: WorkerConfig = serde_json::from_str(doc).unwrap();
+        assert_eq!(parsed.spec.processor.circuit_breaker, Some(cb), "{doc}");
+        assert_eq!(parsed.spec.processor.kind, cp.spec.processor.kind);
+    }
+
+    #[test]
     fn deployment_meets_restricted_pod_security() {
         let cp = pipeline(&example("sasl-scram-tls.yaml"));
         let v = validate(&cp, &secrets_for(&cp), &BTreeMap::new(), &defaults()).unwrap();
