@@ -98,6 +98,10 @@ pub const BACKOFF_MAX: &str = "1h";
 pub const MAX_RECORD_AGE_MAX: &str = "8760h";
 /// Range of `scaling.pollInterval`.
 pub const POLL_INTERVAL_RANGE: (&str, &str) = ("1s", "5m");
+/// Range of `processor.circuitBreaker.window`.
+pub const BREAKER_WINDOW_RANGE: (&str, &str) = ("1s", "1h");
+/// Range of `processor.circuitBreaker.openDuration` and `maxOpenDuration`.
+pub const BREAKER_OPEN_RANGE: (&str, &str) = ("100ms", "1h");
 /// Upper bound of `scaling.scaleDownStabilization`.
 pub const SCALE_DOWN_STABILIZATION_MAX: &str = "1h";
 /// Upper bound of `scaling.cooldownToZero`.
@@ -416,7 +420,8 @@ pub fn pod_annotations_schema(_: &mut schemars::SchemaGenerator) -> schemars::Sc
     .unwrap_or_default()
 }
 
-const NOOP_HINT: &str = "processor must set exactly one of http, kafka or noop (a bare `noop:` is null and is \
+/// Why a processor is refused when it does not name exactly one kind.
+pub const NOOP_HINT: &str = "processor must set exactly one of http, kafka or noop (a bare `noop:` is null and is \
     dropped by the apiserver: write `noop: {}`)";
 
 pub fn exactly_one_processor() -> Rule {
@@ -470,6 +475,12 @@ pub fn uncommitted_bound() -> Rule {
 pub fn backoff_order() -> Rule {
     Rule::new("duration(self.initialBackoff) <= duration(self.maxBackoff)")
         .message("retry.initialBackoff must not exceed retry.maxBackoff")
+        .reason(Reason::FieldValueInvalid)
+}
+
+pub fn open_duration_order() -> Rule {
+    Rule::new("duration(self.openDuration) <= duration(self.maxOpenDuration)")
+        .message("processor.circuitBreaker.openDuration must not exceed processor.circuitBreaker.maxOpenDuration")
         .reason(Reason::FieldValueInvalid)
 }
 
@@ -624,7 +635,7 @@ pub fn problems(name: &str, spec: &ConsumerPipelineSpec) -> Vec<FieldError> {
         bad(field, message);
     }
 
-    match &spec.processor {
+    match &spec.processor.kind {
         Processor::Http(h) => {
             if h.url.len() > 2048 || !p.url.is_match(&h.url) {
                 bad("spec.processor.http.url".into(), HTTP_URL_MESSAGE.into());
@@ -663,6 +674,33 @@ pub fn problems(name: &str, spec: &ConsumerPipelineSpec) -> Vec<FieldError> {
             }
         }
         Processor::Noop(_) => {}
+    }
+    if let Some(cb) = &spec.processor.circuit_breaker {
+        let (w_min, w_max) = BREAKER_WINDOW_RANGE;
+        if let Some(message) = duration_out_of(cb.window, w_min, w_max) {
+            bad("spec.processor.circuitBreaker.window".into(), message);
+        }
+        if let Some(n) = cb.minimum_calls
+            && !(1..=10_000).contains(&n)
+        {
+            bad("spec.processor.circuitBreaker.minimumCalls".into(), "must be from 1 to 10000".into());
+        }
+        if !(1..=100).contains(&cb.failure_rate_threshold) {
+            bad("spec.processor.circuitBreaker.failureRateThreshold".into(), "must be from 1 to 100".into());
+        }
+        let (o_min, o_max) = BREAKER_OPEN_RANGE;
+        if let Some(message) = duration_out_of(cb.open_duration, o_min, o_max) {
+            bad("spec.processor.circuitBreaker.openDuration".into(), message);
+        }
+        if let Some(message) = duration_out_of(cb.max_open_duration, o_min, o_max) {
+            bad("spec.processor.circuitBreaker.maxOpenDuration".into(), message);
+        }
+        if cb.open_duration > cb.max_open_duration {
+            bad(
+                "spec.processor.circuitBreaker".into(),
+                "processor.circuitBreaker.openDuration must not exceed processor.circuitBreaker.maxOpenDuration".into(),
+            );
+        }
     }
 
     let c = &spec.concurrency;
@@ -726,7 +764,7 @@ pub fn problems(name: &str, spec: &ConsumerPipelineSpec) -> Vec<FieldError> {
         if s.topics.contains(&dl.topic) {
             bad("spec.deadLetter.topic".into(), "must not be one of source.topics".into());
         }
-        if let Processor::Kafka(k) = &spec.processor
+        if let Processor::Kafka(k) = &spec.processor.kind
             && k.topic == dl.topic
         {
             bad("spec.deadLetter.topic".into(), "must not be processor.kafka.topic".into());

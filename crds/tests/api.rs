@@ -155,7 +155,7 @@ fn minimal_spec_gets_documented_defaults() {
     assert_eq!(spec.ordering, Ordering::Key);
     assert_eq!(spec.source.start_offset, StartOffset::Earliest);
     assert_eq!(spec.source.effective_group_id("ns", "p"), "ns.p");
-    assert_eq!(spec.processor, Processor::Noop(Default::default()));
+    assert_eq!(spec.processor, Processor::Noop(Default::default()).into());
     assert_eq!((spec.concurrency.per_partition, spec.concurrency.per_worker), (32, 256));
     assert_eq!(spec.batch.max_records, 500);
     assert_eq!(spec.batch.max_bytes, ByteSize::mib(1));

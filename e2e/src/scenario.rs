@@ -115,6 +115,14 @@ pub const ENV_OPERATOR_IMAGE: &str = "KPIPE_E2E_OPERATOR_IMAGE";
 /// Env var naming the default worker image of test releases; same form as [`ENV_OPERATOR_IMAGE`].
 pub const ENV_WORKER_IMAGE: &str = "KPIPE_E2E_WORKER_IMAGE";
 
+/// Env var naming the image of test sinks (default `kpipe/test-sink:latest`, which the bed's kubelet maps to the bed
+/// checkout's `kpipe-test-sink`); same form as [`ENV_OPERATOR_IMAGE`], for a sink built in another tree.
+pub const ENV_SINK_IMAGE: &str = "KPIPE_E2E_SINK_IMAGE";
+
+fn sink_image() -> String {
+    std::env::var(ENV_SINK_IMAGE).ok().filter(|v| !v.is_empty()).unwrap_or_else(|| "kpipe/test-sink:latest".into())
+}
+
 /// `(chart value prefix, image)` for the image overrides set in the environment.
 fn image_overrides() -> Vec<(&'static str, String)> {
     [("image", ENV_OPERATOR_IMAGE), ("worker.image", ENV_WORKER_IMAGE)]
@@ -175,7 +183,12 @@ impl Sink {
         Ok(())
     }
 
-    /// `{"requests","records","unique","rejected"}`.
+    /// The CloudEvents the sink parsed with the CloudEvents SDK, decoded, in arrival order (see `kpipe-test-sink`).
+    pub async fn events(&self) -> Result<Vec<serde_json::Value>, TestBedError> {
+        reqwest::get(format!("{}/events", self.base)).await.map_err(other)?.json().await.map_err(other)
+    }
+
+    /// `{"requests","records","unique","rejected","malformed","outOfOrder"}`.
     pub async fn stats(&self) -> Result<serde_json::Value, TestBedError> {
         reqwest::get(format!("{}/stats", self.base)).await.map_err(other)?.json().await.map_err(other)
     }
@@ -192,7 +205,7 @@ pub async fn deploy_sink(bed: &TestBed, namespace: &str, name: &str, args: &[&st
             "template": {
                 "metadata": {"labels": {"app": name}},
                 "spec": {"containers": [{
-                    "name": "sink", "image": "kpipe/test-sink:latest",
+                    "name": "sink", "image": sink_image(),
                     "args": args,
                     "ports": [{"containerPort": 8080, "name": "http"}],
                     "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080}, "periodSeconds": 1},

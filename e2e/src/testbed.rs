@@ -78,6 +78,47 @@ pub struct Record {
     pub key: Vec<u8>,
     /// Value bytes (empty if none).
     pub value: Vec<u8>,
+    /// Headers in record order (`None`: a null header value).
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+/// Receives exactly `n` records from `consumer` (of `topic`, for the error) within `timeout`.
+async fn receive(
+    consumer: &StreamConsumer,
+    topic: &str,
+    n: usize,
+    timeout: Duration,
+) -> Result<Vec<Record>, TestBedError> {
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let msg = match tokio::time::timeout(left, consumer.recv()).await {
+            Ok(m) => m?,
+            Err(_) => {
+                return Err(TestBedError::Timeout {
+                    what: format!("{n} records from {topic} (got {})", out.len()),
+                    after: timeout,
+                });
+            }
+        };
+        out.push(Record {
+            partition: msg.partition(),
+            offset: msg.offset(),
+            key: msg.key().unwrap_or_default().to_vec(),
+            value: msg.payload().unwrap_or_default().to_vec(),
+            headers: message_headers(&msg),
+        });
+    }
+    Ok(out)
+}
+
+/// The headers of a consumed message.
+fn message_headers(msg: &impl Message) -> Vec<(String, Option<Vec<u8>>)> {
+    use rdkafka::message::Headers;
+    msg.headers()
+        .map(|hs| hs.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec))).collect())
+        .unwrap_or_default()
 }
 
 /// Default location of the bed's env file (`$KPIPE_RUN/env`, else `$KPIPE_CACHE/run/env`, else
@@ -412,8 +453,22 @@ impl TestBed {
 
     /// Creates a topic (replication factor 1) and waits until its metadata shows all partitions.
     pub async fn create_topic(&self, name: &str, partitions: i32) -> Result<(), TestBedError> {
+        self.create_topic_with_config(name, partitions, &[]).await
+    }
+
+    /// Creates a topic with topic configs (e.g. `("max.message.bytes", "65536")`) and waits until its metadata shows
+    /// every partition.
+    pub async fn create_topic_with_config(
+        &self,
+        name: &str,
+        partitions: i32,
+        config: &[(&str, &str)],
+    ) -> Result<(), TestBedError> {
         let admin = self.kafka_admin()?;
-        let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+        let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+        for (k, v) in config {
+            topic = topic.set(k, v);
+        }
         let res = admin
             .create_topics([&topic], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))))
             .await?;
@@ -474,6 +529,48 @@ impl TestBed {
         Ok(())
     }
 
+    /// Produces records with headers (`(key, value, headers)`) and waits for every acknowledgement.
+    pub async fn produce_with_headers(
+        &self,
+        topic: &str,
+        records: impl IntoIterator<Item = (Vec<u8>, Vec<u8>, Vec<(String, Vec<u8>)>)>,
+    ) -> Result<(), TestBedError> {
+        use rdkafka::message::{Header, OwnedHeaders};
+        let producer = self.producer()?;
+        let mut pending = futures::stream::FuturesUnordered::new();
+        for (k, v, hs) in records {
+            let headers = hs.iter().fold(OwnedHeaders::new(), |acc, (name, value)| {
+                acc.insert(Header { key: name, value: Some(value.as_slice()) })
+            });
+            let fut = producer
+                .send_result(FutureRecord::to(topic).key(&k).payload(&v).headers(headers))
+                .map_err(|(e, _)| TestBedError::Kafka(e))?;
+            pending.push(fut);
+        }
+        while !pending.is_empty() {
+            drain_one(&mut pending).await?;
+        }
+        Ok(())
+    }
+
+    /// Every record of `topic` from the start of each partition up to its end offset now (no consumer group).
+    pub async fn read_topic(&self, topic: &str, timeout: Duration) -> Result<Vec<Record>, TestBedError> {
+        let ends = self.end_offsets(topic).await?;
+        let want: i64 = ends.values().sum();
+        let mut tpl = TopicPartitionList::new();
+        for p in ends.keys() {
+            tpl.add_partition_offset(topic, *p, Offset::Beginning)?;
+        }
+        let consumer: StreamConsumer = self
+            .kafka_config()
+            .set("group.id", format!("kpipe-e2e-reader-{:08x}", rand::random::<u32>()))
+            .set("enable.auto.commit", "false")
+            .set("fetch.max.bytes", "10485760")
+            .create()?;
+        consumer.assign(&tpl)?;
+        receive(&consumer, topic, usize::try_from(want).unwrap_or(0), timeout).await
+    }
+
     /// Consumes exactly `n` records of `topic` as consumer group `group` (from the earliest offset when the
     /// group has none), commits synchronously, and returns them.
     pub async fn consume(
@@ -491,26 +588,7 @@ impl TestBed {
             .set("session.timeout.ms", "10000")
             .create()?;
         consumer.subscribe(&[topic])?;
-        let deadline = Instant::now() + timeout;
-        let mut out = Vec::with_capacity(n);
-        while out.len() < n {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let msg = match tokio::time::timeout(left, consumer.recv()).await {
-                Ok(m) => m?,
-                Err(_) => {
-                    return Err(TestBedError::Timeout {
-                        what: format!("{n} records from {topic} (got {})", out.len()),
-                        after: timeout,
-                    });
-                }
-            };
-            out.push(Record {
-                partition: msg.partition(),
-                offset: msg.offset(),
-                key: msg.key().unwrap_or_default().to_vec(),
-                value: msg.payload().unwrap_or_default().to_vec(),
-            });
-        }
+        let out = receive(&consumer, topic, n, timeout).await?;
         consumer.commit_consumer_state(CommitMode::Sync)?;
         consumer.unsubscribe();
         Ok(out)

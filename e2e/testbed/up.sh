@@ -158,8 +158,14 @@ start() {
 }
 # spawn <component> <cmdline-match>: runs the remembered command detached in its own session and records its pid.
 spawn() {
-  local name=$1 match=$2 pid
-  eval "setsid ${START_CMD[$name]} >>\"\$KPIPE_RUN/logs/$name.log\" 2>&1 </dev/null 9>&- &"
+  local name=$1 match=$2 pid close="" fd
+  # No descriptor this script inherited may live on in a daemon: `flock /work/bed.lock cargo test ...` hands its lock
+  # (fd 3) down to a test that restarts Kafka through this script, and a broker holding it would hold the bed's lock
+  # until it exits (every later `flock` waits forever). bash's own script descriptor (255) is close-on-exec.
+  for fd in $(ls /proc/$$/fd); do
+    if [ "$fd" -gt 2 ] && [ "$fd" -lt 255 ]; then close+=" $fd>&-"; fi
+  done
+  eval "setsid ${START_CMD[$name]} >>\"\$KPIPE_RUN/logs/$name.log\" 2>&1 </dev/null$close &"
   pid=$!
   echo "$pid" >"$(pidfile "$name")"
   # Until it execs, $! is a copy of this shell whose cmdline does not match: wait for the exec, so `alive` cannot

@@ -160,7 +160,7 @@ pub fn referenced_secrets(spec: &ConsumerPipelineSpec) -> BTreeMap<String, BTree
 /// Worker shutdown deadline: one processor attempt plus the batch wait, plus time to commit and
 /// leave the group. Retries in backoff are abandoned (uncommitted) at shutdown, so they don't count.
 pub fn shutdown_budget_secs(spec: &ConsumerPipelineSpec) -> i64 {
-    let attempt = match &spec.processor {
+    let attempt = match &spec.processor.kind {
         Processor::Http(h) => h.timeout.as_secs_f64(),
         Processor::Kafka(_) => 10.0,
         Processor::Noop(_) => 0.0,
@@ -507,6 +507,23 @@ mod tests {
             golden(&format!("{stem}.configmap"), &serde_json::to_value(config_map(&v)).unwrap());
             golden(&format!("{stem}.deployment"), &serde_json::to_value(deployment(&v, 2)).unwrap());
         }
+    }
+
+    #[test]
+    fn the_circuit_breaker_reaches_the_worker_config() {
+        let mut cp = pipeline(&example("http-dlq-scale-to-zero.yaml"));
+        let cb = kpipe_api::v1alpha1::CircuitBreaker {
+            minimum_calls: Some(3),
+            failure_rate_threshold: 80,
+            open_duration: kpipe_api::Duration::from_secs(2),
+            ..Default::default()
+        };
+        cp.spec.processor.circuit_breaker = Some(cb);
+        let v = validate(&cp, &secrets_for(&cp), &BTreeMap::new(), &defaults()).unwrap();
+        let doc = &config_map(&v).data.unwrap()[wc::CONFIG_KEY];
+        let parsed: WorkerConfig = serde_json::from_str(doc).unwrap();
+        assert_eq!(parsed.spec.processor.circuit_breaker, Some(cb), "{doc}");
+        assert_eq!(parsed.spec.processor.kind, cp.spec.processor.kind);
     }
 
     #[test]

@@ -30,8 +30,9 @@ use tokio::time::Instant;
 use crate::health::Health;
 use crate::metrics::Metrics;
 
-/// Breaker thresholds. Defaults: 10 s window, at least 5 calls, 50 % unavailable, first probe after
-/// 5 s, then 10 s, 20 s, ... up to 60 s.
+/// Breaker thresholds (`spec.processor.circuitBreaker`, [`BreakerSettings::from_spec`]). Defaults:
+/// 10 s window, at least 5 calls, 50 % unavailable, first probe after 5 s, then 10 s, 20 s, ... up
+/// to 60 s.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BreakerSettings {
     /// Sliding window of call outcomes considered while closed.
@@ -66,6 +67,27 @@ impl BreakerSettings {
         let d = Self::default();
         let cap = max_attempts.saturating_sub(1).max(1) as usize;
         Self { min_calls: d.min_calls.min(cap), ..d }
+    }
+
+    /// The settings `spec.processor.circuitBreaker` asks for, or `None` when it turns the breaker
+    /// off (`enabled: false`). Unset: [`Self::for_max_attempts`]. Set: its fields, with
+    /// `minimumCalls` defaulting as in [`Self::for_max_attempts`] and the failure rate threshold a
+    /// percentage (1–100, clamped here too: a worker can be run by hand on a config the apiserver
+    /// never saw).
+    pub fn from_spec(spec: Option<&kpipe_api::v1alpha1::CircuitBreaker>, max_attempts: u32) -> Option<Self> {
+        let derived = Self::for_max_attempts(max_attempts);
+        let Some(cb) = spec else { return Some(derived) };
+        if !cb.enabled {
+            return None;
+        }
+        let initial_open = cb.open_duration.as_std();
+        Some(Self {
+            window: cb.window.as_std(),
+            min_calls: cb.minimum_calls.map_or(derived.min_calls, |n| n.max(1) as usize),
+            failure_ratio: f64::from(cb.failure_rate_threshold.clamp(1, 100)) / 100.0,
+            initial_open,
+            max_open: cb.max_open_duration.as_std().max(initial_open),
+        })
     }
 }
 
@@ -299,6 +321,44 @@ mod tests {
             initial_open: Duration::from_secs(5),
             max_open: Duration::from_secs(60),
         }
+    }
+
+    #[test]
+    fn the_spec_sets_the_knobs_and_unset_fields_keep_the_defaults() {
+        use kpipe_api::v1alpha1::CircuitBreaker as Spec;
+        assert_eq!(BreakerSettings::from_spec(None, 3), Some(BreakerSettings::for_max_attempts(3)));
+        assert_eq!(
+            BreakerSettings::from_spec(Some(&Spec::default()), 3),
+            Some(BreakerSettings::for_max_attempts(3)),
+            "an empty circuitBreaker object is the defaults"
+        );
+        assert_eq!(BreakerSettings::from_spec(Some(&Spec { enabled: false, ..Spec::default() }), 8), None);
+        let spec = Spec {
+            enabled: true,
+            window: kpipe_api::Duration::from_secs(30),
+            minimum_calls: Some(20),
+            failure_rate_threshold: 80,
+            open_duration: kpipe_api::Duration::from_millis(500),
+            max_open_duration: kpipe_api::Duration::from_secs(10),
+        };
+        assert_eq!(
+            BreakerSettings::from_spec(Some(&spec), 8),
+            Some(BreakerSettings {
+                window: Duration::from_secs(30),
+                min_calls: 20,
+                failure_ratio: 0.8,
+                initial_open: Duration::from_millis(500),
+                max_open: Duration::from_secs(10),
+            })
+        );
+        let nonsense = Spec {
+            minimum_calls: Some(0),
+            failure_rate_threshold: 0,
+            max_open_duration: kpipe_api::Duration::from_millis(100),
+            ..spec
+        };
+        let s = BreakerSettings::from_spec(Some(&nonsense), 8).unwrap();
+        assert_eq!((s.min_calls, s.failure_ratio, s.max_open), (1, 0.01, Duration::from_millis(500)));
     }
 
     #[test]

@@ -61,7 +61,7 @@ fn validate(path: &Path, c: &WorkerConfig) -> Result<(), ConfigError> {
     {
         return Err(field("spec.deadLetter.topic", "must not be one of the source topics"));
     }
-    if let Processor::Kafka(k) = &c.spec.processor
+    if let Processor::Kafka(k) = &c.spec.processor.kind
         && c.spec.source.topics.contains(&k.topic)
     {
         return Err(field("spec.processor.kafka.topic", "must not be one of the source topics"));

@@ -86,7 +86,7 @@ pub async fn run(config: WorkerConfig, settings: RunSettings, shutdown: Cancella
     let server = tokio::spawn(server::serve(listener, metrics.clone(), health.clone(), server_stop.clone()));
 
     let spec = &config.spec;
-    let needs_producer = matches!(spec.processor, ProcessorSpec::Kafka(_)) || spec.dead_letter.is_some();
+    let needs_producer = matches!(spec.processor.kind, ProcessorSpec::Kafka(_)) || spec.dead_letter.is_some();
     let mut producer_config = kafka_config::producer(&config, &settings.env);
     // The topics' max.message.bytes decides what fits (crate::size), not librdkafka's 1,000,000 default.
     if producer_config.get("message.max.bytes").is_none() {
@@ -98,7 +98,7 @@ pub async fn run(config: WorkerConfig, settings: RunSettings, shutdown: Cancella
         // librdkafka batches records up to batch.size (default 1,000,000) per partition; a batch above a
         // topic's max.message.bytes is refused whole, so batches stay within the smallest target limit.
         let mut targets: Vec<&str> = Vec::new();
-        if let ProcessorSpec::Kafka(k) = &spec.processor {
+        if let ProcessorSpec::Kafka(k) = &spec.processor.kind {
             targets.push(&k.topic);
         }
         if let Some(dl) = &spec.dead_letter {
@@ -116,7 +116,7 @@ pub async fn run(config: WorkerConfig, settings: RunSettings, shutdown: Cancella
     } else {
         (None, Arc::new(TopicLimits::new(None)))
     };
-    let processor: Arc<dyn Processor> = match (&spec.processor, &producer) {
+    let processor: Arc<dyn Processor> = match (&spec.processor.kind, &producer) {
         (ProcessorSpec::Http(h), _) => {
             Arc::new(HttpProcessor::new(h, &config.namespace, &config.pipeline)?.with_ordering(spec.ordering))
         }
@@ -126,7 +126,7 @@ pub async fn run(config: WorkerConfig, settings: RunSettings, shutdown: Cancella
         _ => Arc::new(NoopProcessor),
     };
     // Downstream health gates (crate::breaker, crate::aimd): for processors that can be unavailable.
-    let guarded = !matches!(spec.processor, ProcessorSpec::Noop(_));
+    let guarded = !matches!(spec.processor.kind, ProcessorSpec::Noop(_));
     let on_failure = spec.effective_on_failure();
     let dead_letter: Option<Arc<dyn DeadLetterSink>> = match (&spec.dead_letter, &producer) {
         (Some(dl), Some(p)) if on_failure == OnFailure::DeadLetter => Some(Arc::new(KafkaDeadLetter {
@@ -138,7 +138,8 @@ pub async fn run(config: WorkerConfig, settings: RunSettings, shutdown: Cancella
         _ => None,
     };
     let backoff = BackoffPolicy::from(&spec.retry);
-    let breaker_settings = BreakerSettings::for_max_attempts(backoff.max_attempts);
+    // `None`: spec.processor.circuitBreaker.enabled is false.
+    let breaker_settings = BreakerSettings::from_spec(spec.processor.circuit_breaker.as_ref(), backoff.max_attempts);
     let jobs = Arc::new(JobContext {
         processor,
         dead_letter,
@@ -146,7 +147,9 @@ pub async fn run(config: WorkerConfig, settings: RunSettings, shutdown: Cancella
         backoff,
         metrics: metrics.clone(),
         health: health.clone(),
-        breaker: guarded.then(|| Arc::new(CircuitBreaker::new(breaker_settings, metrics.clone(), health.clone()))),
+        breaker: breaker_settings
+            .filter(|_| guarded)
+            .map(|settings| Arc::new(CircuitBreaker::new(settings, metrics.clone(), health.clone()))),
         limiter: guarded
             .then(|| Arc::new(ConcurrencyLimiter::new(1, spec.concurrency.per_worker as usize, metrics.clone()))),
     });

@@ -357,6 +357,42 @@ async fn kafka_a_downstream_outage_opens_the_circuit_and_nothing_is_dead_lettere
     assert!(read_topic(&bootstrap, &dlq, 1, Duration::from_secs(3)).is_empty(), "the DLQ stays empty");
 }
 
+/// `spec.processor.circuitBreaker.enabled: false` reaches the worker: an endpoint refusing connections is then an
+/// ordinary retryable failure, the records spend their attempts and are dead-lettered, and the circuit never opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kafka_a_circuit_breaker_turned_off_in_the_spec_never_opens() {
+    let bootstrap = bootstrap();
+    let topic = unique("nobreaker");
+    let dlq = unique("nobreaker-dlq");
+    create_topic(&bootstrap, &topic, 1).await;
+    create_topic(&bootstrap, &dlq, 1).await;
+    let n = 30u64;
+    produce_ids(&bootstrap, &topic, 0..n, 5).await;
+    let addr = free_port(); // nothing listens: connection refused
+    let group = unique("g");
+    let cfg = config(
+        &bootstrap,
+        "nobreaker",
+        &topic,
+        &group,
+        serde_json::json!({
+            "processor": {"http": {"url": format!("http://{addr}/records"), "timeout": "1s"},
+                          "circuitBreaker": {"enabled": false}},
+            "batch": {"maxRecords": 5, "maxWait": "10ms"},
+            "retry": {"maxAttempts": 3, "initialBackoff": "10ms", "maxBackoff": "50ms"},
+            "deadLetter": {"topic": dlq}
+        }),
+    );
+    let w = Worker::start("nobreaker", &cfg);
+    w.wait_ready(Duration::from_secs(30)).await;
+    let m = wait_metric(&w, "kpipe_worker_records_dead_lettered_total", n as f64, Duration::from_secs(60)).await;
+    assert_eq!(metric(&m, "kpipe_worker_circuit_opened_total").unwrap_or(0.0), 0.0, "{m}");
+    assert_eq!(metric(&m, "kpipe_worker_circuit_state").unwrap_or(0.0), 0.0, "{m}");
+    wait_committed(&bootstrap, &group, &topic, n as i64).await;
+    let dead = read_topic(&bootstrap, &dlq, n as usize, Duration::from_secs(30));
+    assert_eq!(dead.len(), n as usize);
+}
+
 /// A record's attempt budget survives a worker being killed and replaced: the replacement continues
 /// from the attempts the first worker reported in the commit metadata, and the dead letter says
 /// `kpipe.attempts: 5` (maxAttempts), not 5 + what was spent before.

@@ -75,9 +75,10 @@ pub struct ConsumerPipelineSpec {
     /// Where records come from: the Kafka cluster, topics, consumer group and credentials.
     pub source: Source,
 
-    /// What processes the records. Exactly one of `http`, `kafka` or `noop`.
+    /// What processes the records: exactly one of `http`, `kafka` or `noop`, and optionally the
+    /// `circuitBreaker` that guards it.
     #[x_kube(validation = rules::exactly_one_processor())]
-    pub processor: Processor,
+    pub processor: ProcessorSpec,
 
     /// Which records may be processed concurrently. `partition`: strictly one at a time, in offset
     /// order, per partition. `key`: records with the same key in order, different keys in
@@ -284,7 +285,139 @@ pub struct LocalSecretRef {
     pub name: String,
 }
 
-/// What processes the records. Exactly one of `http`, `kafka` or `noop`.
+/// What processes the records (exactly one of `http`, `kafka` or `noop`) and the circuit breaker
+/// guarding it.
+///
+/// Deserialised through [`RawProcessorSpec`]: a flattened enum alone would take the first of two
+/// processor keys and ignore the other, where the apiserver rejects the object.
+#[derive(KubeSchema, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ProcessorSpec {
+    /// The processor (the `http`, `kafka` or `noop` key).
+    #[serde(flatten)]
+    pub kind: Processor,
+    /// When the processor counts as unavailable and for how long the worker waits before probing
+    /// it (http and kafka processors). Unset: on, with the defaults below and `minimumCalls`
+    /// derived from `retry.maxAttempts` (docs/api.md, "Failure handling").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreaker>,
+}
+
+/// The wire shape of [`ProcessorSpec`]: every processor key optional, checked to be exactly one.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawProcessorSpec {
+    #[serde(default)]
+    http: Option<HttpProcessor>,
+    #[serde(default)]
+    kafka: Option<KafkaProcessor>,
+    #[serde(default)]
+    noop: Option<NoopProcessor>,
+    #[serde(default)]
+    circuit_breaker: Option<CircuitBreaker>,
+}
+
+impl<'de> Deserialize<'de> for ProcessorSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let raw = RawProcessorSpec::deserialize(deserializer)?;
+        let kind = match (raw.http, raw.kafka, raw.noop) {
+            (Some(h), None, None) => Processor::Http(h),
+            (None, Some(k), None) => Processor::Kafka(k),
+            (None, None, Some(n)) => Processor::Noop(n),
+            _ => return Err(serde::de::Error::custom(rules::NOOP_HINT)),
+        };
+        Ok(Self { kind, circuit_breaker: raw.circuit_breaker })
+    }
+}
+
+impl From<Processor> for ProcessorSpec {
+    fn from(kind: Processor) -> Self {
+        Self { kind, circuit_breaker: None }
+    }
+}
+
+/// The processor circuit breaker (docs/api.md, "Failure handling"): when at least `minimumCalls`
+/// processor calls in the last `window` finished and at least `failureRateThreshold` percent of
+/// them failed because the processor was unavailable (timeout, connection error, HTTP
+/// 500/502/503/504, a retryable produce error), the worker opens the circuit: no calls, no
+/// attempts spent, nothing dead-lettered. After `openDuration` one call probes the processor;
+/// each failed probe doubles the wait, up to `maxOpenDuration`; a successful probe closes it.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]
+#[x_kube(validation = rules::open_duration_order())]
+#[serde(rename_all = "camelCase")]
+pub struct CircuitBreaker {
+    /// `false` turns the breaker off: an unavailable processor spends the records' attempts and
+    /// they go to `onFailure` like any other failure.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Sliding time window of call outcomes the failure rate is computed over (1s to 1h).
+    #[serde(default = "default_breaker_window")]
+    #[x_kube(validation = rules::duration_between(
+        "processor.circuitBreaker.window",
+        rules::BREAKER_WINDOW_RANGE
+    ))]
+    pub window: Duration,
+    /// Fewest call outcomes in the window before the circuit may open (1 to 10000). Unset:
+    /// `min(5, retry.maxAttempts − 1)`, at least 1, so a record cannot exhaust its attempts on an
+    /// outage before the circuit opens; a larger value lets a lone failing batch do so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub minimum_calls: Option<u32>,
+    /// Percentage (1 to 100) of unavailable outcomes in the window that opens the circuit.
+    #[serde(default = "default_failure_rate_threshold")]
+    #[schemars(range(min = 1, max = 100))]
+    pub failure_rate_threshold: u32,
+    /// Wait after the circuit opens before the first probe (100ms to 1h).
+    #[serde(default = "default_open_duration")]
+    #[x_kube(validation = rules::duration_between(
+        "processor.circuitBreaker.openDuration",
+        rules::BREAKER_OPEN_RANGE
+    ))]
+    pub open_duration: Duration,
+    /// Longest wait between probes while the processor stays unavailable (100ms to 1h, at least
+    /// `openDuration`).
+    #[serde(default = "default_max_open_duration")]
+    #[x_kube(validation = rules::duration_between(
+        "processor.circuitBreaker.maxOpenDuration",
+        rules::BREAKER_OPEN_RANGE
+    ))]
+    pub max_open_duration: Duration,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_breaker_window() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_failure_rate_threshold() -> u32 {
+    50
+}
+
+fn default_open_duration() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_max_open_duration() -> Duration {
+    Duration::from_secs(60)
+}
+
+impl Default for CircuitBreaker {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            window: default_breaker_window(),
+            minimum_calls: None,
+            failure_rate_threshold: default_failure_rate_threshold(),
+            open_duration: default_open_duration(),
+            max_open_duration: default_max_open_duration(),
+        }
+    }
+}
+
+/// The processor itself: exactly one of `http`, `kafka` or `noop`.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub enum Processor {

@@ -13,11 +13,18 @@
 //! * `POST /outage/start` / `POST /outage/end`: answer 503 to every request in between (a downstream outage);
 //!   `POST /outage/start?status=429&retry_after=2` answers 429 with `Retry-After: 2` instead (rate limiting).
 //!
+//! CloudEvents requests are parsed by the CloudEvents SDK (`cloudevents-sdk`, HTTP binding, binary content mode);
+//! a request it refuses is answered 400 and counted as `malformed`. Every parsed event is kept, with its attribute and
+//! extension values percent-decoded as the HTTP binding §3.1.3.2 asks of a receiver (the SDK leaves that to the
+//! application), and `GET /events` returns them as JSON in arrival order: `[{"id","source","type","subject",
+//! "datacontenttype","extensions":{..},"data":..}]` (`data` as UTF-8 text, or `dataBase64`). Per `partitionkey` the
+//! sink checks that offsets (from `subject`) arrive in increasing order and counts `outOfOrder` otherwise.
+//!
 //! `GET /ids` returns every delivered id, one per line, in arrival order (duplicates included);
-//! `GET /stats` returns `{"requests":..,"records":..,"unique":..,"rejected":..}`; `/healthz` is the probe.
+//! `GET /stats` returns `{"requests":..,"records":..,"unique":..,"rejected":..,"malformed":..,"outOfOrder":..}`; `/healthz` is the probe.
 //! With `--out FILE` every delivered id is also appended to FILE.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,6 +68,51 @@ struct Ledger {
     requests: u64,
     rejected: u64,
     file: Option<std::fs::File>,
+    /// CloudEvents requests the SDK refused.
+    malformed: u64,
+    /// Every CloudEvent delivered, decoded (see the module docs), in arrival order.
+    events: Vec<serde_json::Value>,
+    /// Highest offset seen per `partitionkey` (the topic/partition of `subject` prefixed).
+    last_offset_per_key: HashMap<String, i64>,
+    /// Events that arrived after a later offset of the same key.
+    out_of_order: u64,
+}
+
+/// A CloudEvents attribute value as sent (percent-encoded, HTTP binding §3.1.3.2), decoded; the raw text when it is
+/// not valid percent-encoded UTF-8.
+fn ce_decode(value: &str) -> String {
+    percent_encoding::percent_decode_str(value).decode_utf8().map(|v| v.into_owned()).unwrap_or_else(|_| value.into())
+}
+
+/// Parses a binary-mode CloudEvents request with the SDK and decodes it as `GET /events` shows it.
+fn decode_cloudevent(headers: &HeaderMap, body: &[u8]) -> Result<serde_json::Value, String> {
+    use cloudevents::event::{AttributesReader, Data};
+    let event = cloudevents::binding::http::to_event(headers, body.to_vec()).map_err(|e| e.to_string())?;
+    let extensions: serde_json::Map<String, serde_json::Value> =
+        event.iter_extensions().map(|(k, v)| (k.to_string(), ce_decode(&v.to_string()).into())).collect();
+    let mut out = serde_json::json!({
+        "id": ce_decode(event.id()),
+        "source": ce_decode(&event.source().to_string()),
+        "type": ce_decode(event.ty()),
+        "subject": event.subject().map(ce_decode),
+        "time": event.time().map(|t| t.to_rfc3339()),
+        "datacontenttype": event.datacontenttype(),
+        "extensions": extensions,
+    });
+    let bytes: Vec<u8> = match event.data() {
+        Some(Data::Binary(b)) => b.clone(),
+        Some(Data::String(s)) => s.clone().into_bytes(),
+        Some(Data::Json(j)) => j.to_string().into_bytes(),
+        None => Vec::new(),
+    };
+    match String::from_utf8(bytes) {
+        Ok(text) => out["data"] = text.into(),
+        Err(e) => {
+            use base64::Engine;
+            out["dataBase64"] = base64::engine::general_purpose::STANDARD.encode(e.as_bytes()).into();
+        }
+    }
+    Ok(out)
 }
 
 struct Sink {
@@ -122,13 +174,23 @@ async fn records(State(sink): State<Arc<Sink>>, headers: HeaderMap, body: Bytes)
         return resp;
     }
     // CloudEvents binary mode carries one record per request, with ce-* headers and the value as the body.
-    let batch: Vec<BatchRecord> = if headers.contains_key("ce-id") {
-        // ce-subject is "<topic>/<partition>/<offset>".
-        let subject = headers.get("ce-subject").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let mut event: Option<serde_json::Value> = None;
+    let batch: Vec<BatchRecord> = if headers.contains_key("ce-specversion") || headers.contains_key("ce-id") {
+        let decoded = match decode_cloudevent(&headers, &body) {
+            Ok(d) => d,
+            Err(e) => {
+                sink.ledger.lock().await.malformed += 1;
+                return (StatusCode::BAD_REQUEST, format!("malformed CloudEvent: {e}")).into_response();
+            }
+        };
+        // subject is "<topic>/<partition>/<offset>".
+        let subject = decoded["subject"].as_str().unwrap_or_default().to_string();
         let mut parts = subject.rsplitn(3, '/');
         let offset = parts.next().and_then(|v| v.parse().ok()).unwrap_or(-1);
         let partition = parts.next().and_then(|v| v.parse().ok()).unwrap_or(-1);
-        vec![BatchRecord { partition, offset, value: Some(String::from_utf8_lossy(&body).into_owned()) }]
+        let value = decoded["data"].as_str().map(str::to_string);
+        event = Some(decoded);
+        vec![BatchRecord { partition, offset, value }]
     } else {
         match serde_json::from_slice::<Batch>(&body) {
             Ok(b) => b.records,
@@ -151,6 +213,18 @@ async fn records(State(sink): State<Arc<Sink>>, headers: HeaderMap, body: Bytes)
         .collect();
     let mut ledger = sink.ledger.lock().await;
     ledger.rejected += failed.len() as u64;
+    if let (Some(ev), Some(r)) = (event, batch.first()) {
+        if let Some(key) = ev["extensions"]["partitionkey"].as_str() {
+            let topic = ev["subject"].as_str().and_then(|s| s.rsplitn(3, '/').nth(2)).unwrap_or_default();
+            let slot = format!("{topic}/{}/{key}", r.partition);
+            let last = ledger.last_offset_per_key.get(&slot).copied().unwrap_or(-1);
+            if r.offset < last {
+                ledger.out_of_order += 1;
+            }
+            ledger.last_offset_per_key.insert(slot, last.max(r.offset));
+        }
+        ledger.events.push(ev);
+    }
     let mut appended = String::new();
     for r in batch.iter().filter(|r| !is_poison(r)) {
         let id = r.value.clone().unwrap_or_default();
@@ -177,6 +251,10 @@ async fn ids(State(sink): State<Arc<Sink>>) -> String {
     out
 }
 
+async fn events(State(sink): State<Arc<Sink>>) -> String {
+    serde_json::Value::from(sink.ledger.lock().await.events.clone()).to_string()
+}
+
 async fn stats(State(sink): State<Arc<Sink>>) -> String {
     let ledger = sink.ledger.lock().await;
     serde_json::json!({
@@ -184,6 +262,8 @@ async fn stats(State(sink): State<Arc<Sink>>) -> String {
         "records": ledger.ids.len(),
         "unique": ledger.unique.len(),
         "rejected": ledger.rejected,
+        "malformed": ledger.malformed,
+        "outOfOrder": ledger.out_of_order,
     })
     .to_string()
 }
@@ -220,6 +300,7 @@ async fn main() -> anyhow::Result<()> {
         .route("/", post(records))
         .route("/ids", get(ids))
         .route("/stats", get(stats))
+        .route("/events", get(events))
         .route("/outage/start", post(start_outage))
         .route("/outage/end", post(end_outage))
         .with_state(sink);

@@ -22,7 +22,8 @@
 //! `%` and everything outside printable ASCII as `%XX`). The record key goes into the Kafka binding's
 //! `partitionkey` extension (a String): a UTF-8 key as itself, any other key (e.g. Confluent
 //! wire-format keys starting `00 00 00 01`) as standard base64, flagged by the extension
-//! `kpipekeyencoding: base64`. Records are sent in the order `ordering` asks: `partition` one after
+//! `kpipekeyencoding: base64`. Record headers in the Kafka protocol binding's form `ce_<name>` with a
+//! UTF-8 value become the attribute or extension `<name>` ([`ce_header_attributes`]). Records are sent in the order `ordering` asks: `partition` one after
 //! the other, `key` records of one key one after the other (keys in parallel), `unordered` all at once.
 //! When a record fails, the later records it orders are not sent in that call (they fail as
 //! `deferred`, not counted as attempts) so they can never overtake it.
@@ -51,6 +52,31 @@ const CE_HEADER_VALUE: &AsciiSet = &CONTROLS.add(b' ').add(b'"').add(b'%');
 /// A CloudEvents attribute value as an HTTP header value (§3.1.3.2).
 pub fn ce_header_value(value: &str) -> String {
     utf8_percent_encode(value, CE_HEADER_VALUE).to_string()
+}
+
+/// Attributes kpipe sets itself on every CloudEvent (the record's coordinates, key and content
+/// type); a record header cannot replace them.
+const CE_OWN_ATTRIBUTES: &[&str] =
+    &["specversion", "id", "source", "type", "subject", "time", "partitionkey", "kpipekeyencoding", "datacontenttype"];
+
+/// The CloudEvents attributes a record carries in its own headers, as `(ce-<name>, encoded value)`
+/// HTTP headers: a Kafka header `ce_<name>` (the CloudEvents Kafka protocol binding, §3.2.3) whose
+/// name is a valid attribute name (1–20 lower-case letters or digits, CloudEvents core §3.1.1),
+/// not one of [`CE_OWN_ATTRIBUTES`], and whose value is UTF-8, percent-encoded as any other value
+/// (§3.1.3.2). Other headers are not mapped (a Kafka header name is not a CloudEvents attribute
+/// name); the last of repeated headers wins.
+pub fn ce_header_attributes(headers: &[(String, Option<Vec<u8>>)]) -> Vec<(String, String)> {
+    let mut out: BTreeMap<String, String> = BTreeMap::new();
+    for (name, value) in headers {
+        let Some(attr) = name.strip_prefix("ce_") else { continue };
+        let valid_name = (1..=20).contains(&attr.len())
+            && attr.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+            && !CE_OWN_ATTRIBUTES.contains(&attr);
+        if let (true, Some(Ok(text))) = (valid_name, value.as_deref().map(std::str::from_utf8)) {
+            out.insert(format!("ce-{attr}"), ce_header_value(text));
+        }
+    }
+    out.into_iter().collect()
 }
 
 /// The `partitionkey` extension value of a record key and whether it is base64 (the key is not
@@ -198,6 +224,9 @@ impl HttpProcessor {
             if base64 {
                 req = req.header("ce-kpipekeyencoding", "base64");
             }
+        }
+        for (name, value) in ce_header_attributes(&record.headers) {
+            req = req.header(name, value);
         }
         // `datacontenttype` maps to Content-Type (§3.1.1); a value that is not a valid header value is
         // not a content type, so the default applies.
@@ -479,6 +508,29 @@ mod tests {
             let decoded = percent_encoding::percent_decode_str(&encoded).decode_utf8().unwrap();
             assert_eq!(decoded, v, "round trip");
         }
+    }
+
+    #[test]
+    fn kafka_binding_headers_become_attributes() {
+        let h = |k: &str, v: &[u8]| (k.to_string(), Some(v.to_vec()));
+        let headers = vec![
+            h("ce_region", "Zürich ☃".as_bytes()),
+            h("ce_id", b"not-ours"),
+            h("ce_Bad", b"x"),
+            h("ce_waytoolongforanattributename", b"x"),
+            h("ce_bin", &[0xff, 0xfe]),
+            h("region", b"not a ce_ header"),
+            ("ce_none".to_string(), None),
+            h("ce_trace1", b"a"),
+            h("ce_trace1", b"b"),
+        ];
+        assert_eq!(
+            ce_header_attributes(&headers),
+            vec![
+                ("ce-region".to_string(), "Z%C3%BCrich%20%E2%98%83".to_string()),
+                ("ce-trace1".to_string(), "b".to_string()),
+            ]
+        );
     }
 
     #[test]
