@@ -334,7 +334,7 @@ impl OffsetKeeper {
     }
 
     fn cluster(&self, cluster: &Cluster) -> Option<Arc<KeeperCluster>> {
-        if cluster.sasl.is_some() || cluster.tls.is_some() {
+        if cluster.is_secured() {
             return None;
         }
         let mut map = self.clusters.lock().ok()?;
