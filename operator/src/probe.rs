@@ -280,6 +280,14 @@ impl ClusterClients {
     /// replaced by the security failure its clients logged within `window` (wrong password, untrusted or
     /// expired certificate, no token). A success forgets recorded failures.
     fn explain<T>(&self, result: Result<T, ProbeError>, window: Duration) -> Result<T, ProbeError> {
+        // librdkafka queues its log and error events (rdkafka sets `log.queue`); they reach the context only when the
+        // client's queue is served. None of these clients is subscribed, so serving it yields no messages.
+        drain_events(&self.meta);
+        if let Ok(groups) = self.groups.lock() {
+            for g in groups.values() {
+                drain_events(&g.consumer);
+            }
+        }
         match result {
             Ok(v) => {
                 self.context.errors.clear();
@@ -289,6 +297,15 @@ impl ClusterClients {
                 Err(self.context.errors.recent(window).unwrap_or(e))
             }
             Err(e) => Err(e),
+        }
+    }
+}
+
+/// Serve the queued events of a never-subscribed probe client (at most a bounded number per call).
+fn drain_events(consumer: &ProbeConsumer) {
+    for _ in 0..256 {
+        if consumer.poll(Duration::ZERO).is_none() {
+            break;
         }
     }
 }
