@@ -335,12 +335,17 @@ pub fn bootstrap_servers_schema(_: &mut schemars::SchemaGenerator) -> schemars::
 
 /// The HTTP processor's URL.
 pub fn http_url_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    url_schema(HTTP_URL_MESSAGE)
+}
+
+/// An http(s) URL string ([`HTTP_URL_PATTERN`], at most 2048 characters) rejected with `message`.
+fn url_schema(message: &str) -> schemars::Schema {
     schemars::json_schema!({
         "type": "string",
         "maxLength": 2048,
         "x-kubernetes-validations": [{
             "rule": format!("self.matches({})", cel_raw(HTTP_URL_PATTERN)),
-            "message": HTTP_URL_MESSAGE,
+            "message": message,
             "reason": "FieldValueInvalid",
         }],
     })
@@ -448,15 +453,7 @@ const SASL_CREDENTIALS_MESSAGE: &str = "sasl.mechanism OAUTHBEARER takes sasl.oi
 
 /// The OIDC token endpoint: the same URL syntax as `processor.http.url`.
 pub fn token_endpoint_url_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-    schemars::json_schema!({
-        "type": "string",
-        "maxLength": 2048,
-        "x-kubernetes-validations": [{
-            "rule": format!("self.matches({})", cel_raw(HTTP_URL_PATTERN)),
-            "message": TOKEN_URL_MESSAGE,
-            "reason": "FieldValueInvalid",
-        }],
-    })
+    url_schema(TOKEN_URL_MESSAGE)
 }
 
 const TOKEN_URL_MESSAGE: &str = "sasl.oidc.tokenEndpointUrl must be http:// or https://, a host (DNS name, IPv4 or \

@@ -391,12 +391,14 @@ async fn a_password_rotated_mid_stream_loses_nothing() {
     .expect("apply");
     let mut expected = BTreeSet::new();
     let mut rotated_at = None;
+    let mut before = BTreeSet::new();
     let started = Instant::now();
     for batch in 0..20 {
         let (records, batch_ids) = ids("rotate", batch * 200..(batch + 1) * 200);
         kafka.produce_records(&topic, records).await.expect("produce");
         expected.extend(batch_ids);
         if batch == 6 {
+            before = scenario::worker_pods(&kafka, ns.name(), "rotate").await.into_iter().collect();
             // Rotate: the broker first, then the Secret (new connections fail in between, as in production).
             sec.set_scram_password(&user, &new);
             tokio::time::sleep(Duration::from_secs(2)).await;
@@ -410,13 +412,17 @@ async fn a_password_rotated_mid_stream_loses_nothing() {
         panic!("{e}")
     });
     let s = pipeline_status(&kafka, ns.name(), "rotate").await.expect("status");
+    let after: BTreeSet<String> = scenario::worker_pods(&kafka, ns.name(), "rotate").await.into_iter().collect();
     println!(
-        "rotation at {rotated_at:?}: {} records, all delivered ({} duplicates) {:?} after the start; Degraded {:?}",
+        "rotation at {rotated_at:?}: {} records, all delivered ({} duplicates) {:?} after the start; Degraded {:?}; \
+         worker pods before the rotation {before:?}, after {after:?}",
         expected.len(),
         delivered.len() - expected.len(),
         started.elapsed(),
         condition(&s, DEGRADED)
     );
+    assert!(!before.is_empty(), "no worker ran when the password was rotated: the rotation proved nothing");
+    assert!(after.iter().any(|p| !before.contains(p)), "the rotated Secret did not roll the workers");
     wait_not_degraded(&kafka, ns.name(), "rotate").await;
     assert_no_secret_values(&sec.bed, ns.name(), &[old, new]).await;
     ns.delete().await.expect("delete");
