@@ -109,6 +109,26 @@ mod tests {
             (get("ssl.ca.pem"), get("ssl.certificate.pem"), get("ssl.key.pem")),
             (Some("CA"), Some("C"), Some("K"))
         );
+        let oidc: ConsumerPipelineSpec = serde_json::from_value(serde_json::json!({
+            "source": {
+                "bootstrapServers": ["b:9096"], "topics": ["t"],
+                "auth": {"sasl": {"mechanism": "OAUTHBEARER", "oidc": {
+                    "tokenEndpointUrl": "https://idp/token", "clientSecretRef": {"name": "oidc", "clientIdKey": "id"}
+                }}, "tls": {}}
+            },
+            "processor": {"noop": {}}
+        }))
+        .unwrap();
+        d.data.insert(
+            "oidc".into(),
+            BTreeMap::from([("id".into(), "kpipe".into()), ("clientSecret".into(), "cs".into())]),
+        );
+        let props = cluster_for(&oidc, &d).security_properties();
+        let get = |k: &str| props.iter().find(|(p, _)| p == k).map(|(_, v)| v.as_str());
+        assert_eq!(
+            (get("sasl.oauthbearer.client.id"), get("sasl.oauthbearer.client.secret"), get("sasl.username")),
+            (Some("kpipe"), Some("cs"), None)
+        );
         let plain: ConsumerPipelineSpec = serde_json::from_value(serde_json::json!({
             "source": {"bootstrapServers": ["b:9092"], "topics": ["t"]}, "processor": {"noop": {}}
         }))
