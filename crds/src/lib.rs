@@ -7,6 +7,7 @@
 pub mod commit_metadata;
 pub mod corpus;
 mod duration;
+pub mod kafka_client;
 pub mod offsets;
 mod quantity;
 pub mod rules;

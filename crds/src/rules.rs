@@ -13,7 +13,7 @@ use kube::core::{Message, Reason, Rule};
 use regex::Regex;
 
 use crate::Duration;
-use crate::v1alpha1::{ConsumerPipelineSpec, Processor};
+use crate::v1alpha1::{ConsumerPipelineSpec, Processor, SaslMechanism};
 
 /// Longest pipeline name: the name is the value of the workers' `app.kubernetes.io/instance`
 /// label (at most 63 characters); the children are named `<name>-worker`.
@@ -339,12 +339,17 @@ pub fn bootstrap_servers_schema(_: &mut schemars::SchemaGenerator) -> schemars::
 
 /// The HTTP processor's URL.
 pub fn http_url_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    url_schema(HTTP_URL_MESSAGE)
+}
+
+/// An http(s) URL string ([`HTTP_URL_PATTERN`], at most 2048 characters) rejected with `message`.
+fn url_schema(message: &str) -> schemars::Schema {
     schemars::json_schema!({
         "type": "string",
         "maxLength": 2048,
         "x-kubernetes-validations": [{
             "rule": format!("self.matches({})", cel_raw(HTTP_URL_PATTERN)),
-            "message": HTTP_URL_MESSAGE,
+            "message": message,
             "reason": "FieldValueInvalid",
         }],
     })
@@ -428,6 +433,54 @@ pub fn exactly_one_processor() -> Rule {
     Rule::new("[has(self.http), has(self.kafka), has(self.noop)].filter(x, x).size() == 1")
         .message(NOOP_HINT)
         .reason(Reason::FieldValueInvalid)
+}
+
+/// `PLAIN` sends the password as is: only over TLS.
+pub fn plain_needs_tls() -> Rule {
+    Rule::new("!has(self.sasl) || self.sasl.mechanism != 'PLAIN' || has(self.tls)")
+        .message("SASL PLAIN sends the password in clear: set source.auth.tls as well")
+        .field_path(".tls")
+        .reason(Reason::FieldValueRequired)
+}
+
+/// Username/password mechanisms take `secretRef`, OAUTHBEARER takes `oidc`.
+pub fn sasl_credentials() -> Rule {
+    Rule::new(
+        "self.mechanism == 'OAUTHBEARER' ? (has(self.oidc) && !has(self.secretRef)) : (has(self.secretRef) && \
+         !has(self.oidc))",
+    )
+    .message(SASL_CREDENTIALS_MESSAGE)
+    .reason(Reason::FieldValueInvalid)
+}
+
+const SASL_CREDENTIALS_MESSAGE: &str = "sasl.mechanism OAUTHBEARER takes sasl.oidc (and no secretRef); PLAIN and \
+    SCRAM-* take sasl.secretRef (and no oidc)";
+
+/// The OIDC token endpoint: the same URL syntax as `processor.http.url`.
+pub fn token_endpoint_url_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    url_schema(TOKEN_URL_MESSAGE)
+}
+
+const TOKEN_URL_MESSAGE: &str = "sasl.oidc.tokenEndpointUrl must be http:// or https://, a host (DNS name, IPv4 or \
+    [IPv6]), an optional port from 1 to 65535 and an optional path of printable ASCII without spaces; no user info";
+
+/// Pattern of a SASL extension key (RFC 7628 section 3.1: `key = 1*(ALPHA)`).
+pub const SASL_EXTENSION_KEY_PATTERN: &str = "^[A-Za-z]+$";
+/// Pattern of a SASL extension value as librdkafka passes them (`k=v,k=v`): printable ASCII without `,`, `=`.
+pub const SASL_EXTENSION_VALUE_PATTERN: &str = "^[ -+\\--<>-~]*$";
+
+/// OAUTHBEARER SASL extensions: at most 16, keys letters only and not `auth`.
+pub fn sasl_extensions_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "maxProperties": 16,
+        "additionalProperties": {"type": "string", "maxLength": 1024, "pattern": SASL_EXTENSION_VALUE_PATTERN},
+        "x-kubernetes-validations": [{
+            "rule": format!("self.all(k, k.matches({}) && k != 'auth')", cel_raw(SASL_EXTENSION_KEY_PATTERN)),
+            "message": "sasl.oidc.extensions keys must be letters only (RFC 7628) and not 'auth'",
+            "reason": "FieldValueInvalid",
+        }],
+    })
 }
 
 pub fn dead_letter_required() -> Rule {
@@ -614,9 +667,59 @@ pub fn problems(name: &str, spec: &ConsumerPipelineSpec) -> Vec<FieldError> {
         };
         let mut found = Vec::new();
         if let Some(sasl) = &auth.sasl {
-            secret("spec.source.auth.sasl.secretRef.name", &sasl.secret_ref.name, &mut found);
-            key("spec.source.auth.sasl.secretRef.usernameKey", &sasl.secret_ref.username_key, &mut found);
-            key("spec.source.auth.sasl.secretRef.passwordKey", &sasl.secret_ref.password_key, &mut found);
+            let oauth = sasl.mechanism == SaslMechanism::OAuthBearer;
+            if oauth != sasl.oidc.is_some() || oauth == sasl.secret_ref.is_some() {
+                found.push(("spec.source.auth.sasl".into(), SASL_CREDENTIALS_MESSAGE.into()));
+            }
+            if sasl.mechanism == SaslMechanism::Plain && auth.tls.is_none() {
+                found.push((
+                    "spec.source.auth.tls".into(),
+                    "SASL PLAIN sends the password in clear: set source.auth.tls as well".into(),
+                ));
+            }
+            if let Some(r) = &sasl.secret_ref {
+                secret("spec.source.auth.sasl.secretRef.name", &r.name, &mut found);
+                key("spec.source.auth.sasl.secretRef.usernameKey", &r.username_key, &mut found);
+                key("spec.source.auth.sasl.secretRef.passwordKey", &r.password_key, &mut found);
+            }
+            if let Some(o) = &sasl.oidc {
+                if o.token_endpoint_url.len() > 2048
+                    || !p.url.is_match(&o.token_endpoint_url)
+                    || url::Url::parse(&o.token_endpoint_url).is_err()
+                {
+                    found.push(("spec.source.auth.sasl.oidc.tokenEndpointUrl".into(), TOKEN_URL_MESSAGE.into()));
+                }
+                let r = &o.client_secret_ref;
+                secret("spec.source.auth.sasl.oidc.clientSecretRef.name", &r.name, &mut found);
+                key("spec.source.auth.sasl.oidc.clientSecretRef.clientIdKey", &r.client_id_key, &mut found);
+                key("spec.source.auth.sasl.oidc.clientSecretRef.clientSecretKey", &r.client_secret_key, &mut found);
+                if o.extensions.len() > 16 {
+                    found.push(("spec.source.auth.sasl.oidc.extensions".into(), "at most 16 extensions".into()));
+                }
+                for (k, v) in &o.extensions {
+                    let key_ok = !k.is_empty() && k != "auth" && k.chars().all(|c| c.is_ascii_alphabetic());
+                    let value_ok =
+                        v.len() <= 1024 && v.chars().all(|c| (' '..='~').contains(&c) && c != ',' && c != '=');
+                    if !key_ok || !value_ok {
+                        found.push((
+                            format!("spec.source.auth.sasl.oidc.extensions.{k}"),
+                            "keys letters only (not 'auth'); values printable ASCII without ',' or '='".into(),
+                        ));
+                    }
+                }
+                if let Some(scope) = &o.scope
+                    && (scope.is_empty()
+                        || scope.len() > 1024
+                        || scope.split(' ').any(|t| {
+                            t.is_empty() || !t.chars().all(|c| ('!'..='~').contains(&c) && c != '"' && c != '\\')
+                        }))
+                {
+                    found.push((
+                        "spec.source.auth.sasl.oidc.scope".into(),
+                        "space-separated scope tokens of printable ASCII without '\"' or '\\'".into(),
+                    ));
+                }
+            }
         }
         if let Some(tls) = &auth.tls {
             if let Some(ca) = &tls.ca_secret_ref {

@@ -25,6 +25,9 @@ pub const ENV_POD_NAMESPACE: &str = "KPIPE_POD_NAMESPACE";
 /// Env vars with the SASL credentials (from the referenced Secret).
 pub const ENV_SASL_USERNAME: &str = "KPIPE_SASL_USERNAME";
 pub const ENV_SASL_PASSWORD: &str = "KPIPE_SASL_PASSWORD";
+/// Env vars with the OIDC client credentials for SASL OAUTHBEARER (from the referenced Secret).
+pub const ENV_OIDC_CLIENT_ID: &str = "KPIPE_OIDC_CLIENT_ID";
+pub const ENV_OIDC_CLIENT_SECRET: &str = "KPIPE_OIDC_CLIENT_SECRET";
 /// Directory of the TLS CA Secret volume; the CA file is `<dir>/<key>`.
 pub const TLS_CA_DIR: &str = "/etc/kpipe/tls-ca";
 /// Directory of the client-certificate Secret volume (`tls.crt`, `tls.key`).

@@ -151,6 +151,8 @@ pub fn parse_env(text: &str) -> BTreeMap<String, String> {
 pub struct TestBed {
     env: BTreeMap<String, String>,
     client: Client,
+    /// Another Kafka listener (bootstrap + librdkafka security properties) for the Kafka helpers and manifests.
+    kafka_via: Option<(String, Vec<(String, String)>)>,
 }
 
 impl std::fmt::Debug for TestBed {
@@ -184,7 +186,7 @@ impl TestBed {
             .apiserver_version()
             .await
             .map_err(|e| TestBedError::NotRunning { reason: format!("kube-apiserver does not answer: {e}") })?;
-        Ok(Self { env, client })
+        Ok(Self { env, client, kafka_via: None })
     }
 
     /// Admin Kubernetes client.
@@ -201,9 +203,19 @@ impl TestBed {
         PathBuf::from(self.var(key).unwrap_or_default())
     }
 
-    /// Kafka bootstrap address (reachable from the host and from pods).
+    /// Kafka bootstrap address (reachable from the host and from pods): the bed's PLAINTEXT listener, or the one
+    /// given to [`TestBed::kafka_via`].
     pub fn kafka_bootstrap(&self) -> &str {
-        self.var("KAFKA_BOOTSTRAP").unwrap_or("10.244.0.1:9092")
+        match &self.kafka_via {
+            Some((bootstrap, _)) => bootstrap,
+            None => self.var("KAFKA_BOOTSTRAP").unwrap_or("10.244.0.1:9092"),
+        }
+    }
+
+    /// This bed with its Kafka helpers (topics, produce, offsets) and [`TestBed::kafka_bootstrap`] going through
+    /// `bootstrap` with the librdkafka security properties `security` (e.g. a secured listener).
+    pub fn kafka_via(&self, bootstrap: &str, security: Vec<(String, String)>) -> TestBed {
+        TestBed { kafka_via: Some((bootstrap.to_string(), security)), ..self.clone() }
     }
 
     /// Admin kubeconfig path.
@@ -438,6 +450,9 @@ impl TestBed {
     fn kafka_config(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", self.kafka_bootstrap());
+        for (k, v) in self.kafka_via.iter().flat_map(|(_, security)| security) {
+            c.set(k, v);
+        }
         c
     }
 

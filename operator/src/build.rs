@@ -139,9 +139,17 @@ pub fn referenced_secrets(spec: &ConsumerPipelineSpec) -> BTreeMap<String, BTree
     let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     if let Some(auth) = &spec.source.auth {
         if let Some(sasl) = &auth.sasl {
-            let keys = out.entry(sasl.secret_ref.name.clone()).or_default();
-            keys.insert(sasl.secret_ref.username_key.clone());
-            keys.insert(sasl.secret_ref.password_key.clone());
+            if let Some(r) = &sasl.secret_ref {
+                let keys = out.entry(r.name.clone()).or_default();
+                keys.insert(r.username_key.clone());
+                keys.insert(r.password_key.clone());
+            }
+            if let Some(o) = &sasl.oidc {
+                let r = &o.client_secret_ref;
+                let keys = out.entry(r.name.clone()).or_default();
+                keys.insert(r.client_id_key.clone());
+                keys.insert(r.client_secret_key.clone());
+            }
         }
         if let Some(tls) = &auth.tls {
             if let Some(ca) = &tls.ca_secret_ref {
@@ -342,8 +350,15 @@ pub fn deployment(v: &ValidatedPipeline, replicas: i32) -> Deployment {
     ];
     if let Some(auth) = &v.spec.source.auth {
         if let Some(sasl) = &auth.sasl {
-            env_vars.push(secret_env(wc::ENV_SASL_USERNAME, &sasl.secret_ref.name, &sasl.secret_ref.username_key));
-            env_vars.push(secret_env(wc::ENV_SASL_PASSWORD, &sasl.secret_ref.name, &sasl.secret_ref.password_key));
+            if let Some(r) = &sasl.secret_ref {
+                env_vars.push(secret_env(wc::ENV_SASL_USERNAME, &r.name, &r.username_key));
+                env_vars.push(secret_env(wc::ENV_SASL_PASSWORD, &r.name, &r.password_key));
+            }
+            if let Some(o) = &sasl.oidc {
+                let r = &o.client_secret_ref;
+                env_vars.push(secret_env(wc::ENV_OIDC_CLIENT_ID, &r.name, &r.client_id_key));
+                env_vars.push(secret_env(wc::ENV_OIDC_CLIENT_SECRET, &r.name, &r.client_secret_key));
+            }
         }
         if let Some(tls) = &auth.tls {
             if let Some(ca) = &tls.ca_secret_ref {

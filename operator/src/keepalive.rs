@@ -23,8 +23,7 @@
 //!   which refreshes keep alive.
 //!
 //! Limits: the record is in the operator's memory (a restarted operator starts recording anew; a
-//! failover loses it); clusters with SASL/TLS are not tended (the shared protocol connections are
-//! plaintext only); a partition whose log end moved backwards (topic recreated) is forgotten, not
+//! failover loses it); a partition whose log end moved backwards (topic recreated) is forgotten, not
 //! restored; a deliberate rewind of an idle pipeline's group is undone like any other loss.
 //!
 //! The decision ([`OffsetBook::plan`]) is pure; [`OffsetKeeper`] does the I/O.
@@ -35,11 +34,12 @@ use std::time::{Duration, Instant};
 
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 
-use crate::group_offsets::{Commit, GroupOffsets, GroupOffsetsError, OffsetWriteError};
+use crate::group_offsets::{Commit, GroupOffsetsError, OffsetWriteError};
 use crate::lag::PartitionOffsets;
 use crate::leader::LeaderFence;
 use crate::metrics::must;
 use crate::probe::Cluster;
+use crate::secured_offsets::OffsetClient;
 
 /// A partition: (topic, partition index).
 pub type Key = (String, i32);
@@ -266,7 +266,7 @@ pub struct Tended {
 }
 
 struct KeeperCluster {
-    offsets: GroupOffsets,
+    offsets: OffsetClient,
     /// (retention, read at, read from the broker?)
     retention: Mutex<Option<(Duration, Instant, bool)>>,
 }
@@ -334,15 +334,12 @@ impl OffsetKeeper {
     }
 
     fn cluster(&self, cluster: &Cluster) -> Option<Arc<KeeperCluster>> {
-        if cluster.sasl.is_some() || cluster.tls.is_some() {
-            return None;
-        }
         let mut map = self.clusters.lock().ok()?;
         Some(
             map.entry(cluster.key())
                 .or_insert_with(|| {
                     Arc::new(KeeperCluster {
-                        offsets: GroupOffsets::new(cluster.bootstrap_servers.clone(), self.timeout),
+                        offsets: OffsetClient::for_cluster(cluster, self.timeout),
                         retention: Mutex::new(None),
                     })
                 })

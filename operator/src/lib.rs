@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod probe;
 pub mod rbac;
 pub mod scaler;
+pub mod secured_offsets;
 pub mod sim;
 pub mod stall;
 pub mod status;

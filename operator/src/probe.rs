@@ -11,7 +11,6 @@
 //! All rdkafka calls are blocking; they run on tokio's blocking pool.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,101 +21,76 @@ use rdkafka::{Offset, TopicPartitionList};
 use sha2::{Digest, Sha256};
 
 use kpipe_api::commit_metadata;
+use kpipe_api::kafka_client::{self, Credentials};
+use kpipe_api::v1alpha1::Auth;
 use kpipe_api::v1alpha1::StartOffset;
 
 use crate::group_offsets::{Commit, GroupOffsets, GroupOffsetsError};
 use crate::lag::PartitionOffsets;
 
-/// SASL credentials (values from the referenced Secret; never logged).
-#[derive(Clone, PartialEq, Eq)]
-pub struct Sasl {
-    pub mechanism: String,
-    pub username: String,
-    pub password: String,
-}
-
-impl fmt::Debug for Sasl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Sasl").field("mechanism", &self.mechanism).finish_non_exhaustive()
-    }
-}
-
-/// TLS material (PEM).
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Tls {
-    pub ca_pem: Option<String>,
-    pub cert_pem: Option<String>,
-    pub key_pem: Option<String>,
-}
-
-impl fmt::Debug for Tls {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Tls")
-            .field("ca", &self.ca_pem.is_some())
-            .field("client_cert", &self.cert_pem.is_some())
-            .finish()
-    }
-}
-
-/// How to reach one Kafka cluster.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// How to reach one Kafka cluster: brokers, the pipeline's `source.auth` and the values of the Secrets it
+/// references (kept in memory only; `Debug` never prints them).
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Cluster {
     pub bootstrap_servers: Vec<String>,
-    pub sasl: Option<Sasl>,
-    pub tls: Option<Tls>,
+    pub auth: Option<Auth>,
+    pub credentials: Credentials,
 }
 
 impl Cluster {
-    /// Identity of the shared client: bootstrap servers (order-insensitive) + a digest of the
-    /// credentials.
+    /// A cluster reached without SASL or TLS.
+    pub fn plaintext(bootstrap_servers: Vec<String>) -> Self {
+        Self { bootstrap_servers, ..Default::default() }
+    }
+
+    /// Whether the cluster needs SASL or TLS (the shared plaintext protocol connections cannot reach it).
+    pub fn is_secured(&self) -> bool {
+        kafka_client::security_protocol(self.auth.as_ref()) != "PLAINTEXT"
+    }
+
+    /// The security properties of every client of this cluster ([`kafka_client::properties`], shared with the
+    /// workers).
+    pub fn security_properties(&self) -> Vec<(String, String)> {
+        kafka_client::properties(self.auth.as_ref(), &self.credentials)
+    }
+
+    /// Identity of the shared client: bootstrap servers (order-insensitive) + a digest of the security
+    /// properties, credential values included — a rotated password or renewed certificate is another key, so
+    /// the next probe opens a client with the new credentials and the old one is evicted when idle.
     pub fn key(&self) -> String {
         let mut servers = self.bootstrap_servers.clone();
         servers.sort();
         servers.dedup();
         let mut h = Sha256::new();
-        if let Some(s) = &self.sasl {
-            h.update(format!("sasl\0{}\0{}\0{}", s.mechanism, s.username, s.password).as_bytes());
-        }
-        if let Some(t) = &self.tls {
-            h.update(b"tls\0");
-            for part in [&t.ca_pem, &t.cert_pem, &t.key_pem] {
-                h.update(part.as_deref().unwrap_or("-").as_bytes());
-                h.update(b"\0");
-            }
+        for (k, v) in self.security_properties() {
+            h.update(k.as_bytes());
+            h.update(b"\0");
+            h.update(v.as_bytes());
+            h.update(b"\0");
         }
         format!("{}#{}", servers.join(","), hex::encode(&h.finalize()[..8]))
     }
 
-    fn client_config(&self, timeout: Duration) -> ClientConfig {
+    /// librdkafka configuration of a probe client: brokers, no commits or topic creation, and the security
+    /// properties.
+    pub fn client_config(&self, client_id: &str, timeout: Duration) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", self.bootstrap_servers.join(","))
-            .set("client.id", "kpipe-operator-lag-probe")
+            .set("client.id", client_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("allow.auto.create.topics", "false")
             .set("socket.timeout.ms", timeout.as_millis().max(1000).to_string())
             .set("log_level", "3");
-        let protocol = match (&self.sasl, &self.tls) {
-            (Some(_), Some(_)) => "SASL_SSL",
-            (Some(_), None) => "SASL_PLAINTEXT",
-            (None, Some(_)) => "SSL",
-            (None, None) => "PLAINTEXT",
-        };
-        c.set("security.protocol", protocol);
-        if let Some(s) = &self.sasl {
-            c.set("sasl.mechanism", &s.mechanism).set("sasl.username", &s.username).set("sasl.password", &s.password);
-        }
-        if let Some(t) = &self.tls {
-            if let Some(ca) = &t.ca_pem {
-                c.set("ssl.ca.pem", ca);
-            }
-            if let (Some(cert), Some(key)) = (&t.cert_pem, &t.key_pem) {
-                c.set("ssl.certificate.pem", cert).set("ssl.key.pem", key);
-            }
+        for (k, v) in self.security_properties() {
+            c.set(k, v);
         }
         c
     }
 }
+
+/// `client.id` of the lag probe's clients.
+const PROBE_CLIENT_ID: &str = "kpipe-operator-lag-probe";
 
 /// Why a probe failed.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -125,8 +99,18 @@ pub enum ProbeError {
     TopicNotFound(String),
     #[error("Kafka brokers {servers} unreachable: {detail}")]
     BrokerUnreachable { servers: String, detail: String },
-    #[error("authentication to Kafka failed: {0}")]
+    #[error("authentication to Kafka failed (check the credentials in the referenced Secret): {0}")]
     Authentication(String),
+    /// TLS handshake failed because a certificate was not trusted (the brokers' by the CA of
+    /// `auth.tls.caSecretRef`, or the client's by the brokers).
+    #[error("TLS certificate verification with the Kafka brokers failed: {0}")]
+    CertificateVerifyFailed(String),
+    /// TLS handshake failed because a certificate (the brokers' or the client's) has expired.
+    #[error("a TLS certificate between kpipe and the Kafka brokers has expired: {0}")]
+    CertificateExpired(String),
+    /// OAUTHBEARER: no token could be fetched from the OIDC token endpoint.
+    #[error("no OAUTHBEARER token from the OIDC token endpoint: {0}")]
+    TokenEndpointUnreachable(String),
     /// The group's coordinator is not ready yet (COORDINATOR_LOAD_IN_PROGRESS 14, COORDINATOR_NOT_AVAILABLE
     /// 15, NOT_COORDINATOR 16): normal for a new group on a fresh cluster or during a broker restart.
     #[error("the consumer group's coordinator is not available yet: {0}")]
@@ -144,6 +128,9 @@ impl ProbeError {
             Self::TopicNotFound(_) => "TopicNotFound",
             Self::BrokerUnreachable { .. } => "BrokerUnreachable",
             Self::Authentication(_) => "KafkaAuthenticationFailed",
+            Self::CertificateVerifyFailed(_) => "KafkaCertificateVerifyFailed",
+            Self::CertificateExpired(_) => "KafkaCertificateExpired",
+            Self::TokenEndpointUnreachable(_) => "TokenEndpointUnreachable",
             Self::CoordinatorPending(_) => "CoordinatorPending",
             Self::Kafka(_) | Self::Task(_) => "LagProbeFailed",
         }
@@ -179,20 +166,148 @@ impl ProbeError {
             _ => Self::Kafka(e.to_string()),
         }
     }
+
+    /// A security failure named by what librdkafka reported through its error callback (`reason` is the
+    /// error text): an expired or untrusted certificate, a token endpoint that did not give a token, or
+    /// rejected credentials. `None`: not a security failure. Such failures surface on a request only as
+    /// timeouts or transport errors; the callback says why.
+    pub fn from_client_error(code: RDKafkaErrorCode, reason: &str) -> Option<Self> {
+        let text = reason.to_ascii_lowercase();
+        let detail = reason.to_string();
+        if text.contains("certificate has expired") || text.contains("certificate expired") {
+            Some(Self::CertificateExpired(detail))
+        } else if text.contains("certificate verify failed")
+            || text.contains("unknown ca")
+            || text.contains("bad certificate")
+            || text.contains("certificate required")
+        {
+            Some(Self::CertificateVerifyFailed(detail))
+        } else if text.contains("oidc") || text.contains("token endpoint") || text.contains("oauthbearer token") {
+            Some(Self::TokenEndpointUnreachable(detail))
+        } else if matches!(code, RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed)
+            || text.contains("authentication failed")
+            || text.contains("sasl authentication error")
+        {
+            Some(Self::Authentication(detail))
+        } else {
+            None
+        }
+    }
 }
 
+/// The last security failure a cluster's clients reported through librdkafka's error callback, with when.
+#[derive(Default)]
+struct SecurityErrors {
+    last: Mutex<Option<(ProbeError, Instant)>>,
+}
+
+impl SecurityErrors {
+    fn record(&self, e: ProbeError) {
+        if let Ok(mut last) = self.last.lock() {
+            *last = Some((e, Instant::now()));
+        }
+    }
+
+    /// The recorded failure if it happened within `window`.
+    fn recent(&self, window: Duration) -> Option<ProbeError> {
+        let last = self.last.lock().ok()?;
+        last.as_ref().filter(|(_, at)| at.elapsed() <= window).map(|(e, _)| e.clone())
+    }
+
+    fn clear(&self) {
+        if let Ok(mut last) = self.last.lock() {
+            *last = None;
+        }
+    }
+}
+
+/// Context of the probe's rdkafka clients: records security failures so a failed request can name its cause.
+/// librdkafka reports a failed TLS handshake or SASL exchange in its log (facility `FAIL`, level error) and error
+/// callbacks with the cause as text; the request itself only times out. The text is librdkafka's (broker address,
+/// mechanism, OpenSSL reason), never a credential.
+#[derive(Clone, Default)]
+pub struct ProbeContext {
+    errors: Arc<SecurityErrors>,
+}
+
+impl ProbeContext {
+    fn observe(&self, code: RDKafkaErrorCode, text: &str) {
+        if let Some(e) = ProbeError::from_client_error(code, text) {
+            tracing::warn!(reason = e.reason(), "Kafka client: {text}");
+            self.errors.record(e);
+        }
+    }
+}
+
+impl rdkafka::ClientContext for ProbeContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        if matches!(level, L::Emerg | L::Alert | L::Critical | L::Error | L::Warning) {
+            self.observe(RDKafkaErrorCode::Fail, message);
+        }
+        tracing::debug!(facility = fac, "librdkafka: {message}");
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.observe(error.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail), reason);
+        tracing::debug!(%error, "librdkafka error: {reason}");
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for ProbeContext {}
+
+/// A probe client.
+type ProbeConsumer = BaseConsumer<ProbeContext>;
+
 struct GroupHandle {
-    consumer: Arc<BaseConsumer>,
+    consumer: Arc<ProbeConsumer>,
     last_used: Instant,
 }
 
 struct ClusterClients {
     cluster: Cluster,
-    meta: BaseConsumer,
+    meta: ProbeConsumer,
+    /// Security failures reported by any client of this cluster.
+    context: ProbeContext,
     /// Plaintext clusters: committed offsets of every group over shared connections.
     shared_offsets: Option<GroupOffsets>,
     groups: Mutex<HashMap<String, GroupHandle>>,
     last_used: Mutex<Instant>,
+}
+
+impl ClusterClients {
+    /// `result` of a request, with a failure that librdkafka reported only as a timeout or a transport error
+    /// replaced by the security failure its clients logged within `window` (wrong password, untrusted or
+    /// expired certificate, no token). A success forgets recorded failures.
+    fn explain<T>(&self, result: Result<T, ProbeError>, window: Duration) -> Result<T, ProbeError> {
+        // librdkafka queues its log and error events (rdkafka sets `log.queue`); they reach the context only when the
+        // client's queue is served. None of these clients is subscribed, so serving it yields no messages.
+        drain_events(&self.meta);
+        if let Ok(groups) = self.groups.lock() {
+            for g in groups.values() {
+                drain_events(&g.consumer);
+            }
+        }
+        match result {
+            Ok(v) => {
+                self.context.errors.clear();
+                Ok(v)
+            }
+            Err(e @ (ProbeError::BrokerUnreachable { .. } | ProbeError::Kafka(_) | ProbeError::Authentication(_))) => {
+                Err(self.context.errors.recent(window).unwrap_or(e))
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Serve the queued events of a never-subscribed probe client (at most a bounded number per call).
+fn drain_events(consumer: &ProbeConsumer) {
+    for _ in 0..256 {
+        if consumer.poll(Duration::ZERO).is_none() {
+            break;
+        }
+    }
 }
 
 /// Shared Kafka clients for every pipeline.
@@ -241,13 +356,17 @@ impl LagProbe {
             }
             return Ok(c.clone());
         }
-        let meta: BaseConsumer =
-            cluster.client_config(self.timeout).create().map_err(|e| ProbeError::from_kafka(cluster, e))?;
-        let shared_offsets = (cluster.sasl.is_none() && cluster.tls.is_none())
-            .then(|| GroupOffsets::new(cluster.bootstrap_servers.clone(), self.timeout));
+        let context = ProbeContext::default();
+        let meta: ProbeConsumer = cluster
+            .client_config(PROBE_CLIENT_ID, self.timeout)
+            .create_with_context(context.clone())
+            .map_err(|e| ProbeError::from_kafka(cluster, e))?;
+        let shared_offsets =
+            (!cluster.is_secured()).then(|| GroupOffsets::new(cluster.bootstrap_servers.clone(), self.timeout));
         let entry = Arc::new(ClusterClients {
             cluster: cluster.clone(),
             meta,
+            context,
             shared_offsets,
             groups: Mutex::new(HashMap::new()),
             last_used: Mutex::new(Instant::now()),
@@ -277,7 +396,7 @@ impl LagProbe {
         let probe = self.clone();
         tokio::task::spawn_blocking(move || {
             let clients = probe.clients(&cluster)?;
-            probe.fetch(&clients, &topics, &group)
+            clients.explain(probe.fetch(&clients, &topics, &group), probe.timeout * 3)
         })
         .await
         .map_err(|e| ProbeError::Task(e.to_string()))?
@@ -300,12 +419,14 @@ impl LagProbe {
         let probe = self.clone();
         tokio::task::spawn_blocking(move || {
             let clients = probe.clients(&cluster)?;
-            let mut offsets = probe.fetch(&clients, &topics, &group)?;
-            if let (StartOffset::Latest, Some(ts)) = (start, started_at_ms) {
-                let since = probe.since(&clients, &offsets, ts)?;
-                apply_latest_start(&mut offsets, &since);
-            }
-            Ok(offsets)
+            let result = probe.fetch(&clients, &topics, &group).and_then(|mut offsets| {
+                if let (StartOffset::Latest, Some(ts)) = (start, started_at_ms) {
+                    let since = probe.since(&clients, &offsets, ts)?;
+                    apply_latest_start(&mut offsets, &since);
+                }
+                Ok(offsets)
+            });
+            clients.explain(result, probe.timeout * 3)
         })
         .await
         .map_err(|e| ProbeError::Task(e.to_string()))?
@@ -342,17 +463,17 @@ impl LagProbe {
         Ok(out)
     }
 
-    fn group_consumer(&self, clients: &ClusterClients, group: &str) -> Result<Arc<BaseConsumer>, ProbeError> {
+    fn group_consumer(&self, clients: &ClusterClients, group: &str) -> Result<Arc<ProbeConsumer>, ProbeError> {
         let mut groups = clients.groups.lock().map_err(|e| ProbeError::Task(e.to_string()))?;
         if let Some(g) = groups.get_mut(group) {
             g.last_used = Instant::now();
             return Ok(g.consumer.clone());
         }
-        let consumer: BaseConsumer = clients
+        let consumer: ProbeConsumer = clients
             .cluster
-            .client_config(self.timeout)
+            .client_config(PROBE_CLIENT_ID, self.timeout)
             .set("group.id", group)
-            .create()
+            .create_with_context(clients.context.clone())
             .map_err(|e| ProbeError::from_kafka(&clients.cluster, e))?;
         let consumer = Arc::new(consumer);
         groups.insert(group.to_string(), GroupHandle { consumer: consumer.clone(), last_used: Instant::now() });
@@ -521,20 +642,76 @@ mod tests {
 
     #[test]
     fn cluster_key_ignores_order_and_hides_credentials() {
+        let auth: Auth = serde_json::from_value(serde_json::json!({
+            "sasl": {"mechanism": "SCRAM-SHA-512", "secretRef": {"name": "u"}}, "tls": {}
+        }))
+        .unwrap();
+        let creds =
+            |pw: &str| Credentials { username: Some("u".into()), password: Some(pw.into()), ..Default::default() };
         let a = Cluster {
             bootstrap_servers: vec!["b:9092".into(), "a:9092".into()],
-            sasl: Some(Sasl { mechanism: "PLAIN".into(), username: "u".into(), password: "secret-pw".into() }),
-            tls: None,
+            auth: Some(auth),
+            credentials: creds("secret-pw"),
         };
         let b = Cluster { bootstrap_servers: vec!["a:9092".into(), "b:9092".into()], ..a.clone() };
         assert_eq!(a.key(), b.key());
+        assert!(a.is_secured() && !Cluster::plaintext(vec!["a:1".into()]).is_secured());
         assert!(!a.key().contains("secret-pw"));
         assert!(!format!("{a:?}").contains("secret-pw"));
-        let c = Cluster {
-            sasl: Some(Sasl { mechanism: "PLAIN".into(), username: "u".into(), password: "other".into() }),
-            ..a.clone()
-        };
-        assert_ne!(a.key(), c.key(), "different credentials need a different client");
+        let c = Cluster { credentials: creds("other"), ..a.clone() };
+        assert_ne!(a.key(), c.key(), "a rotated password needs a new client");
+        let config = a.client_config("id", Duration::from_secs(5));
+        assert_eq!(config.get("security.protocol"), Some("SASL_SSL"));
+        assert_eq!(config.get("sasl.password"), Some("secret-pw"));
+    }
+
+    #[test]
+    fn security_failures_are_named_from_librdkafka_text() {
+        let named = |code, text: &str| ProbeError::from_client_error(code, text).map(|e| e.reason());
+        let fail = RDKafkaErrorCode::Fail;
+        assert_eq!(
+            named(
+                fail,
+                "ssl://10.244.0.1:9193/bootstrap: SSL handshake failed: error:0A000086:SSL routines::certificate \
+                 verify failed: broker certificate could not be verified (after 3ms in state SSL_HANDSHAKE)"
+            ),
+            Some("KafkaCertificateVerifyFailed")
+        );
+        assert_eq!(
+            named(fail, "SSL handshake failed: certificate verify failed: certificate has expired"),
+            Some("KafkaCertificateExpired")
+        );
+        assert_eq!(
+            named(fail, "SSL handshake failed: ssl/tls alert certificate expired"),
+            Some("KafkaCertificateExpired")
+        );
+        assert_eq!(named(fail, "SSL handshake failed: tlsv1 alert unknown ca"), Some("KafkaCertificateVerifyFailed"));
+        assert_eq!(
+            named(
+                fail,
+                "SASL authentication error: Authentication failed during authentication due to invalid credentials \
+                 with SASL mechanism SCRAM-SHA-512 (after 2ms in state AUTH_REQ)"
+            ),
+            Some("KafkaAuthenticationFailed")
+        );
+        assert_eq!(named(RDKafkaErrorCode::Authentication, "broker said no"), Some("KafkaAuthenticationFailed"));
+        assert_eq!(
+            named(fail, "Failed to retrieve OIDC token from \"http://127.0.0.1:1/token\": Couldn't connect to server"),
+            Some("TokenEndpointUnreachable")
+        );
+        assert_eq!(named(fail, "Connect to ipv4#127.0.0.1:1 failed: Connection refused"), None);
+    }
+
+    #[test]
+    fn a_timeout_is_explained_by_a_recent_security_failure() {
+        let errors = SecurityErrors::default();
+        assert_eq!(errors.recent(Duration::from_secs(1)), None);
+        errors.record(ProbeError::CertificateVerifyFailed("x".into()));
+        assert_eq!(errors.recent(Duration::from_secs(60)).map(|e| e.reason()), Some("KafkaCertificateVerifyFailed"));
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(errors.recent(Duration::from_millis(1)), None, "an old failure does not explain a new timeout");
+        errors.clear();
+        assert_eq!(errors.recent(Duration::from_secs(60)), None);
     }
 
     #[test]

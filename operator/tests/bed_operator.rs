@@ -189,7 +189,7 @@ async fn bad_input_degrades_and_recovers_without_restart() {
     cps.patch(
         "t",
         &PatchParams::default(),
-        &Patch::Merge(serde_json::json!({"spec": {"source": {"auth": {"sasl": {"mechanism": "PLAIN", "secretRef": {"name": "creds"}}}}}})),
+        &Patch::Merge(serde_json::json!({"spec": {"source": {"auth": {"sasl": {"mechanism": "SCRAM-SHA-512", "secretRef": {"name": "creds"}}}}}})),
     )
     .await
     .unwrap();

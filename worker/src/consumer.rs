@@ -833,7 +833,17 @@ impl ClientContext for WorkerContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        if matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::AllBrokersDown)) {
+        // Unreachable brokers and security failures (rejected credentials, an untrusted or expired certificate)
+        // make the worker unready with the reason, until a metadata request succeeds again.
+        if matches!(
+            error.rdkafka_error_code(),
+            Some(
+                RDKafkaErrorCode::AllBrokersDown
+                    | RDKafkaErrorCode::Authentication
+                    | RDKafkaErrorCode::SaslAuthenticationFailed
+                    | RDKafkaErrorCode::SSL
+            )
+        ) {
             self.0.health.set_broker_error(Some(reason.to_owned()));
         }
         tracing::error!(target: "librdkafka", "{error}: {reason}");

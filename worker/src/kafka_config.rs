@@ -1,17 +1,27 @@
 //! librdkafka client properties derived from the worker configuration.
 
+use kpipe_api::kafka_client::{self, Credentials, Material};
 use kpipe_api::worker_contract::WorkerConfig;
 use rdkafka::ClientConfig;
 
 /// Credentials and identity that come from the environment, not the config document.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Env {
     pub sasl_username: Option<String>,
     pub sasl_password: Option<String>,
+    pub oidc_client_id: Option<String>,
+    pub oidc_client_secret: Option<String>,
     pub pod_name: Option<String>,
 }
 
-/// Properties shared by the consumer and producers: brokers, passthrough tuning, security.
+impl std::fmt::Debug for Env {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Env").field("pod_name", &self.pod_name).finish_non_exhaustive()
+    }
+}
+
+/// Properties shared by the consumer and producers: brokers, passthrough tuning, security (from
+/// [`kafka_client::properties`], the function the operator's clients use too).
 pub fn common(config: &WorkerConfig, env: &Env) -> ClientConfig {
     let mut c = ClientConfig::new();
     // Passthrough first so kpipe's own settings below win.
@@ -20,31 +30,17 @@ pub fn common(config: &WorkerConfig, env: &Env) -> ClientConfig {
     }
     c.set("bootstrap.servers", config.spec.source.bootstrap_servers.join(","));
     c.set("client.id", format!("kpipe-worker.{}.{}", config.namespace, config.pipeline));
-    let auth = config.spec.source.auth.as_ref();
-    let tls = auth.is_some_and(|a| a.tls.is_some()) || config.tls_ca_file.is_some();
-    let sasl = auth.and_then(|a| a.sasl.as_ref());
-    let protocol = match (sasl.is_some(), tls) {
-        (true, true) => "SASL_SSL",
-        (true, false) => "SASL_PLAINTEXT",
-        (false, true) => "SSL",
-        (false, false) => "PLAINTEXT",
+    let credentials = Credentials {
+        username: env.sasl_username.clone(),
+        password: env.sasl_password.clone(),
+        client_id: env.oidc_client_id.clone(),
+        client_secret: env.oidc_client_secret.clone(),
+        ca: config.tls_ca_file.clone().map(Material::File),
+        client_cert: config.tls_client_cert_file.clone().map(Material::File),
+        client_key: config.tls_client_key_file.clone().map(Material::File),
     };
-    c.set("security.protocol", protocol);
-    if let Some(s) = sasl {
-        c.set("sasl.mechanism", s.mechanism.as_str());
-        if let Some(u) = &env.sasl_username {
-            c.set("sasl.username", u);
-        }
-        if let Some(p) = &env.sasl_password {
-            c.set("sasl.password", p);
-        }
-    }
-    if let Some(ca) = &config.tls_ca_file {
-        c.set("ssl.ca.location", ca);
-    }
-    if let (Some(cert), Some(key)) = (&config.tls_client_cert_file, &config.tls_client_key_file) {
-        c.set("ssl.certificate.location", cert);
-        c.set("ssl.key.location", key);
+    for (k, v) in kafka_client::properties(config.spec.source.auth.as_ref(), &credentials) {
+        c.set(k, v);
     }
     c
 }
@@ -144,8 +140,12 @@ mod tests {
 
     #[test]
     fn consumer_properties() {
-        let env =
-            Env { sasl_username: Some("u".into()), sasl_password: Some("pw".into()), pod_name: Some("pod-1".into()) };
+        let env = Env {
+            sasl_username: Some("u".into()),
+            sasl_password: Some("pw".into()),
+            pod_name: Some("pod-1".into()),
+            ..Default::default()
+        };
         let c = consumer(&cfg(""), &env);
         assert_eq!(c.get("bootstrap.servers"), Some("a:1,b:2"));
         assert_eq!(c.get("enable.auto.commit"), Some("false"), "kpipe settings win over passthrough");

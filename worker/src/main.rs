@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use kpipe_api::worker_contract::{
-    ENV_CONFIG, ENV_LISTEN, ENV_POD_NAME, ENV_SASL_PASSWORD, ENV_SASL_USERNAME, ENV_SHUTDOWN_TIMEOUT,
+    ENV_CONFIG, ENV_LISTEN, ENV_OIDC_CLIENT_ID, ENV_OIDC_CLIENT_SECRET, ENV_POD_NAME, ENV_SASL_PASSWORD,
+    ENV_SASL_USERNAME, ENV_SHUTDOWN_TIMEOUT,
 };
 use kpipe_worker::config::{load_config, parse_duration_env};
 use kpipe_worker::kafka_config::Env;
@@ -78,6 +79,8 @@ fn main() -> ExitCode {
         env: Env {
             sasl_username: std::env::var(ENV_SASL_USERNAME).ok(),
             sasl_password: std::env::var(ENV_SASL_PASSWORD).ok(),
+            oidc_client_id: std::env::var(ENV_OIDC_CLIENT_ID).ok(),
+            oidc_client_secret: std::env::var(ENV_OIDC_CLIENT_SECRET).ok(),
             pod_name: std::env::var(ENV_POD_NAME).ok(),
         },
     };

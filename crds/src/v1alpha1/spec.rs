@@ -177,9 +177,11 @@ pub enum StartOffset {
     Latest,
 }
 
-/// Authentication to the Kafka brokers.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+/// Authentication to the Kafka brokers. Credentials only by Secret reference (docs/security.md). The security
+/// protocol follows from what is set: `sasl` + `tls` is SASL_SSL, `sasl` alone SASL_PLAINTEXT, `tls` alone SSL.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = rules::plain_needs_tls())]
 pub struct Auth {
     /// SASL authentication; the credentials come from a Secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -189,14 +191,67 @@ pub struct Auth {
     pub tls: Option<TlsAuth>,
 }
 
-/// SASL authentication.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+/// SASL authentication: a username and password (`PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512`, from `secretRef`)
+/// or an OAuth 2 bearer token (`OAUTHBEARER`, fetched with the OIDC client-credentials grant described by `oidc`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = rules::sasl_credentials())]
 pub struct SaslAuth {
     /// SASL mechanism.
     pub mechanism: SaslMechanism,
-    /// Secret (in the pipeline's namespace) holding the username and password.
-    pub secret_ref: CredentialsSecretRef,
+    /// Secret (in the pipeline's namespace) holding the username and password. Required for `PLAIN` and
+    /// `SCRAM-*`; not allowed with `OAUTHBEARER`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<CredentialsSecretRef>,
+    /// OIDC client credentials for `OAUTHBEARER` (required with it, not allowed otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oidc: Option<OidcAuth>,
+}
+
+/// OAUTHBEARER tokens from an OpenID Connect / OAuth 2 token endpoint, client-credentials grant
+/// (RFC 6749 section 4.4). The client fetches a token before connecting and refreshes it before it expires.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct OidcAuth {
+    /// The token endpoint, e.g. `https://idp.example.com/oauth2/token` (`http://` only for tests).
+    #[schemars(schema_with = "rules::token_endpoint_url_schema")]
+    pub token_endpoint_url: String,
+    /// Secret (in the pipeline's namespace) holding the client id and client secret.
+    pub client_secret_ref: OidcClientSecretRef,
+    /// Scope(s) to request, space-separated (RFC 6749 section 3.3). Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024), regex(pattern = r"^[!#-\[\]-~]+( [!#-\[\]-~]+)*$"))]
+    pub scope: Option<String>,
+    /// SASL extensions sent with the token (RFC 7628), e.g. `logicalCluster: lkc-abc12` for Confluent Cloud: at
+    /// most 16; keys letters only (not `auth`), values printable ASCII without `,` or `=`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "rules::sasl_extensions_schema")]
+    pub extensions: BTreeMap<String, String>,
+}
+
+/// A Secret holding OIDC client credentials.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct OidcClientSecretRef {
+    /// Name of the Secret in the pipeline's namespace.
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    pub name: String,
+    /// Key of the client id in the Secret.
+    #[serde(default = "default_client_id_key")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = rules::SECRET_KEY_PATTERN))]
+    pub client_id_key: String,
+    /// Key of the client secret in the Secret.
+    #[serde(default = "default_client_secret_key")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = rules::SECRET_KEY_PATTERN))]
+    pub client_secret_key: String,
+}
+
+fn default_client_id_key() -> String {
+    "clientId".into()
+}
+
+fn default_client_secret_key() -> String {
+    "clientSecret".into()
 }
 
 /// SASL mechanism.
@@ -208,6 +263,8 @@ pub enum SaslMechanism {
     ScramSha256,
     #[serde(rename = "SCRAM-SHA-512")]
     ScramSha512,
+    #[serde(rename = "OAUTHBEARER")]
+    OAuthBearer,
 }
 
 impl SaslMechanism {
@@ -217,6 +274,7 @@ impl SaslMechanism {
             Self::Plain => "PLAIN",
             Self::ScramSha256 => "SCRAM-SHA-256",
             Self::ScramSha512 => "SCRAM-SHA-512",
+            Self::OAuthBearer => "OAUTHBEARER",
         }
     }
 }

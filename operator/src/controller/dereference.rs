@@ -9,7 +9,9 @@ use kube::Client;
 use kube::api::Api;
 
 use crate::build::{self, SecretKeys};
-use crate::probe::{Cluster, Sasl, Tls};
+use kpipe_api::kafka_client::{Credentials, Material};
+
+use crate::probe::Cluster;
 use crate::status::Problem;
 
 /// Secrets a pipeline references: key names and versions (for validation and the config hash) and the
@@ -51,21 +53,26 @@ pub async fn dereference(client: &Client, ns: &str, spec: &ConsumerPipelineSpec)
     Ok(out)
 }
 
-/// The Kafka connection settings of `spec` with the credentials from `d` (SASL and TLS material).
+/// The Kafka connection settings of `spec` with the credentials from `d`: the secret values
+/// [`kpipe_api::kafka_client::properties`] needs, TLS material as PEM.
 pub fn cluster_for(spec: &ConsumerPipelineSpec, d: &Dereferenced) -> Cluster {
     let get = |secret: &str, key: &str| d.data.get(secret).and_then(|m| m.get(key)).cloned();
     let auth = spec.source.auth.as_ref();
-    let sasl = auth.and_then(|a| a.sasl.as_ref()).map(|s| Sasl {
-        mechanism: s.mechanism.as_str().into(),
-        username: get(&s.secret_ref.name, &s.secret_ref.username_key).unwrap_or_default(),
-        password: get(&s.secret_ref.name, &s.secret_ref.password_key).unwrap_or_default(),
-    });
-    let tls = auth.and_then(|a| a.tls.as_ref()).map(|t| Tls {
-        ca_pem: t.ca_secret_ref.as_ref().and_then(|c| get(&c.name, &c.key)),
-        cert_pem: t.client_cert_secret_ref.as_ref().and_then(|c| get(&c.name, "tls.crt")),
-        key_pem: t.client_cert_secret_ref.as_ref().and_then(|c| get(&c.name, "tls.key")),
-    });
-    Cluster { bootstrap_servers: spec.source.bootstrap_servers.clone(), sasl, tls }
+    let sasl = auth.and_then(|a| a.sasl.as_ref());
+    let password = sasl.and_then(|s| s.secret_ref.as_ref());
+    let oidc = sasl.and_then(|s| s.oidc.as_ref()).map(|o| &o.client_secret_ref);
+    let tls = auth.and_then(|a| a.tls.as_ref());
+    let client = tls.and_then(|t| t.client_cert_secret_ref.as_ref());
+    let credentials = Credentials {
+        username: password.and_then(|r| get(&r.name, &r.username_key)),
+        password: password.and_then(|r| get(&r.name, &r.password_key)),
+        client_id: oidc.and_then(|r| get(&r.name, &r.client_id_key)),
+        client_secret: oidc.and_then(|r| get(&r.name, &r.client_secret_key)),
+        ca: tls.and_then(|t| t.ca_secret_ref.as_ref()).and_then(|c| get(&c.name, &c.key)).map(Material::Pem),
+        client_cert: client.and_then(|c| get(&c.name, "tls.crt")).map(Material::Pem),
+        client_key: client.and_then(|c| get(&c.name, "tls.key")).map(Material::Pem),
+    };
+    Cluster { bootstrap_servers: spec.source.bootstrap_servers.clone(), auth: auth.cloned(), credentials }
 }
 
 #[cfg(test)]
@@ -91,21 +98,42 @@ mod tests {
         d.data
             .insert("client".into(), BTreeMap::from([("tls.crt".into(), "C".into()), ("tls.key".into(), "K".into())]));
         let c = cluster_for(&spec, &d);
-        let sasl = c.sasl.unwrap();
+        let props = c.security_properties();
+        let get = |k: &str| props.iter().find(|(p, _)| p == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("security.protocol"), Some("SASL_SSL"));
         assert_eq!(
-            (sasl.mechanism.as_str(), sasl.username.as_str(), sasl.password.as_str()),
-            ("SCRAM-SHA-512", "alice", "pw")
+            (get("sasl.mechanism"), get("sasl.username"), get("sasl.password")),
+            (Some("SCRAM-SHA-512"), Some("alice"), Some("pw"))
         );
-        let tls = c.tls.unwrap();
         assert_eq!(
-            (tls.ca_pem.as_deref(), tls.cert_pem.as_deref(), tls.key_pem.as_deref()),
+            (get("ssl.ca.pem"), get("ssl.certificate.pem"), get("ssl.key.pem")),
             (Some("CA"), Some("C"), Some("K"))
+        );
+        let oidc: ConsumerPipelineSpec = serde_json::from_value(serde_json::json!({
+            "source": {
+                "bootstrapServers": ["b:9096"], "topics": ["t"],
+                "auth": {"sasl": {"mechanism": "OAUTHBEARER", "oidc": {
+                    "tokenEndpointUrl": "https://idp/token", "clientSecretRef": {"name": "oidc", "clientIdKey": "id"}
+                }}, "tls": {}}
+            },
+            "processor": {"noop": {}}
+        }))
+        .unwrap();
+        d.data.insert(
+            "oidc".into(),
+            BTreeMap::from([("id".into(), "kpipe".into()), ("clientSecret".into(), "cs".into())]),
+        );
+        let props = cluster_for(&oidc, &d).security_properties();
+        let get = |k: &str| props.iter().find(|(p, _)| p == k).map(|(_, v)| v.as_str());
+        assert_eq!(
+            (get("sasl.oauthbearer.client.id"), get("sasl.oauthbearer.client.secret"), get("sasl.username")),
+            (Some("kpipe"), Some("cs"), None)
         );
         let plain: ConsumerPipelineSpec = serde_json::from_value(serde_json::json!({
             "source": {"bootstrapServers": ["b:9092"], "topics": ["t"]}, "processor": {"noop": {}}
         }))
         .unwrap();
         let c = cluster_for(&plain, &Dereferenced::default());
-        assert!(c.sasl.is_none() && c.tls.is_none());
+        assert!(!c.is_secured());
     }
 }

@@ -1,0 +1,429 @@
+//! Kafka security on the local test bed, as users run it (`minReplicas: 0`, a dead-letter topic): pipelines that
+//! reach the broker only through its secured listeners — SASL_SSL with SCRAM-SHA-512, and SSL with client
+//! certificates (mutual TLS) — scale from zero, deliver, dead-letter and scale back to zero; a password rotated
+//! mid-stream loses nothing; a wrong password and an untrusted CA are named in status and recover once the Secret
+//! is fixed; no pod log and no Event of these runs contains a secret value.
+//!
+//! The listeners and their material come from the bed (e2e/testbed/kafka-security.sh via up.sh; env file keys
+//! `KAFKA_SCRAM_BOOTSTRAP`, `KAFKA_MTLS_BOOTSTRAP`, `KAFKA_SECURITY_DIR`). The same variables in the process
+//! environment take precedence (a private secured broker started with `kafka-security.sh run`).
+//!
+//! Run: `cargo test -p kpipe-e2e --test security -- --test-threads=1 --nocapture` (needs the bed and release
+//! builds).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Secret;
+use kpipe_api::kafka_client::{self, Credentials, Material};
+use kpipe_api::v1alpha1::Auth;
+use kpipe_api::v1alpha1::condition::DEGRADED;
+use kpipe_e2e::scenario::{
+    self, Install, Sink, apply_pipeline, condition, events_for, id_records, pipeline_manifest, pipeline_status,
+    unique_topic, wait_delivered, worker_replicas,
+};
+use kpipe_e2e::testbed::wait_for;
+use kpipe_e2e::{TempNamespace, TestBed};
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::json;
+
+/// The bed's secured listeners and the material they trust.
+struct Secured {
+    bed: TestBed,
+    dir: PathBuf,
+    scram: String,
+    mtls: String,
+}
+
+impl Secured {
+    async fn connect() -> Self {
+        let bed = TestBed::connect().await.unwrap_or_else(|e| panic!("{e}"));
+        let var = |k: &str| {
+            std::env::var(k).ok().or_else(|| bed.var(k).map(str::to_string)).unwrap_or_else(|| {
+                panic!("{k} is not set: the bed predates its secured listeners (run e2e/testbed/up.sh on a fresh bed)")
+            })
+        };
+        let (dir, scram, mtls) =
+            (PathBuf::from(var("KAFKA_SECURITY_DIR")), var("KAFKA_SCRAM_BOOTSTRAP"), var("KAFKA_MTLS_BOOTSTRAP"));
+        Self { bed, dir, scram, mtls }
+    }
+
+    fn file(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(name))
+            .unwrap_or_else(|e| panic!("{}: {e}", self.dir.join(name).display()))
+    }
+
+    fn scram_user(&self) -> (String, String) {
+        (self.file("scram-user").trim().to_string(), self.file("scram-password").trim().to_string())
+    }
+
+    /// The bed's Kafka helpers going through the SCRAM listener as the bed's SCRAM user (the security properties
+    /// come from the function the operator and workers use).
+    fn admin(&self) -> TestBed {
+        let auth: Auth = serde_json::from_value(json!({
+            "sasl": {"mechanism": "SCRAM-SHA-512", "secretRef": {"name": "x"}}, "tls": {"caSecretRef": {"name": "x"}}
+        }))
+        .unwrap();
+        let (username, password) = self.scram_user();
+        let creds = Credentials {
+            username: Some(username),
+            password: Some(password),
+            ca: Some(Material::Pem(self.file("ca.crt"))),
+            ..Default::default()
+        };
+        self.bed.kafka_via(&self.scram, kafka_client::properties(Some(&auth), &creds))
+    }
+
+    /// Sets `user`'s SCRAM-SHA-512 password with Kafka's ConfigCommand through the SCRAM listener.
+    fn set_scram_password(&self, user: &str, password: &str) {
+        let (admin_user, admin_password) = self.scram_user();
+        let config = std::env::temp_dir().join(format!("kpipe-e2e-scram-{}.properties", rand::random::<u32>()));
+        std::fs::write(
+            &config,
+            format!(
+                "security.protocol=SASL_SSL\nsasl.mechanism=SCRAM-SHA-512\nsasl.jaas.config=org.apache.kafka.common.\
+                 security.scram.ScramLoginModule required username=\"{admin_user}\" password=\"{admin_password}\";\n\
+                 ssl.truststore.type=PEM\nssl.truststore.location={}\n",
+                self.dir.join("ca.crt").display()
+            ),
+        )
+        .unwrap();
+        let out = std::process::Command::new(self.bed.kafka_tool("kafka-configs"))
+            .args(["--bootstrap-server", &self.scram, "--command-config"])
+            .arg(&config)
+            .args(["--alter", "--entity-type", "users", "--entity-name", user, "--add-config"])
+            .arg(format!("SCRAM-SHA-512=[iterations=4096,password={password}]"))
+            .output()
+            .expect("kafka-configs");
+        let _ = std::fs::remove_file(&config);
+        assert!(out.status.success(), "kafka-configs: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+/// Creates or replaces a Secret with `data` in `ns`.
+async fn put_secret(bed: &TestBed, ns: &str, name: &str, data: serde_json::Value) {
+    let secret: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "type": "Opaque", "stringData": data,
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(bed.client(), ns)
+        .patch(name, &PatchParams::apply("kpipe-e2e").force(), &Patch::Apply(&secret))
+        .await
+        .expect("secret");
+}
+
+/// `(key, value)` records.
+type Records = Vec<(Vec<u8>, Vec<u8>)>;
+
+fn ids(prefix: &str, range: std::ops::Range<usize>) -> (Records, BTreeSet<String>) {
+    let records = id_records(prefix, range, 20);
+    let expected = records.iter().map(|(_, v)| String::from_utf8(v.clone()).unwrap()).collect();
+    (records, expected)
+}
+
+/// Asserts that no pod log of `ns` and no Event in it contains any of `secrets` (trimmed, non-empty).
+async fn assert_no_secret_values(bed: &TestBed, ns: &str, secrets: &[String]) {
+    let logs = bed.pod_logs(ns);
+    let events = events_for_all(bed, ns).await;
+    assert!(!logs.is_empty(), "no pod logs found for {ns} under {}", bed.pod_log_dir().display());
+    for secret in secrets.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        assert!(!logs.contains(secret), "a secret value appears in a pod log of {ns}");
+        assert!(!events.contains(secret), "a secret value appears in an Event of {ns}");
+    }
+    println!("secret values: none in {} bytes of pod logs and {} bytes of Events", logs.len(), events.len());
+}
+
+/// Every Event of `ns` (reason + note), as text.
+async fn events_for_all(bed: &TestBed, ns: &str) -> String {
+    use k8s_openapi::api::events::v1::Event;
+    let list = Api::<Event>::namespaced(bed.client(), ns).list(&Default::default()).await.expect("events");
+    list.items
+        .iter()
+        .map(|e| format!("{} {}\n", e.reason.as_deref().unwrap_or(""), e.note.as_deref().unwrap_or("")))
+        .collect()
+}
+
+/// Scale from zero, deliver (1% poison records dead-lettered), scale back to zero, through `kafka`.
+async fn deliver_dead_letter_and_scale_to_zero(
+    kafka: &TestBed,
+    ns: &TempNamespace,
+    sink: &Sink,
+    auth: serde_json::Value,
+) {
+    let topic = unique_topic("secured");
+    let dlq = format!("{topic}-dlq");
+    kafka.create_topic(&topic, 3).await.expect("topic");
+    kafka.create_topic(&dlq, 1).await.expect("dlq");
+    apply_pipeline(
+        kafka,
+        ns.name(),
+        pipeline_manifest(
+            "secured",
+            kafka,
+            &topic,
+            sink,
+            json!({"source": {"auth": auth}, "onFailure": "deadLetter", "deadLetter": {"topic": dlq},
+                   "retry": {"maxAttempts": 2, "initialBackoff": "10ms", "maxBackoff": "20ms"}}),
+        ),
+    )
+    .await
+    .expect("apply");
+    // Idle: no pods.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(worker_replicas(kafka, ns.name(), "secured").await.unwrap(), 0, "pods before any record");
+    let records: Records = (0..600)
+        .map(|i| {
+            let v = if i % 100 == 7 { format!("poison-{i:06}") } else { format!("good-{i:06}") };
+            (format!("k{}", i % 20).into_bytes(), v.into_bytes())
+        })
+        .collect();
+    let good: BTreeSet<String> =
+        records.iter().map(|(_, v)| String::from_utf8(v.clone()).unwrap()).filter(|v| v.starts_with("good-")).collect();
+    let started = Instant::now();
+    kafka.produce_records(&topic, records).await.expect("produce");
+    let delivered = wait_delivered(sink, &good, Duration::from_secs(120)).await.unwrap_or_else(|e| {
+        kafka.dump_pod_logs(ns.name());
+        panic!("{e}")
+    });
+    let delivered_in = started.elapsed();
+    let dead = wait_for("6 dead letters", Duration::from_secs(60), || async {
+        let n: i64 = kafka.end_offsets(&dlq).await.ok()?.values().sum();
+        (n >= 6).then_some(n)
+    })
+    .await
+    .expect("dead letters");
+    let zero = Instant::now();
+    wait_for("scaled to zero", Duration::from_secs(120), || async {
+        (worker_replicas(kafka, ns.name(), "secured").await.ok()? == 0).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let s = pipeline_status(kafka, ns.name(), "secured").await.expect("status");
+    println!(
+        "{} good records delivered in {delivered_in:?} ({} duplicates), {dead} dead-lettered, scaled to zero {:?} later; \
+         Degraded {:?}",
+        good.len(),
+        delivered.iter().filter(|v| v.starts_with("good-")).count() - good.len(),
+        zero.elapsed(),
+        condition(&s, DEGRADED)
+    );
+    assert_eq!(dead, 6, "exactly the poison records are dead-lettered");
+    assert_eq!(condition(&s, DEGRADED).map(|c| c.0), Some("False".to_string()));
+}
+
+#[tokio::test]
+async fn scram_pipeline_scales_from_zero_delivers_dead_letters_and_scales_to_zero() {
+    let sec = Secured::connect().await;
+    let kafka = sec.admin();
+    let (ns, sink) =
+        scenario::setup_with_sink(&sec.bed, "e2e-sec-scram", &Install::default(), &["--poison-prefix", "poison-"])
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    let (user, password) = sec.scram_user();
+    put_secret(&sec.bed, ns.name(), "kafka-user", json!({"username": user, "password": password})).await;
+    put_secret(&sec.bed, ns.name(), "kafka-ca", json!({"ca.crt": sec.file("ca.crt")})).await;
+    let auth = json!({"sasl": {"mechanism": "SCRAM-SHA-512", "secretRef": {"name": "kafka-user"}},
+                      "tls": {"caSecretRef": {"name": "kafka-ca"}}});
+    deliver_dead_letter_and_scale_to_zero(&kafka, &ns, &sink, auth).await;
+    assert_no_secret_values(&sec.bed, ns.name(), &[password]).await;
+    ns.delete().await.expect("delete");
+}
+
+#[tokio::test]
+async fn mtls_pipeline_scales_from_zero_delivers_dead_letters_and_scales_to_zero() {
+    let sec = Secured::connect().await;
+    let kafka = sec.admin().kafka_via(&sec.mtls, {
+        let auth: Auth = serde_json::from_value(
+            json!({"tls": {"caSecretRef": {"name": "x"}, "clientCertSecretRef": {"name": "x"}}}),
+        )
+        .unwrap();
+        let creds = Credentials {
+            ca: Some(Material::Pem(sec.file("ca.crt"))),
+            client_cert: Some(Material::Pem(sec.file("client.crt"))),
+            client_key: Some(Material::Pem(sec.file("client.key"))),
+            ..Default::default()
+        };
+        kafka_client::properties(Some(&auth), &creds)
+    });
+    let (ns, sink) =
+        scenario::setup_with_sink(&sec.bed, "e2e-sec-mtls", &Install::default(), &["--poison-prefix", "poison-"])
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    put_secret(&sec.bed, ns.name(), "kafka-ca", json!({"ca.crt": sec.file("ca.crt")})).await;
+    put_secret(
+        &sec.bed,
+        ns.name(),
+        "kafka-client",
+        json!({"tls.crt": sec.file("client.crt"), "tls.key": sec.file("client.key")}),
+    )
+    .await;
+    let auth = json!({"tls": {"caSecretRef": {"name": "kafka-ca"}, "clientCertSecretRef": {"name": "kafka-client"}}});
+    deliver_dead_letter_and_scale_to_zero(&kafka, &ns, &sink, auth).await;
+    // The key's base64 body lines are the secret part of the PEM.
+    let key_lines: Vec<String> = sec
+        .file("client.key")
+        .lines()
+        .filter(|l| !l.starts_with("-----") && l.len() > 40)
+        .map(str::to_string)
+        .collect();
+    assert_no_secret_values(&sec.bed, ns.name(), &key_lines).await;
+    ns.delete().await.expect("delete");
+}
+
+/// Waits until `Degraded` is True with `reason`; returns how long that took.
+async fn wait_degraded(bed: &TestBed, ns: &str, name: &str, reason: &str, within: Duration) -> Duration {
+    let started = Instant::now();
+    wait_for(&format!("Degraded={reason}"), within, || async {
+        let s = pipeline_status(bed, ns, name).await.ok()?;
+        (condition(&s, DEGRADED) == Some(("True".into(), reason.into()))).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| {
+        bed.dump_pod_logs(ns);
+        panic!("{e}")
+    });
+    started.elapsed()
+}
+
+async fn wait_not_degraded(bed: &TestBed, ns: &str, name: &str) -> Duration {
+    let started = Instant::now();
+    wait_for("Degraded=False", Duration::from_secs(90), || async {
+        let s = pipeline_status(bed, ns, name).await.ok()?;
+        (condition(&s, DEGRADED).map(|c| c.0) == Some("False".into())).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    started.elapsed()
+}
+
+#[tokio::test]
+async fn wrong_password_and_untrusted_ca_are_named_in_status_and_recover_when_the_secret_is_fixed() {
+    let sec = Secured::connect().await;
+    let kafka = sec.admin();
+    let (ns, sink) = scenario::setup_with_sink(&sec.bed, "e2e-sec-fail", &Install::default(), &[])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let topic = unique_topic("secfail");
+    kafka.create_topic(&topic, 2).await.expect("topic");
+    let (user, password) = sec.scram_user();
+    let wrong = format!("wrong-{:08x}", rand::random::<u32>());
+    put_secret(&sec.bed, ns.name(), "kafka-user", json!({"username": user, "password": wrong})).await;
+    put_secret(&sec.bed, ns.name(), "kafka-ca", json!({"ca.crt": sec.file("ca.crt")})).await;
+    let poll = Duration::from_secs(5);
+    apply_pipeline(
+        &kafka,
+        ns.name(),
+        pipeline_manifest(
+            "sec",
+            &kafka,
+            &topic,
+            &sink,
+            json!({"source": {"auth": {"sasl": {"mechanism": "SCRAM-SHA-512", "secretRef": {"name": "kafka-user"}},
+                                        "tls": {"caSecretRef": {"name": "kafka-ca"}}}},
+                   "onFailure": "drop", "scaling": {"pollInterval": "5s"}}),
+        ),
+    )
+    .await
+    .expect("apply");
+    // Two polls, plus one probe timeout for the first failing request.
+    let within = poll * 2 + Duration::from_secs(12);
+    let auth_failed = wait_degraded(&kafka, ns.name(), "sec", "KafkaAuthenticationFailed", within).await;
+    put_secret(&sec.bed, ns.name(), "kafka-user", json!({"username": user, "password": password})).await;
+    let auth_recovered = wait_not_degraded(&kafka, ns.name(), "sec").await;
+
+    put_secret(&sec.bed, ns.name(), "kafka-ca", json!({"ca.crt": sec.file("other-ca.crt")})).await;
+    let ca_failed = wait_degraded(&kafka, ns.name(), "sec", "KafkaCertificateVerifyFailed", within).await;
+    put_secret(&sec.bed, ns.name(), "kafka-ca", json!({"ca.crt": sec.file("ca.crt")})).await;
+    let ca_recovered = wait_not_degraded(&kafka, ns.name(), "sec").await;
+
+    // Delivery works after both repairs.
+    let (records, expected) = ids("sec", 0..200);
+    kafka.produce_records(&topic, records).await.expect("produce");
+    wait_delivered(&sink, &expected, Duration::from_secs(120)).await.unwrap_or_else(|e| panic!("{e}"));
+    let events = events_for(&kafka, ns.name(), "sec").await.expect("events");
+    let warnings: BTreeSet<&str> = events.iter().filter(|e| e.0 == "Warning").map(|e| e.1.as_str()).collect();
+    println!(
+        "wrong password: KafkaAuthenticationFailed after {auth_failed:?}, recovered {auth_recovered:?} after the fix; \
+         untrusted CA: KafkaCertificateVerifyFailed after {ca_failed:?}, recovered {ca_recovered:?} after the fix; \
+         Warning Events {warnings:?}"
+    );
+    assert!(warnings.contains("KafkaAuthenticationFailed"), "no Warning Event KafkaAuthenticationFailed: {events:?}");
+    assert!(
+        warnings.contains("KafkaCertificateVerifyFailed"),
+        "no Warning Event KafkaCertificateVerifyFailed: {events:?}"
+    );
+    assert_no_secret_values(&sec.bed, ns.name(), &[password, wrong]).await;
+    ns.delete().await.expect("delete");
+}
+
+#[tokio::test]
+async fn a_password_rotated_mid_stream_loses_nothing() {
+    let sec = Secured::connect().await;
+    let kafka = sec.admin();
+    let (ns, sink) = scenario::setup_with_sink(&sec.bed, "e2e-sec-rotate", &Install::default(), &[])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // A user of this test's own, so the bed's user keeps its password.
+    let user = format!("rotate-{:08x}", rand::random::<u32>());
+    let (old, new) = (format!("old-{:016x}", rand::random::<u64>()), format!("new-{:016x}", rand::random::<u64>()));
+    sec.set_scram_password(&user, &old);
+    let topic = unique_topic("rotate");
+    kafka.create_topic(&topic, 3).await.expect("topic");
+    put_secret(&sec.bed, ns.name(), "kafka-user", json!({"username": user, "password": old})).await;
+    put_secret(&sec.bed, ns.name(), "kafka-ca", json!({"ca.crt": sec.file("ca.crt")})).await;
+    apply_pipeline(
+        &kafka,
+        ns.name(),
+        pipeline_manifest(
+            "rotate",
+            &kafka,
+            &topic,
+            &sink,
+            json!({"source": {"auth": {"sasl": {"mechanism": "SCRAM-SHA-512", "secretRef": {"name": "kafka-user"}},
+                                        "tls": {"caSecretRef": {"name": "kafka-ca"}}}},
+                   "onFailure": "drop", "scaling": {"minReplicas": 0, "lagThreshold": 200}}),
+        ),
+    )
+    .await
+    .expect("apply");
+    let mut expected = BTreeSet::new();
+    let mut rotated_at = None;
+    let mut before = BTreeSet::new();
+    let started = Instant::now();
+    for batch in 0..20 {
+        let (records, batch_ids) = ids("rotate", batch * 200..(batch + 1) * 200);
+        kafka.produce_records(&topic, records).await.expect("produce");
+        expected.extend(batch_ids);
+        if batch == 6 {
+            before = scenario::worker_pods(&kafka, ns.name(), "rotate").await.into_iter().collect();
+            // Rotate: the broker first, then the Secret (new connections fail in between, as in production).
+            sec.set_scram_password(&user, &new);
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            put_secret(&sec.bed, ns.name(), "kafka-user", json!({"username": user, "password": new})).await;
+            rotated_at = Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    let delivered = wait_delivered(&sink, &expected, Duration::from_secs(180)).await.unwrap_or_else(|e| {
+        sec.bed.dump_pod_logs(ns.name());
+        panic!("{e}")
+    });
+    let s = pipeline_status(&kafka, ns.name(), "rotate").await.expect("status");
+    let after: BTreeSet<String> = scenario::worker_pods(&kafka, ns.name(), "rotate").await.into_iter().collect();
+    println!(
+        "rotation at {rotated_at:?}: {} records, all delivered ({} duplicates) {:?} after the start; Degraded {:?}; \
+         worker pods before the rotation {before:?}, after {after:?}",
+        expected.len(),
+        delivered.len() - expected.len(),
+        started.elapsed(),
+        condition(&s, DEGRADED)
+    );
+    assert!(!before.is_empty(), "no worker ran when the password was rotated: the rotation proved nothing");
+    assert!(after.iter().any(|p| !before.contains(p)), "the rotated Secret did not roll the workers");
+    wait_not_degraded(&kafka, ns.name(), "rotate").await;
+    assert_no_secret_values(&sec.bed, ns.name(), &[old, new]).await;
+    ns.delete().await.expect("delete");
+}
