@@ -264,13 +264,10 @@ impl TestBed {
                 let node = self
                     .var("KPIPE_NODE_ADDRESS")
                     .ok_or_else(|| TestBedError::Other("the env file has no KPIPE_NODE_ADDRESS".into()))?;
-                let node_port = spec
-                    .ports
-                    .iter()
-                    .flatten()
-                    .find(|p| p.port == port)
-                    .and_then(|p| p.node_port)
-                    .ok_or_else(|| TestBedError::Other(format!("Service {name} has no NodePort for port {port}")))?;
+                let node_port =
+                    spec.ports.iter().flatten().find(|p| p.port == port).and_then(|p| p.node_port).ok_or_else(
+                        || TestBedError::Other(format!("Service {name} has no NodePort for port {port}")),
+                    )?;
                 Ok(format!("http://{node}:{node_port}"))
             }
         }
@@ -429,7 +426,9 @@ impl TestBed {
                 .find(|c| c.name == container && c.state.as_ref().is_some_and(|st| st.running.is_some()))
                 .and_then(|c| c.container_id)
                 .and_then(|id| id.split_once("://").map(|(_, id)| id.to_string()))
-                .ok_or_else(|| TestBedError::Other(format!("container {namespace}/{pod}/{container} is not running")))?;
+                .ok_or_else(|| {
+                    TestBedError::Other(format!("container {namespace}/{pod}/{container} is not running"))
+                })?;
             let script = format!(
                 "pid=$(crictl inspect -o go-template --template '{{{{.info.pid}}}}' {id}) && [ \"$pid\" -gt 1 ] && kill -{} \"$pid\"",
                 signal as i32
@@ -506,7 +505,8 @@ impl TestBed {
 
     fn pod_logs_from_api(&self, namespace: &str) -> String {
         let template = r#"{range .items[*]}{.metadata.name}{range .spec.containers[*]}{" "}{.name}{end}{"\n"}{end}"#;
-        let Ok(list) = self.run_kubectl(&["get", "pods", "-n", namespace, "-o", &format!("jsonpath={template}")]) else {
+        let Ok(list) = self.run_kubectl(&["get", "pods", "-n", namespace, "-o", &format!("jsonpath={template}")])
+        else {
             return String::new();
         };
         let mut out = String::new();
@@ -514,7 +514,9 @@ impl TestBed {
             let mut words = line.split_whitespace();
             let Some(pod) = words.next() else { continue };
             for container in words {
-                let text = self.run_kubectl(&["logs", "-n", namespace, pod, "-c", container]).unwrap_or_else(|e| e.to_string());
+                let text = self
+                    .run_kubectl(&["logs", "-n", namespace, pod, "-c", container])
+                    .unwrap_or_else(|e| e.to_string());
                 out.push_str(&format!("===== {namespace}_{pod}_{container} =====\n{text}\n"));
             }
         }

@@ -12,13 +12,12 @@ use std::process::Output;
 use std::time::Duration;
 
 use kpipe_api::corpus::{invalid_corpus_dir, load_invalid_corpus, load_valid_corpus, valid_corpus_dir};
-use kpipe_e2e::{TestBed, bed};
 use kpipe_e2e::testbed::wait_for;
+use kpipe_e2e::{TestBed, bed};
 
 fn repo(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
 }
-
 
 fn text(o: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))

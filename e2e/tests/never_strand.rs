@@ -24,7 +24,6 @@ use kpipe_e2e::{TempNamespace, TestBed, bed};
 use nix::sys::signal::Signal;
 use serde_json::json;
 
-
 async fn setup(bed: &TestBed, prefix: &str) -> (TempNamespace, Sink) {
     scenario::setup_with_sink(bed, prefix, &Install::default(), &[]).await.unwrap_or_else(|e| panic!("{e}"))
 }

@@ -13,11 +13,11 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, ResourceQuota};
 use kpipe_api::v1alpha1::ConsumerPipeline;
 use kpipe_api::v1alpha1::condition::READY;
-use kpipe_e2e::{TestBed, TestImage, bed};
 use kpipe_e2e::scenario::{
     self, Install, Sink, apply_pipeline, condition, events_for, pipeline_manifest, pipeline_status, unique_topic,
 };
 use kpipe_e2e::testbed::wait_for;
+use kpipe_e2e::{TestBed, TestImage, bed};
 use kube::Api;
 use kube::api::{DeleteParams, PostParams};
 use serde_json::json;
@@ -134,7 +134,8 @@ async fn user_objects_named_like_children_are_never_touched() {
         let cm = format!("cm{i}");
         user_object_survives(&bed, ns.name(), &sink, &cm, broker, user_config_map(&format!("{cm}-worker"))).await;
         let dep = format!("dep{i}");
-        user_object_survives(&bed, ns.name(), &sink, &dep, broker, user_deployment(&bed, &format!("{dep}-worker"))).await;
+        user_object_survives(&bed, ns.name(), &sink, &dep, broker, user_deployment(&bed, &format!("{dep}-worker")))
+            .await;
     }
     ns.delete().await.expect("delete");
 }

@@ -31,7 +31,6 @@ use serde_json::json;
 /// their timing meaningful.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-
 /// A namespace with kpipe installed (namespaced mode) and an HTTP sink.
 async fn setup(bed: &TestBed, prefix: &str, install: Install, sink_args: &[&str]) -> (TempNamespace, Sink) {
     scenario::setup_with_sink(bed, prefix, &install, sink_args).await.unwrap_or_else(|e| panic!("{e}"))

@@ -20,7 +20,6 @@ use serde_json::json;
 
 const TEST_HTTP: &str = env!("CARGO_BIN_EXE_kpipe-test-http");
 
-
 fn image() -> String {
     format!("file://{TEST_HTTP}")
 }
