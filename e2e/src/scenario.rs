@@ -391,6 +391,20 @@ pub async fn wait_delivered(
     }
 }
 
+/// Waits until the pipeline has no worker pod left, not only `spec.replicas` 0: on a real kubelet a scaled-down worker
+/// keeps consuming and committing until its SIGTERM arrives and it has drained (the process bed stopped it at once).
+pub async fn wait_workers_gone(
+    bed: &TestBed,
+    namespace: &str,
+    pipeline: &str,
+    timeout: Duration,
+) -> Result<(), TestBedError> {
+    wait_for(&format!("the worker pods of {pipeline} to be gone"), timeout, || async {
+        worker_pods(bed, namespace, pipeline).await.is_empty().then_some(())
+    })
+    .await
+}
+
 /// Names of the pipeline's worker pods (any phase).
 pub async fn worker_pods(bed: &TestBed, namespace: &str, pipeline: &str) -> Vec<String> {
     let pods: Api<Pod> = Api::namespaced(bed.client(), namespace);
