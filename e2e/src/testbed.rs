@@ -287,15 +287,7 @@ impl TestBed {
             .args(args)
             .output()
             .map_err(|source| TestBedError::Io { path: PathBuf::from(docker), source })?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(TestBedError::Other(format!(
-                "docker exec {node} {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            )))
-        }
+        stdout_or_error(out, || format!("docker exec {node} {}", args.join(" ")))
     }
 
     /// Admin kubeconfig path.
@@ -337,15 +329,7 @@ impl TestBed {
             .args(args)
             .output()
             .map_err(|source| TestBedError::Io { path: self.kubectl(), source })?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(TestBedError::Other(format!(
-                "kubectl {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            )))
-        }
+        stdout_or_error(out, || format!("kubectl {}", args.join(" ")))
     }
 
     /// `helm --kubeconfig <admin>` command, ready for args.
@@ -775,6 +759,15 @@ impl TestBed {
         })
         .await
         .map_err(|e| TestBedError::Other(e.to_string()))?
+    }
+}
+
+/// A finished command's stdout, or an error naming the command (`what`) with its stderr.
+fn stdout_or_error(out: std::process::Output, what: impl FnOnce() -> String) -> Result<String, TestBedError> {
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(TestBedError::Other(format!("{} failed: {}", what(), String::from_utf8_lossy(&out.stderr).trim())))
     }
 }
 
