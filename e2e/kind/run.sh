@@ -11,6 +11,8 @@
 # network and the project's dockerd. Env: KPIPE_KIND_CLUSTER (kpipe-e2e), KPIPE_KIND_SUITES (the --test names),
 # KPIPE_KIND_TESTS (extra args for the test binaries, e.g. a test name filter), KPIPE_KIND_DOWN=1 (tear down
 # afterwards), KPIPE_KIND_SETUP_ONLY=1 (stop once the cluster and the env file are ready).
+# The body is one block, so bash reads all of it before running it (editing the file mid-run cannot derail a run).
+{
 source "$(dirname "$0")/offline/lib.sh"
 cd "$REPO_ROOT"
 t0=$(date +%s)
@@ -20,7 +22,8 @@ run_dir=${KPIPE_KIND_RUN:-$KPIPE_CACHE/kind-run}
 # kubelet and the bed's scripts) and the benchmark.
 suites=${KPIPE_KIND_SUITES:-"api chart pipeline ownership never_strand failure_handling lifecycle"}
 mkdir -p "$run_dir"
-if [ "${KPIPE_KIND_DOWN:-0}" = 1 ]; then trap '"$KIND_DIR/down.sh"' EXIT; fi
+# Teardown on exit when asked (CI); a teardown that leaves something behind fails the run.
+if [ "${KPIPE_KIND_DOWN:-0}" = 1 ]; then trap 'rc=$?; "$KIND_DIR/down.sh" || rc=1; exit $rc' EXIT; fi
 
 use_docker
 [ "$KPIPE_OWN_DOCKER" = 1 ] && export KPIPE_OFFLINE=${KPIPE_OFFLINE:-1}
@@ -97,7 +100,9 @@ tt=$(date +%s)
 KPIPE_RUN="$run_dir" ${CARGO:-cargo} test -p kpipe-e2e "${test_args[@]}" --no-fail-fast -- \
   --test-threads="${KPIPE_TEST_THREADS:-1}" ${KPIPE_KIND_TESTS:-} || status=$?
 log "suites (${suites}) took $(( $(date +%s) - tt ))s"
-echo "images the kpipe pods ran from (kubectl get pods -A -o jsonpath='{..image}'):"
+# (the test namespaces are gone by now: the happy path prints and checks the images its operator and workers ran)
+echo "images of the pods left in the cluster (kubectl get pods -A -o jsonpath='{..image}'):"
 "$kubectl" get pods -A -o jsonpath='{..image}' | tr ' ' '\n' | sort | uniq -c
 log "make e2e-kind: $( [ $status = 0 ] && echo passed || echo FAILED ) after $(( $(date +%s) - t0 ))s"
 exit "$status"
+}
