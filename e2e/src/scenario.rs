@@ -13,7 +13,7 @@ use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams};
 use serde_json::json;
 
-use crate::testbed::{TestBed, TestBedError, wait_for};
+use crate::testbed::{TestBed, TestBedError, TestImage, await_condition, wait_for};
 
 fn other(e: impl std::fmt::Display) -> TestBedError {
     TestBedError::Other(e.to_string())
@@ -95,7 +95,7 @@ pub fn install_kpipe(bed: &TestBed, namespace: &str, opts: &Install) -> Result<(
         .args(["--set", "crds.install=false", "--set", "logging.format=text"])
         .args(["--set", &format!("replicas={}", opts.replicas)])
         .args(["--set", "logging.level=info\\,kpipe_operator=debug"]);
-    for (key, image) in image_overrides() {
+    for (key, image) in image_overrides(bed) {
         let (repository, tag) = split_image(&image);
         helm.args(["--set", &format!("{key}.repository={repository}"), "--set", &format!("{key}.tag={tag}")]);
     }
@@ -115,19 +115,20 @@ pub const ENV_OPERATOR_IMAGE: &str = "KPIPE_E2E_OPERATOR_IMAGE";
 /// Env var naming the default worker image of test releases; same form as [`ENV_OPERATOR_IMAGE`].
 pub const ENV_WORKER_IMAGE: &str = "KPIPE_E2E_WORKER_IMAGE";
 
-/// Env var naming the image of test sinks (default `kpipe/test-sink:latest`, which the bed's kubelet maps to the bed
-/// checkout's `kpipe-test-sink`); same form as [`ENV_OPERATOR_IMAGE`], for a sink built in another tree.
+/// Env var naming the image of test sinks, overriding the bed's ([`TestBed::test_image`]); same form as
+/// [`ENV_OPERATOR_IMAGE`], for a sink built in another tree.
 pub const ENV_SINK_IMAGE: &str = "KPIPE_E2E_SINK_IMAGE";
 
-fn sink_image() -> String {
-    std::env::var(ENV_SINK_IMAGE).ok().filter(|v| !v.is_empty()).unwrap_or_else(|| "kpipe/test-sink:latest".into())
+fn sink_image(bed: &TestBed) -> String {
+    std::env::var(ENV_SINK_IMAGE).ok().filter(|v| !v.is_empty()).unwrap_or_else(|| bed.test_image(TestImage::Sink))
 }
 
-/// `(chart value prefix, image)` for the image overrides set in the environment.
-fn image_overrides() -> Vec<(&'static str, String)> {
+/// `(chart value prefix, image)` for the image overrides set in the environment or the env file
+/// ([`TestBed::image_override`]).
+fn image_overrides(bed: &TestBed) -> Vec<(&'static str, String)> {
     [("image", ENV_OPERATOR_IMAGE), ("worker.image", ENV_WORKER_IMAGE)]
         .into_iter()
-        .filter_map(|(key, var)| std::env::var(var).ok().filter(|v| !v.is_empty()).map(|v| (key, v)))
+        .filter_map(|(key, var)| bed.image_override(var).map(|v| (key, v)))
         .collect()
 }
 
@@ -205,7 +206,7 @@ pub async fn deploy_sink(bed: &TestBed, namespace: &str, name: &str, args: &[&st
             "template": {
                 "metadata": {"labels": {"app": name}},
                 "spec": {"containers": [{
-                    "name": "sink", "image": sink_image(),
+                    "name": "sink", "image": sink_image(bed), "imagePullPolicy": "IfNotPresent",
                     "args": args,
                     "ports": [{"containerPort": 8080, "name": "http"}],
                     "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080}, "periodSeconds": 1},
@@ -217,36 +218,29 @@ pub async fn deploy_sink(bed: &TestBed, namespace: &str, name: &str, args: &[&st
     Api::<Deployment>::namespaced(bed.client(), namespace)
         .patch(name, &PatchParams::apply("kpipe-e2e").force(), &Patch::Apply(&deployment))
         .await?;
-    // A Service gives the sink a stable address: pods reach it by name (the bed's kubelet resolves Service names and
-    // proxies ClusterIPs), the test process by its ClusterIP.
+    // A Service gives the sink a stable address: pods reach it by name, the test process at
+    // [`TestBed::host_url`] (the ClusterIP the bed proxies on the host, a NodePort on kind).
     let service: k8s_openapi::api::core::v1::Service = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": name},
-        "spec": {"selector": {"app": name}, "ports": [{"name": "http", "port": 8080, "targetPort": 8080}]},
+        "spec": {"type": bed.host_service_type(), "selector": {"app": name},
+                 "ports": [{"name": "http", "port": 8080, "targetPort": 8080}]},
     }))
     .map_err(other)?;
     let services: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(bed.client(), namespace);
     let service = services.patch(name, &PatchParams::apply("kpipe-e2e").force(), &Patch::Apply(&service)).await?;
-    let cluster_ip = service
-        .spec
-        .and_then(|s| s.cluster_ip)
-        .filter(|ip| !ip.is_empty() && ip != "None")
-        .ok_or_else(|| other(format!("Service {name} has no ClusterIP")))?;
-    let pods: Api<Pod> = Api::namespaced(bed.client(), namespace);
-    let selector = format!("app={name}");
-    wait_for(&format!("sink {name} ready"), Duration::from_secs(90), || {
-        let (pods, selector) = (pods.clone(), selector.clone());
-        async move {
-            let list = pods.list(&ListParams::default().labels(&selector)).await.ok()?;
-            list.items.into_iter().find_map(|p| {
-                let status = p.status?;
-                status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True").then_some(())
-            })
-        }
-    })
+    let base = bed.host_url(&service, 8080)?;
+    // Every replica of the sink ready (the Deployment controller's "complete" condition), watched, not polled.
+    let deployments: Api<Deployment> = Api::namespaced(bed.client(), namespace);
+    await_condition(
+        deployments,
+        name,
+        &format!("sink {name} ready"),
+        Duration::from_secs(90),
+        kube::runtime::wait::conditions::is_deployment_completed(),
+    )
     .await?;
-    let base = format!("http://{cluster_ip}:8080");
-    // The test process reaches the ClusterIP through the kubelet's proxy once it has the endpoint.
+    // The host's path to the Service works once it has the endpoint.
     wait_for(&format!("sink {name} answers on {base}"), Duration::from_secs(60), || {
         let base = base.clone();
         async move { reqwest::get(format!("{base}/healthz")).await.ok()?.status().is_success().then_some(()) }
@@ -344,7 +338,7 @@ pub async fn setup_with_sink(
     Ok((ns, sink))
 }
 
-/// A ConsumerPipeline manifest reading `topic` from the bed's broker into `sink`, scaling 0..6 with short
+/// A ConsumerPipeline manifest reading `topic` from the cluster's broker (its address for pods) into `sink`, scaling 0..6 with short
 /// intervals; `extra` is merged over the spec (objects merge key by key, anything else replaces).
 pub fn pipeline_manifest(
     name: &str,
@@ -354,7 +348,7 @@ pub fn pipeline_manifest(
     extra: serde_json::Value,
 ) -> serde_json::Value {
     let mut spec = json!({
-        "source": {"bootstrapServers": [bed.kafka_bootstrap()], "topics": [topic], "startOffset": "earliest"},
+        "source": {"bootstrapServers": [bed.kafka_bootstrap_pods()], "topics": [topic], "startOffset": "earliest"},
         "processor": {"http": {"url": sink.url, "timeout": "5s"}},
         "scaling": {"minReplicas": 0, "maxReplicas": 6, "pollInterval": "2s", "scaleDownStabilization": "10s",
                     "cooldownToZero": "15s", "lagThreshold": 5000},
@@ -379,9 +373,9 @@ pub fn merge_json(base: &mut serde_json::Value, extra: serde_json::Value) {
     }
 }
 
-/// A topic name unique to one test run: `<prefix>-<8 hex digits>`.
+/// A topic name unique to one test run: `<prefix>-<8 hex digits>` ([`crate::unique_name`]).
 pub fn unique_topic(prefix: &str) -> String {
-    format!("{prefix}-{:08x}", rand::random::<u32>())
+    crate::unique_name(prefix)
 }
 
 /// Waits until the sink has every id of `expected`; returns all delivered ids (duplicates included), or an error
@@ -408,6 +402,20 @@ pub async fn wait_delivered(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// Waits until the pipeline has no worker pod left, not only `spec.replicas` 0: on a real kubelet a scaled-down worker
+/// keeps consuming and committing until its SIGTERM arrives and it has drained (the process bed stopped it at once).
+pub async fn wait_workers_gone(
+    bed: &TestBed,
+    namespace: &str,
+    pipeline: &str,
+    timeout: Duration,
+) -> Result<(), TestBedError> {
+    wait_for(&format!("the worker pods of {pipeline} to be gone"), timeout, || async {
+        worker_pods(bed, namespace, pipeline).await.is_empty().then_some(())
+    })
+    .await
 }
 
 /// Names of the pipeline's worker pods (any phase).

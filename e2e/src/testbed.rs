@@ -121,6 +121,50 @@ fn message_headers(msg: &impl Message) -> Vec<(String, Option<Vec<u8>>)> {
         .unwrap_or_default()
 }
 
+/// The kind of cluster a [`TestBed`] drives: `KPIPE_CLUSTER` of its env file (`kind`, else the local bed). The
+/// suites are the same on both; only what reaches into the cluster from the host differs (how a Service is reached,
+/// how a container is killed, where pod logs are, how the broker is restarted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterKind {
+    /// The local process test bed (`e2e/testbed/up.sh`): pods are host processes on the `kpipe0` bridge, images
+    /// map to host binaries (`e2e/testbed/images.conf`), ClusterIPs are proxied on the host.
+    TestBed,
+    /// A kind cluster (`e2e/kind/run.sh`): the real kubelet and containerd in a Docker container, real images,
+    /// kube-proxy Service networking; the host reaches Services through NodePorts on the node's address.
+    Kind,
+}
+
+/// The test-only images the suites run as pods (`e2e/test.Dockerfile`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestImage {
+    /// `kpipe-test-sink`: the HTTP sink the pipelines deliver to.
+    Sink,
+    /// `kpipe-test-http`: a small HTTP server with probes and signal reporting.
+    Http,
+}
+
+impl TestImage {
+    /// The env-file variable naming this image, and the image used when it is unset (the bed's images.conf maps
+    /// it to the host binary).
+    fn var_and_default(self) -> (&'static str, &'static str) {
+        match self {
+            TestImage::Sink => ("KPIPE_TEST_SINK_IMAGE", "kpipe/test-sink:latest"),
+            TestImage::Http => ("KPIPE_TEST_HTTP_IMAGE", "kpipe/test-http:latest"),
+        }
+    }
+}
+
+/// A name unique to one test run: `<prefix>-<8 hex digits>` (namespaces, topics, consumer groups).
+pub fn unique_name(prefix: &str) -> String {
+    format!("{prefix}-{:08x}", rand::random::<u32>())
+}
+
+/// Connects to the cluster of the env file ([`default_env_file`]) and panics with the reason when it is not up:
+/// the one `bed()` of every suite (never skips).
+pub async fn bed() -> TestBed {
+    TestBed::connect().await.unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// Default location of the bed's env file (`$KPIPE_RUN/env`, else `$KPIPE_CACHE/run/env`, else
 /// `${XDG_CACHE_HOME:-$HOME/.cache}/kpipe/run/env`).
 pub fn default_env_file() -> PathBuf {
@@ -203,8 +247,8 @@ impl TestBed {
         PathBuf::from(self.var(key).unwrap_or_default())
     }
 
-    /// Kafka bootstrap address (reachable from the host and from pods): the bed's PLAINTEXT listener, or the one
-    /// given to [`TestBed::kafka_via`].
+    /// Kafka bootstrap address for clients on the host (the test process): the bed's PLAINTEXT listener, or the
+    /// one given to [`TestBed::kafka_via`].
     pub fn kafka_bootstrap(&self) -> &str {
         match &self.kafka_via {
             Some((bootstrap, _)) => bootstrap,
@@ -216,6 +260,87 @@ impl TestBed {
     /// `bootstrap` with the librdkafka security properties `security` (e.g. a secured listener).
     pub fn kafka_via(&self, bootstrap: &str, security: Vec<(String, String)>) -> TestBed {
         TestBed { kafka_via: Some((bootstrap.to_string(), security)), ..self.clone() }
+    }
+
+    /// Kafka bootstrap address for pods (pipelines' `source.bootstrapServers`): `KAFKA_BOOTSTRAP_PODS` (on kind the
+    /// broker's Service DNS name), else the host's address (the bed's broker listens on the pods' bridge).
+    pub fn kafka_bootstrap_pods(&self) -> &str {
+        self.var("KAFKA_BOOTSTRAP_PODS").unwrap_or_else(|| self.kafka_bootstrap())
+    }
+
+    /// The kind of cluster this is.
+    pub fn cluster_kind(&self) -> ClusterKind {
+        match self.var("KPIPE_CLUSTER") {
+            Some("kind") => ClusterKind::Kind,
+            _ => ClusterKind::TestBed,
+        }
+    }
+
+    /// The image of a test-only pod: the env file's `KPIPE_TEST_SINK_IMAGE` / `KPIPE_TEST_HTTP_IMAGE` (on kind the
+    /// images `make images` built and `kind load` loaded), else the name the bed maps to its host binary.
+    pub fn test_image(&self, image: TestImage) -> String {
+        let (var, default) = image.var_and_default();
+        self.var(var).filter(|v| !v.is_empty()).unwrap_or(default).to_string()
+    }
+
+    /// An image override of the kpipe release under test: the process environment's `var`, else the env file's
+    /// (on kind the loaded `kpipe/operator` / `kpipe/worker` images), else `None` (the chart's default).
+    pub fn image_override(&self, var: &str) -> Option<String> {
+        std::env::var(var).ok().filter(|v| !v.is_empty()).or_else(|| self.var(var).map(str::to_string))
+    }
+
+    /// The Service type that makes a test Service reachable from the host: the bed proxies ClusterIPs on the host;
+    /// on kind ClusterIPs live inside the node, so test Services are NodePorts.
+    pub fn host_service_type(&self) -> &'static str {
+        match self.cluster_kind() {
+            ClusterKind::TestBed => "ClusterIP",
+            ClusterKind::Kind => "NodePort",
+        }
+    }
+
+    /// `http://<address>:<port>` at which the test process reaches `port` of `service` (created with
+    /// [`TestBed::host_service_type`]): the ClusterIP on the bed, the node address (`KPIPE_NODE_ADDRESS`) and the
+    /// port's NodePort on kind.
+    pub fn host_url(&self, service: &k8s_openapi::api::core::v1::Service, port: i32) -> Result<String, TestBedError> {
+        let name = service.metadata.name.clone().unwrap_or_default();
+        let spec = service.spec.as_ref().ok_or_else(|| TestBedError::Other(format!("Service {name} has no spec")))?;
+        match self.cluster_kind() {
+            ClusterKind::TestBed => {
+                let ip = spec
+                    .cluster_ip
+                    .as_deref()
+                    .filter(|ip| !ip.is_empty() && *ip != "None")
+                    .ok_or_else(|| TestBedError::Other(format!("Service {name} has no ClusterIP")))?;
+                Ok(format!("http://{ip}:{port}"))
+            }
+            ClusterKind::Kind => {
+                let node = self
+                    .var("KPIPE_NODE_ADDRESS")
+                    .ok_or_else(|| TestBedError::Other("the env file has no KPIPE_NODE_ADDRESS".into()))?;
+                let node_port =
+                    spec.ports.iter().flatten().find(|p| p.port == port).and_then(|p| p.node_port).ok_or_else(
+                        || TestBedError::Other(format!("Service {name} has no NodePort for port {port}")),
+                    )?;
+                Ok(format!("http://{node}:{node_port}"))
+            }
+        }
+    }
+
+    /// `docker exec <kind node> <args>` (kind only): runs a command in the node container, where crictl and the
+    /// containers' processes are.
+    fn node_exec(&self, args: &[&str]) -> Result<String, TestBedError> {
+        let node = self.var("KPIPE_KIND_NODE").ok_or_else(|| TestBedError::Other("no KPIPE_KIND_NODE".into()))?;
+        let docker = self.var("DOCKER").unwrap_or("docker");
+        let mut cmd = std::process::Command::new(docker);
+        if let Some(host) = self.var("DOCKER_HOST").filter(|h| !h.is_empty()) {
+            cmd.env("DOCKER_HOST", host);
+        }
+        let out = cmd
+            .args(["exec", node])
+            .args(args)
+            .output()
+            .map_err(|source| TestBedError::Io { path: PathBuf::from(docker), source })?;
+        stdout_or_error(out, || format!("docker exec {node} {}", args.join(" ")))
     }
 
     /// Admin kubeconfig path.
@@ -257,15 +382,7 @@ impl TestBed {
             .args(args)
             .output()
             .map_err(|source| TestBedError::Io { path: self.kubectl(), source })?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(TestBedError::Other(format!(
-                "kubectl {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            )))
-        }
+        stdout_or_error(out, || format!("kubectl {}", args.join(" ")))
     }
 
     /// `helm --kubeconfig <admin>` command, ready for args.
@@ -308,7 +425,8 @@ impl TestBed {
     }
 
     /// PID of a running container process (from `containerStatuses[].containerID` = `process://<pid>`), for RSS
-    /// measurements and chaos (`kill -9`). `None` if the container is not running.
+    /// measurements and chaos (`kill -9`). `None` if the container is not running, and always on kind (its
+    /// containers' processes live in the node's PID namespace; see [`TestBed::kill_container`]).
     pub async fn container_pid(
         &self,
         namespace: &str,
@@ -325,7 +443,9 @@ impl TestBed {
             .and_then(|id| id.strip_prefix("process://").and_then(|p| p.parse().ok())))
     }
 
-    /// Sends `signal` to a running container's process group (e.g. `SIGKILL` for chaos tests).
+    /// Sends `signal` to a running container (e.g. `SIGKILL` for chaos tests): on the bed to its process group, on
+    /// kind to the container's init process, found with `crictl inspect` in the node (containerd and the real
+    /// kubelet then see the exit and restart the container as they would in production).
     pub async fn kill_container(
         &self,
         namespace: &str,
@@ -333,6 +453,25 @@ impl TestBed {
         container: &str,
         signal: Signal,
     ) -> Result<(), TestBedError> {
+        if self.cluster_kind() == ClusterKind::Kind {
+            let p = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(self.client.clone(), namespace).get(pod).await?;
+            let id = p
+                .status
+                .and_then(|s| s.container_statuses)
+                .into_iter()
+                .flatten()
+                .find(|c| c.name == container && c.state.as_ref().is_some_and(|st| st.running.is_some()))
+                .and_then(|c| c.container_id)
+                .and_then(|id| id.split_once("://").map(|(_, id)| id.to_string()))
+                .ok_or_else(|| {
+                    TestBedError::Other(format!("container {namespace}/{pod}/{container} is not running"))
+                })?;
+            let script = format!(
+                "pid=$(crictl inspect -o go-template --template '{{{{.info.pid}}}}' {id}) && [ \"$pid\" -gt 1 ] && kill -{} \"$pid\"",
+                signal as i32
+            );
+            return self.node_exec(&["sh", "-c", &script]).map(drop);
+        }
         let pid = self
             .container_pid(namespace, pod, container)
             .await?
@@ -344,7 +483,7 @@ impl TestBed {
 
     /// Creates a namespace `<prefix>-<random>`; it is deleted when the guard drops (or by [`TempNamespace::delete`]).
     pub async fn temp_namespace(&self, prefix: &str) -> Result<TempNamespace, TestBedError> {
-        let name = format!("{prefix}-{:08x}", rand::random::<u32>());
+        let name = unique_name(prefix);
         let ns: Namespace = serde_json::from_value(serde_json::json!({
             "apiVersion": "v1", "kind": "Namespace",
             "metadata": {"name": name, "labels": {"kpipe.io/e2e": "true"}},
@@ -375,8 +514,12 @@ impl TestBed {
         }
     }
 
-    /// Concatenated logs of every pod container of a namespace (from the kubelet's log files).
+    /// Concatenated logs of every pod container of a namespace, each after a header `===== <ns>_<pod>_<container>`
+    /// (on the bed from the kubelet's log files, on kind from `kubectl logs`).
     pub fn pod_logs(&self, namespace: &str) -> String {
+        if self.cluster_kind() == ClusterKind::Kind {
+            return self.pod_logs_from_api(namespace);
+        }
         let mut out = String::new();
         let Ok(rd) = std::fs::read_dir(self.pod_log_dir()) else {
             return out;
@@ -397,6 +540,26 @@ impl TestBed {
         out
     }
 
+    fn pod_logs_from_api(&self, namespace: &str) -> String {
+        let template = r#"{range .items[*]}{.metadata.name}{range .spec.containers[*]}{" "}{.name}{end}{"\n"}{end}"#;
+        let Ok(list) = self.run_kubectl(&["get", "pods", "-n", namespace, "-o", &format!("jsonpath={template}")])
+        else {
+            return String::new();
+        };
+        let mut out = String::new();
+        for line in list.lines() {
+            let mut words = line.split_whitespace();
+            let Some(pod) = words.next() else { continue };
+            for container in words {
+                let text = self
+                    .run_kubectl(&["logs", "-n", namespace, pod, "-c", container])
+                    .unwrap_or_else(|e| e.to_string());
+                out.push_str(&format!("===== {namespace}_{pod}_{container} =====\n{text}\n"));
+            }
+        }
+        out
+    }
+
     /// Prints pod list and every pod log of `namespace` to stderr (for failing tests).
     pub fn dump_pod_logs(&self, namespace: &str) {
         if let Ok(o) = self.kubectl_cmd().args(["get", "pods", "-o", "wide", "-n", namespace]).output() {
@@ -405,8 +568,15 @@ impl TestBed {
         eprintln!("{}", self.pod_logs(namespace));
     }
 
-    /// Stops the Kafka broker (SIGTERM, then waits up to 60 s for the JVM to exit) — for broker-restart tests.
+    /// Stops the Kafka broker (SIGTERM, then waits up to 60 s for the JVM to exit) — for broker-restart tests. On
+    /// kind the broker's StatefulSet is scaled to 0 (its data is on the node and survives).
     pub async fn stop_kafka(&self) -> Result<(), TestBedError> {
+        if self.cluster_kind() == ClusterKind::Kind {
+            let ns = self.var("KAFKA_NAMESPACE").unwrap_or("kafka");
+            self.run_kubectl(&["-n", ns, "scale", "statefulset/kafka", "--replicas=0"])?;
+            self.run_kubectl(&["-n", ns, "wait", "--for=delete", "pod/kafka-0", "--timeout=90s"])?;
+            return Ok(());
+        }
         let pid_file = self.path_var("KPIPE_RUN").join("pids").join("kafka.pid");
         let text =
             std::fs::read_to_string(&pid_file).map_err(|source| TestBedError::Io { path: pid_file.clone(), source })?;
@@ -425,7 +595,28 @@ impl TestBed {
     }
 
     /// (Re)starts whatever component is down, Kafka included, by running `e2e/testbed/up.sh` (waits for health).
+    /// On kind: scales the broker's StatefulSet back to 1 and waits until the broker answers from the host.
     pub async fn start_kafka(&self) -> Result<(), TestBedError> {
+        if self.cluster_kind() == ClusterKind::Kind {
+            let ns = self.var("KAFKA_NAMESPACE").unwrap_or("kafka");
+            self.run_kubectl(&["-n", ns, "scale", "statefulset/kafka", "--replicas=1"])?;
+            self.run_kubectl(&["-n", ns, "rollout", "status", "statefulset/kafka", "--timeout=180s"])?;
+            let cfg = self.kafka_config();
+            return wait_for("the Kafka broker to answer after its restart", Duration::from_secs(120), || {
+                let cfg = cfg.clone();
+                async move {
+                    tokio::task::spawn_blocking(move || -> Option<()> {
+                        let c: BaseConsumer = cfg.create().ok()?;
+                        let md = c.fetch_metadata(None, Duration::from_secs(5)).ok()?;
+                        (!md.brokers().is_empty()).then_some(())
+                    })
+                    .await
+                    .ok()
+                    .flatten()
+                }
+            })
+            .await;
+        }
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("testbed").join("up.sh");
         let out = tokio::process::Command::new(&script)
             .env("KPIPE_RUN", self.path_var("KPIPE_RUN"))
@@ -664,6 +855,15 @@ impl TestBed {
     }
 }
 
+/// A finished command's stdout, or an error naming the command (`what`) with its stderr.
+fn stdout_or_error(out: std::process::Output, what: impl FnOnce() -> String) -> Result<String, TestBedError> {
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(TestBedError::Other(format!("{} failed: {}", what(), String::from_utf8_lossy(&out.stderr).trim())))
+    }
+}
+
 async fn drain_one(
     pending: &mut futures::stream::FuturesUnordered<rdkafka::producer::DeliveryFuture>,
 ) -> Result<(), TestBedError> {
@@ -683,7 +883,29 @@ pub fn process_rss_bytes(pid: u32) -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// Polls `check` every 200 ms until it returns `Some`, or fails with [`TestBedError::Timeout`].
+/// Waits until the object `name` of `api` satisfies `condition` (kube-runtime's watch-based `await_condition`, see
+/// `kube::runtime::wait::conditions`), at most `timeout`; returns the object as it then was. `what` names the wait in
+/// the timeout error.
+pub async fn await_condition<K>(
+    api: Api<K>,
+    name: &str,
+    what: &str,
+    timeout: Duration,
+    condition: impl kube::runtime::wait::Condition<K>,
+) -> Result<K, TestBedError>
+where
+    K: kube::Resource + Clone + std::fmt::Debug + Send + serde::de::DeserializeOwned + 'static,
+{
+    match tokio::time::timeout(timeout, kube::runtime::wait::await_condition(api, name, condition)).await {
+        Ok(Ok(Some(object))) => Ok(object),
+        Ok(Ok(None)) => Err(TestBedError::Other(format!("{what}: {name} was deleted while waiting"))),
+        Ok(Err(e)) => Err(TestBedError::Other(format!("{what}: watch failed: {e}"))),
+        Err(_) => Err(TestBedError::Timeout { what: what.to_string(), after: timeout }),
+    }
+}
+
+/// Polls `check` every 200 ms until it returns `Some`, or fails with [`TestBedError::Timeout`]. For a condition on
+/// one object prefer [`await_condition`] (a watch).
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T, TestBedError>
 where
     F: FnMut() -> Fut,

@@ -12,15 +12,11 @@ use std::process::Output;
 use std::time::Duration;
 
 use kpipe_api::corpus::{invalid_corpus_dir, load_invalid_corpus, load_valid_corpus, valid_corpus_dir};
-use kpipe_e2e::TestBed;
 use kpipe_e2e::testbed::wait_for;
+use kpipe_e2e::{TestBed, bed};
 
 fn repo(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
-}
-
-async fn bed() -> TestBed {
-    TestBed::connect().await.unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn text(o: &Output) -> String {

@@ -10,15 +10,11 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
-use kpipe_e2e::TestBed;
+use kpipe_e2e::{TestBed, bed};
 use serde_json::Value;
 
 fn chart() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../charts/kpipe")
-}
-
-async fn bed() -> TestBed {
-    TestBed::connect().await.unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn text(o: &Output) -> String {

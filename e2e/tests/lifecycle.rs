@@ -331,6 +331,8 @@ async fn committed_offset_trimmed_by_retention_under_latest_resumes_at_the_earli
     })
     .await
     .expect("suspended");
+    // The pods too: on a real kubelet (kind) the worker keeps committing until its SIGTERM arrives.
+    scenario::wait_workers_gone(&bed, ns.name(), "tr", Duration::from_secs(90)).await.expect("workers gone");
     let backlog = ids("b", 200..700);
     produce_ids(&bed, &topic, Some(0), &backlog).await;
     trim_log(&bed, &topic, 0, 500).await;

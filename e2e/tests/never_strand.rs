@@ -20,13 +20,9 @@ use kpipe_e2e::scenario::{
     unique_topic, worker_pods, worker_replicas,
 };
 use kpipe_e2e::testbed::wait_for;
-use kpipe_e2e::{TempNamespace, TestBed};
+use kpipe_e2e::{TempNamespace, TestBed, bed};
 use nix::sys::signal::Signal;
 use serde_json::json;
-
-async fn bed() -> TestBed {
-    TestBed::connect().await.unwrap_or_else(|e| panic!("{e}"))
-}
 
 async fn setup(bed: &TestBed, prefix: &str) -> (TempNamespace, Sink) {
     scenario::setup_with_sink(bed, prefix, &Install::default(), &[]).await.unwrap_or_else(|e| panic!("{e}"))

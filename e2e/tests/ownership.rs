@@ -13,18 +13,14 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, ResourceQuota};
 use kpipe_api::v1alpha1::ConsumerPipeline;
 use kpipe_api::v1alpha1::condition::READY;
-use kpipe_e2e::TestBed;
 use kpipe_e2e::scenario::{
     self, Install, Sink, apply_pipeline, condition, events_for, pipeline_manifest, pipeline_status, unique_topic,
 };
 use kpipe_e2e::testbed::wait_for;
+use kpipe_e2e::{TestBed, TestImage, bed};
 use kube::Api;
 use kube::api::{DeleteParams, PostParams};
 use serde_json::json;
-
-async fn bed() -> TestBed {
-    TestBed::connect().await.unwrap_or_else(|e| panic!("{e}"))
-}
 
 /// The user's object as the apiserver stores it, without what the apiserver and the cluster's own controllers move
 /// (resourceVersion, status, managedFields — checked separately). Fails if the operator's field manager ever wrote
@@ -55,7 +51,7 @@ fn user_config_map(name: &str) -> ConfigMap {
     .unwrap()
 }
 
-fn user_deployment(name: &str) -> Deployment {
+fn user_deployment(bed: &TestBed, name: &str) -> Deployment {
     serde_json::from_value(json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": name, "labels": {"app": "users-own"}},
@@ -64,7 +60,7 @@ fn user_deployment(name: &str) -> Deployment {
             "selector": {"matchLabels": {"app": "users-own"}},
             "template": {
                 "metadata": {"labels": {"app": "users-own"}},
-                "spec": {"containers": [{"name": "app", "image": "kpipe/test-sink:latest"}]},
+                "spec": {"containers": [{"name": "app", "image": bed.test_image(TestImage::Sink)}]},
             },
         },
     }))
@@ -131,14 +127,15 @@ async fn user_objects_named_like_children_are_never_touched() {
     let bed = bed().await;
     let (ns, sink) =
         scenario::setup_with_sink(&bed, "e2e-own", &Install::default(), &[]).await.unwrap_or_else(|e| panic!("{e}"));
-    let reachable = bed.kafka_bootstrap().to_string();
+    let reachable = bed.kafka_bootstrap_pods().to_string();
     // Nothing listens on port 1: the lag probe fails (BrokerUnreachable) in the same reconcile.
     let unreachable = "127.0.0.1:1";
     for (i, broker) in [reachable.as_str(), unreachable].into_iter().enumerate() {
         let cm = format!("cm{i}");
         user_object_survives(&bed, ns.name(), &sink, &cm, broker, user_config_map(&format!("{cm}-worker"))).await;
         let dep = format!("dep{i}");
-        user_object_survives(&bed, ns.name(), &sink, &dep, broker, user_deployment(&format!("{dep}-worker"))).await;
+        user_object_survives(&bed, ns.name(), &sink, &dep, broker, user_deployment(&bed, &format!("{dep}-worker")))
+            .await;
     }
     ns.delete().await.expect("delete");
 }

@@ -18,7 +18,7 @@ use kpipe_e2e::scenario::{
     pipeline_manifest, pipeline_status, unique_topic, worker_pods, worker_replicas,
 };
 use kpipe_e2e::testbed::wait_for;
-use kpipe_e2e::{TempNamespace, TestBed};
+use kpipe_e2e::{TempNamespace, TestBed, bed};
 use kube::Api;
 use kube::api::{ListParams, PostParams};
 use nix::sys::signal::Signal;
@@ -30,10 +30,6 @@ use serde_json::json;
 /// The scenarios load the two cores heavily (workers, broker, control plane); running them one at a time keeps
 /// their timing meaningful.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-async fn bed() -> TestBed {
-    TestBed::connect().await.unwrap_or_else(|e| panic!("{e}"))
-}
 
 /// A namespace with kpipe installed (namespaced mode) and an HTTP sink.
 async fn setup(bed: &TestBed, prefix: &str, install: Install, sink_args: &[&str]) -> (TempNamespace, Sink) {
@@ -100,6 +96,14 @@ async fn pipeline_happy_path_scales_from_zero_delivers_everything_and_returns_to
     };
     let ids = wait_delivered(&sink, &expected, Duration::from_secs(420)).await;
     let drained_in = produced_at.elapsed();
+    // The operator and the workers ran from the images under test (on kind: the ones `make images` built and loaded).
+    let images = bed.run_kubectl(&["get", "pods", "-n", ns.name(), "-o", "jsonpath={..image}"]).expect("pod images");
+    println!("happy path: pod images {images}");
+    for var in [scenario::ENV_OPERATOR_IMAGE, scenario::ENV_WORKER_IMAGE] {
+        if let Some(image) = bed.image_override(var) {
+            assert!(images.split_whitespace().any(|i| i == image), "no pod ran {image} ({var}): {images}");
+        }
+    }
     // Lag back to 0, then replicas back to 0 after the cooldown.
     wait_for("lag back to 0", Duration::from_secs(60), || async {
         let s = pipeline_status(&bed, ns.name(), "orders").await.ok()?;
@@ -318,7 +322,7 @@ async fn pipeline_runtime_errors_degrade_with_a_reason_and_recover_when_fixed() 
     p["spec"]["source"]["bootstrapServers"] = json!(["10.244.0.1:1"]);
     apply_pipeline(&bed, n, p).await.expect("apply");
     let said = wait_degraded(&bed, n, "unreachable", "").await;
-    patch_pipeline_spec(&bed, n, "unreachable", json!({"source": {"bootstrapServers": [bed.kafka_bootstrap()]}}))
+    patch_pipeline_spec(&bed, n, "unreachable", json!({"source": {"bootstrapServers": [bed.kafka_bootstrap_pods()]}}))
         .await
         .expect("patch");
     wait_recovered(&bed, n, "unreachable").await;

@@ -12,20 +12,13 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kpipe_e2e::testbed::wait_for;
-use kpipe_e2e::{TempNamespace, TestBed};
+use kpipe_e2e::{TempNamespace, TestBed, bed};
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Resource};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
 const TEST_HTTP: &str = env!("CARGO_BIN_EXE_kpipe-test-http");
-
-async fn bed() -> TestBed {
-    match TestBed::connect().await {
-        Ok(b) => b,
-        Err(e) => panic!("{e}"),
-    }
-}
 
 fn image() -> String {
     format!("file://{TEST_HTTP}")
