@@ -115,6 +115,8 @@ struct PipelineState {
     failures: u32,
     /// Last committed offsets seen (idle-offset keepalive and restore, [`crate::keepalive`]).
     offsets_book: OffsetBook,
+    /// issue 13/20 (topic identity): topic IDs, recreated topics, persisted offset record.
+    topics: crate::topic_identity::TopicState,
 }
 
 /// State shared by every controller (one per watched namespace) of this process.
@@ -213,7 +215,14 @@ impl Shared {
         }
     }
 
-    async fn event(&self, oref: &ObjectReference, type_: EventType, reason: &str, note: String, action: &str) {
+    pub(crate) async fn event(
+        &self,
+        oref: &ObjectReference,
+        type_: EventType,
+        reason: &str,
+        note: String,
+        action: &str,
+    ) {
         if !self.fence.may_act() {
             debug!(reason, "not the leader: Event not published");
             return;
@@ -482,6 +491,22 @@ async fn reconcile_inner(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
                     // before the scaler sees the lag. Idle = no worker pod and none wanted.
                     let idle = current == 0 && dep_replicas.unwrap_or(0) == 0 && workers.pods == 0;
                     let idle = idle && shared.fence.may_act();
+                    // issue 13/20 (topic identity) begin: see operator/src/topic_identity.rs
+                    let (st, cluster) = (&mut *state, cluster_for(spec, &deref));
+                    st.topics
+                        .before_keepalive(
+                            shared,
+                            &cluster,
+                            &v.group_id,
+                            cp.status.as_ref(),
+                            &mut offsets,
+                            idle,
+                            &mut st.offsets_book,
+                            st.tracker.as_mut(),
+                            &oref,
+                        )
+                        .await;
+                    // issue 13/20 (topic identity) end
                     let tended = shared
                         .keeper
                         .tend(&cluster_for(spec, &deref), &v.group_id, &mut offsets, idle, now, &mut state.offsets_book)
@@ -542,7 +567,8 @@ async fn reconcile_inner(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
                 state.transient_since = None;
             }
             let obs = snapshot.as_ref().map(|s| s.observation());
-            state.scaler.decide(&policy, obs.as_ref(), current, now)
+            let decision = state.scaler.decide(&policy, obs.as_ref(), current, now);
+            crate::topic_identity::hold(decision, &state.topics) // issue 13 (topic identity)
         }
     };
     let counts = shared.probe.counts();
@@ -743,6 +769,7 @@ async fn reconcile_inner(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
         scaled_at: scaled.then(|| Time(jiff::Timestamp::now())),
         stall: stall.map(|st| Problem { reason: st.reason.as_str().into(), message: st.message }),
         offsets_restored: state.offsets_restored.clone(),
+        topics: state.topics.for_status(&state.offsets_book, prev_status), // issue 13/20 (topic identity)
         backlog,
         suspended: spec.suspend,
         workers: Some(workers.summary()),
