@@ -172,6 +172,20 @@ async fn assert_commits_within_log_end(bed: &TestBed, topic: &str, group: &str) 
     }
 }
 
+/// Waits until the pipeline's `TopicRecreated` condition is False again (the old offsets were discarded and the
+/// new topic ID recorded).
+async fn wait_topic_recreated_done(bed: &TestBed, ns: &str, pipeline: &str) {
+    wait_for("TopicRecreated=False again", Duration::from_secs(90), || async {
+        let s = pipeline_status(bed, ns, pipeline).await.ok()?;
+        (condition(&s, "TopicRecreated")?.0 == "False").then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| {
+        bed.dump_pod_logs(ns);
+        panic!("{e}")
+    });
+}
+
 fn group(ns: &TempNamespace, pipeline: &str) -> String {
     format!("{}.{pipeline}", ns.name())
 }
@@ -201,11 +215,23 @@ async fn recreated_topic_under_a_running_pipeline_delivers_every_new_record() {
     produce_ids(&bed, &topic, Some(0), &after).await;
     let took = wait_delivered(&bed, ns.name(), &sink, &after, Duration::from_secs(120)).await;
     println!("recreated topic: 100/100 new records delivered {:.1}s after they were produced", took.as_secs_f64());
-    // Let a few commit intervals pass, then the group's offset must be on the new topic's scale.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_commits_within_log_end(&bed, &topic, &group(&ns, "rc")).await;
-    let committed = bed.committed_offsets(&topic, &group(&ns, "rc")).await.unwrap();
-    assert_eq!(committed.get(&0).copied().flatten(), Some(100), "committed at the new log end: {produced:?}");
+    // The operator sees the new topic ID, holds the workers at zero and moves the group to the new log start (the
+    // 100 records are delivered again: at least once); then the group's offset must settle on the new topic's
+    // scale, never the old 1000.
+    wait_for("Warning TopicRecreated Event", Duration::from_secs(30), || async {
+        let events = events_for(&bed, ns.name(), "rc").await.ok()?;
+        events.iter().any(|(ty, reason, _)| ty == "Warning" && reason == "TopicRecreated").then_some(())
+    })
+    .await
+    .expect("TopicRecreated Event");
+    wait_topic_recreated_done(&bed, ns.name(), "rc").await;
+    wait_for("committed at the new log end", Duration::from_secs(90), || async {
+        assert_commits_within_log_end(&bed, &topic, &group(&ns, "rc")).await;
+        let committed = bed.committed_offsets(&topic, &group(&ns, "rc")).await.ok()?;
+        (committed.get(&0).copied().flatten() == Some(100)).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e} ({produced:?})"));
     ns.delete().await.ok();
 }
 
