@@ -205,6 +205,17 @@ pub struct TopicState {
     recreated: Vec<Recreated>,
     /// (topic, new ID) pairs whose Warning Event was published.
     announced: BTreeSet<(String, String)>,
+    /// Polls in a row whose status came back without the `topics` this operator wrote.
+    missing_polls: u32,
+}
+
+/// Polls in a row after which a status without `topics` means the installed CRD prunes the field.
+const PRUNED_AFTER_POLLS: u32 = 3;
+
+/// Whether the installed CRD prunes `status.topics`: records were written for `missing_polls` polls in a row
+/// and never came back. Then nothing is recorded (writing it every poll would only load the apiserver).
+pub fn pruned(missing_polls: u32) -> bool {
+    missing_polls >= PRUNED_AFTER_POLLS
 }
 
 impl TopicState {
@@ -225,6 +236,20 @@ impl TopicState {
         oref: &ObjectReference,
     ) {
         let recorded = recorded_ids(status);
+        let wrote = self.ids.as_ref().is_some_and(|ids| !ids.is_empty()) && !pruned(self.missing_polls);
+        let came_back = status.is_some_and(|s| !s.topics.is_empty());
+        self.missing_polls = match (wrote, came_back) {
+            (_, true) => 0,
+            (true, false) => self.missing_polls + 1,
+            (false, false) => self.missing_polls,
+        };
+        if self.missing_polls == PRUNED_AFTER_POLLS {
+            warn!(
+                group,
+                "status.topics is not in the installed ConsumerPipeline CRD (an older CRD prunes it): recreated topics \
+                 are not detected and the idle-offsets record is not persisted until the CRD is upgraded"
+            );
+        }
         if !self.loaded {
             self.loaded = true;
             let persisted = status.map(|s| s.topics.as_slice()).unwrap_or_default();
@@ -296,7 +321,11 @@ impl TopicState {
         let exported = self.idle.then(|| book.export());
         let previous = previous.map(|s| s.topics.as_slice()).unwrap_or_default();
         ForStatus {
-            records: self.ids.as_ref().map(|ids| records(ids, exported.as_ref(), previous)),
+            records: self
+                .ids
+                .as_ref()
+                .filter(|_| !pruned(self.missing_polls))
+                .map(|ids| records(ids, exported.as_ref(), previous)),
             recreated: (!self.recreated.is_empty()).then(|| {
                 let list: Vec<String> = self.recreated.iter().map(|r| r.to_string()).collect();
                 format!(
