@@ -416,6 +416,14 @@ mod tests {
     }
 
     #[test]
+    fn a_crd_that_prunes_the_records_stops_the_writes_after_three_polls() {
+        assert!(!pruned(0) && !pruned(2));
+        assert!(pruned(3));
+        let s = TopicState { ids: Some(opt_ids(&[("a", Some("A1"))])), missing_polls: 3, ..Default::default() };
+        assert_eq!(s.for_status(&OffsetBook::default(), None).records, None, "keep the previous status as it is");
+    }
+
+    #[test]
     fn hold_overrides_the_scaler_only_while_a_recreate_is_pending() {
         let d = Decision { desired: 3, reason: Reason::ScaleUp, message: "lag".into() };
         let mut s = TopicState::default();
