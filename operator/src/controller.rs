@@ -777,14 +777,20 @@ async fn reconcile_inner(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
     let new_status = status::compute(prev_status, &observed, Time(jiff::Timestamp::now()));
     if prev_status != Some(&new_status) && shared.fence.may_act() {
         let api: Api<ConsumerPipeline> = Api::namespaced(shared.client.clone(), &ns);
-        let patch = serde_json::json!({
-            "apiVersion": "kpipe.io/v1alpha1",
-            "kind": "ConsumerPipeline",
-            "status": new_status,
-        });
-        api.patch_status(&name, &PatchParams::apply(&shared.settings.field_manager).force(), &Patch::Apply(patch))
-            .await
-            .map_err(kube_err(format!("writing status of {ns}/{name}")))?;
+        let patch = |status: &kpipe_api::v1alpha1::ConsumerPipelineStatus| {
+            Patch::Apply(serde_json::json!({
+                "apiVersion": "kpipe.io/v1alpha1",
+                "kind": "ConsumerPipeline",
+                "status": status,
+            }))
+        };
+        let pp = PatchParams::apply(&shared.settings.field_manager).force();
+        let mut written = api.patch_status(&name, &pp, &patch(&new_status)).await;
+        // issue 13/20 (topic identity): a CRD without status.topics refuses the whole apply; write it without them
+        if let Some(without) = state.topics.without_topics_if_refused(&written, &new_status) {
+            written = api.patch_status(&name, &pp, &patch(&without)).await;
+        }
+        written.map_err(kube_err(format!("writing status of {ns}/{name}")))?;
     }
 
     debug!(

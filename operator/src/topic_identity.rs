@@ -209,13 +209,23 @@ pub struct TopicState {
     missing_polls: u32,
 }
 
-/// Polls in a row after which a status without `topics` means the installed CRD prunes the field.
+/// Polls in a row after which a status without `topics` means the installed CRD does not keep the field.
 const PRUNED_AFTER_POLLS: u32 = 3;
 
-/// Whether the installed CRD prunes `status.topics`: records were written for `missing_polls` polls in a row
-/// and never came back. Then nothing is recorded (writing it every poll would only load the apiserver).
+/// Whether the installed CRD does not keep `status.topics`: records were written for `missing_polls` polls in
+/// a row and never came back (or the apiserver refused them). Then nothing is recorded (writing it every poll
+/// would only load the apiserver).
 pub fn pruned(missing_polls: u32) -> bool {
     missing_polls >= PRUNED_AFTER_POLLS
+}
+
+/// Whether the apiserver refused a status apply because its CRD does not declare `status.topics` (an operator
+/// newer than the installed CRD: server-side apply refuses undeclared fields instead of pruning them).
+pub fn refused_for_topics(err: &kube::Error) -> bool {
+    match err {
+        kube::Error::Api(s) => s.message.contains(".status.topics") && s.message.contains("not declared"),
+        _ => false,
+    }
 }
 
 impl TopicState {
@@ -316,6 +326,27 @@ impl TopicState {
         self.announced.retain(|(t, id)| self.recreated.iter().any(|r| &r.topic == t && &r.new_id == id));
     }
 
+    /// After a status apply: when the apiserver refused it for `status.topics` (an older CRD), stop recording
+    /// them (warned once) and return `status` without them, to be written again. `None`: nothing to retry.
+    pub fn without_topics_if_refused<T>(
+        &mut self,
+        written: &Result<T, kube::Error>,
+        status: &ConsumerPipelineStatus,
+    ) -> Option<ConsumerPipelineStatus> {
+        let refused = written.as_ref().err().is_some_and(refused_for_topics);
+        if !refused {
+            return None;
+        }
+        if !pruned(self.missing_polls) {
+            warn!(
+                "the installed ConsumerPipeline CRD has no status.topics (older than this operator): recreated \
+                 topics are not detected and the idle-offsets record is not persisted until the CRD is upgraded"
+            );
+        }
+        self.missing_polls = PRUNED_AFTER_POLLS;
+        Some(ConsumerPipelineStatus { topics: Vec::new(), ..status.clone() })
+    }
+
     /// What status shows: the records (topic IDs and, while idle, `book`'s offsets) and the condition.
     pub fn for_status(&self, book: &OffsetBook, previous: Option<&ConsumerPipelineStatus>) -> ForStatus {
         let exported = self.idle.then(|| book.export());
@@ -413,6 +444,30 @@ mod tests {
         let idle = records(&idsm, Some(&book), &previous);
         assert_eq!(idle[0].committed_offsets, vec![6, 5]);
         assert_eq!(idle[1], TopicRecord { name: "b".into(), topic_id: Some("B2".into()), committed_offsets: vec![] });
+    }
+
+    #[test]
+    fn a_status_refused_for_its_topics_is_written_again_without_them() {
+        let refused = |message: &str| -> Result<(), kube::Error> {
+            Err(kube::Error::Api(
+                serde_json::from_value(serde_json::json!({"status": "Failure", "message": message, "reason": "",
+                    "code": 500}))
+                .unwrap(),
+            ))
+        };
+        let status = ConsumerPipelineStatus {
+            replicas: 2,
+            topics: vec![TopicRecord { name: "a".into(), topic_id: Some("A1".into()), committed_offsets: vec![] }],
+            ..Default::default()
+        };
+        let mut s = TopicState { ids: Some(opt_ids(&[("a", Some("A1"))])), ..Default::default() };
+        assert_eq!(s.without_topics_if_refused(&Ok(()), &status), None);
+        assert_eq!(s.without_topics_if_refused(&refused("conflict"), &status), None);
+        let msg = "failed to create typed patch object (/; kpipe.io/v1alpha1, Kind=ConsumerPipeline): .status.topics: \
+                   field not declared in schema";
+        let again = s.without_topics_if_refused(&refused(msg), &status).unwrap();
+        assert_eq!(again, ConsumerPipelineStatus { replicas: 2, ..Default::default() });
+        assert_eq!(s.for_status(&OffsetBook::default(), None).records, None, "not recorded any more");
     }
 
     #[test]
