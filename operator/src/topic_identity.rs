@@ -248,12 +248,13 @@ impl TopicState {
         let recorded = recorded_ids(status);
         let wrote = self.ids.as_ref().is_some_and(|ids| !ids.is_empty()) && !pruned(self.missing_polls);
         let came_back = status.is_some_and(|s| !s.topics.is_empty());
+        let before = self.missing_polls;
         self.missing_polls = match (wrote, came_back) {
             (_, true) => 0,
-            (true, false) => self.missing_polls + 1,
-            (false, false) => self.missing_polls,
+            (true, false) => before + 1,
+            (false, false) => before,
         };
-        if self.missing_polls == PRUNED_AFTER_POLLS {
+        if !pruned(before) && pruned(self.missing_polls) {
             warn!(
                 group,
                 "status.topics is not in the installed ConsumerPipeline CRD (an older CRD prunes it): recreated topics \
