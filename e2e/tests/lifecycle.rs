@@ -172,6 +172,20 @@ async fn assert_commits_within_log_end(bed: &TestBed, topic: &str, group: &str) 
     }
 }
 
+/// Waits until the pipeline's `TopicRecreated` condition is False again (the old offsets were discarded and the
+/// new topic ID recorded).
+async fn wait_topic_recreated_done(bed: &TestBed, ns: &str, pipeline: &str) {
+    wait_for("TopicRecreated=False again", Duration::from_secs(90), || async {
+        let s = pipeline_status(bed, ns, pipeline).await.ok()?;
+        (condition(&s, "TopicRecreated")?.0 == "False").then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| {
+        bed.dump_pod_logs(ns);
+        panic!("{e}")
+    });
+}
+
 fn group(ns: &TempNamespace, pipeline: &str) -> String {
     format!("{}.{pipeline}", ns.name())
 }
@@ -201,11 +215,91 @@ async fn recreated_topic_under_a_running_pipeline_delivers_every_new_record() {
     produce_ids(&bed, &topic, Some(0), &after).await;
     let took = wait_delivered(&bed, ns.name(), &sink, &after, Duration::from_secs(120)).await;
     println!("recreated topic: 100/100 new records delivered {:.1}s after they were produced", took.as_secs_f64());
-    // Let a few commit intervals pass, then the group's offset must be on the new topic's scale.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_commits_within_log_end(&bed, &topic, &group(&ns, "rc")).await;
-    let committed = bed.committed_offsets(&topic, &group(&ns, "rc")).await.unwrap();
-    assert_eq!(committed.get(&0).copied().flatten(), Some(100), "committed at the new log end: {produced:?}");
+    // The operator sees the new topic ID, holds the workers at zero and moves the group to the new log start (the
+    // 100 records are delivered again: at least once); then the group's offset must settle on the new topic's
+    // scale, never the old 1000.
+    wait_for("Warning TopicRecreated Event", Duration::from_secs(30), || async {
+        let events = events_for(&bed, ns.name(), "rc").await.ok()?;
+        events.iter().any(|(ty, reason, _)| ty == "Warning" && reason == "TopicRecreated").then_some(())
+    })
+    .await
+    .expect("TopicRecreated Event");
+    wait_topic_recreated_done(&bed, ns.name(), "rc").await;
+    wait_for("committed at the new log end", Duration::from_secs(90), || async {
+        assert_commits_within_log_end(&bed, &topic, &group(&ns, "rc")).await;
+        let committed = bed.committed_offsets(&topic, &group(&ns, "rc")).await.ok()?;
+        (committed.get(&0).copied().flatten() == Some(100)).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e} ({produced:?})"));
+    ns.delete().await.ok();
+}
+
+/// Issue 13, recreated topic at zero replicas (`minReplicas: 0`): 300 records consumed and committed, the pipeline
+/// scaled to zero; the topic deleted and recreated with the same name and partition count, and 500 records (more
+/// than the old committed offset 300) produced while at zero. Kafka deletes the old topic's offsets with it, and the
+/// operator's record of the old position (300) must not be restored onto the new topic: the topic ID tells the two
+/// apart. Every id produced after the recreate is delivered, and a Warning Event `TopicRecreated` says what happened.
+#[tokio::test]
+async fn recreated_topic_at_zero_replicas_refilled_past_the_old_offset_delivers_every_new_record() {
+    let _serial = SERIAL.lock().await;
+    let bed = bed().await;
+    let (ns, sink) = setup(&bed, "e2e-recreate-zero").await;
+    let topic = unique_topic("recreate-zero");
+    bed.create_topic(&topic, 1).await.expect("topic");
+    apply_pipeline(&bed, ns.name(), pipeline_manifest("rz", &bed, &topic, &sink, json!({}))).await.expect("apply");
+    let before = ids("old", 0..300);
+    produce_ids(&bed, &topic, Some(0), &before).await;
+    wait_delivered(&bed, ns.name(), &sink, &before, Duration::from_secs(120)).await;
+    wait_for("committed at 300", Duration::from_secs(30), || async {
+        let c = bed.committed_offsets(&topic, &group(&ns, "rz")).await.ok()?;
+        (c.get(&0).copied().flatten() == Some(300)).then_some(())
+    })
+    .await
+    .expect("commit");
+    wait_for("back to zero replicas, no worker pod", Duration::from_secs(90), || async {
+        let zero = worker_replicas(&bed, ns.name(), "rz").await.ok()? == 0;
+        (zero && scenario::worker_pods(&bed, ns.name(), "rz").await.is_empty()).then_some(())
+    })
+    .await
+    .expect("scaled to zero");
+    let old_id = wait_for("topic ID recorded", Duration::from_secs(30), || async {
+        pipeline_status(&bed, ns.name(), "rz").await.ok()?.topics.first()?.topic_id.clone()
+    })
+    .await
+    .expect("topic ID in status");
+    // Give the operator a few idle polls to record the position (what a restore would put back).
+    tokio::time::sleep(POLL * 3).await;
+
+    delete_topic(&bed, &topic).await;
+    bed.create_topic(&topic, 1).await.expect("recreate");
+    let after = ids("new", 0..500);
+    let produced = Instant::now();
+    produce_ids(&bed, &topic, Some(0), &after).await;
+    let took = wait_delivered(&bed, ns.name(), &sink, &after, Duration::from_secs(120)).await;
+    println!(
+        "recreated topic at zero replicas: 500/500 records of the new topic delivered {:.1}s after they were produced",
+        took.as_secs_f64()
+    );
+    assert!(took <= Duration::from_secs(60), "delivered within 60 s of produce: {took:?}");
+    let delivered = sink.ids().await.unwrap();
+    let delivered_new: BTreeSet<&String> = delivered.iter().filter(|id| id.starts_with("new-")).collect();
+    assert_eq!(delivered_new.len(), after.len(), "exactly the new ids, each of them");
+    let events = events_for(&bed, ns.name(), "rz").await.unwrap();
+    let warned = events.iter().find(|(ty, reason, _)| ty == "Warning" && reason == "TopicRecreated");
+    let (_, _, note) = warned.unwrap_or_else(|| panic!("Warning TopicRecreated Event in {events:?}"));
+    assert!(note.contains(&topic) && note.contains(&old_id), "{note}");
+    let status = pipeline_status(&bed, ns.name(), "rz").await.unwrap();
+    let new_id = status.topics.first().and_then(|t| t.topic_id.clone());
+    assert!(new_id.is_some() && new_id.as_ref() != Some(&old_id), "new topic ID recorded: {new_id:?} vs {old_id}");
+    wait_for("committed at the new log end", Duration::from_secs(30), || async {
+        let c = bed.committed_offsets(&topic, &group(&ns, "rz")).await.ok()?;
+        (c.get(&0).copied().flatten() == Some(500)).then_some(())
+    })
+    .await
+    .expect("commit on the new topic");
+    assert_commits_within_log_end(&bed, &topic, &group(&ns, "rz")).await;
+    println!("(produced → all delivered {:?})", produced.elapsed());
     ns.delete().await.ok();
 }
 

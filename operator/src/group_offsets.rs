@@ -25,6 +25,8 @@ use kafka_protocol::messages::describe_configs_request::{DescribeConfigsRequest,
 use kafka_protocol::messages::describe_configs_response::DescribeConfigsResponse;
 use kafka_protocol::messages::find_coordinator_request::FindCoordinatorRequest;
 use kafka_protocol::messages::find_coordinator_response::FindCoordinatorResponse;
+use kafka_protocol::messages::metadata_request::{MetadataRequest, MetadataRequestTopic};
+use kafka_protocol::messages::metadata_response::MetadataResponse;
 use kafka_protocol::messages::offset_commit_request::{
     OffsetCommitRequest, OffsetCommitRequestPartition, OffsetCommitRequestTopic,
 };
@@ -40,6 +42,10 @@ const FIND_COORDINATOR_VERSION: i16 = 4;
 const OFFSET_FETCH_VERSION: i16 = 8;
 const OFFSET_COMMIT_VERSION: i16 = 8;
 const DESCRIBE_CONFIGS_VERSION: i16 = 4;
+/// Metadata v10+ returns topic IDs (KIP-516); v12 is supported by Kafka 2.8 through 4.x.
+const METADATA_VERSION: i16 = 12;
+/// `UNKNOWN_TOPIC_OR_PARTITION`.
+const UNKNOWN_TOPIC: i16 = 3;
 /// `ConfigResource.Type.BROKER` in the DescribeConfigs request.
 const RESOURCE_BROKER: i8 = 4;
 /// The broker config that says how long an empty group's offsets are kept (KIP-211).
@@ -343,6 +349,42 @@ impl GroupOffsets {
         }
     }
 
+    /// The topic ID of each of `topics` (Metadata v12 to a bootstrap broker): `Some(id)` in
+    /// [`topic_id_text`] form, `None` for a topic that does not exist. A topic the broker reports
+    /// with another error, or without an ID (a broker older than Kafka 2.8), is left out.
+    pub fn topic_ids(&self, topics: &[String]) -> Result<HashMap<String, Option<String>>, GroupOffsetsError> {
+        let req = MetadataRequest::default()
+            .with_topics(Some(
+                topics
+                    .iter()
+                    .map(|t| {
+                        MetadataRequestTopic::default().with_name(Some(TopicName(StrBytes::from_string(t.clone()))))
+                    })
+                    .collect(),
+            ))
+            .with_allow_auto_topic_creation(false);
+        let mut last = None;
+        for server in &self.bootstrap {
+            match self.call::<_, MetadataResponse>(server, ApiKey::Metadata, METADATA_VERSION, &req) {
+                Ok(resp) => {
+                    let mut out = HashMap::new();
+                    for t in &resp.topics {
+                        let Some(name) = t.name.as_ref() else { continue };
+                        let id = match t.error_code {
+                            0 if !t.topic_id.is_nil() => Some(topic_id_text(t.topic_id.as_bytes())),
+                            UNKNOWN_TOPIC => None,
+                            _ => continue,
+                        };
+                        out.insert(name.0.as_str().to_string(), id);
+                    }
+                    return Ok(out);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| GroupOffsetsError::Protocol("no bootstrap servers".into())))
+    }
+
     /// `offsets.retention.minutes` of the broker coordinating `group` (DescribeConfigs v4 on that
     /// broker), as a duration. Callers cache it: it is a read-only broker config.
     pub fn offsets_retention(&self, group: &str) -> Result<Duration, OffsetWriteError> {
@@ -371,6 +413,22 @@ impl GroupOffsets {
             .ok_or_else(|| err(format!("{OFFSETS_RETENTION_KEY} not returned")))?;
         parse_retention_minutes(value.as_str()).ok_or_else(|| err(format!("{OFFSETS_RETENTION_KEY}={value:?}")))
     }
+}
+
+/// Kafka's text form of a topic ID: the 16 bytes in URL-safe base64 without padding (22 characters),
+/// as `kafka-topics --describe` prints it.
+pub fn topic_id_text(id: &[u8; 16]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::with_capacity(22);
+    for chunk in id.chunks(3) {
+        let b = [chunk[0], chunk.get(1).copied().unwrap_or(0), chunk.get(2).copied().unwrap_or(0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        let chars = chunk.len() + 1;
+        for i in 0..chars {
+            out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
+        }
+    }
+    out
 }
 
 /// `offsets.retention.minutes` as a duration; `None` for a value that is not a positive integer.
@@ -403,6 +461,14 @@ mod tests {
         assert_eq!(parse_retention_minutes("0"), None);
         assert_eq!(parse_retention_minutes("-1"), None);
         assert_eq!(parse_retention_minutes("soon"), None);
+    }
+
+    /// Kafka prints topic IDs as URL-safe base64 of the 16 bytes, without padding.
+    #[test]
+    fn topic_ids_print_like_kafka() {
+        assert_eq!(topic_id_text(&[0; 16]), "AAAAAAAAAAAAAAAAAAAAAA");
+        let id = [0xfb, 0xff, 0xbf, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 0xff];
+        assert_eq!(topic_id_text(&id), "-_-_AAECAwQFBgcICQoL_w");
     }
 
     #[test]

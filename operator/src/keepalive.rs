@@ -22,8 +22,12 @@
 //!   `kpipe_operator_offsets_restored_total`. The restored group is a simple group from then on,
 //!   which refreshes keep alive.
 //!
-//! Limits: the record is in the operator's memory (a restarted operator starts recording anew; a
-//! failover loses it); a partition whose log end moved backwards (topic recreated) is forgotten, not
+//! The record is persisted in `status.topics[].committedOffsets` ([`OffsetBook::export`], written by
+//! the controller only while the pipeline is idle and only when it changed) and loaded by a
+//! restarted or newly elected operator ([`OffsetBook::import`]), so a restore works across restarts.
+//!
+//! Limits: the persisted record has no commit metadata (a worker's retry report is not restored after
+//! a restart); a partition whose log end moved backwards (topic recreated) is forgotten, not
 //! restored; a deliberate rewind of an idle pipeline's group is undone like any other loss.
 //!
 //! The decision ([`OffsetBook::plan`]) is pure; [`OffsetKeeper`] does the I/O.
@@ -235,6 +239,46 @@ impl OffsetBook {
         self.last_refresh = Some(now);
     }
 
+    /// Forget everything recorded of `topic` (it was deleted and recreated: its old offsets must
+    /// never be restored onto the new topic).
+    pub fn forget_topic(&mut self, topic: &str) {
+        self.seen.retain(|(t, _), _| t != topic);
+        self.exact.retain(|(t, _), _| t != topic);
+        self.read.retain(|(t, _), _| t != topic);
+    }
+
+    /// The recorded offsets per topic, as persisted in `status.topics[].committedOffsets`: index =
+    /// partition, -1 where nothing is recorded (a dense list: partitions are numbered 0..n).
+    pub fn export(&self) -> BTreeMap<String, Vec<i64>> {
+        let mut out: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+        for ((topic, partition), s) in &self.seen {
+            let Ok(i) = usize::try_from(*partition) else { continue };
+            let list = out.entry(topic.clone()).or_default();
+            if list.len() <= i {
+                list.resize(i + 1, -1);
+            }
+            list[i] = s.offset;
+        }
+        out
+    }
+
+    /// Load a persisted record ([`OffsetBook::export`]'s shape) into a book that has recorded nothing
+    /// yet (a restarted or newly elected operator). The log end of a loaded partition is taken as its
+    /// offset (a lower bound). Returns the number of partitions loaded.
+    pub fn import<'a>(&mut self, record: impl IntoIterator<Item = (&'a str, &'a [i64])>) -> usize {
+        if !self.seen.is_empty() {
+            return 0;
+        }
+        for (topic, offsets) in record {
+            for (i, &offset) in offsets.iter().enumerate() {
+                if let (true, Ok(partition)) = (offset >= 0, i32::try_from(i)) {
+                    self.seen.insert((topic.to_string(), partition), Seen { offset, log_end: offset });
+                }
+            }
+        }
+        self.seen.len()
+    }
+
     /// The recorded offset of a partition, if any.
     pub fn recorded(&self, topic: &str, partition: i32) -> Option<i64> {
         self.seen.get(&(topic.to_string(), partition)).map(|s| s.offset)
@@ -367,6 +411,47 @@ impl OffsetKeeper {
             *cached = Some((d, Instant::now(), from_broker));
         }
         d
+    }
+
+    /// The topic IDs of `topics` ([`GroupOffsets::topic_ids`]); `None` where they cannot be read (a
+    /// SASL/TLS cluster, see [`OffsetClient::topic_ids`]).
+    pub async fn topic_ids(
+        &self,
+        cluster: &Cluster,
+        topics: &[String],
+    ) -> Option<Result<HashMap<String, Option<String>>, KeepaliveError>> {
+        let kc = self.cluster(cluster)?;
+        let topics = topics.to_vec();
+        let res = tokio::task::spawn_blocking(move || kc.offsets.topic_ids(&topics)).await;
+        match res {
+            Ok(r) => r.map(|r| r.map_err(KeepaliveError::from)),
+            Err(e) => Some(Err(KeepaliveError::Task(e.to_string()))),
+        }
+    }
+
+    /// Commit `commits` for the empty `group` as a client outside it ([`GroupOffsets::commit_empty`]),
+    /// only while this replica leads. `Ok(false)`: not sent (not the leader, or a cluster this keeper
+    /// does not talk to).
+    pub async fn commit_idle(
+        &self,
+        cluster: &Cluster,
+        group: &str,
+        commits: Vec<(Key, Commit)>,
+    ) -> Result<bool, KeepaliveError> {
+        let Some(kc) = self.cluster(cluster) else { return Ok(false) };
+        let fence = self.fence.clone();
+        let group = group.to_string();
+        let res = tokio::task::spawn_blocking(move || {
+            if !fence.may_act() {
+                return Ok(false);
+            }
+            kc.offsets.commit_empty(&group, &commits).map(|()| true)
+        })
+        .await;
+        match res {
+            Ok(r) => r.map_err(KeepaliveError::from),
+            Err(e) => Err(KeepaliveError::Task(e.to_string())),
+        }
     }
 
     /// One poll of `group`: record its offsets in `book`; while `idle`, refresh them when due and
@@ -622,6 +707,38 @@ mod tests {
         assert_eq!(b.plan(&busy, true, Duration::ZERO, EVERY), Step::ReadExact);
         b.set_read(&busy, &HashMap::from([(key(0), None)]));
         assert!(!matches!(b.plan(&busy, true, Duration::ZERO, EVERY), Step::Restore { .. }));
+    }
+
+    /// The record survives a restart: exported to status, imported by a fresh book, and a loss found
+    /// by the fresh book's first idle poll is restored to the recorded offset.
+    #[test]
+    fn an_exported_record_restores_after_a_restart() {
+        let offs = [po(0, 10, Some(5)), po(2, 10, Some(7))];
+        let before = idle_book(&offs, "m");
+        let exported = before.export();
+        assert_eq!(exported, BTreeMap::from([("t".to_string(), vec![5, -1, 7])]));
+        let mut fresh = OffsetBook::default();
+        let loaded = fresh.import(exported.iter().map(|(t, o)| (t.as_str(), o.as_slice())));
+        assert_eq!(loaded, 2);
+        assert_eq!(fresh.recorded("t", 2), Some(7));
+        // A book that recorded something already does not take an older record.
+        assert_eq!(fresh.import([("t", &[1i64][..])]), 0);
+        let expired = [po(0, 10, None), po(2, 12, None)];
+        match fresh.plan(&expired, true, Duration::ZERO, EVERY) {
+            Step::Restore { lost, commits } => {
+                assert_eq!(lost.len(), 2);
+                assert_eq!(commits, vec![(key(0), commit(5, "")), (key(2), commit(7, ""))]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_forgotten_topic_is_neither_restored_nor_exported() {
+        let mut b = idle_book(&[po(0, 10, Some(5))], "m");
+        b.forget_topic("t");
+        assert_eq!(b.plan(&[po(0, 20, None)], true, Duration::ZERO, EVERY), Step::Nothing);
+        assert!(b.export().is_empty());
     }
 
     #[test]

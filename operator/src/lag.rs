@@ -231,6 +231,12 @@ impl LagTracker {
         }
     }
 
+    /// Forget what earlier polls saw of `topic`'s partitions: the topic was deleted and recreated, its
+    /// offsets start over and must not count as arrivals, commits or stuck evidence.
+    pub fn forget_topic(&mut self, topic: &str) {
+        self.partitions.retain(|(t, _), _| t != topic);
+    }
+
     /// Fold in one poll. `now` is a monotonic offset (any fixed origin); `wall_ms` the wall clock in
     /// Unix milliseconds, to judge the workers' retry reports.
     ///

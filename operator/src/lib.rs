@@ -20,4 +20,5 @@ pub mod sim;
 pub mod stall;
 pub mod status;
 pub mod throughput;
+pub mod topic_identity;
 pub mod workers;

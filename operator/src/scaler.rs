@@ -178,6 +178,9 @@ pub enum Reason {
     CoolingDown,
     CooldownToZero,
     Idle,
+    /// A source topic was recreated: workers held at zero while its old offsets are discarded
+    /// ([`crate::topic_identity`]).
+    TopicRecreated,
 }
 
 impl Reason {
@@ -199,6 +202,7 @@ impl Reason {
             Self::CoolingDown => "CoolingDown",
             Self::CooldownToZero => "ScaledToZero",
             Self::Idle => "Idle",
+            Self::TopicRecreated => "TopicRecreated",
         }
     }
 }

@@ -62,6 +62,15 @@ impl OffsetClient {
         }
     }
 
+    /// [`GroupOffsets::topic_ids`]; `None` on a secured cluster (librdkafka's metadata API as the Rust client
+    /// exposes it carries no topic IDs, so recreated topics there are told apart by their offsets only).
+    pub fn topic_ids(&self, topics: &[String]) -> Option<Result<HashMap<String, Option<String>>, GroupOffsetsError>> {
+        match self {
+            Self::Plain(o) => Some(o.topic_ids(topics)),
+            Self::Secured(_) => None,
+        }
+    }
+
     /// [`GroupOffsets::offsets_retention`] / [`SecuredOffsets::offsets_retention`].
     pub fn offsets_retention(&self, group: &str) -> Result<Duration, OffsetWriteError> {
         match self {

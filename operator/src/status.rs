@@ -107,6 +107,8 @@ pub struct Observed {
     /// The operator restored vanished committed offsets (which, and why) and no worker has consumed
     /// from them yet.
     pub offsets_restored: Option<String>,
+    /// `status.topics` and the TopicRecreated condition ([`crate::topic_identity`]).
+    pub topics: crate::topic_identity::ForStatus,
 }
 
 fn cond(type_: &str, status: bool, reason: &str, message: &str, generation: Option<i64>, now: &Time) -> Condition {
@@ -213,10 +215,17 @@ pub fn compute(previous: Option<&ConsumerPipelineStatus>, obs: &Observed, now: T
         Some(m) => cond(condition::OFFSETS_RESTORED, true, "OffsetsRestored", m, g, &now),
         None => cond(condition::OFFSETS_RESTORED, false, "AsCommitted", "", g, &now),
     };
+    let recreated = match &obs.topics.recreated {
+        Some(m) => cond(condition::TOPIC_RECREATED, true, crate::topic_identity::TOPIC_RECREATED, m, g, &now),
+        None => cond(condition::TOPIC_RECREATED, false, "SameTopic", "", g, &now),
+    };
     let prev_conditions = previous.map(|p| p.conditions.as_slice()).unwrap_or_default();
     ConsumerPipelineStatus {
         observed_generation: g,
-        conditions: merge_conditions(prev_conditions, vec![ready, scaling, degraded, active, stalled, restored]),
+        conditions: merge_conditions(
+            prev_conditions,
+            vec![ready, scaling, degraded, active, stalled, restored, recreated],
+        ),
         replicas: obs.replicas,
         desired_replicas: obs.desired,
         ready_replicas: obs.ready_replicas,
@@ -225,6 +234,7 @@ pub fn compute(previous: Option<&ConsumerPipelineStatus>, obs: &Observed, now: T
         lag: obs.lag.clone(),
         last_scale_time: obs.scaled_at.clone().or_else(|| previous.and_then(|p| p.last_scale_time.clone())),
         workers: obs.workers.clone().or_else(|| previous.and_then(|p| p.workers.clone())),
+        topics: obs.topics.records.clone().unwrap_or_else(|| previous.map(|p| p.topics.clone()).unwrap_or_default()),
     }
 }
 

@@ -10,14 +10,21 @@
 //! worker pods reach it: a suspended `earliest` pipeline and a scaled-to-zero `latest` pipeline sit
 //! idle for 100 s, well past retention, then get new records: exact ids, each once, for both.
 //!
-//! `make testbed-up`, then `cargo test -p kpipe-operator --test bed_idle_resume -- --nocapture --test-threads 1`.
+//! The restart variant stops the operator while its idle pipeline's offsets expire and checks that a new
+//! operator process restores them from the record in status.
+//!
+//! `make testbed-up`, then `cargo test -p kpipe-operator --test bed_idle_resume -- --nocapture --test-threads 1`
+//! (under the bed lock: the restart variant applies this tree's CRD).
 
 use std::collections::BTreeSet;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kpipe_e2e::scenario::{self, Sink, apply_pipeline, events_for, patch_pipeline_spec, pipeline_manifest};
+use kpipe_e2e::scenario::{
+    self, Sink, apply_pipeline, events_for, patch_pipeline_spec, pipeline_manifest, pipeline_status, worker_replicas,
+};
 use kpipe_e2e::testbed::{TestBed, wait_for};
+use kpipe_operator::group_offsets::GroupOffsets;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -56,7 +63,12 @@ async fn produce_with(producer: &FutureProducer, topic: &str, ids: &[String]) {
 
 fn start_operator(bed: &TestBed, ns: &str) -> Operator {
     let port = free_port();
-    let log = std::fs::File::create(format!("{}/op-{ns}.log", std::env::temp_dir().display())).unwrap();
+    // Appended to: a test that restarts the operator keeps the logs of both processes.
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(format!("{}/op-{ns}.log", std::env::temp_dir().display()))
+        .unwrap();
     Operator(
         // KPIPE_TEST_OPERATOR_BIN runs another build (a control run against an operator without the fix).
         Command::new(
@@ -188,42 +200,52 @@ impl Drop for Broker {
     }
 }
 
-#[tokio::test]
-async fn idle_pipelines_survive_offset_retention_suspended_and_at_zero() {
-    let bed = TestBed::connect().await.unwrap();
-    let host = bed.var("KPIPE_BRIDGE_IP").unwrap_or("127.0.0.1").to_string();
-    let dir = std::env::temp_dir().join(format!("kpipe-idle-resume-kafka-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let (port, cport) = (free_port(), free_port());
-    let broker = Broker {
-        child: Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/short-retention-kafka.sh"))
-            .args([dir.to_str().unwrap(), &port.to_string(), &cport.to_string(), &host])
-            .env("KAFKA_HOME", bed.var("KAFKA_HOME").expect("KAFKA_HOME in the bed env"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap(),
-        bootstrap: format!("{host}:{port}"),
-        dir: dir.clone(),
-    };
-    let mut config = ClientConfig::new();
-    config.set("bootstrap.servers", &broker.bootstrap);
-    let admin: AdminClient<DefaultClientContext> = config.create().unwrap();
-    let ns_guard = bed.temp_namespace("idle-retention").await.unwrap();
-    let ns = ns_guard.name().to_string();
-    let (t_susp, t_zero) = (format!("{ns}-susp"), format!("{ns}-zero"));
+impl Broker {
+    /// The private short-retention broker (`tests/support/short-retention-kafka.sh`) in a fresh directory named
+    /// after `name`, listening on the bed's bridge IP so worker pods reach it.
+    fn start(bed: &TestBed, name: &str) -> Self {
+        let host = bed.var("KPIPE_BRIDGE_IP").unwrap_or("127.0.0.1").to_string();
+        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (port, cport) = (free_port(), free_port());
+        Broker {
+            child: Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/short-retention-kafka.sh"))
+                .args([dir.to_str().unwrap(), &port.to_string(), &cport.to_string(), &host])
+                .env("KAFKA_HOME", bed.var("KAFKA_HOME").expect("KAFKA_HOME in the bed env"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap(),
+            bootstrap: format!("{host}:{port}"),
+            dir,
+        }
+    }
+}
+
+/// Creates `topics` (2 partitions each) on the private broker, waiting up to 2 minutes for it to come up.
+async fn create_topics(admin: &AdminClient<DefaultClientContext>, topics: &[&str]) {
     wait_for("private broker up", Duration::from_secs(120), || async {
-        let topics = [
-            NewTopic::new(&t_susp, 2, TopicReplication::Fixed(1)),
-            NewTopic::new(&t_zero, 2, TopicReplication::Fixed(1)),
-        ];
-        let r = admin.create_topics(&topics, &AdminOptions::new()).await.ok()?;
+        let new: Vec<NewTopic> = topics.iter().map(|t| NewTopic::new(t, 2, TopicReplication::Fixed(1))).collect();
+        let r = admin.create_topics(&new, &AdminOptions::new()).await.ok()?;
         r.iter()
             .all(|x| x.is_ok() || matches!(x, Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists))))
             .then_some(())
     })
     .await
     .unwrap();
+}
+
+#[tokio::test]
+async fn idle_pipelines_survive_offset_retention_suspended_and_at_zero() {
+    let bed = TestBed::connect().await.unwrap();
+    let broker = Broker::start(&bed, "kpipe-idle-resume-kafka");
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &broker.bootstrap);
+    let admin: AdminClient<DefaultClientContext> = config.create().unwrap();
+    let ns_guard = bed.temp_namespace("idle-retention").await.unwrap();
+    let ns = ns_guard.name().to_string();
+    let (t_susp, t_zero) = (format!("{ns}-susp"), format!("{ns}-zero"));
+    create_topics(&admin, &[&t_susp, &t_zero]).await;
     let producer: FutureProducer = config.create().unwrap();
     let sink = scenario::deploy_sink(&bed, &ns, "sink", &[]).await.unwrap();
     let _op = start_operator(&bed, &ns);
@@ -278,5 +300,101 @@ async fn idle_pipelines_survive_offset_retention_suspended_and_at_zero() {
         println!("{name}: {restored:?}");
         assert!(!restored.is_empty(), "{name}: the offsets never expired, the scenario proved nothing");
     }
+    drop(broker);
+}
+
+/// The idle-offsets record survives an operator restart (issue 20): a pipeline at zero replicas by
+/// scale-to-zero (`minReplicas: 0`, `startOffset: earliest`) on the private short-retention broker delivers 50
+/// ids; the operator records the group's committed offsets in `status.topics[].committedOffsets` and is then
+/// stopped. With no operator running, retention deletes the empty group's offsets. A new operator process loads
+/// the record from status and restores the offsets (Warning Event `OffsetsRestored`), and 10 new ids wake the
+/// pipeline: exactly the 60 ids, each once (an operator that kept the record only in memory starts the worker
+/// from `earliest` and delivers the first 50 again). Applies this tree's CRD (`status.topics` must not be pruned):
+/// run under the bed lock.
+#[tokio::test]
+async fn the_idle_offsets_record_survives_an_operator_restart() {
+    let bed = TestBed::connect().await.unwrap();
+    // `status.topics` must be in the bed's CRD, or the apiserver prunes it.
+    scenario::install_crd(&bed).unwrap();
+    let broker = Broker::start(&bed, "kpipe-idle-restart-kafka");
+    let bootstrap = broker.bootstrap.clone();
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &bootstrap);
+    let admin: AdminClient<DefaultClientContext> = config.create().unwrap();
+    let ns_guard = bed.temp_namespace("idle-restart").await.unwrap();
+    let ns = ns_guard.name().to_string();
+    let topic = format!("{ns}-in");
+    create_topics(&admin, &[&topic]).await;
+    let producer: FutureProducer = config.create().unwrap();
+    let sink = scenario::deploy_sink(&bed, &ns, "sink", &[]).await.unwrap();
+    let first_op = start_operator(&bed, &ns);
+
+    let mut m = pipeline_manifest(
+        "p",
+        &bed,
+        &topic,
+        &sink,
+        json!({"scaling": {"pollInterval": "1s", "maxReplicas": 1, "scaleDownStabilization": "3s",
+               "cooldownToZero": "5s"}}),
+    );
+    m["spec"]["source"]["bootstrapServers"] = json!([bootstrap]);
+    apply_pipeline(&bed, &ns, m).await.unwrap();
+    let first = ids("a", 0..50);
+    produce_with(&producer, &topic, &first).await;
+    wait_ids(&bed, &ns, &sink, &first).await;
+
+    // Back at zero, the record of the idle offsets (50 in total) lands in status.
+    let recorded = wait_for("idle offsets recorded in status", Duration::from_secs(120), || async {
+        if worker_replicas(&bed, &ns, "p").await.ok()? != 0 {
+            return None;
+        }
+        let status = pipeline_status(&bed, &ns, "p").await.ok()?;
+        let offsets = status.topics.first()?.committed_offsets.clone();
+        (offsets.iter().filter(|o| **o >= 0).sum::<i64>() == 50).then_some(offsets)
+    })
+    .await
+    .unwrap();
+    println!("recorded in status: {recorded:?}");
+    drop(first_op);
+    let stopped = Instant::now();
+
+    // No operator runs while the empty group's offsets expire (retention 1 min, checked every 2 s).
+    let go = GroupOffsets::new(vec![bootstrap.clone()], Duration::from_secs(5));
+    let parts: Vec<(String, i32)> = (0..2).map(|p| (topic.clone(), p)).collect();
+    wait_for("offsets expired", Duration::from_secs(180), || async {
+        let got = go.committed(&format!("{ns}.p"), &parts).ok()?;
+        parts.iter().all(|k| got.get(k).is_none_or(|c| c.is_none())).then_some(())
+    })
+    .await
+    .unwrap();
+    println!("offsets expired {:?} after the operator stopped", stopped.elapsed());
+
+    let _second_op = start_operator(&bed, &ns);
+    let note = wait_for("OffsetsRestored Event", Duration::from_secs(60), || async {
+        let events = events_for(&bed, &ns, "p").await.ok()?;
+        events.into_iter().find(|(_, reason, _)| reason == "OffsetsRestored").map(|(t, _, note)| (t, note))
+    })
+    .await
+    .unwrap();
+    println!("restored by the new operator: {note:?}");
+    assert_eq!(note.0, "Warning");
+    for (p, offset) in recorded.iter().enumerate().filter(|(_, o)| **o > 0) {
+        assert!(note.1.contains(&format!("{topic}/{p} (was {offset}, found none)")), "{note:?}");
+    }
+
+    let second = ids("b", 0..10);
+    produce_with(&producer, &topic, &second).await;
+    let all: Vec<String> = first.iter().chain(&second).cloned().collect();
+    wait_ids(&bed, &ns, &sink, &all).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut got = sink.ids().await.unwrap();
+    got.sort();
+    let dups = got.len() - got.iter().collect::<BTreeSet<_>>().len();
+    let mut want = all.clone();
+    want.sort();
+    got.dedup();
+    assert_eq!(dups, 0, "{dups} ids delivered twice");
+    assert_eq!(got, want, "exactly the produced ids (0 skipped)");
+    println!("60/60 ids delivered, 0 duplicates, 0 skipped");
     drop(broker);
 }

@@ -134,3 +134,32 @@ async fn latest_counts_records_since_the_pipeline_started() {
     let offs = probe.offsets_since(cluster, vec![topic], group, latest, Some(started)).await.unwrap();
     assert_eq!(offs[0].committed, Some(12));
 }
+
+/// Kafka topic IDs (Metadata v12) tell a recreated topic from the old one: the same name gets a new ID, a missing
+/// topic has none (issue 13).
+#[tokio::test]
+async fn topic_ids_change_when_a_topic_is_recreated() {
+    use kpipe_operator::group_offsets::GroupOffsets;
+    let bed = TestBed::connect().await.unwrap();
+    let topic = unique("topic-id");
+    bed.create_topic(&topic, 2).await.unwrap();
+    let go = GroupOffsets::new(vec![bed.kafka_bootstrap().to_string()], Duration::from_secs(5));
+    let missing = unique("never-created");
+    let ids = go.topic_ids(&[topic.clone(), missing.clone()]).unwrap();
+    let first = ids.get(&topic).cloned().flatten().expect("an ID for an existing topic");
+    assert_eq!(first.len(), 22, "Kafka's base64 form: {first}");
+    assert_eq!(ids.get(&missing), Some(&None), "a missing topic has no ID: {ids:?}");
+    assert_eq!(go.topic_ids(std::slice::from_ref(&topic)).unwrap().get(&topic), Some(&Some(first.clone())));
+
+    let admin = bed.kafka_admin().unwrap();
+    let opts = rdkafka::admin::AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    admin.delete_topics(&[topic.as_str()], &opts).await.unwrap();
+    // The broker may briefly refuse to recreate a topic that is still being deleted.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while bed.create_topic(&topic, 2).await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "topic not recreated");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let second = go.topic_ids(std::slice::from_ref(&topic)).unwrap().get(&topic).cloned().flatten();
+    assert!(second.as_ref().is_some_and(|s| *s != first), "new ID after the recreate: {first} → {second:?}");
+}

@@ -23,6 +23,10 @@ pub mod condition {
     /// `offsets.retention.minutes`, deleted by an admin) and the operator restored the positions it
     /// had recorded; the message names the partitions. False again once a worker consumed from them.
     pub const OFFSETS_RESTORED: &str = "OffsetsRestored";
+    /// A source topic was deleted and recreated (Kafka's topic ID changed): True while the operator
+    /// holds the workers at zero and moves the group's committed offsets of the old topic to the
+    /// new topic's log start; the message names the topics and their old and new IDs.
+    pub const TOPIC_RECREATED: &str = "TopicRecreated";
 }
 
 /// Observed state of a ConsumerPipeline.
@@ -60,6 +64,30 @@ pub struct ConsumerPipelineStatus {
     /// The worker pods as the operator last saw them: restarts tell a crash loop from a poison record.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workers: Option<WorkerSummary>,
+    /// What the operator keeps of each source topic across its restarts and leader changes: the
+    /// topic ID the group's committed offsets belong to, and the committed offsets it recorded while
+    /// the pipeline was idle (the positions a vanished-offsets restore puts back).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub topics: Vec<TopicRecord>,
+}
+
+/// The operator's durable record of one source topic.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct TopicRecord {
+    /// The topic's name.
+    pub name: String,
+    /// Kafka's topic ID (base64url without padding, as `kafka-topics --describe` prints it) of the
+    /// topic the group's committed offsets belong to. A different ID on the broker means the topic
+    /// was deleted and recreated: the old offsets are discarded, never applied to the new topic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic_id: Option<String>,
+    /// The group's committed offset per partition as the operator last recorded it while the
+    /// pipeline was idle (index = partition, -1 = nothing committed). Written when the pipeline
+    /// becomes idle and when the offsets change while idle, never while workers commit.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub committed_offsets: Vec<i64>,
 }
 
 /// The worker pods of a pipeline (from the Pods' status).

@@ -124,6 +124,8 @@ pub struct PipelineState {
     pub failures: u32,
     /// Last committed offsets seen (idle-offset keepalive and restore, [`crate::keepalive`]).
     pub offsets_book: OffsetBook,
+    /// Topic IDs, recreated topics and the persisted offset record ([`crate::topic_identity`]).
+    pub topics: crate::topic_identity::TopicState,
 }
 
 /// State shared by every controller (one per watched namespace) of this process.
@@ -222,7 +224,7 @@ impl Shared {
         }
     }
 
-    async fn event(&self, oref: &ObjectReference, type_: EventType, reason: &str, note: String, action: &str) {
+    pub(crate) async fn event(&self, oref: &ObjectReference, type_: EventType, reason: &str, note: String, action: &str) {
         if !self.fence.may_act() {
             debug!(reason, "not the leader: Event not published");
             return;
@@ -320,7 +322,7 @@ async fn reconcile_steps(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
         Ok(c) => c,
         Err(problem) => {
             let report = report::blocked(cp, problem, &mut state);
-            report::publish(shared, cp, &report).await.map_err(status_err)?;
+            report::publish(shared, cp, &report, &mut state.topics).await.map_err(status_err)?;
             return Ok(Action::requeue(report.requeue));
         }
     };
@@ -346,7 +348,7 @@ async fn reconcile_steps(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
             let idle = current == 0 && children.replicas().unwrap_or(0) == 0 && workers.pods == 0;
             let idle = idle && shared.fence.may_act();
             let cluster = dereference::cluster_for(spec, d);
-            observe::kafka(shared, cp, v, cluster, idle, now, &mut state.offsets_book).await
+            observe::kafka(shared, cp, v, cluster, idle, now, &mut state).await
         }
         _ => KafkaObservation::NotProbed,
     };
@@ -393,7 +395,7 @@ async fn reconcile_steps(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
         },
         &mut state,
     );
-    report::publish(shared, cp, &report).await.map_err(status_err)?;
+    report::publish(shared, cp, &report, &mut state.topics).await.map_err(status_err)?;
     Ok(Action::requeue(report.requeue))
 }
 

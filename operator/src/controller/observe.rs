@@ -14,9 +14,9 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Client, Resource, ResourceExt};
 use tracing::Instrument;
 
-use super::{Context, Shared};
+use super::{Context, PipelineState, Shared};
 use crate::build::{self, CONFIG_HASH_ANNOTATION, ValidatedPipeline};
-use crate::keepalive::{OffsetBook, Tended};
+use crate::keepalive::Tended;
 use crate::lag::PartitionOffsets;
 use crate::probe::{Cluster, ProbeError};
 use crate::status::Problem;
@@ -151,7 +151,8 @@ pub fn controlled_by(owners: &[OwnerReference], uid: &str) -> bool {
     owners.iter().any(|o| o.controller == Some(true) && o.uid == uid)
 }
 
-/// Probe the group's lag, then let the keeper tend an idle group (refresh its offsets, or restore vanished
+/// Probe the group's lag; tell a recreated topic apart by its topic ID (discarding the old topic's offsets,
+/// [`crate::topic_identity`]); then let the keeper tend an idle group (refresh its offsets, or restore vanished
 /// ones before the scaler sees the lag). `idle`: no worker pod and none wanted, and this replica leads.
 pub async fn kafka(
     shared: &Shared,
@@ -160,7 +161,7 @@ pub async fn kafka(
     cluster: Cluster,
     idle: bool,
     now: Duration,
-    book: &mut OffsetBook,
+    state: &mut PipelineState,
 ) -> KafkaObservation {
     let spec = &cp.spec;
     let started = Instant::now();
@@ -174,7 +175,22 @@ pub async fn kafka(
     shared.metrics.observe_probe(probed.as_ref().err().map(ProbeError::reason), started.elapsed());
     let observation = match probed {
         Ok(mut offsets) => {
-            let tended = shared.keeper.tend(&cluster, &v.group_id, &mut offsets, idle, now, book).await;
+            let PipelineState { topics, offsets_book, tracker, .. } = state;
+            let oref = cp.object_ref(&());
+            topics
+                .before_keepalive(
+                    shared,
+                    &cluster,
+                    &v.group_id,
+                    cp.status.as_ref(),
+                    &mut offsets,
+                    idle,
+                    offsets_book,
+                    tracker.as_mut(),
+                    &oref,
+                )
+                .await;
+            let tended = shared.keeper.tend(&cluster, &v.group_id, &mut offsets, idle, now, offsets_book).await;
             KafkaObservation::Probed { offsets, tended }
         }
         Err(e) => KafkaObservation::Failed(e),

@@ -159,7 +159,9 @@ pub fn plan(i: PlanInputs<'_>, state: &mut PipelineState) -> Plan {
         }
         Ok(_) => {
             let obs = snapshot.as_ref().map(Snapshot::observation);
-            state.scaler.decide(&Policy::from_spec(i.spec), obs.as_ref(), i.current, i.now)
+            let decision = state.scaler.decide(&Policy::from_spec(i.spec), obs.as_ref(), i.current, i.now);
+            // A recreated topic holds the workers at zero until the group's offsets are moved (issue 13).
+            crate::topic_identity::hold(decision, &state.topics)
         }
     };
 

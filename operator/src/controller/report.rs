@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kpipe_api::v1alpha1::ConsumerPipeline;
+use kpipe_api::v1alpha1::{ConsumerPipeline, ConsumerPipelineStatus};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
@@ -18,6 +18,7 @@ use crate::build;
 use crate::metrics::PipelineGauges;
 use crate::stall::{self, Stall, StallInputs};
 use crate::status::{self, Observed, Problem};
+use crate::topic_identity::TopicState;
 use crate::workers::WorkerPods;
 
 /// The shortest time without a commit before a backlog counts as stalled.
@@ -164,6 +165,7 @@ pub fn assess(i: ReportInputs<'_>, state: &mut PipelineState) -> Report {
         scaled_at: scaled.map(|_| Time(i.wall)),
         stall: stall.as_ref().map(|st| Problem::Stalled { reason: st.reason, message: st.message.clone() }),
         offsets_restored: state.offsets_restored.clone(),
+        topics: state.topics.for_status(&state.offsets_book, prev_status),
         backlog,
         suspended: spec.suspend,
         workers: Some(i.workers.summary()),
@@ -191,7 +193,12 @@ pub fn assess(i: ReportInputs<'_>, state: &mut PipelineState) -> Report {
 /// Publish the report: Events (each also logged), metrics, and the status when it changed (server-side
 /// apply of `status` with the operator's field manager). Events and the status are leader-fenced. A failed
 /// status write is the reconcile's error (there is nowhere else to say it).
-pub async fn publish(shared: &Shared, cp: &ConsumerPipeline, report: &Report) -> Result<(), kube::Error> {
+pub async fn publish(
+    shared: &Shared,
+    cp: &ConsumerPipeline,
+    report: &Report,
+    topics: &mut TopicState,
+) -> Result<(), kube::Error> {
     let (ns, name) = (cp.namespace().unwrap_or_default(), cp.name_any());
     let oref = cp.object_ref(&());
     for ev in &report.events {
@@ -218,13 +225,20 @@ pub async fn publish(shared: &Shared, cp: &ConsumerPipeline, report: &Report) ->
     let new_status = status::compute(prev_status, &report.observed, Time(jiff::Timestamp::now()));
     if prev_status != Some(&new_status) && shared.fence.may_act() {
         let api: Api<ConsumerPipeline> = Api::namespaced(shared.client.clone(), &ns);
-        let patch = serde_json::json!({
-            "apiVersion": "kpipe.io/v1alpha1",
-            "kind": "ConsumerPipeline",
-            "status": new_status,
-        });
-        api.patch_status(&name, &PatchParams::apply(&shared.settings.field_manager).force(), &Patch::Apply(patch))
-            .await?;
+        let patch = |status: &ConsumerPipelineStatus| {
+            Patch::Apply(serde_json::json!({
+                "apiVersion": "kpipe.io/v1alpha1",
+                "kind": "ConsumerPipeline",
+                "status": status,
+            }))
+        };
+        let pp = PatchParams::apply(&shared.settings.field_manager).force();
+        let mut written = api.patch_status(&name, &pp, &patch(&new_status)).await;
+        // An installed CRD older than this operator refuses the whole apply for status.topics: write without them.
+        if let Some(without) = topics.without_topics_if_refused(&written, &new_status) {
+            written = api.patch_status(&name, &pp, &patch(&without)).await;
+        }
+        written?;
     }
     Ok(())
 }
