@@ -60,7 +60,12 @@ fn kubectl_stdin(bed: &TestBed, args: &[&str], input: &str) -> Output {
 const VALUE_SETS: &[&[&str]] = &[
     &[],
     &["watchNamespaces={team-a,team-b}"],
-    &["metrics.serviceMonitor.enabled=true", "metrics.podMonitor.enabled=true", "dashboard.enabled=true"],
+    &[
+        "metrics.serviceMonitor.enabled=true",
+        "metrics.podMonitor.enabled=true",
+        "metrics.prometheusRule.enabled=true",
+        "dashboard.enabled=true",
+    ],
     &["replicas=2", "logging.format=text", "worker.image.tag=dev", "serviceAccount.name=custom-sa"],
     &["crds.install=false", "leaderElection.enabled=false", "metrics.service.enabled=false"],
 ];
@@ -127,8 +132,9 @@ async fn chart_renders_manifests_the_apiserver_accepts() {
         .output()
         .expect("kubectl");
     assert!(out.status.success(), "{}", text(&out));
-    // prometheus-operator is not part of the bed: minimal CRDs so ServiceMonitor/PodMonitor can be validated.
-    let monitoring_crds = ["servicemonitors:ServiceMonitor", "podmonitors:PodMonitor"]
+    // prometheus-operator is not part of the bed: minimal CRDs so ServiceMonitor/PodMonitor/PrometheusRule can be
+    // validated (the rules themselves are checked by promtool in e2e/tests/alerts.rs).
+    let monitoring_crds = ["servicemonitors:ServiceMonitor", "podmonitors:PodMonitor", "prometheusrules:PrometheusRule"]
         .iter()
         .map(|pair| {
             let (plural, kind) = pair.split_once(':').expect("pair");
@@ -141,7 +147,11 @@ async fn chart_renders_manifests_the_apiserver_accepts() {
     assert!(out.status.success(), "{}", text(&out));
     kpipe_e2e::scenario::wait_crds_established(
         &bed,
-        &["servicemonitors.monitoring.coreos.com", "podmonitors.monitoring.coreos.com"],
+        &[
+            "servicemonitors.monitoring.coreos.com",
+            "podmonitors.monitoring.coreos.com",
+            "prometheusrules.monitoring.coreos.com",
+        ],
     )
     .unwrap_or_else(|e| panic!("{e}"));
 
@@ -149,7 +159,12 @@ async fn chart_renders_manifests_the_apiserver_accepts() {
     let variants: Vec<Vec<&str>> = vec![
         vec![],
         vec![namespaced.as_str()],
-        vec!["metrics.serviceMonitor.enabled=true", "metrics.podMonitor.enabled=true", "dashboard.enabled=true"],
+        vec![
+            "metrics.serviceMonitor.enabled=true",
+            "metrics.podMonitor.enabled=true",
+            "metrics.prometheusRule.enabled=true",
+            "dashboard.enabled=true",
+        ],
     ];
     for sets in &variants {
         let manifests = render(&bed, release_ns.name(), sets);
@@ -159,6 +174,9 @@ async fn chart_renders_manifests_the_apiserver_accepts() {
         assert!(!said.contains("would violate PodSecurity"), "operator pod is not 'restricted' ({sets:?}):\n{said}");
         let docs = documents(&manifests);
         let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+        if sets.iter().any(|s| s.starts_with("metrics.prometheusRule.enabled=true")) {
+            assert!(kinds.contains(&"PrometheusRule"), "{kinds:?}");
+        }
         if sets.iter().any(|s| s.starts_with("watchNamespaces")) {
             assert!(!kinds.contains(&"ClusterRole"), "namespaced mode must not grant cluster-wide access: {kinds:?}");
             let roles: Vec<&str> = docs

@@ -6,6 +6,7 @@
 
 pub mod build;
 pub mod controller;
+pub mod deadletters;
 pub mod group_offsets;
 pub mod keepalive;
 pub mod lag;

@@ -87,7 +87,8 @@ impl Cluster {
         format!("{}#{}", servers.join(","), hex::encode(&h.finalize()[..8]))
     }
 
-    fn client_config(&self, timeout: Duration) -> ClientConfig {
+    /// librdkafka settings for a client of this cluster (`socket.timeout.ms` from `timeout`).
+    pub fn client_config(&self, timeout: Duration) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", self.bootstrap_servers.join(","))
             .set("client.id", "kpipe-operator-lag-probe")
