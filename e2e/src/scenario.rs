@@ -30,14 +30,14 @@ fn run(mut cmd: Command, what: &str) -> Result<String, TestBedError> {
     if out.status.success() { Ok(text) } else { Err(other(format!("{what} failed:\n{text}"))) }
 }
 
-/// Applies the generated CRD (server-side) and waits until it is Established.
+/// Applies the generated CRDs (server-side) and waits until they are Established.
 pub fn install_crd(bed: &TestBed) -> Result<(), TestBedError> {
-    let mut apply = bed.kubectl_cmd();
-    apply
-        .args(["apply", "--server-side", "--force-conflicts", "-f"])
-        .arg(repo_root().join("crds/consumerpipeline.yaml"));
-    run(apply, "kubectl apply CRD")?;
-    wait_crds_established(bed, &["consumerpipelines.kpipe.io"])
+    for file in ["crds/consumerpipeline.yaml", "crds/deadletterreplay.yaml"] {
+        let mut apply = bed.kubectl_cmd();
+        apply.args(["apply", "--server-side", "--force-conflicts", "-f"]).arg(repo_root().join(file));
+        run(apply, "kubectl apply CRD")?;
+    }
+    wait_crds_established(bed, &["consumerpipelines.kpipe.io", "deadletterreplays.kpipe.io"])
 }
 
 /// Waits (up to 60 s) until every named CRD reports Established=True. Polls instead of `kubectl wait

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
 use kpipe_e2e::TestBed;
+use kube::CustomResourceExt;
 use serde_json::Value;
 
 fn chart() -> PathBuf {
@@ -213,6 +214,13 @@ async fn chart_crd_is_the_generated_one_and_kept_on_uninstall() {
     }
     assert_eq!(normalise(&rendered["spec"]), normalise(&generated["spec"]), "chart CRD differs from the generated CRD");
     assert_eq!(rendered["metadata"]["annotations"]["helm.sh/resource-policy"], "keep");
+    let replay = docs
+        .iter()
+        .find(|d| d["kind"] == "CustomResourceDefinition" && d["metadata"]["name"] == "deadletterreplays.kpipe.io")
+        .expect("chart renders the DeadLetterReplay CRD");
+    let generated = serde_json::to_value(kpipe_api::v1alpha1::DeadLetterReplay::crd()).expect("crd json");
+    assert_eq!(normalise(&replay["spec"]), normalise(&generated["spec"]), "chart replay CRD differs");
+    assert_eq!(replay["metadata"]["annotations"]["helm.sh/resource-policy"], "keep");
 }
 
 #[tokio::test]

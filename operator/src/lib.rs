@@ -15,6 +15,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod probe;
 pub mod rbac;
+pub mod replay;
 pub mod scaler;
 pub mod sim;
 pub mod stall;
