@@ -54,14 +54,7 @@ async fn status_counts_the_pipelines_dead_letters_by_class() {
     .await
     .expect("apply");
     // 1,000 records, every hundredth a poison record (1 %).
-    let records: Vec<(Vec<u8>, Vec<u8>)> = (0..1000)
-        .map(|i| {
-            let value = if i % 100 == 7 { format!("poison-{i:05}") } else { format!("ok-{i:05}") };
-            (format!("k{}", i % 50).into_bytes(), value.into_bytes())
-        })
-        .collect();
-    let expected: BTreeSet<String> =
-        records.iter().map(|(_, v)| String::from_utf8(v.clone()).unwrap()).filter(|v| v.starts_with("ok-")).collect();
+    let (records, _, expected) = scenario::one_percent_poison(1000);
     bed.produce_records(&topic, records).await.expect("produce");
     wait_delivered(&sink, &expected, Duration::from_secs(120)).await.unwrap_or_else(|e| panic!("{e}"));
 

@@ -120,14 +120,7 @@ async fn a_replay_redelivers_dead_letters_parks_refailures_and_resumes_after_kil
     .await
     .expect("apply");
     // 1,000 records, 1 % poison.
-    let records: Vec<(Vec<u8>, Vec<u8>)> = (0..1000)
-        .map(|i| {
-            let value = if i % 100 == 7 { format!("poison-{i:05}") } else { format!("ok-{i:05}") };
-            (format!("k{}", i % 50).into_bytes(), value.into_bytes())
-        })
-        .collect();
-    let poison: BTreeSet<String> = (0..1000).filter(|i| i % 100 == 7).map(|i| format!("poison-{i:05}")).collect();
-    let ok: BTreeSet<String> = (0..1000).filter(|i| i % 100 != 7).map(|i| format!("ok-{i:05}")).collect();
+    let (records, poison, ok) = scenario::one_percent_poison(1000);
     bed.produce_records(&topic, records).await.expect("produce");
     wait_delivered(&sink, &ok, Duration::from_secs(120)).await.unwrap_or_else(|e| panic!("{e}"));
     let counted = wait_for("status.deadLetters.total = 10", Duration::from_secs(60), || async {
