@@ -113,6 +113,60 @@ pub fn parking_topic_problem(parking: &str, p: &ConsumerPipeline) -> Option<Stri
     None
 }
 
+/// The replay Job: the pipeline's worker pod template, replay labels, the plan in the environment, no probes
+/// (a replay pod serves nothing), restartPolicy Never with [`BACKOFF_LIMIT`] (pure).
+pub fn replay_job(
+    r: &DeadLetterReplay,
+    p: &ConsumerPipeline,
+    plan: &ReplayPlan,
+    worker: &WorkerDefaults,
+) -> Result<Job, ReplayError> {
+    let v = build::validate(p, &Default::default(), &BTreeMap::new(), worker)
+        .map_err(|e| ReplayError::Task(format!("pipeline cannot run: {e}")))?;
+    let mut template = build::deployment(&v, 1).spec.map(|s| s.template).unwrap_or_default();
+    let name = r.name_any();
+    let labels = BTreeMap::from([
+        (build::LABEL_NAME.to_string(), "kpipe-replay".to_string()),
+        (build::LABEL_INSTANCE.to_string(), name.clone()),
+        (build::LABEL_MANAGED_BY.to_string(), MANAGER.to_string()),
+        (build::LABEL_PART_OF.to_string(), "kpipe".to_string()),
+        ("kpipe.io/pipeline".to_string(), p.name_any()),
+    ]);
+    let meta = template.metadata.get_or_insert_with(Default::default);
+    meta.labels = Some(labels.clone());
+    if let Some(spec) = template.spec.as_mut() {
+        spec.restart_policy = Some("Never".into());
+        for c in &mut spec.containers {
+            c.liveness_probe = None;
+            c.readiness_probe = None;
+            c.env.get_or_insert_with(Vec::new).push(EnvVar {
+                name: rp::ENV_REPLAY_PLAN.into(),
+                value: Some(serde_json::to_string(plan)?),
+                value_from: None,
+            });
+        }
+    }
+    let owner = OwnerReference {
+        api_version: DeadLetterReplay::api_version(&()).into_owned(),
+        kind: DeadLetterReplay::kind(&()).into_owned(),
+        name: name.clone(),
+        uid: r.uid().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    };
+    Ok(Job {
+        metadata: ObjectMeta {
+            name: Some(job_name(&name)),
+            namespace: r.namespace(),
+            labels: Some(labels),
+            owner_references: Some(vec![owner]),
+            ..Default::default()
+        },
+        spec: Some(JobSpec { backoff_limit: Some(BACKOFF_LIMIT), template, ..Default::default() }),
+        status: None,
+    })
+}
+
 fn condition(
     type_: &str,
     status: bool,
@@ -229,7 +283,7 @@ impl ReplayController {
         let job = match jobs.get_opt(&job_name(&name)).await? {
             Some(j) => j,
             None => {
-                let job = self.job(r, &p, &plan(r, &dlq, &ends))?;
+                let job = replay_job(r, &p, &plan(r, &dlq, &ends), &self.worker)?;
                 if !self.fence.may_act() {
                     return Ok(());
                 }
@@ -289,55 +343,6 @@ impl ReplayController {
             self.write_status(&ns, &name, &st).await?;
         }
         Ok(())
-    }
-
-    /// The replay Job: the pipeline's worker pod template, replay labels, the plan in the environment, no probes
-    /// (a replay pod serves nothing), restartPolicy Never with [`BACKOFF_LIMIT`].
-    fn job(&self, r: &DeadLetterReplay, p: &ConsumerPipeline, plan: &ReplayPlan) -> Result<Job, ReplayError> {
-        let v = build::validate(p, &Default::default(), &BTreeMap::new(), &self.worker)
-            .map_err(|e| ReplayError::Task(format!("pipeline cannot run: {e}")))?;
-        let mut template = build::deployment(&v, 1).spec.map(|s| s.template).unwrap_or_default();
-        let name = r.name_any();
-        let labels = BTreeMap::from([
-            (build::LABEL_NAME.to_string(), "kpipe-replay".to_string()),
-            (build::LABEL_INSTANCE.to_string(), name.clone()),
-            (build::LABEL_MANAGED_BY.to_string(), MANAGER.to_string()),
-            (build::LABEL_PART_OF.to_string(), "kpipe".to_string()),
-            ("kpipe.io/pipeline".to_string(), p.name_any()),
-        ]);
-        let meta = template.metadata.get_or_insert_with(Default::default);
-        meta.labels = Some(labels.clone());
-        if let Some(spec) = template.spec.as_mut() {
-            spec.restart_policy = Some("Never".into());
-            for c in &mut spec.containers {
-                c.liveness_probe = None;
-                c.readiness_probe = None;
-                c.env.get_or_insert_with(Vec::new).push(EnvVar {
-                    name: rp::ENV_REPLAY_PLAN.into(),
-                    value: Some(serde_json::to_string(plan)?),
-                    value_from: None,
-                });
-            }
-        }
-        let owner = OwnerReference {
-            api_version: DeadLetterReplay::api_version(&()).into_owned(),
-            kind: DeadLetterReplay::kind(&()).into_owned(),
-            name: name.clone(),
-            uid: r.uid().unwrap_or_default(),
-            controller: Some(true),
-            block_owner_deletion: Some(true),
-        };
-        Ok(Job {
-            metadata: ObjectMeta {
-                name: Some(job_name(&name)),
-                namespace: r.namespace(),
-                labels: Some(labels),
-                owner_references: Some(vec![owner]),
-                ..Default::default()
-            },
-            spec: Some(JobSpec { backoff_limit: Some(BACKOFF_LIMIT), template, ..Default::default() }),
-            status: None,
-        })
     }
 
     async fn end_offsets(&self, cluster: &Cluster, topic: &str) -> Result<BTreeMap<i32, i64>, ReplayError> {
@@ -456,6 +461,44 @@ mod tests {
         assert_eq!(p.selection.since_ms, Some(100_000));
         assert_eq!(p.selection.error_classes, ["http_503"]);
         assert_eq!(p.end_offsets, BTreeMap::from([(0, 12), (1, 3)]));
+    }
+
+    #[test]
+    fn the_job_runs_the_pipelines_worker_in_replay_mode() {
+        let mut p: ConsumerPipeline = serde_json::from_value(serde_json::json!({
+            "apiVersion": "kpipe.io/v1alpha1", "kind": "ConsumerPipeline",
+            "metadata": {"name": "orders", "namespace": "shop", "uid": "u-p"},
+            "spec": {"source": {"bootstrapServers": ["k:9092"], "topics": ["orders"]},
+                     "processor": {"http": {"url": "http://sink/records"}}, "deadLetter": {"topic": "orders-dlq"}}
+        }))
+        .unwrap();
+        p.spec.retry.max_attempts = 3;
+        let mut r = replay();
+        r.metadata.uid = Some("u-r".into());
+        let plan = plan(&r, "orders-dlq", &BTreeMap::from([(0, 4)]));
+        let defaults = WorkerDefaults { image: "kpipe/worker:1".into(), ..Default::default() };
+        let job = replay_job(&r, &p, &plan, &defaults).unwrap();
+        assert_eq!(job.metadata.name.as_deref(), Some("r1-replay"));
+        let owner = &job.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.uid.as_str(), owner.controller),
+            ("DeadLetterReplay", "u-r", Some(true))
+        );
+        let spec = job.spec.unwrap();
+        assert_eq!(spec.backoff_limit, Some(BACKOFF_LIMIT));
+        let labels = spec.template.metadata.unwrap().labels.unwrap();
+        assert_eq!(labels.get(build::LABEL_NAME).map(String::as_str), Some("kpipe-replay"), "not counted as a worker");
+        assert_eq!(labels.get(build::LABEL_INSTANCE).map(String::as_str), Some("r1"));
+        let pod = spec.template.spec.unwrap();
+        assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
+        let c = &pod.containers[0];
+        assert_eq!(c.image.as_deref(), Some("kpipe/worker:1"));
+        assert!(c.liveness_probe.is_none() && c.readiness_probe.is_none());
+        let env = c.env.as_ref().unwrap();
+        let plan_env = env.iter().find(|e| e.name == rp::ENV_REPLAY_PLAN).unwrap();
+        let back: ReplayPlan = serde_json::from_str(plan_env.value.as_deref().unwrap()).unwrap();
+        assert_eq!(back, plan);
+        assert!(env.iter().any(|e| e.name == kpipe_api::worker_contract::ENV_CONFIG), "reads the pipeline's config");
     }
 
     #[test]
