@@ -23,7 +23,7 @@ use k8s_openapi::api::core::v1::EnvVar;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, OwnerReference, Time};
 use kpipe_api::replay::{self as rp, Progress, ReplayPlan, Selection};
 use kpipe_api::v1alpha1::{ConsumerPipeline, DeadLetterReplay, DeadLetterReplayStatus, ReplayPhase};
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Client, Resource, ResourceExt};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -287,9 +287,10 @@ impl ReplayController {
                 if !self.fence.may_act() {
                     return Ok(());
                 }
-                let created = jobs
-                    .create(&PostParams { field_manager: Some(MANAGER.into()), ..Default::default() }, &job)
-                    .await?;
+                // Server-side apply of an absent Job creates it; the Job is never applied again (its template is
+                // immutable and the replay's plan is fixed).
+                let created =
+                    jobs.patch(&job_name(&name), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&job)).await?;
                 let total: i64 = ends.values().sum();
                 self.event(
                     r,
@@ -306,7 +307,8 @@ impl ReplayController {
         st.succeeded = progress.succeeded;
         st.failed_again = progress.failed_again;
         st.skipped = progress.skipped;
-        st.phase = phase(job.status.as_ref());
+        // A Job that exists runs, even before the Job controller wrote its first status.
+        st.phase = phase(Some(&job.status.clone().unwrap_or_default()));
         let g = r.metadata.generation;
         let counts = format!(
             "replayed {}, succeeded {}, failed again {} (parked in {}), skipped {}",
