@@ -74,7 +74,7 @@ fn crd_has_subresources_columns_and_names() {
     assert_eq!(scale.status_replicas_path, ".status.replicas");
     assert_eq!(scale.label_selector_path.as_deref(), Some(".status.selector"));
     let columns: Vec<&str> = version.additional_printer_columns.iter().flatten().map(|c| c.name.as_str()).collect();
-    assert_eq!(columns, ["Desired", "Replicas", "Lag", "Ready", "Reason", "Age"]);
+    assert_eq!(columns, ["Desired", "Replicas", "Lag", "Ready", "Reason", "DeadLetters", "Age"]);
 }
 
 /// Structural-schema rules the apiserver enforces that a derive can silently break.
