@@ -28,15 +28,21 @@ lint: deps ## Formatting check and clippy with warnings denied
 fmt: ## Format the code
 	$(CARGO) fmt --all
 
-crds: ## Regenerate crds/consumerpipeline.yaml (and the chart's copy) from the Rust types
+crds: ## Regenerate crds/consumerpipeline.yaml and crds/deadletterreplay.yaml (and the chart's copies) from the Rust types
 	$(CARGO) run -q -p kpipe-api --bin crdgen > crds/consumerpipeline.yaml
+	$(CARGO) run -q -p kpipe-api --bin crdgen -- replay > crds/deadletterreplay.yaml
 	cp crds/consumerpipeline.yaml charts/kpipe/files/consumerpipeline.yaml
+	cp crds/deadletterreplay.yaml charts/kpipe/files/deadletterreplay.yaml
 
 check-crds: ## Fail when the committed CRD differs from the generated one
 	$(CARGO) run -q -p kpipe-api --bin crdgen | diff -u crds/consumerpipeline.yaml - \
 	  || { echo "crds/consumerpipeline.yaml is stale: run 'make crds'"; exit 1; }
 	diff -u crds/consumerpipeline.yaml charts/kpipe/files/consumerpipeline.yaml \
 	  || { echo "charts/kpipe/files/consumerpipeline.yaml is stale: run 'make crds'"; exit 1; }
+	$(CARGO) run -q -p kpipe-api --bin crdgen -- replay | diff -u crds/deadletterreplay.yaml - \
+	  || { echo "crds/deadletterreplay.yaml is stale: run 'make crds'"; exit 1; }
+	diff -u crds/deadletterreplay.yaml charts/kpipe/files/deadletterreplay.yaml \
+	  || { echo "charts/kpipe/files/deadletterreplay.yaml is stale: run 'make crds'"; exit 1; }
 
 unit-test: deps ## Unit and property tests (no external components)
 	$(CARGO) test --workspace --lib --bins

@@ -10,6 +10,7 @@ mod duration;
 pub mod kafka_client;
 pub mod offsets;
 mod quantity;
+pub mod replay;
 pub mod rules;
 pub mod v1alpha1;
 pub mod worker_contract;
@@ -46,6 +47,12 @@ fn consumer_pipeline_crd() -> CustomResourceDefinition {
         root.properties.get_or_insert_with(BTreeMap::new).insert("metadata".into(), metadata);
     }
     crd
+}
+
+/// The DeadLetterReplay CRD as the YAML document committed at `crds/deadletterreplay.yaml` (a file of its own:
+/// the chart renders each CRD file as one document).
+pub fn replay_crd_yaml() -> Result<String, serde_saphyr::ser::Error> {
+    Ok(format!("---\n{}", serde_saphyr::to_string(&v1alpha1::DeadLetterReplay::crd())?))
 }
 
 /// The CRDs as the YAML document committed at `crds/consumerpipeline.yaml`.

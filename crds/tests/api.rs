@@ -41,6 +41,25 @@ fn chart_crd_copy_matches_generated() {
 }
 
 #[test]
+fn generated_replay_crd_matches_committed_file_and_chart_copy() {
+    let generated = kpipe_api::replay_crd_yaml().expect("replay crd yaml");
+    let committed = std::fs::read_to_string(repo_file("deadletterreplay.yaml")).expect("crds/deadletterreplay.yaml");
+    assert!(committed == generated, "crds/deadletterreplay.yaml is stale: run `make crds`");
+    let copy = std::fs::read_to_string(repo_file("../charts/kpipe/files/deadletterreplay.yaml"))
+        .expect("charts/kpipe/files/deadletterreplay.yaml");
+    assert!(copy == generated, "the chart's DeadLetterReplay CRD copy is stale: run `make crds`");
+    let docs = yaml_documents(&generated);
+    assert_eq!(docs.len(), 1);
+    let version = &docs[0]["spec"]["versions"][0];
+    assert_eq!(docs[0]["spec"]["names"]["shortNames"][0], "dlr");
+    assert!(version["subresources"]["status"].is_object(), "status subresource");
+    let spec = &version["schema"]["openAPIV3Schema"]["properties"]["spec"];
+    assert_eq!(spec["x-kubernetes-validations"][0]["rule"], "self == oldSelf", "spec is immutable");
+    let required: Vec<&str> = spec["required"].as_array().unwrap().iter().filter_map(|v| v.as_str()).collect();
+    assert_eq!(required, ["parkingTopic", "pipelineRef"]);
+}
+
+#[test]
 fn crd_has_subresources_columns_and_names() {
     let crd = ConsumerPipeline::crd();
     assert_eq!(crd.spec.group, "kpipe.io");
@@ -55,7 +74,7 @@ fn crd_has_subresources_columns_and_names() {
     assert_eq!(scale.status_replicas_path, ".status.replicas");
     assert_eq!(scale.label_selector_path.as_deref(), Some(".status.selector"));
     let columns: Vec<&str> = version.additional_printer_columns.iter().flatten().map(|c| c.name.as_str()).collect();
-    assert_eq!(columns, ["Desired", "Replicas", "Lag", "Ready", "Reason", "Age"]);
+    assert_eq!(columns, ["Desired", "Replicas", "Lag", "Ready", "Reason", "DeadLetters", "Age"]);
 }
 
 /// Structural-schema rules the apiserver enforces that a derive can silently break.

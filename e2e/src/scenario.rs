@@ -2,6 +2,7 @@
 //! namespace (namespaced mode, so concurrent tests never share an operator), run the HTTP sink as a pod, apply
 //! pipelines and read their status, find worker processes for chaos.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -30,14 +31,14 @@ fn run(mut cmd: Command, what: &str) -> Result<String, TestBedError> {
     if out.status.success() { Ok(text) } else { Err(other(format!("{what} failed:\n{text}"))) }
 }
 
-/// Applies the generated CRD (server-side) and waits until it is Established.
+/// Applies the generated CRDs (server-side) and waits until they are Established.
 pub fn install_crd(bed: &TestBed) -> Result<(), TestBedError> {
-    let mut apply = bed.kubectl_cmd();
-    apply
-        .args(["apply", "--server-side", "--force-conflicts", "-f"])
-        .arg(repo_root().join("crds/consumerpipeline.yaml"));
-    run(apply, "kubectl apply CRD")?;
-    wait_crds_established(bed, &["consumerpipelines.kpipe.io"])
+    for file in ["crds/consumerpipeline.yaml", "crds/deadletterreplay.yaml"] {
+        let mut apply = bed.kubectl_cmd();
+        apply.args(["apply", "--server-side", "--force-conflicts", "-f"]).arg(repo_root().join(file));
+        run(apply, "kubectl apply CRD")?;
+    }
+    wait_crds_established(bed, &["consumerpipelines.kpipe.io", "deadletterreplays.kpipe.io"])
 }
 
 /// Waits (up to 60 s) until every named CRD reports Established=True. Polls instead of `kubectl wait
@@ -319,6 +320,27 @@ pub async fn events_for(
 /// Ids `<prefix>-<i>` for `i` in `range`, as `(key, value)` records keyed by `i % keys`.
 pub fn id_records(prefix: &str, range: std::ops::Range<usize>, keys: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
     range.map(|i| (format!("k{}", i % keys.max(1)).into_bytes(), format!("{prefix}-{i:08}").into_bytes())).collect()
+}
+
+/// `(key, value)` records to produce.
+pub type KeyValues = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// `n` records keyed `k<i % 50>`, every hundredth a poison record (1 %): values `poison-<i>` (those with
+/// `i % 100 == 7`) and `ok-<i>`. Returns the records, the poison values and the good values.
+pub fn one_percent_poison(n: usize) -> (KeyValues, BTreeSet<String>, BTreeSet<String>) {
+    let (mut poison, mut ok) = (BTreeSet::new(), BTreeSet::new());
+    let records = (0..n)
+        .map(|i| {
+            let value = if i % 100 == 7 { format!("poison-{i:05}") } else { format!("ok-{i:05}") };
+            if i % 100 == 7 {
+                poison.insert(value.clone())
+            } else {
+                ok.insert(value.clone())
+            };
+            (format!("k{}", i % 50).into_bytes(), value.into_bytes())
+        })
+        .collect();
+    (records, poison, ok)
 }
 
 /// A namespace with kpipe installed (namespaced mode) and an HTTP sink `sink` started with `sink_args`. Panics

@@ -154,7 +154,7 @@ async fn api_examples_are_accepted_and_readable() {
     .await
     .expect("pipelines listed");
     let header: Vec<&str> = table.lines().next().unwrap_or_default().split_whitespace().collect();
-    assert_eq!(header, ["NAME", "DESIRED", "REPLICAS", "LAG", "READY", "REASON", "AGE"], "{table}");
+    assert_eq!(header, ["NAME", "DESIRED", "REPLICAS", "LAG", "READY", "REASON", "DEADLETTERS", "AGE"], "{table}");
     // kubectl explain reads like documentation.
     let explain = bed.kubectl_cmd().args(["explain", "consumerpipeline.spec.scaling"]).output().expect("kubectl");
     let explain = text(&explain);

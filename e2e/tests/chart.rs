@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
 use kpipe_e2e::{TestBed, bed};
+use kube::CustomResourceExt;
 use serde_json::Value;
 
 fn chart() -> PathBuf {
@@ -56,7 +57,12 @@ fn kubectl_stdin(bed: &TestBed, args: &[&str], input: &str) -> Output {
 const VALUE_SETS: &[&[&str]] = &[
     &[],
     &["watchNamespaces={team-a,team-b}"],
-    &["metrics.serviceMonitor.enabled=true", "metrics.podMonitor.enabled=true", "dashboard.enabled=true"],
+    &[
+        "metrics.serviceMonitor.enabled=true",
+        "metrics.podMonitor.enabled=true",
+        "metrics.prometheusRule.enabled=true",
+        "dashboard.enabled=true",
+    ],
     &["replicas=2", "logging.format=text", "worker.image.tag=dev", "serviceAccount.name=custom-sa"],
     &["crds.install=false", "leaderElection.enabled=false", "metrics.service.enabled=false"],
 ];
@@ -123,8 +129,9 @@ async fn chart_renders_manifests_the_apiserver_accepts() {
         .output()
         .expect("kubectl");
     assert!(out.status.success(), "{}", text(&out));
-    // prometheus-operator is not part of the bed: minimal CRDs so ServiceMonitor/PodMonitor can be validated.
-    let monitoring_crds = ["servicemonitors:ServiceMonitor", "podmonitors:PodMonitor"]
+    // prometheus-operator is not part of the bed: minimal CRDs so ServiceMonitor/PodMonitor/PrometheusRule can be
+    // validated (the rules themselves are checked by promtool in e2e/tests/alerts.rs).
+    let monitoring_crds = ["servicemonitors:ServiceMonitor", "podmonitors:PodMonitor", "prometheusrules:PrometheusRule"]
         .iter()
         .map(|pair| {
             let (plural, kind) = pair.split_once(':').expect("pair");
@@ -137,7 +144,11 @@ async fn chart_renders_manifests_the_apiserver_accepts() {
     assert!(out.status.success(), "{}", text(&out));
     kpipe_e2e::scenario::wait_crds_established(
         &bed,
-        &["servicemonitors.monitoring.coreos.com", "podmonitors.monitoring.coreos.com"],
+        &[
+            "servicemonitors.monitoring.coreos.com",
+            "podmonitors.monitoring.coreos.com",
+            "prometheusrules.monitoring.coreos.com",
+        ],
     )
     .unwrap_or_else(|e| panic!("{e}"));
 
@@ -145,7 +156,12 @@ async fn chart_renders_manifests_the_apiserver_accepts() {
     let variants: Vec<Vec<&str>> = vec![
         vec![],
         vec![namespaced.as_str()],
-        vec!["metrics.serviceMonitor.enabled=true", "metrics.podMonitor.enabled=true", "dashboard.enabled=true"],
+        vec![
+            "metrics.serviceMonitor.enabled=true",
+            "metrics.podMonitor.enabled=true",
+            "metrics.prometheusRule.enabled=true",
+            "dashboard.enabled=true",
+        ],
     ];
     for sets in &variants {
         let manifests = render(&bed, release_ns.name(), sets);
@@ -155,6 +171,9 @@ async fn chart_renders_manifests_the_apiserver_accepts() {
         assert!(!said.contains("would violate PodSecurity"), "operator pod is not 'restricted' ({sets:?}):\n{said}");
         let docs = documents(&manifests);
         let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+        if sets.iter().any(|s| s.starts_with("metrics.prometheusRule.enabled=true")) {
+            assert!(kinds.contains(&"PrometheusRule"), "{kinds:?}");
+        }
         if sets.iter().any(|s| s.starts_with("watchNamespaces")) {
             assert!(!kinds.contains(&"ClusterRole"), "namespaced mode must not grant cluster-wide access: {kinds:?}");
             let roles: Vec<&str> = docs
@@ -191,6 +210,13 @@ async fn chart_crd_is_the_generated_one_and_kept_on_uninstall() {
     }
     assert_eq!(normalise(&rendered["spec"]), normalise(&generated["spec"]), "chart CRD differs from the generated CRD");
     assert_eq!(rendered["metadata"]["annotations"]["helm.sh/resource-policy"], "keep");
+    let replay = docs
+        .iter()
+        .find(|d| d["kind"] == "CustomResourceDefinition" && d["metadata"]["name"] == "deadletterreplays.kpipe.io")
+        .expect("chart renders the DeadLetterReplay CRD");
+    let generated = serde_json::to_value(kpipe_api::v1alpha1::DeadLetterReplay::crd()).expect("crd json");
+    assert_eq!(normalise(&replay["spec"]), normalise(&generated["spec"]), "chart replay CRD differs");
+    assert_eq!(replay["metadata"]["annotations"]["helm.sh/resource-policy"], "keep");
 }
 
 #[tokio::test]

@@ -6,6 +6,7 @@
 
 pub mod build;
 pub mod controller;
+pub mod deadletters;
 pub mod group_offsets;
 pub mod keepalive;
 pub mod lag;
@@ -14,6 +15,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod probe;
 pub mod rbac;
+pub mod replay;
 pub mod scaler;
 pub mod secured_offsets;
 pub mod sim;

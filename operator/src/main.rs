@@ -16,8 +16,10 @@ use k8s_openapi::api::core::v1::ResourceRequirements;
 use kpipe_api::v1alpha1::ConsumerPipeline;
 use kpipe_operator::build::{MANAGER, WorkerDefaults};
 use kpipe_operator::controller::{self, Scope, Settings, Shared};
+use kpipe_operator::deadletters::DeadLetterReader;
 use kpipe_operator::leader::{self, Elector, LeaderFence, Timing, Transition};
 use kpipe_operator::metrics::Metrics;
+use kpipe_operator::replay::ReplayController;
 use kube::Client;
 use kube::api::{Api, ListParams};
 use prometheus::{IntCounterVec, Opts};
@@ -109,15 +111,31 @@ fn scopes(namespaces: &[String]) -> Vec<Scope> {
     if list.is_empty() { vec![Scope::All] } else { list.into_iter().map(Scope::Namespace).collect() }
 }
 
-/// Run the controllers until `stop` turns true.
+/// Run the controllers (and the dead-letter reader, `kpipe_operator::deadletters`, and the DeadLetterReplay
+/// controller, `kpipe_operator::replay`) until `stop` turns true.
 async fn run_controllers(shared: Arc<Shared>, scopes: Vec<Scope>, stop: watch::Receiver<bool>) {
+    // A fresh reader per leadership term: it re-reads the dead-letter topics from their log start.
+    let reader = Arc::new(DeadLetterReader::new(
+        shared.client.clone(),
+        shared.metrics.clone(),
+        shared.fence.clone(),
+        shared.settings.probe_timeout,
+    ));
+    let dead_letters = reader.run(scopes.clone(), stop.clone());
+    let replays = Arc::new(ReplayController::new(
+        shared.client.clone(),
+        shared.fence.clone(),
+        shared.settings.probe_timeout,
+        shared.settings.worker.clone(),
+    ));
+    let replays = replays.run(scopes.clone(), stop.clone());
     let runs = scopes.into_iter().map(|scope| {
         let mut stop = stop.clone();
         controller::run(shared.clone(), scope, async move {
             let _ = stop.wait_for(|s| *s).await;
         })
     });
-    join_all(runs).await;
+    futures::future::join3(join_all(runs), dead_letters, replays).await;
 }
 
 async fn shutdown_signal() {

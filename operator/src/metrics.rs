@@ -1,5 +1,8 @@
 //! Prometheus metrics (`kpipe_operator_` prefix, base units, `_total` counters).
 
+use std::collections::HashMap;
+
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
@@ -45,6 +48,14 @@ pub struct Metrics {
     pub probe_duration: HistogramVec,
     pub kafka_clients: IntGaugeVec,
     pub leader: IntGauge,
+    /// `kpipe_operator_pipeline_condition{namespace,pipeline,type,status,reason}`: 1 for each condition of the
+    /// pipeline's status as last listed, with its current status and reason ([`crate::deadletters`]).
+    pub pipeline_condition: IntGaugeVec,
+    /// `kpipe_operator_pipeline_suspended{namespace,pipeline}`: 1 while `spec.suspend` is true.
+    pub pipeline_suspended: IntGaugeVec,
+    /// `kpipe_operator_pipeline_dead_letters{namespace,pipeline,class}`: dead letters of the pipeline found in its
+    /// dead-letter topic, by error class (the counts of `status.deadLetters`).
+    pub pipeline_dead_letters: IntGaugeVec,
 }
 
 /// A static metric definition (an error is a programming error the tests catch).
@@ -160,6 +171,24 @@ impl Metrics {
             &["kind"],
         ));
         let leader = must(IntGauge::new("kpipe_operator_leader", "1 while this replica holds the leader lease"));
+        let pipeline_condition = must(IntGaugeVec::new(
+            Opts::new(
+                "kpipe_operator_pipeline_condition",
+                "1 for each status condition of the pipeline, labelled with its type, status and reason",
+            ),
+            &["namespace", "pipeline", "type", "status", "reason"],
+        ));
+        let pipeline_suspended = must(IntGaugeVec::new(
+            Opts::new("kpipe_operator_pipeline_suspended", "1 while the pipeline's spec.suspend is true"),
+            pipe,
+        ));
+        let pipeline_dead_letters = must(IntGaugeVec::new(
+            Opts::new(
+                "kpipe_operator_pipeline_dead_letters",
+                "Dead letters of the pipeline found in its dead-letter topic, by error class (status.deadLetters)",
+            ),
+            &["namespace", "pipeline", "class"],
+        ));
         for c in [
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(reconcile_errors.clone()),
@@ -179,6 +208,9 @@ impl Metrics {
             Box::new(probe_duration.clone()),
             Box::new(kafka_clients.clone()),
             Box::new(leader.clone()),
+            Box::new(pipeline_condition.clone()),
+            Box::new(pipeline_suspended.clone()),
+            Box::new(pipeline_dead_letters.clone()),
         ] {
             must(registry.register(c));
         }
@@ -202,6 +234,36 @@ impl Metrics {
             probe_duration,
             kafka_clients,
             leader,
+            pipeline_condition,
+            pipeline_suspended,
+            pipeline_dead_letters,
+        }
+    }
+
+    /// `kpipe_operator_pipeline_condition`: exactly the given (type, status, reason) series for the pipeline.
+    pub fn set_conditions(&self, namespace: &str, pipeline: &str, conditions: &[(String, String, String)]) {
+        self.remove_matching(&self.pipeline_condition, namespace, pipeline);
+        for (t, s, r) in conditions {
+            self.pipeline_condition.with_label_values(&[namespace, pipeline, t, s, r]).set(1);
+        }
+    }
+
+    /// Forget the condition, suspended and dead-letter series of a pipeline that is gone.
+    pub fn forget_dead_letters(&self, namespace: &str, pipeline: &str) {
+        self.remove_matching(&self.pipeline_condition, namespace, pipeline);
+        self.remove_matching(&self.pipeline_dead_letters, namespace, pipeline);
+        let _ = self.pipeline_suspended.remove_label_values(&[namespace, pipeline]);
+    }
+
+    /// Removes every series of `vec` whose first two labels are `namespace` and `pipeline`.
+    fn remove_matching(&self, vec: &IntGaugeVec, namespace: &str, pipeline: &str) {
+        for family in vec.collect() {
+            for m in family.get_metric() {
+                let labels: HashMap<&str, &str> = m.get_label().iter().map(|l| (l.name(), l.value())).collect();
+                if labels.get("namespace") == Some(&namespace) && labels.get("pipeline") == Some(&pipeline) {
+                    let _ = vec.remove(&labels);
+                }
+            }
         }
     }
 
@@ -324,5 +386,20 @@ mod tests {
         ));
         m.forget("ns", "p");
         assert!(!m.render().contains("pipeline=\"p\""));
+        let c = |t: &str, s: &str, r: &str| (t.to_string(), s.to_string(), r.to_string());
+        m.set_conditions("ns", "p", &[c("Degraded", "True", "TopicNotFound"), c("Ready", "False", "TopicNotFound")]);
+        m.set_conditions("ns", "q", &[c("Degraded", "False", "AsExpected")]);
+        m.set_conditions("ns", "p", &[c("Degraded", "False", "AsExpected")]);
+        let text = m.render();
+        assert!(text.contains(
+            "kpipe_operator_pipeline_condition{namespace=\"ns\",pipeline=\"p\",reason=\"AsExpected\",status=\"False\",type=\"Degraded\"} 1"
+        ));
+        assert!(!text.contains("TopicNotFound"), "old series removed:\n{text}");
+        assert!(text.contains("pipeline=\"q\""));
+        m.pipeline_dead_letters.with_label_values(&["ns", "p", "http_400"]).set(3);
+        m.forget_dead_letters("ns", "p");
+        let text = m.render();
+        assert!(!text.contains("pipeline=\"p\""), "{text}");
+        assert!(text.contains("pipeline=\"q\""));
     }
 }

@@ -27,6 +27,24 @@ pub const RULES: &[Rule] = &[
         used_by: "controller: server-side apply of .status",
     },
     Rule {
+        api_group: "kpipe.io",
+        resource: "deadletterreplays",
+        verbs: &["get", "list", "watch"],
+        used_by: "replay controller (operator/src/replay): primary watch of DeadLetterReplays",
+    },
+    Rule {
+        api_group: "kpipe.io",
+        resource: "deadletterreplays/status",
+        verbs: &["get", "patch"],
+        used_by: "replay controller: server-side apply of a replay's .status",
+    },
+    Rule {
+        api_group: "batch",
+        resource: "jobs",
+        verbs: &["get", "list", "watch", "create", "patch"],
+        used_by: "replay controller: owned-object watch and server-side apply of the replay Job",
+    },
+    Rule {
         api_group: "apps",
         resource: "deployments",
         verbs: &["get", "list", "watch", "create", "patch"],

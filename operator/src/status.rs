@@ -235,6 +235,8 @@ pub fn compute(previous: Option<&ConsumerPipelineStatus>, obs: &Observed, now: T
         last_scale_time: obs.scaled_at.clone().or_else(|| previous.and_then(|p| p.last_scale_time.clone())),
         workers: obs.workers.clone().or_else(|| previous.and_then(|p| p.workers.clone())),
         topics: obs.topics.records.clone().unwrap_or_else(|| previous.map(|p| p.topics.clone()).unwrap_or_default()),
+        // Owned by the dead-letter reader's own field manager (crate::deadletters); never applied here.
+        dead_letters: None,
     }
 }
 

@@ -310,7 +310,7 @@ impl JobContext {
                         self.health.dead_letter_failing(&record.topic, record.partition, record.offset, None);
                         self.health.unblock(&record.topic, record.partition, record.offset);
                     }
-                    self.metrics.dead_lettered.inc();
+                    self.metrics.dead_lettered.with_label_values(&[&failure.class.label()]).inc();
                     if let Written::Reference(shape) = written {
                         self.metrics.dead_letter_truncated.inc();
                         tracing::warn!(topic = %record.topic, partition = record.partition, offset = record.offset,
@@ -475,7 +475,7 @@ mod tests {
         assert_eq!(p.calls.lock().unwrap().len(), 1);
         assert_eq!(*d.written.lock().unwrap(), vec![(0, "http_400".to_string(), 1)]);
         assert_eq!(c.metrics.dead_letter_errors.get(), 2);
-        assert_eq!(c.metrics.dead_lettered.get(), 1);
+        assert_eq!(c.metrics.dead_lettered.with_label_values(&["http_400"]).get(), 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod partition;
 pub mod processor;
 pub mod record;
+pub mod replay;
 pub mod retry_after;
 pub mod run;
 pub mod scheduler;

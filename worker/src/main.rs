@@ -91,6 +91,24 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Replay mode (a DeadLetterReplay's Job): re-process the dead letters once and exit.
+    if let Ok(plan) = std::env::var(kpipe_api::replay::ENV_REPLAY_PLAN) {
+        let replayed = runtime.block_on(kpipe_worker::replay::run(config, &plan, settings.env));
+        return match replayed {
+            Ok(p) => {
+                println!(
+                    "replay finished: replayed {} succeeded {} failedAgain {} skipped {}",
+                    p.replayed, p.succeeded, p.failed_again, p.skipped
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                tracing::error!("{e}");
+                eprintln!("kpipe-worker: replay: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let result = runtime.block_on(async move {
         let shutdown = CancellationToken::new();
         tokio::spawn(wait_for_signal(shutdown.clone()));

@@ -11,7 +11,11 @@ pub struct Metrics {
     pub processed: IntCounter,
     pub failed: IntCounterVec,
     pub retried: IntCounter,
-    pub dead_lettered: IntCounter,
+    /// `kpipe_worker_records_dead_lettered_total{class}`: records written to the dead-letter topic, by the error
+    /// class of their last failure — the value of their `kpipe.error.class` header (`timeout`, `connection`,
+    /// `http_<status>`, `rejected`, `bad_response`, `produce`, `encode`, `deferred`; bounded by the HTTP status
+    /// codes).
+    pub dead_lettered: IntCounterVec,
     pub dead_letter_errors: IntCounter,
     pub dropped: IntCounter,
     pub batch_size: Histogram,
@@ -86,6 +90,14 @@ impl Metrics {
             &["class"],
         )?;
         registry.register(Box::new(failed.clone()))?;
+        let dead_lettered = IntCounterVec::new(
+            Opts::new(
+                "kpipe_worker_records_dead_lettered_total",
+                "Records written to the dead-letter topic, by the error class of their kpipe.error.class header",
+            ),
+            &["class"],
+        )?;
+        registry.register(Box::new(dead_lettered.clone()))?;
         let committed_offset = IntGaugeVec::new(
             Opts::new("kpipe_worker_committed_offset", "Last offset committed by this worker, per partition"),
             &["topic", "partition"],
@@ -114,10 +126,7 @@ impl Metrics {
             processed: counter("kpipe_worker_records_processed_total", "Records the processor completed")?,
             failed,
             retried: counter("kpipe_worker_records_retried_total", "Record retries scheduled")?,
-            dead_lettered: counter(
-                "kpipe_worker_records_dead_lettered_total",
-                "Records written to the dead-letter topic",
-            )?,
+            dead_lettered,
             dead_letter_errors: counter(
                 "kpipe_worker_dead_letter_errors_total",
                 "Failed dead-letter writes (retried)",
@@ -207,6 +216,7 @@ mod tests {
         let m = Metrics::new().unwrap();
         m.consumed.inc();
         m.failed.with_label_values(&["timeout"]).inc();
+        m.dead_lettered.with_label_values(&["http_400"]).inc();
         m.committed_offset.with_label_values(&["t", "0"]).set(5);
         m.offset_resets.with_label_values(&["below_log_start"]).inc();
         m.offset_regressions.inc();
@@ -214,6 +224,7 @@ mod tests {
         for name in [
             "kpipe_worker_records_consumed_total 1",
             "kpipe_worker_records_failed_total{class=\"timeout\"} 1",
+            "kpipe_worker_records_dead_lettered_total{class=\"http_400\"} 1",
             "kpipe_worker_committed_offset{partition=\"0\",topic=\"t\"} 5",
             "kpipe_worker_processing_duration_seconds_bucket",
             "kpipe_worker_in_flight_records 0",

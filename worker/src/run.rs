@@ -75,6 +75,25 @@ pub fn partition_settings(config: &WorkerConfig, drain_timeout: Duration) -> Par
     }
 }
 
+/// The pipeline's processor (the kafka forwarder needs `producer`; without one it is a no-op).
+pub fn processor_for(
+    config: &WorkerConfig,
+    producer: Option<&FutureProducer>,
+    limits: &Arc<TopicLimits>,
+    metrics: &Metrics,
+) -> Result<Arc<dyn Processor>, RunError> {
+    let spec = &config.spec;
+    Ok(match (&spec.processor.kind, producer) {
+        (ProcessorSpec::Http(h), _) => {
+            Arc::new(HttpProcessor::new(h, &config.namespace, &config.pipeline)?.with_ordering(spec.ordering))
+        }
+        (ProcessorSpec::Kafka(k), Some(p)) => {
+            Arc::new(KafkaForwarder::new(p.clone(), k, limits.clone(), metrics.clone()))
+        }
+        _ => Arc::new(NoopProcessor),
+    })
+}
+
 /// Runs the worker until `shutdown` is cancelled (or the consumer fails to start).
 pub async fn run(config: WorkerConfig, settings: RunSettings, shutdown: CancellationToken) -> Result<(), RunError> {
     let metrics = Metrics::new()?;
@@ -116,15 +135,7 @@ pub async fn run(config: WorkerConfig, settings: RunSettings, shutdown: Cancella
     } else {
         (None, Arc::new(TopicLimits::new(None)))
     };
-    let processor: Arc<dyn Processor> = match (&spec.processor.kind, &producer) {
-        (ProcessorSpec::Http(h), _) => {
-            Arc::new(HttpProcessor::new(h, &config.namespace, &config.pipeline)?.with_ordering(spec.ordering))
-        }
-        (ProcessorSpec::Kafka(k), Some(p)) => {
-            Arc::new(KafkaForwarder::new(p.clone(), k, limits.clone(), metrics.clone()))
-        }
-        _ => Arc::new(NoopProcessor),
-    };
+    let processor = processor_for(&config, producer.as_ref(), &limits, &metrics)?;
     // Downstream health gates (crate::breaker, crate::aimd): for processors that can be unavailable.
     let guarded = !matches!(spec.processor.kind, ProcessorSpec::Noop(_));
     let on_failure = spec.effective_on_failure();

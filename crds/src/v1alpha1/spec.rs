@@ -59,6 +59,12 @@ use crate::{ByteSize, Duration, rules};
         json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
         description = "Why the pipeline is (not) Ready: e.g. WorkersReady, ScaledToZero, CrashLoopingWorkers, Retrying"
     ),
+    printcolumn(
+        name = "DeadLetters",
+        type_ = "integer",
+        json_path = ".status.deadLetters.total",
+        description = "Dead letters of the pipeline in its dead-letter topic"
+    ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[x_kube(validation = rules::dead_letter_required())]

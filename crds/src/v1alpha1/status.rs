@@ -1,5 +1,7 @@
 //! `ConsumerPipeline.status`: what the operator observed and decided.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -70,6 +72,11 @@ pub struct ConsumerPipelineStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub topics: Vec<TopicRecord>,
+    /// Dead letters of this pipeline found in its dead-letter topic (`spec.deadLetter.topic`), by error class.
+    /// Written by the operator's dead-letter reader (field manager `kpipe-operator-dead-letters`), not by the
+    /// reconciler; absent for pipelines without a dead-letter topic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letters: Option<DeadLetterSummary>,
 }
 
 /// The operator's durable record of one source topic.
@@ -88,6 +95,31 @@ pub struct TopicRecord {
     /// becomes idle and when the offsets change while idle, never while workers commit.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub committed_offsets: Vec<i64>,
+}
+
+/// Dead letters of a pipeline, counted from the records of its dead-letter topic whose `kpipe.pipeline` header
+/// names it (a topic shared by pipelines is counted per pipeline). The operator reads the topic from its log start
+/// when it starts leading, then only what is appended, so the counts are the dead letters retained at that moment
+/// plus those written since; records that retention removes later stay counted. `kubectl get cpl -o
+/// jsonpath='{.status.deadLetters}'` shows them.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetterSummary {
+    /// The dead-letter topic read.
+    pub topic: String,
+    /// Dead letters of this pipeline.
+    pub total: i64,
+    /// Dead letters by the value of their `kpipe.error.class` header (`timeout`, `http_503`, `rejected`, ...;
+    /// `unknown` when the header is missing).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub by_class: BTreeMap<String, i64>,
+    /// Per partition of the topic (key: the partition number), the offset up to which it has been read: the
+    /// counts are complete when these equal the partitions' end offsets.
+    #[serde(default)]
+    pub read_offsets: BTreeMap<String, i64>,
+    /// When the counts were last brought up to date (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_at: Option<Time>,
 }
 
 /// The worker pods of a pipeline (from the Pods' status).

@@ -224,7 +224,14 @@ impl Shared {
         }
     }
 
-    pub(crate) async fn event(&self, oref: &ObjectReference, type_: EventType, reason: &str, note: String, action: &str) {
+    pub(crate) async fn event(
+        &self,
+        oref: &ObjectReference,
+        type_: EventType,
+        reason: &str,
+        note: String,
+        action: &str,
+    ) {
         if !self.fence.may_act() {
             debug!(reason, "not the leader: Event not published");
             return;

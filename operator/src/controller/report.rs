@@ -223,7 +223,11 @@ pub async fn publish(
 
     let prev_status = cp.status.as_ref();
     let new_status = status::compute(prev_status, &report.observed, Time(jiff::Timestamp::now()));
-    if prev_status != Some(&new_status) && shared.fence.may_act() {
+    // `deadLetters` belongs to the dead-letter reader's field manager ([`crate::deadletters`]): never applied
+    // here, so it does not count as a change either (it would rewrite the status every poll).
+    let unchanged =
+        prev_status.is_some_and(|p| ConsumerPipelineStatus { dead_letters: None, ..p.clone() } == new_status);
+    if !unchanged && shared.fence.may_act() {
         let api: Api<ConsumerPipeline> = Api::namespaced(shared.client.clone(), &ns);
         let patch = |status: &ConsumerPipelineStatus| {
             Patch::Apply(serde_json::json!({
