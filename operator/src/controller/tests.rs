@@ -81,6 +81,30 @@ fn api_error() -> Problem {
     Problem::KubernetesApi { message: "reading ConfigMap shop/orders-worker: 503".into() }
 }
 
+/// Plan inputs for `cp` at operator time `now_secs` (everything else at rest: no ready consumer, wall clock 0).
+fn inputs<'a>(
+    cp: &'a ConsumerPipeline,
+    validated: Result<&'a ValidatedPipeline, Problem>,
+    kafka: KafkaObservation,
+    children: &'a Children,
+    ownership: &'a Ownership,
+    current: i32,
+    now_secs: u64,
+) -> PlanInputs<'a> {
+    PlanInputs {
+        spec: &cp.spec,
+        validated,
+        kafka,
+        children,
+        ownership,
+        current,
+        consumers: Consumers::default(),
+        now: Duration::from_secs(now_secs),
+        wall_ms: 0,
+        stuck_after_polls: 6,
+    }
+}
+
 struct Case {
     name: &'static str,
     /// `None`: the spec is valid; `Some(p)`: dereference/validation failed with `p`.
@@ -101,21 +125,7 @@ fn run(case: Case, state: &mut PipelineState) -> Plan {
         None => Ok(&v),
         Some(p) => Err(p.clone()),
     };
-    plan::plan(
-        PlanInputs {
-            spec: &cp.spec,
-            validated,
-            kafka: (case.kafka)(),
-            children: &children,
-            ownership: &ownership,
-            current: 0,
-            consumers: Consumers::default(),
-            now: Duration::from_secs(100),
-            wall_ms: 1_700_000_000_000,
-            stuck_after_polls: 6,
-        },
-        state,
-    )
+    plan::plan(inputs(&cp, validated, (case.kafka)(), &children, &ownership, 0, 100), state)
 }
 
 #[test]
@@ -291,21 +301,11 @@ fn a_denied_apply_is_reported_and_keeps_the_old_replica_count() {
         config_map: Some(our_child("old-hash", None)),
     };
     let ownership = Ownership { deployment: Ok(true), config_map: Ok(true) };
-    let plan = plan::plan(
-        PlanInputs {
-            spec: &cp.spec,
-            validated: Ok(&v),
-            kafka: probed(&[500, 500, 500]),
-            children: &children,
-            ownership: &ownership,
-            current: 1,
-            consumers: Consumers { ready: 1, epoch: 1 },
-            now: Duration::from_secs(100),
-            wall_ms: 0,
-            stuck_after_polls: 6,
-        },
-        &mut state,
-    );
+    let running = PlanInputs {
+        consumers: Consumers { ready: 1, epoch: 1 },
+        ..inputs(&cp, Ok(&v), probed(&[500, 500, 500]), &children, &ownership, 1, 100)
+    };
+    let plan = plan::plan(running, &mut state);
     assert_eq!(plan.writes, Some(Writes { config_map: true, deployment: true }), "stale hash: both rewritten");
     let denied = Problem::ChildApplyFailed { message: "applying Deployment shop/orders-worker: quota exceeded".into() };
     let r = report::assess(
@@ -339,21 +339,7 @@ fn an_applied_scale_up_is_an_event_and_remembered() {
         config_map: Some(our_child(&v.config_hash, None)),
     };
     let ownership = Ownership { deployment: Ok(true), config_map: Ok(true) };
-    let plan = plan::plan(
-        PlanInputs {
-            spec: &cp.spec,
-            validated: Ok(&v),
-            kafka: probed(&[500, 500]),
-            children: &children,
-            ownership: &ownership,
-            current: 0,
-            consumers: Consumers::default(),
-            now: Duration::from_secs(100),
-            wall_ms: 0,
-            stuck_after_polls: 6,
-        },
-        &mut state,
-    );
+    let plan = plan::plan(inputs(&cp, Ok(&v), probed(&[500, 500]), &children, &ownership, 0, 100), &mut state);
     assert_eq!(plan.writes, Some(Writes { config_map: false, deployment: true }), "only the replica count moves");
     let desired = plan.decision.desired;
     assert!(desired >= 1, "never strand a backlog");
@@ -384,18 +370,15 @@ fn a_pending_coordinator_is_normal_until_the_grace_runs_out() {
     let mut state = PipelineState::default();
     let at = |secs: u64, state: &mut PipelineState| {
         plan::plan(
-            PlanInputs {
-                spec: &cp.spec,
-                validated: Ok(&v),
-                kafka: KafkaObservation::Failed(ProbeError::CoordinatorPending("error 15".into())),
-                children: &children,
-                ownership: &ownership,
-                current: 0,
-                consumers: Consumers::default(),
-                now: Duration::from_secs(secs),
-                wall_ms: 0,
-                stuck_after_polls: 6,
-            },
+            inputs(
+                &cp,
+                Ok(&v),
+                KafkaObservation::Failed(ProbeError::CoordinatorPending("error 15".into())),
+                &children,
+                &ownership,
+                0,
+                secs,
+            ),
             state,
         )
     };
@@ -461,21 +444,7 @@ fn kafka_side_problems() {
         let v = validated(&cp);
         let children = Children { name: "orders-worker".into(), ..Default::default() };
         let ownership = Ownership { deployment: Ok(true), config_map: Ok(true) };
-        let p = plan::plan(
-            PlanInputs {
-                spec: &cp.spec,
-                validated: Ok(&v),
-                kafka,
-                children: &children,
-                ownership: &ownership,
-                current: 0,
-                consumers: Consumers::default(),
-                now: Duration::from_secs(100),
-                wall_ms: 0,
-                stuck_after_polls: 6,
-            },
-            &mut PipelineState::default(),
-        );
+        let p = plan::plan(inputs(&cp, Ok(&v), kafka, &children, &ownership, 0, 100), &mut PipelineState::default());
         eprintln!("case: {name}");
         check(&p);
     }

@@ -439,6 +439,10 @@ mod tests {
         assert!(s("kpipe.error.message").len() <= 1024);
         assert_eq!(s("kpipe.attempts"), "3");
         assert_eq!(s("kpipe.pipeline"), "ns/p");
+        // A replay strips exactly the context headers this writer adds (one list in kpipe_api::replay).
+        for k in h.keys() {
+            assert!(kpipe_api::replay::CONTEXT_HEADERS.contains(&k.as_str()), "{k} missing from CONTEXT_HEADERS");
+        }
     }
 
     #[tokio::test]
