@@ -66,7 +66,9 @@ pub fn consumer(config: &WorkerConfig, env: &Env) -> ClientConfig {
     let mut c = common(config, env);
     c.set("group.id", &config.group_id);
     c.set("partition.assignment.strategy", "cooperative-sticky");
-    // kpipe commits explicitly (periodic async, sync on revoke/shutdown) from its own tracker.
+    // kpipe commits explicitly from its own tracker, always synchronously: periodic and early commits on the
+    // committer thread (their acknowledgement moves each partition's uncommitted window), final ones on revoke and
+    // at shutdown.
     c.set("enable.auto.commit", "false");
     c.set("enable.auto.offset.store", "false");
     c.set("enable.partition.eof", "false");

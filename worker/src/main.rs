@@ -35,7 +35,8 @@ struct Args {
     /// they are abandoned uncommitted. Keep it below the pod's termination grace period.
     #[arg(long, env = ENV_SHUTDOWN_TIMEOUT, default_value = "20s")]
     shutdown_timeout: String,
-    /// How often done offsets are committed (asynchronously).
+    /// How often done offsets are committed. Commits are synchronous, sent by a committer thread so the poll
+    /// thread never waits for the broker; partitions near their uncommitted bound ask for one earlier.
     #[arg(long, env = "KPIPE_COMMIT_INTERVAL", default_value = "1s")]
     commit_interval: String,
 }
