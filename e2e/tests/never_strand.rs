@@ -148,10 +148,16 @@ async fn crash_looping_workers_never_strand_the_backlog() {
     let ids = wait_delivered(&sink, &expected, Duration::from_secs(480)).await;
     let delivered_at = samples.lock().unwrap().last().map(|s| s.at).unwrap_or(0.0);
     wait_back_at_zero(&bed, ns.name(), "crashloop", Duration::from_secs(180)).await;
+    // The sampler polls every 500 ms: give it time to record the state just seen, so the check below has a sample.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     watcher.abort();
     let samples = samples.lock().unwrap().clone();
-    let first_zero_after_work =
-        samples.iter().skip_while(|s| s.replicas <= 0).find(|s| s.replicas == 0).map(|s| s.at).unwrap_or(f64::MAX);
+    let first_zero_after_work = samples
+        .iter()
+        .skip_while(|s| s.replicas <= 0)
+        .find(|s| s.replicas == 0)
+        .map(|s| s.at)
+        .unwrap_or_else(|| panic!("the sampler never saw the pipeline back at zero after the work: {samples:?}"));
     let stranded = longest_backlog_at_zero(&samples);
     let workers = status_after_chaos.workers.clone().unwrap_or_default();
     let events = events_for(&bed, ns.name(), "crashloop").await.expect("events");
