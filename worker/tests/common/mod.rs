@@ -368,11 +368,13 @@ fn send_signal(pid: u32, sig: i32) {
     assert!(status.success(), "kill -{sig} {pid} failed");
 }
 
-/// Metric value from Prometheus text (first sample whose line starts with `name`).
+/// Metric value from Prometheus text: the sum of every sample of `name` over all its label sets (a labelled
+/// counter's total, e.g. dead letters of every class); `None` when there is no sample.
 pub fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .fold(None, |sum, v| Some(sum.unwrap_or(0.0) + v))
 }
 
 pub fn report_duplicates(accepted: &HashMap<u64, u32>) -> usize {
