@@ -25,11 +25,13 @@ cargo build -p kpipe-e2e --bins
 
 step "3/6 helm install kpipe into $SYSTEM_NS"
 # A CRD left by earlier test runs on this bed is adopted by the release (Helm's ownership labels/annotations).
-if k get crd consumerpipelines.kpipe.io >/dev/null 2>&1; then
-  k label crd consumerpipelines.kpipe.io app.kubernetes.io/managed-by=Helm --overwrite >/dev/null
-  k annotate crd consumerpipelines.kpipe.io meta.helm.sh/release-name=kpipe \
-    meta.helm.sh/release-namespace="$SYSTEM_NS" --overwrite >/dev/null
-fi
+for crd in consumerpipelines.kpipe.io deadletterreplays.kpipe.io; do
+  if k get crd "$crd" >/dev/null 2>&1; then
+    k label crd "$crd" app.kubernetes.io/managed-by=Helm --overwrite >/dev/null
+    k annotate crd "$crd" meta.helm.sh/release-name=kpipe meta.helm.sh/release-namespace="$SYSTEM_NS" \
+      --overwrite >/dev/null
+  fi
+done
 "$HELM" upgrade --install kpipe charts/kpipe --namespace "$SYSTEM_NS" --create-namespace \
   --set logging.format=text --wait --timeout 180s
 k -n "$SYSTEM_NS" get pods -o wide
