@@ -58,6 +58,11 @@ impl Backpressure {
         }
     }
 
+    /// The pause asked for by [`Backpressure::overflowed`] failed: still consuming, so the next overflow asks again.
+    pub(super) fn pause_failed(&mut self) {
+        self.flow = Flow::Consuming;
+    }
+
     /// After a flush: `overflow_empty` when every overflowed chunk reached the task, `free_slots` of
     /// `max_slots` chunks free in its channel. Resumes when both allow it.
     pub(super) fn flushed(&mut self, overflow_empty: bool, free_slots: usize, max_slots: usize) -> Option<Action> {
@@ -100,6 +105,15 @@ mod tests {
         assert_eq!(b.overflowed(500, 5_000), None, "already paused: no second pause");
         let mut b = Backpressure::new(LIMIT);
         assert_eq!(b.overflowed(1, 1_000), Some(Action::Pause), "the byte limit alone pauses");
+    }
+
+    #[test]
+    fn a_failed_pause_is_asked_for_again() {
+        let mut b = Backpressure::new(LIMIT);
+        assert_eq!(b.overflowed(100, 0), Some(Action::Pause));
+        b.pause_failed();
+        assert!(!b.is_paused());
+        assert_eq!(b.overflowed(101, 0), Some(Action::Pause), "the next overflow pauses again");
     }
 
     #[test]

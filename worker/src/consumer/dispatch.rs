@@ -282,10 +282,14 @@ impl Dispatch {
         if h.backpressure.overflowed(h.overflow_records, h.overflow_bytes) == Some(Action::Pause) {
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition(&h.topic, *partition);
-            if let Err(e) = consumer.pause(&tpl) {
-                tracing::warn!(topic = %h.topic, partition, "cannot pause partition: {e}");
+            match consumer.pause(&tpl) {
+                Ok(()) => self.metrics.paused_partitions.inc(),
+                Err(e) => {
+                    // Not paused: retried at the next overflow instead of believing the partition paused.
+                    tracing::warn!(topic = %h.topic, partition, "cannot pause partition: {e}");
+                    h.backpressure.pause_failed();
+                }
             }
-            self.metrics.paused_partitions.inc();
         }
     }
 

@@ -70,7 +70,7 @@ impl ConsumerLoop {
             if self.shutdown.is_cancelled() {
                 return Ok(());
             }
-            match self.consumer.fetch_metadata(Some(&self.topics[0]), Duration::from_secs(5)) {
+            match self.consumer.fetch_metadata(self.topics.first().map(String::as_str), Duration::from_secs(5)) {
                 Ok(_) => break,
                 Err(e) => {
                     tracing::warn!("brokers not reachable yet: {e}; retrying in {wait:?}");
@@ -151,7 +151,8 @@ impl ConsumerLoop {
             if d.health.has_broker_error() && last_probe.elapsed() >= Duration::from_secs(5) {
                 // Idle consumers get no message or commit that would clear the error: probe.
                 last_probe = Instant::now();
-                if self.consumer.fetch_metadata(Some(&self.topics[0]), Duration::from_secs(1)).is_ok() {
+                if self.consumer.fetch_metadata(self.topics.first().map(String::as_str), Duration::from_secs(1)).is_ok()
+                {
                     d.health.set_broker_error(None);
                 }
             }
