@@ -23,7 +23,7 @@ use k8s_openapi::api::core::v1::EnvVar;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, OwnerReference, Time};
 use kpipe_api::replay::{self as rp, Progress, ReplayPlan, Selection};
 use kpipe_api::v1alpha1::{ConsumerPipeline, DeadLetterReplay, DeadLetterReplayStatus, ReplayPhase};
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Client, Resource, ResourceExt};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -284,6 +284,26 @@ impl ReplayController {
             st.end_offsets.iter().filter_map(|(p, o)| p.parse::<i32>().ok().map(|p| (p, *o))).collect();
         let jobs: Api<Job> = Api::namespaced(self.client.clone(), &ns);
         let job = match jobs.get_opt(&job_name(&name)).await? {
+            // A same-named Job this replay does not control is someone else's: never adopted, read or touched.
+            Some(j)
+                if !j
+                    .owner_references()
+                    .iter()
+                    .any(|o| o.controller == Some(true) && Some(&o.uid) == r.uid().as_ref()) =>
+            {
+                let message = format!(
+                    "Job {ns}/{} already exists and is not controlled by this replay; kpipe does not touch it. Rename \
+                     or delete it, or rename the replay",
+                    job_name(&name)
+                );
+                st.conditions =
+                    vec![condition(COMPLETE, false, "JobConflict", &message, r.metadata.generation, &old.conditions)];
+                if st != old {
+                    self.event(r, EventType::Warning, "JobConflict", &message).await;
+                    self.write_status(&ns, &name, &st).await?;
+                }
+                return Ok(());
+            }
             Some(j) => j,
             None => {
                 let job = replay_job(r, &p, &plan(r, &dlq, &ends), &self.worker)?;
@@ -292,8 +312,10 @@ impl ReplayController {
                 }
                 // Server-side apply of an absent Job creates it; the Job is never applied again (its template is
                 // immutable and the replay's plan is fixed).
-                let created =
-                    jobs.patch(&job_name(&name), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&job)).await?;
+                // Created, not applied: a same-named Job that appeared since the read is a conflict (409), not taken over.
+                let created = jobs
+                    .create(&PostParams { field_manager: Some(MANAGER.into()), ..Default::default() }, &job)
+                    .await?;
                 let total: i64 = ends.values().sum();
                 self.event(
                     r,
