@@ -125,7 +125,7 @@ pub fn condition_series(status: Option<&ConsumerPipelineStatus>) -> Vec<Conditio
 /// Reads what `topic` holds beyond `tally.read` (blocking; at most `max_records` records) and counts the
 /// pipeline's dead letters into `tally`.
 pub fn read_topic(
-    cluster: &Cluster,
+    consumer: &BaseConsumer,
     topic: &str,
     pipeline: &str,
     tally: &mut Tally,
@@ -134,13 +134,6 @@ pub fn read_topic(
 ) -> Result<(), DeadLetterError> {
     let kafka =
         |e: rdkafka::error::KafkaError| DeadLetterError::Kafka { topic: topic.to_string(), detail: e.to_string() };
-    let consumer: BaseConsumer = cluster
-        .client_config(crate::deadletters::FIELD_MANAGER, timeout)
-        .set("client.id", "kpipe-operator-dead-letters")
-        .set("group.id", "kpipe-operator-dead-letters")
-        .set("enable.partition.eof", "false")
-        .create()
-        .map_err(kafka)?;
     let metadata = consumer.fetch_metadata(Some(topic), timeout).map_err(kafka)?;
     let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else {
         return Err(DeadLetterError::TopicNotFound(topic.to_string()));
@@ -217,6 +210,20 @@ pub fn read_topic(
     Ok(())
 }
 
+/// The reader's consumer for `cluster`: never subscribes or commits, [`read_topic`] assigns what it reads. One per
+/// cluster, kept across passes (a client per pipeline and pass would reconnect every few seconds).
+pub fn dead_letter_consumer(cluster: &Cluster, timeout: Duration) -> Result<BaseConsumer, DeadLetterError> {
+    cluster
+        .client_config(READER_CLIENT_ID, timeout)
+        .set("group.id", READER_CLIENT_ID)
+        .set("enable.partition.eof", "false")
+        .create()
+        .map_err(|e| DeadLetterError::Kafka { topic: String::new(), detail: e.to_string() })
+}
+
+/// `client.id` (and unused `group.id`) of the dead-letter reader's consumers.
+const READER_CLIENT_ID: &str = "kpipe-operator-dead-letters";
+
 /// Lists the pipelines every [`INTERVAL`], exports their condition gauges and keeps `status.deadLetters` current.
 pub struct DeadLetterReader {
     client: Client,
@@ -225,6 +232,8 @@ pub struct DeadLetterReader {
     timeout: Duration,
     /// uid → (namespace, name, topic, tally).
     tallies: Mutex<HashMap<String, Tracked>>,
+    /// [`Cluster::key`] → the consumer reading that cluster's dead-letter topics (passes are sequential).
+    consumers: Mutex<HashMap<String, Arc<BaseConsumer>>>,
 }
 
 struct Tracked {
@@ -237,7 +246,14 @@ struct Tracked {
 impl DeadLetterReader {
     /// A reader writing through `client` while `fence` allows it.
     pub fn new(client: Client, metrics: Metrics, fence: LeaderFence, timeout: Duration) -> Self {
-        Self { client, metrics, fence, timeout, tallies: Mutex::new(HashMap::new()) }
+        Self {
+            client,
+            metrics,
+            fence,
+            timeout,
+            tallies: Mutex::new(HashMap::new()),
+            consumers: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Runs passes until `stop` turns true.
@@ -298,15 +314,33 @@ impl DeadLetterReader {
             }
         };
         let cluster = Cluster::plaintext(p.spec.source.bootstrap_servers.clone());
+        let key = cluster.key();
+        let cached = self.consumers.lock().ok().and_then(|c| c.get(&key).cloned());
         let (timeout, t2, pipeline) = (self.timeout, topic.clone(), name.clone());
         let read = tokio::task::spawn_blocking(move || {
-            let r = read_topic(&cluster, &t2, &pipeline, &mut tally, timeout, MAX_RECORDS_PER_PASS);
-            (r, tally)
+            let consumer = match cached {
+                Some(c) => c,
+                None => match dead_letter_consumer(&cluster, timeout) {
+                    Ok(c) => Arc::new(c),
+                    Err(e) => return (None, Err(e), tally),
+                },
+            };
+            let r = read_topic(&consumer, &t2, &pipeline, &mut tally, timeout, MAX_RECORDS_PER_PASS);
+            (Some(consumer), r, tally)
         })
         .await;
         let tally = match read {
-            Ok((Ok(()), tally)) => tally,
-            Ok((Err(e), _)) => {
+            Ok((consumer, Ok(()), tally)) => {
+                if let (Some(c), Ok(mut cached)) = (consumer, self.consumers.lock()) {
+                    cached.insert(key, c);
+                }
+                tally
+            }
+            Ok((_, Err(e), _)) => {
+                // A fresh client next pass: the failure may be the connection's.
+                if let Ok(mut cached) = self.consumers.lock() {
+                    cached.remove(&key);
+                }
                 tracing::debug!(namespace = %ns, pipeline = %name, error = %e, "dead-letter topic not read");
                 return;
             }

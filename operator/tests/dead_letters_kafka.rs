@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use kpipe_e2e::testbed::TestBed;
-use kpipe_operator::deadletters::{Tally, read_topic};
+use kpipe_operator::deadletters::{Tally, dead_letter_consumer, read_topic};
 use kpipe_operator::probe::Cluster;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions};
@@ -41,11 +41,13 @@ async fn counts_a_pipelines_dead_letters_incrementally_and_restarts_on_a_recreat
     dead_letters(&bootstrap, &topic, &[("orders", "http_400")]).await;
     let cluster = Cluster { bootstrap_servers: vec![bootstrap.clone()], ..Default::default() };
     let mut tally = Tally::default();
+    // One consumer for every pass, as the reader keeps it: each pass re-assigns what it reads.
+    let consumer = std::sync::Arc::new(dead_letter_consumer(&cluster, Duration::from_secs(10)).expect("consumer"));
     let read = |tally: &mut Tally, max: usize| {
-        let (cluster, topic) = (cluster.clone(), topic.clone());
+        let (consumer, topic) = (consumer.clone(), topic.clone());
         let mut t = tally.clone();
         let r = std::thread::spawn(move || {
-            read_topic(&cluster, &topic, "orders", &mut t, Duration::from_secs(10), max).map(|()| t)
+            read_topic(&consumer, &topic, "orders", &mut t, Duration::from_secs(10), max).map(|()| t)
         })
         .join()
         .unwrap();
