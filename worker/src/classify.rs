@@ -140,6 +140,29 @@ pub fn classify_reqwest(err: &reqwest::Error) -> FailureClass {
     }
 }
 
+/// The [`Failure`] for an HTTP client error: its class ([`classify_reqwest`]) and a message that
+/// names the cause.
+///
+/// reqwest's own `Display` stops at "error sending request for url (…)"; the cause a user can act
+/// on ("Connection refused", "dns error", a TLS verification failure) sits in the `source()` chain,
+/// so the message is the error followed by each source, `": "`-separated, repeats skipped. The
+/// message reaches logs and the dead-letter topic's `kpipe.error.message` header; credentials in a
+/// URL (`https://user:secret@host/`) never appear in it, because reqwest moves them into the
+/// `Authorization` header before sending (the test below holds it to that).
+pub fn reqwest_failure(err: &reqwest::Error) -> Failure {
+    let mut message = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    Failure::new(classify_reqwest(err), message)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,5 +221,19 @@ mod tests {
         let err = client.post("http://127.0.0.1:9/").header("ce-partitionkey", "a\u{1}b").send().await.unwrap_err();
         assert_eq!(classify_reqwest(&err), FailureClass::Encode, "{err:?}");
         assert!(!classify_reqwest(&err).is_retryable());
+    }
+
+    #[tokio::test]
+    async fn a_connection_failure_names_its_cause_and_hides_url_credentials() {
+        // A port nothing listens on: bind one, note it, drop the listener.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let client = reqwest::Client::new();
+        let err = client.post(format!("http://alice:s3cret@127.0.0.1:{port}/batch")).send().await.unwrap_err();
+        let failure = reqwest_failure(&err);
+        assert_eq!(failure.class, FailureClass::Connection, "{failure:?}");
+        assert!(!failure.message.contains("s3cret"), "{}", failure.message);
+        assert!(!failure.message.contains("alice"), "{}", failure.message);
+        assert!(failure.message.contains(&format!("127.0.0.1:{port}/batch")), "{}", failure.message);
+        assert!(failure.message.to_lowercase().contains("refused"), "the cause is named: {}", failure.message);
     }
 }

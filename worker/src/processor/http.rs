@@ -40,7 +40,7 @@ use prost::Message;
 use serde::{Deserialize, Serialize};
 
 use super::{BatchOutcome, Processor};
-use crate::classify::{Failure, FailureClass, classify_reqwest};
+use crate::classify::{Failure, FailureClass, reqwest_failure};
 use crate::proto;
 use crate::record::Record;
 use crate::retry_after;
@@ -180,13 +180,13 @@ impl HttpProcessor {
         };
         let resp = match self.request().header("content-type", content_type).body(body).send().await {
             Ok(r) => r,
-            Err(e) => return BatchOutcome::Failed(Failure::new(classify_reqwest(&e), e.to_string())),
+            Err(e) => return BatchOutcome::Failed(reqwest_failure(&e)),
         };
         let status = resp.status();
         let wait = retry_after_of(&resp);
         let bytes = match resp.bytes().await {
             Ok(b) => b,
-            Err(e) => return BatchOutcome::Failed(Failure::new(classify_reqwest(&e), e.to_string())),
+            Err(e) => return BatchOutcome::Failed(reqwest_failure(&e)),
         };
         if !status.is_success() {
             let snippet = String::from_utf8_lossy(&bytes[..bytes.len().min(256)]).into_owned();
@@ -240,11 +240,7 @@ impl HttpProcessor {
             }
         }
         req = req.header("content-type", content_type);
-        let resp = req
-            .body(record.value.clone().unwrap_or_default())
-            .send()
-            .await
-            .map_err(|e| Failure::new(classify_reqwest(&e), e.to_string()))?;
+        let resp = req.body(record.value.clone().unwrap_or_default()).send().await.map_err(|e| reqwest_failure(&e))?;
         let status = resp.status();
         if status.is_success() {
             Ok(())
