@@ -207,6 +207,9 @@ pub struct TopicState {
     announced: BTreeSet<(String, String)>,
     /// Polls in a row whose status came back without the `topics` this operator wrote.
     missing_polls: u32,
+    /// Why the last attempt to move a recreated topic's offsets to its log start failed (cleared when one
+    /// succeeds): the workers stay held at zero meanwhile, so status and an Event must say why.
+    reset_error: Option<String>,
 }
 
 /// Polls in a row after which a status without `topics` means the installed CRD does not keep the field.
@@ -320,8 +323,22 @@ impl TopicState {
                     done = self.recreated.clone();
                 }
                 Ok(false) => {}
-                Err(e) => debug!(group, error = %e, "moving a recreated topic's offsets failed; retried next poll"),
+                Err(e) => {
+                    let error = e.to_string();
+                    warn!(group, %error, "moving a recreated topic's offsets failed; retried next poll");
+                    if self.reset_error.as_deref() != Some(error.as_str()) {
+                        let note = format!(
+                            "cannot commit the recreated topics' log-start offsets ({error}); workers stay at zero \
+                             and it is retried every poll"
+                        );
+                        shared.event(oref, EventType::Warning, TOPIC_RECREATED, note, "ResetOffsets").await;
+                    }
+                    self.reset_error = Some(error);
+                }
             }
+        }
+        if self.recreated.is_empty() || !done.is_empty() {
+            self.reset_error = None;
         }
         self.ids = Some(ids_to_record(&topics, &recorded, &observed, &done));
         self.announced.retain(|(t, id)| self.recreated.iter().any(|r| &r.topic == t && &r.new_id == id));
@@ -360,11 +377,15 @@ impl TopicState {
                 .map(|ids| records(ids, exported.as_ref(), previous)),
             recreated: (!self.recreated.is_empty()).then(|| {
                 let list: Vec<String> = self.recreated.iter().map(|r| r.to_string()).collect();
-                format!(
+                let mut message = format!(
                     "deleted and recreated: {}; the old topic's committed offsets are discarded and the workers \
                      held at zero until the group starts at the new topic's log start",
                     list.join(", ")
-                )
+                );
+                if let Some(error) = &self.reset_error {
+                    message.push_str(&format!("; committing that start failed: {error} (retried every poll)"));
+                }
+                message
             }),
         }
     }
@@ -488,5 +509,20 @@ mod tests {
         let held = hold(d, &s);
         assert_eq!((held.desired, held.reason), (0, Reason::TopicRecreated));
         assert!(s.for_status(&OffsetBook::default(), None).recreated.unwrap().contains("b (topic ID B1 → B2)"));
+    }
+
+    /// A reset that keeps failing (e.g. the operator may not commit the group's offsets) keeps the workers
+    /// at zero: the condition names the failure instead of only saying they are held.
+    #[test]
+    fn a_failing_reset_is_named_in_the_condition() {
+        let mut s = TopicState {
+            recreated: vec![Recreated { topic: "b".into(), old_id: "B1".into(), new_id: "B2".into() }],
+            reset_error: Some("Group authorization failed".into()),
+            ..Default::default()
+        };
+        let m = s.for_status(&OffsetBook::default(), None).recreated.unwrap();
+        assert!(m.contains("committing that start failed: Group authorization failed"), "{m}");
+        s.reset_error = None;
+        assert!(!s.for_status(&OffsetBook::default(), None).recreated.unwrap().contains("failed"));
     }
 }
