@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use kpipe_api::v1alpha1::ConsumerPipeline;
-use kpipe_e2e::testbed::{TestBed, wait_for};
+use kpipe_e2e::testbed::{TestBed, await_condition, wait_for};
 use kpipe_operator::group_offsets::{Commit, GroupOffsets};
+use kpipe_test_support::{free_port, http_get};
 use kube::Api;
 use kube::api::PostParams;
 use rdkafka::admin::AdminOptions;
@@ -29,16 +30,8 @@ impl Drop for Operator {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 async fn metric(port: u16, prefix: &str) -> Option<f64> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").await.ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.ok()?;
+    let buf = http_get(port, "/metrics").await?;
     buf.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
 }
 
@@ -93,12 +86,10 @@ async fn admin_deleted_offsets_of_an_idle_pipeline_are_restored_loudly() {
     .unwrap();
     cps.create(&PostParams::default(), &cp).await.unwrap();
     // Idle and recorded: a few polls at lag 0.
-    wait_for("pipeline idle at lag 0", Duration::from_secs(60), || async {
-        let cp = cps.get("idle").await.ok()?;
-        (cp.status.as_ref()?.lag.as_ref()?.total == 0).then_some(())
-    })
-    .await
-    .unwrap();
+    let idle = |cp: Option<&ConsumerPipeline>| {
+        cp.and_then(|cp| cp.status.as_ref()?.lag.as_ref()).is_some_and(|lag| lag.total == 0)
+    };
+    await_condition(cps.clone(), "idle", "pipeline idle at lag 0", Duration::from_secs(60), idle).await.unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     // An admin deletes the group: every committed offset is gone at once.

@@ -25,6 +25,7 @@ use kpipe_e2e::scenario::{
 };
 use kpipe_e2e::testbed::{TestBed, wait_for};
 use kpipe_operator::group_offsets::GroupOffsets;
+use kpipe_test_support::free_port;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -38,10 +39,6 @@ impl Drop for Operator {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn ids(prefix: &str, range: std::ops::Range<usize>) -> Vec<String> {

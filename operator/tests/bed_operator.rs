@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kpipe_api::v1alpha1::ConsumerPipeline;
-use kpipe_e2e::testbed::{TestBed, wait_for};
+use kpipe_e2e::testbed::{TestBed, await_condition, await_deleted, wait_for};
+use kpipe_test_support::{free_port, http_get};
 use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 
@@ -50,19 +51,6 @@ impl Drop for Operator {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-async fn http_get(port: u16, path: &str) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.ok()?;
-    buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
-}
-
 fn pipeline(name: &str, ns: &str, bootstrap: &str, topic: &str, scaling: serde_json::Value) -> ConsumerPipeline {
     serde_json::from_value(serde_json::json!({
         "apiVersion": "kpipe.io/v1alpha1", "kind": "ConsumerPipeline",
@@ -82,25 +70,18 @@ fn condition(cp: &ConsumerPipeline, type_: &str) -> Option<(String, String)> {
 
 async fn wait_condition(api: &Api<ConsumerPipeline>, name: &str, type_: &str, status: &str, reason: Option<&str>) {
     let what = format!("{name}: {type_}={status} {reason:?}");
-    let res = wait_for(&what, Duration::from_secs(60), || async {
-        let cp = api.get(name).await.ok()?;
-        let (s, r) = condition(&cp, type_)?;
-        (s == status && reason.is_none_or(|want| want == r)).then_some(())
-    })
-    .await;
-    if res.is_err() {
+    let reached = |cp: Option<&ConsumerPipeline>| {
+        cp.and_then(|cp| condition(cp, type_)).is_some_and(|(s, r)| s == status && reason.is_none_or(|want| want == r))
+    };
+    if await_condition(api.clone(), name, &what, Duration::from_secs(60), reached).await.is_err() {
         let cp = api.get(name).await.ok();
         panic!("{what} not reached; status: {:#?}", cp.and_then(|c| c.status));
     }
 }
 
 async fn wait_deployment(api: &Api<Deployment>, name: &str, pred: impl Fn(&Deployment) -> bool) -> Deployment {
-    wait_for(&format!("Deployment {name}"), Duration::from_secs(60), || async {
-        let d = api.get_opt(name).await.ok()??;
-        pred(&d).then_some(d)
-    })
-    .await
-    .unwrap()
+    let matches = |d: Option<&Deployment>| d.is_some_and(&pred);
+    await_condition(api.clone(), name, &format!("Deployment {name}"), Duration::from_secs(60), matches).await.unwrap()
 }
 
 fn template_hash(d: &Deployment) -> String {
@@ -152,19 +133,16 @@ async fn children_are_applied_rolled_repaired_and_collected() {
     deps.delete("p-worker", &DeleteParams::default()).await.unwrap();
     cms.delete("p-worker", &DeleteParams::default()).await.unwrap();
     wait_deployment(&deps, "p-worker", |d| d.metadata.uid.as_deref() != Some(uid.as_str())).await;
-    wait_for("ConfigMap recreated", Duration::from_secs(30), || async { cms.get_opt("p-worker").await.ok()? })
-        .await
-        .unwrap();
+    let exists = |cm: Option<&ConfigMap>| cm.is_some();
+    await_condition(cms.clone(), "p-worker", "ConfigMap recreated", Duration::from_secs(30), exists).await.unwrap();
 
     // Pipeline deleted → children garbage-collected (owner references).
     cps.delete("p", &DeleteParams::default()).await.unwrap();
-    wait_for("children collected", Duration::from_secs(60), || async {
-        let d = deps.get_opt("p-worker").await.ok()?;
-        let c = cms.get_opt("p-worker").await.ok()?;
-        (d.is_none() && c.is_none()).then_some(())
-    })
-    .await
-    .unwrap();
+    let collected = async {
+        await_deleted(deps.clone(), "p-worker", "Deployment collected", Duration::from_secs(60)).await?;
+        await_deleted(cms.clone(), "p-worker", "ConfigMap collected", Duration::from_secs(60)).await
+    };
+    tokio::time::timeout(Duration::from_secs(60), collected).await.expect("children collected in 60 s").unwrap();
 }
 
 #[tokio::test]

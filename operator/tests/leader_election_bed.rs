@@ -173,7 +173,7 @@ mod operators {
 
     use k8s_openapi::api::apps::v1::Deployment;
     use kpipe_api::v1alpha1::ConsumerPipeline;
-    use kpipe_e2e::testbed::{TestBed, wait_for};
+    use kpipe_e2e::testbed::{TestBed, await_condition, wait_for};
     use kube::api::{Api, ListParams, PostParams};
 
     struct Op {
@@ -191,7 +191,7 @@ mod operators {
 
     impl Op {
         fn start(kubeconfig: &std::path::Path, ns: &str, id: &str) -> Self {
-            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let port = kpipe_test_support::free_port();
             let log = std::env::temp_dir().join(format!("op-{ns}-{id}.log"));
             let file = std::fs::File::create(&log).unwrap();
             let child = Command::new(env!("CARGO_BIN_EXE_kpipe-operator"))
@@ -274,10 +274,9 @@ mod operators {
         let client = bed.client();
         let cps: Api<ConsumerPipeline> = Api::namespaced(client.clone(), &ns);
         let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+        let exists = |d: Option<&Deployment>| d.is_some();
         cps.create(&PostParams::default(), &pipeline("one", bed.kafka_bootstrap(), &topic)).await.unwrap();
-        wait_for("one-worker", Duration::from_secs(30), || async { deps.get_opt("one-worker").await.ok()? })
-            .await
-            .unwrap();
+        await_condition(deps.clone(), "one-worker", "one-worker", Duration::from_secs(30), exists).await.unwrap();
         assert_eq!(b.metric("kpipe_operator_leader ").await, Some(0.0));
 
         p.set_cut(true);
@@ -292,9 +291,7 @@ mod operators {
         let b_leads_wall = jiff::Timestamp::now();
         // Scaling continues under the new leader: a new pipeline gets its children from b.
         cps.create(&PostParams::default(), &pipeline("two", bed.kafka_bootstrap(), &topic)).await.unwrap();
-        wait_for("two-worker", Duration::from_secs(30), || async { deps.get_opt("two-worker").await.ok()? })
-            .await
-            .unwrap();
+        await_condition(deps.clone(), "two-worker", "two-worker", Duration::from_secs(30), exists).await.unwrap();
         let two = cut.elapsed();
         println!("cut → b leading after {b_leads:?}; new pipeline's Deployment after {two:?}");
         assert!(two <= Duration::from_secs(6 + 2 + 3), "new leader acted {two:?} after the cut (6 s lease)");
