@@ -5,51 +5,17 @@
 //! `make testbed-up`, `cargo build --release -p kpipe-worker`, then
 //! `cargo test -p kpipe-operator --test bed_operator -- --ignored --test-threads 1`.
 
-use std::process::{Child, Command, Stdio};
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::Operator;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kpipe_api::v1alpha1::ConsumerPipeline;
 use kpipe_e2e::testbed::{TestBed, await_condition, await_deleted, wait_for};
-use kpipe_test_support::{free_port, http_get};
 use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
-
-struct Operator {
-    child: Child,
-    port: u16,
-}
-
-impl Operator {
-    fn start(bed: &TestBed, ns: &str, extra: &[&str]) -> Self {
-        let port = free_port();
-        let log = std::fs::File::create(format!("{}/op-{ns}-{port}.log", std::env::temp_dir().display())).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_kpipe-operator"))
-            .env("KUBECONFIG", bed.kubeconfig())
-            .env("RUST_LOG", "info,kpipe_operator=debug")
-            .args(["--namespaces", ns, "--listen", &format!("127.0.0.1:{port}"), "--log-format", "text"])
-            .args(extra)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
-        Self { child, port }
-    }
-
-    async fn metric(&self, name: &str) -> Option<f64> {
-        let body = http_get(self.port, "/metrics").await?;
-        body.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
-    }
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn pipeline(name: &str, ns: &str, bootstrap: &str, topic: &str, scaling: serde_json::Value) -> ConsumerPipeline {
     serde_json::from_value(serde_json::json!({
@@ -100,7 +66,7 @@ async fn children_are_applied_rolled_repaired_and_collected() {
     let ns = ns.name().to_string();
     let topic = format!("{ns}-in");
     bed.create_topic(&topic, 3).await.unwrap();
-    let _op = Operator::start(&bed, &ns, &[]);
+    let _op = Operator::start(&bed.kubeconfig(), &ns, &[]);
     let client = bed.client();
     let cps: Api<ConsumerPipeline> = Api::namespaced(client.clone(), &ns);
     let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
@@ -150,7 +116,7 @@ async fn bad_input_degrades_and_recovers_without_restart() {
     let bed = TestBed::connect().await.unwrap();
     let ns = bed.temp_namespace("op-degraded").await.unwrap();
     let ns = ns.name().to_string();
-    let _op = Operator::start(&bed, &ns, &[]);
+    let _op = Operator::start(&bed.kubeconfig(), &ns, &[]);
     let client = bed.client();
     let cps: Api<ConsumerPipeline> = Api::namespaced(client.clone(), &ns);
     let topic = format!("{ns}-late");
@@ -228,7 +194,7 @@ async fn scales_up_on_backlog_then_down_to_zero() {
     let ns = ns.name().to_string();
     let topic = format!("{ns}-in");
     bed.create_topic(&topic, 4).await.unwrap();
-    let _op = Operator::start(&bed, &ns, &[]);
+    let _op = Operator::start(&bed.kubeconfig(), &ns, &[]);
     let client = bed.client();
     let cps: Api<ConsumerPipeline> = Api::namespaced(client.clone(), &ns);
     let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
@@ -274,8 +240,8 @@ async fn only_the_leader_acts_and_a_standby_takes_over() {
     bed.create_topic(&topic, 1).await.unwrap();
     let args = ["--leader-election", "--lease-namespace", ns.as_str(), "--lease-duration", "10"];
     let mut ops = vec![
-        Operator::start(&bed, &ns, &[&args[..], &["--identity", "op-a"]].concat()),
-        Operator::start(&bed, &ns, &[&args[..], &["--identity", "op-b"]].concat()),
+        Operator::start(&bed.kubeconfig(), &ns, &[&args[..], &["--identity", "op-a"]].concat()),
+        Operator::start(&bed.kubeconfig(), &ns, &[&args[..], &["--identity", "op-b"]].concat()),
     ];
 
     let leader = wait_for("one leader", Duration::from_secs(30), || async {
@@ -302,7 +268,7 @@ async fn only_the_leader_acts_and_a_standby_takes_over() {
     assert_eq!(standby_reconciles, 0.0, "the standby must not reconcile");
 
     // Kill the leader hard; the standby takes over within the lease duration plus a poll.
-    leader_op.child.kill().unwrap();
+    leader_op.kill();
     let killed = Instant::now();
     cps.create(&PostParams::default(), &pipeline("two", &ns, bed.kafka_bootstrap(), &topic, serde_json::json!({})))
         .await
@@ -323,7 +289,7 @@ async fn external_mode_follows_the_scale_subresource() {
     let ns = ns.name().to_string();
     let topic = format!("{ns}-in");
     bed.create_topic(&topic, 2).await.unwrap();
-    let _op = Operator::start(&bed, &ns, &[]);
+    let _op = Operator::start(&bed.kubeconfig(), &ns, &[]);
     let client = bed.client();
     let cps: Api<ConsumerPipeline> = Api::namespaced(client.clone(), &ns);
     let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
@@ -371,7 +337,7 @@ async fn a_foreign_deployment_with_the_child_name_is_not_taken_over() {
     }))
     .unwrap();
     deps.create(&PostParams::default(), &foreign).await.unwrap();
-    let _op = Operator::start(&bed, &ns, &[]);
+    let _op = Operator::start(&bed.kubeconfig(), &ns, &[]);
     let cps: Api<ConsumerPipeline> = Api::namespaced(client.clone(), &ns);
     cps.create(&PostParams::default(), &pipeline("c", &ns, bed.kafka_bootstrap(), &topic, serde_json::json!({})))
         .await
@@ -388,7 +354,7 @@ async fn auto_mode_puts_a_hand_scaled_deployment_back() {
     let ns = ns.name().to_string();
     let topic = format!("{ns}-in");
     bed.create_topic(&topic, 2).await.unwrap();
-    let _op = Operator::start(&bed, &ns, &[]);
+    let _op = Operator::start(&bed.kubeconfig(), &ns, &[]);
     let client = bed.client();
     let cps: Api<ConsumerPipeline> = Api::namespaced(client.clone(), &ns);
     let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
