@@ -283,6 +283,22 @@ pub async fn pipeline_status(
     Ok(cp.status.unwrap_or_default())
 }
 
+/// Waits (kube-runtime's watch-based `await_condition`) until the status of the pipeline `name` satisfies `reached`,
+/// at most `timeout`; returns that status. `what` names the wait in the timeout error.
+pub async fn await_pipeline_status(
+    bed: &TestBed,
+    namespace: &str,
+    name: &str,
+    what: &str,
+    timeout: Duration,
+    reached: impl Fn(&ConsumerPipelineStatus) -> bool,
+) -> Result<ConsumerPipelineStatus, TestBedError> {
+    let api = Api::<ConsumerPipeline>::namespaced(bed.client(), namespace);
+    let matches = |cp: Option<&ConsumerPipeline>| cp.is_some_and(|cp| reached(&cp.status.clone().unwrap_or_default()));
+    let cp = await_condition(api, name, what, timeout, matches).await?;
+    Ok(cp.status.unwrap_or_default())
+}
+
 /// `(type, status, reason)` of a condition.
 pub fn condition(status: &ConsumerPipelineStatus, type_: &str) -> Option<(String, String)> {
     status.condition(type_).map(|c| (c.status.clone(), c.reason.clone()))

@@ -154,10 +154,9 @@ impl TestImage {
     }
 }
 
-/// A name unique to one test run: `<prefix>-<8 hex digits>` (namespaces, topics, consumer groups).
-pub fn unique_name(prefix: &str) -> String {
-    format!("{prefix}-{:08x}", rand::random::<u32>())
-}
+/// A name unique to one test run (namespaces, topics, consumer groups), and the other helpers every suite shares
+/// with the operator's and worker's tests: one copy, in `kpipe-test-support`.
+pub use kpipe_test_support::{free_addr, free_port, http_get, unique_name};
 
 /// Connects to the cluster of the env file ([`default_env_file`]) and panics with the reason when it is not up:
 /// the one `bed()` of every suite (never skips).
@@ -899,6 +898,20 @@ where
     match tokio::time::timeout(timeout, kube::runtime::wait::await_condition(api, name, condition)).await {
         Ok(Ok(Some(object))) => Ok(object),
         Ok(Ok(None)) => Err(TestBedError::Other(format!("{what}: {name} was deleted while waiting"))),
+        Ok(Err(e)) => Err(TestBedError::Other(format!("{what}: watch failed: {e}"))),
+        Err(_) => Err(TestBedError::Timeout { what: what.to_string(), after: timeout }),
+    }
+}
+
+/// Waits until the object `name` of `api` is gone (kube-runtime's `await_condition` with "absent" as the
+/// condition), at most `timeout`. `what` names the wait in the timeout error.
+pub async fn await_deleted<K>(api: Api<K>, name: &str, what: &str, timeout: Duration) -> Result<(), TestBedError>
+where
+    K: kube::Resource + Clone + std::fmt::Debug + Send + serde::de::DeserializeOwned + 'static,
+{
+    let absent = |object: Option<&K>| object.is_none();
+    match tokio::time::timeout(timeout, kube::runtime::wait::await_condition(api, name, absent)).await {
+        Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(TestBedError::Other(format!("{what}: watch failed: {e}"))),
         Err(_) => Err(TestBedError::Timeout { what: what.to_string(), after: timeout }),
     }

@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use kpipe_e2e::TestBed;
+use kpipe_e2e::bed;
 use serde_json::Value;
 
 /// The alerts the chart must ship (issue #16), each with a runbook section.
@@ -48,7 +48,7 @@ fn promtool(args: &[&str], dir: &Path) -> Output {
 
 /// The PrometheusRule rendered with release `kpipe` in `kpipe-system` (the names the promtool tests expect).
 async fn rendered_rule() -> Value {
-    let bed = TestBed::connect().await.unwrap_or_else(|e| panic!("{e}"));
+    let bed = bed().await;
     let chart = root().join("charts/kpipe");
     let out = Command::new(bed.helm())
         .args(["template", "kpipe", chart.to_str().expect("utf-8"), "--namespace", "kpipe-system"])

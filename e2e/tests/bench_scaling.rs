@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use kpipe_api::v1alpha1::condition::READY;
-use kpipe_e2e::TestBed;
+use kpipe_e2e::bed;
 use kpipe_e2e::scenario::{
     Install, apply_pipeline, condition, id_records, pipeline_manifest, pipeline_status, setup_with_sink,
 };
@@ -62,7 +62,7 @@ struct Round {
 #[ignore = "benchmark: run by `make bench-scaling`"]
 async fn bench_scale_from_zero_reaction() {
     let rounds: usize = std::env::var("KPIPE_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
-    let bed = TestBed::connect().await.unwrap_or_else(|e| panic!("{e}"));
+    let bed = bed().await;
     let (ns, sink) = setup_with_sink(&bed, "bench-scale", &Install::default(), &[]).await.unwrap();
     let deployments: Api<Deployment> = Api::namespaced(bed.client(), ns.name());
     let pods: Api<Pod> = Api::namespaced(bed.client(), ns.name());

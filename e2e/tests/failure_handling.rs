@@ -12,17 +12,13 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use kpipe_api::v1alpha1::condition::{DEGRADED, STALLED};
-use kpipe_e2e::TestBed;
 use kpipe_e2e::scenario::{
     self, Install, apply_pipeline, condition, events_for, id_records, pipeline_manifest, pipeline_status, unique_topic,
     wait_delivered, worker_replicas,
 };
 use kpipe_e2e::testbed::wait_for;
+use kpipe_e2e::{TestBed, bed};
 use serde_json::json;
-
-async fn bed() -> TestBed {
-    TestBed::connect().await.unwrap_or_else(|e| panic!("{e}"))
-}
 
 /// `(key, value)` records.
 type Records = Vec<(Vec<u8>, Vec<u8>)>;

@@ -12,13 +12,14 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use kpipe_api::v1alpha1::ConsumerPipelineStatus;
 use kpipe_api::v1alpha1::condition::DEGRADED;
 use kpipe_e2e::scenario::{
-    self, Install, Sink, apply_pipeline, condition, events_for, pipeline_manifest, pipeline_status, unique_topic,
-    worker_replicas,
+    self, Install, Sink, apply_pipeline, await_pipeline_status, condition, events_for, pipeline_manifest,
+    pipeline_status, unique_topic, worker_replicas,
 };
 use kpipe_e2e::testbed::wait_for;
-use kpipe_e2e::{TempNamespace, TestBed};
+use kpipe_e2e::{TempNamespace, TestBed, bed};
 use rdkafka::admin::{AdminOptions, NewPartitions};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::FutureRecord;
@@ -29,10 +30,6 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Scaling of every pipeline here: the users' `minReplicas: 0`, a 2 s poll.
 const POLL: Duration = Duration::from_secs(2);
-
-async fn bed() -> TestBed {
-    TestBed::connect().await.unwrap_or_else(|e| panic!("{e}"))
-}
 
 async fn setup(bed: &TestBed, prefix: &str) -> (TempNamespace, Sink) {
     scenario::setup_with_sink(bed, prefix, &Install::default(), &[]).await.unwrap_or_else(|e| panic!("{e}"))
@@ -175,15 +172,13 @@ async fn assert_commits_within_log_end(bed: &TestBed, topic: &str, group: &str) 
 /// Waits until the pipeline's `TopicRecreated` condition is False again (the old offsets were discarded and the
 /// new topic ID recorded).
 async fn wait_topic_recreated_done(bed: &TestBed, ns: &str, pipeline: &str) {
-    wait_for("TopicRecreated=False again", Duration::from_secs(90), || async {
-        let s = pipeline_status(bed, ns, pipeline).await.ok()?;
-        (condition(&s, "TopicRecreated")?.0 == "False").then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| {
-        bed.dump_pod_logs(ns);
-        panic!("{e}")
-    });
+    let done = |s: &ConsumerPipelineStatus| condition(s, "TopicRecreated").is_some_and(|c| c.0 == "False");
+    await_pipeline_status(bed, ns, pipeline, "TopicRecreated=False again", Duration::from_secs(90), done)
+        .await
+        .unwrap_or_else(|e| {
+            bed.dump_pod_logs(ns);
+            panic!("{e}")
+        });
 }
 
 fn group(ns: &TempNamespace, pipeline: &str) -> String {
@@ -263,11 +258,11 @@ async fn recreated_topic_at_zero_replicas_refilled_past_the_old_offset_delivers_
     })
     .await
     .expect("scaled to zero");
-    let old_id = wait_for("topic ID recorded", Duration::from_secs(30), || async {
-        pipeline_status(&bed, ns.name(), "rz").await.ok()?.topics.first()?.topic_id.clone()
-    })
-    .await
-    .expect("topic ID in status");
+    let recorded = |s: &ConsumerPipelineStatus| s.topics.first().is_some_and(|t| t.topic_id.is_some());
+    let status = await_pipeline_status(&bed, ns.name(), "rz", "topic ID recorded", Duration::from_secs(30), recorded)
+        .await
+        .expect("topic ID in status");
+    let old_id = status.topics.first().and_then(|t| t.topic_id.clone()).expect("topic ID in status");
     // Give the operator a few idle polls to record the position (what a restore would put back).
     tokio::time::sleep(POLL * 3).await;
 
@@ -431,10 +426,15 @@ async fn committed_offset_trimmed_by_retention_under_latest_resumes_at_the_earli
     produce_ids(&bed, &topic, Some(0), &backlog).await;
     trim_log(&bed, &topic, 0, 500).await;
     // The operator sees the out-of-range commit and counts lag from the log start.
-    wait_for("lag 200 counted from the log start", Duration::from_secs(30), || async {
-        let s = pipeline_status(&bed, ns.name(), "tr").await.ok()?;
-        (s.lag.as_ref()?.total == 200).then_some(())
-    })
+    let lag_200 = |s: &ConsumerPipelineStatus| s.lag.as_ref().is_some_and(|l| l.total == 200);
+    await_pipeline_status(
+        &bed,
+        ns.name(),
+        "tr",
+        "lag 200 counted from the log start",
+        Duration::from_secs(30),
+        lag_200,
+    )
     .await
     .expect("lag from the log start");
     let events = events_for(&bed, ns.name(), "tr").await.unwrap();
@@ -477,16 +477,15 @@ async fn deleted_topic_shows_topic_not_found() {
     wait_delivered(&bed, ns.name(), &sink, &some, Duration::from_secs(120)).await;
     let deleted = Instant::now();
     delete_topic(&bed, &topic).await;
-    wait_for("Degraded TopicNotFound", Duration::from_secs(60), || async {
-        let s = pipeline_status(&bed, ns.name(), "dl").await.ok()?;
-        let (status, reason) = condition(&s, DEGRADED)?;
-        (status == "True" && reason == "TopicNotFound").then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| {
-        bed.dump_pod_logs(ns.name());
-        panic!("{e}")
-    });
+    let not_found = |s: &ConsumerPipelineStatus| {
+        condition(s, DEGRADED).is_some_and(|(status, reason)| status == "True" && reason == "TopicNotFound")
+    };
+    await_pipeline_status(&bed, ns.name(), "dl", "Degraded TopicNotFound", Duration::from_secs(60), not_found)
+        .await
+        .unwrap_or_else(|e| {
+            bed.dump_pod_logs(ns.name());
+            panic!("{e}")
+        });
     let seen_after = deleted.elapsed();
     let events = events_for(&bed, ns.name(), "dl").await.unwrap();
     assert!(

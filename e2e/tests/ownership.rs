@@ -14,9 +14,9 @@ use k8s_openapi::api::core::v1::{ConfigMap, ResourceQuota};
 use kpipe_api::v1alpha1::ConsumerPipeline;
 use kpipe_api::v1alpha1::condition::READY;
 use kpipe_e2e::scenario::{
-    self, Install, Sink, apply_pipeline, condition, events_for, pipeline_manifest, pipeline_status, unique_topic,
+    self, Install, Sink, apply_pipeline, await_pipeline_status, condition, events_for, pipeline_manifest, unique_topic,
 };
-use kpipe_e2e::testbed::wait_for;
+use kpipe_e2e::testbed::await_condition;
 use kpipe_e2e::{TestBed, TestImage, bed};
 use kube::Api;
 use kube::api::{DeleteParams, PostParams};
@@ -88,9 +88,9 @@ where
     let mut manifest = pipeline_manifest(pipeline, bed, &topic, sink, json!({}));
     manifest["spec"]["source"]["bootstrapServers"] = json!([broker]);
     apply_pipeline(bed, ns, manifest).await.expect("apply pipeline");
-    let status = wait_for(&format!("{pipeline}: Ready=False ChildConflict"), Duration::from_secs(60), || async {
-        let s = pipeline_status(bed, ns, pipeline).await.ok()?;
-        (condition(&s, READY) == Some(("False".into(), "ChildConflict".into()))).then_some(s)
+    let what = format!("{pipeline}: Ready=False ChildConflict");
+    let status = await_pipeline_status(bed, ns, pipeline, &what, Duration::from_secs(60), |s| {
+        condition(s, READY) == Some(("False".into(), "ChildConflict".into()))
     })
     .await
     .unwrap_or_else(|e| {
@@ -156,20 +156,23 @@ async fn a_deployment_the_apiserver_refuses_is_reported_within_a_poll() {
         .create(&PostParams::default(), &quota)
         .await
         .expect("quota");
-    wait_for("quota in force", Duration::from_secs(60), || async {
-        let q = Api::<ResourceQuota>::namespaced(bed.client(), ns.name()).get("no-more-deployments").await.ok()?;
-        q.status?.hard.is_some().then_some(())
-    })
-    .await
-    .expect("quota status");
+    let in_force = |q: Option<&ResourceQuota>| q.and_then(|q| q.status.as_ref()).is_some_and(|s| s.hard.is_some());
+    let quotas = Api::<ResourceQuota>::namespaced(bed.client(), ns.name());
+    await_condition(quotas, "no-more-deployments", "quota in force", Duration::from_secs(60), in_force)
+        .await
+        .expect("quota status");
     let topic = unique_topic("quota");
     bed.create_topic(&topic, 2).await.expect("topic");
     apply_pipeline(&bed, ns.name(), pipeline_manifest("refused", &bed, &topic, &sink, json!({}))).await.expect("apply");
     let started = std::time::Instant::now();
-    let status = wait_for("Ready=False ChildApplyFailed", Duration::from_secs(30), || async {
-        let s = pipeline_status(&bed, ns.name(), "refused").await.ok()?;
-        (condition(&s, READY).map(|c| c.1).as_deref() == Some("ChildApplyFailed")).then_some(s)
-    })
+    let status = await_pipeline_status(
+        &bed,
+        ns.name(),
+        "refused",
+        "Ready=False ChildApplyFailed",
+        Duration::from_secs(30),
+        |s| condition(s, READY).map(|c| c.1).as_deref() == Some("ChildApplyFailed"),
+    )
     .await
     .unwrap_or_else(|e| {
         bed.dump_pod_logs(ns.name());

@@ -11,9 +11,10 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use kpipe_e2e::testbed::wait_for;
+use kpipe_e2e::testbed::{await_condition, await_deleted, wait_for};
 use kpipe_e2e::{TempNamespace, TestBed, bed};
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::wait::conditions;
 use kube::{Api, Resource};
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -36,6 +37,16 @@ where
     Api::<K>::namespaced(bed.client(), ns.name()).create(&PostParams::default(), &obj).await.expect("create object")
 }
 
+/// The pod's phase (`Pending`, `Running`, `Succeeded`, `Failed`).
+fn phase(pod: Option<&Pod>) -> Option<&str> {
+    pod?.status.as_ref()?.phase.as_deref()
+}
+
+/// The status of the pod's first container.
+fn first_container(pod: Option<&Pod>) -> Option<&k8s_openapi::api::core::v1::ContainerStatus> {
+    pod?.status.as_ref()?.container_statuses.as_ref()?.first()
+}
+
 /// Runs a one-shot pod (restartPolicy Never) of the test binary and returns its log once it has Succeeded.
 async fn run_to_completion(
     bed: &TestBed,
@@ -56,16 +67,10 @@ async fn run_to_completion(
     let _: Pod =
         create(bed, ns, json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec})).await;
     let pods = Api::<Pod>::namespaced(bed.client(), ns.name());
-    let phase = wait_for(&format!("pod {name} to finish"), Duration::from_secs(60), || {
-        let pods = pods.clone();
-        async move {
-            let p = pods.get(name).await.ok()?;
-            let phase = p.status?.phase?;
-            (phase == "Succeeded" || phase == "Failed").then_some(phase)
-        }
-    })
-    .await
-    .unwrap();
+    let finished = |p: Option<&Pod>| matches!(phase(p), Some("Succeeded" | "Failed"));
+    let pod =
+        await_condition(pods, name, &format!("pod {name} to finish"), Duration::from_secs(60), finished).await.unwrap();
+    let phase = phase(Some(&pod)).unwrap_or_default().to_string();
     let log =
         std::fs::read_to_string(bed.pod_log_dir().join(format!("{}_{name}_main.log", ns.name()))).unwrap_or_default();
     assert_eq!(phase, "Succeeded", "pod {name} failed; log:\n{log}");
@@ -111,12 +116,9 @@ async fn testbed_deployment_ready_via_probe_and_sigterm_on_scale_to_zero() {
     let deployments = Api::<Deployment>::namespaced(bed.client(), ns.name());
     let pods = Api::<Pod>::namespaced(bed.client(), ns.name());
     let ready = bed.wait_pods_ready(ns.name(), "app=web", 2, Duration::from_secs(60)).await.unwrap();
-    wait_for("deployment web to report 2 ready replicas", Duration::from_secs(30), || {
-        let d = deployments.clone();
-        async move { (d.get("web").await.ok()?.status?.ready_replicas? == 2).then_some(()) }
-    })
-    .await
-    .unwrap();
+    let two_ready = |d: Option<&Deployment>| d.and_then(|d| d.status.as_ref()?.ready_replicas) == Some(2);
+    let what = "deployment web to report 2 ready replicas";
+    await_condition(deployments.clone(), "web", what, Duration::from_secs(30), two_ready).await.unwrap();
 
     let mut names = BTreeSet::new();
     let mut ips = BTreeSet::new();
@@ -343,17 +345,14 @@ async fn testbed_restart_policy_backoff_and_sigkill_after_grace() {
     .await;
 
     // restartPolicy Always: restarted with back-off, restart count and last exit code reported.
-    wait_for("crash to be restarted twice with exit code 3", Duration::from_secs(60), || {
-        let pods = pods.clone();
-        async move {
-            let st = pods.get("crash").await.ok()?.status?;
-            let cs = st.container_statuses?.into_iter().next()?;
-            let last = cs.last_state?.terminated?;
-            (cs.restart_count >= 2 && last.exit_code == 3 && st.phase.as_deref() == Some("Running")).then_some(())
-        }
-    })
-    .await
-    .unwrap();
+    let restarted_twice = |p: Option<&Pod>| {
+        first_container(p).is_some_and(|cs| {
+            let last = cs.last_state.as_ref().and_then(|s| s.terminated.as_ref());
+            cs.restart_count >= 2 && last.is_some_and(|t| t.exit_code == 3) && phase(p) == Some("Running")
+        })
+    };
+    let what = "crash to be restarted twice with exit code 3";
+    await_condition(pods.clone(), "crash", what, Duration::from_secs(60), restarted_twice).await.unwrap();
     // Chaos: kill -9 of a running container → restarted, exit code 137 / signal 9 reported.
     let _: Pod = create(&bed, &ns, sh("victim", "Always", "echo alive; while true; do sleep 0.2; done", 1)).await;
     let pid = wait_for("victim to run", Duration::from_secs(30), || {
@@ -365,36 +364,24 @@ async fn testbed_restart_policy_backoff_and_sigkill_after_grace() {
     .unwrap();
     assert!(kpipe_e2e::testbed::process_rss_bytes(pid).unwrap() > 0);
     bed.kill_container(ns.name(), "victim", "main", kpipe_e2e::testbed::Signal::SIGKILL).await.unwrap();
-    wait_for("victim to be restarted after SIGKILL", Duration::from_secs(30), || {
-        let pods = pods.clone();
-        async move {
-            let cs = pods.get("victim").await.ok()?.status?.container_statuses?.into_iter().next()?;
-            let last = cs.last_state?.terminated?;
-            (cs.restart_count == 1 && last.exit_code == 137 && last.signal == Some(9) && cs.state?.running.is_some())
-                .then_some(())
-        }
-    })
-    .await
-    .unwrap();
+    let restarted_after_kill = |p: Option<&Pod>| {
+        first_container(p).is_some_and(|cs| {
+            let last = cs.last_state.as_ref().and_then(|s| s.terminated.as_ref());
+            let running = cs.state.as_ref().is_some_and(|s| s.running.is_some());
+            cs.restart_count == 1 && last.is_some_and(|t| t.exit_code == 137 && t.signal == Some(9)) && running
+        })
+    };
+    let what = "victim to be restarted after SIGKILL";
+    await_condition(pods.clone(), "victim", what, Duration::from_secs(30), restarted_after_kill).await.unwrap();
     // OnFailure + exit 0: Succeeded without restarts.
-    wait_for("once to succeed", Duration::from_secs(30), || {
-        let pods = pods.clone();
-        async move {
-            let st = pods.get("once").await.ok()?.status?;
-            let cs = st.container_statuses?.into_iter().next()?;
-            (st.phase.as_deref() == Some("Succeeded") && cs.restart_count == 0).then_some(())
-        }
-    })
-    .await
-    .unwrap();
+    let succeeded =
+        |p: Option<&Pod>| phase(p) == Some("Succeeded") && first_container(p).is_some_and(|cs| cs.restart_count == 0);
+    await_condition(pods.clone(), "once", "once to succeed", Duration::from_secs(30), succeeded).await.unwrap();
 
     // A process that ignores SIGTERM is SIGKILLed after terminationGracePeriodSeconds.
-    wait_for("stubborn to run", Duration::from_secs(30), || {
-        let pods = pods.clone();
-        async move { (pods.get("stubborn").await.ok()?.status?.phase? == "Running").then_some(()) }
-    })
-    .await
-    .unwrap();
+    await_condition(pods.clone(), "stubborn", "stubborn to run", Duration::from_secs(30), conditions::is_pod_running())
+        .await
+        .unwrap();
     let log_path = bed.pod_log_dir().join(format!("{}_stubborn_main.log", ns.name()));
     wait_for("stubborn to log", Duration::from_secs(10), || {
         let p = log_path.clone();
@@ -404,12 +391,7 @@ async fn testbed_restart_policy_backoff_and_sigkill_after_grace() {
     .unwrap();
     let t0 = std::time::Instant::now();
     pods.delete("stubborn", &Default::default()).await.unwrap();
-    wait_for("stubborn to be removed", Duration::from_secs(30), || {
-        let pods = pods.clone();
-        async move { pods.get_opt("stubborn").await.ok()?.is_none().then_some(()) }
-    })
-    .await
-    .unwrap();
+    await_deleted(pods.clone(), "stubborn", "stubborn to be removed", Duration::from_secs(30)).await.unwrap();
     let took = t0.elapsed();
     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
     assert!(log.contains("got-term"), "SIGTERM was not delivered first; log:\n{log}");
@@ -458,15 +440,9 @@ async fn testbed_init_containers_run_first() {
     )
     .await;
     let pods = Api::<Pod>::namespaced(bed.client(), ns.name());
-    let st = wait_for("bad-init to fail", Duration::from_secs(30), || {
-        let pods = pods.clone();
-        async move {
-            let st = pods.get("bad-init").await.ok()?.status?;
-            (st.phase.as_deref() == Some("Failed")).then_some(st)
-        }
-    })
-    .await
-    .unwrap();
+    let failed = |p: Option<&Pod>| phase(p) == Some("Failed");
+    let pod = await_condition(pods, "bad-init", "bad-init to fail", Duration::from_secs(30), failed).await.unwrap();
+    let st = pod.status.unwrap();
     let main = &st.container_statuses.unwrap()[0];
     assert!(main.state.as_ref().unwrap().waiting.is_some(), "main container must not have started: {main:?}");
     ns.delete().await.unwrap();
@@ -505,18 +481,16 @@ async fn testbed_multi_container_pod_shares_network_namespace() {
     )
     .await;
     let pods = Api::<Pod>::namespaced(bed.client(), ns.name());
-    let statuses = wait_for("sidecar done and server ready", Duration::from_secs(60), || {
-        let pods = pods.clone();
-        async move {
-            let cs = pods.get("duo").await.ok()?.status?.container_statuses?;
-            let server = cs.iter().find(|c| c.name == "server")?;
-            let sidecar = cs.iter().find(|c| c.name == "sidecar")?;
-            let done = sidecar.state.as_ref()?.terminated.as_ref()?.exit_code == 0;
-            (server.ready && done).then_some(cs)
-        }
-    })
-    .await
-    .unwrap();
+    let server_ready_sidecar_done = |p: Option<&Pod>| {
+        let cs = p.and_then(|p| p.status.as_ref()?.container_statuses.as_ref());
+        let named = |name: &str| cs.and_then(|cs| cs.iter().find(|c| c.name == name));
+        let done =
+            named("sidecar").and_then(|c| c.state.as_ref()?.terminated.as_ref()).is_some_and(|t| t.exit_code == 0);
+        named("server").is_some_and(|c| c.ready) && done
+    };
+    let what = "sidecar done and server ready";
+    let pod = await_condition(pods, "duo", what, Duration::from_secs(60), server_ready_sidecar_done).await.unwrap();
+    let statuses = pod.status.and_then(|s| s.container_statuses).unwrap();
     assert_eq!(statuses.len(), 2);
     let log = std::fs::read_to_string(bed.pod_log_dir().join(format!("{}_duo_sidecar.log", ns.name()))).unwrap();
     assert!(log.contains("sidecar-reached-server"), "sidecar log:\n{log}");

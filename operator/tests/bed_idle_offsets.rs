@@ -5,42 +5,20 @@
 //!
 //! `make testbed-up`, then `cargo test -p kpipe-operator --test bed_idle_offsets -- --nocapture`.
 
-use std::process::{Child, Command, Stdio};
+mod common;
+
 use std::time::Duration;
 
+use common::Operator;
 use k8s_openapi::api::apps::v1::Deployment;
 use kpipe_api::v1alpha1::ConsumerPipeline;
-use kpipe_e2e::testbed::{TestBed, wait_for};
+use kpipe_e2e::testbed::{TestBed, await_condition, wait_for};
 use kpipe_operator::group_offsets::{Commit, GroupOffsets};
 use kube::Api;
 use kube::api::PostParams;
 use rdkafka::admin::AdminOptions;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-
-struct Operator {
-    child: Child,
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-async fn metric(port: u16, prefix: &str) -> Option<f64> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").await.ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.ok()?;
-    buf.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
-}
 
 #[tokio::test]
 async fn admin_deleted_offsets_of_an_idle_pipeline_are_restored_loudly() {
@@ -65,19 +43,7 @@ async fn admin_deleted_offsets_of_an_idle_pipeline_are_restored_loudly() {
     c.commit(&tpl, CommitMode::Sync).unwrap();
     drop(c);
 
-    let port = free_port();
-    let log = std::fs::File::create(format!("{}/op-{ns}-{port}.log", std::env::temp_dir().display())).unwrap();
-    let _op = Operator {
-        child: Command::new(env!("CARGO_BIN_EXE_kpipe-operator"))
-            .env("KUBECONFIG", bed.kubeconfig())
-            .env("RUST_LOG", "info,kpipe_operator=debug")
-            .args(["--namespaces", &ns, "--listen", &format!("127.0.0.1:{port}"), "--log-format", "text"])
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap(),
-    };
+    let op = Operator::start(&bed.kubeconfig(), &ns, &[]);
     let client = bed.client();
     let cps: Api<ConsumerPipeline> = Api::namespaced(client.clone(), &ns);
     let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
@@ -93,12 +59,10 @@ async fn admin_deleted_offsets_of_an_idle_pipeline_are_restored_loudly() {
     .unwrap();
     cps.create(&PostParams::default(), &cp).await.unwrap();
     // Idle and recorded: a few polls at lag 0.
-    wait_for("pipeline idle at lag 0", Duration::from_secs(60), || async {
-        let cp = cps.get("idle").await.ok()?;
-        (cp.status.as_ref()?.lag.as_ref()?.total == 0).then_some(())
-    })
-    .await
-    .unwrap();
+    let idle = |cp: Option<&ConsumerPipeline>| {
+        cp.and_then(|cp| cp.status.as_ref()?.lag.as_ref()).is_some_and(|lag| lag.total == 0)
+    };
+    await_condition(cps.clone(), "idle", "pipeline idle at lag 0", Duration::from_secs(60), idle).await.unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     // An admin deletes the group: every committed offset is gone at once.
@@ -130,7 +94,7 @@ async fn admin_deleted_offsets_of_an_idle_pipeline_are_restored_loudly() {
     for (p, end) in &ends {
         assert!(note.contains(&format!("{topic}/{p} (was {end}, found none)")), "{note}");
     }
-    let restored = metric(port, "kpipe_operator_offsets_restored_total").await;
+    let restored = op.metric("kpipe_operator_offsets_restored_total").await;
     assert_eq!(restored, Some(ends.len() as f64));
     // The lag never jumped: no worker was started for records that were already processed.
     tokio::time::sleep(Duration::from_secs(3)).await;

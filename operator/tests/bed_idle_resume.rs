@@ -16,33 +16,24 @@
 //! `make testbed-up`, then `cargo test -p kpipe-operator --test bed_idle_resume -- --nocapture --test-threads 1`
 //! (under the bed lock: the restart variant applies this tree's CRD).
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::Operator;
 use kpipe_e2e::scenario::{
     self, Sink, apply_pipeline, events_for, patch_pipeline_spec, pipeline_manifest, pipeline_status, worker_replicas,
 };
 use kpipe_e2e::testbed::{TestBed, wait_for};
 use kpipe_operator::group_offsets::GroupOffsets;
+use kpipe_test_support::free_port;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
-
-struct Operator(Child);
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 fn ids(prefix: &str, range: std::ops::Range<usize>) -> Vec<String> {
     range.map(|i| format!("{prefix}-{i:08}")).collect()
@@ -62,27 +53,7 @@ async fn produce_with(producer: &FutureProducer, topic: &str, ids: &[String]) {
 }
 
 fn start_operator(bed: &TestBed, ns: &str) -> Operator {
-    let port = free_port();
-    // Appended to: a test that restarts the operator keeps the logs of both processes.
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(format!("{}/op-{ns}.log", std::env::temp_dir().display()))
-        .unwrap();
-    Operator(
-        // KPIPE_TEST_OPERATOR_BIN runs another build (a control run against an operator without the fix).
-        Command::new(
-            std::env::var("KPIPE_TEST_OPERATOR_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_kpipe-operator").into()),
-        )
-        .env("KUBECONFIG", bed.kubeconfig())
-        .env("RUST_LOG", "info,kpipe_operator=debug")
-        .args(["--namespaces", ns, "--listen", &format!("127.0.0.1:{port}"), "--log-format", "text"])
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap(),
-    )
+    Operator::start(&bed.kubeconfig(), ns, &[])
 }
 
 /// The sink's ids starting with `prefix`, sorted, and how many were delivered more than once.

@@ -5,63 +5,17 @@
 //! `make testbed-up`, `cargo build --release -p kpipe-worker`, then
 //! `cargo test -p kpipe-operator --test bed_operator -- --ignored --test-threads 1`.
 
-use std::process::{Child, Command, Stdio};
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::Operator;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kpipe_api::v1alpha1::ConsumerPipeline;
-use kpipe_e2e::testbed::{TestBed, wait_for};
+use kpipe_e2e::testbed::{TestBed, await_condition, await_deleted, wait_for};
 use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
-
-struct Operator {
-    child: Child,
-    port: u16,
-}
-
-impl Operator {
-    fn start(bed: &TestBed, ns: &str, extra: &[&str]) -> Self {
-        let port = free_port();
-        let log = std::fs::File::create(format!("{}/op-{ns}-{port}.log", std::env::temp_dir().display())).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_kpipe-operator"))
-            .env("KUBECONFIG", bed.kubeconfig())
-            .env("RUST_LOG", "info,kpipe_operator=debug")
-            .args(["--namespaces", ns, "--listen", &format!("127.0.0.1:{port}"), "--log-format", "text"])
-            .args(extra)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
-        Self { child, port }
-    }
-
-    async fn metric(&self, name: &str) -> Option<f64> {
-        let body = http_get(self.port, "/metrics").await?;
-        body.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
-    }
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-async fn http_get(port: u16, path: &str) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.ok()?;
-    buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
-}
 
 fn pipeline(name: &str, ns: &str, bootstrap: &str, topic: &str, scaling: serde_json::Value) -> ConsumerPipeline {
     serde_json::from_value(serde_json::json!({
@@ -82,25 +36,18 @@ fn condition(cp: &ConsumerPipeline, type_: &str) -> Option<(String, String)> {
 
 async fn wait_condition(api: &Api<ConsumerPipeline>, name: &str, type_: &str, status: &str, reason: Option<&str>) {
     let what = format!("{name}: {type_}={status} {reason:?}");
-    let res = wait_for(&what, Duration::from_secs(60), || async {
-        let cp = api.get(name).await.ok()?;
-        let (s, r) = condition(&cp, type_)?;
-        (s == status && reason.is_none_or(|want| want == r)).then_some(())
-    })
-    .await;
-    if res.is_err() {
+    let reached = |cp: Option<&ConsumerPipeline>| {
+        cp.and_then(|cp| condition(cp, type_)).is_some_and(|(s, r)| s == status && reason.is_none_or(|want| want == r))
+    };
+    if await_condition(api.clone(), name, &what, Duration::from_secs(60), reached).await.is_err() {
         let cp = api.get(name).await.ok();
         panic!("{what} not reached; status: {:#?}", cp.and_then(|c| c.status));
     }
 }
 
 async fn wait_deployment(api: &Api<Deployment>, name: &str, pred: impl Fn(&Deployment) -> bool) -> Deployment {
-    wait_for(&format!("Deployment {name}"), Duration::from_secs(60), || async {
-        let d = api.get_opt(name).await.ok()??;
-        pred(&d).then_some(d)
-    })
-    .await
-    .unwrap()
+    let matches = |d: Option<&Deployment>| d.is_some_and(&pred);
+    await_condition(api.clone(), name, &format!("Deployment {name}"), Duration::from_secs(60), matches).await.unwrap()
 }
 
 fn template_hash(d: &Deployment) -> String {
@@ -119,7 +66,7 @@ async fn children_are_applied_rolled_repaired_and_collected() {
     let ns = ns.name().to_string();
     let topic = format!("{ns}-in");
     bed.create_topic(&topic, 3).await.unwrap();
-    let _op = Operator::start(&bed, &ns, &[]);
+    let _op = Operator::start(&bed.kubeconfig(), &ns, &[]);
     let client = bed.client();
     let cps: Api<ConsumerPipeline> = Api::namespaced(client.clone(), &ns);
     let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
@@ -152,19 +99,16 @@ async fn children_are_applied_rolled_repaired_and_collected() {
     deps.delete("p-worker", &DeleteParams::default()).await.unwrap();
     cms.delete("p-worker", &DeleteParams::default()).await.unwrap();
     wait_deployment(&deps, "p-worker", |d| d.metadata.uid.as_deref() != Some(uid.as_str())).await;
-    wait_for("ConfigMap recreated", Duration::from_secs(30), || async { cms.get_opt("p-worker").await.ok()? })
-        .await
-        .unwrap();
+    let exists = |cm: Option<&ConfigMap>| cm.is_some();
+    await_condition(cms.clone(), "p-worker", "ConfigMap recreated", Duration::from_secs(30), exists).await.unwrap();
 
     // Pipeline deleted → children garbage-collected (owner references).
     cps.delete("p", &DeleteParams::default()).await.unwrap();
-    wait_for("children collected", Duration::from_secs(60), || async {
-        let d = deps.get_opt("p-worker").await.ok()?;
-        let c = cms.get_opt("p-worker").await.ok()?;
-        (d.is_none() && c.is_none()).then_some(())
-    })
-    .await
-    .unwrap();
+    let collected = async {
+        await_deleted(deps.clone(), "p-worker", "Deployment collected", Duration::from_secs(60)).await?;
+        await_deleted(cms.clone(), "p-worker", "ConfigMap collected", Duration::from_secs(60)).await
+    };
+    tokio::time::timeout(Duration::from_secs(60), collected).await.expect("children collected in 60 s").unwrap();
 }
 
 #[tokio::test]
@@ -172,7 +116,7 @@ async fn bad_input_degrades_and_recovers_without_restart() {
     let bed = TestBed::connect().await.unwrap();
     let ns = bed.temp_namespace("op-degraded").await.unwrap();
     let ns = ns.name().to_string();
-    let _op = Operator::start(&bed, &ns, &[]);
+    let _op = Operator::start(&bed.kubeconfig(), &ns, &[]);
     let client = bed.client();
     let cps: Api<ConsumerPipeline> = Api::namespaced(client.clone(), &ns);
     let topic = format!("{ns}-late");
@@ -250,7 +194,7 @@ async fn scales_up_on_backlog_then_down_to_zero() {
     let ns = ns.name().to_string();
     let topic = format!("{ns}-in");
     bed.create_topic(&topic, 4).await.unwrap();
-    let _op = Operator::start(&bed, &ns, &[]);
+    let _op = Operator::start(&bed.kubeconfig(), &ns, &[]);
     let client = bed.client();
     let cps: Api<ConsumerPipeline> = Api::namespaced(client.clone(), &ns);
     let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
@@ -296,8 +240,8 @@ async fn only_the_leader_acts_and_a_standby_takes_over() {
     bed.create_topic(&topic, 1).await.unwrap();
     let args = ["--leader-election", "--lease-namespace", ns.as_str(), "--lease-duration", "10"];
     let mut ops = vec![
-        Operator::start(&bed, &ns, &[&args[..], &["--identity", "op-a"]].concat()),
-        Operator::start(&bed, &ns, &[&args[..], &["--identity", "op-b"]].concat()),
+        Operator::start(&bed.kubeconfig(), &ns, &[&args[..], &["--identity", "op-a"]].concat()),
+        Operator::start(&bed.kubeconfig(), &ns, &[&args[..], &["--identity", "op-b"]].concat()),
     ];
 
     let leader = wait_for("one leader", Duration::from_secs(30), || async {
@@ -324,7 +268,7 @@ async fn only_the_leader_acts_and_a_standby_takes_over() {
     assert_eq!(standby_reconciles, 0.0, "the standby must not reconcile");
 
     // Kill the leader hard; the standby takes over within the lease duration plus a poll.
-    leader_op.child.kill().unwrap();
+    leader_op.kill();
     let killed = Instant::now();
     cps.create(&PostParams::default(), &pipeline("two", &ns, bed.kafka_bootstrap(), &topic, serde_json::json!({})))
         .await
@@ -345,7 +289,7 @@ async fn external_mode_follows_the_scale_subresource() {
     let ns = ns.name().to_string();
     let topic = format!("{ns}-in");
     bed.create_topic(&topic, 2).await.unwrap();
-    let _op = Operator::start(&bed, &ns, &[]);
+    let _op = Operator::start(&bed.kubeconfig(), &ns, &[]);
     let client = bed.client();
     let cps: Api<ConsumerPipeline> = Api::namespaced(client.clone(), &ns);
     let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
@@ -393,7 +337,7 @@ async fn a_foreign_deployment_with_the_child_name_is_not_taken_over() {
     }))
     .unwrap();
     deps.create(&PostParams::default(), &foreign).await.unwrap();
-    let _op = Operator::start(&bed, &ns, &[]);
+    let _op = Operator::start(&bed.kubeconfig(), &ns, &[]);
     let cps: Api<ConsumerPipeline> = Api::namespaced(client.clone(), &ns);
     cps.create(&PostParams::default(), &pipeline("c", &ns, bed.kafka_bootstrap(), &topic, serde_json::json!({})))
         .await
@@ -410,7 +354,7 @@ async fn auto_mode_puts_a_hand_scaled_deployment_back() {
     let ns = ns.name().to_string();
     let topic = format!("{ns}-in");
     bed.create_topic(&topic, 2).await.unwrap();
-    let _op = Operator::start(&bed, &ns, &[]);
+    let _op = Operator::start(&bed.kubeconfig(), &ns, &[]);
     let client = bed.client();
     let cps: Api<ConsumerPipeline> = Api::namespaced(client.clone(), &ns);
     let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);

@@ -14,6 +14,7 @@ use futures::{StreamExt, stream};
 use k8s_openapi::api::apps::v1::Deployment;
 use kpipe_api::v1alpha1::ConsumerPipeline;
 use kpipe_e2e::testbed::{TestBed, wait_for};
+use kpipe_test_support::{free_port, http_get};
 use kube::Api;
 use kube::api::{ListParams, PostParams};
 
@@ -72,15 +73,6 @@ fn connections_to(pid: u32, port: u16) -> usize {
     n
 }
 
-async fn http_get(port: u16, path: &str) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.ok()?;
-    buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
-}
-
 #[tokio::test]
 #[ignore = "benchmark: needs the local test bed"]
 async fn many_pipelines_one_broker() {
@@ -94,7 +86,7 @@ async fn many_pipelines_one_broker() {
     let hot = format!("{ns}-hot");
     bed.create_topic(&hot, 4).await.unwrap();
     let kafka_port: u16 = bed.kafka_bootstrap().rsplit(':').next().unwrap().parse().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let log = std::fs::File::create(std::env::temp_dir().join(format!("op-bench-{ns}.log"))).unwrap();
     let op = Proc(
         Command::new(operator_binary())

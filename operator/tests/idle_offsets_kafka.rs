@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use kpipe_operator::group_offsets::{Commit, GroupOffsets};
 use kpipe_operator::keepalive::{OffsetBook, OffsetKeeper};
 use kpipe_operator::probe::{Cluster, LagProbe};
+use kpipe_test_support::free_port;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -33,10 +34,6 @@ impl Drop for Broker {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self._dir);
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 async fn start_broker() -> Broker {

@@ -7,6 +7,8 @@
 //! Run: `set -a; source ~/.cache/kpipe/run/env; set +a;
 //!       cargo test -p kpipe-operator --test leader_election_bed -- --nocapture`.
 
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -168,54 +170,19 @@ mod operators {
     //! through the blackholing proxy. Each replica writes with its own field manager, so every
     //! write the apiserver applied is attributable in `managedFields`.
 
-    use std::process::{Child, Command, Stdio};
     use std::time::{Duration, Instant};
 
     use k8s_openapi::api::apps::v1::Deployment;
     use kpipe_api::v1alpha1::ConsumerPipeline;
-    use kpipe_e2e::testbed::{TestBed, wait_for};
+    use kpipe_e2e::testbed::{TestBed, await_condition, wait_for};
     use kube::api::{Api, ListParams, PostParams};
 
-    struct Op {
-        child: Child,
-        port: u16,
-        log: std::path::PathBuf,
-    }
+    use crate::common::Operator;
 
-    impl Drop for Op {
-        fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-
-    impl Op {
-        fn start(kubeconfig: &std::path::Path, ns: &str, id: &str) -> Self {
-            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            let log = std::env::temp_dir().join(format!("op-{ns}-{id}.log"));
-            let file = std::fs::File::create(&log).unwrap();
-            let child = Command::new(env!("CARGO_BIN_EXE_kpipe-operator"))
-                .env("KUBECONFIG", kubeconfig)
-                .env("RUST_LOG", "info,kpipe_operator=debug")
-                .args(["--namespaces", ns, "--listen", &format!("127.0.0.1:{port}"), "--log-format", "text"])
-                .args(["--leader-election", "--lease-namespace", ns, "--lease-duration", "6"])
-                .args(["--identity", id, "--field-manager", &format!("kpipe-{id}")])
-                .stdout(file.try_clone().unwrap())
-                .stderr(file)
-                .stdin(Stdio::null())
-                .spawn()
-                .unwrap();
-            Self { child, port, log }
-        }
-
-        async fn metric(&self, line_prefix: &str) -> Option<f64> {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.ok()?;
-            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").await.ok()?;
-            let mut buf = String::new();
-            s.read_to_string(&mut buf).await.ok()?;
-            buf.lines().find(|l| l.starts_with(line_prefix)).and_then(|l| l.rsplit(' ').next())?.parse().ok()
-        }
+    /// An operator `id` of the lease in `ns` (6 s lease), with its own field manager.
+    fn start(kubeconfig: &std::path::Path, ns: &str, id: &str) -> Operator {
+        let extra = ["--leader-election", "--lease-namespace", ns, "--lease-duration", "6", "--identity", id];
+        Operator::start(kubeconfig, ns, &[&extra[..], &["--field-manager", &format!("kpipe-{id}")]].concat())
     }
 
     fn pipeline(name: &str, bootstrap: &str, topic: &str) -> ConsumerPipeline {
@@ -264,18 +231,25 @@ mod operators {
         let text = std::fs::read_to_string(bed.kubeconfig()).unwrap();
         std::fs::write(&kc_a, text.replace(&apiserver, &format!("https://127.0.0.1:{}", p.port))).unwrap();
 
-        let a = Op::start(&kc_a, &ns, "op-a");
+        let a = start(&kc_a, &ns, "op-a");
         wait_for("a leads", Duration::from_secs(30), || async {
             (a.metric("kpipe_operator_leader ").await? == 1.0).then_some(())
         })
         .await
         .unwrap();
-        let b = Op::start(&bed.kubeconfig(), &ns, "op-b");
+        let b = start(&bed.kubeconfig(), &ns, "op-b");
         let client = bed.client();
         let cps: Api<ConsumerPipeline> = Api::namespaced(client.clone(), &ns);
         let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+        let exists = |d: Option<&Deployment>| d.is_some();
         cps.create(&PostParams::default(), &pipeline("one", bed.kafka_bootstrap(), &topic)).await.unwrap();
-        wait_for("one-worker", Duration::from_secs(30), || async { deps.get_opt("one-worker").await.ok()? })
+        await_condition(deps.clone(), "one-worker", "one-worker", Duration::from_secs(30), exists).await.unwrap();
+        // a also wrote the pipeline's status (after its children) before the cut: the writes checked below.
+        let written_by_a = |cp: Option<&ConsumerPipeline>| {
+            cp.and_then(|cp| cp.metadata.managed_fields.as_ref())
+                .is_some_and(|fields| fields.iter().any(|f| f.manager.as_deref() == Some("kpipe-op-a")))
+        };
+        await_condition(cps.clone(), "one", "one's status written by a", Duration::from_secs(30), written_by_a)
             .await
             .unwrap();
         assert_eq!(b.metric("kpipe_operator_leader ").await, Some(0.0));
@@ -292,9 +266,7 @@ mod operators {
         let b_leads_wall = jiff::Timestamp::now();
         // Scaling continues under the new leader: a new pipeline gets its children from b.
         cps.create(&PostParams::default(), &pipeline("two", bed.kafka_bootstrap(), &topic)).await.unwrap();
-        wait_for("two-worker", Duration::from_secs(30), || async { deps.get_opt("two-worker").await.ok()? })
-            .await
-            .unwrap();
+        await_condition(deps.clone(), "two-worker", "two-worker", Duration::from_secs(30), exists).await.unwrap();
         let two = cut.elapsed();
         println!("cut → b leading after {b_leads:?}; new pipeline's Deployment after {two:?}");
         assert!(two <= Duration::from_secs(6 + 2 + 3), "new leader acted {two:?} after the cut (6 s lease)");

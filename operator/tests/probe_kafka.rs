@@ -7,16 +7,9 @@ use std::time::Duration;
 
 use kpipe_e2e::testbed::TestBed;
 use kpipe_operator::probe::{Cluster, LagProbe, ProbeError};
+use kpipe_test_support::unique_name as unique;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", std::process::id() as u64 * 1000 + rand_suffix())
-}
-
-fn rand_suffix() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64 % 1000
-}
 
 fn commit(bootstrap: &str, group: &str, topic: &str, offsets: &[(i32, i64)]) {
     let c: BaseConsumer =

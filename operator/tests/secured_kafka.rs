@@ -18,6 +18,7 @@ use kpipe_e2e::testbed::TestBed;
 use kpipe_operator::group_offsets::Commit;
 use kpipe_operator::probe::{Cluster, LagProbe};
 use kpipe_operator::secured_offsets::OffsetClient;
+use kpipe_test_support::unique_name as unique;
 
 struct Listeners {
     bed: TestBed,
@@ -81,10 +82,6 @@ impl Listeners {
             kafka_client::properties(cluster.auth.as_ref(), &cluster.credentials),
         )
     }
-}
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}-{:08x}", rand::random::<u32>())
 }
 
 #[tokio::test(flavor = "multi_thread")]

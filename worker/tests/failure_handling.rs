@@ -7,14 +7,13 @@
 mod common;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use common::*;
 use kpipe_api::commit_metadata;
@@ -51,61 +50,8 @@ fn first_line(v: &str) -> &str {
     v.split('\n').next().unwrap_or_default()
 }
 
-/// A programmable endpoint: answers 400 to everything (`reject_all`), or 429 with `Retry-After`
-/// to the first `throttle` requests, else accepts. Records every request.
-#[derive(Default)]
-struct Endpoint {
-    reject_all: bool,
-    /// Ids named as failed (retryable) in a 200 response, every time.
-    fail_ids: std::collections::HashSet<String>,
-    throttle: u32,
-    retry_after: String,
-    accepted: HashMap<String, u32>,
-    /// (when, ids, status)
-    requests: Vec<(Instant, Vec<String>, u16)>,
-}
-
-type Shared = Arc<Mutex<Endpoint>>;
-
 /// (key bytes, offset) of CloudEvents in arrival order.
 type Seen = Arc<Mutex<Vec<(Vec<u8>, i64)>>>;
-
-async fn endpoint(State(state): State<Shared>, body: Bytes) -> (StatusCode, HeaderMap, String) {
-    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-    let records = v["records"].as_array().cloned().unwrap_or_default();
-    let ids: Vec<String> =
-        records.iter().map(|r| first_line(r["value"].as_str().unwrap_or_default()).to_owned()).collect();
-    let mut s = state.lock().unwrap();
-    let named: Vec<serde_json::Value> = records
-        .iter()
-        .zip(&ids)
-        .filter(|(_, id)| s.fail_ids.contains(*id))
-        .map(|(r, _)| serde_json::json!({"partition": r["partition"], "offset": r["offset"], "error": "not yet"}))
-        .collect();
-    let mut headers = HeaderMap::new();
-    let status = if s.reject_all {
-        StatusCode::BAD_REQUEST
-    } else if s.throttle > 0 {
-        s.throttle -= 1;
-        headers.insert("retry-after", HeaderValue::from_str(&s.retry_after).unwrap());
-        StatusCode::TOO_MANY_REQUESTS
-    } else {
-        let good: Vec<String> = ids.iter().filter(|id| !s.fail_ids.contains(*id)).cloned().collect();
-        for id in good {
-            *s.accepted.entry(id).or_insert(0) += 1;
-        }
-        StatusCode::OK
-    };
-    s.requests.push((Instant::now(), ids, status.as_u16()));
-    let body = if named.is_empty() { String::new() } else { serde_json::json!({ "failed": named }).to_string() };
-    (status, headers, body)
-}
-
-async fn serve(state: Shared, addr: SocketAddr) {
-    let app = Router::new().route("/records", post(endpoint)).with_state(state);
-    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-}
 
 async fn wait_metric(w: &Worker, name: &str, want: f64, timeout: Duration) -> String {
     let deadline = Instant::now() + timeout;
@@ -133,9 +79,7 @@ async fn kafka_records_over_the_dead_letter_topics_limit_are_dead_lettered_as_re
     // Under: 19,000-byte values fit with their headers; over: 20,000 and more do not.
     let records = [(0u64, 100usize), (1, 19_000), (2, 20_000), (3, 25_000), (4, 1_100_000), (5, 10)];
     produce_sized(&bootstrap, &topic, &records).await;
-    let state: Shared = Arc::new(Mutex::new(Endpoint { reject_all: true, ..Default::default() }));
-    let addr = free_port();
-    serve(state.clone(), addr).await;
+    let addr = HttpSink::start(SinkBehavior { reject_all: true, ..Default::default() }).await.addr();
     let group = unique("g");
     let cfg = config(
         &bootstrap,
@@ -246,9 +190,8 @@ async fn kafka_429_with_retry_after_is_waited_for_and_nothing_is_dead_lettered()
     create_topic(&bootstrap, &dlq, 1).await;
     let n = 300u64;
     produce_ids(&bootstrap, &topic, 0..n, 30).await;
-    let state: Shared = Arc::new(Mutex::new(Endpoint { throttle: 12, retry_after: "2".into(), ..Default::default() }));
-    let addr = free_port();
-    serve(state.clone(), addr).await;
+    let sink = HttpSink::start(SinkBehavior { throttle: 12, retry_after: "2".into(), ..Default::default() }).await;
+    let addr = sink.addr();
     let cfg = config(
         &bootstrap,
         "throttle",
@@ -272,26 +215,24 @@ async fn kafka_429_with_retry_after_is_waited_for_and_nothing_is_dead_lettered()
     let limit = metric(&m, "kpipe_worker_concurrency_limit").unwrap();
     eprintln!("concurrency limit after throttling: {limit} (perWorker 256)");
     assert!(limit < 256.0, "429s lowered the adaptive limit: {m}");
-    let min_gap = {
-        let s = state.lock().unwrap();
-        assert!((0..n).all(|id| s.accepted.contains_key(&id.to_string())), "every record delivered");
-        throttled_gap(&s.requests)
-    };
+    let accepted = sink.accepted();
+    assert!((0..n).all(|id| accepted.contains_key(&id.to_string())), "every record delivered");
+    let min_gap = throttled_gap(&sink.requests());
     eprintln!("shortest wait after a 429 with Retry-After: 2 → {min_gap:?}");
     assert!(min_gap >= Duration::from_millis(1990), "retried {min_gap:?} after a Retry-After of 2 s");
     assert!(read_topic(&bootstrap, &dlq, 1, Duration::from_secs(3)).is_empty(), "the DLQ stays empty");
 }
 
 /// The shortest time from a 429 until the next request carrying any of its ids.
-fn throttled_gap(requests: &[(Instant, Vec<String>, u16)]) -> Duration {
+fn throttled_gap(requests: &[SinkRequest]) -> Duration {
     let mut min_gap = Duration::MAX;
-    for (i, (at, ids, status)) in requests.iter().enumerate() {
-        if *status != 429 {
+    for (i, throttled) in requests.iter().enumerate() {
+        if throttled.status != 429 {
             continue;
         }
-        let next = requests[i + 1..].iter().find(|(_, later, _)| later.iter().any(|x| ids.contains(x)));
-        let (next_at, _, _) = next.expect("a throttled record is sent again");
-        min_gap = min_gap.min(*next_at - *at);
+        let next = requests[i + 1..].iter().find(|later| later.ids.iter().any(|x| throttled.ids.contains(x)));
+        let next = next.expect("a throttled record is sent again");
+        min_gap = min_gap.min(next.at - throttled.at);
     }
     min_gap
 }
@@ -308,8 +249,7 @@ async fn kafka_a_downstream_outage_opens_the_circuit_and_nothing_is_dead_lettere
     create_topic(&bootstrap, &dlq, 1).await;
     let n = 200u64;
     produce_ids(&bootstrap, &topic, 0..n, 20).await;
-    let state: Shared = Arc::new(Mutex::new(Endpoint::default()));
-    let addr = free_port(); // nothing listens yet: connection refused
+    let addr = free_addr(); // nothing listens yet: connection refused
     let group = unique("g");
     let cfg = config(
         &bootstrap,
@@ -342,7 +282,7 @@ async fn kafka_a_downstream_outage_opens_the_circuit_and_nothing_is_dead_lettere
     // A labelled counter (by class) has no series before its first dead letter.
     assert_eq!(metric(&m, "kpipe_worker_records_dead_lettered_total").unwrap_or(0.0), 0.0, "{m}");
     tokio::time::sleep(Duration::from_secs(10).saturating_sub(down_at.elapsed())).await;
-    serve(state.clone(), addr).await;
+    let sink = HttpSink::start_on(addr, SinkBehavior::default()).await;
     let back_at = Instant::now();
     let m = wait_metric(&w, "kpipe_worker_records_processed_total", n as f64, Duration::from_secs(90)).await;
     eprintln!("all {n} delivered {:?} after the endpoint came back", back_at.elapsed());
@@ -350,10 +290,8 @@ async fn kafka_a_downstream_outage_opens_the_circuit_and_nothing_is_dead_lettere
     assert_eq!(metric(&m, "kpipe_worker_records_dead_lettered_total").unwrap_or(0.0), 0.0, "{m}");
     assert_eq!(metric(&m, "kpipe_worker_circuit_state"), Some(0.0), "closed again: {m}");
     assert!(metric(&m, "kpipe_worker_circuit_opened_total").unwrap_or(0.0) >= 1.0);
-    {
-        let s = state.lock().unwrap();
-        assert!((0..n).all(|id| s.accepted.contains_key(&id.to_string())), "every record delivered");
-    }
+    let accepted = sink.accepted();
+    assert!((0..n).all(|id| accepted.contains_key(&id.to_string())), "every record delivered");
     wait_committed(&bootstrap, &group, &topic, n as i64).await;
     let (_, md) = committed_with_metadata(&bootstrap, &group, &topic);
     assert_eq!(commit_metadata::decode(&md), None, "no report once it drained: {md:?}");
@@ -371,7 +309,7 @@ async fn kafka_a_circuit_breaker_turned_off_in_the_spec_never_opens() {
     create_topic(&bootstrap, &dlq, 1).await;
     let n = 30u64;
     produce_ids(&bootstrap, &topic, 0..n, 5).await;
-    let addr = free_port(); // nothing listens: connection refused
+    let addr = free_addr(); // nothing listens: connection refused
     let group = unique("g");
     let cfg = config(
         &bootstrap,
@@ -407,10 +345,8 @@ async fn kafka_attempt_budgets_survive_a_restart() {
     create_topic(&bootstrap, &topic, 1).await;
     create_topic(&bootstrap, &dlq, 1).await;
     produce_ids(&bootstrap, &topic, 0..10, 10).await;
-    let state: Shared =
-        Arc::new(Mutex::new(Endpoint { fail_ids: ["5".to_string()].into_iter().collect(), ..Default::default() }));
-    let addr = free_port();
-    serve(state.clone(), addr).await;
+    let sink = HttpSink::start(SinkBehavior { fail_always: ids([5]), ..Default::default() }).await;
+    let addr = sink.addr();
     let group = unique("g");
     let cfg = config(
         &bootstrap,
@@ -445,11 +381,12 @@ async fn kafka_attempt_budgets_survive_a_restart() {
     let dead = read_topic(&bootstrap, &dlq, 1, Duration::from_secs(60));
     assert_eq!(dead.len(), 1, "log {}", second.log.display());
     assert_eq!(dead[0].headers["kpipe.attempts"], "5", "the budget continued");
-    let s = state.lock().unwrap();
-    let after = s.requests.iter().filter(|(at, ids, _)| *at > restarted_at && ids.contains(&"5".to_string())).count();
+    let requests = sink.requests();
+    let after = requests.iter().filter(|r| r.at > restarted_at && r.ids.contains(&"5".to_string())).count();
     eprintln!("previous owner reported {} attempts; the replacement made {after}", inherited.attempts);
     assert_eq!(after as u32, 5 - inherited.attempts, "the replacement spent only what was left");
-    assert!((0..10).filter(|i| *i != 5).all(|i| s.accepted.contains_key(&i.to_string())));
+    let accepted = sink.accepted();
+    assert!((0..10).filter(|i| *i != 5).all(|i| accepted.contains_key(&i.to_string())));
 }
 
 /// CloudEvents binary mode with binary (Confluent wire-format-like) keys and non-ASCII UTF-8 keys:
@@ -491,9 +428,7 @@ async fn kafka_cloudevents_binary_and_non_ascii_keys_are_delivered_in_key_order(
             }),
         )
         .with_state(seen.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let addr = serve(free_addr(), app).await;
     let cfg = config(
         &bootstrap,
         "ce-keys",
@@ -540,9 +475,7 @@ async fn kafka_a_dead_letter_topic_that_refuses_writes_is_reported_then_recovers
         r.unwrap();
     }
     produce_ids(&bootstrap, &topic, 0..1, 1).await;
-    let state: Shared = Arc::new(Mutex::new(Endpoint { reject_all: true, ..Default::default() }));
-    let addr = free_port();
-    serve(state.clone(), addr).await;
+    let addr = HttpSink::start(SinkBehavior { reject_all: true, ..Default::default() }).await.addr();
     let group = unique("g");
     let cfg = config(
         &bootstrap,

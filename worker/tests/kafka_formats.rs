@@ -19,11 +19,9 @@ use prost::Message;
 
 type Seen = Arc<Mutex<HashMap<u64, u32>>>;
 
-async fn serve(app: Router) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    format!("http://{addr}/records")
+/// Serves `app` on a free loopback port (the shared test endpoint server); returns its `/records` URL.
+async fn serve_records(app: Router) -> String {
+    format!("http://{}/records", serve(free_addr(), app).await)
 }
 
 /// Accepts protobuf batches; names every id ending in 5 as failed the first time it is seen.
@@ -59,7 +57,7 @@ async fn kafka_protobuf_batches_with_partial_failure() {
     let n = 1000u64;
     produce_ids(&bootstrap, &topic, 0..n, 20).await;
     let seen: Seen = Arc::default();
-    let url = serve(Router::new().route("/records", post(protobuf_sink)).with_state(seen.clone())).await;
+    let url = serve_records(Router::new().route("/records", post(protobuf_sink)).with_state(seen.clone())).await;
     let cfg = config(
         &bootstrap,
         "formats-pb",
@@ -111,7 +109,7 @@ async fn kafka_cloudevents_binary_mode_one_record_per_request() {
     let n = 500u64;
     produce_ids(&bootstrap, &topic, 0..n, 20).await;
     let seen: Seen = Arc::default();
-    let url = serve(Router::new().route("/records", post(cloudevents_sink)).with_state(seen.clone())).await;
+    let url = serve_records(Router::new().route("/records", post(cloudevents_sink)).with_state(seen.clone())).await;
     let cfg = config(
         &bootstrap,
         "formats-ce",

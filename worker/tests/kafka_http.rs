@@ -17,14 +17,14 @@ async fn kafka_every_id_is_delivered() {
     create_topic(&bootstrap, &topic, 6).await;
     let n = 5000u64;
     produce_ids(&bootstrap, &topic, 0..n, 100).await;
-    let sink = Sink::start(SinkBehavior::default()).await;
+    let sink = HttpSink::start(SinkBehavior::default()).await;
     let cfg = config(
         &bootstrap,
         "deliver",
         &topic,
         &unique("g"),
         serde_json::json!({
-            "processor": {"http": {"url": sink.url}},
+            "processor": {"http": {"url": sink.url()}},
             "ordering": "key",
             "batch": {"maxRecords": 50, "maxWait": "10ms"},
             "onFailure": "block"
@@ -38,7 +38,7 @@ async fn kafka_every_id_is_delivered() {
         sink.accepted_distinct(),
         w.log.display()
     );
-    let accepted = sink.accepted();
+    let accepted = accepted(&sink);
     assert!((0..n).all(|id| accepted.contains_key(&id)));
     assert_eq!(report_duplicates(&accepted), 0, "a clean run delivers each id once");
     // Commits catch up with the end of every partition.
@@ -66,14 +66,14 @@ async fn kafka_poison_records_go_to_the_dead_letter_topic_with_context() {
     let n = 1000u64;
     produce_ids(&bootstrap, &topic, 0..n, 50).await;
     let poison: HashSet<u64> = (0..n).filter(|id| id % 100 == 7).collect();
-    let sink = Sink::start(SinkBehavior { poison: poison.clone(), ..Default::default() }).await;
+    let sink = HttpSink::start(SinkBehavior { poison: ids(&poison), ..Default::default() }).await;
     let cfg = config(
         &bootstrap,
         "poison",
         &topic,
         &unique("g"),
         serde_json::json!({
-            "processor": {"http": {"url": sink.url}},
+            "processor": {"http": {"url": sink.url()}},
             "batch": {"maxRecords": 20, "maxWait": "10ms"},
             "retry": {"maxAttempts": 3, "initialBackoff": "10ms", "maxBackoff": "100ms"},
             "deadLetter": {"topic": dlq}
@@ -103,7 +103,7 @@ async fn kafka_poison_records_go_to_the_dead_letter_topic_with_context() {
         assert_eq!(r.headers["kpipe.attempts"], "1", "a 400 is not retried");
         assert_eq!(r.headers["kpipe.pipeline"], "poison");
     }
-    let accepted = sink.accepted();
+    let accepted = accepted(&sink);
     assert!(poison.iter().all(|id| !accepted.contains_key(id)));
     let m = w.metrics().await;
     assert_eq!(metric(&m, "kpipe_worker_records_dead_lettered_total"), Some(poison.len() as f64));
@@ -117,14 +117,14 @@ async fn kafka_partial_batch_failure_retries_only_the_named_records() {
     let n = 600u64;
     produce_ids(&bootstrap, &topic, 0..n, 30).await;
     let flaky: HashSet<u64> = (0..n).filter(|id| id % 10 == 3).collect();
-    let sink = Sink::start(SinkBehavior { fail_once: flaky.clone(), ..Default::default() }).await;
+    let sink = HttpSink::start(SinkBehavior { fail_once: ids(&flaky), ..Default::default() }).await;
     let cfg = config(
         &bootstrap,
         "partial",
         &topic,
         &unique("g"),
         serde_json::json!({
-            "processor": {"http": {"url": sink.url}},
+            "processor": {"http": {"url": sink.url()}},
             "ordering": "unordered",
             "batch": {"maxRecords": 25, "maxWait": "20ms"},
             "retry": {"maxAttempts": 5, "initialBackoff": "10ms", "maxBackoff": "50ms"},
@@ -138,9 +138,10 @@ async fn kafka_partial_batch_failure_retries_only_the_named_records() {
         sink.accepted_distinct(),
         w.log.display()
     );
-    let state = sink.state.lock().unwrap();
+    let requests: Vec<Vec<u64>> =
+        sink.requests().into_iter().map(|r| r.ids.iter().map(|id| id.parse().unwrap()).collect()).collect();
     let mut sent: std::collections::HashMap<u64, u32> = Default::default();
-    for req in &state.requests {
+    for req in &requests {
         for id in req {
             *sent.entry(*id).or_default() += 1;
         }
@@ -150,9 +151,9 @@ async fn kafka_partial_batch_failure_retries_only_the_named_records() {
         assert_eq!(sent.get(&id).copied(), Some(expected), "id {id} sent {:?} times", sent.get(&id));
     }
     // Retry requests carry only named records.
-    let retry_requests = state.requests.iter().filter(|r| r.iter().all(|id| flaky.contains(id))).count();
+    let retry_requests = requests.iter().filter(|r| r.iter().all(|id| flaky.contains(id))).count();
     assert!(retry_requests > 0);
-    assert_eq!(report_duplicates(&state.accepted), 0);
+    assert_eq!(report_duplicates(&accepted(&sink)), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -162,7 +163,7 @@ async fn kafka_block_policy_stalls_visibly_then_recovers() {
     create_topic(&bootstrap, &topic, 1).await;
     let n = 200u64;
     produce_ids(&bootstrap, &topic, 0..n, 10).await;
-    let sink = Sink::start(SinkBehavior { poison: [50u64].into_iter().collect(), ..Default::default() }).await;
+    let sink = HttpSink::start(SinkBehavior { poison: ids([50]), ..Default::default() }).await;
     let group = unique("g");
     let cfg = config(
         &bootstrap,
@@ -170,7 +171,7 @@ async fn kafka_block_policy_stalls_visibly_then_recovers() {
         &topic,
         &group,
         serde_json::json!({
-            "processor": {"http": {"url": sink.url}},
+            "processor": {"http": {"url": sink.url()}},
             "ordering": "key",
             "batch": {"maxRecords": 10, "maxWait": "10ms"},
             "retry": {"maxAttempts": 2, "initialBackoff": "10ms", "maxBackoff": "200ms"},
@@ -182,7 +183,7 @@ async fn kafka_block_policy_stalls_visibly_then_recovers() {
     // the later key-0 records (60, 70, ..., 190): 15 in all.
     assert!(sink.wait_for(n as usize - 15, Duration::from_secs(60)).await, "log {}", w.log.display());
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let accepted = sink.accepted();
+    let accepted = accepted(&sink);
     for id in (50..n).step_by(10) {
         assert!(!accepted.contains_key(&id), "id {id} overtook the blocked record of its key");
     }
@@ -225,7 +226,7 @@ async fn kafka_block_policy_stalls_visibly_then_recovers() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // The handler is fixed: the record goes through and the commit reaches the end.
-    sink.state.lock().unwrap().behavior.poison.clear();
+    sink.update(|b| b.poison.clear());
     assert!(sink.wait_for(n as usize, Duration::from_secs(20)).await, "log {}", w.log.display());
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {

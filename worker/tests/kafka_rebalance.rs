@@ -15,14 +15,14 @@ async fn kafka_second_worker_joining_and_leaving_loses_nothing() {
     create_topic(&bootstrap, &topic, 6).await;
     let n = 6000u64;
     produce_ids(&bootstrap, &topic, 0..n, 128).await;
-    let sink = Sink::start(SinkBehavior { delay: Duration::from_millis(30), ..Default::default() }).await;
+    let sink = HttpSink::start(SinkBehavior { delay: Duration::from_millis(30), ..Default::default() }).await;
     let cfg = config(
         &bootstrap,
         "rebalance",
         &topic,
         &group,
         serde_json::json!({
-            "processor": {"http": {"url": sink.url}},
+            "processor": {"http": {"url": sink.url()}},
             "ordering": "key",
             "batch": {"maxRecords": 10, "maxWait": "10ms"},
             "concurrency": {"perPartition": 20, "perWorker": 60},
@@ -56,7 +56,7 @@ async fn kafka_second_worker_joining_and_leaving_loses_nothing() {
         a.log.display(),
         b.log.display()
     );
-    let accepted = sink.accepted();
+    let accepted = accepted(&sink);
     assert!((0..n).all(|id| accepted.contains_key(&id)));
     eprintln!("rebalance: {} duplicate deliveries", report_duplicates(&accepted));
 }

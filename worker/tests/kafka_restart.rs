@@ -11,14 +11,14 @@ use common::*;
 
 const UNCOMMITTED_PER_PARTITION: u64 = 60;
 
-fn slow_pipeline(bootstrap: &str, name: &str, topic: &str, group: &str, sink: &Sink) -> serde_json::Value {
+fn slow_pipeline(bootstrap: &str, name: &str, topic: &str, group: &str, sink: &HttpSink) -> serde_json::Value {
     config(
         bootstrap,
         name,
         topic,
         group,
         serde_json::json!({
-            "processor": {"http": {"url": sink.url}},
+            "processor": {"http": {"url": sink.url()}},
             "ordering": "key",
             "batch": {"maxRecords": 20, "maxWait": "10ms"},
             "concurrency": {"perPartition": 40, "perWorker": 80, "uncommittedPerPartition": UNCOMMITTED_PER_PARTITION},
@@ -35,7 +35,7 @@ async fn kafka_kill_9_mid_batch_then_restart_loses_nothing() {
     create_topic(&bootstrap, &topic, 4).await;
     let n = 3000u64;
     produce_ids(&bootstrap, &topic, 0..n, 64).await;
-    let sink = Sink::start(SinkBehavior { delay: Duration::from_millis(40), ..Default::default() }).await;
+    let sink = HttpSink::start(SinkBehavior { delay: Duration::from_millis(40), ..Default::default() }).await;
     let cfg = slow_pipeline(&bootstrap, "kill9", &topic, &group, &sink);
     // No periodic commit during the test: only the early commits the uncommitted bound asks for.
     let mut first = Worker::start_with_env("kill9-a", &cfg, &[("KPIPE_COMMIT_INTERVAL", "1h")]);
@@ -55,7 +55,7 @@ async fn kafka_kill_9_mid_batch_then_restart_loses_nothing() {
         sink.accepted_distinct(),
         second.log.display()
     );
-    let accepted = sink.accepted();
+    let accepted = accepted(&sink);
     let missing: Vec<u64> = (0..n).filter(|id| !accepted.contains_key(id)).collect();
     assert!(missing.is_empty(), "missing ids: {missing:?}");
     let dups = report_duplicates(&accepted);
@@ -76,7 +76,7 @@ async fn kafka_sigterm_then_restart_has_zero_duplicates() {
     create_topic(&bootstrap, &topic, 4).await;
     let n = 3000u64;
     produce_ids(&bootstrap, &topic, 0..n, 64).await;
-    let sink = Sink::start(SinkBehavior { delay: Duration::from_millis(40), ..Default::default() }).await;
+    let sink = HttpSink::start(SinkBehavior { delay: Duration::from_millis(40), ..Default::default() }).await;
     let cfg = slow_pipeline(&bootstrap, "sigterm", &topic, &group, &sink);
     let mut first = Worker::start("sigterm-a", &cfg);
     assert!(
@@ -95,7 +95,7 @@ async fn kafka_sigterm_then_restart_has_zero_duplicates() {
         sink.accepted_distinct(),
         second.log.display()
     );
-    let accepted = sink.accepted();
+    let accepted = accepted(&sink);
     assert!((0..n).all(|id| accepted.contains_key(&id)));
     let dups: Vec<(u64, u32)> = accepted.iter().filter(|(_, c)| **c > 1).map(|(i, c)| (*i, *c)).collect();
     assert!(

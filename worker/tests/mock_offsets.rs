@@ -52,13 +52,13 @@ async fn mock_a_commit_beyond_the_log_end_resets_to_the_earliest_record_even_und
     drop(old);
     assert_eq!(committed(&bootstrap, &group, &topic), Some(1000));
 
-    let sink = Sink::start(SinkBehavior::default()).await;
+    let sink = HttpSink::start(SinkBehavior::default()).await;
     let cfg = config(
         &bootstrap,
         "beyond-end",
         &topic,
         &group,
-        serde_json::json!({"processor": {"http": {"url": sink.url}}, "source": {
+        serde_json::json!({"processor": {"http": {"url": sink.url()}}, "source": {
             "bootstrapServers": [bootstrap], "topics": [topic], "startOffset": "latest",
             "config": {"session.timeout.ms": "6000", "heartbeat.interval.ms": "1000"}}}),
     );
@@ -69,7 +69,7 @@ async fn mock_a_commit_beyond_the_log_end_resets_to_the_earliest_record_even_und
         sink.accepted_distinct(),
         worker.log.display()
     );
-    let accepted = sink.accepted();
+    let accepted = accepted(&sink);
     assert!((0..n).all(|id| accepted.contains_key(&id)), "every record of the new log is delivered");
     let metrics = worker.metrics().await;
     assert_eq!(metric(&metrics, "kpipe_worker_offset_resets_total{reason=\"above_log_end\"}"), Some(1.0), "{metrics}");

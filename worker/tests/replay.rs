@@ -10,14 +10,8 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::Router;
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::routing::post;
 use common::*;
 use kpipe_api::replay::{Progress, ReplayPlan, Selection, decode_progress};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -25,37 +19,12 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
-/// An endpoint that keeps every record it gets (as JSON) and answers 400 to batches holding a record whose value is
-/// in `poison`, optionally slowly.
-#[derive(Default)]
-struct Recorder {
-    poison: BTreeSet<String>,
-    delay: Duration,
-    records: Vec<serde_json::Value>,
-}
-
-type Rec = Arc<Mutex<Recorder>>;
-
-async fn handler(State(state): State<Rec>, body: Bytes) -> StatusCode {
-    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-    let records = v["records"].as_array().cloned().unwrap_or_default();
-    let delay = state.lock().unwrap().delay;
-    tokio::time::sleep(delay).await;
-    let mut s = state.lock().unwrap();
-    if records.iter().any(|r| s.poison.contains(r["value"].as_str().unwrap_or_default())) {
-        return StatusCode::BAD_REQUEST;
-    }
-    s.records.extend(records);
-    StatusCode::OK
-}
-
-async fn endpoint(poison: BTreeSet<String>, delay: Duration) -> (String, Rec) {
-    let state = Arc::new(Mutex::new(Recorder { poison, delay, records: Vec::new() }));
-    let app = Router::new().route("/records", post(handler)).with_state(state.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (format!("http://{addr}/records"), state)
+/// The endpoint (the shared in-process sink): keeps every record it accepts and answers 400 to batches holding a
+/// record whose value is in `poison`, optionally slowly.
+async fn endpoint(poison: BTreeSet<String>, delay: Duration) -> (String, HttpSink) {
+    let sink =
+        HttpSink::start(SinkBehavior { poison: poison.into_iter().collect(), delay, ..Default::default() }).await;
+    (sink.url(), sink)
 }
 
 /// 1,000 records with keys and headers; every hundredth (`p007`, `p107`, ...) is poison.
@@ -137,7 +106,7 @@ async fn dead_lettered(prefix: &str) -> Setup {
     let pipeline = config(&bootstrap, &name, &src, &format!("{name}-group"), spec(&url));
     let mut w = Worker::start(&name, &pipeline);
     let deadline = Instant::now() + Duration::from_secs(120);
-    while seen.lock().unwrap().records.len() < 990 || end_offsets(&bootstrap, &dlq).values().sum::<i64>() < 10 {
+    while seen.records().len() < 990 || end_offsets(&bootstrap, &dlq).values().sum::<i64>() < 10 {
         assert!(Instant::now() < deadline, "pipeline did not finish; log {}", w.log.display());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -187,7 +156,7 @@ async fn kafka_replay_delivers_originals_parks_what_fails_again_and_is_idempoten
     let mut w = replay_worker(&s, &url, &plan);
     assert_eq!(w.wait_exit(Duration::from_secs(120)).await, Some(0), "replay exit; log {}", w.log.display());
 
-    let got = seen.lock().unwrap().records.clone();
+    let got = seen.records();
     let values: Vec<&str> = got.iter().map(|r| r["value"].as_str().unwrap()).collect();
     let expected: BTreeSet<&str> = s.poison.iter().map(String::as_str).filter(|v| *v != still_bad).collect();
     assert_eq!(values.len(), 9, "each replayed once: {values:?}");
@@ -222,7 +191,7 @@ async fn kafka_replay_delivers_originals_parks_what_fails_again_and_is_idempoten
     // The same replay again: its group is at the end, nothing is delivered or parked twice.
     let mut again = replay_worker(&s, &url, &plan);
     assert_eq!(again.wait_exit(Duration::from_secs(60)).await, Some(0));
-    assert_eq!(seen.lock().unwrap().records.len(), 9, "re-running delivered something again");
+    assert_eq!(seen.records().len(), 9, "re-running delivered something again");
     assert_eq!(read_topic(&s.bootstrap, &s.parking, 2, Duration::from_secs(3)).len(), 1);
 }
 
@@ -233,17 +202,17 @@ async fn kafka_replay_killed_midway_resumes_and_finishes_with_exact_counts() {
     let plan = plan(&s, "r2");
     let mut w = replay_worker(&s, &url, &plan);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while seen.lock().unwrap().records.len() < 3 {
+    while seen.records().len() < 3 {
         assert!(Instant::now() < deadline, "replay did not start; log {}", w.log.display());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     w.signal(9);
     w.wait_exit(Duration::from_secs(10)).await;
-    let before = seen.lock().unwrap().records.len();
+    let before = seen.records().len();
     assert!(before < 10, "killed too late ({before} delivered)");
     let mut resumed = replay_worker(&s, &url, &plan);
     assert_eq!(resumed.wait_exit(Duration::from_secs(120)).await, Some(0), "log {}", resumed.log.display());
-    let got = seen.lock().unwrap().records.clone();
+    let got = seen.records();
     let values: BTreeSet<&str> = got.iter().map(|r| r["value"].as_str().unwrap()).collect();
     assert_eq!(values, s.poison.iter().map(String::as_str).collect(), "every dead letter delivered");
     let duplicates = got.len() - values.len();

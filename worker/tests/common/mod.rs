@@ -1,19 +1,16 @@
-//! Helpers for the worker's integration tests against a real Kafka broker: broker discovery,
-//! topics, producing ids, an HTTP test sink that records ids, and running the worker binary.
-#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+//! Helpers for the worker's integration tests against a real Kafka broker: broker discovery, topics, producing ids
+//! and running the worker binary. Unique names, ports and the HTTP sink come from `kpipe-test-support` (shared with
+//! the operator's tests and the e2e suites).
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code, unused_imports)]
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::{Child, Command};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use axum::Router;
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::routing::post;
+pub use kpipe_test_support::sink::{HttpSink, SinkBehavior, SinkRequest, ids, serve};
+pub use kpipe_test_support::{free_addr, unique_name as unique};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -52,11 +49,6 @@ pub fn bootstrap() -> String {
         .is_some_and(|a| TcpStream::connect_timeout(&a, Duration::from_secs(3)).is_ok());
     assert!(reachable, "Kafka broker {bootstrap} is not reachable (is the test bed up? e2e/testbed/status.sh)");
     bootstrap
-}
-
-pub fn unique(prefix: &str) -> String {
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
-    format!("kpipe-worker-test.{prefix}.{}.{}", std::process::id(), nanos % 1_000_000_000)
 }
 
 pub async fn create_topic(bootstrap: &str, name: &str, partitions: i32) {
@@ -150,105 +142,9 @@ pub fn read_topic(bootstrap: &str, topic: &str, expected: usize, timeout: Durati
     out
 }
 
-/// How the test sink answers.
-#[derive(Default, Clone)]
-pub struct SinkBehavior {
-    /// Ids whose batch gets a 400 (the whole batch).
-    pub poison: HashSet<u64>,
-    /// Ids named as failed (retryable) in a 200 JSON response the first time they are seen.
-    pub fail_once: HashSet<u64>,
-    /// Delay before answering each request.
-    pub delay: Duration,
-}
-
-#[derive(Default)]
-pub struct SinkState {
-    pub behavior: SinkBehavior,
-    /// Ids successfully accepted, with how often.
-    pub accepted: HashMap<u64, u32>,
-    /// Every request's ids (accepted or not).
-    pub requests: Vec<Vec<u64>>,
-    seen_fail_once: HashSet<u64>,
-}
-
-#[derive(Clone)]
-pub struct Sink {
-    pub url: String,
-    pub state: Arc<Mutex<SinkState>>,
-}
-
-impl Sink {
-    pub async fn start(behavior: SinkBehavior) -> Sink {
-        let state = Arc::new(Mutex::new(SinkState { behavior, ..Default::default() }));
-        let app = Router::new().route("/records", post(sink_handler)).with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        Sink { url: format!("http://{addr}/records"), state }
-    }
-
-    pub fn accepted(&self) -> HashMap<u64, u32> {
-        self.state.lock().unwrap().accepted.clone()
-    }
-
-    pub fn accepted_distinct(&self) -> usize {
-        self.state.lock().unwrap().accepted.len()
-    }
-
-    /// Waits until `n` distinct ids were accepted.
-    pub async fn wait_for(&self, n: usize, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if self.accepted_distinct() >= n {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        false
-    }
-}
-
-async fn sink_handler(State(state): State<Arc<Mutex<SinkState>>>, body: Bytes) -> (StatusCode, String) {
-    let v: serde_json::Value = match serde_json::from_slice(&body) {
-        Ok(v) => v,
-        Err(e) => return (StatusCode::BAD_REQUEST, format!("bad json: {e}")),
-    };
-    let records = v["records"].as_array().cloned().unwrap_or_default();
-    let ids: Vec<(u64, i64, i64)> = records
-        .iter()
-        .map(|r| {
-            (
-                r["value"].as_str().and_then(|s| s.parse().ok()).unwrap_or(u64::MAX),
-                r["partition"].as_i64().unwrap_or(-1),
-                r["offset"].as_i64().unwrap_or(-1),
-            )
-        })
-        .collect();
-    let delay = {
-        let mut s = state.lock().unwrap();
-        s.requests.push(ids.iter().map(|x| x.0).collect());
-        s.behavior.delay
-    };
-    if !delay.is_zero() {
-        tokio::time::sleep(delay).await;
-    }
-    let mut s = state.lock().unwrap();
-    if ids.iter().any(|(id, _, _)| s.behavior.poison.contains(id)) {
-        return (StatusCode::BAD_REQUEST, "poison record".into());
-    }
-    let mut failed = Vec::new();
-    for (id, partition, offset) in ids {
-        if s.behavior.fail_once.contains(&id) && s.seen_fail_once.insert(id) {
-            failed.push(serde_json::json!({"partition": partition, "offset": offset, "error": "try again"}));
-        } else {
-            *s.accepted.entry(id).or_insert(0) += 1;
-        }
-    }
-    if failed.is_empty() {
-        (StatusCode::OK, String::new())
-    } else {
-        (StatusCode::OK, serde_json::json!({ "failed": failed }).to_string())
-    }
+/// The ids the sink accepted, as the numbers these tests produce (decimal values), with how often each was accepted.
+pub fn accepted(sink: &HttpSink) -> HashMap<u64, u32> {
+    sink.accepted().into_iter().map(|(id, n)| (id.parse().unwrap_or(u64::MAX), n)).collect()
 }
 
 /// A running `kpipe-worker` process.
@@ -256,11 +152,6 @@ pub struct Worker {
     pub child: Child,
     pub listen: SocketAddr,
     pub log: PathBuf,
-}
-
-pub fn free_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
 }
 
 /// The operator's configuration document for a test pipeline.
@@ -299,7 +190,7 @@ impl Worker {
         let cfg = dir.join(format!("{name}-{nanos}.json"));
         std::fs::write(&cfg, serde_json::to_vec_pretty(config).unwrap()).unwrap();
         let log = dir.join(format!("{name}-{nanos}.log"));
-        let listen = free_port();
+        let listen = free_addr();
         let log_file = std::fs::File::create(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_kpipe-worker"))
             .env("KPIPE_CONFIG", &cfg)
