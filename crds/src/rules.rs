@@ -13,7 +13,7 @@ use kube::core::{Message, Reason, Rule};
 use regex::Regex;
 
 use crate::Duration;
-use crate::v1alpha1::{ConsumerPipelineSpec, Processor, SaslMechanism};
+use crate::v1alpha1::{ConsumerPipelineSpec, GroupProtocol, Processor, SaslMechanism};
 
 /// Longest pipeline name: the name is the value of the workers' `app.kubernetes.io/instance`
 /// label (at most 63 characters); the children are named `<name>-worker`.
@@ -135,6 +135,7 @@ pub const CLIENT_CONFIG: &[(&str, ClientProperty)] = &[
     ("fetch.min.bytes", int(1, 100_000_000, 1)),
     ("fetch.queue.backoff.ms", int(0, 300_000, 1000)),
     ("fetch.wait.max.ms", int(0, 300_000, 500)),
+    ("group.remote.assignor", ClientProperty::Enum(&["uniform", "range"])),
     ("heartbeat.interval.ms", int(1, 3_600_000, 3000)),
     ("isolation.level", ClientProperty::Enum(&["read_uncommitted", "read_committed"])),
     ("max.partition.fetch.bytes", int(1, 1_000_000_000, 1_048_576)),
@@ -282,6 +283,72 @@ fn relation_message(larger: &str, smaller: &str, slack: i64) -> String {
         int_default(larger),
         int_default(smaller)
     )
+}
+
+/// Client properties librdkafka refuses with `group.protocol=consumer` (its `conf_finalize`: "not supported for
+/// `group.protocol=consumer`. It is defined broker side"), with the broker property that replaces each. Of the
+/// others it refuses, `partition.assignment.strategy` and `group.protocol.type` are not in [`CLIENT_CONFIG`] at
+/// all (kpipe sets the assignor itself).
+pub const BROKER_SIDE_WITH_CONSUMER_PROTOCOL: &[(&str, &str)] = &[
+    ("session.timeout.ms", "group.consumer.session.timeout.ms"),
+    ("heartbeat.interval.ms", "group.consumer.heartbeat.interval.ms"),
+];
+
+/// The property that picks the broker's assignor under `groupProtocol: consumer` (meaningless under `classic`).
+pub const REMOTE_ASSIGNOR: &str = "group.remote.assignor";
+
+fn broker_side_message(key: &str) -> String {
+    let broker = BROKER_SIDE_WITH_CONSUMER_PROTOCOL.iter().find(|(k, _)| *k == key).map_or("", |(_, b)| *b);
+    format!(
+        "source.config.{key} is not supported with source.groupProtocol consumer: the broker sets it ({broker}); \
+         librdkafka refuses to start otherwise"
+    )
+}
+
+fn remote_assignor_message() -> String {
+    format!(
+        "source.config.{REMOTE_ASSIGNOR} needs source.groupProtocol consumer (with classic kpipe's client-side \
+         cooperative-sticky assignor applies)"
+    )
+}
+
+/// `source.config.<key>` is refused with `groupProtocol: consumer` (one of [`BROKER_SIDE_WITH_CONSUMER_PROTOCOL`]).
+pub fn not_with_consumer_protocol(key: &str) -> Rule {
+    Rule::new(format!(
+        "!has(self.groupProtocol) || self.groupProtocol != 'consumer' || !has(self.config) || !has(self.config.{})",
+        cel_field(key)
+    ))
+    .message(Message::Message(broker_side_message(key)))
+    .field_path(".config")
+    .reason(Reason::FieldValueForbidden)
+}
+
+/// `source.config.group.remote.assignor` only with `groupProtocol: consumer`.
+pub fn remote_assignor_needs_consumer_protocol() -> Rule {
+    Rule::new(format!(
+        "!has(self.config) || !has(self.config.{}) || (has(self.groupProtocol) && self.groupProtocol == 'consumer')",
+        cel_field(REMOTE_ASSIGNOR)
+    ))
+    .message(Message::Message(remote_assignor_message()))
+    .field_path(".config")
+    .reason(Reason::FieldValueForbidden)
+}
+
+/// What `groupProtocol` forbids in `config`, as `(field, message)`: the broker-side properties under `consumer`,
+/// the remote assignor under `classic`.
+pub fn group_protocol_problems(protocol: GroupProtocol, config: &BTreeMap<String, String>) -> Vec<(String, String)> {
+    let field = |key: &str| format!("spec.source.config.{key}");
+    match protocol {
+        GroupProtocol::Consumer => BROKER_SIDE_WITH_CONSUMER_PROTOCOL
+            .iter()
+            .filter(|(key, _)| config.contains_key(*key))
+            .map(|(key, _)| (field(key), broker_side_message(key)))
+            .collect(),
+        GroupProtocol::Classic if config.contains_key(REMOTE_ASSIGNOR) => {
+            vec![(field(REMOTE_ASSIGNOR), remote_assignor_message())]
+        }
+        GroupProtocol::Classic => Vec::new(),
+    }
 }
 
 /// A list of topic names (`source.topics`): 1–64 distinct valid names.
@@ -735,6 +802,9 @@ pub fn problems(name: &str, spec: &ConsumerPipelineSpec) -> Vec<FieldError> {
         }
     }
     for (field, message) in client_config_problems(&s.config, p) {
+        bad(field, message);
+    }
+    for (field, message) in group_protocol_problems(s.group_protocol, &s.config) {
         bad(field, message);
     }
 

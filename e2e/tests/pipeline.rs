@@ -372,8 +372,27 @@ async fn pipeline_runtime_errors_degrade_with_a_reason_and_recover_when_fixed() 
     ns.delete().await.expect("delete");
 }
 
+/// The group protocols the rebalance scenarios run with (`spec.source.groupProtocol`).
+const CLASSIC: &str = "classic";
+const CONSUMER: &str = "consumer";
+
+/// `extra` with `source.groupProtocol: protocol`.
+fn with_protocol(protocol: &str, mut extra: serde_json::Value) -> serde_json::Value {
+    scenario::merge_json(&mut extra, json!({"source": {"groupProtocol": protocol}}));
+    extra
+}
+
 #[tokio::test]
 async fn pipeline_scale_down_loses_nothing_and_duplicates_nothing() {
+    scale_down_loses_nothing_and_duplicates_nothing(CLASSIC).await;
+}
+
+#[tokio::test]
+async fn pipeline_consumer_protocol_scale_down_loses_nothing_and_duplicates_nothing() {
+    scale_down_loses_nothing_and_duplicates_nothing(CONSUMER).await;
+}
+
+async fn scale_down_loses_nothing_and_duplicates_nothing(protocol: &str) {
     let _serial = SERIAL.lock().await;
     let bed = bed().await;
     let (ns, sink) = setup(&bed, "e2e-down", Install::default(), &[]).await;
@@ -387,7 +406,7 @@ async fn pipeline_scale_down_loses_nothing_and_duplicates_nothing() {
             &bed,
             &topic,
             &sink,
-            json!({"scaling": {"minReplicas": 4, "maxReplicas": 4}, "onFailure": "block"}),
+            with_protocol(protocol, json!({"scaling": {"minReplicas": 4, "maxReplicas": 4}, "onFailure": "block"})),
         ),
     )
     .await
@@ -407,7 +426,8 @@ async fn pipeline_scale_down_loses_nothing_and_duplicates_nothing() {
         expected.extend(batch.iter().map(|(_, v)| String::from_utf8(v.clone()).unwrap()));
         bed.produce_records(&topic, batch).await.expect("produce");
         if round == 8 {
-            // Forced scale-down while records flow: cooperative rebalance + graceful SIGTERM.
+            // Forced scale-down while records flow: an incremental rebalance (cooperative-sticky under classic,
+            // the broker's under consumer) + graceful SIGTERM.
             patch_pipeline_spec(&bed, ns.name(), "steady", json!({"scaling": {"minReplicas": 1, "maxReplicas": 1}}))
                 .await
                 .expect("patch");
@@ -417,13 +437,25 @@ async fn pipeline_scale_down_loses_nothing_and_duplicates_nothing() {
     let ids = wait_delivered(&sink, &expected, Duration::from_secs(240)).await;
     assert_eq!(worker_replicas(&bed, ns.name(), "steady").await.expect("replicas"), 1);
     let dups = duplicates(&ids);
-    println!("scale-down 4 -> 1 under traffic: {} records, 0 lost, {dups} duplicates", expected.len());
+    println!(
+        "scale-down 4 -> 1 under traffic (groupProtocol {protocol}): {} records, 0 lost, {dups} duplicates",
+        expected.len()
+    );
     assert_eq!(dups, 0, "a graceful scale-down must not redeliver records");
     ns.delete().await.expect("delete");
 }
 
 #[tokio::test]
 async fn pipeline_chaos_loses_nothing() {
+    chaos_loses_nothing(CLASSIC).await;
+}
+
+#[tokio::test]
+async fn pipeline_consumer_protocol_chaos_loses_nothing() {
+    chaos_loses_nothing(CONSUMER).await;
+}
+
+async fn chaos_loses_nothing(protocol: &str) {
     let _serial = SERIAL.lock().await;
     let bed = bed().await;
     let (ns, sink) = setup(&bed, "e2e-chaos", Install { replicas: 2, ..Install::default() }, &[]).await;
@@ -439,9 +471,13 @@ async fn pipeline_chaos_loses_nothing() {
             &bed,
             &topic,
             &sink,
-            json!({"onFailure": "block",
-                   "concurrency": {"perWorker": 256, "perPartition": 32, "uncommittedPerPartition": uncommitted_per_partition},
-                   "scaling": {"minReplicas": 0, "maxReplicas": 6, "lagThreshold": 2000}}),
+            with_protocol(
+                protocol,
+                json!({"onFailure": "block",
+                       "concurrency": {"perWorker": 256, "perPartition": 32,
+                                       "uncommittedPerPartition": uncommitted_per_partition},
+                       "scaling": {"minReplicas": 0, "maxReplicas": 6, "lagThreshold": 2000}}),
+            ),
         ),
     )
     .await
@@ -508,7 +544,7 @@ async fn pipeline_chaos_loses_nothing() {
     // broker restart can affect at most every partition of the topic once.
     let bound = crashes * partitions as usize * uncommitted_per_partition;
     println!(
-        "chaos: {n} records, {crashes} crashes (kill -9 of workers, broker restart), {rescales} forced rescales, \
+        "chaos (groupProtocol {protocol}): {n} records, {crashes} crashes (kill -9 of workers, broker restart), {rescales} forced rescales, \
          operator leader killed: {operator_killed}; 0 lost, {dups} duplicates (bound {bound} = {crashes} crashes × \
          {partitions} partitions × uncommittedPerPartition {uncommitted_per_partition}) in {:?}",
         start.elapsed()
@@ -582,5 +618,184 @@ async fn pipeline_helm_upgrade_and_uninstall_leave_the_cluster_consistent() {
     println!(
         "helm: upgrade re-rendered the workers with the new defaults; uninstall removed operator + RBAC, kept pipelines and CRD"
     );
+    ns.delete().await.expect("delete");
+}
+
+/// Records per second the rebalance-pause scenario produces (in ticks of 100 ms).
+const PAUSE_RATE: u64 = 2_000;
+const PAUSE_TICK: Duration = Duration::from_millis(100);
+
+/// One observation of the pause sampler: time since the start, records the broker acknowledged, distinct records the
+/// sink received.
+#[derive(Clone, Copy, Debug)]
+struct Sample {
+    at: Duration,
+    produced: u64,
+    delivered: u64,
+}
+
+/// What the sampler saw of one phase (`from..to`, times since the start).
+#[derive(Debug)]
+struct Phase {
+    /// The longest time between two observations that saw new records delivered (a full stop of the pipeline).
+    longest_stop: Duration,
+    /// The largest backlog (produced − delivered) in the phase, in records.
+    peak_backlog: u64,
+}
+
+/// The longest stop and peak backlog in `from..to`. Pure: samples in, numbers out.
+fn phase(samples: &[Sample], from: Duration, to: Duration) -> Phase {
+    let mut longest_stop = Duration::ZERO;
+    let mut last_progress: Option<(Duration, u64)> = None;
+    let mut peak_backlog = 0;
+    for s in samples.iter().filter(|s| s.at >= from && s.at < to) {
+        peak_backlog = peak_backlog.max(s.produced.saturating_sub(s.delivered));
+        match last_progress {
+            None => last_progress = Some((s.at, s.delivered)),
+            Some((at, delivered)) if s.delivered > delivered => {
+                longest_stop = longest_stop.max(s.at - at);
+                last_progress = Some((s.at, s.delivered));
+            }
+            Some(_) => {}
+        }
+    }
+    // A stop still running at the end of the phase counts up to the end.
+    if let Some((at, _)) = last_progress
+        && let Some(last) = samples.iter().rfind(|s| s.at >= from && s.at < to)
+    {
+        longest_stop = longest_stop.max(last.at - at);
+    }
+    Phase { longest_stop, peak_backlog }
+}
+
+#[test]
+fn phase_finds_the_longest_stop_and_the_peak_backlog() {
+    let s = |ms: u64, produced: u64, delivered: u64| Sample { at: Duration::from_millis(ms), produced, delivered };
+    let samples = [s(0, 10, 10), s(100, 20, 15), s(200, 30, 15), s(300, 40, 15), s(400, 50, 48), s(500, 60, 60)];
+    let p = phase(&samples, Duration::ZERO, Duration::from_secs(1));
+    assert_eq!(p.longest_stop, Duration::from_millis(300));
+    assert_eq!(p.peak_backlog, 25);
+    let tail = phase(&samples[..4], Duration::from_millis(100), Duration::from_secs(1));
+    assert_eq!(tail.longest_stop, Duration::from_millis(200), "a stop running at the end counts");
+}
+
+#[tokio::test]
+async fn pipeline_rebalance_pauses_scale_up_3_to_6_and_back() {
+    rebalance_pauses(CLASSIC).await;
+}
+
+#[tokio::test]
+async fn pipeline_consumer_protocol_rebalance_pauses_scale_up_3_to_6_and_back() {
+    rebalance_pauses(CONSUMER).await;
+}
+
+/// Processing pauses while workers join and leave: a steady 2,000 records/s over 12 partitions, the sink sampled
+/// every 100 ms; 3 workers, then 6 (scale-up), then 3 again (scale-down). Reports, per phase, the longest full stop
+/// and the backlog peak above the steady state (partitions that stall while moving show as backlog even when others
+/// keep delivering; divided by the rate it is the equivalent whole-pipeline pause).
+async fn rebalance_pauses(protocol: &str) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    let _serial = SERIAL.lock().await;
+    let bed = bed().await;
+    let (ns, sink) = setup(&bed, "e2e-pause", Install::default(), &[]).await;
+    let topic = unique_topic("pause");
+    bed.create_topic(&topic, 12).await.expect("topic");
+    let fixed = |n: i32| json!({"scaling": {"minReplicas": n, "maxReplicas": n}});
+    let mut extra = json!({"onFailure": "block", "batch": {"maxWait": "10ms"}});
+    scenario::merge_json(&mut extra, fixed(3));
+    apply_pipeline(&bed, ns.name(), pipeline_manifest("pause", &bed, &topic, &sink, with_protocol(protocol, extra)))
+        .await
+        .expect("apply");
+    let ready = |n: i32| {
+        let (bed, ns) = (bed.clone(), ns.name().to_string());
+        async move {
+            wait_for(&format!("{n} workers ready"), Duration::from_secs(180), || async {
+                let s = pipeline_status(&bed, &ns, "pause").await.ok()?;
+                (s.ready_replicas == n && s.replicas == n).then_some(())
+            })
+            .await
+        }
+    };
+    ready(3).await.unwrap_or_else(|e| {
+        bed.dump_pod_logs(ns.name());
+        panic!("{e}")
+    });
+    let t0 = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let produced = Arc::new(AtomicU64::new(0));
+    let producer = {
+        let (bed, topic, stop, produced) = (bed.clone(), topic.clone(), stop.clone(), produced.clone());
+        tokio::spawn(async move {
+            let per_tick = (PAUSE_RATE * PAUSE_TICK.as_millis() as u64 / 1000) as usize;
+            let mut tick = tokio::time::interval(PAUSE_TICK);
+            let mut expected = BTreeSet::new();
+            let mut next = 0;
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let batch = id_records("pause", next..next + per_tick, 997);
+                next += per_tick;
+                expected.extend(batch.iter().map(|(_, v)| String::from_utf8(v.clone()).unwrap()));
+                bed.produce_records(&topic, batch).await.expect("produce");
+                produced.fetch_add(per_tick as u64, Ordering::Relaxed);
+            }
+            expected
+        })
+    };
+    let sampler = {
+        let (sink, stop, produced) = (sink.clone(), stop.clone(), produced.clone());
+        tokio::spawn(async move {
+            let mut samples = Vec::new();
+            let mut tick = tokio::time::interval(PAUSE_TICK);
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let produced = produced.load(Ordering::Relaxed);
+                if let Some(delivered) = sink.stats().await.ok().and_then(|s| s["unique"].as_u64()) {
+                    samples.push(Sample { at: t0.elapsed(), produced, delivered });
+                }
+            }
+            samples
+        })
+    };
+    // Steady state first, then 3 -> 6 and 6 -> 3, each followed by 20 s of traffic.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let up_at = t0.elapsed();
+    patch_pipeline_spec(&bed, ns.name(), "pause", fixed(6)).await.expect("scale up");
+    ready(6).await.unwrap_or_else(|e| panic!("{e}"));
+    let up_ready = t0.elapsed() - up_at;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let down_at = t0.elapsed();
+    patch_pipeline_spec(&bed, ns.name(), "pause", fixed(3)).await.expect("scale down");
+    ready(3).await.unwrap_or_else(|e| panic!("{e}"));
+    let down_ready = t0.elapsed() - down_at;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let end = t0.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let expected = producer.await.expect("producer");
+    let samples = sampler.await.expect("sampler");
+    let ids = wait_delivered(&sink, &expected, Duration::from_secs(180)).await;
+    // The first seconds fill the pipeline; the steady state is measured after them.
+    let steady = phase(&samples, Duration::from_secs(5), up_at);
+    let up = phase(&samples, up_at, down_at);
+    let down = phase(&samples, down_at, end);
+    let seconds = |p: &Phase| p.peak_backlog.saturating_sub(steady.peak_backlog) as f64 / PAUSE_RATE as f64;
+    println!(
+        "rebalance pauses (groupProtocol {protocol}, {PAUSE_RATE} rec/s, 12 partitions, {} records, {} duplicates): \
+         steady: longest stop {:?}, backlog peak {}; scale-up 3 -> 6 (6 ready after {up_ready:.1?}): longest stop \
+         {:?}, backlog peak {} (+{:.2} s of traffic); scale-down 6 -> 3 (3 ready after {down_ready:.1?}): longest \
+         stop {:?}, backlog peak {} (+{:.2} s of traffic)",
+        expected.len(),
+        duplicates(&ids),
+        steady.longest_stop,
+        steady.peak_backlog,
+        up.longest_stop,
+        up.peak_backlog,
+        seconds(&up),
+        down.longest_stop,
+        down.peak_backlog,
+        seconds(&down),
+    );
+    assert!(samples.len() > 100, "the sampler saw too little: {} samples", samples.len());
     ns.delete().await.expect("delete");
 }

@@ -542,6 +542,25 @@ mod tests {
     }
 
     #[test]
+    fn the_group_protocol_reaches_the_worker_config() {
+        let mut cp = pipeline(&example("http-dlq-scale-to-zero.yaml"));
+        let doc = |cp: &ConsumerPipeline| {
+            let v = validate(cp, &secrets_for(cp), &BTreeMap::new(), &defaults()).unwrap();
+            config_map(&v).data.unwrap()[wc::CONFIG_KEY].clone()
+        };
+        // The default is left out, so pipelines rendered before the field existed keep their config hash.
+        assert!(!doc(&cp).contains("groupProtocol"));
+        cp.spec.source.group_protocol = kpipe_api::v1alpha1::GroupProtocol::Consumer;
+        let text = doc(&cp);
+        let parsed: WorkerConfig = serde_json::from_str(&text).unwrap();
+        assert_eq!(parsed.spec.source.group_protocol, kpipe_api::v1alpha1::GroupProtocol::Consumer, "{text}");
+        // With it, the broker owns the session timeout: a pipeline stored under an older CRD is refused.
+        cp.spec.source.config.insert("session.timeout.ms".into(), "30000".into());
+        let err = validate(&cp, &secrets_for(&cp), &BTreeMap::new(), &defaults()).unwrap_err().to_string();
+        assert!(err.contains("source.config.session.timeout.ms"), "{err}");
+    }
+
+    #[test]
     fn deployment_meets_restricted_pod_security() {
         let cp = pipeline(&example("sasl-scram-tls.yaml"));
         let v = validate(&cp, &secrets_for(&cp), &BTreeMap::new(), &defaults()).unwrap();

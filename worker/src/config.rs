@@ -72,6 +72,11 @@ fn validate(path: &Path, c: &WorkerConfig) -> Result<(), ConfigError> {
     if c.spec.batch.max_records == 0 {
         return Err(field("spec.batch.maxRecords", "must be at least 1"));
     }
+    if let Some((f, message)) =
+        kpipe_api::rules::group_protocol_problems(c.spec.source.group_protocol, &c.spec.source.config).first()
+    {
+        return Err(field(f, message));
+    }
     Ok(())
 }
 
@@ -133,6 +138,12 @@ mod tests {
         let bad = GOOD.replace(r#""deadLetter": {"topic": "orders-dlq"}"#, r#""onFailure": "deadLetter""#);
         let err = parse_config(Path::new("pipeline.json"), &bad).unwrap_err().to_string();
         assert!(err.contains("spec.deadLetter"), "{err}");
+        let bad = GOOD.replace(
+            r#""topics": ["orders"]"#,
+            r#""topics": ["orders"], "groupProtocol": "consumer", "config": {"session.timeout.ms": "30000"}"#,
+        );
+        let err = parse_config(Path::new("pipeline.json"), &bad).unwrap_err().to_string();
+        assert!(err.contains("spec.source.config.session.timeout.ms"), "{err}");
     }
 
     #[test]

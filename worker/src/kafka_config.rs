@@ -1,6 +1,7 @@
 //! librdkafka client properties derived from the worker configuration.
 
 use kpipe_api::kafka_client::{self, Credentials, Material};
+use kpipe_api::v1alpha1::GroupProtocol;
 use kpipe_api::worker_contract::WorkerConfig;
 use rdkafka::ClientConfig;
 
@@ -60,12 +61,27 @@ pub const CONSUMER_TUNING: &[(&str, &str)] = &[
 /// librdkafka's period of metadata refreshes (new partitions, deleted topics), in milliseconds.
 pub const METADATA_REFRESH: &str = "topic.metadata.refresh.interval.ms";
 
-/// Consumer properties: group membership, explicit commits, resets to the earliest retained record and a metadata
-/// refresh every `scaling.pollInterval` (1 s to 5 min).
+/// Consumer properties: group membership (`source.groupProtocol`), explicit commits, resets to the earliest
+/// retained record and a metadata refresh every `scaling.pollInterval` (1 s to 5 min).
 pub fn consumer(config: &WorkerConfig, env: &Env) -> ClientConfig {
     let mut c = common(config, env);
     c.set("group.id", &config.group_id);
-    c.set("partition.assignment.strategy", "cooperative-sticky");
+    let protocol = config.spec.source.group_protocol;
+    c.set("group.protocol", protocol.as_str());
+    match protocol {
+        // Incremental (KIP-429) rebalances: a member keeps the partitions it is not asked to give up.
+        GroupProtocol::Classic => {
+            c.set("partition.assignment.strategy", "cooperative-sticky");
+        }
+        // The broker assigns, always incrementally, and owns the session timeout and heartbeat interval:
+        // librdkafka refuses a consumer that sets any of them (the API rejects them too; this guards a worker
+        // run by hand).
+        GroupProtocol::Consumer => {
+            for (key, _) in kpipe_api::rules::BROKER_SIDE_WITH_CONSUMER_PROTOCOL {
+                c.remove(key);
+            }
+        }
+    }
     // kpipe commits explicitly from its own tracker, always synchronously: periodic and early commits on the
     // committer thread (their acknowledgement moves each partition's uncommitted window), final ones on revoke and
     // at shutdown.
@@ -114,6 +130,7 @@ pub fn producer(config: &WorkerConfig, env: &Env) -> ClientConfig {
         "session.timeout.ms",
         "heartbeat.interval.ms",
         "max.poll.interval.ms",
+        "group.remote.assignor",
     ] {
         c.remove(k);
     }
@@ -165,6 +182,34 @@ mod tests {
         assert_eq!(latest.get(METADATA_REFRESH), Some("2000"));
         let c = consumer(&cfg(r#","worker":{"staticMembership":true}"#), &env);
         assert_eq!(c.get("group.instance.id"), Some("pod-1"));
+    }
+
+    #[test]
+    fn group_protocols() {
+        let classic = consumer(&cfg(""), &Env::default());
+        assert_eq!(classic.get("group.protocol"), Some("classic"), "classic is the default");
+        assert_eq!(classic.get("partition.assignment.strategy"), Some("cooperative-sticky"));
+        let mut with_session = cfg("");
+        with_session.spec.source.config.insert("session.timeout.ms".into(), "30000".into());
+        with_session.spec.source.config.insert("heartbeat.interval.ms".into(), "2000".into());
+        assert_eq!(consumer(&with_session, &Env::default()).get("session.timeout.ms"), Some("30000"));
+        with_session.spec.source.group_protocol = GroupProtocol::Consumer;
+        let c = consumer(&with_session, &Env::default());
+        assert_eq!(c.get("group.protocol"), Some("consumer"));
+        // librdkafka refuses each of these with group.protocol=consumer.
+        for key in
+            ["partition.assignment.strategy", "session.timeout.ms", "heartbeat.interval.ms", "group.protocol.type"]
+        {
+            assert_eq!(c.get(key), None, "{key}");
+        }
+        // And librdkafka accepts the result (the test's security settings aside: they need files and credentials).
+        let mut c = c.clone();
+        for key in ["sasl.mechanism", "ssl.ca.location"] {
+            c.remove(key);
+        }
+        c.set("security.protocol", "PLAINTEXT");
+        let created: Result<rdkafka::consumer::BaseConsumer, _> = c.create();
+        assert!(created.is_ok(), "{:?}", created.err());
     }
 
     #[test]

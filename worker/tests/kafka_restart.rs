@@ -70,15 +70,26 @@ async fn kafka_kill_9_mid_batch_then_restart_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kafka_sigterm_then_restart_has_zero_duplicates() {
+    sigterm_then_restart("classic").await;
+}
+
+/// The final commit at shutdown with the consumer group protocol (KIP-848): leaving the group revokes every
+/// partition after the drain, and the restart re-delivers nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kafka_consumer_protocol_sigterm_then_restart_has_zero_duplicates() {
+    sigterm_then_restart("consumer").await;
+}
+
+async fn sigterm_then_restart(protocol: &str) {
     let bootstrap = bootstrap();
-    let topic = unique("sigterm");
+    let topic = unique(&format!("sigterm-{protocol}"));
     let group = unique("g");
     create_topic(&bootstrap, &topic, 4).await;
     let n = 3000u64;
     produce_ids(&bootstrap, &topic, 0..n, 64).await;
     let sink = HttpSink::start(SinkBehavior { delay: Duration::from_millis(40), ..Default::default() }).await;
-    let cfg = slow_pipeline(&bootstrap, "sigterm", &topic, &group, &sink);
-    let mut first = Worker::start("sigterm-a", &cfg);
+    let cfg = with_group_protocol(slow_pipeline(&bootstrap, "sigterm", &topic, &group, &sink), protocol);
+    let mut first = Worker::start(&format!("sigterm-{protocol}-a"), &cfg);
     assert!(
         sink.wait_for(800, Duration::from_secs(60)).await,
         "first worker made no progress; log {}",
@@ -88,7 +99,7 @@ async fn kafka_sigterm_then_restart_has_zero_duplicates() {
     assert_eq!(first.wait_exit(Duration::from_secs(30)).await, Some(0), "graceful exit; log {}", first.log.display());
     let before = sink.accepted_distinct();
     assert!(before < n as usize, "the stop happened mid-stream");
-    let second = Worker::start("sigterm-b", &cfg);
+    let second = Worker::start(&format!("sigterm-{protocol}-b"), &cfg);
     assert!(
         sink.wait_for(n as usize, Duration::from_secs(90)).await,
         "after restart only {} of {n} ids; log {}",

@@ -140,6 +140,9 @@ fn is_false(b: &bool) -> bool {
 /// The Kafka side of the pipeline.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = rules::not_with_consumer_protocol("session.timeout.ms"))]
+#[x_kube(validation = rules::not_with_consumer_protocol("heartbeat.interval.ms"))]
+#[x_kube(validation = rules::remote_assignor_needs_consumer_protocol())]
 pub struct Source {
     /// Bootstrap brokers as `host:port`, or `[address]:port` for an IPv6 address; ports 1-65535.
     #[schemars(schema_with = "rules::bootstrap_servers_schema")]
@@ -162,6 +165,17 @@ pub struct Source {
     #[serde(default)]
     pub start_offset: StartOffset,
 
+    /// The consumer group protocol. `classic`: the original join/sync protocol, with kpipe's
+    /// cooperative-sticky assignor on the client (every broker version). `consumer`: the protocol of
+    /// KIP-848 (Kafka 4.0 and later, enabled there by default): the broker assigns partitions and
+    /// rebalances are incremental without a group-wide barrier. With `consumer` the session timeout,
+    /// heartbeat interval and assignor are the broker's (`group.consumer.*`), so
+    /// `config.session.timeout.ms` and `config.heartbeat.interval.ms` are rejected, and
+    /// `config.group.remote.assignor` may pick the broker's assignor (librdkafka CONFIGURATION.md). Default:
+    /// `classic` (not every broker implements `consumer`).
+    #[serde(default, skip_serializing_if = "GroupProtocol::is_classic")]
+    pub group_protocol: GroupProtocol,
+
     /// Authentication to the brokers. Credentials only by Secret reference.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<Auth>,
@@ -172,6 +186,33 @@ pub struct Source {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(schema_with = "rules::client_config_schema")]
     pub config: BTreeMap<String, String>,
+}
+
+/// The consumer group protocol (librdkafka `group.protocol`).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum GroupProtocol {
+    /// JoinGroup/SyncGroup with a client-side assignor (KIP-429 cooperative rebalancing).
+    #[default]
+    Classic,
+    /// ConsumerGroupHeartbeat with server-side assignment (KIP-848; Kafka 4.0 and later).
+    Consumer,
+}
+
+impl GroupProtocol {
+    /// The default, left out when serialising (a worker configuration written before the field existed hashes the
+    /// same, so adding it rolls no worker).
+    pub fn is_classic(&self) -> bool {
+        *self == Self::Classic
+    }
+
+    /// The librdkafka `group.protocol` value.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Classic => "classic",
+            Self::Consumer => "consumer",
+        }
+    }
 }
 
 /// Where a consumer group without a committed offset starts.

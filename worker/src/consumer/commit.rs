@@ -153,14 +153,38 @@ pub(super) fn commit_sync<C: ConsumerContext>(
     commit_locked(consumer, &tpl, dispatch)
 }
 
-/// Commits and records the result; true when the broker acknowledged it (or there was nothing to commit).
+/// Attempts of a commit the broker refuses with STALE_MEMBER_EPOCH, and the pause between them. Under the consumer
+/// group protocol (KIP-848) every OffsetCommit carries the member epoch, and the broker refuses one that is not the
+/// member's current epoch, as it can be during a rebalance. librdkafka (2.12, `rd_kafka_cgrp_op_handle_OffsetCommit`)
+/// does not retry a manual commit on that error; it sends the next heartbeat at once, on its own thread, which brings
+/// the current epoch. So a commit a revoke or a shutdown depends on is tried again after a moment: 5 × 200 ms at most.
+pub(super) const STALE_EPOCH_ATTEMPTS: u32 = 5;
+pub(super) const STALE_EPOCH_PAUSE: Duration = Duration::from_millis(200);
+
+/// Whether a commit failed only because the member epoch was stale (consumer group protocol), so a retry can pass.
+pub(super) fn stale_member_epoch(e: &KafkaError) -> bool {
+    matches!(e, KafkaError::ConsumerCommit(RDKafkaErrorCode::StaleMemberEpoch))
+}
+
+/// Commits and records the result; true when the broker acknowledged it (or there was nothing to commit). A stale
+/// member epoch is retried ([`STALE_EPOCH_ATTEMPTS`]).
 pub(super) fn commit_locked<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
     tpl: &TopicPartitionList,
     dispatch: &Dispatch,
 ) -> bool {
     let started = Instant::now();
-    let result = consumer.commit(tpl, CommitMode::Sync);
+    let mut result = consumer.commit(tpl, CommitMode::Sync);
+    for _ in 1..STALE_EPOCH_ATTEMPTS {
+        match &result {
+            Err(e) if stale_member_epoch(e) => {
+                tracing::info!("commit refused: stale member epoch (a rebalance is under way); retrying");
+                std::thread::sleep(STALE_EPOCH_PAUSE);
+                result = consumer.commit(tpl, CommitMode::Sync);
+            }
+            _ => break,
+        }
+    }
     dispatch.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
     match result {
         Ok(()) => {
@@ -292,6 +316,14 @@ mod tests {
         assert!(!held.is_empty());
         assert_eq!(held.take(&[(a.clone(), 0)]), vec![((a, 0), 10)]);
         assert!(held.is_empty());
+    }
+
+    #[test]
+    fn only_a_stale_member_epoch_is_retried() {
+        assert!(stale_member_epoch(&KafkaError::ConsumerCommit(RDKafkaErrorCode::StaleMemberEpoch)));
+        assert!(!stale_member_epoch(&KafkaError::ConsumerCommit(RDKafkaErrorCode::UnknownMemberId)));
+        assert!(!stale_member_epoch(&KafkaError::ConsumerCommit(RDKafkaErrorCode::IllegalGeneration)));
+        assert!(STALE_EPOCH_PAUSE * STALE_EPOCH_ATTEMPTS < FINAL_COMMIT_MARGIN, "retries fit the final commit margin");
     }
 
     #[test]

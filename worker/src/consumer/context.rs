@@ -11,13 +11,26 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaRespErr;
 
+use kpipe_api::v1alpha1::GroupProtocol;
+
 use super::commit::commit_sync;
 use super::dispatch::Dispatch;
 use super::partitions_of;
 use super::positions::parse_offset_reset_log;
 
-/// The consumer's librdkafka context: every callback works on the shared [`Dispatch`].
-pub struct WorkerContext(pub Arc<Dispatch>);
+/// The consumer's librdkafka context: every callback works on the shared [`Dispatch`]; the second field is the
+/// group protocol the consumer was configured with (`spec.source.groupProtocol`).
+pub struct WorkerContext(pub Arc<Dispatch>, pub GroupProtocol);
+
+/// How a rebalance is applied to librdkafka's assignment: incrementally (`incremental_assign`/`incremental_unassign`,
+/// the list names only the partitions that change hands) or eagerly (`assign`/`unassign`, the whole assignment).
+///
+/// The consumer protocol of KIP-848 is always incremental (librdkafka's `rd_kafka_rebalance_protocol` says
+/// `COOPERATIVE` for it, and `NONE` before the first subscription, so the configured protocol decides); the classic
+/// protocol follows the assignor librdkafka reports (`cooperative-sticky`: cooperative, an eager one otherwise).
+pub fn incremental_rebalance(configured: GroupProtocol, reported: RebalanceProtocol) -> bool {
+    configured == GroupProtocol::Consumer || matches!(reported, RebalanceProtocol::Cooperative)
+}
 
 impl ClientContext for WorkerContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
@@ -91,8 +104,8 @@ impl ConsumerContext for WorkerContext {
             other => Rebalance::Error(KafkaError::Rebalance(other.into())),
         };
         self.pre_rebalance(consumer, &rebalance);
-        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
-        let applied = match (assign, cooperative) {
+        let incremental = incremental_rebalance(self.1, consumer.rebalance_protocol());
+        let applied = match (assign, incremental) {
             (true, true) => consumer.incremental_assign(tpl),
             (true, false) => consumer.assign(tpl),
             (false, true) => consumer.incremental_unassign(tpl),
@@ -141,5 +154,21 @@ impl ConsumerContext for WorkerContext {
             Rebalance::Error(e) => tracing::error!("rebalance error: {e}"),
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consumer_protocol_rebalances_are_always_incremental() {
+        use RebalanceProtocol::*;
+        for (i, reported) in [None, Eager, Cooperative].into_iter().enumerate() {
+            assert!(incremental_rebalance(GroupProtocol::Consumer, reported), "case {i}");
+        }
+        assert!(incremental_rebalance(GroupProtocol::Classic, Cooperative));
+        assert!(!incremental_rebalance(GroupProtocol::Classic, Eager));
+        assert!(!incremental_rebalance(GroupProtocol::Classic, None));
     }
 }

@@ -177,6 +177,21 @@ pub fn config(
     serde_json::json!({"namespace": "test", "pipeline": name, "groupId": group, "spec": spec})
 }
 
+/// `config` with `source.groupProtocol` set to `protocol` (`classic` or `consumer`). Under `consumer` the session
+/// timeout and heartbeat interval are the broker's (`group.consumer.*`), so the client overrides [`config`] sets
+/// for quick failure detection are removed (librdkafka refuses them with `group.protocol=consumer`).
+pub fn with_group_protocol(mut config: serde_json::Value, protocol: &str) -> serde_json::Value {
+    let source = &mut config["spec"]["source"];
+    source["groupProtocol"] = serde_json::Value::String(protocol.to_owned());
+    if protocol == "consumer"
+        && let Some(client) = source.get_mut("config").and_then(|c| c.as_object_mut())
+    {
+        client.remove("session.timeout.ms");
+        client.remove("heartbeat.interval.ms");
+    }
+    config
+}
+
 impl Worker {
     pub fn start(name: &str, config: &serde_json::Value) -> Worker {
         Self::start_with_env(name, config, &[])
