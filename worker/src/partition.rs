@@ -151,6 +151,8 @@ impl PartitionTask {
         let mut input_open = true;
 
         let mut held_back = false;
+        // The highest offset handed to a job: the drain fills the gaps below it (see below).
+        let mut highest_started: Option<i64> = None;
         while input_open {
             if let Some(offset) = self.progress.acknowledged() {
                 window.acknowledged(offset);
@@ -161,6 +163,7 @@ impl PartitionTask {
                 match scheduler.next_within(Instant::now().into_std(), self.worker_permits.available_permits(), horizon)
                 {
                     Next::Ready(batch) => {
+                        highest_started = highest_started.max(batch.iter().map(|r| r.offset).max());
                         let n = u32::try_from(batch.len()).unwrap_or(u32::MAX);
                         // Clamped to perWorker at start-up, so this cannot wait forever.
                         let permit = match self.worker_permits.clone().acquire_many_owned(n).await {
@@ -249,16 +252,53 @@ impl PartitionTask {
             }
         }
 
-        // Input closed: start nothing new; let in-flight batches finish until the deadline.
-        let abandoned_pending = scheduler.pending_len();
+        // Input closed. Start nothing beyond the highest offset already started, but do start the records below
+        // it that are still pending (held back by key order, the per-partition limit or a lingering batch): the
+        // commit point is the first record not done, so every record finished above such a gap would otherwise be
+        // delivered again by the partition's next owner. Then let in-flight batches finish until the deadline.
+        let fill_below = highest_started.map(|o| o + 1);
         let deadline = Instant::now() + s.drain_timeout;
-        while !jobs.is_empty() {
+        loop {
+            let mut wake = None;
+            if let Some(horizon) = fill_below {
+                loop {
+                    let now = Instant::now();
+                    match scheduler.next_within(now.into_std(), self.worker_permits.available_permits(), Some(horizon))
+                    {
+                        Next::Ready(batch) => {
+                            let n = u32::try_from(batch.len()).unwrap_or(u32::MAX);
+                            let permits = self.worker_permits.clone().acquire_many_owned(n);
+                            let Ok(Ok(permit)) = tokio::time::timeout_at(deadline, permits).await else {
+                                // Out of time (or shutting down): these records stay pending and are re-delivered.
+                                scheduler.complete(&batch);
+                                break;
+                            };
+                            let ctx = self.jobs.clone();
+                            let done = done_tx.clone();
+                            jobs.spawn(async move {
+                                ctx.run(batch, done).await;
+                                drop(permit);
+                            });
+                        }
+                        Next::WaitUntil(t) => {
+                            wake = Some(Instant::from_std(t).min(deadline));
+                            break;
+                        }
+                        Next::Idle => break,
+                    }
+                }
+            }
+            if jobs.is_empty() && wake.is_none() {
+                break;
+            }
             tokio::select! {
                 Some(done) = done_rx.recv() => {
                     let settled = done.iter().filter(|r| tracker.done(r.offset, r.epoch)).count();
                     metrics.in_flight.sub(settled as i64);
+                    scheduler.complete(&done);
                 }
-                _ = jobs.join_next() => {}
+                _ = jobs.join_next(), if !jobs.is_empty() => {}
+                _ = tokio::time::sleep_until(wake.unwrap_or(deadline)), if wake.is_some() => {}
                 _ = tokio::time::sleep_until(deadline) => {
                     tracing::warn!(topic = %self.topic, partition = self.partition, jobs = jobs.len(),
                         "drain deadline passed; abandoning in-flight batches (they will be re-delivered)");
@@ -267,6 +307,7 @@ impl PartitionTask {
                 }
             }
         }
+        let abandoned_pending = scheduler.pending_len();
         while jobs.join_next().await.is_some() {}
         drop(done_tx);
         while let Ok(done) = done_rx.try_recv() {
