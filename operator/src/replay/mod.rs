@@ -524,7 +524,7 @@ impl ReplayController {
         let finding = self.find(r, &mut base, pipeline, caches, &ns, &name, &uid, &now).await?;
         let d = decide(r, &base, finding, &now);
         for (type_, reason, note) in &d.events {
-            self.event(r, type_.clone(), reason, note).await;
+            self.event(r, *type_, reason, note).await;
         }
         if d.status != base {
             self.write_status(&ns, &name, &uid, &d.status).await?;
@@ -930,7 +930,7 @@ mod tests {
             assert_eq!(complete(&d.status).0, "False");
             assert_eq!(complete(&d.status).1, reason);
             assert_eq!(d.events.len(), 1, "{reason}");
-            assert_eq!((d.events[0].0.clone(), d.events[0].1), (EventType::Warning, reason));
+            assert_eq!((d.events[0].0, d.events[0].1), (EventType::Warning, reason));
             assert_eq!(d.events[0].2, complete(&d.status).2, "the Event says what the condition says");
             // The same finding again: no new Event, no change.
             let again = decide(&r, &d.status, finding, &t(30));
