@@ -1,20 +1,24 @@
 //! Dead-letter inspection on the local test bed (issue #16, part 2): 1 % poison records that the sink rejects
 //! permanently go to the dead-letter topic, and the pipeline's `status.deadLetters` counts them, in total and by
 //! error class, from the topic itself — including a record of another pipeline in the same topic, which is not
-//! counted.
+//! counted. The reconciler writes the counts (one field manager on the status), later dead letters are added on top,
+//! and removing `spec.deadLetter` removes `status.deadLetters`.
 //!
 //! Run: `cargo test -p kpipe-e2e --test dead_letters -- --nocapture` (needs the test bed and release builds).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use kpipe_api::v1alpha1::ConsumerPipeline;
 use kpipe_e2e::TestBed;
 use kpipe_e2e::scenario::{
-    self, Install, apply_pipeline, pipeline_manifest, pipeline_status, unique_topic, wait_delivered,
+    self, Install, apply_pipeline, patch_pipeline_spec, pipeline_manifest, pipeline_status, unique_topic,
+    wait_delivered,
 };
 use kpipe_e2e::testbed::wait_for;
+use kube::Api;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
@@ -80,9 +84,33 @@ async fn status_counts_the_pipelines_dead_letters_by_class() {
     let read: BTreeMap<i32, i64> = summary.read_offsets.iter().map(|(p, o)| (p.parse().unwrap(), *o)).collect();
     assert_eq!(read, ends, "the whole topic was read");
     assert!(summary.observed_at.is_some());
-    // The reader owns the field with its own manager; the reconciler's later status writes keep it.
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    let again = pipeline_status(&bed, ns.name(), "counted").await.expect("status").dead_letters.expect("kept");
-    assert_eq!(again.total, 10);
+    // One field manager writes the status: the reconciler (the reader only counts, in memory).
+    let cp = Api::<ConsumerPipeline>::namespaced(bed.client(), ns.name()).get("counted").await.expect("pipeline");
+    let status_managers: BTreeSet<String> = cp
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|m| m.subresource.as_deref() == Some("status"))
+        .filter_map(|m| m.manager.clone())
+        .collect();
+    assert_eq!(status_managers, BTreeSet::from(["kpipe-operator".to_string()]), "status field managers");
+    // More dead letters are counted on top: the reconciles the reader triggers write them.
+    let more: Vec<(Vec<u8>, Vec<u8>)> =
+        (0..3).map(|i| (b"k".to_vec(), format!("poison-late-{i}").into_bytes())).collect();
+    bed.produce_records(&topic, more).await.expect("produce");
+    let later = wait_for("status.deadLetters counts 13", Duration::from_secs(60), || async {
+        pipeline_status(&bed, ns.name(), "counted").await.ok()?.dead_letters.filter(|d| d.total == 13)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(later.observed_at >= summary.observed_at, "observedAt moves with the counts");
+    // Without spec.deadLetter the field goes.
+    patch_pipeline_spec(&bed, ns.name(), "counted", json!({"deadLetter": null})).await.expect("remove deadLetter");
+    wait_for("status.deadLetters cleared", Duration::from_secs(60), || async {
+        pipeline_status(&bed, ns.name(), "counted").await.ok()?.dead_letters.is_none().then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
     ns.delete().await.expect("delete");
 }

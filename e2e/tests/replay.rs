@@ -9,7 +9,12 @@
 //! coordinates — is asserted record by record against the real broker in `worker/tests/replay.rs`; the bed's sink
 //! records values only.)
 //!
-//! Run: `cargo test -p kpipe-e2e --test replay -- --nocapture` (needs the test bed and release builds).
+//! A pipeline that reaches Kafka only through the bed's SCRAM listener (SASL_SSL, SCRAM-SHA-512, port 9094) gets the
+//! same: its dead letters counted in `status.deadLetters` and a replay that reaches Succeeded with the right counts
+//! (the operator's reader and the replay Job use the pipeline's Secrets like its workers).
+//!
+//! Run: `cargo test -p kpipe-e2e --test replay -- --test-threads=1 --nocapture` (needs the test bed and release
+//! builds).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -17,8 +22,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::Pod;
-use kpipe_api::v1alpha1::{DeadLetterReplay, ReplayPhase};
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kpipe_api::kafka_client::{self, Credentials, Material};
+use kpipe_api::v1alpha1::{Auth, DeadLetterReplay, ReplayPhase};
 use kpipe_e2e::TestBed;
 use kpipe_e2e::scenario::{
     self, Install, apply_pipeline, deploy_sink, events_for, patch_pipeline_spec, pipeline_manifest, pipeline_status,
@@ -198,5 +204,148 @@ async fn a_replay_redelivers_dead_letters_parks_refailures_and_resumes_after_kil
     assert_eq!((s2.replayed, s2.succeeded, s2.failed_again), (10, 10, 0), "exact counts across the kills");
     assert_eq!(unique, poison, "every dead letter delivered");
     assert!(got.len() - unique.len() <= 1, "at most the record in flight again");
+    ns.delete().await.expect("delete");
+}
+
+/// The bed's SCRAM listener: a bed whose Kafka helpers go through it as the bed's SCRAM user, and that user's
+/// credentials and CA (env file keys `KAFKA_SCRAM_BOOTSTRAP`, `KAFKA_SECURITY_DIR`; see e2e/tests/security.rs).
+fn scram(bed: &TestBed) -> (TestBed, String, String, String) {
+    let var = |k: &str| {
+        std::env::var(k)
+            .ok()
+            .or_else(|| bed.var(k).map(str::to_string))
+            .unwrap_or_else(|| panic!("{k} is not set: the bed predates its secured listeners"))
+    };
+    let dir = std::path::PathBuf::from(var("KAFKA_SECURITY_DIR"));
+    let file = |n: &str| std::fs::read_to_string(dir.join(n)).unwrap_or_else(|e| panic!("{n}: {e}"));
+    let (user, password, ca) =
+        (file("scram-user").trim().to_string(), file("scram-password").trim().to_string(), file("ca.crt"));
+    let auth: Auth = serde_json::from_value(json!({
+        "sasl": {"mechanism": "SCRAM-SHA-512", "secretRef": {"name": "x"}}, "tls": {"caSecretRef": {"name": "x"}}
+    }))
+    .unwrap();
+    let creds = Credentials {
+        username: Some(user.clone()),
+        password: Some(password.clone()),
+        ca: Some(Material::Pem(ca.clone())),
+        ..Default::default()
+    };
+    let kafka = bed.kafka_via(&var("KAFKA_SCRAM_BOOTSTRAP"), kafka_client::properties(Some(&auth), &creds));
+    (kafka, user, password, ca)
+}
+
+#[tokio::test]
+async fn a_scram_pipelines_dead_letters_are_counted_and_replayed() {
+    let bed = TestBed::connect().await.unwrap_or_else(|e| panic!("{e}"));
+    let (kafka, user, password, ca) = scram(&bed);
+    let (ns, sink) = scenario::setup_with_sink(
+        &bed,
+        "e2e-replay-scram",
+        &Install::default(),
+        &["--poison-prefix", "poison", "--poison-mode", "named"],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let secrets = Api::<Secret>::namespaced(bed.client(), ns.name());
+    for (name, data) in
+        [("kafka-user", json!({"username": user, "password": password})), ("kafka-ca", json!({"ca.crt": ca}))]
+    {
+        let secret: Secret = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "type": "Opaque", "stringData": data,
+        }))
+        .unwrap();
+        secrets.patch(name, &PatchParams::apply("kpipe-e2e").force(), &Patch::Apply(&secret)).await.expect("secret");
+    }
+    let topic = unique_topic("replayscram");
+    let (dlq, parking) = (format!("{topic}-dlq"), format!("{topic}-parked"));
+    kafka.create_topic(&topic, 3).await.expect("topic");
+    kafka.create_topic(&dlq, 2).await.expect("dlq");
+    kafka.create_topic(&parking, 1).await.expect("parking");
+    let auth = json!({"sasl": {"mechanism": "SCRAM-SHA-512", "secretRef": {"name": "kafka-user"}},
+                      "tls": {"caSecretRef": {"name": "kafka-ca"}}});
+    apply_pipeline(
+        &kafka,
+        ns.name(),
+        pipeline_manifest(
+            "secured",
+            &kafka,
+            &topic,
+            &sink,
+            json!({"source": {"auth": auth}, "deadLetter": {"topic": dlq}}),
+        ),
+    )
+    .await
+    .expect("apply");
+    // A replay of a pipeline whose dead-letter topic does not exist says so: Pending, DeadLetterTopicUnreadable, and a
+    // Warning Event (before any Job exists).
+    let missing = format!("{topic}-missing");
+    apply_pipeline(
+        &kafka,
+        ns.name(),
+        pipeline_manifest(
+            "nodlq",
+            &kafka,
+            &topic,
+            &sink,
+            json!({"source": {"auth": auth, "groupId": "nodlq"},
+            "deadLetter": {"topic": missing}, "suspend": true}),
+        ),
+    )
+    .await
+    .expect("apply nodlq");
+    apply_replay(&bed, ns.name(), replay_manifest("scram-r0", "nodlq", &parking)).await;
+    let dlr = Api::<DeadLetterReplay>::namespaced(bed.client(), ns.name());
+    let unreadable = wait_for("scram-r0 DeadLetterTopicUnreadable", Duration::from_secs(60), || async {
+        let s = dlr.get("scram-r0").await.ok()?.status?;
+        let c = s.conditions.iter().find(|c| c.type_ == "Complete" && c.reason == "DeadLetterTopicUnreadable")?;
+        (s.phase == ReplayPhase::Pending).then(|| c.message.clone())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    println!("replay of a missing dead-letter topic: {unreadable}");
+    assert!(unreadable.contains(&missing), "the message names the topic: {unreadable}");
+    let r0_events = events_for(&bed, ns.name(), "scram-r0").await.unwrap();
+    assert!(r0_events.iter().any(|e| e.0 == "Warning" && e.1 == "DeadLetterTopicUnreadable"), "{r0_events:?}");
+    let jobs = Api::<Job>::namespaced(bed.client(), ns.name()).list(&ListParams::default()).await.unwrap();
+    assert!(jobs.items.is_empty(), "no Job without end offsets");
+
+    let (records, poison, ok) = scenario::one_percent_poison(1000);
+    kafka.produce_records(&topic, records).await.expect("produce");
+    wait_delivered(&sink, &ok, Duration::from_secs(120)).await.unwrap_or_else(|e| {
+        bed.dump_pod_logs(ns.name());
+        panic!("{e}")
+    });
+    let counted = wait_for("status.deadLetters.total = 10", Duration::from_secs(60), || async {
+        pipeline_status(&bed, ns.name(), "secured").await.ok()?.dead_letters.filter(|d| d.total == 10)
+    })
+    .await
+    .unwrap_or_else(|e| {
+        let s = bed.run_kubectl(&["-n", ns.name(), "get", "cpl", "secured", "-o", "jsonpath={.status}"]);
+        panic!("{e}; status: {s:?}")
+    });
+    println!("SCRAM pipeline, status.deadLetters: {counted:?}");
+    assert_eq!(counted.by_class, BTreeMap::from([("rejected".to_string(), 10)]));
+    let ends = kafka.end_offsets(&dlq).await.expect("dlq end offsets");
+    let read: BTreeMap<i32, i64> = counted.read_offsets.iter().map(|(p, o)| (p.parse().unwrap(), *o)).collect();
+    assert_eq!(read, ends, "the whole dead-letter topic was read through the SCRAM listener");
+
+    let fixed = deploy_sink(&bed, ns.name(), "fixed", &[]).await.expect("fixed sink");
+    patch_pipeline_spec(&bed, ns.name(), "secured", json!({"processor": {"http": {"url": fixed.url}}}))
+        .await
+        .expect("point the pipeline at the fixed sink");
+    apply_replay(&bed, ns.name(), replay_manifest("scram-r1", "secured", &parking)).await;
+    let r = wait_replay_done(&bed, ns.name(), "scram-r1", Duration::from_secs(180)).await;
+    let s = r.status.unwrap();
+    println!("SCRAM replay: {s:?}");
+    assert_eq!(s.phase, ReplayPhase::Succeeded, "{:?}", s.conditions);
+    assert_eq!((s.replayed, s.succeeded, s.failed_again, s.skipped), (10, 10, 0, 0));
+    assert_eq!(s.end_offsets.values().sum::<i64>(), 10);
+    let delivered = fixed.ids().await.expect("ids");
+    assert_eq!(delivered.iter().cloned().collect::<BTreeSet<_>>(), poison, "every dead letter delivered");
+    assert_eq!(delivered.len(), 10, "each once: {delivered:?}");
+    let reasons: Vec<String> =
+        events_for(&bed, ns.name(), "scram-r1").await.unwrap().into_iter().map(|e| e.1).collect();
+    assert!(reasons.contains(&"Started".to_string()) && reasons.contains(&"Completed".to_string()), "{reasons:?}");
+    assert!(!reasons.iter().any(|r| r == "DeadLetterTopicUnreadable" || r == "JobNotCreated"), "{reasons:?}");
     ns.delete().await.expect("delete");
 }

@@ -1,46 +1,50 @@
-//! Dead-letter inspection and per-pipeline condition metrics.
+//! Dead-letter counts for `status.deadLetters` (docs/api.md, "Dead letters in status").
 //!
-//! Every [`INTERVAL`] the reader lists the ConsumerPipelines it watches and
-//! - exports each pipeline's conditions as `kpipe_operator_pipeline_condition{type,status,reason}` and
-//!   `spec.suspend` as `kpipe_operator_pipeline_suspended` (what the chart's alerts match on), and
-//! - for a pipeline with `spec.deadLetter.topic`, reads what was appended to that topic since its last pass and
-//!   counts the records whose `kpipe.pipeline` header names the pipeline, by their `kpipe.error.class` header, into
-//!   `status.deadLetters` (server-side apply with its own field manager [`FIELD_MANAGER`], so it never fights the
-//!   reconciler over the rest of the status) and `kpipe_operator_pipeline_dead_letters{class}`.
+//! The reconciler registers every pipeline that has `spec.deadLetter.topic` ([`DeadLetterReader::watch`]) with the
+//! Kafka settings it derived from the pipeline's Secrets — the same [`Cluster`] the lag probe uses, built by
+//! [`kpipe_api::kafka_client::properties`] like the workers' clients, so SASL/TLS pipelines are read like plaintext
+//! ones. Every [`INTERVAL`] the reader reads what was appended to each registered topic since its last pass and
+//! counts the records whose `kpipe.pipeline` header names the pipeline, by their `kpipe.error.class` header, in
+//! memory. When a pipeline's counts change it triggers a reconcile of that pipeline; the reconciler puts them into
+//! `status.deadLetters` with its own status write ([`DeadLetterReader::summary`], [`for_status`]), so the status has
+//! one field manager. The reader never lists pipelines: registrations come from reconciles, which the controller's
+//! watch drives; a pipeline whose `spec.deadLetter` is removed is unregistered and its `status.deadLetters`
+//! cleared.
 //!
 //! Why the topic and not the workers' metrics: the topic is what a replay reads and what an operator inspects, it
-//! survives worker restarts and scale-to-zero, and a topic shared by pipelines is split by the header. Cost: each
-//! dead letter is fetched once per leader term (at most [`MAX_RECORDS_PER_PASS`] per pipeline and pass).
-//! Limits: counts live in memory (a new leader re-reads the retained topic, so records removed by retention in
-//! the meantime stop being counted); pipelines with `source.auth` (SASL/TLS) are not read (their status has no
-//! `deadLetters`), like the offset keeper.
+//! survives worker restarts and scale-to-zero, and a topic shared by pipelines is split by the header.
 //!
-//! The decisions ([`resume_at`], [`Tally::count`], [`condition_series`]) are pure and unit-tested; the Kafka and
-//! apiserver I/O is at the edges ([`read_topic`], [`DeadLetterReader::run`]).
+//! Resuming: a pipeline registered for the first time in a leadership term starts from the counts and
+//! `readOffsets` in its status ([`seed`]), so a new leader reads only what the previous one had not counted. The
+//! counts and offsets of a status are written in one apply, so the sum stays exact; a topic whose log end fell
+//! below a recorded offset (recreated or truncated) is counted from scratch ([`resume_at`]).
+//!
+//! Read failures (missing topic, authentication, unreachable brokers) are counted in
+//! `kpipe_operator_dead_letter_read_errors_total{namespace,pipeline,reason}` and logged as a warning when the error
+//! changes; the counts in status keep their last value.
+//!
+//! The decisions ([`resume_at`], [`Tally::count`], [`seed`], [`for_status`]) are pure and unit-tested; the Kafka
+//! I/O is at the edges ([`read_topic`], [`DeadLetterReader::run`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kpipe_api::v1alpha1::{ConsumerPipeline, ConsumerPipelineStatus, DeadLetterSummary};
-use kube::api::{Api, ListParams, Patch, PatchParams};
-use kube::{Client, ResourceExt};
+use kpipe_api::v1alpha1::{ConsumerPipeline, DeadLetterSummary};
+use kube::core::DeserializeGuard;
+use kube::runtime::reflector::ObjectRef;
 use rdkafka::Message;
 use rdkafka::Offset;
 use rdkafka::TopicPartitionList;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Headers;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
-use crate::controller::Scope;
-use crate::leader::LeaderFence;
 use crate::metrics::Metrics;
 use crate::probe::Cluster;
 
-/// Field manager of `status.deadLetters` (the reconciler applies the rest of the status with its own).
-pub const FIELD_MANAGER: &str = "kpipe-operator-dead-letters";
-/// How often pipelines are listed and dead-letter topics read.
+/// How often the registered dead-letter topics are read.
 pub const INTERVAL: Duration = Duration::from_secs(5);
 /// Records read from one dead-letter topic per pass (the rest is read in the next passes).
 pub const MAX_RECORDS_PER_PASS: usize = 50_000;
@@ -48,6 +52,9 @@ pub const MAX_RECORDS_PER_PASS: usize = 50_000;
 pub const PIPELINE_HEADER: &str = "kpipe.pipeline";
 /// Header with the error class of a dead letter's last failure.
 pub const CLASS_HEADER: &str = "kpipe.error.class";
+
+/// Asks the pipeline controller of the pipeline's scope to reconcile it (its counts changed).
+pub type Trigger = mpsc::Sender<ObjectRef<DeserializeGuard<ConsumerPipeline>>>;
 
 /// Why reading a dead-letter topic failed.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +65,17 @@ pub enum DeadLetterError {
     Kafka { topic: String, detail: String },
     #[error("reading the dead-letter topic panicked or was cancelled: {0}")]
     Task(String),
+}
+
+impl DeadLetterError {
+    /// The `reason` label of `kpipe_operator_dead_letter_read_errors_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::TopicNotFound(_) => "TopicNotFound",
+            Self::Kafka { .. } => "KafkaError",
+            Self::Task(_) => "TaskFailed",
+        }
+    }
 }
 
 /// Where to continue reading one partition.
@@ -112,14 +130,33 @@ impl Tally {
     }
 }
 
-/// One `kpipe_operator_pipeline_condition` series: (type, status, reason).
-pub type ConditionSeries = (String, String, String);
+/// The tally a pipeline's counting starts from when it is first registered (pure): the counts and read offsets of
+/// its status when they are for `topic` (a new leader continues where the last status write left off), else zero,
+/// and when those counts were last brought up to date.
+pub fn seed(status: Option<&DeadLetterSummary>, topic: &str) -> (Tally, Option<Time>) {
+    match status.filter(|s| s.topic == topic) {
+        Some(s) => (
+            Tally {
+                total: s.total,
+                by_class: s.by_class.clone(),
+                read: s.read_offsets.iter().filter_map(|(p, o)| p.parse::<i32>().ok().map(|p| (p, *o))).collect(),
+            },
+            s.observed_at.clone(),
+        ),
+        None => (Tally::default(), None),
+    }
+}
 
-/// The condition series of a pipeline's status: one per condition, its current status and reason.
-pub fn condition_series(status: Option<&ConsumerPipelineStatus>) -> Vec<ConditionSeries> {
-    status
-        .map(|s| s.conditions.iter().map(|c| (c.type_.clone(), c.status.clone(), c.reason.clone())).collect())
-        .unwrap_or_default()
+/// `status.deadLetters` as the reconciler writes it (pure): absent without `spec.deadLetter` (`topic` None); the
+/// reader's counts when it has counts for `topic`; else the previous status's, while they are for `topic` (a new
+/// leader has not read yet); else absent.
+pub fn for_status(
+    topic: Option<&str>,
+    counted: Option<DeadLetterSummary>,
+    previous: Option<&DeadLetterSummary>,
+) -> Option<DeadLetterSummary> {
+    let topic = topic?;
+    counted.filter(|c| c.topic == topic).or_else(|| previous.filter(|p| p.topic == topic).cloned())
 }
 
 /// Reads what `topic` holds beyond `tally.read` (blocking; at most `max_records` records) and counts the
@@ -211,7 +248,8 @@ pub fn read_topic(
 }
 
 /// The reader's consumer for `cluster`: never subscribes or commits, [`read_topic`] assigns what it reads. One per
-/// cluster, kept across passes (a client per pipeline and pass would reconnect every few seconds).
+/// cluster (bootstrap servers and credentials, [`Cluster::key`]), kept across passes while a registered pipeline
+/// uses it.
 pub fn dead_letter_consumer(cluster: &Cluster, timeout: Duration) -> Result<BaseConsumer, DeadLetterError> {
     cluster
         .client_config(READER_CLIENT_ID, timeout)
@@ -224,42 +262,98 @@ pub fn dead_letter_consumer(cluster: &Cluster, timeout: Duration) -> Result<Base
 /// `client.id` (and unused `group.id`) of the dead-letter reader's consumers.
 const READER_CLIENT_ID: &str = "kpipe-operator-dead-letters";
 
-/// Lists the pipelines every [`INTERVAL`], exports their condition gauges and keeps `status.deadLetters` current.
+/// What the reconciler registers for a pipeline with a dead-letter topic.
+#[derive(Clone)]
+pub struct Watch {
+    pub namespace: String,
+    pub name: String,
+    /// `spec.deadLetter.topic`.
+    pub topic: String,
+    /// How to reach the pipeline's cluster (its `source.auth` and Secret values, as the lag probe has them).
+    pub cluster: Cluster,
+    /// `status.deadLetters` as the reconciler read it: where counting resumes in a new leadership term.
+    pub seed: Option<DeadLetterSummary>,
+    /// Reconciles the pipeline when its counts change.
+    pub trigger: Trigger,
+}
+
+struct Tracked {
+    watch: Watch,
+    tally: Tally,
+    /// When the counts last changed (`observedAt`).
+    observed_at: Option<Time>,
+    /// The last read error logged (a warning per new error, not per pass).
+    failing: Option<String>,
+    /// The counts describe the topic: seeded from the status, or read at least once.
+    known: bool,
+}
+
+/// Counts the dead letters of the registered pipelines every [`INTERVAL`] (module docs).
 pub struct DeadLetterReader {
-    client: Client,
     metrics: Metrics,
-    fence: LeaderFence,
     timeout: Duration,
-    /// uid → (namespace, name, topic, tally).
-    tallies: Mutex<HashMap<String, Tracked>>,
+    /// Pipeline uid → its registration and counts.
+    tracked: Mutex<HashMap<String, Tracked>>,
     /// [`Cluster::key`] → the consumer reading that cluster's dead-letter topics (passes are sequential).
     consumers: Mutex<HashMap<String, Arc<BaseConsumer>>>,
 }
 
-struct Tracked {
-    namespace: String,
-    name: String,
-    topic: String,
-    tally: Tally,
-}
-
 impl DeadLetterReader {
-    /// A reader writing through `client` while `fence` allows it.
-    pub fn new(client: Client, metrics: Metrics, fence: LeaderFence, timeout: Duration) -> Self {
-        Self {
-            client,
-            metrics,
-            fence,
-            timeout,
-            tallies: Mutex::new(HashMap::new()),
-            consumers: Mutex::new(HashMap::new()),
+    /// A reader whose Kafka requests time out after `timeout`.
+    pub fn new(metrics: Metrics, timeout: Duration) -> Self {
+        Self { metrics, timeout, tracked: Mutex::new(HashMap::new()), consumers: Mutex::new(HashMap::new()) }
+    }
+
+    /// Registers pipeline `uid` (`Some`) or unregisters it (`None`: no `spec.deadLetter`, or the pipeline is gone).
+    /// A registration for another topic than before starts counting again (from the seed when it is for that topic).
+    pub fn watch(&self, uid: &str, watch: Option<Watch>) {
+        let Ok(mut tracked) = self.tracked.lock() else { return };
+        match watch {
+            None => {
+                if let Some(gone) = tracked.remove(uid) {
+                    self.metrics.forget_dead_letter_reader(&gone.watch.namespace, &gone.watch.name);
+                }
+            }
+            Some(w) => match tracked.get_mut(uid) {
+                Some(t) if t.watch.topic == w.topic => t.watch = w,
+                _ => {
+                    let known = w.seed.as_ref().is_some_and(|s| s.topic == w.topic);
+                    let (tally, observed_at) = seed(w.seed.as_ref(), &w.topic);
+                    self.metrics.forget_dead_letter_counts(&w.namespace, &w.name);
+                    self.set_gauges(&w, &tally);
+                    tracked.insert(uid.to_string(), Tracked { watch: w, tally, observed_at, failing: None, known });
+                }
+            },
         }
     }
 
-    /// Runs passes until `stop` turns true.
-    pub async fn run(self: Arc<Self>, scopes: Vec<Scope>, mut stop: watch::Receiver<bool>) {
+    /// The counts of pipeline `uid` as `status.deadLetters` (None: not registered, or nothing read yet and nothing
+    /// to resume from).
+    pub fn summary(&self, uid: &str) -> Option<DeadLetterSummary> {
+        let tracked = self.tracked.lock().ok()?;
+        tracked.get(uid).filter(|t| t.known).map(|t| t.tally.summary(&t.watch.topic, t.observed_at.clone()))
+    }
+
+    fn set_gauges(&self, w: &Watch, tally: &Tally) {
+        for (class, n) in &tally.by_class {
+            self.metrics.pipeline_dead_letters.with_label_values(&[&w.namespace, &w.name, class]).set(*n);
+        }
+    }
+
+    /// Forgets every registration and client (a new leadership term starts from the statuses).
+    pub fn reset(&self) {
+        if let Ok(mut t) = self.tracked.lock() {
+            t.clear();
+        }
+        if let Ok(mut c) = self.consumers.lock() {
+            c.clear();
+        }
+    }
+
+    /// Reads the registered topics every [`INTERVAL`] until `stop` turns true.
+    pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         loop {
-            self.pass(&scopes).await;
+            self.pass().await;
             tokio::select! {
                 _ = stop.wait_for(|s| *s) => return,
                 _ = tokio::time::sleep(INTERVAL) => {}
@@ -267,132 +361,89 @@ impl DeadLetterReader {
         }
     }
 
-    async fn pass(&self, scopes: &[Scope]) {
-        let mut seen = HashSet::new();
-        for scope in scopes {
-            let api: Api<ConsumerPipeline> = match scope {
-                Scope::All => Api::all(self.client.clone()),
-                Scope::Namespace(ns) => Api::namespaced(self.client.clone(), ns),
-            };
-            let list = match api.list(&ListParams::default()).await {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::warn!(error = %e, "dead-letter reader: cannot list pipelines");
-                    // Keep what is known for this scope: forget nothing on a failed list.
-                    let known = self.tallies.lock().map(|t| t.keys().cloned().collect::<Vec<_>>()).unwrap_or_default();
-                    seen.extend(known);
-                    continue;
-                }
-            };
-            for p in list.items {
-                let Some(uid) = p.uid() else { continue };
-                seen.insert(uid.clone());
-                self.export_conditions(&p);
-                self.read_dead_letters(&uid, &p).await;
-            }
-        }
-        self.forget_except(&seen);
-    }
-
-    fn export_conditions(&self, p: &ConsumerPipeline) {
-        let (ns, name) = (p.namespace().unwrap_or_default(), p.name_any());
-        self.metrics.set_conditions(&ns, &name, &condition_series(p.status.as_ref()));
-        self.metrics.pipeline_suspended.with_label_values(&[&ns, &name]).set(i64::from(p.spec.suspend));
-    }
-
-    async fn read_dead_letters(&self, uid: &str, p: &ConsumerPipeline) {
-        let (ns, name) = (p.namespace().unwrap_or_default(), p.name_any());
-        let Some(topic) = p.spec.dead_letter.as_ref().map(|d| d.topic.clone()) else { return };
-        if p.spec.source.auth.is_some() {
-            return;
-        }
-        let mut tally = {
-            let Ok(t) = self.tallies.lock() else { return };
-            match t.get(uid) {
-                Some(tr) if tr.topic == topic => tr.tally.clone(),
-                _ => Tally::default(),
-            }
+    async fn pass(&self) {
+        let work: Vec<(String, Watch, Tally)> = match self.tracked.lock() {
+            Ok(t) => t.iter().map(|(uid, t)| (uid.clone(), t.watch.clone(), t.tally.clone())).collect(),
+            Err(_) => return,
         };
-        let cluster = Cluster::plaintext(p.spec.source.bootstrap_servers.clone());
-        let key = cluster.key();
+        // Clients of clusters no pipeline uses any more (rotated credentials are another key) are closed.
+        let keys: HashSet<String> = work.iter().map(|(_, w, _)| w.cluster.key()).collect();
+        if let Ok(mut c) = self.consumers.lock() {
+            c.retain(|k, _| keys.contains(k));
+        }
+        for (uid, w, tally) in work {
+            let read = self.read(&w, tally.clone()).await;
+            self.record(&uid, &w, &tally, read);
+        }
+    }
+
+    /// Reads `w.topic` beyond `tally` with the cluster's consumer (created on first use, dropped after a failure).
+    async fn read(&self, w: &Watch, mut tally: Tally) -> Result<Tally, DeadLetterError> {
+        let key = w.cluster.key();
         let cached = self.consumers.lock().ok().and_then(|c| c.get(&key).cloned());
-        let (timeout, t2, pipeline) = (self.timeout, topic.clone(), name.clone());
+        let (cluster, timeout, topic, pipeline) = (w.cluster.clone(), self.timeout, w.topic.clone(), w.name.clone());
         let read = tokio::task::spawn_blocking(move || {
             let consumer = match cached {
                 Some(c) => c,
-                None => match dead_letter_consumer(&cluster, timeout) {
-                    Ok(c) => Arc::new(c),
-                    Err(e) => return (None, Err(e), tally),
-                },
+                None => Arc::new(dead_letter_consumer(&cluster, timeout)?),
             };
-            let r = read_topic(&consumer, &t2, &pipeline, &mut tally, timeout, MAX_RECORDS_PER_PASS);
-            (Some(consumer), r, tally)
+            read_topic(&consumer, &topic, &pipeline, &mut tally, timeout, MAX_RECORDS_PER_PASS)?;
+            Ok((consumer, tally))
         })
-        .await;
-        let tally = match read {
-            Ok((consumer, Ok(()), tally)) => {
-                if let (Some(c), Ok(mut cached)) = (consumer, self.consumers.lock()) {
-                    cached.insert(key, c);
+        .await
+        .map_err(|e| DeadLetterError::Task(e.to_string()))
+        .and_then(|r| r);
+        match read {
+            Ok((consumer, tally)) => {
+                if let Ok(mut c) = self.consumers.lock() {
+                    c.insert(key, consumer);
                 }
-                tally
-            }
-            Ok((_, Err(e), _)) => {
-                // A fresh client next pass: the failure may be the connection's.
-                if let Ok(mut cached) = self.consumers.lock() {
-                    cached.remove(&key);
-                }
-                tracing::debug!(namespace = %ns, pipeline = %name, error = %e, "dead-letter topic not read");
-                return;
+                Ok(tally)
             }
             Err(e) => {
-                tracing::warn!(error = %DeadLetterError::Task(e.to_string()), "dead-letter reader");
-                return;
+                // A fresh client next pass: the failure may be the connection's.
+                if let Ok(mut c) = self.consumers.lock() {
+                    c.remove(&key);
+                }
+                Err(e)
             }
-        };
-        // Written when the listed status differs (observedAt aside): a failed write is retried in the next pass.
-        let summary = tally.summary(&topic, None);
-        let current = p
-            .status
-            .as_ref()
-            .and_then(|s| s.dead_letters.clone())
-            .map(|d| DeadLetterSummary { observed_at: None, ..d });
-        if current.as_ref() != Some(&summary) {
-            self.publish(&ns, &name, &tally.summary(&topic, Some(Time(jiff::Timestamp::now())))).await;
-        }
-        for (class, n) in &tally.by_class {
-            self.metrics.pipeline_dead_letters.with_label_values(&[&ns, &name, class]).set(*n);
-        }
-        if let Ok(mut t) = self.tallies.lock() {
-            t.insert(uid.to_string(), Tracked { namespace: ns, name, topic, tally });
         }
     }
 
-    /// Applies `status.deadLetters` (while this replica may write).
-    async fn publish(&self, ns: &str, name: &str, summary: &DeadLetterSummary) {
-        if !self.fence.may_act() {
-            return;
-        }
-        let api: Api<ConsumerPipeline> = Api::namespaced(self.client.clone(), ns);
-        let patch = serde_json::json!({
-            "apiVersion": "kpipe.io/v1alpha1",
-            "kind": "ConsumerPipeline",
-            "status": { "deadLetters": summary },
-        });
-        if let Err(e) = api.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(patch)).await {
-            tracing::warn!(namespace = %ns, pipeline = %name, error = %e, "cannot write status.deadLetters");
-        }
-    }
-
-    fn forget_except(&self, seen: &HashSet<String>) {
-        let gone: Vec<Tracked> = match self.tallies.lock() {
-            Ok(mut t) => {
-                let uids: Vec<String> = t.keys().filter(|u| !seen.contains(*u)).cloned().collect();
-                uids.iter().filter_map(|u| t.remove(u)).collect()
+    /// Keeps the result of a read of the counts `before` (unless the pipeline was unregistered or re-registered
+    /// for another topic meanwhile); new counts update the gauges and trigger a reconcile.
+    fn record(&self, uid: &str, w: &Watch, before: &Tally, read: Result<Tally, DeadLetterError>) {
+        let (ns, name) = (w.namespace.as_str(), w.name.as_str());
+        let Ok(mut tracked) = self.tracked.lock() else { return };
+        let Some(t) = tracked.get_mut(uid).filter(|t| t.watch.topic == w.topic && t.tally == *before) else { return };
+        match read {
+            Ok(tally) => {
+                if t.failing.take().is_some() {
+                    tracing::info!(namespace = ns, pipeline = name, topic = %w.topic, "dead-letter topic read again");
+                }
+                if tally == t.tally && t.known {
+                    return;
+                }
+                t.known = true;
+                let classes_gone = t.tally.by_class.keys().any(|c| !tally.by_class.contains_key(c));
+                t.tally = tally;
+                t.observed_at = Some(Time(jiff::Timestamp::now()));
+                if classes_gone {
+                    self.metrics.forget_dead_letter_counts(ns, name);
+                }
+                self.set_gauges(w, &t.tally);
+                // A full channel means reconciles are queued already; the next poll writes the counts anyway.
+                let _ = t.watch.trigger.try_send(ObjectRef::new(name).within(ns));
             }
-            Err(_) => return,
-        };
-        for tr in gone {
-            self.metrics.forget_dead_letters(&tr.namespace, &tr.name);
+            Err(e) => {
+                self.metrics.dead_letter_read_errors.with_label_values(&[ns, name, e.reason()]).inc();
+                let message = e.to_string();
+                if t.failing.as_ref() != Some(&message) {
+                    tracing::warn!(namespace = ns, pipeline = name, error = %message,
+                        "cannot read the dead-letter topic; status.deadLetters keeps its last counts");
+                    t.failing = Some(message);
+                }
+            }
         }
     }
 }
@@ -400,7 +451,6 @@ impl DeadLetterReader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
     #[test]
     fn resume_starts_at_the_log_start_and_follows_retention() {
@@ -429,26 +479,40 @@ mod tests {
     }
 
     #[test]
-    fn condition_series_mirror_the_status() {
-        assert!(condition_series(None).is_empty());
-        let c = |t: &str, s: &str, r: &str| Condition {
-            type_: t.into(),
-            status: s.into(),
-            reason: r.into(),
-            message: String::new(),
-            observed_generation: None,
-            last_transition_time: Time(jiff::Timestamp::UNIX_EPOCH),
+    fn a_new_term_resumes_from_the_status_of_the_same_topic() {
+        let status = DeadLetterSummary {
+            topic: "orders-dlq".into(),
+            total: 7,
+            by_class: BTreeMap::from([("http_400".into(), 7)]),
+            read_offsets: BTreeMap::from([("0".into(), 12), ("1".into(), 3), ("x".into(), 9)]),
+            observed_at: Some(Time(jiff::Timestamp::UNIX_EPOCH)),
         };
-        let status = ConsumerPipelineStatus {
-            conditions: vec![c("Ready", "True", "Running"), c("Degraded", "True", "TopicNotFound")],
-            ..Default::default()
-        };
+        let (t, at) = seed(Some(&status), "orders-dlq");
+        assert_eq!((t.total, t.by_class.get("http_400")), (7, Some(&7)));
+        assert_eq!(t.read, BTreeMap::from([(0, 12), (1, 3)]), "an unparsable partition key is read again");
+        assert_eq!(at, status.observed_at);
+        // The summary of a seeded tally is the status it came from: nothing to write until something is read.
         assert_eq!(
-            condition_series(Some(&status)),
-            vec![
-                ("Ready".to_string(), "True".to_string(), "Running".to_string()),
-                ("Degraded".to_string(), "True".to_string(), "TopicNotFound".to_string())
-            ]
+            t.summary("orders-dlq", at),
+            DeadLetterSummary { read_offsets: BTreeMap::from([("0".into(), 12), ("1".into(), 3)]), ..status.clone() }
         );
+        assert_eq!(seed(Some(&status), "other-dlq"), (Tally::default(), None), "another topic starts at zero");
+        assert_eq!(seed(None, "orders-dlq"), (Tally::default(), None));
+    }
+
+    #[test]
+    fn status_shows_the_counts_of_the_current_topic_only() {
+        let s = |topic: &str, total: i64| DeadLetterSummary { topic: topic.into(), total, ..Default::default() };
+        assert_eq!(for_status(None, Some(s("a", 1)), Some(&s("a", 1))), None, "spec.deadLetter removed: cleared");
+        assert_eq!(for_status(Some("a"), Some(s("a", 2)), Some(&s("a", 1))), Some(s("a", 2)));
+        assert_eq!(for_status(Some("a"), None, Some(&s("a", 1))), Some(s("a", 1)), "not read yet: kept");
+        assert_eq!(for_status(Some("b"), None, Some(&s("a", 1))), None, "topic changed: the old counts go");
+        assert_eq!(for_status(Some("b"), Some(s("a", 3)), None), None);
+    }
+
+    #[test]
+    fn read_errors_have_metric_reasons() {
+        assert_eq!(DeadLetterError::TopicNotFound("t".into()).reason(), "TopicNotFound");
+        assert_eq!(DeadLetterError::Kafka { topic: "t".into(), detail: "auth".into() }.reason(), "KafkaError");
     }
 }

@@ -16,7 +16,6 @@ use k8s_openapi::api::core::v1::ResourceRequirements;
 use kpipe_api::v1alpha1::ConsumerPipeline;
 use kpipe_operator::build::{MANAGER, WorkerDefaults};
 use kpipe_operator::controller::{self, Scope, Settings, Shared};
-use kpipe_operator::deadletters::DeadLetterReader;
 use kpipe_operator::leader::{self, Elector, LeaderFence, Timing, Transition};
 use kpipe_operator::metrics::Metrics;
 use kpipe_operator::replay::ReplayController;
@@ -114,14 +113,9 @@ fn scopes(namespaces: &[String]) -> Vec<Scope> {
 /// Run the controllers (and the dead-letter reader, `kpipe_operator::deadletters`, and the DeadLetterReplay
 /// controller, `kpipe_operator::replay`) until `stop` turns true.
 async fn run_controllers(shared: Arc<Shared>, scopes: Vec<Scope>, stop: watch::Receiver<bool>) {
-    // A fresh reader per leadership term: it re-reads the dead-letter topics from their log start.
-    let reader = Arc::new(DeadLetterReader::new(
-        shared.client.clone(),
-        shared.metrics.clone(),
-        shared.fence.clone(),
-        shared.settings.probe_timeout,
-    ));
-    let dead_letters = reader.run(scopes.clone(), stop.clone());
+    // The reader was reset with the rest of the term's state (`Shared::reset`): the reconciles of this term register
+    // the pipelines again, and counting resumes from the offsets their status records.
+    let dead_letters = shared.dead_letters.clone().run(stop.clone());
     let replays = Arc::new(ReplayController::new(
         shared.client.clone(),
         shared.fence.clone(),

@@ -49,13 +49,16 @@ pub struct Metrics {
     pub kafka_clients: IntGaugeVec,
     pub leader: IntGauge,
     /// `kpipe_operator_pipeline_condition{namespace,pipeline,type,status,reason}`: 1 for each condition of the
-    /// pipeline's status as last listed, with its current status and reason ([`crate::deadletters`]).
+    /// pipeline's status as the reconciler last computed it, with its current status and reason.
     pub pipeline_condition: IntGaugeVec,
     /// `kpipe_operator_pipeline_suspended{namespace,pipeline}`: 1 while `spec.suspend` is true.
     pub pipeline_suspended: IntGaugeVec,
     /// `kpipe_operator_pipeline_dead_letters{namespace,pipeline,class}`: dead letters of the pipeline found in its
     /// dead-letter topic, by error class (the counts of `status.deadLetters`).
     pub pipeline_dead_letters: IntGaugeVec,
+    /// `kpipe_operator_dead_letter_read_errors_total{namespace,pipeline,reason}`: failed reads of the pipeline's
+    /// dead-letter topic ([`crate::deadletters::DeadLetterError::reason`]).
+    pub dead_letter_read_errors: IntCounterVec,
 }
 
 /// A static metric definition (an error is a programming error the tests catch).
@@ -189,6 +192,13 @@ impl Metrics {
             ),
             &["namespace", "pipeline", "class"],
         ));
+        let dead_letter_read_errors = must(IntCounterVec::new(
+            Opts::new(
+                "kpipe_operator_dead_letter_read_errors_total",
+                "Failed reads of the pipeline's dead-letter topic by the operator's dead-letter reader, by reason",
+            ),
+            &["namespace", "pipeline", "reason"],
+        ));
         for c in [
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(reconcile_errors.clone()),
@@ -211,6 +221,7 @@ impl Metrics {
             Box::new(pipeline_condition.clone()),
             Box::new(pipeline_suspended.clone()),
             Box::new(pipeline_dead_letters.clone()),
+            Box::new(dead_letter_read_errors.clone()),
         ] {
             must(registry.register(c));
         }
@@ -237,6 +248,7 @@ impl Metrics {
             pipeline_condition,
             pipeline_suspended,
             pipeline_dead_letters,
+            dead_letter_read_errors,
         }
     }
 
@@ -248,15 +260,24 @@ impl Metrics {
         }
     }
 
-    /// Forget the condition, suspended and dead-letter series of a pipeline that is gone.
-    pub fn forget_dead_letters(&self, namespace: &str, pipeline: &str) {
-        self.remove_matching(&self.pipeline_condition, namespace, pipeline);
+    /// Forget the dead-letter count series of a pipeline (counted anew).
+    pub fn forget_dead_letter_counts(&self, namespace: &str, pipeline: &str) {
         self.remove_matching(&self.pipeline_dead_letters, namespace, pipeline);
-        let _ = self.pipeline_suspended.remove_label_values(&[namespace, pipeline]);
     }
 
-    /// Removes every series of `vec` whose first two labels are `namespace` and `pipeline`.
-    fn remove_matching(&self, vec: &IntGaugeVec, namespace: &str, pipeline: &str) {
+    /// Forget the dead-letter count and read-error series of a pipeline (no longer counted).
+    pub fn forget_dead_letter_reader(&self, namespace: &str, pipeline: &str) {
+        self.forget_dead_letter_counts(namespace, pipeline);
+        self.remove_matching(&self.dead_letter_read_errors, namespace, pipeline);
+    }
+
+    /// Removes every series of `vec` whose `namespace` and `pipeline` labels are these.
+    fn remove_matching<B: prometheus::core::MetricVecBuilder>(
+        &self,
+        vec: &prometheus::core::MetricVec<B>,
+        namespace: &str,
+        pipeline: &str,
+    ) {
         for family in vec.collect() {
             for m in family.get_metric() {
                 let labels: HashMap<&str, &str> = m.get_label().iter().map(|l| (l.name(), l.value())).collect();
@@ -340,6 +361,9 @@ impl Metrics {
             let _ = self.scale_events.remove_label_values(&[namespace, pipeline, d]);
         }
         self.set_stalled(namespace, pipeline, None);
+        self.remove_matching(&self.pipeline_condition, namespace, pipeline);
+        let _ = self.pipeline_suspended.remove_label_values(&[namespace, pipeline]);
+        self.forget_dead_letter_reader(namespace, pipeline);
     }
 
     /// `kpipe_operator_pipeline_stalled`: 1 for the current reason, no series while not stalled.
@@ -397,7 +421,9 @@ mod tests {
         assert!(!text.contains("TopicNotFound"), "old series removed:\n{text}");
         assert!(text.contains("pipeline=\"q\""));
         m.pipeline_dead_letters.with_label_values(&["ns", "p", "http_400"]).set(3);
-        m.forget_dead_letters("ns", "p");
+        m.dead_letter_read_errors.with_label_values(&["ns", "p", "TopicNotFound"]).inc();
+        m.pipeline_suspended.with_label_values(&["ns", "p"]).set(1);
+        m.forget("ns", "p");
         let text = m.render();
         assert!(!text.contains("pipeline=\"p\""), "{text}");
         assert!(text.contains("pipeline=\"q\""));

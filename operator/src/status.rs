@@ -109,6 +109,8 @@ pub struct Observed {
     pub offsets_restored: Option<String>,
     /// `status.topics` and the TopicRecreated condition ([`crate::topic_identity`]).
     pub topics: crate::topic_identity::ForStatus,
+    /// `status.deadLetters` as it is to be written ([`crate::deadletters::for_status`]).
+    pub dead_letters: Option<kpipe_api::v1alpha1::DeadLetterSummary>,
 }
 
 fn cond(type_: &str, status: bool, reason: &str, message: &str, generation: Option<i64>, now: &Time) -> Condition {
@@ -235,8 +237,7 @@ pub fn compute(previous: Option<&ConsumerPipelineStatus>, obs: &Observed, now: T
         last_scale_time: obs.scaled_at.clone().or_else(|| previous.and_then(|p| p.last_scale_time.clone())),
         workers: obs.workers.clone().or_else(|| previous.and_then(|p| p.workers.clone())),
         topics: obs.topics.records.clone().unwrap_or_else(|| previous.map(|p| p.topics.clone()).unwrap_or_default()),
-        // Owned by the dead-letter reader's own field manager (crate::deadletters); never applied here.
-        dead_letters: None,
+        dead_letters: obs.dead_letters.clone(),
     }
 }
 

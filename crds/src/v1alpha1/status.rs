@@ -73,8 +73,8 @@ pub struct ConsumerPipelineStatus {
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub topics: Vec<TopicRecord>,
     /// Dead letters of this pipeline found in its dead-letter topic (`spec.deadLetter.topic`), by error class.
-    /// Written by the operator's dead-letter reader (field manager `kpipe-operator-dead-letters`), not by the
-    /// reconciler; absent for pipelines without a dead-letter topic.
+    /// Counted by the operator's dead-letter reader and written with the rest of the status; absent for pipelines
+    /// without a dead-letter topic.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_letters: Option<DeadLetterSummary>,
 }
@@ -98,10 +98,9 @@ pub struct TopicRecord {
 }
 
 /// Dead letters of a pipeline, counted from the records of its dead-letter topic whose `kpipe.pipeline` header
-/// names it (a topic shared by pipelines is counted per pipeline). The operator reads the topic from its log start
-/// when it starts leading, then only what is appended, so the counts are the dead letters retained at that moment
-/// plus those written since; records that retention removes later stay counted. `kubectl get cpl -o
-/// jsonpath='{.status.deadLetters}'` shows them.
+/// names it (a topic shared by pipelines is counted per pipeline). The operator reads each record once: a new
+/// leader continues from `readOffsets`; records that retention removes after they were read stay counted, records it
+/// removes before stay uncounted. `kubectl get cpl -o jsonpath='{.status.deadLetters}'` shows them.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct DeadLetterSummary {
@@ -117,7 +116,7 @@ pub struct DeadLetterSummary {
     /// counts are complete when these equal the partitions' end offsets.
     #[serde(default)]
     pub read_offsets: BTreeMap<String, i64>,
-    /// When the counts were last brought up to date (RFC 3339).
+    /// When the counts or read offsets last changed (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_at: Option<Time>,
 }

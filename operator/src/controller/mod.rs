@@ -40,6 +40,7 @@ use kube::{Client, Resource, ResourceExt};
 use tracing::{Instrument, debug, info, warn};
 
 use crate::build::{self, LABEL_MANAGED_BY, MANAGER, WorkerDefaults};
+use crate::deadletters::{self, DeadLetterReader, Trigger};
 use crate::keepalive::{OffsetBook, OffsetKeeper};
 use crate::lag::LagTracker;
 use crate::leader::LeaderFence;
@@ -135,6 +136,9 @@ pub struct Shared {
     pub probe: Arc<LagProbe>,
     /// Keeps idle pipelines' committed offsets alive and restores vanished ones.
     pub keeper: Arc<OffsetKeeper>,
+    /// Counts the dead letters of the pipelines the reconciles register ([`crate::deadletters`]); its loop runs
+    /// while this replica leads.
+    pub dead_letters: Arc<DeadLetterReader>,
     /// Asked before every write (children, status, Events, offset commits): false once this
     /// replica may no longer be the leader ([`crate::leader`]).
     pub fence: LeaderFence,
@@ -157,6 +161,7 @@ impl Shared {
         Self {
             probe: Arc::new(LagProbe::new(settings.probe_timeout)),
             keeper: Arc::new(OffsetKeeper::new(settings.probe_timeout, &metrics.registry)),
+            dead_letters: Arc::new(DeadLetterReader::new(metrics.clone(), settings.probe_timeout)),
             fence: LeaderFence::always(),
             client,
             settings,
@@ -183,6 +188,7 @@ impl Shared {
         if let Ok(mut map) = self.pipelines.lock() {
             map.clear();
         }
+        self.dead_letters.reset();
     }
 
     fn state(&self, uid: &str, namespace: &str, name: &str) -> Arc<tokio::sync::Mutex<PipelineState>> {
@@ -213,6 +219,7 @@ impl Shared {
             if !keep {
                 self.metrics.forget(&t.namespace, &t.name);
                 self.keeper.forget(&t.namespace, &t.name);
+                self.dead_letters.watch(uid, None);
             }
             keep
         });
@@ -222,6 +229,7 @@ impl Shared {
         if let Ok(mut map) = self.pipelines.lock() {
             map.remove(uid);
         }
+        self.dead_letters.watch(uid, None);
     }
 
     pub(crate) async fn event(
@@ -250,6 +258,8 @@ pub struct Context {
     config_maps: Store<PartialObjectMeta<ConfigMap>>,
     /// Worker pods (status only), for restarts, readiness and the consumer set.
     pods: Store<Pod>,
+    /// Reconciles a pipeline of this controller on request (the dead-letter reader's new counts).
+    trigger: Trigger,
 }
 
 impl Context {
@@ -349,6 +359,28 @@ async fn reconcile_steps(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
         build::validate(cp, &d.keys, &d.versions, &shared.settings.worker)
             .map_err(|e| Problem::InvalidSpec { reason: e.reason(), message: e.to_string() })
     });
+    // The dead-letter reader counts with the connection settings the lag probe uses; a failed Secret read keeps
+    // the previous registration.
+    match (&spec.dead_letter, &deref) {
+        (None, _) => shared.dead_letters.watch(&uid, None),
+        (Some(dl), Ok(d)) => shared.dead_letters.watch(
+            &uid,
+            Some(deadletters::Watch {
+                namespace: ns.clone(),
+                name: name.clone(),
+                topic: dl.topic.clone(),
+                cluster: dereference::cluster_for(spec, d),
+                seed: cp.status.as_ref().and_then(|s| s.dead_letters.clone()),
+                trigger: ctx.trigger.clone(),
+            }),
+        ),
+        (Some(_), Err(_)) => {}
+    }
+    let dead_letters = deadletters::for_status(
+        spec.dead_letter.as_ref().map(|d| d.topic.as_str()),
+        shared.dead_letters.summary(&uid),
+        cp.status.as_ref().and_then(|s| s.dead_letters.as_ref()),
+    );
     let kafka = match (&validated, &deref) {
         (Ok(v), Ok(d)) => {
             // Idle = no worker pod and none wanted (the keeper keeps such a group's offsets alive).
@@ -399,6 +431,7 @@ async fn reconcile_steps(obj: &DeserializeGuard<ConsumerPipeline>, ctx: &Context
             stuck_after_polls: shared.settings.stuck_after_polls,
             wall_ms,
             wall,
+            dead_letters,
         },
         &mut state,
     );
@@ -536,12 +569,16 @@ pub async fn run(
         }
     });
 
-    let ctx = Arc::new(Context { shared, deployments, config_maps, pods });
+    // Reconcile requests from the dead-letter reader (bounded: a full queue drops requests, the next poll catches up).
+    let (trigger, requests) = tokio::sync::mpsc::channel(256);
+    let requests = futures::stream::unfold(requests, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+    let ctx = Arc::new(Context { shared, deployments, config_maps, pods, trigger });
     info!(?scope, "starting ConsumerPipeline controller");
     Controller::for_stream(primary, pipelines)
         .owns_stream(dep_stream)
         .owns_stream(cm_stream)
         .watches_stream(secret_stream, referencing)
+        .reconcile_on(requests)
         .with_config(ControllerConfig::default().concurrency(32))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kpipe_api::v1alpha1::{ConsumerPipeline, ConsumerPipelineStatus};
+use kpipe_api::v1alpha1::{ConsumerPipeline, ConsumerPipelineStatus, DeadLetterSummary};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
@@ -39,6 +39,8 @@ pub struct ReportInputs<'a> {
     /// Wall clock (Unix ms, and as a timestamp for `lastScaleTime`).
     pub wall_ms: u64,
     pub wall: jiff::Timestamp,
+    /// `status.deadLetters` ([`crate::deadletters::for_status`]).
+    pub dead_letters: Option<DeadLetterSummary>,
 }
 
 /// What to tell, and when to look again.
@@ -169,6 +171,7 @@ pub fn assess(i: ReportInputs<'_>, state: &mut PipelineState) -> Report {
         backlog,
         suspended: spec.suspend,
         workers: Some(i.workers.summary()),
+        dead_letters: i.dead_letters,
     };
     let gauges = PipelineGauges {
         worker_restarts: i.workers.restarts,
@@ -188,6 +191,16 @@ pub fn assess(i: ReportInputs<'_>, state: &mut PipelineState) -> Report {
         poll
     };
     Report { problem, stall, events, observed, scaled, gauges: Some(gauges), problem_is_news: news, restored, requeue }
+}
+
+/// One `kpipe_operator_pipeline_condition` series: (type, status, reason).
+pub type ConditionSeries = (String, String, String);
+
+/// The condition series of a pipeline's status (pure): one per condition, its current status and reason.
+pub fn condition_series(status: Option<&ConsumerPipelineStatus>) -> Vec<ConditionSeries> {
+    status
+        .map(|s| s.conditions.iter().map(|c| (c.type_.clone(), c.status.clone(), c.reason.clone())).collect())
+        .unwrap_or_default()
 }
 
 /// Publish the report: Events (each also logged), metrics, and the status when it changed (server-side
@@ -223,10 +236,9 @@ pub async fn publish(
 
     let prev_status = cp.status.as_ref();
     let new_status = status::compute(prev_status, &report.observed, Time(jiff::Timestamp::now()));
-    // `deadLetters` belongs to the dead-letter reader's field manager ([`crate::deadletters`]): never applied
-    // here, so it does not count as a change either (it would rewrite the status every poll).
-    let unchanged =
-        prev_status.is_some_and(|p| ConsumerPipelineStatus { dead_letters: None, ..p.clone() } == new_status);
+    shared.metrics.set_conditions(&ns, &name, &condition_series(Some(&new_status)));
+    shared.metrics.pipeline_suspended.with_label_values(&[&ns, &name]).set(i64::from(cp.spec.suspend));
+    let unchanged = prev_status == Some(&new_status);
     if !unchanged && shared.fence.may_act() {
         let api: Api<ConsumerPipeline> = Api::namespaced(shared.client.clone(), &ns);
         let patch = |status: &ConsumerPipelineStatus| {
@@ -237,6 +249,12 @@ pub async fn publish(
             }))
         };
         let pp = PatchParams::apply(&shared.settings.field_manager).force();
+        // An apply that omits a field removes it only when this manager owns it: `deadLetters` written under the
+        // dead-letter reader's former field manager (`kpipe-operator-dead-letters`) is taken over, then dropped.
+        if let (Some(old), None) = (prev_status.and_then(|p| p.dead_letters.as_ref()), &new_status.dead_letters) {
+            let take = ConsumerPipelineStatus { dead_letters: Some(old.clone()), ..new_status.clone() };
+            api.patch_status(&name, &pp, &patch(&take)).await?;
+        }
         let mut written = api.patch_status(&name, &pp, &patch(&new_status)).await;
         // An installed CRD older than this operator refuses the whole apply for status.topics: write without them.
         if let Some(without) = topics.without_topics_if_refused(&written, &new_status) {
@@ -268,6 +286,7 @@ pub fn blocked(cp: &ConsumerPipeline, problem: Problem, state: &mut PipelineStat
         selector: build::selector_string(&name),
         group_id: Some(cp.spec.source.effective_group_id(&cp.namespace().unwrap_or_default(), &name)),
         lag: prev.and_then(|s| s.lag.clone()),
+        dead_letters: prev.and_then(|s| s.dead_letters.clone()),
         backlog: prev.and_then(|s| s.lag.as_ref()).is_some_and(|l| l.total > cp.spec.scaling.activation_lag),
         suspended: cp.spec.suspend,
         offsets_restored: state.offsets_restored.clone(),

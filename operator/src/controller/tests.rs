@@ -272,6 +272,7 @@ fn a_conflict_shows_in_status_and_is_announced_once() {
                 stuck_after_polls: 6,
                 wall_ms: 0,
                 wall: jiff::Timestamp::UNIX_EPOCH,
+                dead_letters: None,
             },
             &mut state,
         );
@@ -318,6 +319,7 @@ fn a_denied_apply_is_reported_and_keeps_the_old_replica_count() {
             stuck_after_polls: 6,
             wall_ms: 0,
             wall: r_time(),
+            dead_letters: None,
         },
         &mut state,
     );
@@ -353,6 +355,7 @@ fn an_applied_scale_up_is_an_event_and_remembered() {
             stuck_after_polls: 6,
             wall_ms: 0,
             wall: r_time(),
+            dead_letters: None,
         },
         &mut state,
     );
@@ -480,4 +483,38 @@ fn error_reasons_and_policy_classes() {
     use super::Error;
     assert_eq!(Error::InvalidObject("x".into()).reason(), "InvalidObject");
     assert_eq!(Error::NoNamespace.reason(), "NoNamespace");
+}
+
+#[test]
+fn dead_letter_counts_reach_the_status_and_condition_series_mirror_it() {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use kpipe_api::v1alpha1::DeadLetterSummary;
+    let cp = pipeline(serde_json::json!({}));
+    let v = validated(&cp);
+    let children = Children { name: "orders-worker".into(), ..Default::default() };
+    let ownership = Ownership { deployment: Ok(true), config_map: Ok(true) };
+    let mut state = PipelineState::default();
+    let plan = plan::plan(inputs(&cp, Ok(&v), probed(&[0]), &children, &ownership, 0, 100), &mut state);
+    let counts = DeadLetterSummary { topic: "dlq".into(), total: 3, ..Default::default() };
+    let r = report::assess(
+        ReportInputs {
+            cp: &cp,
+            plan,
+            applied: None,
+            children: &children,
+            workers: &WorkerPods::default(),
+            stuck_after_polls: 6,
+            wall_ms: 0,
+            wall: r_time(),
+            dead_letters: Some(counts.clone()),
+        },
+        &mut state,
+    );
+    let s = status::compute(None, &r.observed, Time(r_time()));
+    assert_eq!(s.dead_letters, Some(counts), "written by the reconciler's own status apply");
+    let series = report::condition_series(Some(&s));
+    assert_eq!(series.len(), s.conditions.len());
+    let ready = s.condition("Ready").unwrap();
+    assert!(series.contains(&("Ready".to_string(), ready.status.clone(), ready.reason.clone())));
+    assert!(report::condition_series(None).is_empty());
 }
