@@ -120,7 +120,7 @@ impl Secured {
     }
 
     /// Asserts that an unauthenticated client on the PLAINTEXT listener is refused `topics` (metadata and produce)
-    /// and `group` (committed offsets); returns the refusals as text.
+    /// and `group` (a consumer of it); returns the refusals as text.
     async fn assert_plaintext_refused(&self, topics: &[&str], group: &str) -> Vec<String> {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", &self.plain).set("message.timeout.ms", "10000");
@@ -149,21 +149,29 @@ impl Secured {
             }
             seen.push(format!("{topic}: TOPIC_AUTHORIZATION_FAILED (metadata, produce)"));
         }
+        // A consumer of the group: librdkafka reports the group's refusal (FindCoordinator/JoinGroup answered
+        // GROUP_AUTHORIZATION_FAILED) as a consumer error or through its error callback.
         let (g, mut c, t) = (group.to_string(), config.clone(), topics[0].to_string());
-        let offsets = tokio::task::spawn_blocking(move || {
-            let consumer: BaseConsumer = c.set("group.id", &g).create().expect("consumer");
-            let mut tpl = rdkafka::TopicPartitionList::new();
-            tpl.add_partition(&t, 0);
-            consumer.committed_offsets(tpl, Duration::from_secs(10)).map(|l| l.count())
+        let codes = tokio::task::spawn_blocking(move || {
+            let context = ErrorCodes::default();
+            let consumer: BaseConsumer<ErrorCodes> =
+                c.set("group.id", &g).create_with_context(context.clone()).expect("consumer");
+            consumer.subscribe(&[&t]).expect("subscribe");
+            let until = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < until && !context.seen(RDKafkaErrorCode::GroupAuthorizationFailed) {
+                if let Some(Err(e)) = consumer.poll(Duration::from_millis(200)) {
+                    context.push(e.rdkafka_error_code());
+                }
+            }
+            context.codes()
         })
         .await
         .unwrap();
-        match offsets {
-            Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::GroupAuthorizationFailed) => {
-                seen.push(format!("group {group}: GROUP_AUTHORIZATION_FAILED (committed offsets)"));
-            }
-            other => panic!("PLAINTEXT committed offsets of group {group}: {other:?}"),
-        }
+        assert!(
+            codes.contains(&RDKafkaErrorCode::GroupAuthorizationFailed),
+            "PLAINTEXT consumer of group {group}: no GROUP_AUTHORIZATION_FAILED, only {codes:?}"
+        );
+        seen.push(format!("group {group}: GROUP_AUTHORIZATION_FAILED (consumer)"));
         seen
     }
 
@@ -218,6 +226,30 @@ impl Secured {
         assert!(out.status.success(), "kafka-configs: {}", String::from_utf8_lossy(&out.stderr));
     }
 }
+
+/// A librdkafka client context that keeps the codes of the errors it reports.
+#[derive(Clone, Default)]
+struct ErrorCodes(std::sync::Arc<std::sync::Mutex<Vec<RDKafkaErrorCode>>>);
+
+impl ErrorCodes {
+    fn push(&self, code: Option<RDKafkaErrorCode>) {
+        self.0.lock().unwrap().extend(code);
+    }
+    fn seen(&self, code: RDKafkaErrorCode) -> bool {
+        self.0.lock().unwrap().contains(&code)
+    }
+    fn codes(&self) -> Vec<RDKafkaErrorCode> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+impl rdkafka::ClientContext for ErrorCodes {
+    fn error(&self, error: KafkaError, _reason: &str) {
+        self.push(error.rdkafka_error_code());
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for ErrorCodes {}
 
 /// Creates or replaces a Secret with `data` in `ns`.
 async fn put_secret(bed: &TestBed, ns: &str, name: &str, data: serde_json::Value) {
