@@ -148,7 +148,13 @@ impl Issuer {
 
     /// The token endpoint's answer to a request with the `Authorization` header `authorization` and the
     /// `application/x-www-form-urlencoded` body `form`, for the registered `clients`, at `now`.
-    pub fn token_response(&self, clients: &[Client], authorization: Option<&str>, form: &str, now: u64) -> TokenResponse {
+    pub fn token_response(
+        &self,
+        clients: &[Client],
+        authorization: Option<&str>,
+        form: &str,
+        now: u64,
+    ) -> TokenResponse {
         let fields = parse_form(form);
         let field = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
         let error = |status: u16, code: &str| TokenResponse { status, body: json!({"error": code}) };
@@ -272,7 +278,10 @@ mod tests {
         }
         // The signature verifies with the key as published in the JWKS (n, e), as the broker checks it.
         let jwk = &iss.jwks()["keys"][0];
-        assert_eq!((jwk["kty"].as_str(), jwk["alg"].as_str(), jwk["kid"].as_str()), (Some("RSA"), Some("RS256"), Some(iss.kid())));
+        assert_eq!(
+            (jwk["kty"].as_str(), jwk["alg"].as_str(), jwk["kid"].as_str()),
+            (Some("RSA"), Some("RS256"), Some(iss.kid()))
+        );
         let n = URL_SAFE_NO_PAD.decode(jwk["n"].as_str().unwrap()).unwrap();
         let e = URL_SAFE_NO_PAD.decode(jwk["e"].as_str().unwrap()).unwrap();
         let public = ring::rsa::PublicKeyComponents { n, e };
@@ -288,7 +297,8 @@ mod tests {
     fn the_token_endpoint_checks_grant_and_client() {
         let iss = issuer();
         let basic = |id: &str, secret: &str| {
-            let enc = |s: &str| percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string();
+            let enc =
+                |s: &str| percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string();
             format!("Basic {}", STANDARD.encode(format!("{}:{}", enc(id), enc(secret))))
         };
         let ok = iss.token_response(
@@ -313,7 +323,8 @@ mod tests {
 
         let wrong = iss.token_response(&clients(), Some(&basic("kpipe", "nope")), "grant_type=client_credentials", 50);
         assert_eq!((wrong.status, wrong.body.clone()), (401, json!({"error": "invalid_client"})));
-        let unknown = iss.token_response(&clients(), Some(&basic("other", "s3cr%t +x")), "grant_type=client_credentials", 50);
+        let unknown =
+            iss.token_response(&clients(), Some(&basic("other", "s3cr%t +x")), "grant_type=client_credentials", 50);
         assert_eq!(unknown.status, 401);
         let none = iss.token_response(&clients(), None, "grant_type=client_credentials", 50);
         assert_eq!(none.status, 401);

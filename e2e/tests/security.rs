@@ -23,11 +23,6 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Secret;
 use kpipe_api::kafka_client::{self, Credentials, Material};
-use rdkafka::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::types::RDKafkaRespErr;
 use kpipe_api::v1alpha1::Auth;
 use kpipe_api::v1alpha1::condition::DEGRADED;
 use kpipe_e2e::scenario::{
@@ -37,6 +32,11 @@ use kpipe_e2e::scenario::{
 use kpipe_e2e::testbed::wait_for;
 use kpipe_e2e::{TempNamespace, TestBed};
 use kube::api::{Api, Patch, PatchParams};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaRespErr;
 use serde_json::json;
 
 /// The bed's secured listeners, the material they trust and its OIDC issuer.
@@ -83,6 +83,15 @@ impl Secured {
 
     fn oidc_client(&self) -> (String, String) {
         (self.file("oidc-client-id").trim().to_string(), self.file("oidc-client-secret").trim().to_string())
+    }
+
+    /// Secrets `kafka-oidc` (keys `clientId`, `clientSecret`: the bed's OIDC client) and `kafka-ca` (`ca.crt`) in
+    /// `ns`; returns the client secret.
+    async fn put_oidc_secrets(&self, ns: &str) -> String {
+        let (client_id, client_secret) = self.oidc_client();
+        put_secret(&self.bed, ns, "kafka-oidc", json!({"clientId": client_id, "clientSecret": client_secret})).await;
+        put_secret(&self.bed, ns, "kafka-ca", json!({"ca.crt": self.file("ca.crt")})).await;
+        client_secret
     }
 
     /// The bed's Kafka helpers going through the OAUTHBEARER listener with tokens of the bed's issuer.
@@ -588,9 +597,7 @@ async fn oidc_pipeline_scales_from_zero_delivers_dead_letters_and_scales_to_zero
         scenario::setup_with_sink(&sec.bed, "e2e-sec-oidc", &Install::default(), &["--poison-prefix", "poison-"])
             .await
             .unwrap_or_else(|e| panic!("{e}"));
-    let (client_id, client_secret) = sec.oidc_client();
-    put_secret(&sec.bed, ns.name(), "kafka-oidc", json!({"clientId": client_id, "clientSecret": client_secret})).await;
-    put_secret(&sec.bed, ns.name(), "kafka-ca", json!({"ca.crt": sec.file("ca.crt")})).await;
+    let client_secret = sec.put_oidc_secrets(ns.name()).await;
     let auth = json!({"sasl": {"mechanism": "OAUTHBEARER",
                                "oidc": {"tokenEndpointUrl": sec.token_url, "clientSecretRef": {"name": "kafka-oidc"},
                                         "scope": "kafka"}},
@@ -667,9 +674,7 @@ async fn a_token_endpoint_that_is_down_is_named_in_status_and_recovers_when_it_i
     // OAUTHBEARER listener re-authenticates sessions, KIP-368).
     let lifetime = Duration::from_secs(20);
     let mut issuer = PrivateIssuer::new(&sec, lifetime);
-    let (client_id, client_secret) = sec.oidc_client();
-    put_secret(&sec.bed, ns.name(), "kafka-oidc", json!({"clientId": client_id, "clientSecret": client_secret})).await;
-    put_secret(&sec.bed, ns.name(), "kafka-ca", json!({"ca.crt": sec.file("ca.crt")})).await;
+    let client_secret = sec.put_oidc_secrets(ns.name()).await;
     let poll = Duration::from_secs(5);
     apply_pipeline(
         &kafka,

@@ -115,13 +115,13 @@ fn time(tag: u8, value: &[u8]) -> Option<Timestamp> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
     /// A certificate made by `openssl` with the given validity (`openssl x509 -not_before/-not_after` needs
-    /// OpenSSL 3.4, so the CA tool is used as the bed does).
-    fn certificate(start: &str, end: &str) -> String {
+    /// OpenSSL 3.4, so the CA tool is used as the bed does). Dates as `openssl ca -startdate`: `YYYYMMDDHHMMSSZ`.
+    pub(crate) fn certificate(start: &str, end: &str) -> String {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("kpipe-cert-{}-{n}", std::process::id()));
@@ -130,8 +130,21 @@ mod tests {
             let out = std::process::Command::new("openssl").args(args).current_dir(&dir).output().expect("openssl");
             assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         };
-        run(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "1",
-              "-subj", "/CN=test-ca"]);
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=test-ca",
+        ]);
         run(&["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "c.key", "-out", "c.csr", "-subj", "/CN=c"]);
         std::fs::create_dir_all(dir.join("db")).unwrap();
         std::fs::write(dir.join("db/index.txt"), "").unwrap();
@@ -143,8 +156,21 @@ mod tests {
              commonName=supplied\n",
         )
         .unwrap();
-        run(&["ca", "-batch", "-config", "ca.cnf", "-in", "c.csr", "-out", "c.crt", "-startdate", start, "-enddate",
-              end, "-notext"]);
+        run(&[
+            "ca",
+            "-batch",
+            "-config",
+            "ca.cnf",
+            "-in",
+            "c.csr",
+            "-out",
+            "c.crt",
+            "-startdate",
+            start,
+            "-enddate",
+            end,
+            "-notext",
+        ]);
         let pem = std::fs::read_to_string(dir.join("c.crt")).unwrap();
         let _ = std::fs::remove_dir_all(&dir);
         pem

@@ -181,10 +181,15 @@ impl ProbeError {
         let text = reason.to_ascii_lowercase();
         let detail = reason.to_string();
         // TLS alerts by which the peer refused this client's certificate (RFC 8446 §6.2).
-        let refused_by_peer = ["alert certificate unknown", "alert bad certificate", "alert certificate expired",
-            "alert unknown ca", "certificate required"]
-            .iter()
-            .any(|a| text.contains(a));
+        let refused_by_peer = [
+            "alert certificate unknown",
+            "alert bad certificate",
+            "alert certificate expired",
+            "alert unknown ca",
+            "certificate required",
+        ]
+        .iter()
+        .any(|a| text.contains(a));
         if text.contains("certificate has expired")
             || text.contains("certificate expired")
             || (refused_by_peer && own_certificate_expired)
@@ -735,11 +740,15 @@ mod tests {
         // librdkafka 2.12 against Kafka 4.1's mTLS listener with the bed's expired-client.crt.
         let alert = "ssl://10.244.0.1:19095/bootstrap: Receive failed: error:0A000416:SSL routines::ssl/tls alert \
                      certificate unknown: SSL alert number 46 (after 34ms in state APIVERSION_QUERY)";
-        let named =
-            |text: &str, expired| ProbeError::from_client_error(RDKafkaErrorCode::Fail, text, expired).map(|e| e.reason());
+        let named = |text: &str, expired| {
+            ProbeError::from_client_error(RDKafkaErrorCode::Fail, text, expired).map(|e| e.reason())
+        };
         assert_eq!(named(alert, true), Some("KafkaCertificateExpired"));
         assert_eq!(named(alert, false), Some("KafkaCertificateVerifyFailed"));
-        assert_eq!(named("SSL handshake failed: tlsv13 alert certificate required", true), Some("KafkaCertificateExpired"));
+        assert_eq!(
+            named("SSL handshake failed: tlsv13 alert certificate required", true),
+            Some("KafkaCertificateExpired")
+        );
         // The broker's certificate failing our verification is about the broker's certificate, whatever ours is.
         assert_eq!(
             named("SSL handshake failed: certificate verify failed: unable to get local issuer certificate", true),
@@ -761,6 +770,19 @@ mod tests {
         };
         assert_eq!(ProbeContext::for_cluster(&cluster(None)).client_cert_not_after, None);
         assert_eq!(ProbeContext::for_cluster(&cluster(Some(pem))).client_cert_not_after, None);
+        // The broker's refusal of the same alert is named by the validity of the certificate the client presents.
+        let alert = "ssl://b:9095/bootstrap: Receive failed: error:0A000416:SSL routines::ssl/tls alert certificate \
+                     unknown: SSL alert number 46 (after 34ms in state APIVERSION_QUERY)";
+        for (start, end, reason) in [
+            ("20200101000000Z", "20200102000000Z", "KafkaCertificateExpired"),
+            ("20200101000000Z", "20990101000000Z", "KafkaCertificateVerifyFailed"),
+        ] {
+            let pem = crate::certificate::tests::certificate(start, end);
+            let context = ProbeContext::for_cluster(&cluster(Some(&pem)));
+            assert!(context.client_cert_not_after.is_some());
+            context.observe(RDKafkaErrorCode::Fail, alert);
+            assert_eq!(context.errors.recent(Duration::from_secs(60)).map(|e| e.reason()), Some(reason), "{end}");
+        }
     }
 
     #[test]
