@@ -730,3 +730,51 @@ async fn a_token_endpoint_that_is_down_is_named_in_status_and_recovers_when_it_i
     assert_no_secret_values(&sec.bed, ns.name(), &[client_secret, token_header(&token)]).await;
     ns.delete().await.expect("delete");
 }
+
+#[tokio::test]
+async fn an_expired_client_certificate_is_named_in_status_and_recovers_when_renewed() {
+    let sec = Secured::connect().await;
+    let (ns, sink) = scenario::setup_with_sink(&sec.bed, "e2e-sec-expired", &Install::default(), &[])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let client =
+        |name: &str| json!({"tls.crt": sec.file(&format!("{name}.crt")), "tls.key": sec.file(&format!("{name}.key"))});
+    let kafka = sec.admin();
+    let topic = sec.topic("expired");
+    kafka.create_topic(&topic, 2).await.expect("topic");
+    put_secret(&sec.bed, ns.name(), "kafka-ca", json!({"ca.crt": sec.file("ca.crt")})).await;
+    put_secret(&sec.bed, ns.name(), "kafka-client", client("expired-client")).await;
+    let mtls = kafka.kafka_via(&sec.mtls, Vec::new());
+    apply_pipeline(
+        &kafka,
+        ns.name(),
+        pipeline_manifest(
+            "expired",
+            &mtls,
+            &topic,
+            &sink,
+            json!({"source": {"auth": {"tls": {"caSecretRef": {"name": "kafka-ca"},
+                                               "clientCertSecretRef": {"name": "kafka-client"}}},
+                              "groupId": topic},
+                   "onFailure": "drop", "scaling": {"pollInterval": "5s"}}),
+        ),
+    )
+    .await
+    .expect("apply");
+    let within = Duration::from_secs(5) * 2 + Duration::from_secs(12);
+    let named = wait_degraded(&kafka, ns.name(), "expired", "KafkaCertificateExpired", within).await;
+    // Renewed: the valid certificate of the same CA.
+    put_secret(&sec.bed, ns.name(), "kafka-client", client("client")).await;
+    let recovered = wait_not_degraded(&kafka, ns.name(), "expired").await;
+    let (records, expected) = ids("expired", 0..200);
+    kafka.produce_records(&topic, records).await.expect("produce");
+    wait_delivered(&sink, &expected, Duration::from_secs(120)).await.unwrap_or_else(|e| panic!("{e}"));
+    let events = events_for(&kafka, ns.name(), "expired").await.expect("events");
+    let warnings: BTreeSet<&str> = events.iter().filter(|e| e.0 == "Warning").map(|e| e.1.as_str()).collect();
+    println!(
+        "expired client certificate: KafkaCertificateExpired after {named:?}, recovered {recovered:?} after the \
+         renewal; 200 records delivered; Warning Events {warnings:?}"
+    );
+    assert!(warnings.contains("KafkaCertificateExpired"), "no Warning Event KafkaCertificateExpired: {events:?}");
+    ns.delete().await.expect("delete");
+}
