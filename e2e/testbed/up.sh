@@ -48,9 +48,8 @@ if [ "$missing" = 1 ]; then
   "$TESTBED_DIR/build-all.sh"
 fi
 if { kubelet_stale || [ ! -x "$OIDC_BIN" ]; } && [ "${KPIPE_KEEP_KUBELET:-0}" != 1 ]; then
-  # librdkafka 2.12's CMake build includes curl/curl.h even without curl support (rdkafka_conf.c).
-  compgen -G "/usr/include/curl/curl.h" >/dev/null || compgen -G "/usr/include/*/curl/curl.h" >/dev/null \
-    || die "curl headers missing (rdkafka-sys needs them to compile): apt-get install -y libcurl4-openssl-dev"
+  # librdkafka is built with the curl sources of the curl-sys crate (rdkafka's `curl-static` feature): no system curl
+  # headers are needed any more.
   log "building the process kubelet (cargo build -p kpipe-e2e --bins)"
   # The stamp is taken before the build (sources edited during it count as newer); on a fresh clone target/ does
   # not exist yet.
