@@ -1,6 +1,7 @@
 //! kpipe end-to-end test bed support.
 //!
 //! * [`kubelet`]: the process kubelet (`kpipe-kubelet` binary) that runs Pods as local processes.
+//! * [`oidc`]: the bed's OpenID Connect issuer (`kpipe-test-oidc` binary) for the OAUTHBEARER listener.
 //! * [`testbed`]: the test-support API ([`TestBed::connect`], temp namespaces, Kafka helpers, wait helpers).
 //!
 //! The bed itself (etcd, kube-apiserver, kube-controller-manager, Kafka, kubelet) is started by
@@ -9,6 +10,7 @@
 //! (`$KPIPE_RUN/env`, [`testbed::default_env_file`]) through [`bed()`]; [`ClusterKind`] says which one it is.
 
 pub mod kubelet;
+pub mod oidc;
 pub mod scenario;
 pub mod testbed;
 

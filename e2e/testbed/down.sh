@@ -44,12 +44,13 @@ if [ -d "$KPIPE_RUN/pods" ]; then
   done
 fi
 stop kafka kafka.Kafka 30
+stop oidc kpipe-test-oidc 10
 stop kube-controller-manager kube-controller-manager 10
 stop kube-apiserver kube-apiserver 15
 stop etcd etcd 10
 # Copies of bed components the pid files do not track (e.g. started twice by an older up.sh): left running they hold
 # ports and would run every pod a second time. Only processes of this run directory are touched.
-for match in kpipe-kubelet kafka.Kafka kube-controller-manager kube-apiserver etcd; do
+for match in kpipe-kubelet kafka.Kafka kpipe-test-oidc kube-controller-manager kube-apiserver etcd; do
   for pid in $(pgrep -f -- "$match" || true); do
     tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | matches "$KPIPE_RUN" || continue
     log "killing untracked $match (pid $pid)"

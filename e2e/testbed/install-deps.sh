@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs the Debian packages kpipe's builds and test bed need, when they are missing (idempotent, quick when
-# everything is there). librdkafka's CMake build includes curl/curl.h even without curl support, so the rdkafka
-# crates (worker, operator, e2e) need libcurl's headers to compile. Extra package names given as arguments are
-# installed too (the benchmarks ask for kcat). `prometheus` brings promtool, which tests the chart's alert rules
-# (e2e/tests/alerts.rs; the Debian package also ships a systemd unit, which this script never starts).
+# everything is there). libcurl's headers are only needed by builds without rdkafka's `curl-static` feature (kpipe's
+# builds compile curl-sys's bundled curl; librdkafka's CMake includes curl/curl.h either way). Extra package names
+# given as arguments are installed too (the benchmarks ask for kcat). `prometheus` brings promtool, which tests the
+# chart's alert rules (e2e/tests/alerts.rs; the Debian package also ships a systemd unit, which this script never
+# starts).
 set -euo pipefail
 packages=(libcurl4-openssl-dev openssl iproute2 curl procps prometheus "$@")
 missing=()

@@ -29,9 +29,13 @@ KAFKA_CONTROLLER_PORT=${KAFKA_CONTROLLER_PORT:-9093}
 # Secured listeners of the bed's broker (e2e/testbed/kafka-security.sh): SASL_SSL + SCRAM-SHA-512, SSL + mTLS.
 KAFKA_SCRAM_PORT=${KAFKA_SCRAM_PORT:-9094}
 KAFKA_MTLS_PORT=${KAFKA_MTLS_PORT:-9095}
+# SASL_SSL + OAUTHBEARER listener, and the bed's OIDC issuer (kpipe-test-oidc) whose tokens it accepts.
+KAFKA_OAUTH_PORT=${KAFKA_OAUTH_PORT:-9096}
+KPIPE_OIDC_PORT=${KPIPE_OIDC_PORT:-9097}
 
 CARGO_TARGET=${CARGO_TARGET_DIR:-$REPO_ROOT/target}
 KUBELET_BIN="$CARGO_TARGET/debug/kpipe-kubelet"
+OIDC_BIN="$CARGO_TARGET/debug/kpipe-test-oidc"
 
 log() { printf '[testbed %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf '[testbed] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -78,4 +82,5 @@ kubelet_healthy() {
   [ "$("$K8S_BIN/kubectl" --kubeconfig "$KPIPE_RUN/admin.kubeconfig" get node "$KPIPE_NODE" \
       -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" = "True" ]
 }
+oidc_healthy() { curl -fsS -m 2 "http://$KPIPE_BRIDGE_IP:$KPIPE_OIDC_PORT/.well-known/openid-configuration" >/dev/null 2>&1; }
 bridge_healthy() { ip -4 addr show dev "$KPIPE_BRIDGE" 2>/dev/null | matches "inet $KPIPE_BRIDGE_IP/"; }

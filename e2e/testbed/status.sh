@@ -21,6 +21,7 @@ check etcd etcd etcd_healthy
 check kube-apiserver kube-apiserver apiserver_healthy
 check kube-controller-manager kube-controller-manager kcm_healthy
 check kafka kafka.Kafka kafka_healthy
+check oidc kpipe-test-oidc oidc_healthy
 check kubelet kpipe-kubelet kubelet_healthy
 if [ "$bad" = 0 ]; then
   v=$("$K8S_BIN/kubectl" --kubeconfig "$KPIPE_RUN/admin.kubeconfig" version -o json 2>/dev/null | sed -n 's/.*"gitVersion": "\(v[^"]*\)".*/\1/p' | tail -1)

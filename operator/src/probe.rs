@@ -171,15 +171,34 @@ impl ProbeError {
     /// error text): an expired or untrusted certificate, a token endpoint that did not give a token, or
     /// rejected credentials. `None`: not a security failure. Such failures surface on a request only as
     /// timeouts or transport errors; the callback says why.
-    pub fn from_client_error(code: RDKafkaErrorCode, reason: &str) -> Option<Self> {
+    ///
+    /// `own_certificate_expired`: the client certificate this client presents is past its `notAfter`
+    /// ([`crate::certificate`]). A broker refuses a client certificate with a TLS alert that does not say why —
+    /// Kafka (JSSE) sends `certificate_unknown` for an expired one as for an untrusted one, which OpenSSL reports
+    /// as `sslv3 alert certificate unknown` — so a refusal of an expired own certificate is named
+    /// `KafkaCertificateExpired`, any other refusal `KafkaCertificateVerifyFailed`.
+    pub fn from_client_error(code: RDKafkaErrorCode, reason: &str, own_certificate_expired: bool) -> Option<Self> {
         let text = reason.to_ascii_lowercase();
         let detail = reason.to_string();
-        if text.contains("certificate has expired") || text.contains("certificate expired") {
+        // TLS alerts by which the peer refused this client's certificate (RFC 8446 §6.2).
+        let refused_by_peer = [
+            "alert certificate unknown",
+            "alert bad certificate",
+            "alert certificate expired",
+            "alert unknown ca",
+            "certificate required",
+        ]
+        .iter()
+        .any(|a| text.contains(a));
+        if text.contains("certificate has expired")
+            || text.contains("certificate expired")
+            || (refused_by_peer && own_certificate_expired)
+        {
             Some(Self::CertificateExpired(detail))
-        } else if text.contains("certificate verify failed")
+        } else if refused_by_peer
+            || text.contains("certificate verify failed")
             || text.contains("unknown ca")
             || text.contains("bad certificate")
-            || text.contains("certificate required")
         {
             Some(Self::CertificateVerifyFailed(detail))
         } else if text.contains("oidc") || text.contains("token endpoint") || text.contains("oauthbearer token") {
@@ -228,11 +247,23 @@ impl SecurityErrors {
 #[derive(Clone, Default)]
 pub struct ProbeContext {
     errors: Arc<SecurityErrors>,
+    /// `notAfter` of the client certificate the clients present (mutual TLS), if any.
+    client_cert_not_after: Option<jiff::Timestamp>,
 }
 
 impl ProbeContext {
+    /// The context of `cluster`'s clients.
+    pub fn for_cluster(cluster: &Cluster) -> Self {
+        let not_after = match &cluster.credentials.client_cert {
+            Some(kafka_client::Material::Pem(pem)) => crate::certificate::validity(pem).map(|v| v.not_after),
+            _ => None,
+        };
+        Self { errors: Arc::default(), client_cert_not_after: not_after }
+    }
+
     fn observe(&self, code: RDKafkaErrorCode, text: &str) {
-        if let Some(e) = ProbeError::from_client_error(code, text) {
+        let expired = self.client_cert_not_after.is_some_and(|t| jiff::Timestamp::now() > t);
+        if let Some(e) = ProbeError::from_client_error(code, text, expired) {
             tracing::warn!(reason = e.reason(), "Kafka client: {text}");
             self.errors.record(e);
         }
@@ -356,7 +387,7 @@ impl LagProbe {
             }
             return Ok(c.clone());
         }
-        let context = ProbeContext::default();
+        let context = ProbeContext::for_cluster(cluster);
         let meta: ProbeConsumer = cluster
             .client_config(PROBE_CLIENT_ID, self.timeout)
             .create_with_context(context.clone())
@@ -667,7 +698,7 @@ mod tests {
 
     #[test]
     fn security_failures_are_named_from_librdkafka_text() {
-        let named = |code, text: &str| ProbeError::from_client_error(code, text).map(|e| e.reason());
+        let named = |code, text: &str| ProbeError::from_client_error(code, text, false).map(|e| e.reason());
         let fail = RDKafkaErrorCode::Fail;
         assert_eq!(
             named(
@@ -700,6 +731,58 @@ mod tests {
             Some("TokenEndpointUnreachable")
         );
         assert_eq!(named(fail, "Connect to ipv4#127.0.0.1:1 failed: Connection refused"), None);
+    }
+
+    /// What librdkafka reports when Kafka refuses the client certificate (TLS 1.3: after the client's side of the
+    /// handshake, as an alert on the first read), named by the client certificate's own validity.
+    #[test]
+    fn a_refused_client_certificate_is_expired_or_untrusted_by_its_own_validity() {
+        // librdkafka 2.12 against Kafka 4.1's mTLS listener with the bed's expired-client.crt.
+        let alert = "ssl://10.244.0.1:19095/bootstrap: Receive failed: error:0A000416:SSL routines::ssl/tls alert \
+                     certificate unknown: SSL alert number 46 (after 34ms in state APIVERSION_QUERY)";
+        let named = |text: &str, expired| {
+            ProbeError::from_client_error(RDKafkaErrorCode::Fail, text, expired).map(|e| e.reason())
+        };
+        assert_eq!(named(alert, true), Some("KafkaCertificateExpired"));
+        assert_eq!(named(alert, false), Some("KafkaCertificateVerifyFailed"));
+        assert_eq!(
+            named("SSL handshake failed: tlsv13 alert certificate required", true),
+            Some("KafkaCertificateExpired")
+        );
+        // The broker's certificate failing our verification is about the broker's certificate, whatever ours is.
+        assert_eq!(
+            named("SSL handshake failed: certificate verify failed: unable to get local issuer certificate", true),
+            Some("KafkaCertificateVerifyFailed")
+        );
+        // Not a TLS refusal: our certificate's age does not matter.
+        assert_eq!(named("Connect to ipv4#127.0.0.1:1 failed: Connection refused", true), None);
+    }
+
+    #[test]
+    fn the_context_knows_when_its_client_certificate_expires() {
+        let pem = "-----BEGIN CERTIFICATE-----\nnot a certificate\n-----END CERTIFICATE-----\n";
+        let cluster = |cert: Option<&str>| Cluster {
+            credentials: Credentials {
+                client_cert: cert.map(|c| kafka_client::Material::Pem(c.to_string())),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        assert_eq!(ProbeContext::for_cluster(&cluster(None)).client_cert_not_after, None);
+        assert_eq!(ProbeContext::for_cluster(&cluster(Some(pem))).client_cert_not_after, None);
+        // The broker's refusal of the same alert is named by the validity of the certificate the client presents.
+        let alert = "ssl://b:9095/bootstrap: Receive failed: error:0A000416:SSL routines::ssl/tls alert certificate \
+                     unknown: SSL alert number 46 (after 34ms in state APIVERSION_QUERY)";
+        for (start, end, reason) in [
+            ("20200101000000Z", "20200102000000Z", "KafkaCertificateExpired"),
+            ("20200101000000Z", "20990101000000Z", "KafkaCertificateVerifyFailed"),
+        ] {
+            let pem = crate::certificate::tests::certificate(start, end);
+            let context = ProbeContext::for_cluster(&cluster(Some(&pem)));
+            assert!(context.client_cert_not_after.is_some());
+            context.observe(RDKafkaErrorCode::Fail, alert);
+            assert_eq!(context.errors.recent(Duration::from_secs(60)).map(|e| e.reason()), Some(reason), "{end}");
+        }
     }
 
     #[test]
