@@ -138,6 +138,23 @@ impl PartitionTask {
              the new offset on is processed");
     }
 
+    /// Runs `batch` as a job holding `permit` (its share of the worker-wide in-flight budget) until it ends;
+    /// the job reports finished records on `done`.
+    fn spawn_job(
+        &self,
+        jobs: &mut JoinSet<()>,
+        batch: Vec<Arc<Record>>,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        done: &mpsc::UnboundedSender<Vec<Arc<Record>>>,
+    ) {
+        let ctx = self.jobs.clone();
+        let done = done.clone();
+        jobs.spawn(async move {
+            ctx.run(batch, done).await;
+            drop(permit);
+        });
+    }
+
     /// Runs until the input closes and in-flight work drained (or the drain deadline passed).
     /// Returns the final committable offset.
     pub async fn run(self, mut input: mpsc::Receiver<Vec<Input>>) -> Option<i64> {
@@ -170,12 +187,7 @@ impl PartitionTask {
                             Ok(p) => p,
                             Err(_) => return tracker.committable(),
                         };
-                        let ctx = self.jobs.clone();
-                        let done = done_tx.clone();
-                        jobs.spawn(async move {
-                            ctx.run(batch, done).await;
-                            drop(permit);
-                        });
+                        self.spawn_job(&mut jobs, batch, permit, &done_tx);
                     }
                     Next::WaitUntil(t) => {
                         wake = Some(Instant::from_std(t));
@@ -273,12 +285,7 @@ impl PartitionTask {
                                 scheduler.complete(&batch);
                                 break;
                             };
-                            let ctx = self.jobs.clone();
-                            let done = done_tx.clone();
-                            jobs.spawn(async move {
-                                ctx.run(batch, done).await;
-                                drop(permit);
-                            });
+                            self.spawn_job(&mut jobs, batch, permit, &done_tx);
                         }
                         Next::WaitUntil(t) => {
                             wake = Some(Instant::from_std(t).min(deadline));
