@@ -177,6 +177,10 @@ pub fn bare_consume(bootstrap: &str, topic: &str, n: u64) -> BareRun {
     for (k, v) in kpipe_worker::kafka_config::CONSUMER_TUNING {
         config.set(*k, *v);
     }
+    // The worker's prefetch limit applies per partition (it reads partition queues); this consumer has one queue,
+    // where librdkafka applies it to all partitions together: give it the 8 MiB it had before the split, so the
+    // ceiling is not lowered by the change.
+    config.set("queued.max.messages.kbytes", "8192");
     let consumer: BaseConsumer = config
         .set("bootstrap.servers", bootstrap)
         .set("group.id", unique("bench-bare"))
