@@ -56,8 +56,8 @@ pub fn common(config: &WorkerConfig, env: &Env) -> ClientConfig {
 /// this setting applies per partition"): 2 MiB each is 24 MiB of prefetch for 12 partitions, eight fetch responses
 /// of `max.partition.fetch.bytes` per partition.
 pub const CONSUMER_TUNING: &[(&str, &str)] = &[
-    ("queued.max.messages.kbytes", "2048"),
-    ("queued.min.messages", "10000"),
+    ("queued.max.messages.kbytes", "1024"),
+    ("queued.min.messages", "1000"),
     ("fetch.max.bytes", "4194304"),
     ("max.partition.fetch.bytes", "262144"),
     ("fetch.queue.backoff.ms", "10"),
