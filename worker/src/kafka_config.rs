@@ -59,7 +59,7 @@ pub const CONSUMER_TUNING: &[(&str, &str)] = &[
     ("queued.max.messages.kbytes", "1024"),
     ("queued.min.messages", "1000"),
     ("fetch.max.bytes", "4194304"),
-    ("max.partition.fetch.bytes", "262144"),
+    ("max.partition.fetch.bytes", "65536"),
     ("fetch.queue.backoff.ms", "10"),
 ];
 

@@ -166,6 +166,15 @@ impl PartitionTask {
              the new offset on is processed");
     }
 
+    /// A job left the set: only a panic needs telling (its records stay unfinished and are delivered again).
+    fn job_ended(&self, joined: Result<(), tokio::task::JoinError>) {
+        if let Err(e) = joined
+            && e.is_panic()
+        {
+            tracing::error!(topic = %self.topic, partition = self.partition, "batch job panicked: {e}");
+        }
+    }
+
     /// Runs `batch` as a job holding `permit` (its share of the worker-wide in-flight budget) until it ends;
     /// the job reports finished records on `done`.
     fn spawn_job(
@@ -225,6 +234,12 @@ impl PartitionTask {
         // The highest offset handed to a job: the drain fills the gaps below it (see below).
         let mut highest_started: Option<i64> = None;
         while input_open {
+            // Finished jobs leave the set here, not only in the select below: under a steady stream of completions
+            // the select keeps taking `done` first, and every finished job would stay in the set (a task's memory
+            // each, ~1 KiB per record with one-record batches).
+            while let Some(joined) = jobs.try_join_next() {
+                self.job_ended(joined);
+            }
             if let Some(offset) = self.progress.acknowledged() {
                 window.acknowledged(offset);
             }
@@ -293,11 +308,7 @@ impl PartitionTask {
                     self.publish(&tracker, &mut window, held_back);
                 }
                 _ = self.progress.acknowledged_changed.notified() => {}
-                Some(joined) = jobs.join_next(), if !jobs.is_empty() => {
-                    if let Err(e) = joined && e.is_panic() {
-                        tracing::error!(topic = %self.topic, partition = self.partition, "batch job panicked: {e}");
-                    }
-                }
+                Some(joined) = jobs.join_next(), if !jobs.is_empty() => self.job_ended(joined),
                 chunk = input.recv(), if room => {
                     let mut next = chunk;
                     let mut received = 0i64;
