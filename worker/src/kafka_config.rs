@@ -50,16 +50,11 @@ pub fn common(config: &WorkerConfig, env: &Env) -> ClientConfig {
 /// stays flat with any backlog, and a short back-off when that prefetch is full so fetching
 /// resumes as soon as the partition tasks have taken records (librdkafka's default of 1 s makes
 /// throughput bursty).
-///
-/// The worker reads each partition from its own queue, so librdkafka applies `queued.max.messages.kbytes` and
-/// `queued.min.messages` **per partition** (librdkafka's CONFIGURATION.md: "when separate partition queues are used
-/// this setting applies per partition"): 2 MiB each is 24 MiB of prefetch for 12 partitions, eight fetch responses
-/// of `max.partition.fetch.bytes` per partition.
 pub const CONSUMER_TUNING: &[(&str, &str)] = &[
-    ("queued.max.messages.kbytes", "1024"),
-    ("queued.min.messages", "1000"),
+    ("queued.max.messages.kbytes", "8192"),
+    ("queued.min.messages", "10000"),
     ("fetch.max.bytes", "4194304"),
-    ("max.partition.fetch.bytes", "65536"),
+    ("max.partition.fetch.bytes", "262144"),
     ("fetch.queue.backoff.ms", "10"),
 ];
 

@@ -1,6 +1,6 @@
-//! One task per assigned partition: reads its records from its own queue (librdkafka's per-partition queue), or
-//! receives them from the dispatcher, schedules batches (ordering, batching, concurrency), runs jobs, tracks which
-//! offset may be committed, and drains when its input closes (revoke or shutdown).
+//! One task per assigned partition: receives records from the dispatcher, schedules batches
+//! (ordering, batching, concurrency), runs jobs, tracks which offset may be committed, and drains
+//! when its input closes (revoke or shutdown).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering as AtomicOrdering};
@@ -17,34 +17,11 @@ use crate::scheduler::{BatchLimits, Next, Scheduler};
 use crate::tracker::{OffsetTracker, Rebase};
 use crate::window::UncommittedWindow;
 
-/// Records a partition task reads itself, without a hand-off through the consumer thread: librdkafka's queue of
-/// the partition. Reading never blocks; the task waits on [`OwnQueue::ready`] once the source ran dry.
-pub trait RecordSource: Send + 'static {
-    /// Appends at most `max` records that are ready now to `out`, in offset order. Returns whether the source may
-    /// have more right away: `false` once it ran dry (the task then waits for [`OwnQueue::ready`]).
-    fn read(&mut self, max: usize, out: &mut Vec<Record>) -> bool;
-
-    /// The partition's position as the source sees it now: the offset after the last record [`read`](Self::read)
-    /// returned, or past control records (transaction markers) the source skipped. `None` when unknown.
-    fn position(&mut self) -> Option<i64>;
-}
-
-/// A partition task's own record source and the signal that it has records again (notified when the source goes
-/// from empty to non-empty; a stored permit covers the race with the task's last read).
-pub struct OwnQueue {
-    pub source: Box<dyn RecordSource>,
-    pub ready: Arc<Notify>,
-}
-
-/// Records read from an [`OwnQueue`] in one go before the task schedules them and serves completions again.
-const READ_BUDGET: usize = 512;
-
 /// What the dispatcher sends a partition task, in fetch order.
 #[derive(Debug)]
 pub enum Input {
     Record(Record),
-    /// The consumer's fetch position: every record below it was sent before this. A task with its own queue asks
-    /// the queue for the position instead (records it read since may lie above this one).
+    /// The consumer's fetch position: every record below it was sent before this.
     Position(i64),
 }
 
@@ -127,9 +104,8 @@ pub struct PartitionTask {
     pub jobs: Arc<JobContext>,
     pub worker_permits: Arc<Semaphore>,
     pub progress: Arc<PartitionProgress>,
-    /// Cancelled on revoke and shutdown: stop taking records and drain. (A closed input channel means the same,
-    /// but a task whose pending records are full does not read its channel, and one with its own queue may never
-    /// run out of records to read.)
+    /// Cancelled on revoke and shutdown: stop taking records and drain. (Closing the input says the same, but a
+    /// task whose pending records are full does not read its input, so it would only notice once a job finished.)
     pub stop: CancellationToken,
 }
 
@@ -192,31 +168,9 @@ impl PartitionTask {
         });
     }
 
-    /// Takes a received record: tracks it (re-basing when its offset went back) and queues it for scheduling.
-    fn receive(
-        &self,
-        mut r: Record,
-        now: std::time::Instant,
-        tracker: &mut OffsetTracker,
-        scheduler: &mut Scheduler,
-        window: &mut UncommittedWindow,
-    ) {
-        let rebase = tracker.received(r.offset);
-        r.epoch = tracker.epoch();
-        if let Some(rebase) = rebase {
-            self.rebased(rebase, tracker, scheduler, window);
-        }
-        scheduler.push(Arc::new(r), now);
-    }
-
     /// Runs until the input closes and in-flight work drained (or the drain deadline passed).
     /// Returns the final committable offset.
-    ///
-    /// Records come from `own` when the partition has its own queue, and from `input` otherwise; `input` also
-    /// carries the fetch-position markers and closes on revoke or shutdown. A marker sent by the consumer thread
-    /// never overtakes the records below it: librdkafka moves a partition's position only as records are taken
-    /// from its queue, and this task takes them and schedules them in one step.
-    pub async fn run(self, mut input: mpsc::Receiver<Vec<Input>>, mut own: Option<OwnQueue>) -> Option<i64> {
+    pub async fn run(self, mut input: mpsc::Receiver<Vec<Input>>) -> Option<i64> {
         let s = self.settings;
         let metrics = self.jobs.metrics.clone();
         let mut scheduler = Scheduler::new(s.ordering, s.limits, s.per_partition);
@@ -227,16 +181,12 @@ impl PartitionTask {
         let mut input_open = true;
 
         let mut held_back = false;
-        // Whether the own queue may have records (it is read until it runs dry, then its signal is awaited).
-        let mut own_ready = own.is_some();
-        let own_signal = own.as_ref().map(|o| o.ready.clone());
-        let mut read_buffer = Vec::with_capacity(READ_BUDGET);
         // The highest offset handed to a job: the drain fills the gaps below it (see below).
         let mut highest_started: Option<i64> = None;
-        while input_open {
+        while input_open && !self.stop.is_cancelled() {
             // Finished jobs leave the set here, not only in the select below: under a steady stream of completions
-            // the select keeps taking `done` first, and every finished job would stay in the set (a task's memory
-            // each, ~1 KiB per record with one-record batches).
+            // the biased select keeps taking `done` first, and finished jobs would stay in the set (a task's memory
+            // each).
             while let Some(joined) = jobs.try_join_next() {
                 self.job_ended(joined);
             }
@@ -273,32 +223,8 @@ impl PartitionTask {
                 }
             }
             held_back = holding;
-            let mut room =
+            let room =
                 scheduler.pending_len() < s.max_pending_records && scheduler.pending_bytes() < s.max_pending_bytes;
-            // Records read now are scheduled in the next pass, so the select below must not wait after a read.
-            let mut read_any = false;
-            if self.stop.is_cancelled() {
-                break;
-            }
-            if room
-                && own_ready
-                && let Some(own) = own.as_mut()
-            {
-                let budget = READ_BUDGET.min(s.max_pending_records - scheduler.pending_len());
-                own_ready = own.source.read(budget, &mut read_buffer);
-                let received = read_buffer.len() as i64;
-                let now = Instant::now().into_std();
-                for r in read_buffer.drain(..) {
-                    self.receive(r, now, &mut tracker, &mut scheduler, &mut window);
-                }
-                if received > 0 {
-                    read_any = true;
-                    metrics.in_flight.add(received);
-                    self.publish(&tracker, &mut window, held_back);
-                }
-                room =
-                    scheduler.pending_len() < s.max_pending_records && scheduler.pending_bytes() < s.max_pending_bytes;
-            }
             tokio::select! {
                 biased;
                 Some(done) = done_rx.recv() => {
@@ -309,6 +235,7 @@ impl PartitionTask {
                 }
                 _ = self.progress.acknowledged_changed.notified() => {}
                 Some(joined) = jobs.join_next(), if !jobs.is_empty() => self.job_ended(joined),
+                _ = self.stop.cancelled() => break,
                 chunk = input.recv(), if room => {
                     let mut next = chunk;
                     let mut received = 0i64;
@@ -321,18 +248,17 @@ impl PartitionTask {
                         };
                         for item in chunk {
                             match item {
-                                Input::Record(r) => {
+                                Input::Record(mut r) => {
+                                    let rebase = tracker.received(r.offset);
+                                    r.epoch = tracker.epoch();
+                                    if let Some(rebase) = rebase {
+                                        self.rebased(rebase, &tracker, &mut scheduler, &mut window);
+                                    }
                                     received += 1;
-                                    self.receive(r, now, &mut tracker, &mut scheduler, &mut window);
+                                    scheduler.push(Arc::new(r), now);
                                 }
                                 Input::Position(p) => {
-                                    // A partition with its own queue may have read past the position the consumer
-                                    // thread saw: the marker only says when to look, and the queue says where.
-                                    let position = match own.as_mut() {
-                                        Some(own) => own.source.position(),
-                                        None => Some(p),
-                                    };
-                                    if let Some(rebase) = position.and_then(|p| tracker.observe_position(p)) {
+                                    if let Some(rebase) = tracker.observe_position(p) {
                                         self.rebased(rebase, &tracker, &mut scheduler, &mut window);
                                     }
                                 }
@@ -351,16 +277,8 @@ impl PartitionTask {
                     self.publish(&tracker, &mut window, held_back);
                 }
                 _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {}
-                _ = async { if let Some(signal) = &own_signal { signal.notified().await } }, if !own_ready && own_signal.is_some() => {
-                    own_ready = true;
-                }
-                _ = self.stop.cancelled() => break,
-                // Records were read, or more are queued: schedule them, after letting other tasks run.
-                _ = tokio::task::yield_now(), if read_any || (own_ready && room) => {}
             }
         }
-        // Records left in the own queue are not ours to finish: librdkafka drops them with the assignment.
-        drop(own);
 
         // Input closed. Start nothing beyond the highest offset already started, but do start the records below
         // it that are still pending (held back by key order, the per-partition limit or a lingering batch): the
@@ -430,7 +348,6 @@ impl PartitionTask {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::VecDeque;
     use std::sync::Mutex;
 
     use futures::future::BoxFuture;
@@ -442,37 +359,6 @@ mod tests {
     use crate::metrics::Metrics;
     use crate::processor::{BatchOutcome, Processor};
     use crate::record::test_record;
-
-    /// A partition queue in memory: the test appends records and signals, the task reads them.
-    #[derive(Default)]
-    struct Queue {
-        records: Mutex<VecDeque<Record>>,
-        /// The largest `max` the task asked for, and how many reads it made.
-        largest_read: Mutex<usize>,
-        reads: Mutex<usize>,
-        position: Mutex<Option<i64>>,
-    }
-
-    struct Source(Arc<Queue>);
-
-    impl RecordSource for Source {
-        fn read(&mut self, max: usize, out: &mut Vec<Record>) -> bool {
-            let mut q = self.0.records.lock().unwrap();
-            *self.0.reads.lock().unwrap() += 1;
-            let mut largest = self.0.largest_read.lock().unwrap();
-            *largest = (*largest).max(max);
-            let n = max.min(q.len());
-            out.extend(q.drain(..n));
-            if let Some(last) = out.last() {
-                *self.0.position.lock().unwrap() = Some(last.offset + 1);
-            }
-            !q.is_empty()
-        }
-
-        fn position(&mut self) -> Option<i64> {
-            *self.0.position.lock().unwrap()
-        }
-    }
 
     /// Records the offsets it was given, in call order; each call takes `delay`.
     struct Recording {
@@ -490,7 +376,7 @@ mod tests {
         }
     }
 
-    fn task(processor: Arc<Recording>, max_pending_records: usize) -> PartitionTask {
+    fn task(processor: Arc<Recording>) -> PartitionTask {
         let jobs = JobContext {
             processor,
             dead_letter: None,
@@ -514,7 +400,7 @@ mod tests {
                 ordering: Ordering::Partition,
                 limits: BatchLimits { max_records: 16, max_bytes: 1 << 20, max_wait: Duration::ZERO },
                 per_partition: 16,
-                max_pending_records,
+                max_pending_records: 256,
                 max_pending_bytes: 1 << 20,
                 drain_timeout: Duration::from_secs(5),
                 max_uncommitted: 100_000,
@@ -526,8 +412,8 @@ mod tests {
         }
     }
 
-    fn push(queue: &Queue, offsets: std::ops::Range<i64>) {
-        queue.records.lock().unwrap().extend(offsets.map(|o| test_record(o, None, "v")));
+    fn chunk(offsets: std::ops::Range<i64>) -> Vec<Input> {
+        offsets.map(|o| Input::Record(test_record(o, None, "v"))).collect()
     }
 
     /// Waits until the processor saw `n` records (or fails after 10 s).
@@ -540,59 +426,46 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn reads_its_own_queue_in_order_and_wakes_when_records_come_again() {
-        let processor = Arc::new(Recording { seen: Mutex::new(vec![]), delay: Duration::from_micros(200) });
-        let queue = Arc::new(Queue::default());
-        let ready = Arc::new(Notify::new());
-        push(&queue, 0..3000);
-        let (tx, rx) = mpsc::channel(4);
-        let own = OwnQueue { source: Box::new(Source(queue.clone())), ready: ready.clone() };
-        let t = task(processor.clone(), 256);
+    async fn every_record_is_processed_in_order_and_committed_when_the_input_closes() {
+        let processor = Arc::new(Recording { seen: Mutex::new(vec![]), delay: Duration::from_micros(100) });
+        let t = task(processor.clone());
         let progress = t.progress.clone();
-        let handle = tokio::spawn(t.run(rx, Some(own)));
-        until_seen(&processor, 3000).await;
-        // The queue ran dry; records that come later are read only once the queue signals them.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let reads_while_idle = *queue.reads.lock().unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert_eq!(*queue.reads.lock().unwrap(), reads_while_idle, "an idle task must wait, not poll its queue");
-        push(&queue, 3000..3500);
-        ready.notify_one();
-        until_seen(&processor, 3500).await;
-        assert_eq!(*processor.seen.lock().unwrap(), (0..3500).collect::<Vec<_>>(), "partition order");
-        // Never more than the pending bound is read ahead of the scheduler (the rest stays in librdkafka).
-        assert!(*queue.largest_read.lock().unwrap() <= 256, "read {} at once", queue.largest_read.lock().unwrap());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(progress.committable(), Some(3500));
+        let (tx, rx) = mpsc::channel(64);
+        let handle = tokio::spawn(t.run(rx));
+        for start in (0..3_000).step_by(100) {
+            tx.send(chunk(start..start + 100)).await.unwrap();
+        }
+        until_seen(&processor, 3_000).await;
+        assert_eq!(*processor.seen.lock().unwrap(), (0..3_000).collect::<Vec<_>>(), "partition order");
         drop(tx);
-        assert_eq!(handle.await.unwrap(), Some(3500));
+        assert_eq!(handle.await.unwrap(), Some(3_000));
+        assert_eq!(progress.committable(), Some(3_000));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_stopped_task_stops_reading_and_leaves_the_rest_to_the_next_owner() {
-        // Slow processing: the queue holds far more than the task may take ahead.
+    async fn a_stopped_task_drains_at_once_even_with_its_pending_records_full() {
+        // Slow processing: the pending records stay full, so the task does not read its input.
         let processor = Arc::new(Recording { seen: Mutex::new(vec![]), delay: Duration::from_millis(20) });
-        let queue = Arc::new(Queue::default());
-        push(&queue, 0..10_000);
-        let (tx, rx) = mpsc::channel(4);
-        let own = OwnQueue { source: Box::new(Source(queue.clone())), ready: Arc::new(Notify::new()) };
-        let t = task(processor.clone(), 256);
+        let t = task(processor.clone());
         let stop = t.stop.clone();
-        let handle = tokio::spawn(t.run(rx, Some(own)));
+        let (tx, rx) = mpsc::channel(64);
+        let handle = tokio::spawn(t.run(rx));
+        for start in (0..5_000).step_by(100) {
+            tx.send(chunk(start..start + 100)).await.unwrap();
+        }
         until_seen(&processor, 32).await;
-        // A revoke: the task keeps its input channel until it ends, the stop signal is what it must obey.
+        // A revoke: the stop signal is obeyed while the input is still open and full.
         stop.cancel();
-        let committable = tokio::time::timeout(Duration::from_secs(3), handle)
+        let committable = tokio::time::timeout(Duration::from_secs(2), handle)
             .await
-            .expect("the task drains within the time of a few batches")
+            .expect("the task drains within a few batches' time")
             .unwrap()
             .expect("a committable offset");
-        drop(tx);
-        let left = queue.records.lock().unwrap().len();
-        assert!(left >= 10_000 - 256 - 64, "the task read {} records ahead", 10_000 - left);
-        // Every record below the commit point was processed, in order, and nothing above it is claimed.
+        // Every record below the commit point was processed, in order, and nothing above what was processed is
+        // claimed; the rest is left to the partition's next owner.
         let seen = processor.seen.lock().unwrap().clone();
+        assert!(committable as usize <= seen.len() && seen.len() < 1_000, "{committable} / {}", seen.len());
         assert_eq!(seen[..committable as usize], (0..committable).collect::<Vec<_>>()[..]);
-        assert!(committable as usize <= seen.len());
+        drop(tx);
     }
 }

@@ -177,16 +177,6 @@ pub fn bare_consume(bootstrap: &str, topic: &str, n: u64) -> BareRun {
     for (k, v) in kpipe_worker::kafka_config::CONSUMER_TUNING {
         config.set(*k, *v);
     }
-    // The worker's prefetch limits apply per partition (it reads partition queues); this consumer has one queue,
-    // where librdkafka applies them to all partitions together: it keeps the consumer-wide prefetch the worker had
-    // before it read partition queues, so the ceiling is not lowered by the worker's per-partition tuning.
-    for (k, v) in [
-        ("queued.max.messages.kbytes", "8192"),
-        ("queued.min.messages", "10000"),
-        ("max.partition.fetch.bytes", "262144"),
-    ] {
-        config.set(k, v);
-    }
     let consumer: BaseConsumer = config
         .set("bootstrap.servers", bootstrap)
         .set("group.id", unique("bench-bare"))

@@ -90,15 +90,13 @@ impl ClientContext for WorkerContext {
 
 impl ConsumerContext for WorkerContext {
     /// librdkafka's rebalance callback, as rust-rdkafka's default implementation, except that newly assigned
-    /// partitions get their own queues ([`Dispatch::split_queues`]) and explicit start offsets ([`Dispatch::resolve_starts`]) before they are assigned: setting them
+    /// partitions get explicit start offsets ([`Dispatch::resolve_starts`]) before they are assigned: setting them
     /// in the assignment is the only race-free way (a seek after the assignment races librdkafka's own
     /// committed-offset fetch).
     fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
         let assign = err == RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS;
         if assign {
             self.0.resolve_starts(consumer, tpl);
-            // Before the assignment is applied, so no record of these partitions reaches the main queue.
-            self.0.split_queues(tpl);
         }
         let rebalance = match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => Rebalance::Assign(&*tpl),
@@ -150,7 +148,6 @@ impl ConsumerContext for WorkerContext {
                     tracing::warn!("cannot resume newly assigned partitions: {e}");
                 }
                 self.0.assign(tpl);
-                self.0.clear_split();
                 self.0.forget_commits(None);
             }
             Rebalance::Revoke(_) => self.0.forget_commits(None),

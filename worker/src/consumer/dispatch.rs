@@ -1,33 +1,28 @@
-//! Partition dispatch: one task per assigned partition, which reads its own librdkafka partition queue
-//! ([`split_queues`](Dispatch::split_queues)). Records that still arrive on the consumer's main queue (a partition
-//! whose queue could not be split) are staged into chunks and handed over through bounded channels, with the
-//! overflow that absorbs a fetch burst and the pause/resume that bounds it ([`Backpressure`]).
+//! Partition dispatch: one task per assigned partition, records staged into chunks and handed over through bounded
+//! channels, the overflow that absorbs a fetch burst, and the pause/resume that bounds it ([`Backpressure`]).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use prometheus::IntCounter;
-use rdkafka::consumer::base_consumer::PartitionQueue;
+use rdkafka::TopicPartitionList;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
-use rdkafka::{Offset, TopicPartitionList};
 use tokio::runtime::Handle;
-use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::health::Health;
 use crate::job::JobContext;
 use crate::metrics::Metrics;
-use crate::partition::{Input, OwnQueue, PartitionProgress, PartitionSettings, PartitionTask, RecordSource};
+use crate::partition::{Input, PartitionProgress, PartitionSettings, PartitionTask};
 use crate::record::Record;
 
 use super::backpressure::{Action, Backpressure, OverflowLimit};
 use super::commit::HeldOffsets;
-use super::context::WorkerContext;
 use super::positions::StartPolicy;
 use super::{TopicPartition, partitions_of};
 
@@ -107,11 +102,6 @@ pub struct Dispatch {
     /// Partitions whose log may have shrunk under us (librdkafka reset an out-of-range position, or a commit found
     /// the topic gone): their commits are checked against the log end first. Never held while calling librdkafka.
     pub(super) suspects: Mutex<HashSet<TopicPartition>>,
-    /// The consumer, for splitting partition queues inside the rebalance callback (which only gets a reference).
-    /// Weak: the consumer's context owns this dispatch.
-    consumer: OnceLock<Weak<BaseConsumer<WorkerContext>>>,
-    /// Partition queues split before an assignment was applied, waiting for their partition task.
-    split: Mutex<HashMap<TopicPartition, PartitionQueue<WorkerContext>>>,
 }
 
 impl Dispatch {
@@ -142,45 +132,7 @@ impl Dispatch {
             held: Mutex::new(HeldOffsets::default()),
             start,
             suspects: Mutex::new(HashSet::new()),
-            consumer: OnceLock::new(),
-            split: Mutex::new(HashMap::new()),
         }
-    }
-
-    /// Lets the rebalance callback split partition queues of `consumer` (set once, before subscribing).
-    pub fn set_consumer(&self, consumer: &Arc<BaseConsumer<WorkerContext>>) {
-        let _ = self.consumer.set(Arc::downgrade(consumer));
-    }
-
-    /// Gives each partition of an assignment its own librdkafka queue, before the assignment is applied.
-    ///
-    /// Splitting first is what makes it race-free: librdkafka forwards a partition's fetch queue to the consumer's
-    /// main queue when its fetch starts, unless the application set the forwarding itself (`RD_KAFKA_Q_F_FWD_APP`
-    /// in `rd_kafka_toppar_op_fetch_start`, librdkafka 2.12), which splitting does. A partition whose queue cannot
-    /// be split keeps arriving on the main queue and goes through [`dispatch`](Self::dispatch).
-    pub(super) fn split_queues(&self, tpl: &TopicPartitionList) {
-        let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else {
-            return;
-        };
-        let mut split = self.split.lock().unwrap_or_else(|e| e.into_inner());
-        for (topic, partition) in partitions_of(tpl) {
-            match consumer.split_partition_queue(&topic, partition) {
-                Some(queue) => {
-                    split.insert((topic, partition), queue);
-                }
-                None => tracing::error!(%topic, partition,
-                    "cannot split the partition queue; its records go through the consumer thread"),
-            }
-        }
-    }
-
-    fn take_split(&self, tp: &TopicPartition) -> Option<PartitionQueue<WorkerContext>> {
-        self.split.lock().unwrap_or_else(|e| e.into_inner()).remove(tp)
-    }
-
-    /// Drops split queues no partition task took (an assignment that failed to apply), so none outlives the consumer.
-    pub(super) fn clear_split(&self) {
-        self.split.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     pub(super) fn suspects(&self) -> MutexGuard<'_, HashSet<TopicPartition>> {
@@ -214,21 +166,7 @@ impl Dispatch {
                 progress: progress.clone(),
                 stop: stop.clone(),
             };
-            let own = self.take_split(&tp).map(|mut queue| {
-                let ready = Arc::new(Notify::new());
-                let signal = ready.clone();
-                // Called by librdkafka's threads when the queue goes from empty to non-empty.
-                queue.set_nonempty_callback(move || signal.notify_one());
-                let source = KafkaPartitionQueue {
-                    queue,
-                    consumer: self.consumer.get().cloned().unwrap_or_default(),
-                    topic: tp.0.clone(),
-                    partition: tp.1,
-                    consumed: self.metrics.consumed.clone(),
-                };
-                OwnQueue { source: Box::new(source), ready }
-            });
-            let task = self.runtime.spawn(task.run(rx, own));
+            let task = self.runtime.spawn(task.run(rx));
             tracing::info!(topic = %tp.0, partition = tp.1, "partition assigned");
             parts.insert(
                 tp.clone(),
@@ -436,50 +374,8 @@ impl TopicNames {
     }
 }
 
-/// A partition's own librdkafka queue as a partition task's [`RecordSource`].
-struct KafkaPartitionQueue {
-    queue: PartitionQueue<WorkerContext>,
-    /// For the position (the queue's own handle on the consumer is private).
-    consumer: Weak<BaseConsumer<WorkerContext>>,
-    topic: Arc<str>,
-    partition: i32,
-    consumed: IntCounter,
-}
-
-impl RecordSource for KafkaPartitionQueue {
-    fn read(&mut self, max: usize, out: &mut Vec<Record>) -> bool {
-        let start = out.len();
-        let mut more = true;
-        while out.len() - start < max {
-            match self.queue.poll(Duration::ZERO) {
-                Some(Ok(m)) => out.push(record_of(&m, self.topic.clone())),
-                Some(Err(e)) => tracing::warn!(topic = %self.topic, "consumer error: {e}"),
-                None => {
-                    more = false;
-                    break;
-                }
-            }
-        }
-        self.consumed.inc_by((out.len() - start) as u64);
-        more
-    }
-
-    fn position(&mut self) -> Option<i64> {
-        let consumer = self.consumer.upgrade()?;
-        let positions = consumer.position().ok()?;
-        match positions.find_partition(&self.topic, self.partition)?.offset() {
-            Offset::Offset(o) => Some(o),
-            _ => None,
-        }
-    }
-}
-
 pub(super) fn to_record(m: &BorrowedMessage<'_>, topics: &mut TopicNames) -> Record {
-    record_of(m, topics.of(m))
-}
-
-/// Copies a record out of librdkafka's buffers; `topic` is the record's topic name, shared.
-fn record_of(m: &BorrowedMessage<'_>, topic: Arc<str>) -> Record {
+    let topic = topics.of(m);
     let headers = m
         .headers()
         .map(|hs| hs.iter().map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec))).collect())

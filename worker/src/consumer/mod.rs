@@ -1,7 +1,6 @@
-//! The Kafka edge: a dedicated thread polls the consumer's main queue (so rebalance callbacks never block the async
-//! runtime), serves rebalances, and commits the offsets the partition tasks report. Each partition task reads its own
-//! librdkafka partition queue; only records of a partition whose queue could not be split arrive on the main queue,
-//! and are dispatched through bounded channels, pausing partitions whose tasks are full.
+//! The Kafka edge: a dedicated thread polls the consumer (so rebalance callbacks never block the async runtime),
+//! copies records out and dispatches them to per-partition tasks through bounded channels, pauses partitions whose
+//! tasks are full, and commits the offsets the tasks report.
 //!
 //! - [`dispatch`]: partition tasks, chunked hand-off, overflow;
 //! - [`backpressure`]: when a partition is paused and resumed (a small state machine);
@@ -65,7 +64,6 @@ impl ConsumerLoop {
     /// subscription is refused.
     pub fn run(self) -> Result<(), KafkaError> {
         let d = self.dispatch.clone();
-        d.set_consumer(&self.consumer);
         // Reach the brokers before subscribing so /readyz can say why we are not ready.
         let mut wait = Duration::from_millis(200);
         loop {
