@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::job::JobContext;
+use crate::metrics::Metrics;
 use crate::record::Record;
 use crate::scheduler::{BatchLimits, Next, Scheduler};
 use crate::tracker::{OffsetTracker, Rebase};
@@ -142,6 +143,13 @@ impl PartitionTask {
              the new offset on is processed");
     }
 
+    /// Records a job reported finished: done for the tracker (of their epoch only), out of flight for the scheduler.
+    fn settle(done: &[Arc<Record>], tracker: &mut OffsetTracker, scheduler: &mut Scheduler, metrics: &Metrics) {
+        let settled = done.iter().filter(|r| tracker.done(r.offset, r.epoch)).count();
+        metrics.in_flight.sub(settled as i64);
+        scheduler.complete(done);
+    }
+
     /// A job left the set: only a panic needs telling (its records stay unfinished and are delivered again).
     fn job_ended(&self, joined: Result<(), tokio::task::JoinError>) {
         if let Err(e) = joined
@@ -228,9 +236,7 @@ impl PartitionTask {
             tokio::select! {
                 biased;
                 Some(done) = done_rx.recv() => {
-                    let settled = done.iter().filter(|r| tracker.done(r.offset, r.epoch)).count();
-                    metrics.in_flight.sub(settled as i64);
-                    scheduler.complete(&done);
+                    Self::settle(&done, &mut tracker, &mut scheduler, &metrics);
                     self.publish(&tracker, &mut window, held_back);
                 }
                 _ = self.progress.acknowledged_changed.notified() => {}
@@ -287,6 +293,12 @@ impl PartitionTask {
         let fill_below = highest_started.map(|o| o + 1);
         let deadline = Instant::now() + s.drain_timeout;
         loop {
+            // Completions first. A job reports its records before it ends, so once the set below is empty every
+            // report is already here; deciding on an empty set with reports still queued would stop the fill early
+            // (their keys still look in flight) and leave records below the highest started to the next owner.
+            while let Ok(done) = done_rx.try_recv() {
+                Self::settle(&done, &mut tracker, &mut scheduler, &metrics);
+            }
             let mut wake = None;
             if let Some(horizon) = fill_below {
                 loop {
@@ -315,11 +327,7 @@ impl PartitionTask {
                 break;
             }
             tokio::select! {
-                Some(done) = done_rx.recv() => {
-                    let settled = done.iter().filter(|r| tracker.done(r.offset, r.epoch)).count();
-                    metrics.in_flight.sub(settled as i64);
-                    scheduler.complete(&done);
-                }
+                Some(done) = done_rx.recv() => Self::settle(&done, &mut tracker, &mut scheduler, &metrics),
                 _ = jobs.join_next(), if !jobs.is_empty() => {}
                 _ = tokio::time::sleep_until(wake.unwrap_or(deadline)), if wake.is_some() => {}
                 _ = tokio::time::sleep_until(deadline) => {
@@ -334,8 +342,7 @@ impl PartitionTask {
         while jobs.join_next().await.is_some() {}
         drop(done_tx);
         while let Ok(done) = done_rx.try_recv() {
-            let settled = done.iter().filter(|r| tracker.done(r.offset, r.epoch)).count();
-            metrics.in_flight.sub(settled as i64);
+            Self::settle(&done, &mut tracker, &mut scheduler, &metrics);
         }
         metrics.in_flight.sub(tracker.outstanding() as i64);
         let committable = tracker.committable();
@@ -360,16 +367,19 @@ mod tests {
     use crate::processor::{BatchOutcome, Processor};
     use crate::record::test_record;
 
-    /// Records the offsets it was given, in call order; each call takes `delay`.
+    /// Records the offsets it was given, in call order; each call takes `delay`, or `slow_key_delay` when its first
+    /// record has the key `slow`.
     struct Recording {
         seen: Mutex<Vec<i64>>,
         delay: Duration,
+        slow_key_delay: Duration,
     }
 
     impl Processor for Recording {
         fn process<'a>(&'a self, records: &'a [Arc<Record>]) -> BoxFuture<'a, BatchOutcome> {
             Box::pin(async move {
-                tokio::time::sleep(self.delay).await;
+                let slow = records.first().and_then(|r| r.key.as_deref()) == Some(b"slow".as_slice());
+                tokio::time::sleep(if slow { self.slow_key_delay } else { self.delay }).await;
                 self.seen.lock().unwrap().extend(records.iter().map(|r| r.offset));
                 BatchOutcome::ok()
             })
@@ -377,6 +387,10 @@ mod tests {
     }
 
     fn task(processor: Arc<Recording>) -> PartitionTask {
+        task_with(processor, Ordering::Partition, 16)
+    }
+
+    fn task_with(processor: Arc<Recording>, ordering: Ordering, max_records: usize) -> PartitionTask {
         let jobs = JobContext {
             processor,
             dead_letter: None,
@@ -397,8 +411,8 @@ mod tests {
             topic: "t".into(),
             partition: 0,
             settings: PartitionSettings {
-                ordering: Ordering::Partition,
-                limits: BatchLimits { max_records: 16, max_bytes: 1 << 20, max_wait: Duration::ZERO },
+                ordering,
+                limits: BatchLimits { max_records, max_bytes: 1 << 20, max_wait: Duration::ZERO },
                 per_partition: 16,
                 max_pending_records: 256,
                 max_pending_bytes: 1 << 20,
@@ -427,7 +441,11 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn every_record_is_processed_in_order_and_committed_when_the_input_closes() {
-        let processor = Arc::new(Recording { seen: Mutex::new(vec![]), delay: Duration::from_micros(100) });
+        let processor = Arc::new(Recording {
+            seen: Mutex::new(vec![]),
+            delay: Duration::from_micros(100),
+            slow_key_delay: Duration::ZERO,
+        });
         let t = task(processor.clone());
         let progress = t.progress.clone();
         let (tx, rx) = mpsc::channel(64);
@@ -445,7 +463,11 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stopped_task_drains_at_once_even_with_its_pending_records_full() {
         // Slow processing: the pending records stay full, so the task does not read its input.
-        let processor = Arc::new(Recording { seen: Mutex::new(vec![]), delay: Duration::from_millis(20) });
+        let processor = Arc::new(Recording {
+            seen: Mutex::new(vec![]),
+            delay: Duration::from_millis(20),
+            slow_key_delay: Duration::ZERO,
+        });
         let t = task(processor.clone());
         let stop = t.stop.clone();
         let (tx, rx) = mpsc::channel(64);
@@ -467,5 +489,32 @@ mod tests {
         assert!(committable as usize <= seen.len() && seen.len() < 1_000, "{committable} / {}", seen.len());
         assert_eq!(seen[..committable as usize], (0..committable).collect::<Vec<_>>()[..]);
         drop(tx);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_drain_starts_what_waited_behind_its_key_even_when_the_blocking_job_ended_first() {
+        // Offsets 0 and 1 share a slow key, 2 has another key: 2 finishes while 0 runs and 1 waits behind it. The
+        // drain must start 1 once 0 is done, however the task learns of it (the job's report, or the job ending
+        // first with its report still queued), or 2 is delivered again by the next owner. The order in which the
+        // two arrive is up to tokio, so the case runs repeatedly.
+        for round in 0..20 {
+            let processor = Arc::new(Recording {
+                seen: Mutex::new(vec![]),
+                delay: Duration::ZERO,
+                slow_key_delay: Duration::from_millis(30),
+            });
+            let t = task_with(processor.clone(), Ordering::Key, 1);
+            let stop = t.stop.clone();
+            let (tx, rx) = mpsc::channel(4);
+            let handle = tokio::spawn(t.run(rx));
+            let record = |offset, key| Input::Record(test_record(offset, Some(key), "v"));
+            tx.send(vec![record(0, "slow"), record(1, "slow"), record(2, "fast")]).await.unwrap();
+            until_seen(&processor, 1).await;
+            assert_eq!(*processor.seen.lock().unwrap(), vec![2], "round {round}: 2 first, 0 still running");
+            stop.cancel();
+            let committable = handle.await.unwrap();
+            assert_eq!(*processor.seen.lock().unwrap(), vec![2, 0, 1], "round {round}");
+            assert_eq!(committable, Some(3), "round {round}: the commit covers every finished record");
+        }
     }
 }
