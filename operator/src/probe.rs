@@ -332,6 +332,15 @@ impl ClusterClients {
     }
 }
 
+/// How long a security failure a client reported explains a failed request: three request timeouts, and at least
+/// 30 s. librdkafka retries a failed OAUTHBEARER token refresh only 10 s later and raises the error again only when
+/// its text changed (`rd_kafka_oauthbearer_set_token_failure`, `src/rdkafka_sasl_oauthbearer.c`, librdkafka 2.12),
+/// so with a short request timeout the broker's refusals of the expired token would otherwise be reported as
+/// unreachable brokers between two token attempts. A successful request forgets the failure at once.
+fn security_window(timeout: Duration) -> Duration {
+    (timeout * 3).max(Duration::from_secs(30))
+}
+
 /// Serve the queued events of a never-subscribed probe client (at most a bounded number per call).
 fn drain_events(consumer: &ProbeConsumer) {
     for _ in 0..256 {
@@ -427,7 +436,7 @@ impl LagProbe {
         let probe = self.clone();
         tokio::task::spawn_blocking(move || {
             let clients = probe.clients(&cluster)?;
-            clients.explain(probe.fetch(&clients, &topics, &group), probe.timeout * 3)
+            clients.explain(probe.fetch(&clients, &topics, &group), security_window(probe.timeout))
         })
         .await
         .map_err(|e| ProbeError::Task(e.to_string()))?
@@ -457,7 +466,7 @@ impl LagProbe {
                 }
                 Ok(offsets)
             });
-            clients.explain(result, probe.timeout * 3)
+            clients.explain(result, security_window(probe.timeout))
         })
         .await
         .map_err(|e| ProbeError::Task(e.to_string()))?
@@ -640,6 +649,19 @@ pub fn apply_latest_start(offsets: &mut [PartitionOffsets], since: &HashMap<(Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_security_failure_explains_requests_until_the_next_token_attempt() {
+        // librdkafka's next token attempt comes 10 s after a failure: the window must outlast it at any timeout.
+        assert_eq!(security_window(Duration::from_secs(2)), Duration::from_secs(30));
+        assert_eq!(security_window(Duration::from_secs(5)), Duration::from_secs(30));
+        assert_eq!(security_window(Duration::from_secs(20)), Duration::from_secs(60));
+        let errors = SecurityErrors::default();
+        errors.record(ProbeError::TokenEndpointUnreachable("no token".into()));
+        assert!(errors.recent(security_window(Duration::from_secs(2))).is_some());
+        errors.clear();
+        assert!(errors.recent(security_window(Duration::from_secs(2))).is_none(), "a success forgets it");
+    }
 
     #[test]
     fn latest_counts_the_records_since_the_pipeline_started() {

@@ -5,7 +5,8 @@
 //!   `KPIPE_BENCH_RECORDS_1K` (1,000,000) × 1 KiB: a bare rdkafka `BaseConsumer` (in this process), `kcat` to
 //!   /dev/null, Apache Kafka's `ConsumerPerformance`, the seed-style sarama consumer (one `ConsumePartition` per
 //!   partition, one goroutine per record, auto-commit), a franz-go group consumer, and `kpipe-worker` with the noop
-//!   processor and kpipe's own commits.
+//!   processor and kpipe's own commits, and with the Kafka processor forwarding every record to a fresh 12-partition
+//!   topic (idempotent producer, acks=all; the goal is ≥ 0.5× the noop rate).
 //! * **Slow handler** — an HTTP handler taking 20 ms per request: kpipe in partition, key and unordered modes, one
 //!   record per request and batched, vs the seed-style worker pool of 8 goroutines.
 //!
@@ -228,6 +229,9 @@ enum Contestant {
     Seed,
     Franz,
     KpipeNoop,
+    /// kpipe's Kafka processor forwarding every record to a 12-partition topic (idempotent producer, acks=all, a
+    /// record done only when the broker acknowledged its copy).
+    KpipeForward,
 }
 
 impl Contestant {
@@ -239,6 +243,7 @@ impl Contestant {
             Contestant::Seed => "seed-style sarama (goroutine per record)",
             Contestant::Franz => "franz-go group consumer",
             Contestant::KpipeNoop => "kpipe-worker noop",
+            Contestant::KpipeForward => "kpipe-worker kafka forwarder (acks=all, idempotent)",
         }
     }
 }
@@ -253,6 +258,7 @@ async fn throughput(bootstrap: &str, n: u64, value_bytes: usize, rounds: usize, 
         Contestant::Seed,
         Contestant::Franz,
         Contestant::KpipeNoop,
+        Contestant::KpipeForward,
     ];
     // KPIPE_BENCH_CONTESTANTS=bare,kpipe,... runs a subset (for profiling); default all.
     let pick = std::env::var("KPIPE_BENCH_CONTESTANTS").unwrap_or_default();
@@ -288,11 +294,19 @@ async fn throughput(bootstrap: &str, n: u64, value_bytes: usize, rounds: usize, 
                 .await
                 .unwrap(),
                 Contestant::KpipeNoop => run_kpipe(&b, &t, n, "peers-noop", noop_spec()).await,
+                Contestant::KpipeForward => {
+                    // A fresh output topic each round, so every round writes the same amount to an empty log.
+                    let out = unique(&format!("peers-forward-{value_bytes}b"));
+                    create_topic(&b, &out, 12).await;
+                    let spec = serde_json::json!({"processor": {"kafka": {"topic": out}}, "onFailure": "drop"});
+                    run_kpipe(&b, &t, n, "peers-forward", spec).await
+                }
             };
             table.add(c.name(), sample);
         }
     }
     let kpipe = table.drain(Contestant::KpipeNoop.name());
+    let forward = table.drain(Contestant::KpipeForward.name());
     let _ = writeln!(
         report,
         "#### Throughput ceiling — {n} × {value_bytes} B, 12 partitions, lz4 ({rounds} rounds, order rotated each \
@@ -300,13 +314,15 @@ async fn throughput(bootstrap: &str, n: u64, value_bytes: usize, rounds: usize, 
          steady rate depends on how each client batches its first fetch (franz-go receives a large part of the topic \
          in its first fetch, so its first → last time is tiny). Drain-rate ratios: kpipe noop / bare rdkafka = \
          **{:.2}×**; kpipe noop / seed-style sarama = **{:.2}×**; kpipe noop / franz-go = **{:.2}×**; kpipe noop / \
-         kcat = **{:.2}×**; kpipe noop / ConsumerPerformance = **{:.2}×**.\n",
+         kcat = **{:.2}×**; kpipe noop / ConsumerPerformance = **{:.2}×**; kpipe forwarder / kpipe noop = \
+         **{:.2}×** (goal ≥ 0.5×).\n",
         table.markdown(value_bytes, Contestant::Bare.name(), Table::drain),
         kpipe / table.drain(Contestant::Bare.name()),
         kpipe / table.drain(Contestant::Seed.name()),
         kpipe / table.drain(Contestant::Franz.name()),
         kpipe / table.drain(Contestant::Kcat.name()),
         kpipe / table.drain(Contestant::ConsumerPerf.name()),
+        forward / kpipe,
     );
 }
 
