@@ -232,6 +232,9 @@ enum Contestant {
     /// kpipe's Kafka processor forwarding every record to a 12-partition topic (idempotent producer, acks=all, a
     /// record done only when the broker acknowledged its copy).
     KpipeForward,
+    /// The same with `concurrency` {perPartition 1024, perWorker 8192}: the defaults (32, 256) bound a forwarder to
+    /// perWorker ÷ (linger.ms + acknowledgement), whatever the CPU.
+    KpipeForwardWide,
 }
 
 impl Contestant {
@@ -244,6 +247,7 @@ impl Contestant {
             Contestant::Franz => "franz-go group consumer",
             Contestant::KpipeNoop => "kpipe-worker noop",
             Contestant::KpipeForward => "kpipe-worker kafka forwarder (acks=all, idempotent)",
+            Contestant::KpipeForwardWide => "kpipe-worker kafka forwarder, perWorker 8192",
         }
     }
 }
@@ -259,6 +263,7 @@ async fn throughput(bootstrap: &str, n: u64, value_bytes: usize, rounds: usize, 
         Contestant::Franz,
         Contestant::KpipeNoop,
         Contestant::KpipeForward,
+        Contestant::KpipeForwardWide,
     ];
     // KPIPE_BENCH_CONTESTANTS=bare,kpipe,... runs a subset (for profiling); default all.
     let pick = std::env::var("KPIPE_BENCH_CONTESTANTS").unwrap_or_default();
@@ -294,11 +299,14 @@ async fn throughput(bootstrap: &str, n: u64, value_bytes: usize, rounds: usize, 
                 .await
                 .unwrap(),
                 Contestant::KpipeNoop => run_kpipe(&b, &t, n, "peers-noop", noop_spec()).await,
-                Contestant::KpipeForward => {
+                Contestant::KpipeForward | Contestant::KpipeForwardWide => {
                     // A fresh output topic each round, so every round writes the same amount to an empty log.
                     let out = unique(&format!("peers-forward-{value_bytes}b"));
                     create_topic(&b, &out, 12).await;
-                    let spec = serde_json::json!({"processor": {"kafka": {"topic": out}}, "onFailure": "drop"});
+                    let mut spec = serde_json::json!({"processor": {"kafka": {"topic": out}}, "onFailure": "drop"});
+                    if matches!(c, Contestant::KpipeForwardWide) {
+                        spec["concurrency"] = serde_json::json!({"perPartition": 1024, "perWorker": 8192});
+                    }
                     run_kpipe(&b, &t, n, "peers-forward", spec).await
                 }
             };
@@ -307,6 +315,7 @@ async fn throughput(bootstrap: &str, n: u64, value_bytes: usize, rounds: usize, 
     }
     let kpipe = table.drain(Contestant::KpipeNoop.name());
     let forward = table.drain(Contestant::KpipeForward.name());
+    let forward_wide = table.drain(Contestant::KpipeForwardWide.name());
     let _ = writeln!(
         report,
         "#### Throughput ceiling — {n} × {value_bytes} B, 12 partitions, lz4 ({rounds} rounds, order rotated each \
@@ -315,7 +324,7 @@ async fn throughput(bootstrap: &str, n: u64, value_bytes: usize, rounds: usize, 
          in its first fetch, so its first → last time is tiny). Drain-rate ratios: kpipe noop / bare rdkafka = \
          **{:.2}×**; kpipe noop / seed-style sarama = **{:.2}×**; kpipe noop / franz-go = **{:.2}×**; kpipe noop / \
          kcat = **{:.2}×**; kpipe noop / ConsumerPerformance = **{:.2}×**; kpipe forwarder / kpipe noop = \
-         **{:.2}×** (goal ≥ 0.5×).\n",
+         **{:.2}×** with the default concurrency, **{:.2}×** with perWorker 8192 (goal ≥ 0.5×).\n",
         table.markdown(value_bytes, Contestant::Bare.name(), Table::drain),
         kpipe / table.drain(Contestant::Bare.name()),
         kpipe / table.drain(Contestant::Seed.name()),
@@ -323,6 +332,7 @@ async fn throughput(bootstrap: &str, n: u64, value_bytes: usize, rounds: usize, 
         kpipe / table.drain(Contestant::Kcat.name()),
         kpipe / table.drain(Contestant::ConsumerPerf.name()),
         forward / kpipe,
+        forward_wide / kpipe,
     );
 }
 
