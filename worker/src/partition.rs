@@ -386,6 +386,10 @@ mod tests {
         }
     }
 
+    fn recording(delay: Duration, slow_key_delay: Duration) -> Arc<Recording> {
+        Arc::new(Recording { seen: Mutex::new(vec![]), delay, slow_key_delay })
+    }
+
     fn task(processor: Arc<Recording>) -> PartitionTask {
         task_with(processor, Ordering::Partition, 16)
     }
@@ -441,11 +445,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn every_record_is_processed_in_order_and_committed_when_the_input_closes() {
-        let processor = Arc::new(Recording {
-            seen: Mutex::new(vec![]),
-            delay: Duration::from_micros(100),
-            slow_key_delay: Duration::ZERO,
-        });
+        let processor = recording(Duration::from_micros(100), Duration::ZERO);
         let t = task(processor.clone());
         let progress = t.progress.clone();
         let (tx, rx) = mpsc::channel(64);
@@ -463,11 +463,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stopped_task_drains_at_once_even_with_its_pending_records_full() {
         // Slow processing: the pending records stay full, so the task does not read its input.
-        let processor = Arc::new(Recording {
-            seen: Mutex::new(vec![]),
-            delay: Duration::from_millis(20),
-            slow_key_delay: Duration::ZERO,
-        });
+        let processor = recording(Duration::from_millis(20), Duration::ZERO);
         let t = task(processor.clone());
         let stop = t.stop.clone();
         let (tx, rx) = mpsc::channel(64);
@@ -498,11 +494,7 @@ mod tests {
         // first with its report still queued), or 2 is delivered again by the next owner. The order in which the
         // two arrive is up to tokio, so the case runs repeatedly.
         for round in 0..20 {
-            let processor = Arc::new(Recording {
-                seen: Mutex::new(vec![]),
-                delay: Duration::ZERO,
-                slow_key_delay: Duration::from_millis(30),
-            });
+            let processor = recording(Duration::ZERO, Duration::from_millis(30));
             let t = task_with(processor.clone(), Ordering::Key, 1);
             let stop = t.stop.clone();
             let (tx, rx) = mpsc::channel(4);
