@@ -70,6 +70,27 @@ fn age_of(record: &Record, now_ms: Option<u64>) -> Option<Duration> {
 }
 
 impl JobContext {
+    /// A context for unit tests: `processor` only, one attempt, failures dropped, no dead-letter topic.
+    #[cfg(test)]
+    pub(crate) fn for_tests(processor: Arc<dyn Processor>) -> Self {
+        Self {
+            processor,
+            dead_letter: None,
+            on_failure: OnFailure::Drop,
+            backoff: BackoffPolicy {
+                max_attempts: 1,
+                initial: Duration::from_millis(1),
+                max: Duration::from_millis(1),
+                multiplier: 1.0,
+                max_record_age: None,
+            },
+            metrics: Metrics::new().expect("metrics register"),
+            health: Arc::new(Health::default()),
+            breaker: None,
+            limiter: None,
+        }
+    }
+
     /// Records the end-to-end latency of a done record (`now_ms` read once per group of records).
     fn finished(&self, record: &Record, now_ms: Option<u64>) {
         if let Some(age) = age_of(record, now_ms) {

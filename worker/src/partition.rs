@@ -358,12 +358,9 @@ mod tests {
     use std::sync::Mutex;
 
     use futures::future::BoxFuture;
-    use kpipe_api::v1alpha1::{OnFailure, Ordering};
+    use kpipe_api::v1alpha1::Ordering;
 
     use super::*;
-    use crate::backoff::BackoffPolicy;
-    use crate::health::Health;
-    use crate::metrics::Metrics;
     use crate::processor::{BatchOutcome, Processor};
     use crate::record::test_record;
 
@@ -395,22 +392,7 @@ mod tests {
     }
 
     fn task_with(processor: Arc<Recording>, ordering: Ordering, max_records: usize) -> PartitionTask {
-        let jobs = JobContext {
-            processor,
-            dead_letter: None,
-            on_failure: OnFailure::Drop,
-            backoff: BackoffPolicy {
-                max_attempts: 1,
-                initial: Duration::from_millis(1),
-                max: Duration::from_millis(1),
-                multiplier: 1.0,
-                max_record_age: None,
-            },
-            metrics: Metrics::new().unwrap(),
-            health: Arc::new(Health::default()),
-            breaker: None,
-            limiter: None,
-        };
+        let jobs = JobContext::for_tests(processor);
         PartitionTask {
             topic: "t".into(),
             partition: 0,

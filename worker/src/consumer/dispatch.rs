@@ -202,11 +202,15 @@ impl Dispatch {
         // The tasks apply drain_timeout themselves; the margin covers a task stuck waiting for
         // worker permits.
         let deadline = Instant::now() + self.settings.drain_timeout + Duration::from_secs(2);
+        // Every task stops starting records before any is waited for: one stopped at its turn would keep
+        // starting records (more abandoned work, more re-delivery) while the shared deadline shrinks.
+        for (_, h) in &handles {
+            h.stop.cancel();
+        }
         for ((topic, partition), h) in handles {
             if h.backpressure.is_paused() {
                 self.metrics.paused_partitions.dec();
             }
-            h.stop.cancel();
             drop(h.tx);
             let mut task = h.task;
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -406,6 +410,77 @@ mod tests {
         assert_eq!(hash(b""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(hash(b"a"), 0xaf63_dc4c_8601_ec8c);
         assert_eq!(hash(b"foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    /// Counts the records it processed per partition; a record with the key `slow` takes 600 ms, any other 2 ms.
+    #[derive(Default)]
+    struct Counting {
+        done: Mutex<HashMap<i32, usize>>,
+    }
+
+    impl crate::processor::Processor for Counting {
+        fn process<'a>(
+            &'a self,
+            records: &'a [Arc<Record>],
+        ) -> futures::future::BoxFuture<'a, crate::processor::BatchOutcome> {
+            Box::pin(async move {
+                let slow = records.iter().any(|r| r.key.as_deref() == Some(b"slow".as_slice()));
+                tokio::time::sleep(Duration::from_millis(if slow { 600 } else { 2 })).await;
+                let mut done = self.done.lock().unwrap();
+                for r in records {
+                    *done.entry(r.partition).or_default() += 1;
+                }
+                crate::processor::BatchOutcome::ok()
+            })
+        }
+    }
+
+    #[test]
+    fn a_drain_stops_every_partition_before_it_waits_for_any() {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let processor = Arc::new(Counting::default());
+        let settings = PartitionSettings {
+            ordering: kpipe_api::v1alpha1::Ordering::Partition,
+            limits: crate::scheduler::BatchLimits { max_records: 4, max_bytes: 1 << 20, max_wait: Duration::ZERO },
+            per_partition: 1,
+            max_pending_records: 4_096,
+            max_pending_bytes: 64 << 20,
+            drain_timeout: Duration::from_secs(5),
+            max_uncommitted: 100_000,
+        };
+        let start = StartPolicy { start_offset: kpipe_api::v1alpha1::StartOffset::Earliest, started_at_ms: None };
+        let jobs = Arc::new(JobContext::for_tests(processor.clone()));
+        let d =
+            Dispatch::new(runtime.handle().clone(), settings, jobs, 64, Metrics::new().unwrap(), Arc::default(), start);
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition("t", 0);
+        tpl.add_partition("t", 1);
+        d.assign(&tpl);
+        // Partition 0 starts with a slow record, so its drain waits for it; partition 1 has plenty of fast work.
+        let record = |partition, offset, key| {
+            let mut r = crate::record::test_record(offset, Some(key), "v");
+            r.partition = partition;
+            Input::Record(r)
+        };
+        {
+            let parts = d.partitions();
+            let tx = |p: i32| parts[&(Arc::<str>::from("t"), p)].tx.clone();
+            tx(0).try_send((0..8).map(|o| record(0, o, if o == 0 { "slow" } else { "k" })).collect()).unwrap();
+            tx(1).try_send((0..2_000).map(|o| record(1, o, "k")).collect()).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let before = processor.done.lock().unwrap().get(&1).copied().unwrap_or(0);
+        assert!(before > 0 && before < 2_000, "partition 1 is processing: {before}");
+        let offsets = d.drain(&[(Arc::from("t"), 0), (Arc::from("t"), 1)]);
+        let done = processor.done.lock().unwrap().clone();
+        // Stopped together, partition 1 finishes only the batch it had started; stopped after partition 0's
+        // drain it would have gone on for another 600 ms (a few hundred records).
+        assert!(done[&1] <= before + 4, "partition 1 went on from {before} to {} records during the drain", done[&1]);
+        // Each commit covers exactly what its partition processed (both in offset order, from 0).
+        let committed: HashMap<i32, i64> = offsets.into_iter().map(|((_, p), o)| (p, o)).collect();
+        assert!(done[&0] >= 1, "partition 0 finished its slow record");
+        assert_eq!(committed[&0], done[&0] as i64);
+        assert_eq!(committed[&1], done[&1] as i64);
     }
 
     #[test]
