@@ -4,9 +4,9 @@
 # builds compile curl-sys's bundled curl; librdkafka's CMake includes curl/curl.h either way). Extra package names
 # given as arguments are installed too (the benchmarks ask for kcat). `prometheus` brings promtool, which tests the
 # chart's alert rules (e2e/tests/alerts.rs; the Debian package also ships a systemd unit, which this script never
-# starts).
+# starts). `valgrind` runs the leak check of worker/rdkafka-native (tests/fetch_queue.rs).
 set -euo pipefail
-packages=(libcurl4-openssl-dev openssl iproute2 curl procps prometheus "$@")
+packages=(libcurl4-openssl-dev openssl iproute2 curl procps prometheus valgrind "$@")
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep "install ok installed" >/dev/null || missing+=("$p")

@@ -38,7 +38,6 @@ use rdkafka::Message;
 use rdkafka::Offset;
 use rdkafka::TopicPartitionList;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Headers;
 use tokio::sync::{mpsc, watch};
 
 use crate::metrics::Metrics;
@@ -218,13 +217,13 @@ pub fn read_topic(
                 }
                 records += 1;
                 let (mut owner, mut class) = (None, None);
-                if let Some(headers) = m.headers() {
-                    for h in headers.iter() {
-                        match h.key {
-                            PIPELINE_HEADER => owner = h.value,
-                            CLASS_HEADER => class = h.value,
-                            _ => {}
-                        }
+                // Not rust-rdkafka's header iterator: it panics on a header key that is not UTF-8.
+                let headers = kpipe_rdkafka_native::copy_headers(&m);
+                for (key, value) in &headers.headers {
+                    match key.as_str() {
+                        PIPELINE_HEADER => owner = value.as_deref(),
+                        CLASS_HEADER => class = value.as_deref(),
+                        _ => {}
                     }
                 }
                 tally.count(pipeline, owner, class);

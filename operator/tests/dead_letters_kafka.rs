@@ -67,6 +67,15 @@ async fn counts_a_pipelines_dead_letters_incrementally_and_restarts_on_a_recreat
     assert_eq!(tally.by_class.get("rejected"), Some(&1));
     assert_eq!(tally.read.values().sum::<i64>(), 6);
 
+    // A record with a header key that is not UTF-8 (another producer's) is read past, not a panic of the reader.
+    let producer: rdkafka::producer::BaseProducer =
+        ClientConfig::new().set("bootstrap.servers", &bootstrap).create().unwrap();
+    kpipe_rdkafka_native::testing::produce_with_raw_header(&producer, &topic, 0, b"k", b"v", (b"bad-\xff", b"x"))
+        .unwrap();
+    read(&mut tally, 1000);
+    assert_eq!(tally.total, 4, "not a dead letter of the pipeline");
+    assert_eq!(tally.read.values().sum::<i64>(), 7, "read past it");
+
     // A pass is bounded; the next one continues.
     dead_letters(&bootstrap, &topic, &[("orders", "encode"); 5]).await;
     read(&mut tally, 2);

@@ -60,6 +60,10 @@ pub struct Metrics {
     /// `kpipe_worker_records_too_large_total`: records refused before producing because they exceed the
     /// output topic's `max.message.bytes` (a permanent failure, sent down the failure policy).
     pub too_large: IntCounter,
+    /// `kpipe_worker_header_keys_replaced_total`: record header keys that were not UTF-8 (the protocol does not
+    /// check; some clients write any bytes), passed on with U+FFFD in place of each invalid sequence
+    /// (`kpipe_rdkafka_native::copy_headers`).
+    pub header_keys_replaced: IntCounter,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -194,6 +198,10 @@ impl Metrics {
                 "kpipe_worker_records_too_large_total",
                 "Records refused because they exceed the output topic's max.message.bytes",
             )?,
+            header_keys_replaced: counter(
+                "kpipe_worker_header_keys_replaced_total",
+                "Record header keys that were not UTF-8, passed on with U+FFFD in place of the invalid bytes",
+            )?,
             registry,
         })
     }
@@ -237,6 +245,7 @@ mod tests {
             "kpipe_worker_records_throttled_total 0",
             "kpipe_worker_dead_letter_truncated_total 0",
             "kpipe_worker_records_too_large_total 0",
+            "kpipe_worker_header_keys_replaced_total 0",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

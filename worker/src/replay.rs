@@ -24,7 +24,7 @@ use kpipe_api::worker_contract::WorkerConfig;
 use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header as KafkaHeader, Headers, OwnedHeaders};
+use rdkafka::message::{Header as KafkaHeader, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::runtime::Handle;
@@ -202,10 +202,8 @@ impl Replayer {
                 timestamp_ms: m.timestamp().to_millis(),
                 key: m.key().map(<[u8]>::to_vec),
                 value: m.payload().map(<[u8]>::to_vec),
-                headers: m
-                    .headers()
-                    .map(|hs| hs.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec))).collect())
-                    .unwrap_or_default(),
+                // Not rust-rdkafka's header iterator: it panics on a header key that is not UTF-8.
+                headers: kpipe_rdkafka_native::copy_headers(&m).headers,
             };
             drop(m);
             let fate = self.handle(&dl)?;

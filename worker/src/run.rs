@@ -178,7 +178,7 @@ pub async fn run(config: WorkerConfig, settings: RunSettings, shutdown: Cancella
         StartPolicy { start_offset: spec.source.start_offset, started_at_ms: config.started_at_ms },
     ));
     let consumer: BaseConsumer<WorkerContext> = kafka_config::consumer(&config, &settings.env)
-        .create_with_context(WorkerContext(dispatch.clone(), config.spec.source.group_protocol))
+        .create_with_context(WorkerContext::new(dispatch.clone(), config.spec.source.group_protocol))
         .map_err(|source| RunError::Kafka { what: "consumer", source })?;
     let consumer_loop = ConsumerLoop {
         consumer: Arc::new(consumer),

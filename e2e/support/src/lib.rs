@@ -14,9 +14,43 @@
 
 pub mod sink;
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
 
 pub use sink::{HttpSink, SinkBehavior, SinkRequest, serve};
+
+/// The Kafka broker of the local test bed: `KPIPE_KAFKA_BOOTSTRAP`, else `KAFKA_BOOTSTRAP` from the bed's env file
+/// (`$KPIPE_RUN/env`, default `~/.cache/kpipe/run/env`). Panics when no broker is configured or the first one is not
+/// reachable: the tests that need Kafka must never silently skip.
+pub fn kafka_bootstrap() -> String {
+    let from_env = std::env::var("KPIPE_KAFKA_BOOTSTRAP").ok().filter(|s| !s.is_empty());
+    let env_file = std::env::var("KPIPE_RUN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/kpipe/run"))
+        .join("env");
+    let bootstrap = from_env.or_else(|| {
+        std::fs::read_to_string(&env_file)
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("KAFKA_BOOTSTRAP=").map(|v| v.trim().to_owned()))
+    });
+    let Some(bootstrap) = bootstrap else {
+        panic!(
+            "no Kafka broker configured: set KPIPE_KAFKA_BOOTSTRAP=host:port or bring the test bed up \
+             (e2e/testbed/up.sh writes KAFKA_BOOTSTRAP to {})",
+            env_file.display()
+        );
+    };
+    let first = bootstrap.split(',').next().unwrap_or_default();
+    let reachable = first
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .is_some_and(|a| TcpStream::connect_timeout(&a, Duration::from_secs(3)).is_ok());
+    assert!(reachable, "Kafka broker {bootstrap} is not reachable (is the test bed up? e2e/testbed/status.sh)");
+    bootstrap
+}
 
 /// A name unique to one test run: `<prefix>-<8 hex digits>`. Valid as a namespace (when `prefix` is), a Kafka topic
 /// and a consumer group.

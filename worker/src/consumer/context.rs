@@ -1,8 +1,9 @@
 //! The librdkafka callbacks: logs, errors and statistics, and the rebalance callback that resolves start offsets
 //! before an assignment and drains and commits partitions before a revoke.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
+use kpipe_rdkafka_native::FetchQueue;
 use rdkafka::TopicPartitionList;
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
@@ -19,8 +20,39 @@ use super::partitions_of;
 use super::positions::parse_offset_reset_log;
 
 /// The consumer's librdkafka context: every callback works on the shared [`Dispatch`]; the second field is the
-/// group protocol the consumer was configured with (`spec.source.groupProtocol`).
-pub struct WorkerContext(pub Arc<Dispatch>, pub GroupProtocol);
+/// group protocol the consumer was configured with (`spec.source.groupProtocol`); the third, the fetch queue that
+/// the rebalance callback forwards newly assigned partitions to ([`FetchSlot`]).
+pub struct WorkerContext(pub Arc<Dispatch>, pub GroupProtocol, pub(super) FetchSlot);
+
+impl WorkerContext {
+    pub fn new(dispatch: Arc<Dispatch>, protocol: GroupProtocol) -> Self {
+        Self(dispatch, protocol, FetchSlot::default())
+    }
+}
+
+/// The consumer loop's [`FetchQueue`] while the loop runs (empty before and after). The queue holds its consumer,
+/// which holds this context: the loop empties the slot before it closes the consumer ([`FetchSlot::clear`]), which
+/// breaks that cycle and destroys the queue while its client is still alive.
+#[derive(Default)]
+pub(super) struct FetchSlot(Mutex<Option<Arc<FetchQueue<WorkerContext>>>>);
+
+impl FetchSlot {
+    fn lock(&self) -> MutexGuard<'_, Option<Arc<FetchQueue<WorkerContext>>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn set(&self, queue: Arc<FetchQueue<WorkerContext>>) {
+        *self.lock() = Some(queue);
+    }
+
+    pub(super) fn clear(&self) {
+        self.lock().take();
+    }
+
+    fn get(&self) -> Option<Arc<FetchQueue<WorkerContext>>> {
+        self.lock().clone()
+    }
+}
 
 /// How a rebalance is applied to librdkafka's assignment: incrementally (`incremental_assign`/`incremental_unassign`,
 /// the list names only the partitions that change hands) or eagerly (`assign`/`unassign`, the whole assignment).
@@ -97,6 +129,12 @@ impl ConsumerContext for WorkerContext {
         let assign = err == RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS;
         if assign {
             self.0.resolve_starts(consumer, tpl);
+            // Before the assignment starts fetching: see `FetchQueue::forward`.
+            if let Some(fetch) = self.2.get()
+                && let Err(e) = fetch.forward(tpl)
+            {
+                tracing::warn!("records of some assigned partitions are read one by one: {e}");
+            }
         }
         let rebalance = match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => Rebalance::Assign(&*tpl),

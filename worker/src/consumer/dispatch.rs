@@ -7,9 +7,10 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use kpipe_rdkafka_native::{CopiedHeaders, FetchedMessage, Header, copy_headers};
 use rdkafka::TopicPartitionList;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::message::{BorrowedMessage, Message};
 use tokio::runtime::Handle;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
@@ -363,14 +364,15 @@ impl TopicNames {
         }
     }
 
-    fn of(&mut self, m: &BorrowedMessage<'_>) -> Arc<str> {
+    /// The shared name of a record's topic: `is` says whether a name is the record's, `read` reads it.
+    fn resolve(&mut self, is: impl FnOnce(&str) -> bool, read: impl FnOnce() -> Arc<str>) -> Arc<str> {
         if let Some(t) = &self.only {
             return t.clone();
         }
         match &self.last {
-            Some(t) if **t == *m.topic() => t.clone(),
+            Some(t) if is(t) => t.clone(),
             _ => {
-                let t: Arc<str> = Arc::from(m.topic());
+                let t = read();
                 self.last = Some(t.clone());
                 t
             }
@@ -378,12 +380,10 @@ impl TopicNames {
     }
 }
 
-pub(super) fn to_record(m: &BorrowedMessage<'_>, topics: &mut TopicNames) -> Record {
-    let topic = topics.of(m);
-    let headers = m
-        .headers()
-        .map(|hs| hs.iter().map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec))).collect())
-        .unwrap_or_default();
+/// A record polled from the consumer queue (partitions that could not be forwarded to the fetch queue).
+pub(super) fn to_record(m: &BorrowedMessage<'_>, topics: &mut TopicNames, metrics: &Metrics) -> Record {
+    let topic = topics.resolve(|t| t == m.topic(), || Arc::from(m.topic()));
+    let headers = copied(copy_headers(m), &topic, m.partition(), m.offset(), metrics);
     Record {
         topic,
         partition: m.partition(),
@@ -394,6 +394,34 @@ pub(super) fn to_record(m: &BorrowedMessage<'_>, topics: &mut TopicNames) -> Rec
         headers,
         epoch: 0,
     }
+}
+
+/// A record taken from the fetch queue.
+pub(super) fn fetched_record(m: &FetchedMessage<'_>, topics: &mut TopicNames, metrics: &Metrics) -> Record {
+    let topic = topics.resolve(|t| m.topic_is(t), || Arc::from(m.topic()));
+    let headers = copied(m.headers(), &topic, m.partition(), m.offset(), metrics);
+    Record {
+        topic,
+        partition: m.partition(),
+        offset: m.offset(),
+        timestamp_ms: m.timestamp_ms(),
+        key: m.key().map(<[u8]>::to_vec),
+        value: m.payload().map(<[u8]>::to_vec),
+        headers,
+        epoch: 0,
+    }
+}
+
+/// The headers of a record; header keys that were not UTF-8 are counted, and the first one is logged.
+fn copied(headers: CopiedHeaders, topic: &str, partition: i32, offset: i64, metrics: &Metrics) -> Vec<Header> {
+    if headers.lossy_keys > 0 {
+        if metrics.header_keys_replaced.get() == 0 {
+            tracing::warn!(%topic, partition, offset, "a header key is not UTF-8; passed on with U+FFFD in place of \
+                the invalid bytes (counted in kpipe_worker_header_keys_replaced_total; only the first is logged)");
+        }
+        metrics.header_keys_replaced.inc_by(headers.lossy_keys as u64);
+    }
+    headers.headers
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering as AtomicOrdering;
 use std::time::{Duration, Instant};
 
+use kpipe_rdkafka_native::{FetchQueue, MessageBatch};
 use rdkafka::TopicPartitionList;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
@@ -30,11 +31,14 @@ use commit::{
 };
 pub use context::WorkerContext;
 pub use dispatch::Dispatch;
-use dispatch::{TopicNames, to_record};
+use dispatch::{TopicNames, fetched_record, to_record};
 pub use positions::{LookupError, StartPolicy};
 
 /// A topic and partition; the topic name is shared, not copied.
 pub(super) type TopicPartition = (Arc<str>, i32);
+
+/// Most records taken from the fetch queue in one call.
+const FETCH_BATCH_RECORDS: usize = 256;
 
 /// How long a partly filled chunk may wait while other partitions keep the consumer busy.
 pub(super) const CHUNK_MAX_DELAY: Duration = Duration::from_millis(5);
@@ -101,13 +105,23 @@ impl ConsumerLoop {
                 (None, None)
             }
         };
+        // Records come in batches from the fetch queue that the rebalance callback forwards every assigned partition
+        // to; the consumer queue brings rebalances, errors, commit results and statistics (and the records of a
+        // partition that could not be forwarded). Made after subscribing and before the first poll, so before the
+        // first assignment. Without it (librdkafka could not allocate a queue) every record comes through `poll`.
+        let fetch = FetchQueue::new(self.consumer.clone()).map(Arc::new);
+        match &fetch {
+            Some(queue) => self.consumer.context().2.set(queue.clone()),
+            None => tracing::warn!("cannot create a fetch queue; reading records one by one"),
+        }
+        let mut batch = MessageBatch::with_capacity(FETCH_BATCH_RECORDS);
         let mut last_commit = Instant::now();
         let mut any_overflow = false;
         let mut staged = false;
         let mut last_flush = Instant::now();
         let mut last_probe = Instant::now();
         let mut topic_names = TopicNames::new(&self.topics);
-        let mut iterations = 0u64;
+        let mut since_check = 0usize;
         // Shared counters are updated in bulk: a per-record atomic on a cache line other
         // threads write too is measurable at a million records per second.
         let mut consumed = 0u64;
@@ -117,27 +131,51 @@ impl ConsumerLoop {
             } else if any_overflow {
                 Duration::from_millis(5)
             } else {
-                // Short enough that an early commit asked for by a partition task is sent promptly.
+                // Short enough that an early commit asked for by a partition task is sent promptly (and, with a
+                // fetch queue, that an idle consumer serves a rebalance promptly).
                 Duration::from_millis(20)
             };
-            let mut ran_dry = false;
-            match self.consumer.poll(timeout) {
+            let mut taken = 0;
+            let mut dispatched = 0u64;
+            if let Some(fetch) = &fetch {
+                taken = fetch.consume(&mut batch, timeout, |m| match m.error() {
+                    None => {
+                        let record = fetched_record(&m, &mut topic_names, &d.metrics);
+                        d.dispatch(&self.consumer, record);
+                        dispatched += 1;
+                    }
+                    Some(code) => {
+                        tracing::warn!(topic = %m.topic(), partition = m.partition(), "consumer error: {code:?}: {}",
+                            m.error_text());
+                    }
+                });
+            }
+            // Events are served after every batch, so at once while records flow and within `timeout` when idle.
+            let poll_timeout = if fetch.is_some() { Duration::ZERO } else { timeout };
+            match self.consumer.poll(poll_timeout) {
                 Some(Ok(m)) => {
-                    consumed += 1;
-                    let record = to_record(&m, &mut topic_names);
+                    let record = to_record(&m, &mut topic_names, &d.metrics);
                     drop(m);
                     d.dispatch(&self.consumer, record);
-                    staged = true;
+                    dispatched += 1;
+                    taken += 1;
                 }
-                Some(Err(e)) => tracing::warn!("consumer error: {e}"),
-                None => ran_dry = true,
+                Some(Err(e)) => {
+                    tracing::warn!("consumer error: {e}");
+                    taken += 1;
+                }
+                None => {}
             }
+            consumed += dispatched;
+            staged |= dispatched > 0;
+            let ran_dry = taken == 0;
             // Flush when the local queue ran dry, or every few ms under a constant stream (the
             // clock is read every 64 records only: it is not free on every machine).
-            iterations = iterations.wrapping_add(1);
-            if !ran_dry && !iterations.is_multiple_of(64) {
+            since_check += taken;
+            if !ran_dry && since_check < 64 {
                 continue;
             }
+            since_check = 0;
             d.metrics.consumed.inc_by(std::mem::take(&mut consumed));
             if self.shutdown.is_cancelled() {
                 break;
@@ -188,6 +226,9 @@ impl ConsumerLoop {
             settle_held_offsets(&self.consumer, &d, final_commit_deadline);
         }
         self.consumer.unsubscribe();
+        // The queue goes before its client (and the context's reference with it: see `FetchSlot`).
+        drop(fetch);
+        self.consumer.context().2.clear();
         // Dropping the last handle closes the consumer: it leaves the group (the revoke callback finds no
         // partitions left to drain).
         drop(self.consumer);

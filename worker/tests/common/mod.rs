@@ -10,7 +10,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use kpipe_test_support::sink::{HttpSink, SinkBehavior, SinkRequest, ids, serve};
-pub use kpipe_test_support::{free_addr, unique_name as unique};
+pub use kpipe_test_support::{free_addr, kafka_bootstrap as bootstrap, unique_name as unique};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -18,38 +18,6 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
-
-/// The broker of the local test bed: `KPIPE_KAFKA_BOOTSTRAP`, else `KAFKA_BOOTSTRAP` from the
-/// bed's env file (`$KPIPE_RUN/env`, default `~/.cache/kpipe/run/env`). Fails loudly when no
-/// broker is reachable: these tests must never silently skip.
-pub fn bootstrap() -> String {
-    let from_env = std::env::var("KPIPE_KAFKA_BOOTSTRAP").ok().filter(|s| !s.is_empty());
-    let env_file = std::env::var("KPIPE_RUN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/kpipe/run"))
-        .join("env");
-    let bootstrap = from_env.or_else(|| {
-        std::fs::read_to_string(&env_file)
-            .ok()?
-            .lines()
-            .find_map(|l| l.strip_prefix("KAFKA_BOOTSTRAP=").map(|v| v.trim().to_owned()))
-    });
-    let Some(bootstrap) = bootstrap else {
-        panic!(
-            "no Kafka broker configured: set KPIPE_KAFKA_BOOTSTRAP=host:port or bring the test bed up \
-             (e2e/testbed/up.sh writes KAFKA_BOOTSTRAP to {})",
-            env_file.display()
-        );
-    };
-    let first = bootstrap.split(',').next().unwrap_or_default();
-    let reachable = first
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut a| a.next())
-        .is_some_and(|a| TcpStream::connect_timeout(&a, Duration::from_secs(3)).is_ok());
-    assert!(reachable, "Kafka broker {bootstrap} is not reachable (is the test bed up? e2e/testbed/status.sh)");
-    bootstrap
-}
 
 pub async fn create_topic(bootstrap: &str, name: &str, partitions: i32) {
     let admin: AdminClient<DefaultClientContext> =
