@@ -74,6 +74,27 @@ pub struct Selection {
 /// A header as read from Kafka.
 pub type Header = (String, Option<Vec<u8>>);
 
+/// The truncation headers a reduced dead letter carries, in the order the writer puts them before its context headers.
+const TRUNCATION_HEADERS: [&str; 3] = ["kpipe.payload.truncated", "kpipe.payload.omitted", "kpipe.payload.bytes"];
+
+/// Splits a dead letter's headers into the original record's and the writer's context block (and whatever follows
+/// it: a parked record's replay headers). The writer appends its block after the original headers: the truncation
+/// headers of a reduced record, then the context headers in name order, which always start with `kpipe.attempts`. So
+/// the block starts at the last `kpipe.attempts` (three headers earlier when the truncation headers precede it), and
+/// headers of the same names before it are the original record's own: a pipeline that consumes another pipeline's
+/// dead letters and dead-letters one again writes a second block after the first. `None` when the headers hold no
+/// such block (no `kpipe.attempts`, or none followed by `kpipe.original.topic`).
+fn split_context(headers: &[Header]) -> Option<(&[Header], &[Header])> {
+    let attempts = headers.iter().rposition(|(k, _)| k == "kpipe.attempts")?;
+    let start = attempts
+        .checked_sub(TRUNCATION_HEADERS.len())
+        .filter(|&s| headers[s..attempts].iter().map(|(k, _)| k.as_str()).eq(TRUNCATION_HEADERS))
+        .unwrap_or(attempts);
+    let (original, context) = headers.split_at(start);
+    // A block without the original's coordinates is not the writer's.
+    context.iter().any(|(k, _)| k == "kpipe.original.topic").then_some((original, context))
+}
+
 fn header<'a>(headers: &'a [Header], key: &str) -> Option<&'a [u8]> {
     headers.iter().find(|(k, _)| k == key).and_then(|(_, v)| v.as_deref())
 }
@@ -85,6 +106,7 @@ fn header_str(headers: &[Header], key: &str) -> Option<String> {
 impl Selection {
     /// Whether the dead letter at `offset` with Kafka timestamp `timestamp_ms` and `headers` is replayed.
     pub fn selects(&self, offset: i64, timestamp_ms: Option<i64>, headers: &[Header]) -> bool {
+        let headers = split_context(headers).map_or(headers, |(_, context)| context);
         if header(headers, "kpipe.pipeline") != Some(self.pipeline.as_bytes()) {
             return false;
         }
@@ -119,17 +141,23 @@ pub struct Original {
     pub truncated: bool,
 }
 
-/// Restores the original record's coordinates and headers from a dead letter's headers. `None` when the context
-/// headers are missing (not a kpipe dead letter).
+/// Restores the original record's coordinates and headers from a dead letter's headers (see `split_context`: the
+/// original's own headers are kept whatever their names, `kpipe.*` ones included). `None` when the context headers
+/// are missing (not a kpipe dead letter).
 pub fn restore(headers: &[Header]) -> Option<Original> {
-    let num = |k: &str| header_str(headers, k).and_then(|v| v.parse::<i64>().ok());
+    let (original, context) = match split_context(headers) {
+        Some((original, context)) => (original.to_vec(), context),
+        // Not in the writer's layout: every header of a context name is context, the rest the original's.
+        None => (headers.iter().filter(|(k, _)| !CONTEXT_HEADERS.contains(&k.as_str())).cloned().collect(), headers),
+    };
+    let num = |k: &str| header_str(context, k).and_then(|v| v.parse::<i64>().ok());
     Some(Original {
-        topic: header_str(headers, "kpipe.original.topic")?,
+        topic: header_str(context, "kpipe.original.topic")?,
         partition: i32::try_from(num("kpipe.original.partition")?).ok()?,
         offset: num("kpipe.original.offset")?,
         timestamp_ms: num("kpipe.original.timestamp"),
-        headers: headers.iter().filter(|(k, _)| !CONTEXT_HEADERS.contains(&k.as_str())).cloned().collect(),
-        truncated: header(headers, "kpipe.payload.truncated") == Some(b"true"),
+        headers: original,
+        truncated: header(context, "kpipe.payload.truncated") == Some(b"true"),
     })
 }
 
@@ -179,19 +207,20 @@ mod tests {
         (k.to_string(), Some(v.as_bytes().to_vec()))
     }
 
+    /// The writer's layout: the original record's headers, then the context headers in name order.
     fn dead_letter() -> Vec<Header> {
         vec![
             h("trace-id", "abc"),
-            h("kpipe.original.topic", "orders"),
-            h("kpipe.original.partition", "3"),
-            h("kpipe.original.offset", "41"),
-            h("kpipe.original.timestamp", "1700000000000"),
             ("empty".to_string(), None),
+            h("content-type", "application/json"),
+            h("kpipe.attempts", "8"),
             h("kpipe.error.class", "http_503"),
             h("kpipe.error.message", "unavailable"),
-            h("kpipe.attempts", "8"),
+            h("kpipe.original.offset", "41"),
+            h("kpipe.original.partition", "3"),
+            h("kpipe.original.timestamp", "1700000000000"),
+            h("kpipe.original.topic", "orders"),
             h("kpipe.pipeline", "orders"),
-            h("content-type", "application/json"),
         ]
     }
 
@@ -207,10 +236,51 @@ mod tests {
             vec![h("trace-id", "abc"), ("empty".to_string(), None), h("content-type", "application/json")]
         );
         assert!(!o.truncated);
+        // A reduced dead letter: the truncation headers come right before the context headers.
         let mut r = dead_letter();
-        r.push(h("kpipe.payload.truncated", "true"));
-        assert!(restore(&r).unwrap().truncated);
+        let truncation =
+            [h("kpipe.payload.truncated", "true"), h("kpipe.payload.omitted", "value"), h("kpipe.payload.bytes", "9")];
+        r.splice(3..3, truncation);
+        let o = restore(&r).unwrap();
+        assert!(o.truncated);
+        assert_eq!(o.headers.len(), 3, "{:?}", o.headers);
         assert_eq!(restore(&[h("x", "y")]), None, "not a dead letter");
+        // Headers in another order (not the writer's): recognised by name.
+        let mut shuffled = dead_letter();
+        shuffled.rotate_left(4);
+        let o = restore(&shuffled).unwrap();
+        assert_eq!((o.topic.as_str(), o.offset), ("orders", 41));
+        assert!(o.headers.iter().all(|(k, _)| !k.starts_with("kpipe.")), "{:?}", o.headers);
+    }
+
+    #[test]
+    fn a_dead_letter_of_a_dead_letter_keeps_the_original_context_headers_as_headers() {
+        // A pipeline "audit" reads "orders"' dead-letter topic and dead-letters one of those records again: its
+        // writer appends a second context block after the first one, which is now part of the original record.
+        let first = dead_letter();
+        let mut second = first.clone();
+        second.extend([
+            h("kpipe.attempts", "1"),
+            h("kpipe.error.class", "http_400"),
+            h("kpipe.error.message", "bad"),
+            h("kpipe.original.offset", "7"),
+            h("kpipe.original.partition", "0"),
+            h("kpipe.original.timestamp", "1700000000500"),
+            h("kpipe.original.topic", "orders-dlq"),
+            h("kpipe.pipeline", "audit"),
+        ]);
+        let o = restore(&second).unwrap();
+        assert_eq!((o.topic.as_str(), o.partition, o.offset), ("orders-dlq", 0, 7));
+        assert_eq!(o.headers, first, "the original record (a dead letter itself) keeps all its headers, in order");
+        let audit = Selection { pipeline: "audit".into(), ..Default::default() };
+        assert!(audit.selects(0, None, &second));
+        assert!(!Selection { pipeline: "orders".into(), ..Default::default() }.selects(0, None, &second));
+        let class = Selection { error_classes: vec!["http_400".into()], ..audit };
+        assert!(class.selects(0, None, &second), "the class of the last failure");
+        // A parked record (the dead letter plus the replay's headers) restores the same original.
+        let mut parked = second.clone();
+        parked.extend([h("kpipe.replay", "ns/r1"), h("kpipe.replay.error.class", "timeout")]);
+        assert_eq!(restore(&parked).unwrap().headers, first);
     }
 
     #[test]

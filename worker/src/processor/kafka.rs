@@ -356,7 +356,7 @@ pub trait DeadLetterSink: Send + Sync {
 pub struct KafkaDeadLetter {
     pub producer: FutureProducer,
     pub topic: String,
-    /// `<namespace>/<name>` of the pipeline.
+    /// `metadata.name` of the pipeline: the value of the `kpipe.pipeline` context header.
     pub pipeline: String,
     pub limits: Arc<TopicLimits>,
 }
