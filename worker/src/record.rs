@@ -22,9 +22,12 @@ pub struct Record {
 }
 
 impl Record {
-    /// Bytes counted against batch and in-flight byte limits (key + value, as the spec says).
+    /// Bytes counted against batch and in-flight byte limits (`batch.maxBytes`, the pending and overflow bounds): key,
+    /// value and every header's key and value. Headers count because a record with large headers costs as much
+    /// memory and request body as one with a large value.
     pub fn size_bytes(&self) -> u64 {
-        (self.key.as_ref().map_or(0, Vec::len) + self.value.as_ref().map_or(0, Vec::len)) as u64
+        let headers: usize = self.headers.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len)).sum();
+        (self.key.as_ref().map_or(0, Vec::len) + self.value.as_ref().map_or(0, Vec::len) + headers) as u64
     }
 
     /// Hash of the key used by `key` ordering. Records without a key have no ordering
@@ -50,5 +53,18 @@ pub(crate) fn test_record(offset: i64, key: Option<&str>, value: &str) -> Record
         value: Some(value.as_bytes().to_vec()),
         headers: vec![],
         epoch: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_size_counts_key_value_and_headers() {
+        let mut r = test_record(0, Some("key"), "value");
+        assert_eq!(r.size_bytes(), 3 + 5);
+        r.headers = vec![("trace".into(), Some(vec![0; 100])), ("empty".into(), None)];
+        assert_eq!(r.size_bytes(), 3 + 5 + 5 + 100 + 5);
     }
 }

@@ -663,7 +663,7 @@ pub struct Batch {
     #[serde(default = "default_max_records")]
     #[schemars(range(min = 1, max = 100000))]
     pub max_records: u32,
-    /// Most bytes (keys plus values) in one batch, e.g. `1Mi`: from 1 byte to 1Gi.
+    /// Most bytes (keys, values and headers) in one batch, e.g. `1Mi`: from 1 byte to 1Gi.
     #[serde(default = "default_max_bytes")]
     pub max_bytes: ByteSize,
     /// Longest a batch waits for more records after its first one (at most 1m).

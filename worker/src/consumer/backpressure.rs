@@ -23,7 +23,7 @@ pub(super) enum Action {
     Resume,
 }
 
-/// When an overflow pauses a partition: `records` records or `bytes` bytes (key + value) waiting, whichever
+/// When an overflow pauses a partition: `records` records or `bytes` bytes (`Record::size_bytes`) waiting, whichever
 /// comes first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct OverflowLimit {
