@@ -87,6 +87,70 @@ impl Limit {
     }
 }
 
+/// The records a topic refuses for what they are, not for their size: Kafka refuses a record
+/// - with `INVALID_TIMESTAMP` when its create time is more than `message.timestamp.before.max.ms` in the past or
+///   `message.timestamp.after.max.ms` in the future (KIP-937; older brokers: `message.timestamp.difference.max.ms` both
+///   ways), never with `message.timestamp.type: LogAppendTime`;
+/// - with `INVALID_RECORD` when it has no key and the topic's `cleanup.policy` includes `compact`.
+///
+/// The broker refuses the whole produce request such a record is in, so one of them would fail every record batched
+/// with it; the forwarder checks each record first and fails only that one, permanently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TopicRules {
+    /// Milliseconds a timestamp may lie in the past (`None`: unbounded).
+    pub before_ms: Option<i64>,
+    /// Milliseconds a timestamp may lie in the future (`None`: unbounded).
+    pub after_ms: Option<i64>,
+    /// A compacted topic: every record needs a key.
+    pub compacted: bool,
+}
+
+impl TopicRules {
+    /// From a topic's configuration entries (name, value); Kafka's `Long.MAX_VALUE` means unbounded.
+    pub fn from_config<'a>(entries: impl IntoIterator<Item = (&'a str, Option<&'a str>)>) -> Self {
+        let (mut kind, mut before, mut after, mut difference, mut compacted) = (None, None, None, None, false);
+        for (name, value) in entries {
+            let ms = || value.and_then(|v| v.parse::<i64>().ok()).filter(|v| *v >= 0 && *v < i64::MAX);
+            match name {
+                "message.timestamp.type" => kind = value,
+                "message.timestamp.before.max.ms" => before = ms(),
+                "message.timestamp.after.max.ms" => after = ms(),
+                "message.timestamp.difference.max.ms" => difference = ms(),
+                "cleanup.policy" => compacted = value.is_some_and(|v| v.split(',').any(|p| p.trim() == "compact")),
+                _ => {}
+            }
+        }
+        if kind == Some("LogAppendTime") {
+            return Self { compacted, ..Self::default() };
+        }
+        Self { before_ms: before.or(difference), after_ms: after.or(difference), compacted }
+    }
+
+    /// Why a record (`has_key`: whether it has a key) stamped `timestamp_ms` would be refused at `now_ms` (both Unix
+    /// milliseconds), if it would.
+    pub fn refuses(&self, has_key: bool, timestamp_ms: Option<i64>, now_ms: i64) -> Option<String> {
+        if self.compacted && !has_key {
+            return Some("a record without a key, refused by a compacted topic (cleanup.policy compact)".to_owned());
+        }
+        let timestamp_ms = timestamp_ms?;
+        if let Some(before) = self.before_ms
+            && timestamp_ms < now_ms.saturating_sub(before)
+        {
+            return Some(format!(
+                "timestamp {timestamp_ms}: more than message.timestamp.before.max.ms {before} in the past"
+            ));
+        }
+        if let Some(after) = self.after_ms
+            && timestamp_ms > now_ms.saturating_add(after)
+        {
+            return Some(format!(
+                "timestamp {timestamp_ms}: more than message.timestamp.after.max.ms {after} in the future"
+            ));
+        }
+        None
+    }
+}
+
 /// How long a failed read of a topic's configuration is remembered before it is tried again.
 const UNKNOWN_LIMIT_TTL: Duration = Duration::from_secs(60);
 
@@ -97,12 +161,14 @@ const UNKNOWN_LIMIT_TTL: Duration = Duration::from_secs(60);
 pub struct TopicLimits {
     admin: Option<AdminClient<DefaultClientContext>>,
     cache: Mutex<HashMap<String, (Limit, Option<std::time::Instant>)>>,
+    /// The rules read with the limits (a topic not read yet, or not readable: none).
+    windows: Mutex<HashMap<String, TopicRules>>,
 }
 
 impl TopicLimits {
     /// `admin`: `None` assumes [`KAFKA_DEFAULT_MAX_MESSAGE_BYTES`] for every topic (tests).
     pub fn new(admin: Option<AdminClient<DefaultClientContext>>) -> Self {
-        Self { admin, cache: Mutex::new(HashMap::new()) }
+        Self { admin, cache: Mutex::new(HashMap::new()), windows: Mutex::new(HashMap::new()) }
     }
 
     /// A fixed, known limit for `topic` (tests, or a value known otherwise).
@@ -116,6 +182,20 @@ impl TopicLimits {
     /// The largest record `topic` accepts, in bytes (a record batch of one record, see [`crate::size`]).
     pub async fn max_message_bytes(&self, topic: &str) -> u64 {
         self.limit(topic).await.bytes()
+    }
+
+    /// What `topic` refuses besides size (read with its size limit; nothing while unknown).
+    pub async fn topic_rules(&self, topic: &str) -> TopicRules {
+        self.limit(topic).await;
+        self.windows.lock().ok().and_then(|w| w.get(topic).copied()).unwrap_or_default()
+    }
+
+    /// Fixed rules for `topic` (tests).
+    pub fn with_topic_rules(self, topic: &str, window: TopicRules) -> Self {
+        if let Ok(mut w) = self.windows.lock() {
+            w.insert(topic.to_owned(), window);
+        }
+        self
     }
 
     /// The topic's limit and whether it was read or assumed.
@@ -137,10 +217,13 @@ impl TopicLimits {
         }
         let opts = AdminOptions::new().request_timeout(Some(Timeout::After(DESCRIBE_TIMEOUT)));
         let read = match admin.describe_configs(&[ResourceSpecifier::Topic(topic)], &opts).await {
-            Ok(results) => results
-                .into_iter()
-                .flatten()
-                .find_map(|r| r.get("max.message.bytes").and_then(|e| e.value.as_deref()?.parse::<u64>().ok())),
+            Ok(results) => results.into_iter().flatten().find_map(|r| {
+                let window = TopicRules::from_config(r.entries.iter().map(|e| (e.name.as_str(), e.value.as_deref())));
+                if let Ok(mut w) = self.windows.lock() {
+                    w.insert(topic.to_owned(), window);
+                }
+                r.get("max.message.bytes").and_then(|e| e.value.as_deref()?.parse::<u64>().ok())
+            }),
             Err(e) => {
                 tracing::warn!(topic, "cannot read the topic's max.message.bytes: {e}");
                 None
@@ -241,8 +324,15 @@ impl KafkaForwarder {
     /// Forwards one record. A record larger than the output topic's `max.message.bytes` is a
     /// permanent failure (sent down the failure policy, never retried): it is refused before
     /// producing, or, if the broker refuses it after all (the limit changed), the limit is read again.
-    async fn forward(&self, r: &Record, limit: u64) -> Result<(), Failure> {
+    async fn forward(&self, r: &Record, limit: u64, rules: TopicRules, now_ms: i64) -> Result<(), Failure> {
         let key = if self.keep_key { r.key.as_deref() } else { None };
+        // Refused before producing: the broker would refuse the whole request it is batched in.
+        if let Some(why) = rules.refuses(key.is_some(), r.timestamp_ms, now_ms) {
+            return Err(Failure::new(
+                FailureClass::Produce { retryable: false },
+                format!("{why}: topic {}", self.topic),
+            ));
+        }
         let headers = r
             .headers
             .iter()
@@ -295,7 +385,9 @@ impl Processor for KafkaForwarder {
     fn process<'a>(&'a self, records: &'a [Arc<Record>]) -> BoxFuture<'a, BatchOutcome> {
         Box::pin(async move {
             let limit = self.limits.max_message_bytes(&self.topic).await;
-            let sends = records.iter().map(|r| self.forward(r, limit));
+            let rules = self.limits.topic_rules(&self.topic).await;
+            let now_ms = i64::try_from(crate::consumer::unix_millis()).unwrap_or(i64::MAX);
+            let sends = records.iter().map(|r| self.forward(r, limit, rules, now_ms));
             let results = futures::future::join_all(sends).await;
             BatchOutcome::Partial(
                 results.into_iter().enumerate().filter_map(|(i, r)| r.err().map(|f| (i, f))).collect(),
@@ -443,6 +535,37 @@ mod tests {
         for k in h.keys() {
             assert!(kpipe_api::replay::CONTEXT_HEADERS.contains(&k.as_str()), "{k} missing from CONTEXT_HEADERS");
         }
+    }
+
+    #[test]
+    fn topic_rules_follow_the_topic_configuration() {
+        let w = TopicRules::from_config([
+            ("message.timestamp.type", Some("CreateTime")),
+            ("message.timestamp.before.max.ms", Some("600000")),
+            ("message.timestamp.after.max.ms", Some("9223372036854775807")),
+            ("cleanup.policy", Some("delete")),
+        ]);
+        assert_eq!(w, TopicRules { before_ms: Some(600_000), after_ms: None, compacted: false });
+        let now = 1_800_000_000_000;
+        assert!(w.refuses(true, Some(now - 600_001), now).is_some_and(|why| why.contains("before.max.ms 600000")));
+        assert_eq!(w.refuses(true, Some(now - 600_000), now), None);
+        assert_eq!(w.refuses(false, Some(now + 86_400_000), now), None, "unbounded in the future; keys optional");
+        assert_eq!(w.refuses(true, None, now), None, "no timestamp: the producer stamps it now");
+        // Older brokers: one difference both ways; a log-append-time topic refuses no timestamp.
+        let legacy = TopicRules::from_config([("message.timestamp.difference.max.ms", Some("1000"))]);
+        assert_eq!(legacy, TopicRules { before_ms: Some(1000), after_ms: Some(1000), compacted: false });
+        assert!(legacy.refuses(true, Some(now + 1001), now).is_some());
+        assert!(legacy.refuses(true, Some(now - 1001), now).is_some());
+        let append = TopicRules::from_config([
+            ("message.timestamp.type", Some("LogAppendTime")),
+            ("message.timestamp.before.max.ms", Some("1")),
+        ]);
+        assert_eq!(append.refuses(true, Some(0), now), None);
+        assert_eq!(TopicRules::default().refuses(false, Some(i64::MIN), now), None);
+        // A compacted topic needs keys.
+        let compacted = TopicRules::from_config([("cleanup.policy", Some("compact,delete"))]);
+        assert!(compacted.refuses(false, Some(now), now).is_some_and(|why| why.contains("without a key")));
+        assert_eq!(compacted.refuses(true, Some(now), now), None);
     }
 
     #[tokio::test]
