@@ -163,23 +163,45 @@ impl<C: ConsumerContext + 'static> FetchQueue<C> {
         unsafe { rd::rd_kafka_queue_yield(self.queue.as_ptr()) };
     }
 
-    /// Waits up to `timeout` for records, takes up to the batch's capacity of them and hands each to `each` in queue
-    /// order (per partition, offset order), then destroys them. Returns how many it took. Outdated records (of a
-    /// partition revoked, paused or seeked since they were fetched) are dropped by librdkafka, as `poll` does.
+    /// Waits up to `timeout` for a first record, then takes what else is queued, up to the batch's capacity, without
+    /// waiting, and hands each to `each` in queue order (per partition, offset order); then destroys them. Returns
+    /// how many it took. Outdated records (of a partition revoked, paused or seeked since they were fetched) are
+    /// dropped by librdkafka, as `poll` does.
+    ///
+    /// Two calls because `rd_kafka_consume_batch_queue` waits until the batch is full or `timeout` is up: one call
+    /// would hold a trickle of records back by up to `timeout`.
     pub fn consume(&self, batch: &mut MessageBatch, timeout: Duration, each: impl FnMut(FetchedMessage<'_>)) -> usize {
         let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
         batch.taken.clear();
         let capacity = batch.taken.capacity();
-        // SAFETY: the queue is live; the array has room for `capacity` pointers, and librdkafka writes at most that
-        // many, returning how many (or -1 on error, with none written).
-        let n = unsafe {
-            rd::rd_kafka_consume_batch_queue(self.queue.as_ptr(), timeout_ms, batch.taken.as_mut_ptr(), capacity)
+        let first = if timeout_ms > 0 {
+            let first = self.take(batch, 0, 1, timeout_ms);
+            if first == 0 {
+                return 0;
+            }
+            first
+        } else {
+            0
         };
-        let Ok(n) = usize::try_from(n) else { return 0 };
-        // SAFETY: librdkafka initialised the first `n` (≤ capacity) elements with messages we now own.
-        unsafe { batch.taken.set_len(n.min(capacity)) };
+        let rest = self.take(batch, first, capacity - first, 0);
+        let n = first + rest;
+        // SAFETY: the two calls initialised the first `n` (≤ capacity) elements with messages we now own.
+        unsafe { batch.taken.set_len(n) };
         batch.hand_out(each);
         n
+    }
+
+    /// Takes up to `max` messages into `batch.taken[at..]`, waiting up to `timeout_ms` until there are `max`.
+    fn take(&self, batch: &mut MessageBatch, at: usize, max: usize, timeout_ms: i32) -> usize {
+        if max == 0 || at + max > batch.taken.capacity() {
+            return 0;
+        }
+        // SAFETY: `at + max` ≤ capacity, so the array from `at` has room for `max` pointers; the queue is live, and
+        // librdkafka writes at most `max` of them, returning how many (or -1 on error, with none written).
+        let n = unsafe {
+            rd::rd_kafka_consume_batch_queue(self.queue.as_ptr(), timeout_ms, batch.taken.as_mut_ptr().add(at), max)
+        };
+        usize::try_from(n).unwrap_or(0).min(max)
     }
 }
 
