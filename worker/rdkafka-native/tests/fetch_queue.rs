@@ -80,6 +80,8 @@ struct Seen {
     records: HashMap<i32, Vec<SeenRecord>>,
     lossy_keys: usize,
     largest_batch: usize,
+    /// How long the consumer waited for a lone record produced after the others.
+    lone_wait: Duration,
 }
 
 /// Reads the topic through a fetch queue until every record arrived (or 60 s passed), serving events with `poll`.
@@ -95,7 +97,7 @@ fn consume(bootstrap: &str, topic: &str) -> Seen {
     let fetch = Arc::new(FetchQueue::new(consumer.clone()).expect("a fetch queue"));
     *consumer.context().fetch.lock().unwrap() = Some(fetch.clone());
     consumer.subscribe(&[topic]).unwrap();
-    let mut seen = Seen { records: HashMap::new(), lossy_keys: 0, largest_batch: 0 };
+    let mut seen = Seen { records: HashMap::new(), lossy_keys: 0, largest_batch: 0, lone_wait: Duration::ZERO };
     let mut batch = MessageBatch::with_capacity(256);
     let mut total = 0;
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -120,6 +122,19 @@ fn consume(bootstrap: &str, topic: &str) -> Seen {
             panic!("a record or error on the consumer queue: {:?}", result.map(|m| (m.partition(), m.offset())));
         }
     }
+    // A lone record comes back as soon as it arrives, not when the wait is up (one `rd_kafka_consume_batch_queue`
+    // call waits until the batch is full).
+    let producer: BaseProducer = ClientConfig::new().set("bootstrap.servers", bootstrap).create().unwrap();
+    producer.send(BaseRecord::to(topic).key("lone").payload("lone").partition(1)).map_err(|(e, _)| e).unwrap();
+    producer.flush(Duration::from_secs(30)).unwrap();
+    let started = Instant::now();
+    let mut lone = 0;
+    while lone == 0 && started.elapsed() < Duration::from_secs(20) {
+        lone = fetch.consume(&mut batch, Duration::from_secs(20), |m| assert_eq!(m.key(), Some(b"lone".as_slice())));
+        let _ = consumer.poll(Duration::ZERO);
+    }
+    seen.lone_wait = started.elapsed();
+    assert_eq!(lone, 1);
     // Break the cycle (consumer → context → queue → consumer), then destroy the queue before its client.
     consumer.context().fetch.lock().unwrap().take();
     drop(fetch);
@@ -184,6 +199,7 @@ fn a_fetch_queue_hands_over_every_record_in_order_with_its_headers() {
     }
     assert_eq!(seen.lossy_keys, 1);
     assert!(seen.largest_batch > 1, "records came in batches (largest {})", seen.largest_batch);
+    assert!(seen.lone_wait < Duration::from_secs(10), "a lone record waited {:?} of a 20 s wait", seen.lone_wait);
 }
 
 /// Runs the test above in a copy of this test binary under valgrind's memcheck: any message or queue not destroyed
