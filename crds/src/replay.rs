@@ -95,7 +95,15 @@ fn split_context(headers: &[Header]) -> Option<(&[Header], &[Header])> {
     context.iter().any(|(k, _)| k == "kpipe.original.topic").then_some((original, context))
 }
 
-fn header<'a>(headers: &'a [Header], key: &str) -> Option<&'a [u8]> {
+/// The headers of a dead letter that describe it: the writer's context block when there is one (see
+/// [`split_context`]), else all of them. The replay selects by these, and the operator counts by these, so both read
+/// the same `kpipe.pipeline` and `kpipe.error.class`.
+pub fn context_headers(headers: &[Header]) -> &[Header] {
+    split_context(headers).map_or(headers, |(_, context)| context)
+}
+
+/// The value of the first header named `key`, if it has one.
+pub fn header<'a>(headers: &'a [Header], key: &str) -> Option<&'a [u8]> {
     headers.iter().find(|(k, _)| k == key).and_then(|(_, v)| v.as_deref())
 }
 
@@ -106,7 +114,7 @@ fn header_str(headers: &[Header], key: &str) -> Option<String> {
 impl Selection {
     /// Whether the dead letter at `offset` with Kafka timestamp `timestamp_ms` and `headers` is replayed.
     pub fn selects(&self, offset: i64, timestamp_ms: Option<i64>, headers: &[Header]) -> bool {
-        let headers = split_context(headers).map_or(headers, |(_, context)| context);
+        let headers = context_headers(headers);
         if header(headers, "kpipe.pipeline") != Some(self.pipeline.as_bytes()) {
             return false;
         }

@@ -216,16 +216,12 @@ pub fn read_topic(
                     continue;
                 }
                 records += 1;
-                let (mut owner, mut class) = (None, None);
                 // Not rust-rdkafka's header iterator: it panics on a header key that is not UTF-8.
-                let headers = kpipe_rdkafka_native::copy_headers(&m);
-                for (key, value) in &headers.headers {
-                    match key.as_str() {
-                        PIPELINE_HEADER => owner = value.as_deref(),
-                        CLASS_HEADER => class = value.as_deref(),
-                        _ => {}
-                    }
-                }
+                let headers = kpipe_rdkafka_native::copy_headers(&m).headers;
+                // The writer's block, as the replay reads it (a dead letter of a dead letter carries two).
+                let context = kpipe_api::replay::context_headers(&headers);
+                let owner = kpipe_api::replay::header(context, PIPELINE_HEADER);
+                let class = kpipe_api::replay::header(context, CLASS_HEADER);
                 tally.count(pipeline, owner, class);
                 tally.read.insert(p, offset + 1);
                 if offset + 1 >= end {

@@ -229,6 +229,9 @@ enum Contestant {
     Seed,
     Franz,
     KpipeNoop,
+    /// The forwarding ceiling: a bare rdkafka consumer handing every record to a bare producer (idempotent,
+    /// acks=all) without waiting record by record ([`support::bare_forward`]).
+    BareForward,
     /// kpipe's Kafka processor forwarding every record to a 12-partition topic (idempotent producer, acks=all, a
     /// record done only when the broker acknowledged its copy).
     KpipeForward,
@@ -246,6 +249,7 @@ impl Contestant {
             Contestant::Seed => "seed-style sarama (goroutine per record)",
             Contestant::Franz => "franz-go group consumer",
             Contestant::KpipeNoop => "kpipe-worker noop",
+            Contestant::BareForward => "bare rdkafka consumer → producer (acks=all, idempotent)",
             Contestant::KpipeForward => "kpipe-worker kafka forwarder (acks=all, idempotent)",
             Contestant::KpipeForwardWide => "kpipe-worker kafka forwarder, perWorker 8192",
         }
@@ -262,6 +266,7 @@ async fn throughput(bootstrap: &str, n: u64, value_bytes: usize, rounds: usize, 
         Contestant::Seed,
         Contestant::Franz,
         Contestant::KpipeNoop,
+        Contestant::BareForward,
         Contestant::KpipeForward,
         Contestant::KpipeForwardWide,
     ];
@@ -299,6 +304,12 @@ async fn throughput(bootstrap: &str, n: u64, value_bytes: usize, rounds: usize, 
                 .await
                 .unwrap(),
                 Contestant::KpipeNoop => run_kpipe(&b, &t, n, "peers-noop", noop_spec()).await,
+                Contestant::BareForward => {
+                    let out = unique(&format!("peers-bare-forward-{value_bytes}b"));
+                    create_topic(&b, &out, 12).await;
+                    let run = tokio::task::spawn_blocking(move || bare_forward(&b, &t, &out, n)).await.unwrap();
+                    Sample { records: n, active_s: run.active_s, wall_s: run.wall_s, cpu_s: run.cpu_s }
+                }
                 Contestant::KpipeForward | Contestant::KpipeForwardWide => {
                     // A fresh output topic each round, so every round writes the same amount to an empty log.
                     let out = unique(&format!("peers-forward-{value_bytes}b"));
@@ -316,6 +327,7 @@ async fn throughput(bootstrap: &str, n: u64, value_bytes: usize, rounds: usize, 
     let kpipe = table.drain(Contestant::KpipeNoop.name());
     let forward = table.drain(Contestant::KpipeForward.name());
     let forward_wide = table.drain(Contestant::KpipeForwardWide.name());
+    let bare_forward = table.drain(Contestant::BareForward.name());
     let _ = writeln!(
         report,
         "#### Throughput ceiling — {n} × {value_bytes} B, 12 partitions, lz4 ({rounds} rounds, order rotated each \
@@ -324,7 +336,8 @@ async fn throughput(bootstrap: &str, n: u64, value_bytes: usize, rounds: usize, 
          in its first fetch, so its first → last time is tiny). Drain-rate ratios: kpipe noop / bare rdkafka = \
          **{:.2}×**; kpipe noop / seed-style sarama = **{:.2}×**; kpipe noop / franz-go = **{:.2}×**; kpipe noop / \
          kcat = **{:.2}×**; kpipe noop / ConsumerPerformance = **{:.2}×**; kpipe forwarder / kpipe noop = \
-         **{:.2}×** with the default concurrency, **{:.2}×** with perWorker 8192 (goal ≥ 0.5×).\n",
+         **{:.2}×** with the default concurrency, **{:.2}×** with perWorker 8192 (goal ≥ 0.5×); bare forwarder / bare \
+         rdkafka = **{:.2}×**, kpipe forwarder (perWorker 8192) / bare forwarder = **{:.2}×**.\n",
         table.markdown(value_bytes, Contestant::Bare.name(), Table::drain),
         kpipe / table.drain(Contestant::Bare.name()),
         kpipe / table.drain(Contestant::Seed.name()),
@@ -333,6 +346,8 @@ async fn throughput(bootstrap: &str, n: u64, value_bytes: usize, rounds: usize, 
         kpipe / table.drain(Contestant::ConsumerPerf.name()),
         forward / kpipe,
         forward_wide / kpipe,
+        bare_forward / table.drain(Contestant::Bare.name()),
+        forward_wide / bare_forward,
     );
 }
 

@@ -22,23 +22,9 @@ type RawRecord = (i64, Vec<(String, Option<Vec<u8>>)>);
 
 /// Every record of `topic` (partition 0) with its headers in order, read with the worker's own header copy.
 fn read_raw(bootstrap: &str, topic: &str, expected: usize, timeout: Duration) -> Vec<RawRecord> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", unique("reader"))
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning).unwrap();
-    consumer.assign(&tpl).unwrap();
-    let deadline = Instant::now() + timeout;
-    let mut out = Vec::new();
-    while out.len() < expected && Instant::now() < deadline {
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
-            out.push((m.offset(), kpipe_rdkafka_native::copy_headers(&m).headers));
-        }
-    }
-    out
+    common::read_topic_with(bootstrap, topic, expected, timeout, |m| {
+        (m.offset(), kpipe_rdkafka_native::copy_headers(m).headers)
+    })
 }
 
 /// A source record that carries headers named like kpipe's dead-letter context headers (e.g. it is itself a dead

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use rdkafka::ClientConfig;
+use rdkafka::{ClientConfig, Message};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
@@ -205,6 +205,89 @@ pub fn bare_consume(bootstrap: &str, topic: &str, n: u64) -> BareRun {
     };
     drop(consumer);
     BareRun { cpu_s: cpu_seconds("self") - cpu0, ..run }
+}
+
+/// The forwarding ceiling: a `BaseConsumer` poll loop (the worker's librdkafka tuning, auto-commit) handing every
+/// record of `topic` to a `BaseProducer` for `out` (idempotent, acks=all, librdkafka's default linger) without
+/// waiting for acknowledgements record by record; done when all `n` are acknowledged (`flush`). No ordering, retry
+/// or commit guarantee beyond librdkafka's own: what the client library and the broker allow on this machine.
+pub fn bare_forward(bootstrap: &str, topic: &str, out: &str, n: u64) -> BareRun {
+    let cpu0 = cpu_seconds("self");
+    let started = Instant::now();
+    let mut config = ClientConfig::new();
+    for (k, v) in kpipe_worker::kafka_config::CONSUMER_TUNING {
+        config.set(*k, *v);
+    }
+    let consumer: BaseConsumer = config
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", unique("bench-bare-forward"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "true")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set_log_level(rdkafka::config::RDKafkaLogLevel::Warning)
+        .create()
+        .unwrap();
+    let delivered = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let producer: BaseProducer<DeliveryCounter> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("queue.buffering.max.messages", "1000000")
+        .create_with_context(DeliveryCounter(delivered.clone()))
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let (mut count, mut first) = (0u64, None);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while count < n && Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            first.get_or_insert_with(Instant::now);
+            let mut record = BaseRecord::to(out).payload(m.payload().unwrap_or_default());
+            if let Some(k) = m.key() {
+                record = record.key(k);
+            }
+            if let Some(ts) = m.timestamp().to_millis() {
+                record = record.timestamp(ts);
+            }
+            let mut record = Some(record);
+            while let Some(r) = record.take() {
+                if let Err((_, r)) = producer.send(r) {
+                    producer.poll(Duration::from_millis(1));
+                    record = Some(r);
+                }
+            }
+            count += 1;
+            if count % 1024 == 0 {
+                producer.poll(Duration::ZERO);
+            }
+        }
+    }
+    assert_eq!(count, n, "bare forwarder read {count} of {n}");
+    producer.flush(Duration::from_secs(120)).unwrap();
+    let done = delivered.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(done, n, "bare forwarder had {done} of {n} acknowledged");
+    let run = BareRun {
+        active_s: first.map(|f| f.elapsed()).unwrap_or_default().as_secs_f64(),
+        wall_s: started.elapsed().as_secs_f64(),
+        cpu_s: 0.0,
+    };
+    drop(consumer);
+    drop(producer);
+    BareRun { cpu_s: cpu_seconds("self") - cpu0, ..run }
+}
+
+/// Counts acknowledged deliveries (failures are not counted, so a shortfall shows in [`bare_forward`]'s check).
+pub struct DeliveryCounter(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl rdkafka::ClientContext for DeliveryCounter {}
+
+impl rdkafka::producer::ProducerContext for DeliveryCounter {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &rdkafka::message::DeliveryResult<'_>, _: ()) {
+        if result.is_ok() {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 /// Serves an HTTP handler that takes 20 ms per request whatever it carries (a kpipe batch or one record); returns

@@ -154,27 +154,35 @@ impl TopicRules {
 /// How long a failed read of a topic's configuration is remembered before it is tried again.
 const UNKNOWN_LIMIT_TTL: Duration = Duration::from_secs(60);
 
-/// The `max.message.bytes` of the topics kpipe produces to, read once per topic through the admin
-/// API (DescribeConfigs), cached, and read again after the broker refused a record as too large
-/// ([`TopicLimits::invalidate`]). A failed read assumes Kafka's default and is retried after
-/// [`UNKNOWN_LIMIT_TTL`] (never once per record).
+/// What kpipe knows of a topic it produces to: its size limit and the rules it refuses records by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TopicFacts {
+    pub limit: Limit,
+    /// What the topic refuses besides size (none while the configuration is unknown).
+    pub rules: TopicRules,
+}
+
+/// The `max.message.bytes` and [`TopicRules`] of the topics kpipe produces to, read once per topic
+/// through the admin API (DescribeConfigs), cached, and read again after the broker refused a record
+/// as too large ([`TopicLimits::invalidate`]). A failed read assumes Kafka's default size and no rules,
+/// and is retried after [`UNKNOWN_LIMIT_TTL`] (never once per record).
 pub struct TopicLimits {
     admin: Option<AdminClient<DefaultClientContext>>,
-    cache: Mutex<HashMap<String, (Limit, Option<std::time::Instant>)>>,
-    /// The rules read with the limits (a topic not read yet, or not readable: none).
-    windows: Mutex<HashMap<String, TopicRules>>,
+    /// Per topic: what is known, and when it is to be read again (`None`: not until invalidated).
+    cache: Mutex<HashMap<String, (TopicFacts, Option<std::time::Instant>)>>,
 }
 
 impl TopicLimits {
     /// `admin`: `None` assumes [`KAFKA_DEFAULT_MAX_MESSAGE_BYTES`] for every topic (tests).
     pub fn new(admin: Option<AdminClient<DefaultClientContext>>) -> Self {
-        Self { admin, cache: Mutex::new(HashMap::new()), windows: Mutex::new(HashMap::new()) }
+        Self { admin, cache: Mutex::new(HashMap::new()) }
     }
 
     /// A fixed, known limit for `topic` (tests, or a value known otherwise).
     pub fn with_limit(self, topic: &str, bytes: u64) -> Self {
         if let Ok(mut c) = self.cache.lock() {
-            c.insert(topic.to_owned(), (Limit::Known(bytes), None));
+            let facts = TopicFacts { limit: Limit::Known(bytes), rules: TopicRules::default() };
+            c.insert(topic.to_owned(), (facts, None));
         }
         self
     }
@@ -184,61 +192,51 @@ impl TopicLimits {
         self.limit(topic).await.bytes()
     }
 
-    /// What `topic` refuses besides size (read with its size limit; nothing while unknown).
-    pub async fn topic_rules(&self, topic: &str) -> TopicRules {
-        self.limit(topic).await;
-        self.windows.lock().ok().and_then(|w| w.get(topic).copied()).unwrap_or_default()
-    }
-
-    /// Fixed rules for `topic` (tests).
-    pub fn with_topic_rules(self, topic: &str, window: TopicRules) -> Self {
-        if let Ok(mut w) = self.windows.lock() {
-            w.insert(topic.to_owned(), window);
-        }
-        self
-    }
-
     /// The topic's limit and whether it was read or assumed.
     pub async fn limit(&self, topic: &str) -> Limit {
+        self.facts(topic).await.limit
+    }
+
+    /// The topic's size limit and rules, from the cache or read now.
+    pub async fn facts(&self, topic: &str) -> TopicFacts {
         let now = std::time::Instant::now();
         let cached = self.cache.lock().ok().and_then(|c| c.get(topic).copied());
-        if let Some((l, expires)) = cached
+        if let Some((facts, expires)) = cached
             && expires.is_none_or(|e| now < e)
         {
-            return l;
+            return facts;
         }
-        let assumed = Limit::Assumed(KAFKA_DEFAULT_MAX_MESSAGE_BYTES);
+        let assumed =
+            TopicFacts { limit: Limit::Assumed(KAFKA_DEFAULT_MAX_MESSAGE_BYTES), rules: TopicRules::default() };
         let Some(admin) = &self.admin else { return assumed };
         // One re-read at a time: meanwhile other callers keep the value they had.
-        if let Some((l, _)) = cached
+        if let Some((facts, _)) = cached
             && let Ok(mut c) = self.cache.lock()
         {
-            c.insert(topic.to_owned(), (l, Some(now + DESCRIBE_TIMEOUT)));
+            c.insert(topic.to_owned(), (facts, Some(now + DESCRIBE_TIMEOUT)));
         }
         let opts = AdminOptions::new().request_timeout(Some(Timeout::After(DESCRIBE_TIMEOUT)));
         let read = match admin.describe_configs(&[ResourceSpecifier::Topic(topic)], &opts).await {
             Ok(results) => results.into_iter().flatten().find_map(|r| {
-                let window = TopicRules::from_config(r.entries.iter().map(|e| (e.name.as_str(), e.value.as_deref())));
-                if let Ok(mut w) = self.windows.lock() {
-                    w.insert(topic.to_owned(), window);
-                }
-                r.get("max.message.bytes").and_then(|e| e.value.as_deref()?.parse::<u64>().ok())
+                let bytes = r.get("max.message.bytes").and_then(|e| e.value.as_deref()?.parse::<u64>().ok())?;
+                let rules = TopicRules::from_config(r.entries.iter().map(|e| (e.name.as_str(), e.value.as_deref())));
+                Some((bytes, rules))
             }),
             Err(e) => {
-                tracing::warn!(topic, "cannot read the topic's max.message.bytes: {e}");
+                tracing::warn!(topic, "cannot read the topic's configuration: {e}");
                 None
             }
         };
         let entry = match read {
-            Some(v) => {
-                let v = v.min(PRODUCER_MESSAGE_MAX_BYTES);
-                tracing::info!(topic, max_message_bytes = v, "topic size limit");
-                (Limit::Known(v), None)
+            Some((bytes, rules)) => {
+                let bytes = bytes.min(PRODUCER_MESSAGE_MAX_BYTES);
+                tracing::info!(topic, max_message_bytes = bytes, ?rules, "topic limits");
+                (TopicFacts { limit: Limit::Known(bytes), rules }, None)
             }
-            // A limit read before stays (a failed re-read must not shrink it to the default and refuse records
-            // the topic takes); retried later.
+            // What was read before stays (a failed re-read must not shrink the limit to the default and refuse
+            // records the topic takes); retried later.
             None => match cached {
-                Some((known @ Limit::Known(_), _)) => (known, Some(now + UNKNOWN_LIMIT_TTL)),
+                Some((known @ TopicFacts { limit: Limit::Known(_), .. }, _)) => (known, Some(now + UNKNOWN_LIMIT_TTL)),
                 _ => {
                     tracing::warn!(topic, assumed = KAFKA_DEFAULT_MAX_MESSAGE_BYTES, "topic size limit unknown");
                     (assumed, Some(now + UNKNOWN_LIMIT_TTL))
@@ -267,10 +265,10 @@ impl TopicLimits {
     pub fn invalidate(&self, topic: &str) {
         if self.admin.is_some()
             && let Ok(mut c) = self.cache.lock()
-            && let Some((l @ Limit::Known(_), _)) = c.get(topic).copied()
+            && let Some((known @ TopicFacts { limit: Limit::Known(_), .. }, _)) = c.get(topic).copied()
         {
             // Re-read at the next use; the known value stays until a read replaces it.
-            c.insert(topic.to_owned(), (l, Some(std::time::Instant::now())));
+            c.insert(topic.to_owned(), (known, Some(std::time::Instant::now())));
         }
     }
 }
@@ -384,8 +382,8 @@ impl KafkaForwarder {
 impl Processor for KafkaForwarder {
     fn process<'a>(&'a self, records: &'a [Arc<Record>]) -> BoxFuture<'a, BatchOutcome> {
         Box::pin(async move {
-            let limit = self.limits.max_message_bytes(&self.topic).await;
-            let rules = self.limits.topic_rules(&self.topic).await;
+            let TopicFacts { limit, rules } = self.limits.facts(&self.topic).await;
+            let limit = limit.bytes();
             let now_ms = i64::try_from(crate::consumer::unix_millis()).unwrap_or(i64::MAX);
             let sends = records.iter().map(|r| self.forward(r, limit, rules, now_ms));
             let results = futures::future::join_all(sends).await;

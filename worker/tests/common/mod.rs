@@ -76,6 +76,28 @@ pub struct ReadRecord {
 
 /// Reads `expected` records from every partition of `topic` from the beginning (or until timeout).
 pub fn read_topic(bootstrap: &str, topic: &str, expected: usize, timeout: Duration) -> Vec<ReadRecord> {
+    read_topic_with(bootstrap, topic, expected, timeout, |m| {
+        let headers = kpipe_rdkafka_native::copy_headers(m)
+            .headers
+            .into_iter()
+            .map(|(k, v)| (k, String::from_utf8_lossy(&v.unwrap_or_default()).into_owned()))
+            .collect();
+        ReadRecord {
+            key: m.key().map(<[u8]>::to_vec),
+            value: String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned(),
+            headers,
+        }
+    })
+}
+
+/// Reads `topic` from the beginning of every partition until `expected` records (each made by `each`) or `timeout`.
+pub fn read_topic_with<T>(
+    bootstrap: &str,
+    topic: &str,
+    expected: usize,
+    timeout: Duration,
+    mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> T,
+) -> Vec<T> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", unique("reader"))
@@ -92,19 +114,7 @@ pub fn read_topic(bootstrap: &str, topic: &str, expected: usize, timeout: Durati
     let mut out = Vec::new();
     while out.len() < expected && Instant::now() < deadline {
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
-            let headers = m
-                .headers()
-                .map(|hs| {
-                    hs.iter()
-                        .map(|h| (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
-                        .collect()
-                })
-                .unwrap_or_default();
-            out.push(ReadRecord {
-                key: m.key().map(<[u8]>::to_vec),
-                value: String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned(),
-                headers,
-            });
+            out.push(each(&m));
         }
     }
     out
