@@ -28,6 +28,9 @@ pub struct Metrics {
     pub rebalances: IntCounterVec,
     pub assigned_partitions: IntGauge,
     pub paused_partitions: IntGauge,
+    /// `kpipe_worker_partition_pauses_total`: times a partition was paused for backpressure (each pause drops what
+    /// librdkafka prefetched for it, fetched again on resume).
+    pub partition_pauses: IntCounter,
     pub commit_failures: IntCounter,
     pub commit_waits: IntCounter,
     pub commit_seconds: Histogram,
@@ -158,6 +161,10 @@ impl Metrics {
             rebalances,
             assigned_partitions: gauge("kpipe_worker_assigned_partitions", "Partitions assigned to this worker")?,
             paused_partitions: gauge("kpipe_worker_paused_partitions", "Partitions paused for backpressure")?,
+            partition_pauses: counter(
+                "kpipe_worker_partition_pauses_total",
+                "Times a partition was paused for backpressure",
+            )?,
             commit_failures: counter("kpipe_worker_commit_failures_total", "Failed offset commits")?,
             commit_waits: counter(
                 "kpipe_worker_commit_waits_total",
@@ -246,6 +253,7 @@ mod tests {
             "kpipe_worker_dead_letter_truncated_total 0",
             "kpipe_worker_records_too_large_total 0",
             "kpipe_worker_header_keys_replaced_total 0",
+            "kpipe_worker_partition_pauses_total 0",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

@@ -4,9 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use rdkafka::{ClientConfig, Message};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{ClientConfig, Message};
 
 use crate::common::{Worker, metric, unique};
 

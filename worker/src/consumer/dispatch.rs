@@ -25,6 +25,7 @@ use crate::record::Record;
 use super::backpressure::{Action, Backpressure, OverflowLimit};
 use super::commit::HeldOffsets;
 use super::positions::StartPolicy;
+use super::waker::Resumed;
 use super::{TopicPartition, partitions_of};
 
 /// The assigned partitions by topic and partition. Hashed with FNV-1a rather than SipHash: the poll thread looks a
@@ -295,7 +296,10 @@ impl Dispatch {
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition(&h.topic, *partition);
             match consumer.pause(&tpl) {
-                Ok(()) => self.metrics.paused_partitions.inc(),
+                Ok(()) => {
+                    self.metrics.paused_partitions.inc();
+                    self.metrics.partition_pauses.inc();
+                }
                 Err(e) => {
                     // Not paused: retried at the next overflow instead of believing the partition paused.
                     tracing::warn!(topic = %h.topic, partition, "cannot pause partition: {e}");
@@ -307,9 +311,9 @@ impl Dispatch {
 
     /// Sends every staged chunk, moves overflow into tasks with room again, and resumes paused
     /// partitions once their overflow is empty and their channel at least half free (hysteresis
-    /// against pause/resume churn). Returns whether any partition still has overflow or
-    /// waits paused.
-    pub(super) fn flush<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>) -> bool {
+    /// against pause/resume churn); the partitions it resumes are added to `resumed`. Returns whether any partition
+    /// still has overflow or waits paused.
+    pub(super) fn flush<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, resumed: &mut Resumed) -> bool {
         let mut parts = self.partitions();
         let mut any_overflow = false;
         for ((_, partition), h) in parts.iter_mut() {
@@ -335,8 +339,9 @@ impl Dispatch {
             if h.backpressure.flushed(overflow_empty, h.tx.capacity(), h.tx.max_capacity()) == Some(Action::Resume) {
                 let mut tpl = TopicPartitionList::new();
                 tpl.add_partition(&h.topic, *partition);
-                if let Err(e) = consumer.resume(&tpl) {
-                    tracing::warn!(topic = %h.topic, partition, "cannot resume partition: {e}");
+                match consumer.resume(&tpl) {
+                    Ok(()) => resumed.push((h.topic.clone(), *partition)),
+                    Err(e) => tracing::warn!(topic = %h.topic, partition, "cannot resume partition: {e}"),
                 }
                 self.metrics.paused_partitions.dec();
             }

@@ -14,6 +14,7 @@ mod commit;
 mod context;
 mod dispatch;
 mod positions;
+mod waker;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering as AtomicOrdering;
@@ -33,6 +34,7 @@ pub use context::WorkerContext;
 pub use dispatch::Dispatch;
 use dispatch::{TopicNames, fetched_record, to_record};
 pub use positions::{LookupError, StartPolicy};
+use waker::{FetchWaker, Resumed};
 
 /// A topic and partition; the topic name is shared, not copied.
 pub(super) type TopicPartition = (Arc<str>, i32);
@@ -114,6 +116,8 @@ impl ConsumerLoop {
             Some(queue) => self.consumer.context().2.set(queue.clone()),
             None => tracing::warn!("cannot create a fetch queue; reading records one by one"),
         }
+        let waker = FetchWaker::start(self.consumer.clone());
+        let mut resumed = Resumed::new();
         let mut batch = MessageBatch::with_capacity(FETCH_BATCH_RECORDS);
         let mut last_commit = Instant::now();
         let mut any_overflow = false;
@@ -182,7 +186,12 @@ impl ConsumerLoop {
             }
             let now = Instant::now();
             if (staged || any_overflow) && (ran_dry || now.duration_since(last_flush) >= CHUNK_MAX_DELAY) {
-                any_overflow = d.flush(&self.consumer);
+                any_overflow = d.flush(&self.consumer, &mut resumed);
+                // A broker thread whose partitions were all paused would see these only after its idle timeout.
+                match &waker {
+                    Some(waker) => waker.wake(std::mem::take(&mut resumed)),
+                    None => resumed.clear(),
+                }
                 staged = false;
                 last_flush = now;
             }
@@ -219,6 +228,10 @@ impl ConsumerLoop {
             && committer.join().is_err()
         {
             tracing::error!("committer thread panicked");
+        }
+        // It holds a consumer handle: gone before the consumer closes.
+        if let Some(waker) = waker {
+            waker.stop();
         }
         let offsets = d.drain(&d.all_partitions());
         if !commit_sync(&self.consumer, &offsets, &d) {

@@ -44,6 +44,18 @@ pub async fn create_topic(bootstrap: &str, name: &str, partitions: i32) {
 
 /// Produces ids `from..to` as values (decimal strings), keyed `key-<id % keys>`.
 pub async fn produce_ids(bootstrap: &str, topic: &str, ids: std::ops::Range<u64>, keys: u64) {
+    produce_padded_ids(bootstrap, topic, ids, keys, 0).await;
+}
+
+/// Like [`produce_ids`], each value padded to `value_bytes` after a newline (the sink's id is the first line);
+/// `value_bytes` 0: no padding.
+pub async fn produce_padded_ids(
+    bootstrap: &str,
+    topic: &str,
+    ids: std::ops::Range<u64>,
+    keys: u64,
+    value_bytes: usize,
+) {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("enable.idempotence", "true")
@@ -56,7 +68,12 @@ pub async fn produce_ids(bootstrap: &str, topic: &str, ids: std::ops::Range<u64>
         let topic = topic.to_owned();
         futs.push(async move {
             let key = format!("key-{}", id % keys);
-            let value = id.to_string();
+            let mut value = id.to_string();
+            if value_bytes > 0 {
+                value.push('\n');
+                let pad = value_bytes.saturating_sub(value.len());
+                value.extend(std::iter::repeat_n('x', pad));
+            }
             producer.send(FutureRecord::to(&topic).key(&key).payload(&value), Duration::from_secs(30)).await.unwrap();
         });
         if futs.len() >= 1000 {
