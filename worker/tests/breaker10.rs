@@ -2,7 +2,9 @@
 //! fetch queue read with `rd_kafka_consume_batch_queue`; rebalances, errors and statistics on the consumer queue):
 //! records trimmed under a running worker, rapid rebalances with key ordering under both group protocols, a trickle
 //! after a burst and after idling, many partitions with few records, records larger than the fetch sizes, a topic
-//! deleted under a running worker. Each test says what it showed. `KPIPE_TEST_PROTOCOL=consumer` runs the
+//! deleted under a running worker, SIGTERM/SIGKILL mid-stream, two interleaved topics, a trickle next to a hot
+//! partition, a pause after the position went back (failed before its fix), memory with a backlog on many
+//! partitions (fails, ignored). Each test says what it showed. `KPIPE_TEST_PROTOCOL=consumer` runs the
 //! protocol-neutral cases with the consumer group protocol.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -700,4 +702,167 @@ async fn two_topics_interleaved_in_one_fetch_queue_keep_their_names() {
     assert!(wrong.is_empty());
     assert_eq!(code, Some(0));
     assert!(behind.is_empty());
+}
+
+/// Produces one record (id `id`) to `partition` and returns when the broker acknowledged it.
+async fn produce_one_to(producer: &FutureProducer, topic: &str, partition: i32, id: u64) {
+    let key = format!("key-{id}");
+    producer
+        .send(FutureRecord::to(topic).partition(partition).key(&key).payload(&id.to_string()), Duration::from_secs(10))
+        .await
+        .unwrap();
+}
+
+/// A skewed topic: partition 0 has a large backlog behind a slow processor (its records fill the shared fetch queue
+/// and its partition is paused and resumed), partition 1 gets a trickle. The trickle's records must not wait behind
+/// partition 0's (head-of-line blocking in the one fetch queue): each reaches the processor within its delay
+/// (50 ms) plus maxWait (50 ms) plus slack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_trickle_next_to_a_hot_partition_is_not_held_back() {
+    let bootstrap = bootstrap();
+    let topic = unique("brk10-skew");
+    let group = unique("g");
+    create_topic(&bootstrap, &topic, 2).await;
+    let producer: FutureProducer =
+        ClientConfig::new().set("bootstrap.servers", &bootstrap).set("linger.ms", "5").create().unwrap();
+    let n = 100_000u64;
+    let mut futs = Vec::new();
+    for id in 0..n {
+        let producer = producer.clone();
+        let topic = topic.clone();
+        futs.push(async move { produce_one_to(&producer, &topic, 0, id).await });
+        if futs.len() >= 2000 {
+            futures::future::join_all(std::mem::take(&mut futs)).await;
+        }
+    }
+    futures::future::join_all(futs).await;
+    let sink = HttpSink::start(SinkBehavior { delay: Duration::from_millis(50), ..Default::default() }).await;
+    let cfg = config(
+        &bootstrap,
+        "brk10skew",
+        &topic,
+        &group,
+        serde_json::json!({"processor": {"http": {"url": sink.url()}}}),
+    );
+    let cfg = with_group_protocol(cfg, &protocol_from_env());
+    let w = Worker::start("brk10skew", &cfg);
+    assert!(sink.wait_for(5_000, Duration::from_secs(60)).await, "log {}", w.log.display());
+    let mut latencies = Vec::new();
+    for i in 0..10u64 {
+        let id = n + 1 + i;
+        let start = Instant::now();
+        produce_one_to(&producer, &topic, 1, id).await;
+        let key = id.to_string();
+        let mut got = None;
+        while start.elapsed() < Duration::from_secs(10) {
+            if sink.accepted().contains_key(&key) {
+                got = Some(start.elapsed());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        latencies.push(got);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let m = w.metrics().await;
+    eprintln!(
+        "trickle latencies next to a hot partition {latencies:?}; hot partition: {} accepted, paused {:?}, \
+         consumed {:?}",
+        sink.accepted_distinct(),
+        metric(&m, "kpipe_worker_paused_partitions"),
+        metric(&m, "kpipe_worker_records_consumed_total")
+    );
+    assert!(
+        latencies.iter().all(|l| l.is_some_and(|l| l < Duration::from_millis(500))),
+        "held back: {latencies:?}; log {}",
+        w.log.display()
+    );
+}
+
+/// A partition whose position went back (the topic was recreated under a running worker, as in
+/// `hard_cases::topic_recreated_under_a_running_worker_delivers_the_new_records`) and that is then paused for
+/// backpressure. librdkafka resumes a paused partition at the application's position (`rktp_app_pos`), which
+/// `rd_kafka_consume_batch_queue` only ever raises (`rdkafka_queue.c`: "if app_pos < offset"), while
+/// `rd_kafka_consumer_poll` sets it to every record it returns. After the reset to offset 0 the batch path's
+/// position stays at the old topic's 20,000 until records pass it: a pause below 20,000 resumes at 20,000 and the
+/// records in between are never fetched. (The same stale position goes to the partition task as an `Input::Position`
+/// with the periodic commit, which lets the commit jump ahead of records not yet received.)
+///
+/// Before the fix: 10,232 of the 30,000 new records (offsets 9,768 to 19,999) never delivered, and the group's
+/// commit at the log end (30,000) past them. Fixed by `Dispatch::reposition_went_back` (a seek when a partition's
+/// offsets go back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pause_after_the_position_went_back_skips_nothing() {
+    let bootstrap = bootstrap();
+    let topic = unique("brk10-back");
+    let group = unique("g");
+    create_topic(&bootstrap, &topic, 1).await;
+    let old = 20_000u64;
+    produce_ids(&bootstrap, &topic, 0..old, 100).await;
+    let sink = HttpSink::start(SinkBehavior::default()).await;
+    let mut cfg = config(
+        &bootstrap,
+        "brk10back",
+        &topic,
+        &group,
+        serde_json::json!({
+            "processor": {"http": {"url": sink.url()}},
+            "ordering": "partition",
+            "batch": {"maxRecords": 100, "maxWait": "5ms"},
+            "concurrency": {"perPartition": 100, "perWorker": 100},
+            "onFailure": "block"
+        }),
+    );
+    // The worker must keep the partition through the deletion: no periodic metadata refresh in between, and the
+    // topic recreated as soon as the broker allows.
+    cfg["spec"]["source"]["config"]["topic.metadata.refresh.interval.ms"] = "60000".into();
+    let cfg = with_group_protocol(cfg, &protocol_from_env());
+    let w = Worker::start("brk10back", &cfg);
+    assert!(sink.wait_for(old as usize, Duration::from_secs(60)).await, "old records; log {}", w.log.display());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let a = admin(&bootstrap);
+    a.delete_topics(&[&topic], &AdminOptions::new()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        use rdkafka::admin::{NewTopic, TopicReplication};
+        let res = a.create_topics(&[NewTopic::new(&topic, 1, TopicReplication::Fixed(1))], &AdminOptions::new()).await;
+        if res.as_ref().is_ok_and(|r| r.iter().all(|r| r.is_ok())) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "cannot recreate: {res:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Wait until librdkafka found the old position out of range on the new topic and reset it to offset 0.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&w.metrics().await, "kpipe_worker_offset_resets_total").unwrap_or(0.0) < 1.0 {
+        assert!(Instant::now() < deadline, "no offset reset; log {}", w.log.display());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A slower processor from now on, so that the new backlog overflows and pauses the partition.
+    sink.update(|b| b.delay = Duration::from_millis(50));
+    let new = 100_000u64..130_000;
+    produce_ids(&bootstrap, &topic, new.clone(), 100).await;
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let mut max_paused = 0f64;
+    loop {
+        max_paused = max_paused.max(metric(&w.metrics().await, "kpipe_worker_paused_partitions").unwrap_or(0.0));
+        let accepted = accepted(&sink);
+        if new.clone().all(|id| accepted.contains_key(&id)) || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let accepted = accepted(&sink);
+    let missing: Vec<u64> = new.clone().filter(|id| !accepted.contains_key(id)).collect();
+    let committed = committed_and_ends(&bootstrap, &group, &topic, 1);
+    eprintln!(
+        "new topic: {} of {} delivered, paused at most {max_paused}; missing {} (offsets {:?}..={:?}); committed/log end \
+         {committed:?}",
+        new.clone().filter(|id| accepted.contains_key(id)).count(),
+        new.end - new.start,
+        missing.len(),
+        missing.first().map(|id| id - new.start),
+        missing.last().map(|id| id - new.start)
+    );
+    assert!(missing.is_empty(), "records skipped after the pause; log {}", w.log.display());
 }

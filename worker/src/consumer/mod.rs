@@ -170,6 +170,9 @@ impl ConsumerLoop {
                 }
                 None => {}
             }
+            // After the batch (a pause it caused saved librdkafka's position: the seek overrides it) and before a
+            // commit reads the positions: see `Dispatch::reposition_went_back`.
+            d.reposition_went_back(&self.consumer);
             consumed += dispatched;
             staged |= dispatched > 0;
             let ran_dry = taken == 0;
