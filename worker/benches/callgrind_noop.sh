@@ -9,8 +9,12 @@
 # The topic must already hold <records> records; each run reads it in a fresh consumer group with a noop spec and is
 # stopped with SIGTERM once kpipe_worker_records_processed_total reaches <records>.
 # Needs the bed's Kafka: `set -a; . ~/.cache/kpipe/run/env; set +a`.
+# PROCESSOR (JSON, default {"noop": {}}) and CONCURRENCY (JSON, default: the CRD's) profile another processor, e.g.
+# PROCESSOR='{"kafka": {"topic": "out"}}' CONCURRENCY='{"perPartition": 1024, "perWorker": 8192}' for the forwarder.
 set -euo pipefail
 BIN=$1 TOPIC=$2 N=$3 MODE=${4:-cg}
+PROCESSOR=${PROCESSOR:-'{"noop": {}}'}
+CONCURRENCY=${CONCURRENCY:+"\"concurrency\": $CONCURRENCY, "}
 OUT_DIR=${OUT_DIR:-/tmp/kpipe-callgrind}
 mkdir -p "$OUT_DIR"
 LABEL=$(basename "$BIN")-$(date +%s%N)
@@ -18,7 +22,7 @@ PORT=$((20000 + RANDOM % 20000))
 CFG=$OUT_DIR/$LABEL.json
 cat > "$CFG" <<JSON
 {"groupId": "callgrind-$LABEL", "namespace": "bench", "pipeline": "callgrind",
- "spec": {"processor": {"noop": {}}, "onFailure": "drop",
+ "spec": {"processor": $PROCESSOR, $CONCURRENCY"onFailure": "drop",
           "source": {"bootstrapServers": ["$KAFKA_BOOTSTRAP"], "topics": ["$TOPIC"],
                      "config": {"session.timeout.ms": "6000", "heartbeat.interval.ms": "1000"}}}}
 JSON

@@ -25,7 +25,6 @@ use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header as KafkaHeader, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::runtime::Handle;
 
@@ -34,6 +33,7 @@ use crate::classify::{Failure, FailureClass};
 use crate::kafka_config::{self, Env};
 use crate::metrics::Metrics;
 use crate::processor::kafka::TopicLimits;
+use crate::processor::producer::{KafkaProducer, Outgoing};
 use crate::processor::{BatchOutcome, Processor};
 use crate::record::Record;
 use crate::run::{RunError, processor_for};
@@ -124,7 +124,7 @@ pub fn parking_headers(plan: &ReplayPlan, dl: &DeadLetter, failure: &Failure, at
 pub async fn run(config: WorkerConfig, plan_json: &str, env: Env) -> Result<Progress, ReplayError> {
     let plan: ReplayPlan = serde_json::from_str(plan_json)?;
     let metrics = Metrics::new().map_err(RunError::from)?;
-    let producer: FutureProducer = kafka_config::producer(&config, &env).create().map_err(kafka("producer"))?;
+    let producer = Arc::new(KafkaProducer::new(&kafka_config::producer(&config, &env)).map_err(kafka("producer"))?);
     let limits = Arc::new(TopicLimits::new(None));
     let processor = processor_for(&config, Some(&producer), &limits, &metrics)?;
     let backoff = BackoffPolicy::from(&config.spec.retry);
@@ -146,7 +146,7 @@ pub async fn run(config: WorkerConfig, plan_json: &str, env: Env) -> Result<Prog
 struct Replayer {
     plan: ReplayPlan,
     processor: Arc<dyn Processor>,
-    producer: FutureProducer,
+    producer: Arc<KafkaProducer>,
     backoff: BackoffPolicy,
     handle: Handle,
 }
@@ -300,15 +300,10 @@ impl Replayer {
         let headers = parking_headers(&self.plan, dl, failure, attempts)
             .iter()
             .fold(OwnedHeaders::new(), |h, (k, v)| h.insert(KafkaHeader { key: k, value: v.as_deref() }));
-        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.plan.parking_topic).headers(headers);
-        if let Some(k) = &dl.key {
-            record = record.key(k.as_slice());
-        }
-        if let Some(v) = &dl.value {
-            record = record.payload(v.as_slice());
-        }
-        let sent = self.handle.block_on(self.producer.send(record, KAFKA_TIMEOUT));
-        sent.map(|_| ()).map_err(|(source, _)| ReplayError::Park {
+        let record =
+            Outgoing { key: dl.key.as_deref(), value: dl.value.as_deref(), headers: Some(headers), timestamp_ms: None };
+        let sent = self.handle.block_on(self.producer.send(&self.plan.parking_topic, record));
+        sent.map_err(|source| ReplayError::Park {
             topic: self.plan.parking_topic.clone(),
             partition: dl.partition,
             offset: dl.offset,

@@ -9,7 +9,6 @@ use kpipe_api::v1alpha1::{OnFailure, Processor as ProcessorSpec};
 use kpipe_api::worker_contract::WorkerConfig;
 use rdkafka::consumer::BaseConsumer;
 use rdkafka::error::KafkaError;
-use rdkafka::producer::FutureProducer;
 use tokio_util::sync::CancellationToken;
 
 use crate::aimd::ConcurrencyLimiter;
@@ -25,6 +24,7 @@ use crate::processor::http::{HttpBuildError, HttpProcessor};
 use crate::processor::kafka::{
     DeadLetterSink, KafkaDeadLetter, KafkaForwarder, PRODUCER_MESSAGE_MAX_BYTES, TopicLimits,
 };
+use crate::processor::producer::KafkaProducer;
 use crate::processor::{NoopProcessor, Processor};
 use crate::scheduler::BatchLimits;
 use crate::server::{self, ServerError};
@@ -78,7 +78,7 @@ pub fn partition_settings(config: &WorkerConfig, drain_timeout: Duration) -> Par
 /// The pipeline's processor (the kafka forwarder needs `producer`; without one it is a no-op).
 pub fn processor_for(
     config: &WorkerConfig,
-    producer: Option<&FutureProducer>,
+    producer: Option<&Arc<KafkaProducer>>,
     limits: &Arc<TopicLimits>,
     metrics: &Metrics,
 ) -> Result<Arc<dyn Processor>, RunError> {
@@ -111,7 +111,7 @@ pub async fn run(config: WorkerConfig, settings: RunSettings, shutdown: Cancella
     if producer_config.get("message.max.bytes").is_none() {
         producer_config.set("message.max.bytes", PRODUCER_MESSAGE_MAX_BYTES.to_string());
     }
-    let (producer, limits): (Option<FutureProducer>, Arc<TopicLimits>) = if needs_producer {
+    let (producer, limits): (Option<Arc<KafkaProducer>>, Arc<TopicLimits>) = if needs_producer {
         let admin = producer_config.create().map_err(|source| RunError::Kafka { what: "admin client", source })?;
         let limits = Arc::new(TopicLimits::new(Some(admin)));
         // librdkafka batches records up to batch.size (default 1,000,000) per partition; a batch above a
@@ -130,8 +130,9 @@ pub async fn run(config: WorkerConfig, settings: RunSettings, shutdown: Cancella
             tracing::info!(batch_size = capped, "producer batch.size capped by the target topics' max.message.bytes");
             producer_config.set("batch.size", capped.to_string());
         }
-        let producer = producer_config.create().map_err(|source| RunError::Kafka { what: "producer", source })?;
-        (Some(producer), limits)
+        let producer =
+            KafkaProducer::new(&producer_config).map_err(|source| RunError::Kafka { what: "producer", source })?;
+        (Some(Arc::new(producer)), limits)
     } else {
         (None, Arc::new(TopicLimits::new(None)))
     };
@@ -198,8 +199,7 @@ pub async fn run(config: WorkerConfig, settings: RunSettings, shutdown: Cancella
     server_stop.cancel();
     if let Some(p) = producer {
         // Anything still queued was not acknowledged, so its record was not committed either.
-        let _ =
-            tokio::task::spawn_blocking(move || rdkafka::producer::Producer::flush(&p, Duration::from_secs(5))).await;
+        let _ = tokio::task::spawn_blocking(move || p.flush(Duration::from_secs(5))).await;
     }
     if let Ok(Err(e)) = server.await {
         tracing::warn!("{e}");

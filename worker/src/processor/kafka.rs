@@ -11,9 +11,9 @@ use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 
+use super::producer::{KafkaProducer, Outgoing};
 use super::{BatchOutcome, Processor};
 use crate::classify::{Failure, FailureClass};
 use crate::metrics::Metrics;
@@ -31,9 +31,6 @@ pub const KAFKA_DEFAULT_MAX_MESSAGE_BYTES: u64 = 1_048_588;
 
 /// How long one read of a topic's configuration may take.
 const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How long one produce may wait in librdkafka's queue before it counts as failed (and retried).
-const PRODUCE_QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Whether a produce error says the record is too large for the topic (or the producer).
 pub fn is_too_large(err: &KafkaError) -> bool {
@@ -273,33 +270,12 @@ impl TopicLimits {
     }
 }
 
-async fn produce(
-    producer: &FutureProducer,
-    topic: &str,
-    key: Option<&[u8]>,
-    value: Option<&[u8]>,
-    headers: OwnedHeaders,
-    timestamp_ms: Option<i64>,
-) -> Result<(), KafkaError> {
-    let mut fr: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
-    if let Some(k) = key {
-        fr = fr.key(k);
-    }
-    if let Some(v) = value {
-        fr = fr.payload(v);
-    }
-    if let Some(ts) = timestamp_ms {
-        fr = fr.timestamp(ts);
-    }
-    producer.send(fr, PRODUCE_QUEUE_TIMEOUT).await.map(|_| ()).map_err(|(e, _)| e)
-}
-
 fn produce_failure(e: &KafkaError) -> Failure {
     Failure::new(classify_produce(e), e.to_string())
 }
 
 pub struct KafkaForwarder {
-    producer: FutureProducer,
+    producer: Arc<KafkaProducer>,
     topic: String,
     keep_key: bool,
     headers: Vec<(String, Vec<u8>)>,
@@ -308,7 +284,7 @@ pub struct KafkaForwarder {
 }
 
 impl KafkaForwarder {
-    pub fn new(producer: FutureProducer, spec: &KafkaSpec, limits: Arc<TopicLimits>, metrics: Metrics) -> Self {
+    pub fn new(producer: Arc<KafkaProducer>, spec: &KafkaSpec, limits: Arc<TopicLimits>, metrics: Metrics) -> Self {
         Self {
             producer,
             topic: spec.topic.clone(),
@@ -319,10 +295,16 @@ impl KafkaForwarder {
         }
     }
 
-    /// Forwards one record. A record larger than the output topic's `max.message.bytes` is a
-    /// permanent failure (sent down the failure policy, never retried): it is refused before
-    /// producing, or, if the broker refuses it after all (the limit changed), the limit is read again.
-    async fn forward(&self, r: &Record, limit: u64, rules: TopicRules, now_ms: i64) -> Result<(), Failure> {
+    /// The record to produce for `r`, or why it must not be produced: a record larger than the output topic's
+    /// `max.message.bytes`, or one the topic refuses for what it is ([`TopicRules`]), is a permanent failure (sent
+    /// down the failure policy, never retried). Returns the record and its size in bytes.
+    fn outgoing<'r>(
+        &self,
+        r: &'r Record,
+        limit: u64,
+        rules: TopicRules,
+        now_ms: i64,
+    ) -> Result<(Outgoing<'r>, u64), Failure> {
         let key = if self.keep_key { r.key.as_deref() } else { None };
         // Refused before producing: the broker would refuse the whole request it is batched in.
         if let Some(why) = rules.refuses(key.is_some(), r.timestamp_ms, now_ms) {
@@ -344,52 +326,61 @@ impl KafkaForwarder {
                 format!("record of about {bytes} bytes exceeds max.message.bytes {limit} of topic {}", self.topic),
             ));
         }
-        match produce(
-            &self.producer,
-            &self.topic,
-            key,
-            r.value.as_deref(),
-            headers_of(r, &self.headers),
-            r.timestamp_ms,
-        )
-        .await
-        {
-            Ok(()) => Ok(()),
-            Err(e) if is_too_large(&e) => {
-                // Either the topic's limit went down (read it again) or the producer batched this
-                // record with others beyond the limit: then the record alone fits and is retried.
-                self.limits.invalidate(&self.topic);
-                let fresh = self.limits.limit(&self.topic).await;
-                // With the limit unknown, the broker's word is all there is: the record is too large.
-                if bytes > fresh.bytes() || matches!(fresh, Limit::Assumed(_)) {
-                    self.metrics.too_large.inc();
-                    Err(produce_failure(&e))
-                } else {
-                    Err(Failure::new(
-                        FailureClass::Produce { retryable: true },
-                        format!(
-                            "{e} (the record alone, about {bytes} bytes, fits the limit {}: retried)",
-                            fresh.bytes()
-                        ),
-                    ))
-                }
-            }
-            Err(e) => Err(produce_failure(&e)),
+        // No header list at all for a record without headers: librdkafka would allocate an empty one.
+        let headers = (!r.headers.is_empty() || !self.headers.is_empty()).then(|| headers_of(r, &self.headers));
+        Ok((Outgoing { key, value: r.value.as_deref(), headers, timestamp_ms: r.timestamp_ms }, bytes))
+    }
+
+    /// The failure for a record of `bytes` bytes the broker refused with `e`. Refused as too large: either the
+    /// topic's limit went down (read it again) or the producer batched this record with others beyond the limit,
+    /// and then the record alone fits and is retried.
+    async fn refused(&self, e: &KafkaError, bytes: u64) -> Failure {
+        if !is_too_large(e) {
+            return produce_failure(e);
+        }
+        self.limits.invalidate(&self.topic);
+        let fresh = self.limits.limit(&self.topic).await;
+        // With the limit unknown, the broker's word is all there is: the record is too large.
+        if bytes > fresh.bytes() || matches!(fresh, Limit::Assumed(_)) {
+            self.metrics.too_large.inc();
+            produce_failure(e)
+        } else {
+            Failure::new(
+                FailureClass::Produce { retryable: true },
+                format!("{e} (the record alone, about {bytes} bytes, fits the limit {}: retried)", fresh.bytes()),
+            )
         }
     }
 }
 
 impl Processor for KafkaForwarder {
+    /// Produces the batch in order and fails exactly the records that could not be produced.
     fn process<'a>(&'a self, records: &'a [Arc<Record>]) -> BoxFuture<'a, BatchOutcome> {
         Box::pin(async move {
             let TopicFacts { limit, rules } = self.limits.facts(&self.topic).await;
             let limit = limit.bytes();
             let now_ms = i64::try_from(crate::consumer::unix_millis()).unwrap_or(i64::MAX);
-            let sends = records.iter().map(|r| self.forward(r, limit, rules, now_ms));
-            let results = futures::future::join_all(sends).await;
-            BatchOutcome::Partial(
-                results.into_iter().enumerate().filter_map(|(i, r)| r.err().map(|f| (i, f))).collect(),
-            )
+            let mut failed = Vec::new();
+            // (index in `records`, size in bytes) of each record produced.
+            let mut sent = Vec::with_capacity(records.len());
+            let mut outgoing = Vec::with_capacity(records.len());
+            for (i, r) in records.iter().enumerate() {
+                match self.outgoing(r, limit, rules, now_ms) {
+                    Ok((o, bytes)) => {
+                        outgoing.push(o);
+                        sent.push((i, bytes));
+                    }
+                    Err(f) => failed.push((i, f)),
+                }
+            }
+            let results = self.producer.send_all(&self.topic, outgoing).await;
+            for ((i, bytes), result) in sent.into_iter().zip(results) {
+                if let Err(e) = result {
+                    failed.push((i, self.refused(&e, bytes).await));
+                }
+            }
+            failed.sort_by_key(|(i, _)| *i);
+            BatchOutcome::Partial(failed)
         })
     }
 }
@@ -444,7 +435,7 @@ pub trait DeadLetterSink: Send + Sync {
 }
 
 pub struct KafkaDeadLetter {
-    pub producer: FutureProducer,
+    pub producer: Arc<KafkaProducer>,
     pub topic: String,
     /// `metadata.name` of the pipeline: the value of the `kpipe.pipeline` context header.
     pub pipeline: String,
@@ -481,7 +472,8 @@ impl DeadLetterSink for KafkaDeadLetter {
                 // Stamped with the time of dead-lettering (the original is `kpipe.original.timestamp`): the
                 // DLQ's time-based retention then counts from when the record failed, and a topic with
                 // `message.timestamp.before.max.ms` does not refuse a dead letter for its age.
-                match produce(&self.producer, &self.topic, key, value, headers, None).await {
+                let dead_letter = Outgoing { key, value, headers: Some(headers), timestamp_ms: None };
+                match self.producer.send(&self.topic, dead_letter).await {
                     Ok(()) if shape == Shape::Full => return Ok(Written::Full),
                     Ok(()) => return Ok(Written::Reference(shape)),
                     Err(e) if is_too_large(&e) => {

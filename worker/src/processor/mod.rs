@@ -2,6 +2,7 @@
 
 pub mod http;
 pub mod kafka;
+pub mod producer;
 
 use std::sync::Arc;
 
