@@ -31,6 +31,9 @@ pub struct Metrics {
     /// `kpipe_worker_partition_pauses_total`: times a partition was paused for backpressure (each pause drops what
     /// librdkafka prefetched for it, fetched again on resume).
     pub partition_pauses: IntCounter,
+    /// `kpipe_worker_buffered_bytes`: bytes of records fetched and not yet started, bounded worker-wide
+    /// (`consumer::dispatch`).
+    pub buffered_bytes: IntGauge,
     pub commit_failures: IntCounter,
     pub commit_waits: IntCounter,
     pub commit_seconds: Histogram,
@@ -161,6 +164,10 @@ impl Metrics {
             rebalances,
             assigned_partitions: gauge("kpipe_worker_assigned_partitions", "Partitions assigned to this worker")?,
             paused_partitions: gauge("kpipe_worker_paused_partitions", "Partitions paused for backpressure")?,
+            buffered_bytes: gauge(
+                "kpipe_worker_buffered_bytes",
+                "Bytes of records fetched and not yet started (waiting in the worker), bounded worker-wide",
+            )?,
             partition_pauses: counter(
                 "kpipe_worker_partition_pauses_total",
                 "Times a partition was paused for backpressure",

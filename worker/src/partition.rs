@@ -3,7 +3,7 @@
 //! when its input closes (revoke or shutdown).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering as AtomicOrdering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering as AtomicOrdering};
 use std::time::Duration;
 
 use tokio::sync::{Notify, Semaphore, mpsc};
@@ -35,6 +35,10 @@ pub struct PartitionProgress {
     acknowledged_changed: Notify,
     /// Worker-wide: some partition wants a commit before the commit interval is up.
     commit_requested: Arc<AtomicBool>,
+    /// Bytes (`Record::size_bytes`) of the records the task took from its channel so far (only the task adds).
+    taken_bytes: AtomicU64,
+    /// Bytes of the records the task holds pending, not yet started (only the task stores).
+    pending_bytes: AtomicU64,
 }
 
 impl PartitionProgress {
@@ -44,7 +48,17 @@ impl PartitionProgress {
             acknowledged: AtomicI64::new(-1),
             acknowledged_changed: Notify::new(),
             commit_requested,
+            taken_bytes: AtomicU64::new(0),
+            pending_bytes: AtomicU64::new(0),
         }
+    }
+
+    /// Bytes of records the task holds and has not started: those still in its channel (`sent_bytes`: everything
+    /// the consumer thread put into the channel so far) and its pending ones. Read by the consumer thread for the
+    /// worker-wide buffer bound (`consumer::dispatch`); recomputed from the task's own counts, so nothing can leak.
+    pub fn unstarted_bytes(&self, sent_bytes: u64) -> u64 {
+        sent_bytes.saturating_sub(self.taken_bytes.load(AtomicOrdering::Relaxed))
+            + self.pending_bytes.load(AtomicOrdering::Relaxed)
     }
 
     pub fn committable(&self) -> Option<i64> {
@@ -231,6 +245,7 @@ impl PartitionTask {
                 }
             }
             held_back = holding;
+            self.progress.pending_bytes.store(scheduler.pending_bytes(), AtomicOrdering::Relaxed);
             let room =
                 scheduler.pending_len() < s.max_pending_records && scheduler.pending_bytes() < s.max_pending_bytes;
             tokio::select! {
@@ -245,6 +260,7 @@ impl PartitionTask {
                 chunk = input.recv(), if room => {
                     let mut next = chunk;
                     let mut received = 0i64;
+                    let mut received_bytes = 0u64;
                     let now = Instant::now().into_std();
                     // Take what is already queued in one go (fewer scheduler passes per record).
                     loop {
@@ -261,6 +277,7 @@ impl PartitionTask {
                                         self.rebased(rebase, &tracker, &mut scheduler, &mut window);
                                     }
                                     received += 1;
+                                    received_bytes += r.size_bytes();
                                     scheduler.push(Arc::new(r), now);
                                 }
                                 Input::Position(p) => {
@@ -280,6 +297,8 @@ impl PartitionTask {
                         }
                     }
                     metrics.in_flight.add(received);
+                    self.progress.taken_bytes.fetch_add(received_bytes, AtomicOrdering::Relaxed);
+                    self.progress.pending_bytes.store(scheduler.pending_bytes(), AtomicOrdering::Relaxed);
                     self.publish(&tracker, &mut window, held_back);
                 }
                 _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {}

@@ -47,10 +47,11 @@ impl Backpressure {
         self.flow == Flow::Paused
     }
 
-    /// The overflow grew to `records` records of `bytes` bytes: pause when it reached the limit.
-    pub(super) fn overflowed(&mut self, records: usize, bytes: u64) -> Option<Action> {
+    /// The overflow grew to `records` records of `bytes` bytes: pause when it reached the limit, or at once when the
+    /// worker is `over_budget` (its worker-wide bound on buffered bytes).
+    pub(super) fn overflowed(&mut self, records: usize, bytes: u64, over_budget: bool) -> Option<Action> {
         match self.flow {
-            Flow::Consuming if records >= self.limit.records || bytes >= self.limit.bytes => {
+            Flow::Consuming if over_budget || records >= self.limit.records || bytes >= self.limit.bytes => {
                 self.flow = Flow::Paused;
                 Some(Action::Pause)
             }
@@ -64,10 +65,17 @@ impl Backpressure {
     }
 
     /// After a flush: `overflow_empty` when every overflowed chunk reached the task, `free_slots` of
-    /// `max_slots` chunks free in its channel. Resumes when both allow it.
-    pub(super) fn flushed(&mut self, overflow_empty: bool, free_slots: usize, max_slots: usize) -> Option<Action> {
+    /// `max_slots` chunks free in its channel, `budget_allows` when the worker-wide buffer bound does. Resumes when
+    /// all three allow it.
+    pub(super) fn flushed(
+        &mut self,
+        overflow_empty: bool,
+        free_slots: usize,
+        max_slots: usize,
+        budget_allows: bool,
+    ) -> Option<Action> {
         match self.flow {
-            Flow::Paused if overflow_empty && free_slots * 2 >= max_slots => {
+            Flow::Paused if overflow_empty && free_slots * 2 >= max_slots && budget_allows => {
                 self.flow = Flow::Consuming;
                 Some(Action::Resume)
             }
@@ -91,7 +99,7 @@ mod tests {
     #[test]
     fn a_small_overflow_keeps_consuming() {
         let mut b = Backpressure::new(LIMIT);
-        assert_eq!(b.overflowed(99, 999), None);
+        assert_eq!(b.overflowed(99, 999, false), None);
         assert!(!b.is_paused());
         assert!(b.waiting(false), "records in the overflow must be flushed soon");
         assert!(!b.waiting(true));
@@ -100,32 +108,32 @@ mod tests {
     #[test]
     fn either_limit_pauses_once() {
         let mut b = Backpressure::new(LIMIT);
-        assert_eq!(b.overflowed(100, 0), Some(Action::Pause));
+        assert_eq!(b.overflowed(100, 0, false), Some(Action::Pause));
         assert!(b.is_paused());
-        assert_eq!(b.overflowed(500, 5_000), None, "already paused: no second pause");
+        assert_eq!(b.overflowed(500, 5_000, false), None, "already paused: no second pause");
         let mut b = Backpressure::new(LIMIT);
-        assert_eq!(b.overflowed(1, 1_000), Some(Action::Pause), "the byte limit alone pauses");
+        assert_eq!(b.overflowed(1, 1_000, false), Some(Action::Pause), "the byte limit alone pauses");
     }
 
     #[test]
     fn a_failed_pause_is_asked_for_again() {
         let mut b = Backpressure::new(LIMIT);
-        assert_eq!(b.overflowed(100, 0), Some(Action::Pause));
+        assert_eq!(b.overflowed(100, 0, false), Some(Action::Pause));
         b.pause_failed();
         assert!(!b.is_paused());
-        assert_eq!(b.overflowed(101, 0), Some(Action::Pause), "the next overflow pauses again");
+        assert_eq!(b.overflowed(101, 0, false), Some(Action::Pause), "the next overflow pauses again");
     }
 
     #[test]
     fn resumes_only_with_the_overflow_gone_and_half_the_channel_free() {
         let mut b = Backpressure::new(LIMIT);
-        b.overflowed(100, 0);
-        assert_eq!(b.flushed(false, 16, 16), None, "overflow left");
-        assert_eq!(b.flushed(true, 7, 16), None, "less than half free");
+        b.overflowed(100, 0, false);
+        assert_eq!(b.flushed(false, 16, 16, true), None, "overflow left");
+        assert_eq!(b.flushed(true, 7, 16, true), None, "less than half free");
         assert!(b.waiting(true), "paused partitions are flushed until resumed");
-        assert_eq!(b.flushed(true, 8, 16), Some(Action::Resume));
+        assert_eq!(b.flushed(true, 8, 16, true), Some(Action::Resume));
         assert!(!b.is_paused());
-        assert_eq!(b.flushed(true, 16, 16), None, "already consuming: no second resume");
+        assert_eq!(b.flushed(true, 16, 16, true), None, "already consuming: no second resume");
     }
 
     #[test]
@@ -133,11 +141,20 @@ mod tests {
         let mut b = Backpressure::new(LIMIT);
         let mut actions = Vec::new();
         for _ in 0..3 {
-            actions.extend(b.overflowed(200, 0));
-            actions.extend(b.overflowed(300, 0));
-            actions.extend(b.flushed(true, 10, 10));
-            actions.extend(b.flushed(true, 10, 10));
+            actions.extend(b.overflowed(200, 0, false));
+            actions.extend(b.overflowed(300, 0, false));
+            actions.extend(b.flushed(true, 10, 10, true));
+            actions.extend(b.flushed(true, 10, 10, true));
         }
         assert_eq!(actions, [Action::Pause, Action::Resume].repeat(3));
+    }
+
+    #[test]
+    fn over_the_worker_budget_the_first_overflow_pauses_and_only_the_budget_lets_it_resume() {
+        let mut b = Backpressure::new(OverflowLimit { records: 100, bytes: 1_000 });
+        assert_eq!(b.overflowed(1, 10, true), Some(Action::Pause), "over budget: the first overflow pauses");
+        assert_eq!(b.flushed(true, 16, 16, false), None, "the partition has room, the worker does not");
+        assert!(b.waiting(true), "a paused partition keeps the consumer flushing");
+        assert_eq!(b.flushed(true, 16, 16, true), Some(Action::Resume));
     }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -55,8 +55,19 @@ impl Hasher for Fnv {
     }
 }
 
-/// Records handed to a partition task per channel message.
+/// Records handed to a partition task per channel message, at most.
 pub(super) const CHUNK_RECORDS: usize = 256;
+/// Bytes (`Record::size_bytes`) after which a chunk is handed over even with fewer records: the channel counts
+/// chunks, so large records would otherwise fill it with up to `CHUNK_RECORDS` of them per slot.
+pub(super) const CHUNK_BYTES: u64 = 256 << 10;
+/// The worker-wide bound on bytes of records fetched and not yet started (staged, overflowing, in partition
+/// channels and pending in partition tasks), at least: DESIGN §2 "memory stays flat with any backlog", goal RSS ≤
+/// 128 MiB. Per-partition bounds alone let it grow with the partition count (about 4 MiB per partition of 2 kB
+/// records: 552 MiB RSS with 128 partitions).
+pub(super) const MIN_BUFFER_BUDGET_BYTES: u64 = 32 << 20;
+/// What a partition may always hold unstarted, whatever the worker-wide total: every partition keeps work while
+/// others hold the budget (a stalled partition cannot starve the rest).
+pub(super) const BUFFER_FLOOR_BYTES: u64 = CHUNK_BYTES;
 /// Overflow (records fetched while the task's channel is full) that pauses the partition.
 pub(super) const MAX_OVERFLOW_RECORDS: usize = 8_192;
 pub(super) const MIN_OVERFLOW_BYTES: u64 = 2 << 20;
@@ -67,6 +78,8 @@ pub(super) struct PartitionHandle {
     /// Records fetched but not yet sent to the task (the next chunk).
     pub(super) staged: Vec<Input>,
     pub(super) staged_bytes: u64,
+    /// Bytes of every chunk put into the task's channel so far (see [`PartitionProgress::unstarted_bytes`]).
+    pub(super) sent_bytes: u64,
     /// Chunks that found the task's channel full; a large overflow pauses the partition.
     pub(super) overflow: VecDeque<(Vec<Input>, u64)>,
     pub(super) overflow_records: usize,
@@ -96,6 +109,10 @@ pub struct Dispatch {
     pub(super) partitions: Mutex<PartitionMap>,
     pub(super) channel_capacity: usize,
     pub(super) overflow_limit: OverflowLimit,
+    /// Worker-wide bound on bytes fetched and not started ([`MIN_BUFFER_BUDGET_BYTES`]).
+    pub(super) buffer_budget: u64,
+    /// Those bytes as last counted ([`Dispatch::flush`] counts them; handing chunks over adds to it in between).
+    pub(super) buffered_bytes: AtomicU64,
     /// Set by partition tasks near their uncommitted bound: commit before the interval is up.
     pub(super) commit_requested: Arc<AtomicBool>,
     /// Held while committing, so a revoke's final commit can never be overtaken by an older offset the
@@ -135,6 +152,8 @@ impl Dispatch {
                 records: MAX_OVERFLOW_RECORDS,
                 bytes: settings.max_pending_bytes.max(MIN_OVERFLOW_BYTES),
             },
+            buffer_budget: (4 * settings.max_pending_bytes).max(MIN_BUFFER_BUDGET_BYTES),
+            buffered_bytes: AtomicU64::new(0),
             commit_requested: Arc::new(AtomicBool::new(false)),
             commit_lock: Mutex::new(()),
             held: Mutex::new(HeldOffsets::default()),
@@ -184,6 +203,7 @@ impl Dispatch {
                     tx,
                     staged: Vec::with_capacity(CHUNK_RECORDS),
                     staged_bytes: 0,
+                    sent_bytes: 0,
                     overflow: VecDeque::new(),
                     overflow_records: 0,
                     overflow_bytes: 0,
@@ -270,7 +290,7 @@ impl Dispatch {
         h.next_offset = Some(offset + 1);
         h.staged_bytes += record.size_bytes();
         h.staged.push(Input::Record(record));
-        if h.staged.len() >= CHUNK_RECORDS {
+        if h.staged.len() >= CHUNK_RECORDS || h.staged_bytes >= CHUNK_BYTES {
             self.send_staged(consumer, h, &record_partition);
         }
     }
@@ -326,9 +346,14 @@ impl Dispatch {
         }
         let chunk = std::mem::replace(&mut h.staged, Vec::with_capacity(CHUNK_RECORDS));
         let bytes = std::mem::take(&mut h.staged_bytes);
-        let chunk = if h.overflow.is_empty() {
+        let total = self.buffered_bytes.fetch_add(bytes, AtomicOrdering::Relaxed) + bytes;
+        let within_budget = self.may_hand_over(h, total);
+        let chunk = if h.overflow.is_empty() && within_budget {
             match h.tx.try_send(chunk) {
-                Ok(()) => return,
+                Ok(()) => {
+                    h.sent_bytes += bytes;
+                    return;
+                }
                 Err(mpsc::error::TrySendError::Full(chunk)) => chunk,
                 Err(mpsc::error::TrySendError::Closed(_)) => {
                     tracing::error!(topic = %h.topic, partition, "partition task ended unexpectedly");
@@ -342,8 +367,9 @@ impl Dispatch {
         h.overflow_bytes += bytes;
         h.overflow.push_back((chunk, bytes));
         // librdkafka hands over a whole fetch response of a partition at once (up to
-        // max.partition.fetch.bytes), so the overflow must absorb such a burst without pausing.
-        if h.backpressure.overflowed(h.overflow_records, h.overflow_bytes) == Some(Action::Pause) {
+        // max.partition.fetch.bytes), so the overflow must absorb such a burst without pausing; over the worker's
+        // buffer budget the first overflowing chunk pauses.
+        if h.backpressure.overflowed(h.overflow_records, h.overflow_bytes, !within_budget) == Some(Action::Pause) {
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition(&h.topic, *partition);
             match consumer.pause(&tpl) {
@@ -360,6 +386,18 @@ impl Dispatch {
         }
     }
 
+    /// Whether `h` may hand another chunk to its task with `total` bytes buffered worker-wide: within the budget, or
+    /// while its task holds less than [`BUFFER_FLOOR_BYTES`] unstarted.
+    fn may_hand_over(&self, h: &PartitionHandle, total: u64) -> bool {
+        total < self.buffer_budget || h.progress.unstarted_bytes(h.sent_bytes) < BUFFER_FLOOR_BYTES
+    }
+
+    /// Whether paused `h` may fetch again with `total` bytes buffered worker-wide: below half the budget
+    /// (hysteresis), or while its task holds less than [`BUFFER_FLOOR_BYTES`] unstarted.
+    fn may_resume(&self, h: &PartitionHandle, total: u64) -> bool {
+        total < self.buffer_budget / 2 || h.progress.unstarted_bytes(h.sent_bytes) < BUFFER_FLOOR_BYTES
+    }
+
     /// Sends every staged chunk, moves overflow into tasks with room again, and resumes paused
     /// partitions once their overflow is empty and their channel at least half free (hysteresis
     /// against pause/resume churn); the partitions it resumes are added to `resumed`. Returns whether any partition
@@ -367,19 +405,27 @@ impl Dispatch {
     pub(super) fn flush<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, resumed: &mut Resumed) -> bool {
         let mut parts = self.partitions();
         let mut any_overflow = false;
+        let mut total: u64 =
+            parts.values().map(|h| h.staged_bytes + h.overflow_bytes + h.progress.unstarted_bytes(h.sent_bytes)).sum();
         for ((_, partition), h) in parts.iter_mut() {
             while let Some((chunk, bytes)) = h.overflow.pop_front() {
+                if !self.may_hand_over(h, total) {
+                    h.overflow.push_front((chunk, bytes));
+                    break;
+                }
                 let records = chunk.len();
                 match h.tx.try_send(chunk) {
                     Ok(()) => {
                         h.overflow_records -= records;
                         h.overflow_bytes -= bytes;
+                        h.sent_bytes += bytes;
                     }
                     Err(mpsc::error::TrySendError::Full(chunk)) => {
                         h.overflow.push_front((chunk, bytes));
                         break;
                     }
                     Err(mpsc::error::TrySendError::Closed(_)) => {
+                        total = total.saturating_sub(h.overflow_bytes);
                         h.overflow.clear();
                         (h.overflow_records, h.overflow_bytes) = (0, 0);
                     }
@@ -387,7 +433,10 @@ impl Dispatch {
             }
             self.send_staged(consumer, h, partition);
             let overflow_empty = h.overflow.is_empty();
-            if h.backpressure.flushed(overflow_empty, h.tx.capacity(), h.tx.max_capacity()) == Some(Action::Resume) {
+            let budget_allows = self.may_resume(h, total);
+            if h.backpressure.flushed(overflow_empty, h.tx.capacity(), h.tx.max_capacity(), budget_allows)
+                == Some(Action::Resume)
+            {
                 let mut tpl = TopicPartitionList::new();
                 tpl.add_partition(&h.topic, *partition);
                 match consumer.resume(&tpl) {
@@ -398,6 +447,8 @@ impl Dispatch {
             }
             any_overflow |= h.backpressure.waiting(overflow_empty);
         }
+        self.buffered_bytes.store(total, AtomicOrdering::Relaxed);
+        self.metrics.buffered_bytes.set(i64::try_from(total).unwrap_or(i64::MAX));
         any_overflow
     }
 }
