@@ -168,24 +168,30 @@ pub struct BareRun {
     pub cpu_s: f64,
 }
 
-/// The ceiling kpipe is measured against: a `BaseConsumer` poll loop with the same librdkafka tuning the worker
-/// applies, counting `n` records of `topic` from the beginning (group join included in `wall_s`).
-pub fn bare_consume(bootstrap: &str, topic: &str, n: u64) -> BareRun {
-    let cpu0 = cpu_seconds("self");
-    let started = Instant::now();
+/// A group consumer in a fresh group (`group` prefix) with the librdkafka tuning the worker applies, reading from the
+/// earliest offset with auto-commit.
+fn bare_consumer(bootstrap: &str, group: &str) -> BaseConsumer {
     let mut config = ClientConfig::new();
     for (k, v) in kpipe_worker::kafka_config::CONSUMER_TUNING {
         config.set(*k, *v);
     }
-    let consumer: BaseConsumer = config
+    config
         .set("bootstrap.servers", bootstrap)
-        .set("group.id", unique("bench-bare"))
+        .set("group.id", unique(group))
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "true")
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set_log_level(rdkafka::config::RDKafkaLogLevel::Warning)
         .create()
-        .unwrap();
+        .unwrap()
+}
+
+/// The ceiling kpipe is measured against: a `BaseConsumer` poll loop with the same librdkafka tuning the worker
+/// applies, counting `n` records of `topic` from the beginning (group join included in `wall_s`).
+pub fn bare_consume(bootstrap: &str, topic: &str, n: u64) -> BareRun {
+    let cpu0 = cpu_seconds("self");
+    let started = Instant::now();
+    let consumer = bare_consumer(bootstrap, "bench-bare");
     consumer.subscribe(&[topic]).unwrap();
     let (mut count, mut bytes, mut first) = (0u64, 0usize, None);
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -214,19 +220,7 @@ pub fn bare_consume(bootstrap: &str, topic: &str, n: u64) -> BareRun {
 pub fn bare_forward(bootstrap: &str, topic: &str, out: &str, n: u64) -> BareRun {
     let cpu0 = cpu_seconds("self");
     let started = Instant::now();
-    let mut config = ClientConfig::new();
-    for (k, v) in kpipe_worker::kafka_config::CONSUMER_TUNING {
-        config.set(*k, *v);
-    }
-    let consumer: BaseConsumer = config
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", unique("bench-bare-forward"))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "true")
-        .set("partition.assignment.strategy", "cooperative-sticky")
-        .set_log_level(rdkafka::config::RDKafkaLogLevel::Warning)
-        .create()
-        .unwrap();
+    let consumer = bare_consumer(bootstrap, "bench-bare-forward");
     let delivered = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let producer: BaseProducer<DeliveryCounter> = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
