@@ -136,6 +136,12 @@ pub fn producer(config: &WorkerConfig, env: &Env) -> ClientConfig {
     }
     c.set("enable.idempotence", "true");
     c.set("acks", "all");
+    // The topics' max.message.bytes decides what fits (crate::size), neither librdkafka's 1,000,000 default nor a
+    // `message.max.bytes` in spec.source.config (a consumer tuning knob there, paired with fetch.max.bytes): with the
+    // user's 100,000 a 200 kB record that fits its topic was refused locally, taken for "fits alone: retryable", and
+    // stalled the partition behind an open circuit for good (breaker10b::a_users_message_max_bytes_does_not_stall_
+    // the_forwarder).
+    c.set("message.max.bytes", crate::processor::kafka::PRODUCER_MESSAGE_MAX_BYTES.to_string());
     // No linger: a record is done only when acknowledged, and a partition starts only so many records before its
     // commit (`uncommittedPerPartition`, `perWorker`), so every millisecond of linger is a millisecond of each round
     // trip. Under load librdkafka still batches what arrives while requests are in flight. Measured with `make
@@ -223,5 +229,14 @@ mod tests {
         assert_eq!(p.get("linger.ms"), Some("0"), "no linger: records wait for their acknowledgement anyway");
         assert_eq!(p.get("acks"), Some("all"));
         assert_eq!(p.get("fetch.min.bytes"), None);
+    }
+
+    #[test]
+    fn the_producers_message_max_bytes_is_the_workers_not_the_sources() {
+        let mut c = cfg("");
+        c.spec.source.config.insert("message.max.bytes".into(), "100000".into());
+        let limit = crate::processor::kafka::PRODUCER_MESSAGE_MAX_BYTES.to_string();
+        assert_eq!(producer(&c, &Env::default()).get("message.max.bytes"), Some(limit.as_str()));
+        assert_eq!(consumer(&c, &Env::default()).get("message.max.bytes"), Some("100000"));
     }
 }

@@ -21,9 +21,7 @@ use crate::kafka_config::{self, Env};
 use crate::metrics::{Metrics, MetricsError};
 use crate::partition::PartitionSettings;
 use crate::processor::http::{HttpBuildError, HttpProcessor};
-use crate::processor::kafka::{
-    DeadLetterSink, KafkaDeadLetter, KafkaForwarder, PRODUCER_MESSAGE_MAX_BYTES, TopicLimits,
-};
+use crate::processor::kafka::{DeadLetterSink, KafkaDeadLetter, KafkaForwarder, TopicLimits};
 use crate::processor::producer::KafkaProducer;
 use crate::processor::{NoopProcessor, Processor};
 use crate::scheduler::BatchLimits;
@@ -106,11 +104,8 @@ pub async fn run(config: WorkerConfig, settings: RunSettings, shutdown: Cancella
 
     let spec = &config.spec;
     let needs_producer = matches!(spec.processor.kind, ProcessorSpec::Kafka(_)) || spec.dead_letter.is_some();
+    // Its message.max.bytes is PRODUCER_MESSAGE_MAX_BYTES: the topics' max.message.bytes decides what fits.
     let mut producer_config = kafka_config::producer(&config, &settings.env);
-    // The topics' max.message.bytes decides what fits (crate::size), not librdkafka's 1,000,000 default.
-    if producer_config.get("message.max.bytes").is_none() {
-        producer_config.set("message.max.bytes", PRODUCER_MESSAGE_MAX_BYTES.to_string());
-    }
     let (producer, limits): (Option<Arc<KafkaProducer>>, Arc<TopicLimits>) = if needs_producer {
         let admin = producer_config.create().map_err(|source| RunError::Kafka { what: "admin client", source })?;
         let limits = Arc::new(TopicLimits::new(Some(admin)));

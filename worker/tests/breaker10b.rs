@@ -310,3 +310,121 @@ async fn a_blocked_partition_does_not_strand_a_backlog_elsewhere() {
 async fn a_blocked_partition_does_not_strand_a_backlog_of_records_larger_than_the_floor() {
     a_blocked_partition_and_a_backlog_elsewhere(300_000, 1).await;
 }
+
+/// `message.max.bytes` is one of the client properties users may set in `spec.source.config` (tuning, 1000 ..
+/// 1,000,000,000); the worker's producer takes it too. With 100,000 there, a 200 kB record (well within the output
+/// topic's 1,048,588) is refused by librdkafka locally as too large, and the forwarder takes it for "batched beyond
+/// the limit, fits alone: retryable". A user expects the record forwarded, or at worst dead-lettered, and the
+/// partition to move on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_users_message_max_bytes_does_not_stall_the_forwarder() {
+    let bootstrap = bootstrap();
+    let topic = unique("brk10b-mmb-in");
+    let out = unique("brk10b-mmb-out");
+    let dlq = unique("brk10b-mmb-dlq");
+    create_topic(&bootstrap, &topic, 1).await;
+    create_topic(&bootstrap, &out, 1).await;
+    create_topic(&bootstrap, &dlq, 1).await;
+    for (id, size) in [(0u64, 1_000usize), (1, 200_000), (2, 1_000), (3, 1_000)] {
+        produce_to_partition(&bootstrap, &topic, 0, id..id + 1, size).await;
+    }
+    let group = unique("brk10b-g");
+    let mut cfg = config(
+        &bootstrap,
+        "brk10b-mmb",
+        &topic,
+        &group,
+        serde_json::json!({
+            "processor": {"kafka": {"topic": out}},
+            "retry": {"maxAttempts": 3, "initialBackoff": "10ms", "maxBackoff": "50ms"},
+            "onFailure": "deadLetter",
+            "deadLetter": {"topic": dlq}
+        }),
+    );
+    cfg["spec"]["source"]["config"]["message.max.bytes"] = serde_json::json!("100000");
+    let mut w = Worker::start("brk10b-mmb", &cfg);
+    w.wait_ready(Duration::from_secs(30)).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while committed(&bootstrap, &group, &topic) != Some(4) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let at_end = committed(&bootstrap, &group, &topic);
+    let m = w.metrics().await;
+    let forwarded: Vec<String> = read_topic(&bootstrap, &out, 4, Duration::from_secs(4))
+        .iter()
+        .map(|r| first_line(&r.value).to_owned())
+        .collect();
+    let dead = read_topic(&bootstrap, &dlq, 1, Duration::from_secs(2));
+    w.signal(15);
+    let _ = w.wait_exit(Duration::from_secs(20)).await;
+    delete_topics(&bootstrap, &[&topic, &out, &dlq]).await;
+    eprintln!(
+        "committed {at_end:?}; forwarded {forwarded:?}; dead-lettered {} (DLQ metric {:?}); retried {:?}; log {}",
+        dead.len(),
+        metric(&m, "kpipe_worker_records_dead_lettered_total"),
+        metric(&m, "kpipe_worker_records_retried_total"),
+        w.log.display()
+    );
+    assert_eq!(at_end, Some(4), "the partition is stuck");
+    assert_eq!(forwarded.len() + dead.len(), 4, "every record forwarded or dead-lettered");
+}
+
+/// The group's committed offset metadata of partition 0 of `topic`.
+fn committed_metadata(bootstrap: &str, group: &str, topic: &str) -> String {
+    let c: BaseConsumer =
+        ClientConfig::new().set("bootstrap.servers", bootstrap).set("group.id", group).create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, 0);
+    let Ok(got) = c.committed_offsets(tpl, Duration::from_secs(5)) else { return String::new() };
+    got.elements().first().map(|e| e.metadata().to_string()).unwrap_or_default()
+}
+
+/// A dead-letter topic that does not exist and cannot be created (the test bed's broker auto-creates topics, so the
+/// name collides with an existing one): the dead letter waits in librdkafka, the record is not committed, and the
+/// worker reports `deadLetterFailing` (the operator's `DeadLetterFailing`) and says so on /readyz — not silently
+/// healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_letter_topic_that_cannot_exist_is_reported_and_nothing_is_committed_past_it() {
+    let bootstrap = bootstrap();
+    let topic = unique("brk10b-nodlq-in");
+    create_topic(&bootstrap, &topic, 1).await;
+    let (dlq, colliding) = uncreatable_topic(&bootstrap, &unique("brk10b-nodlq")).await;
+    produce_ids(&bootstrap, &topic, 0..3, 3).await;
+    let sink = HttpSink::start(SinkBehavior { reject_all: true, ..Default::default() }).await;
+    let group = unique("brk10b-g");
+    let cfg = config(
+        &bootstrap,
+        "brk10b-nodlq",
+        &topic,
+        &group,
+        serde_json::json!({
+            "processor": {"http": {"url": format!("http://{}/records", sink.addr())}},
+            "onFailure": "deadLetter",
+            "deadLetter": {"topic": dlq}
+        }),
+    );
+    let w = Worker::start("brk10b-nodlq", &cfg);
+    w.wait_ready(Duration::from_secs(30)).await;
+    let started = Instant::now();
+    let mut report = None;
+    while started.elapsed() < Duration::from_secs(25) {
+        let md = committed_metadata(&bootstrap, &group, &topic);
+        if let Some(r) = kpipe_api::commit_metadata::decode(&md).filter(|r| r.dead_letter_failing) {
+            report = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let took = started.elapsed();
+    let ready = reqwest::get(format!("http://{}/readyz", w.listen)).await.unwrap().text().await.unwrap_or_default();
+    let at_end = committed(&bootstrap, &group, &topic);
+    let m = w.metrics().await;
+    drop(w);
+    delete_topics(&bootstrap, &[&topic, &colliding]).await;
+    eprintln!(
+        "report {report:?} after {took:?}; committed {at_end:?}; readyz {ready:?}; dead-lettered {:?}",
+        metric(&m, "kpipe_worker_records_dead_lettered_total")
+    );
+    assert!(report.is_some(), "no deadLetterFailing report in {took:?}");
+    assert!(at_end.unwrap_or(0) == 0, "committed {at_end:?} past records never dead-lettered");
+}
