@@ -226,7 +226,7 @@ async fn produce_to_partition(
             let record = FutureRecord::to(&topic).partition(partition).key(&key).payload(&value);
             producer.send(record, Duration::from_secs(30)).await.unwrap();
         });
-        if futs.len() >= 200 {
+        if futs.len() >= 2_000 {
             futures::future::join_all(std::mem::take(&mut futs)).await;
         }
     }
@@ -287,8 +287,15 @@ async fn a_blocked_partition_and_a_backlog_elsewhere(value_bytes: usize, max_rec
     }
     let took = started.elapsed();
     let m = w.metrics().await;
-    drop(w);
+    // SIGTERM with the blocked partition retrying and its buffers full: out within the shutdown timeout (10 s).
+    let mut w = w;
+    let term = Instant::now();
+    w.signal(15);
+    let exit = w.wait_exit(Duration::from_secs(30)).await;
+    let exit_took = term.elapsed();
     delete_topics(&bootstrap, &[&topic]).await;
+    eprintln!("exit {exit:?} {exit_took:?} after SIGTERM");
+    assert!(exit == Some(0) && exit_took < Duration::from_secs(13), "exit {exit:?} after {exit_took:?}");
     eprintln!(
         "{value_bytes} B records: {missing} of {} healthy records missing after {took:?}; buffered max {max_buffered} \
          now {:?}; paused max {max_paused}, pauses {:?}",
@@ -427,4 +434,92 @@ async fn a_dead_letter_topic_that_cannot_exist_is_reported_and_nothing_is_commit
     );
     assert!(report.is_some(), "no deadLetterFailing report in {took:?}");
     assert!(at_end.unwrap_or(0) == 0, "committed {at_end:?} past records never dead-lettered");
+}
+
+/// Partitions paused by backpressure are revoked (a second worker joins) and come back (it leaves again): librdkafka
+/// must fetch them again, so every record is delivered (none stranded paused): 8 partitions of 20,000 small records
+/// behind a downstream slower than the fetch (each partition's overflow pauses it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn partitions_revoked_while_paused_are_fetched_again() {
+    paused_backlog(true).await;
+}
+
+/// The control for [`partitions_revoked_while_paused_are_fetched_again`]: the same backlog, one worker throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_backlog_on_one_worker_is_delivered() {
+    paused_backlog(false).await;
+}
+
+async fn paused_backlog(second_worker: bool) {
+    let bootstrap = bootstrap();
+    let topic = unique("brk10b-revoke");
+    create_topic(&bootstrap, &topic, 8).await;
+    let per_partition = 20_000u64;
+    for p in 0..8i32 {
+        let from = p as u64 * 1_000_000;
+        produce_to_partition(&bootstrap, &topic, p, from..from + per_partition, 20).await;
+    }
+    let sink = HttpSink::start(SinkBehavior { delay: Duration::from_millis(150), ..Default::default() }).await;
+    let group = unique("brk10b-g");
+    let cfg = config(
+        &bootstrap,
+        "brk10b-revoke",
+        &topic,
+        &group,
+        serde_json::json!({
+            "processor": {"http": {"url": format!("http://{}/records", sink.addr())}},
+            "ordering": "partition",
+            "batch": {"maxRecords": 500, "maxWait": "10ms"},
+            "concurrency": {"perWorker": 4000, "perPartition": 500}
+        }),
+    );
+    let a = Worker::start("brk10b-revoke-a", &cfg);
+    a.wait_ready(Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let paused_before = metric(&a.metrics().await, "kpipe_worker_paused_partitions");
+    if second_worker {
+        let mut b = Worker::start("brk10b-revoke-b", &cfg);
+        b.wait_ready(Duration::from_secs(30)).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        b.signal(15);
+        let _ = b.wait_exit(Duration::from_secs(20)).await;
+    }
+    let want: Vec<u64> = (0..8u64).flat_map(|p| p * 1_000_000..p * 1_000_000 + per_partition).collect();
+    let started = Instant::now();
+    let mut missing = want.len();
+    while started.elapsed() < Duration::from_secs(25) {
+        let accepted = accepted(&sink);
+        missing = want.iter().filter(|id| !accepted.contains_key(id)).count();
+        if missing == 0 {
+            break;
+        }
+        let requests = sink.requests();
+        let m = a.metrics().await;
+        eprintln!(
+            "{:?}: missing {missing}, requests {} (last {} ids), paused {:?}, pauses {:?}, buffered {:?}, in flight {:?}",
+            started.elapsed(),
+            requests.len(),
+            requests.last().map(|r| r.ids.len()).unwrap_or(0),
+            metric(&m, "kpipe_worker_paused_partitions"),
+            metric(&m, "kpipe_worker_partition_pauses_total"),
+            metric(&m, "kpipe_worker_buffered_bytes"),
+            metric(&m, "kpipe_worker_in_flight_records"),
+        );
+        tokio::time::sleep(Duration::from_millis(2_000)).await;
+    }
+    let m = a.metrics().await;
+    drop(a);
+    delete_topics(&bootstrap, &[&topic]).await;
+    let accepted = accepted(&sink);
+    eprintln!(
+        "{missing} of {} missing {:?} after B left; duplicates {}; A paused before B {paused_before:?}, now {:?}, \
+         pauses {:?}, buffered {:?}",
+        want.len(),
+        started.elapsed(),
+        report_duplicates(&accepted),
+        metric(&m, "kpipe_worker_paused_partitions"),
+        metric(&m, "kpipe_worker_partition_pauses_total"),
+        metric(&m, "kpipe_worker_buffered_bytes"),
+    );
+    assert_eq!(missing, 0, "records stranded after the partitions came back");
 }
