@@ -331,20 +331,20 @@ impl KafkaForwarder {
         Ok((Outgoing { key, value: r.value.as_deref(), headers, timestamp_ms: r.timestamp_ms }, bytes))
     }
 
-    /// The failure for a record of `bytes` bytes the broker refused with `e`. Refused as too large: either the
-    /// topic's limit went down (read it again) or the producer batched this record with others beyond the limit,
-    /// and then the record alone fits and is retried.
-    async fn refused(&self, e: &KafkaError, bytes: u64) -> Failure {
-        if !is_too_large(e) {
+    /// The failure for a record of `bytes` bytes the broker refused with `e`; `fresh`: the topic's limit read again
+    /// after a refusal as too large (once per batch). Refused as too large: either the topic's limit went down, or
+    /// the producer batched this record with others beyond the limit, and then the record alone fits, the producer's
+    /// batches are made to fit the limit ([`KafkaProducer::fit_batches_to`]) and the record is retried.
+    fn refused(&self, e: &KafkaError, bytes: u64, fresh: Option<Limit>) -> Failure {
+        let Some(fresh) = fresh.filter(|_| is_too_large(e)) else {
             return produce_failure(e);
-        }
-        self.limits.invalidate(&self.topic);
-        let fresh = self.limits.limit(&self.topic).await;
+        };
         // With the limit unknown, the broker's word is all there is: the record is too large.
         if bytes > fresh.bytes() || matches!(fresh, Limit::Assumed(_)) {
             self.metrics.too_large.inc();
             produce_failure(e)
         } else {
+            self.producer.fit_batches_to(fresh.bytes());
             Failure::new(
                 FailureClass::Produce { retryable: true },
                 format!("{e} (the record alone, about {bytes} bytes, fits the limit {}: retried)", fresh.bytes()),
@@ -374,9 +374,16 @@ impl Processor for KafkaForwarder {
                 }
             }
             let results = self.producer.send_all(&self.topic, outgoing).await;
+            // Refused as too large: the limit is read again once for the whole batch.
+            let fresh = if results.iter().any(|r| r.as_ref().is_err_and(is_too_large)) {
+                self.limits.invalidate(&self.topic);
+                Some(self.limits.limit(&self.topic).await)
+            } else {
+                None
+            };
             for ((i, bytes), result) in sent.into_iter().zip(results) {
                 if let Err(e) = result {
-                    failed.push((i, self.refused(&e, bytes).await));
+                    failed.push((i, self.refused(&e, bytes, fresh)));
                 }
             }
             failed.sort_by_key(|(i, _)| *i);
@@ -481,7 +488,9 @@ impl DeadLetterSink for KafkaDeadLetter {
                         let fresh = self.limits.limit(&self.topic).await;
                         if matches!(fresh, Limit::Known(l) if size::dead_letter_size(record, &context, shape) <= l) {
                             // The record alone fits: the producer batched it with others beyond the
-                            // limit. Retried as it is (never cut for a reason that is not its own size).
+                            // limit. Retried as it is (never cut for a reason that is not its own size), with
+                            // batches that fit.
+                            self.producer.fit_batches_to(fresh.bytes());
                             return Err(Failure::new(
                                 FailureClass::Produce { retryable: true },
                                 format!("{e} (the dead letter alone fits the limit {}: retried)", fresh.bytes()),

@@ -7,9 +7,8 @@
 //! Measured on the forwarder (callgrind, 300,000 × 100 B, docs/BENCHMARKS.md): the per-record futures and their
 //! channels cost about 2,000 instructions per record, a sixth of the forwarder's total.
 
-use std::sync::Arc;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
@@ -83,16 +82,61 @@ impl ProducerContext for AckContext {
     }
 }
 
+/// librdkafka's `batch.size` when the configuration does not set it, in bytes.
+const LIBRDKAFKA_BATCH_SIZE: u64 = 1_000_000;
+
 /// An idempotent producer (the worker's producer configuration, `kafka_config::producer`) whose calls complete once
 /// every record of the call is acknowledged or failed.
 pub struct KafkaProducer {
-    inner: ThreadedProducer<AckContext>,
+    config: ClientConfig,
+    inner: RwLock<Arc<ThreadedProducer<AckContext>>>,
+    /// The `batch.size` of `inner`, in bytes.
+    batch_size: AtomicU64,
 }
 
 impl KafkaProducer {
     /// Creates the producer from `config`. Errors: librdkafka refused the configuration.
     pub fn new(config: &ClientConfig) -> KafkaResult<Self> {
-        Ok(Self { inner: config.create_with_context(AckContext)? })
+        let batch_size = config.get("batch.size").and_then(|v| v.parse::<u64>().ok()).unwrap_or(LIBRDKAFKA_BATCH_SIZE);
+        Ok(Self {
+            config: config.clone(),
+            inner: RwLock::new(Arc::new(config.create_with_context(AckContext)?)),
+            batch_size: AtomicU64::new(batch_size),
+        })
+    }
+
+    fn current(&self) -> Arc<ThreadedProducer<AckContext>> {
+        self.inner.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Makes the producer's batches fit a topic whose `max.message.bytes` is `max_message_bytes`: librdkafka packs
+    /// the queued records of a partition into one batch up to `batch.size`, and the broker refuses a batch over the
+    /// topic's limit whole, so a limit lowered after start-up refused every batch of records that each fit, for good.
+    /// A producer with a smaller `batch.size` replaces this one (librdkafka cannot change it on a running producer);
+    /// calls under way finish on the old one. Returns whether it was replaced.
+    pub fn fit_batches_to(&self, max_message_bytes: u64) -> bool {
+        let wanted = max_message_bytes.saturating_sub(crate::size::BATCH_OVERHEAD).max(1);
+        if self.batch_size.load(Ordering::Acquire) <= wanted {
+            return false;
+        }
+        let mut config = self.config.clone();
+        config.set("batch.size", wanted.to_string());
+        match config.create_with_context(AckContext) {
+            Ok(producer) => {
+                *self.inner.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(producer);
+                self.batch_size.store(wanted, Ordering::Release);
+                tracing::warn!(
+                    batch_size = wanted,
+                    "an output topic's max.message.bytes went down: producer batches \
+                    capped to it (a new producer)"
+                );
+                true
+            }
+            Err(e) => {
+                tracing::warn!(batch_size = wanted, "cannot create a producer with smaller batches: {e}");
+                false
+            }
+        }
     }
 
     /// Produces one record to `topic` and waits for its acknowledgement.
@@ -106,6 +150,7 @@ impl KafkaProducer {
     pub async fn send_all(&self, topic: &str, records: Vec<Outgoing<'_>>) -> Vec<Result<(), KafkaError>> {
         let count = records.len();
         let acks = Arc::new(Acks::new(count));
+        let producer = self.current();
         for (index, record) in records.into_iter().enumerate() {
             let ticket = Box::new(Ticket { acks: acks.clone(), index });
             let mut base = BaseRecord::with_opaque_to(topic, ticket);
@@ -121,7 +166,7 @@ impl KafkaProducer {
             if let Some(ts) = record.timestamp_ms {
                 base = base.timestamp(ts);
             }
-            if let Err((error, refused)) = self.enqueue(base).await {
+            if let Err((error, refused)) = Self::enqueue(&producer, base).await {
                 // Not queued: no delivery report will come for it.
                 drop(refused);
                 acks.finish(index, Some(error));
@@ -143,12 +188,12 @@ impl KafkaProducer {
 
     /// Hands `record` to librdkafka, waiting up to [`QUEUE_TIMEOUT`] while its queue is full.
     async fn enqueue<'a>(
-        &self,
+        producer: &ThreadedProducer<AckContext>,
         mut record: BaseRecord<'a, [u8], [u8], Box<Ticket>>,
     ) -> Result<(), (KafkaError, BaseRecord<'a, [u8], [u8], Box<Ticket>>)> {
         let deadline = Instant::now() + QUEUE_TIMEOUT;
         loop {
-            match self.inner.send(record) {
+            match producer.send(record) {
                 Ok(()) => return Ok(()),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), refused))
                     if Instant::now() < deadline =>
@@ -163,7 +208,7 @@ impl KafkaProducer {
 
     /// Waits up to `timeout` for every queued record to be delivered (shutdown).
     pub fn flush(&self, timeout: Duration) -> KafkaResult<()> {
-        self.inner.flush(timeout)
+        self.current().flush(timeout)
     }
 }
 
