@@ -43,10 +43,6 @@ fn committed(bootstrap: &str, group: &str, topic: &str) -> Option<i64> {
     }
 }
 
-fn first_line(v: &str) -> &str {
-    v.split('\n').next().unwrap_or_default()
-}
-
 /// The forwarder to an output topic whose `max.message.bytes` (20,000) holds each record (4,000 B) but not a
 /// producer batch of them: librdkafka batches the records of one call up to its own `message.max.bytes` (1 MB), the
 /// broker refuses the batch as too large, and the forwarder retries the records ("the record alone fits"). A user
@@ -208,39 +204,6 @@ async fn sigterm_while_dead_letters_wait_in_librdkafka_exits_in_time_without_com
     sigterm_while_produces_hang(true).await;
 }
 
-/// Produces ids `ids` to `partition` of `topic`, values padded to `value_bytes` (the id on the first line).
-async fn produce_to_partition(
-    bootstrap: &str,
-    topic: &str,
-    partition: i32,
-    ids: std::ops::Range<u64>,
-    value_bytes: usize,
-) {
-    use rdkafka::producer::{FutureProducer, FutureRecord};
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("linger.ms", "5")
-        .set("message.max.bytes", "2000000")
-        .create()
-        .unwrap();
-    let mut futs = Vec::new();
-    for id in ids {
-        let producer = producer.clone();
-        let topic = topic.to_owned();
-        futs.push(async move {
-            let mut value = format!("{id}\n");
-            value.extend(std::iter::repeat_n('x', value_bytes.saturating_sub(value.len())));
-            let key = format!("key-{id}");
-            let record = FutureRecord::to(&topic).partition(partition).key(&key).payload(&value);
-            producer.send(record, Duration::from_secs(30)).await.unwrap();
-        });
-        if futs.len() >= 2_000 {
-            futures::future::join_all(std::mem::take(&mut futs)).await;
-        }
-    }
-    futures::future::join_all(futs).await;
-}
-
 /// One partition blocked for good (`onFailure: block`, its first record always failed), seven others with a
 /// backlog of records of `value_bytes` each (5 MB per partition) behind a downstream slower than the fetch: the
 /// worker-wide buffer budget is held by the others' backlog and the stuck partition's buffers; every record of the
@@ -253,7 +216,7 @@ async fn a_blocked_partition_and_a_backlog_elsewhere(value_bytes: usize, max_rec
     let per_partition = (5_000_000 / value_bytes) as u64;
     for p in 0..8i32 {
         let from = p as u64 * 1_000_000;
-        produce_to_partition(&bootstrap, &topic, p, from..from + per_partition, value_bytes).await;
+        produce_padded_ids_to(&bootstrap, &topic, Some(p), from..from + per_partition, u64::MAX, value_bytes).await;
     }
     let sink = HttpSink::start(SinkBehavior {
         fail_always: ids([0u64]),
@@ -341,7 +304,7 @@ async fn a_users_message_max_bytes_does_not_stall_the_forwarder() {
     create_topic(&bootstrap, &out, 1).await;
     create_topic(&bootstrap, &dlq, 1).await;
     for (id, size) in [(0u64, 1_000usize), (1, 200_000), (2, 1_000), (3, 1_000)] {
-        produce_to_partition(&bootstrap, &topic, 0, id..id + 1, size).await;
+        produce_padded_ids_to(&bootstrap, &topic, Some(0), id..id + 1, u64::MAX, size).await;
     }
     let group = unique("brk10b-g");
     let mut cfg = config(
@@ -465,7 +428,7 @@ async fn paused_backlog(second_worker: bool) {
     let per_partition = 20_000u64;
     for p in 0..8i32 {
         let from = p as u64 * 1_000_000;
-        produce_to_partition(&bootstrap, &topic, p, from..from + per_partition, 20).await;
+        produce_padded_ids_to(&bootstrap, &topic, Some(p), from..from + per_partition, u64::MAX, 20).await;
     }
     let sink = HttpSink::start(SinkBehavior { delay: Duration::from_millis(150), ..Default::default() }).await;
     let group = unique("brk10b-g");

@@ -46,10 +46,6 @@ async fn produce_sized(bootstrap: &str, topic: &str, records: &[(u64, usize)]) {
     }
 }
 
-fn first_line(v: &str) -> &str {
-    v.split('\n').next().unwrap_or_default()
-}
-
 /// (key bytes, offset) of CloudEvents in arrival order.
 type Seen = Arc<Mutex<Vec<(Vec<u8>, i64)>>>;
 

@@ -56,10 +56,23 @@ pub async fn produce_padded_ids(
     keys: u64,
     value_bytes: usize,
 ) {
+    produce_padded_ids_to(bootstrap, topic, None, ids, keys, value_bytes).await;
+}
+
+/// Like [`produce_padded_ids`], to `partition` (`None`: the partitioner's choice by key).
+pub async fn produce_padded_ids_to(
+    bootstrap: &str,
+    topic: &str,
+    partition: Option<i32>,
+    ids: std::ops::Range<u64>,
+    keys: u64,
+    value_bytes: usize,
+) {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
+        .set("message.max.bytes", "4000000")
         .create()
         .unwrap();
     let mut futs = Vec::new();
@@ -74,13 +87,22 @@ pub async fn produce_padded_ids(
                 let pad = value_bytes.saturating_sub(value.len());
                 value.extend(std::iter::repeat_n('x', pad));
             }
-            producer.send(FutureRecord::to(&topic).key(&key).payload(&value), Duration::from_secs(30)).await.unwrap();
+            let mut record = FutureRecord::to(&topic).key(&key).payload(&value);
+            if let Some(p) = partition {
+                record = record.partition(p);
+            }
+            producer.send(record, Duration::from_secs(30)).await.unwrap();
         });
         if futs.len() >= 1000 {
             futures::future::join_all(std::mem::take(&mut futs)).await;
         }
     }
     futures::future::join_all(futs).await;
+}
+
+/// The first line of a value: the id the test producers put there.
+pub fn first_line(v: &str) -> &str {
+    v.split('\n').next().unwrap_or_default()
 }
 
 /// A record read back from an output topic.
