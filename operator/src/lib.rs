@@ -5,6 +5,7 @@
 //! at the edges ([`probe`], [`controller`]).
 
 pub mod build;
+pub mod cache_ready;
 pub mod certificate;
 pub mod controller;
 pub mod deadletters;

@@ -21,30 +21,40 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 /// A TCP proxy to the apiserver that can be switched to a blackhole (accepts, never forwards, and
-/// drops the forwarding of connections already open).
+/// drops the forwarding of connections already open), or made to delay each new connection.
 struct Proxy {
     port: u16,
     cut: Arc<AtomicBool>,
     epoch: watch::Sender<u32>,
+    /// Each new connection waits 0..=this many ms (spread over the connections) before it is forwarded.
+    jitter_ms: Arc<AtomicU32>,
 }
 
 pub(crate) async fn proxy(upstream: String) -> Proxy {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let cut = Arc::new(AtomicBool::new(false));
+    let jitter_ms = Arc::new(AtomicU32::new(0));
     let (epoch, _) = watch::channel(0u32);
-    let (c, e) = (cut.clone(), epoch.clone());
+    let (c, e, jitter) = (cut.clone(), epoch.clone(), jitter_ms.clone());
     tokio::spawn(async move {
         let mut held = Vec::new();
+        let mut accepted = 0u32;
         loop {
             let Ok((mut inbound, _)) = listener.accept().await else { return };
             if c.load(Ordering::SeqCst) {
                 held.push(inbound); // blackhole: the client waits until its own timeout
                 continue;
             }
+            // Delays spread over 0..=max by a fixed stride, so which of several concurrent requests is answered
+            // first depends on the order the client happened to open its connections in.
+            accepted = accepted.wrapping_add(1);
+            let max = jitter.load(Ordering::SeqCst);
+            let delay = Duration::from_millis(u64::from(accepted.wrapping_mul(7) % 11) * u64::from(max) / 10);
             let upstream = upstream.clone();
             let mut cancelled = e.subscribe();
             tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
                 let Ok(mut out) = TcpStream::connect(&upstream).await else { return };
                 tokio::select! {
                     _ = tokio::io::copy_bidirectional(&mut inbound, &mut out) => {}
@@ -56,10 +66,14 @@ pub(crate) async fn proxy(upstream: String) -> Proxy {
             });
         }
     });
-    Proxy { port, cut, epoch }
+    Proxy { port, cut, epoch, jitter_ms }
 }
 
 impl Proxy {
+    fn set_jitter(&self, max: Duration) {
+        self.jitter_ms.store(u32::try_from(max.as_millis()).unwrap(), Ordering::SeqCst);
+    }
+
     fn set_cut(&self, on: bool) {
         self.cut.store(on, Ordering::SeqCst);
         if on {
@@ -292,5 +306,52 @@ mod operators {
         }
         assert!(all.iter().any(|(o, m, _)| o == "two" && m == "kpipe-op-b"), "{all:?}");
         assert!(all.iter().any(|(o, m, _)| o == "one" && m == "kpipe-op-a"), "{all:?}");
+    }
+
+    /// A new leader term, like a restart, starts with every pipeline reconciled at once while the caches of their
+    /// children are still listing. Whatever order the lists complete in, no reconcile may sleep past the moment its
+    /// caches are ready. (kube-runtime 5.0's `Store::wait_until_ready` wakes only its last concurrent waiter: with
+    /// two reconciles waiting for the Deployment cache, one slept its whole 30 s timeout; `cache_ready`.) The
+    /// operator's apiserver connections go through a proxy that delays each new connection by 0–1.5 s, so the
+    /// order of the first lists changes from start to start; four starts with four pipelines.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_starting_operator_reconciles_every_pipeline_whichever_cache_lists_last() {
+        let bed = TestBed::connect().await.unwrap();
+        let ns_guard = bed.temp_namespace("op-start").await.unwrap();
+        let ns = ns_guard.name().to_string();
+        let topic = format!("{ns}-in");
+        bed.create_topic(&topic, 1).await.unwrap();
+        let apiserver = bed.var("KPIPE_APISERVER").unwrap().to_string();
+        let p = super::proxy(apiserver.trim_start_matches("https://").to_string()).await;
+        p.set_jitter(Duration::from_millis(1500));
+        let kc = std::env::temp_dir().join(format!("kubeconfig-{ns}-jitter"));
+        let text = std::fs::read_to_string(bed.kubeconfig()).unwrap();
+        std::fs::write(&kc, text.replace(&apiserver, &format!("https://127.0.0.1:{}", p.port))).unwrap();
+
+        let cps: Api<ConsumerPipeline> = Api::namespaced(bed.client(), &ns);
+        let names = ["p1", "p2", "p3", "p4"];
+        for name in names {
+            cps.create(&PostParams::default(), &pipeline(name, bed.kafka_bootstrap(), &topic)).await.unwrap();
+        }
+        let mut took = Vec::new();
+        for start in 0..4 {
+            let op = Operator::start(&kc, &ns, &[]);
+            let started = Instant::now();
+            // A pipeline's gauges appear with its first reconcile that got past its caches.
+            let every = wait_for("every pipeline reconciled", Duration::from_secs(12), || async {
+                for name in names {
+                    let series =
+                        format!("kpipe_operator_pipeline_worker_restarts{{namespace=\"{ns}\",pipeline=\"{name}\"}}");
+                    op.metric(&series).await?;
+                }
+                Some(())
+            })
+            .await;
+            let log = std::fs::read_to_string(&op.log).unwrap_or_default();
+            let synced: Vec<&str> = log.lines().filter(|l| l.contains("cache synced")).collect();
+            assert!(every.is_ok(), "start {start}: not every pipeline reconciled within 12 s; caches: {synced:#?}");
+            took.push(started.elapsed());
+        }
+        println!("operator start → every pipeline reconciled: {took:?}");
     }
 }

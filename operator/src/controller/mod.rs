@@ -40,6 +40,7 @@ use kube::{Client, Resource, ResourceExt};
 use tracing::{Instrument, debug, info, warn};
 
 use crate::build::{self, LABEL_MANAGED_BY, MANAGER, WorkerDefaults};
+use crate::cache_ready::{self, CacheReady};
 use crate::deadletters::{self, DeadLetterReader, Trigger};
 use crate::keepalive::{OffsetBook, OffsetKeeper};
 use crate::lag::LagTracker;
@@ -258,8 +259,18 @@ pub struct Context {
     config_maps: Store<PartialObjectMeta<ConfigMap>>,
     /// Worker pods (status only), for restarts, readiness and the consumer set.
     pods: Store<Pod>,
+    /// Whether the three caches above have their first complete list (awaited before anything is decided).
+    children_ready: ChildCaches,
     /// Reconciles a pipeline of this controller on request (the dead-letter reader's new counts).
     trigger: Trigger,
+}
+
+/// Readiness of the caches of a pipeline's children and worker pods ([`cache_ready`]).
+#[derive(Clone, Debug)]
+pub struct ChildCaches {
+    deployments: CacheReady,
+    config_maps: CacheReady,
+    pods: CacheReady,
 }
 
 impl Context {
@@ -471,6 +482,37 @@ impl Scope {
 }
 
 /// Run the controller for one scope until `shutdown` resolves.
+/// After this long without a complete first list of a cache, [`report_cache_sync`] warns (a new leader that does not
+/// act is a problem a user must see in the log, not only as a late reconcile).
+pub const CACHE_SYNC_WARN_AFTER: Duration = Duration::from_secs(10);
+
+/// Logs, per cache, how long its first complete list took after the controller started (`info`), and warns every
+/// [`CACHE_SYNC_WARN_AFTER`] naming the caches still without one: until then no pipeline of the scope is reconciled.
+/// Returns when every cache has synced, or one stopped (the controller stopped).
+pub async fn report_cache_sync(scope: Scope, caches: Vec<CacheReady>) {
+    let started = Instant::now();
+    let mut pending: futures::stream::FuturesUnordered<_> =
+        caches.iter().cloned().map(|c| async move { (c.name(), c.wait().await) }).collect();
+    loop {
+        match tokio::time::timeout(CACHE_SYNC_WARN_AFTER, pending.next()).await {
+            Ok(Some((name, Ok(())))) => {
+                let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                info!(?scope, cache = name, elapsed_ms, "cache synced");
+            }
+            Ok(Some((_, Err(_)))) | Ok(None) => return,
+            Err(_) => {
+                let waiting: Vec<&str> = caches.iter().filter(|c| !c.is_ready()).map(CacheReady::name).collect();
+                warn!(
+                    ?scope,
+                    caches = ?waiting,
+                    elapsed_s = started.elapsed().as_secs(),
+                    "caches without a complete first list: no pipeline of this scope is reconciled until they have one"
+                );
+            }
+        }
+    }
+}
+
 pub async fn run(
     shared: Arc<Shared>,
     scope: Scope,
@@ -481,52 +523,67 @@ pub async fn run(
 
     let (pipelines, pipeline_writer) = reflector::store::<DeserializeGuard<ConsumerPipeline>>();
     // managedFields are dropped from the caches: they are most of an object's size and never read.
-    let primary = reflector::reflector(
-        pipeline_writer,
-        watcher(scope.api::<DeserializeGuard<ConsumerPipeline>>(&client), watcher::Config::default()).modify(
-            |g: &mut DeserializeGuard<ConsumerPipeline>| match &mut g.0 {
-                Ok(cp) => cp.metadata.managed_fields = None,
-                Err(invalid) => invalid.metadata.managed_fields = None,
-            },
+    let (primary, pipelines_ready) = cache_ready::mark_ready(
+        "ConsumerPipeline",
+        reflector::reflector(
+            pipeline_writer,
+            watcher(scope.api::<DeserializeGuard<ConsumerPipeline>>(&client), watcher::Config::default())
+                .default_backoff()
+                .modify(|g: &mut DeserializeGuard<ConsumerPipeline>| match &mut g.0 {
+                    Ok(cp) => cp.metadata.managed_fields = None,
+                    Err(invalid) => invalid.metadata.managed_fields = None,
+                }),
         ),
-    )
-    .applied_objects()
-    .predicate_filter(predicates::generation, Default::default());
+    );
+    let primary = primary.applied_objects().predicate_filter(predicates::generation, Default::default());
 
     let (deployments, dep_writer) = reflector::store::<Deployment>();
-    let dep_stream = reflector::reflector(
-        dep_writer,
-        watcher(scope.api::<Deployment>(&client), managed.clone()).modify(|d: &mut Deployment| {
-            d.metadata.managed_fields = None;
-            // Only replicas, the template's config hash and readyReplicas are read.
-            if let Some(spec) = d.spec.as_mut() {
-                spec.template.spec = None;
-            }
-        }),
-    )
-    .touched_objects();
+    let (dep_stream, deployments_ready) = cache_ready::mark_ready(
+        "Deployment",
+        reflector::reflector(
+            dep_writer,
+            watcher(scope.api::<Deployment>(&client), managed.clone()).default_backoff().modify(
+                |d: &mut Deployment| {
+                    d.metadata.managed_fields = None;
+                    // Only replicas, the template's config hash and readyReplicas are read.
+                    if let Some(spec) = d.spec.as_mut() {
+                        spec.template.spec = None;
+                    }
+                },
+            ),
+        ),
+    );
+    let dep_stream = dep_stream.touched_objects();
     let (config_maps, cm_writer) = reflector::store::<PartialObjectMeta<ConfigMap>>();
-    let cm_stream = reflector::reflector(
-        cm_writer,
-        watcher(scope.api::<PartialObjectMeta<ConfigMap>>(&client), managed)
-            .modify(|c: &mut PartialObjectMeta<ConfigMap>| c.metadata.managed_fields = None),
-    )
-    .touched_objects();
+    let (cm_stream, config_maps_ready) = cache_ready::mark_ready(
+        "ConfigMap",
+        reflector::reflector(
+            cm_writer,
+            watcher(scope.api::<PartialObjectMeta<ConfigMap>>(&client), managed)
+                .default_backoff()
+                .modify(|c: &mut PartialObjectMeta<ConfigMap>| c.metadata.managed_fields = None),
+        ),
+    );
+    let cm_stream = cm_stream.touched_objects();
 
     // Worker pods: readiness and restarts only (the spec is dropped). Driven by its own task: pod
     // changes do not trigger reconciles, the poll interval paces them.
     let (pods, pod_writer) = reflector::store::<Pod>();
-    let pod_stream = reflector::reflector(
-        pod_writer,
-        watcher(
-            scope.api::<Pod>(&client),
-            watcher::Config::default().labels(&format!("{}=kpipe-worker", build::LABEL_NAME)),
-        )
-        .modify(|p: &mut Pod| {
-            p.metadata.managed_fields = None;
-            p.metadata.annotations = None;
-            p.spec = None;
-        }),
+    let (pod_stream, pods_ready) = cache_ready::mark_ready(
+        "Pod",
+        reflector::reflector(
+            pod_writer,
+            watcher(
+                scope.api::<Pod>(&client),
+                watcher::Config::default().labels(&format!("{}=kpipe-worker", build::LABEL_NAME)),
+            )
+            .default_backoff()
+            .modify(|p: &mut Pod| {
+                p.metadata.managed_fields = None;
+                p.metadata.annotations = None;
+                p.spec = None;
+            }),
+        ),
     );
     let pod_driver = tokio::spawn(pod_stream.for_each(|ev| async move {
         if let Err(e) = ev {
@@ -536,8 +593,9 @@ pub async fn run(
 
     // Referenced Secrets (metadata only, not cached): a created, fixed or rotated Secret
     // reconciles the pipelines that reference it at once instead of at the next backoff.
-    let secret_stream =
-        watcher(scope.api::<PartialObjectMeta<Secret>>(&client), watcher::Config::default()).touched_objects();
+    let secret_stream = watcher(scope.api::<PartialObjectMeta<Secret>>(&client), watcher::Config::default())
+        .default_backoff()
+        .touched_objects();
     let pipeline_index = pipelines.clone();
     let referencing = move |secret: PartialObjectMeta<Secret>| {
         let (name, ns) = (secret.name_any(), secret.namespace().unwrap_or_default());
@@ -557,12 +615,14 @@ pub async fn run(
     let prune_store = pipelines.clone();
     let prune_shared = shared.clone();
     let prune_scope = scope.clone();
+    let prune_ready = pipelines_ready.clone();
     let pruner = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(60));
         loop {
             tick.tick().await;
-            if prune_store.wait_until_ready().await.is_err() {
-                continue;
+            // Before its first complete list the cache would call every pipeline gone.
+            if prune_ready.wait().await.is_err() {
+                return;
             }
             let live = prune_store.state().iter().filter_map(|g| g.meta().uid.clone()).collect();
             prune_shared.prune(&prune_scope, &live);
@@ -572,7 +632,13 @@ pub async fn run(
     // Reconcile requests from the dead-letter reader (bounded: a full queue drops requests, the next poll catches up).
     let (trigger, requests) = tokio::sync::mpsc::channel(256);
     let requests = futures::stream::unfold(requests, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
-    let ctx = Arc::new(Context { shared, deployments, config_maps, pods, trigger });
+    let sync_report = tokio::spawn(report_cache_sync(
+        scope.clone(),
+        vec![pipelines_ready, deployments_ready.clone(), config_maps_ready.clone(), pods_ready.clone()],
+    ));
+    let children_ready =
+        ChildCaches { deployments: deployments_ready, config_maps: config_maps_ready, pods: pods_ready };
+    let ctx = Arc::new(Context { shared, deployments, config_maps, pods, children_ready, trigger });
     info!(?scope, "starting ConsumerPipeline controller");
     Controller::for_stream(primary, pipelines)
         .owns_stream(dep_stream)
@@ -590,6 +656,7 @@ pub async fn run(
         .await;
     pruner.abort();
     pod_driver.abort();
+    sync_report.abort();
     info!(?scope, "controller stopped");
 }
 

@@ -82,12 +82,18 @@ pub enum KafkaObservation {
     Failed(ProbeError),
 }
 
-/// Read the children of `name` in `ns` from the caches. A cache that has not synced within 30 s is a
-/// [`Problem::KubernetesApi`] (nothing is written without knowing what exists).
+/// Read the children of `name` in `ns` from the caches. A cache (Deployments, ConfigMaps, worker Pods) without a
+/// complete first list within 30 s is a [`Problem::KubernetesApi`] naming it (nothing is decided or written without
+/// knowing what exists).
 pub async fn children(ctx: &Context, ns: &str, name: &str) -> Result<Children, Problem> {
-    if tokio::time::timeout(Duration::from_secs(30), ctx.deployments.wait_until_ready()).await.is_err() {
+    let caches = &ctx.children_ready;
+    let all = [&caches.deployments, &caches.config_maps, &caches.pods];
+    if let Err(missing) = crate::cache_ready::wait_all(&all, Duration::from_secs(30)).await {
         return Err(Problem::KubernetesApi {
-            message: "the Deployment cache has not synced within 30s; nothing is written until it has".into(),
+            message: format!(
+                "the {} cache has not synced within 30s (see the operator's log); nothing is written until it has",
+                missing.join(", ")
+            ),
         });
     }
     let child = build::child_name(name);

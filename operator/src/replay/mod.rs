@@ -44,6 +44,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 
 use crate::build::{self, MANAGER, ValidatedPipeline, WorkerDefaults};
+use crate::cache_ready::{CacheReady, mark_ready};
 use crate::controller::Scope;
 use crate::controller::dereference;
 use crate::leader::LeaderFence;
@@ -355,6 +356,8 @@ struct Caches {
     replays: Store<DeadLetterReplay>,
     pipelines: Store<DeserializeGuard<ConsumerPipeline>>,
     jobs: Store<Job>,
+    /// Whether the three caches above have their first complete list ([`crate::cache_ready`]).
+    ready: [CacheReady; 3],
 }
 
 /// Runs replays to completion.
@@ -405,30 +408,42 @@ impl ReplayController {
             Api<Job>,
         ) = api(&self.client);
         let (replays, w) = reflector::store();
-        let r = reflector::reflector(
-            w,
-            watcher(replay_api, watcher::Config::default())
-                .modify(|r: &mut DeadLetterReplay| r.metadata.managed_fields = None),
+        let (r, replays_ready) = mark_ready(
+            "DeadLetterReplay",
+            reflector::reflector(
+                w,
+                watcher(replay_api, watcher::Config::default())
+                    .default_backoff()
+                    .modify(|r: &mut DeadLetterReplay| r.metadata.managed_fields = None),
+            ),
         );
         let (pipelines, w) = reflector::store();
-        let p = reflector::reflector(
-            w,
-            watcher(pipeline_api, watcher::Config::default()).modify(|g: &mut DeserializeGuard<ConsumerPipeline>| {
-                if let Ok(cp) = &mut g.0 {
-                    cp.metadata.managed_fields = None;
-                }
-            }),
+        let (p, pipelines_ready) = mark_ready(
+            "ConsumerPipeline",
+            reflector::reflector(
+                w,
+                watcher(pipeline_api, watcher::Config::default()).default_backoff().modify(
+                    |g: &mut DeserializeGuard<ConsumerPipeline>| {
+                        if let Ok(cp) = &mut g.0 {
+                            cp.metadata.managed_fields = None;
+                        }
+                    },
+                ),
+            ),
         );
         let (jobs, w) = reflector::store();
-        let j = reflector::reflector(
-            w,
-            watcher(job_api, watcher::Config::default().labels(&format!("{}={REPLAY_APP}", build::LABEL_NAME))).modify(
-                |j: &mut Job| {
-                    j.metadata.managed_fields = None;
-                    if let Some(spec) = j.spec.as_mut() {
-                        spec.template.spec = None;
-                    }
-                },
+        let (j, jobs_ready) = mark_ready(
+            "Job",
+            reflector::reflector(
+                w,
+                watcher(job_api, watcher::Config::default().labels(&format!("{}={REPLAY_APP}", build::LABEL_NAME)))
+                    .default_backoff()
+                    .modify(|j: &mut Job| {
+                        j.metadata.managed_fields = None;
+                        if let Some(spec) = j.spec.as_mut() {
+                            spec.template.spec = None;
+                        }
+                    }),
             ),
         );
         let drive = |name: &'static str, s: futures::stream::BoxStream<'static, Result<(), watcher::Error>>| {
@@ -443,7 +458,7 @@ impl ReplayController {
             drive("consumerpipelines", p.applied_objects().map(|e| e.map(|_| ())).boxed()),
             drive("jobs", j.applied_objects().map(|e| e.map(|_| ())).boxed()),
         ];
-        (Caches { replays, pipelines, jobs }, tasks)
+        (Caches { replays, pipelines, jobs, ready: [replays_ready, pipelines_ready, jobs_ready] }, tasks)
     }
 
     /// Reconciles every unfinished replay of `scopes` from the caches each [`INTERVAL`] until `stop` turns true.
@@ -453,7 +468,7 @@ impl ReplayController {
             let mut active = HashSet::new();
             for c in &caches {
                 // Nothing is decided before the caches hold what exists (a Job of a replay, its pipeline).
-                if !(ready(&c.replays) && ready(&c.pipelines) && ready(&c.jobs)) {
+                if !c.ready.iter().all(CacheReady::is_ready) {
                     for r in c.replays.state() {
                         active.extend(r.uid());
                     }
@@ -753,16 +768,6 @@ impl ReplayController {
             tracing::warn!(error = %e, reason, "cannot publish Event");
         }
     }
-}
-
-/// Whether a cache has its initial list (without waiting).
-fn ready<K>(store: &Store<K>) -> bool
-where
-    K: kube::Resource + Clone + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone,
-{
-    use futures::FutureExt;
-    store.wait_until_ready().now_or_never().is_some_and(|r| r.is_ok())
 }
 
 /// The end offsets recorded in a replay's status, by partition.

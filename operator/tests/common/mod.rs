@@ -18,7 +18,8 @@ pub struct Operator {
 
 impl Operator {
     /// Starts the operator of this build (or `KPIPE_TEST_OPERATOR_BIN`, e.g. a control run against an operator
-    /// without a fix) with `kubeconfig`, watching `namespace`, with `extra` arguments; text logs at debug level.
+    /// without a fix) with `kubeconfig`, watching `namespace`, with `extra` arguments; text logs at debug level
+    /// (`KPIPE_TEST_OPERATOR_LOG` replaces the filter, e.g. `info,kpipe_operator=debug,kube=debug` to see requests).
     pub fn start(kubeconfig: &Path, namespace: &str, extra: &[&str]) -> Operator {
         let port = free_port();
         let log = std::env::temp_dir().join(format!("op-{namespace}-{port}.log"));
@@ -27,7 +28,10 @@ impl Operator {
             std::env::var("KPIPE_TEST_OPERATOR_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_kpipe-operator").into());
         let child = Command::new(binary)
             .env("KUBECONFIG", kubeconfig)
-            .env("RUST_LOG", "info,kpipe_operator=debug")
+            .env(
+                "RUST_LOG",
+                std::env::var("KPIPE_TEST_OPERATOR_LOG").unwrap_or_else(|_| "info,kpipe_operator=debug".into()),
+            )
             .args(["--namespaces", namespace, "--listen", &format!("127.0.0.1:{port}"), "--log-format", "text"])
             .args(extra)
             .stdout(file.try_clone().unwrap())
