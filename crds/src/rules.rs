@@ -581,13 +581,13 @@ pub fn forward_topic_not_source() -> Rule {
 }
 
 pub fn concurrency_bounds() -> Rule {
-    Rule::new("self.perPartition <= self.perWorker")
+    Rule::new("!has(self.perPartition) || !has(self.perWorker) || self.perPartition <= self.perWorker")
         .message("concurrency.perPartition must not exceed concurrency.perWorker")
         .reason(Reason::FieldValueInvalid)
 }
 
 pub fn uncommitted_bound() -> Rule {
-    Rule::new("self.uncommittedPerPartition >= self.perPartition")
+    Rule::new("!has(self.perPartition) || self.uncommittedPerPartition >= self.perPartition")
         .message("concurrency.uncommittedPerPartition must be at least concurrency.perPartition")
         .reason(Reason::FieldValueInvalid)
 }
@@ -878,19 +878,21 @@ pub fn problems(name: &str, spec: &ConsumerPipelineSpec) -> Vec<FieldError> {
 
     let c = &spec.concurrency;
     let in_range = |v: u32, min: u32, max: u32| (min..=max).contains(&v);
-    if !in_range(c.per_partition, 1, 10_000) {
+    if c.per_partition.is_some_and(|v| !in_range(v, 1, 10_000)) {
         bad("spec.concurrency.perPartition".into(), "must be from 1 to 10000".into());
     }
-    if !in_range(c.per_worker, 1, 100_000) {
+    if c.per_worker.is_some_and(|v| !in_range(v, 1, 100_000)) {
         bad("spec.concurrency.perWorker".into(), "must be from 1 to 100000".into());
     }
     if !in_range(c.uncommitted_per_partition, 1, 1_000_000) {
         bad("spec.concurrency.uncommittedPerPartition".into(), "must be from 1 to 1000000".into());
     }
-    if c.per_partition > c.per_worker {
+    if let (Some(partition), Some(worker)) = (c.per_partition, c.per_worker)
+        && partition > worker
+    {
         bad("spec.concurrency".into(), "concurrency.perPartition must not exceed concurrency.perWorker".into());
     }
-    if c.uncommitted_per_partition < c.per_partition {
+    if c.per_partition.is_some_and(|partition| c.uncommitted_per_partition < partition) {
         bad(
             "spec.concurrency".into(),
             "concurrency.uncommittedPerPartition must be at least concurrency.perPartition".into(),

@@ -175,7 +175,9 @@ fn minimal_spec_gets_documented_defaults() {
     assert_eq!(spec.source.start_offset, StartOffset::Earliest);
     assert_eq!(spec.source.effective_group_id("ns", "p"), "ns.p");
     assert_eq!(spec.processor, Processor::Noop(Default::default()).into());
-    assert_eq!((spec.concurrency.per_partition, spec.concurrency.per_worker), (32, 256));
+    assert_eq!((spec.concurrency.per_partition, spec.concurrency.per_worker), (None, None));
+    let c = spec.concurrency.effective(&spec.processor.kind);
+    assert_eq!((c.per_partition, c.per_worker, c.uncommitted_per_partition), (32, 256, 16384));
     assert_eq!(spec.batch.max_records, 500);
     assert_eq!(spec.batch.max_bytes, ByteSize::mib(1));
     assert_eq!(spec.batch.max_wait, Duration::from_millis(50));
@@ -387,4 +389,34 @@ fn malformed_idna_hosts_are_rejected_by_the_rust_check() {
     .unwrap();
     let err = rules::check("p", &spec).unwrap_err().to_string();
     assert!(err.contains("spec.processor.http.url") && err.contains("does not parse"), "{err}");
+}
+
+/// `perPartition` and `perWorker` default by processor; explicit values win, and defaults never break the rules
+/// between the three bounds (perPartition ≤ perWorker, perPartition ≤ uncommittedPerPartition).
+#[test]
+fn concurrency_defaults_depend_on_the_processor_and_keep_the_bounds_ordered() {
+    let effective = |processor: serde_json::Value, concurrency: serde_json::Value| {
+        let cp: ConsumerPipeline = serde_json::from_value(serde_json::json!({
+            "apiVersion": "kpipe.io/v1alpha1", "kind": "ConsumerPipeline",
+            "metadata": {"name": "p", "namespace": "ns"},
+            "spec": {"source": {"bootstrapServers": ["k:9092"], "topics": ["t"]}, "processor": processor,
+                     "concurrency": concurrency}
+        }))
+        .expect("spec parses");
+        let c = cp.spec.concurrency.effective(&cp.spec.processor.kind);
+        (c.per_partition, c.per_worker, c.uncommitted_per_partition)
+    };
+    let kafka = serde_json::json!({"kafka": {"topic": "out"}});
+    let http = serde_json::json!({"http": {"url": "http://svc/"}});
+    let noop = serde_json::json!({"noop": {}});
+    assert_eq!(effective(kafka.clone(), serde_json::json!({})), (1024, 8192, 16384));
+    assert_eq!(effective(http.clone(), serde_json::json!({})), (32, 256, 16384));
+    assert_eq!(effective(noop, serde_json::json!({})), (32, 256, 16384));
+    // Explicit values win.
+    assert_eq!(effective(kafka.clone(), serde_json::json!({"perWorker": 100, "perPartition": 10})), (10, 100, 16384));
+    // An unset perPartition never exceeds perWorker or uncommittedPerPartition.
+    assert_eq!(effective(kafka.clone(), serde_json::json!({"perWorker": 64})), (64, 64, 16384));
+    assert_eq!(effective(kafka, serde_json::json!({"uncommittedPerPartition": 500})), (500, 8192, 500));
+    // An unset perWorker is never below an explicit perPartition.
+    assert_eq!(effective(http, serde_json::json!({"perPartition": 1000})), (1000, 1000, 16384));
 }

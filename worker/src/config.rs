@@ -66,7 +66,8 @@ fn validate(path: &Path, c: &WorkerConfig) -> Result<(), ConfigError> {
     {
         return Err(field("spec.processor.kafka.topic", "must not be one of the source topics"));
     }
-    if c.spec.concurrency.per_partition == 0 || c.spec.concurrency.per_worker == 0 {
+    let concurrency = c.spec.concurrency.effective(&c.spec.processor.kind);
+    if concurrency.per_partition == 0 || concurrency.per_worker == 0 {
         return Err(field("spec.concurrency", "limits must be at least 1"));
     }
     if c.spec.batch.max_records == 0 {

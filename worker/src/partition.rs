@@ -112,12 +112,39 @@ pub struct PartitionSettings {
     pub max_uncommitted: usize,
 }
 
+/// Worker-wide bound on the bytes of records in processor calls (started, not finished), whatever
+/// `concurrency.perWorker` allows: 8192 records in flight (a forwarder's default) of 1 MiB each would otherwise hold
+/// 8 GiB. With the 32 MiB of fetched records not yet started (`consumer::dispatch`) and the forwarder's copies in
+/// librdkafka's queue, a worker stays near DESIGN's 128 MiB whatever the record size. Counted in KiB permits of
+/// [`in_flight_bytes_budget`]; a batch larger than the whole budget takes all of it and runs alone.
+pub const IN_FLIGHT_BUDGET_BYTES: u64 = 32 << 20;
+const IN_FLIGHT_PERMIT_BYTES: u64 = 1024;
+
+/// The semaphore of [`IN_FLIGHT_BUDGET_BYTES`], one per worker.
+pub fn in_flight_bytes_budget() -> Arc<Semaphore> {
+    Arc::new(Semaphore::new((IN_FLIGHT_BUDGET_BYTES / IN_FLIGHT_PERMIT_BYTES) as usize))
+}
+
+/// The permits of the bytes budget a batch of `bytes` takes: at least 1, at most the whole budget.
+fn in_flight_permits(bytes: u64) -> u32 {
+    let all = IN_FLIGHT_BUDGET_BYTES / IN_FLIGHT_PERMIT_BYTES;
+    u32::try_from(bytes.div_ceil(IN_FLIGHT_PERMIT_BYTES).clamp(1, all)).unwrap_or(u32::MAX)
+}
+
+/// What a running batch holds: its records of `concurrency.perWorker` and its bytes of [`IN_FLIGHT_BUDGET_BYTES`].
+struct JobPermits {
+    _records: tokio::sync::OwnedSemaphorePermit,
+    _bytes: tokio::sync::OwnedSemaphorePermit,
+}
+
 pub struct PartitionTask {
     pub topic: String,
     pub partition: i32,
     pub settings: PartitionSettings,
     pub jobs: Arc<JobContext>,
     pub worker_permits: Arc<Semaphore>,
+    /// [`in_flight_bytes_budget`], shared by the worker's partitions.
+    pub in_flight_bytes: Arc<Semaphore>,
     pub progress: Arc<PartitionProgress>,
     /// Cancelled on revoke and shutdown: stop taking records and drain. (Closing the input says the same, but a
     /// task whose pending records are full does not read its input, so it would only notice once a job finished.)
@@ -175,11 +202,22 @@ impl PartitionTask {
 
     /// Runs `batch` as a job holding `permit` (its share of the worker-wide in-flight budget) until it ends;
     /// the job reports finished records on `done`.
+    /// Waits for the permits `batch` needs: records first, then bytes (every task takes them in that order, and a
+    /// running batch holds both until it ends, so waiting cannot deadlock). `Err`: the worker is shutting down.
+    async fn permits_for(&self, batch: &[Arc<Record>]) -> Result<JobPermits, tokio::sync::AcquireError> {
+        let n = u32::try_from(batch.len()).unwrap_or(u32::MAX);
+        // Clamped to perWorker at start-up, so this cannot wait forever.
+        let records = self.worker_permits.clone().acquire_many_owned(n).await?;
+        let bytes: u64 = batch.iter().map(|r| r.size_bytes()).sum();
+        let bytes = self.in_flight_bytes.clone().acquire_many_owned(in_flight_permits(bytes)).await?;
+        Ok(JobPermits { _records: records, _bytes: bytes })
+    }
+
     fn spawn_job(
         &self,
         jobs: &mut JoinSet<()>,
         batch: Vec<Arc<Record>>,
-        permit: tokio::sync::OwnedSemaphorePermit,
+        permit: JobPermits,
         done: &mpsc::UnboundedSender<Vec<Arc<Record>>>,
     ) {
         let ctx = self.jobs.clone();
@@ -222,9 +260,7 @@ impl PartitionTask {
                 {
                     Next::Ready(batch) => {
                         highest_started = highest_started.max(batch.iter().map(|r| r.offset).max());
-                        let n = u32::try_from(batch.len()).unwrap_or(u32::MAX);
-                        // Clamped to perWorker at start-up, so this cannot wait forever.
-                        let permit = match self.worker_permits.clone().acquire_many_owned(n).await {
+                        let permit = match self.permits_for(&batch).await {
                             Ok(p) => p,
                             Err(_) => return tracker.committable(),
                         };
@@ -325,8 +361,7 @@ impl PartitionTask {
                     match scheduler.next_within(now.into_std(), self.worker_permits.available_permits(), Some(horizon))
                     {
                         Next::Ready(batch) => {
-                            let n = u32::try_from(batch.len()).unwrap_or(u32::MAX);
-                            let permits = self.worker_permits.clone().acquire_many_owned(n);
+                            let permits = self.permits_for(&batch);
                             let Ok(Ok(permit)) = tokio::time::timeout_at(deadline, permits).await else {
                                 // Out of time (or shutting down): these records stay pending and are re-delivered.
                                 scheduler.complete(&batch);
@@ -410,7 +445,7 @@ mod tests {
         task_with(processor, Ordering::Partition, 16)
     }
 
-    fn task_with(processor: Arc<Recording>, ordering: Ordering, max_records: usize) -> PartitionTask {
+    fn task_with(processor: Arc<dyn Processor>, ordering: Ordering, max_records: usize) -> PartitionTask {
         let jobs = JobContext::for_tests(processor);
         PartitionTask {
             topic: "t".into(),
@@ -426,9 +461,83 @@ mod tests {
             },
             jobs: Arc::new(jobs),
             worker_permits: Arc::new(Semaphore::new(64)),
+            in_flight_bytes: in_flight_bytes_budget(),
             progress: Arc::new(PartitionProgress::new(Arc::new(AtomicBool::new(false)))),
             stop: CancellationToken::new(),
         }
+    }
+
+    /// Tracks the bytes of records in its calls at once; each call takes `delay`.
+    struct InFlightBytes {
+        now: std::sync::atomic::AtomicU64,
+        max: std::sync::atomic::AtomicU64,
+        records: std::sync::atomic::AtomicUsize,
+        delay: Duration,
+    }
+
+    impl Processor for InFlightBytes {
+        fn process<'a>(&'a self, records: &'a [Arc<Record>]) -> BoxFuture<'a, BatchOutcome> {
+            Box::pin(async move {
+                let bytes: u64 = records.iter().map(|r| r.size_bytes()).sum();
+                let now = self.now.fetch_add(bytes, AtomicOrdering::SeqCst) + bytes;
+                self.max.fetch_max(now, AtomicOrdering::SeqCst);
+                tokio::time::sleep(self.delay).await;
+                self.now.fetch_sub(bytes, AtomicOrdering::SeqCst);
+                self.records.fetch_add(records.len(), AtomicOrdering::SeqCst);
+                BatchOutcome::ok()
+            })
+        }
+    }
+
+    /// Records in flight are bounded by bytes worker-wide, not only by count: 1 MiB records with room for 200 of
+    /// them by perWorker and perPartition never put more than IN_FLIGHT_BUDGET_BYTES into processor calls at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bytes_in_flight_stay_within_the_worker_budget() {
+        let processor = Arc::new(InFlightBytes {
+            now: Default::default(),
+            max: Default::default(),
+            records: Default::default(),
+            delay: Duration::from_millis(30),
+        });
+        let mut t = task_with(processor.clone(), Ordering::Unordered, 1);
+        t.settings.per_partition = 200;
+        t.worker_permits = Arc::new(Semaphore::new(200));
+        t.settings.max_pending_bytes = 256 << 20;
+        let (tx, rx) = mpsc::channel(256);
+        let handle = tokio::spawn(t.run(rx));
+        let value = "x".repeat(1 << 20);
+        let n = 200;
+        for start in (0..n).step_by(10) {
+            tx.send((start..start + 10).map(|o| Input::Record(test_record(o, None, &value))).collect()).await.unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while processor.records.load(AtomicOrdering::SeqCst) < n as usize {
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {n} records processed",
+                processor.records.load(AtomicOrdering::SeqCst)
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        drop(tx);
+        assert_eq!(handle.await.unwrap(), Some(n));
+        let max = processor.max.load(AtomicOrdering::SeqCst);
+        assert!(max <= IN_FLIGHT_BUDGET_BYTES, "{max} bytes in flight at once (budget {IN_FLIGHT_BUDGET_BYTES})");
+        assert!(max > IN_FLIGHT_BUDGET_BYTES / 2, "the budget was not used: at most {max} bytes in flight");
+    }
+
+    #[test]
+    fn a_batch_takes_its_bytes_in_kib_but_never_more_than_the_whole_budget() {
+        let all = u32::try_from(IN_FLIGHT_BUDGET_BYTES / 1024).unwrap();
+        assert_eq!(in_flight_permits(0), 1);
+        assert_eq!(in_flight_permits(1), 1);
+        assert_eq!(in_flight_permits(1025), 2);
+        assert_eq!(in_flight_permits(IN_FLIGHT_BUDGET_BYTES), all);
+        assert_eq!(
+            in_flight_permits(10 * IN_FLIGHT_BUDGET_BYTES),
+            all,
+            "a huge batch runs alone, it does not wait for ever"
+        );
     }
 
     fn chunk(offsets: std::ops::Range<i64>) -> Vec<Input> {

@@ -57,8 +57,9 @@ pub enum RunError {
 
 pub fn partition_settings(config: &WorkerConfig, drain_timeout: Duration) -> PartitionSettings {
     let spec = &config.spec;
-    let per_partition = spec.concurrency.per_partition as usize;
-    let per_worker = spec.concurrency.per_worker as usize;
+    let concurrency = spec.concurrency.effective(&spec.processor.kind);
+    let per_partition = concurrency.per_partition as usize;
+    let per_worker = concurrency.per_worker as usize;
     // A batch never needs more permits than exist, or it would wait forever.
     let max_records = (spec.batch.max_records as usize).clamp(1, per_partition.min(per_worker).max(1));
     let max_bytes = spec.batch.max_bytes.as_u64().max(1);
@@ -69,7 +70,7 @@ pub fn partition_settings(config: &WorkerConfig, drain_timeout: Duration) -> Par
         max_pending_records: (2 * max_records).max(per_partition).max(256),
         max_pending_bytes: (2 * max_bytes).max(1 << 20),
         drain_timeout,
-        max_uncommitted: (spec.concurrency.uncommitted_per_partition as usize).max(1),
+        max_uncommitted: (concurrency.uncommitted_per_partition as usize).max(1),
     }
 }
 
@@ -103,6 +104,7 @@ pub async fn run(config: WorkerConfig, settings: RunSettings, shutdown: Cancella
     let server = tokio::spawn(server::serve(listener, metrics.clone(), health.clone(), server_stop.clone()));
 
     let spec = &config.spec;
+    let per_worker = spec.concurrency.effective(&spec.processor.kind).per_worker;
     let needs_producer = matches!(spec.processor.kind, ProcessorSpec::Kafka(_)) || spec.dead_letter.is_some();
     // Its message.max.bytes is PRODUCER_MESSAGE_MAX_BYTES: the topics' max.message.bytes decides what fits.
     let mut producer_config = kafka_config::producer(&config, &settings.env);
@@ -157,18 +159,17 @@ pub async fn run(config: WorkerConfig, settings: RunSettings, shutdown: Cancella
         breaker: breaker_settings
             .filter(|_| guarded)
             .map(|settings| Arc::new(CircuitBreaker::new(settings, metrics.clone(), health.clone()))),
-        limiter: guarded
-            .then(|| Arc::new(ConcurrencyLimiter::new(1, spec.concurrency.per_worker as usize, metrics.clone()))),
+        limiter: guarded.then(|| Arc::new(ConcurrencyLimiter::new(1, per_worker as usize, metrics.clone()))),
     });
     if !guarded {
         // Not gated (noop): the limit is the configured one.
-        metrics.concurrency_limit.set(i64::from(spec.concurrency.per_worker));
+        metrics.concurrency_limit.set(i64::from(per_worker));
     }
     let dispatch = Arc::new(Dispatch::new(
         tokio::runtime::Handle::current(),
         partition_settings(&config, settings.shutdown_timeout),
         jobs,
-        spec.concurrency.per_worker as usize,
+        per_worker as usize,
         metrics.clone(),
         health.clone(),
         StartPolicy { start_offset: spec.source.start_offset, started_at_ms: config.started_at_ms },

@@ -610,19 +610,26 @@ pub enum Ordering {
 }
 
 /// Bounds on records being processed at once.
+///
+/// `perPartition` and `perWorker` default by processor ([`Concurrency::effective`]): a Kafka forwarder's records in
+/// flight cost a produce round trip, not a connection or a request to someone's service, and 256 of them bound it
+/// to about a fifth of the rate it reaches with a few thousand (docs/BENCHMARKS.md, "The forwarder after three
+/// fixes"). The bytes in flight are bounded worker-wide whatever these are (docs/api.md, "Backpressure").
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[x_kube(validation = rules::concurrency_bounds())]
 #[x_kube(validation = rules::uncommitted_bound())]
 #[serde(rename_all = "camelCase")]
 pub struct Concurrency {
-    /// Records in flight per partition (with `partition` ordering effectively 1 batch).
-    #[serde(default = "default_per_partition")]
+    /// Records in flight per partition (with `partition` ordering effectively 1 batch). Unset: 32, or 1024 for the
+    /// `kafka` processor (never more than `perWorker` or `uncommittedPerPartition`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 10000))]
-    pub per_partition: u32,
-    /// Records in flight per worker pod, across all its partitions.
-    #[serde(default = "default_per_worker")]
+    pub per_partition: Option<u32>,
+    /// Records in flight per worker pod, across all its partitions. Unset: 256, or 8192 for the `kafka` processor
+    /// (never less than `perPartition`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100000))]
-    pub per_worker: u32,
+    pub per_worker: Option<u32>,
     /// Records per partition that have been handed to the processor but are not yet below an
     /// acknowledged commit: the most a crash, a lost assignment or a failed commit can re-deliver
     /// per partition the worker owned. A partition that reaches it commits early and waits for the
@@ -632,25 +639,46 @@ pub struct Concurrency {
     pub uncommitted_per_partition: u32,
 }
 
-fn default_per_partition() -> u32 {
-    32
-}
-
 fn default_uncommitted_per_partition() -> u32 {
     16384
 }
 
-fn default_per_worker() -> u32 {
-    256
+/// The concurrency a worker runs with: [`Concurrency`] with the processor's defaults filled in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EffectiveConcurrency {
+    /// Records in flight per partition.
+    pub per_partition: u32,
+    /// Records in flight per worker pod.
+    pub per_worker: u32,
+    /// Records per partition handed out and not yet below an acknowledged commit.
+    pub uncommitted_per_partition: u32,
+}
+
+impl Concurrency {
+    /// `perPartition` and `perWorker` when unset, for `processor`: (32, 256) for `http` and `noop`, (1024, 8192) for
+    /// `kafka`.
+    pub fn defaults_for(processor: &Processor) -> (u32, u32) {
+        match processor {
+            Processor::Kafka(_) => (1024, 8192),
+            Processor::Http(_) | Processor::Noop(_) => (32, 256),
+        }
+    }
+
+    /// The values a worker with `processor` uses. An unset `perWorker` is the default, raised to an explicit
+    /// `perPartition`; an unset `perPartition` is the default, lowered to `perWorker` and `uncommittedPerPartition`
+    /// (so the two rules between them hold for defaults; explicit values are checked by the CRD's rules).
+    pub fn effective(&self, processor: &Processor) -> EffectiveConcurrency {
+        let (default_partition, default_worker) = Self::defaults_for(processor);
+        let per_worker = self.per_worker.unwrap_or_else(|| default_worker.max(self.per_partition.unwrap_or(0)));
+        let per_partition =
+            self.per_partition.unwrap_or_else(|| default_partition.min(per_worker).min(self.uncommitted_per_partition));
+        EffectiveConcurrency { per_partition, per_worker, uncommitted_per_partition: self.uncommitted_per_partition }
+    }
 }
 
 impl Default for Concurrency {
     fn default() -> Self {
-        Self {
-            per_partition: default_per_partition(),
-            per_worker: default_per_worker(),
-            uncommitted_per_partition: default_uncommitted_per_partition(),
-        }
+        Self { per_partition: None, per_worker: None, uncommitted_per_partition: default_uncommitted_per_partition() }
     }
 }
 

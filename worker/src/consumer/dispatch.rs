@@ -104,6 +104,8 @@ pub struct Dispatch {
     pub(super) settings: PartitionSettings,
     pub(super) jobs: Arc<JobContext>,
     pub(super) worker_permits: Arc<Semaphore>,
+    /// The worker's bytes-in-flight budget ([`crate::partition::IN_FLIGHT_BUDGET_BYTES`]).
+    pub(super) in_flight_bytes: Arc<Semaphore>,
     pub(super) metrics: Metrics,
     pub(super) health: Arc<Health>,
     pub(super) partitions: Mutex<PartitionMap>,
@@ -144,6 +146,7 @@ impl Dispatch {
             settings,
             jobs,
             worker_permits: Arc::new(Semaphore::new(per_worker.max(1))),
+            in_flight_bytes: crate::partition::in_flight_bytes_budget(),
             metrics,
             health,
             partitions: Mutex::new(PartitionMap::default()),
@@ -191,6 +194,7 @@ impl Dispatch {
                 settings: self.settings,
                 jobs: self.jobs.clone(),
                 worker_permits: self.worker_permits.clone(),
+                in_flight_bytes: self.in_flight_bytes.clone(),
                 progress: progress.clone(),
                 stop: stop.clone(),
             };
