@@ -127,10 +127,11 @@ async fn api_examples_are_accepted_and_readable() {
     // Defaults are filled in by the apiserver from the schema.
     let got = bed
         .kubectl_cmd()
-        .args(["get", "cpl", "orders-enricher", "-n", ns.name(), "-o", "jsonpath={.spec.concurrency}"])
+        .args(["get", "cpl", "clicks-router", "-n", ns.name(), "-o", "jsonpath={.spec.concurrency}"])
         .output()
         .expect("kubectl");
-    // perPartition and perWorker default by processor (the worker fills them in), so the schema leaves them unset.
+    // perPartition and perWorker default by processor (the worker fills them in), so the schema leaves them unset
+    // where the manifest does (the forwarder example; the HTTP example sets them).
     assert_eq!(String::from_utf8_lossy(&got.stdout), r#"{"uncommittedPerPartition":16384}"#, "{}", text(&got));
     let defaults = bed
         .kubectl_cmd()

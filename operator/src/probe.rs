@@ -233,8 +233,15 @@ impl SecurityErrors {
         last.as_ref().filter(|(_, at)| at.elapsed() <= window).map(|(e, _)| e.clone())
     }
 
-    fn clear(&self) {
-        if let Ok(mut last) = self.last.lock() {
+    /// After a successful request: forgets the recorded failure, except a failed token refresh. A request can
+    /// succeed on the token the client still holds after its refresh failed; the failure bites when that token
+    /// expires, and librdkafka does not report an unchanged error text again, so forgetting it here made the
+    /// broker's refusals after the expiry read as unreachable brokers (seen in the e2e `security` token test).
+    /// It still ages out with the window.
+    fn after_success(&self) {
+        if let Ok(mut last) = self.last.lock()
+            && !matches!(last.as_ref(), Some((ProbeError::TokenEndpointUnreachable(_), _)))
+        {
             *last = None;
         }
     }
@@ -321,7 +328,7 @@ impl ClusterClients {
         }
         match result {
             Ok(v) => {
-                self.context.errors.clear();
+                self.context.errors.after_success();
                 Ok(v)
             }
             Err(e @ (ProbeError::BrokerUnreachable { .. } | ProbeError::Kafka(_) | ProbeError::Authentication(_))) => {
@@ -659,8 +666,14 @@ mod tests {
         let errors = SecurityErrors::default();
         errors.record(ProbeError::TokenEndpointUnreachable("no token".into()));
         assert!(errors.recent(security_window(Duration::from_secs(2))).is_some());
-        errors.clear();
-        assert!(errors.recent(security_window(Duration::from_secs(2))).is_none(), "a success forgets it");
+        errors.after_success();
+        assert!(
+            errors.recent(security_window(Duration::from_secs(2))).is_some(),
+            "a request that succeeded on the token still held does not undo a failed refresh"
+        );
+        errors.record(ProbeError::Authentication("wrong password".into()));
+        errors.after_success();
+        assert!(errors.recent(security_window(Duration::from_secs(2))).is_none(), "a success forgets other failures");
     }
 
     #[test]
@@ -815,7 +828,7 @@ mod tests {
         assert_eq!(errors.recent(Duration::from_secs(60)).map(|e| e.reason()), Some("KafkaCertificateVerifyFailed"));
         std::thread::sleep(Duration::from_millis(5));
         assert_eq!(errors.recent(Duration::from_millis(1)), None, "an old failure does not explain a new timeout");
-        errors.clear();
+        errors.after_success();
         assert_eq!(errors.recent(Duration::from_secs(60)), None);
     }
 

@@ -208,6 +208,16 @@ mod operators {
         .unwrap()
     }
 
+    /// A proxy to the bed's apiserver and a kubeconfig (`$TMPDIR/kubeconfig-<name>`) that goes through it.
+    async fn proxied(bed: &TestBed, name: &str) -> (super::Proxy, std::path::PathBuf) {
+        let apiserver = bed.var("KPIPE_APISERVER").unwrap().to_string();
+        let p = super::proxy(apiserver.trim_start_matches("https://").to_string()).await;
+        let kubeconfig = std::env::temp_dir().join(format!("kubeconfig-{name}"));
+        let text = std::fs::read_to_string(bed.kubeconfig()).unwrap();
+        std::fs::write(&kubeconfig, text.replace(&apiserver, &format!("https://127.0.0.1:{}", p.port))).unwrap();
+        (p, kubeconfig)
+    }
+
     /// (manager, time) of every managedFields entry of the namespace's pipelines and Deployments.
     async fn writes(client: &kube::Client, ns: &str) -> Vec<(String, String, jiff::Timestamp)> {
         let mut out = Vec::new();
@@ -239,11 +249,7 @@ mod operators {
         let ns = ns_guard.name().to_string();
         let topic = format!("{ns}-in");
         bed.create_topic(&topic, 2).await.unwrap();
-        let apiserver = bed.var("KPIPE_APISERVER").unwrap().to_string();
-        let p = super::proxy(apiserver.trim_start_matches("https://").to_string()).await;
-        let kc_a = std::env::temp_dir().join(format!("kubeconfig-{ns}-a"));
-        let text = std::fs::read_to_string(bed.kubeconfig()).unwrap();
-        std::fs::write(&kc_a, text.replace(&apiserver, &format!("https://127.0.0.1:{}", p.port))).unwrap();
+        let (p, kc_a) = proxied(&bed, &format!("{ns}-a")).await;
 
         let a = start(&kc_a, &ns, "op-a");
         wait_for("a leads", Duration::from_secs(30), || async {
@@ -321,12 +327,8 @@ mod operators {
         let ns = ns_guard.name().to_string();
         let topic = format!("{ns}-in");
         bed.create_topic(&topic, 1).await.unwrap();
-        let apiserver = bed.var("KPIPE_APISERVER").unwrap().to_string();
-        let p = super::proxy(apiserver.trim_start_matches("https://").to_string()).await;
+        let (p, kc) = proxied(&bed, &format!("{ns}-jitter")).await;
         p.set_jitter(Duration::from_millis(1500));
-        let kc = std::env::temp_dir().join(format!("kubeconfig-{ns}-jitter"));
-        let text = std::fs::read_to_string(bed.kubeconfig()).unwrap();
-        std::fs::write(&kc, text.replace(&apiserver, &format!("https://127.0.0.1:{}", p.port))).unwrap();
 
         let cps: Api<ConsumerPipeline> = Api::namespaced(bed.client(), &ns);
         let names = ["p1", "p2", "p3", "p4"];

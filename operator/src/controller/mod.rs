@@ -481,7 +481,6 @@ impl Scope {
     }
 }
 
-/// Run the controller for one scope until `shutdown` resolves.
 /// After this long without a complete first list of a cache, [`report_cache_sync`] warns (a new leader that does not
 /// act is a problem a user must see in the log, not only as a late reconcile).
 pub const CACHE_SYNC_WARN_AFTER: Duration = Duration::from_secs(10);
@@ -513,6 +512,7 @@ pub async fn report_cache_sync(scope: Scope, caches: Vec<CacheReady>) {
     }
 }
 
+/// Run the controller for one scope until `shutdown` resolves.
 pub async fn run(
     shared: Arc<Shared>,
     scope: Scope,
