@@ -176,7 +176,7 @@ fn minimal_spec_gets_documented_defaults() {
     assert_eq!(spec.source.effective_group_id("ns", "p"), "ns.p");
     assert_eq!(spec.processor, Processor::Noop(Default::default()).into());
     assert_eq!((spec.concurrency.per_partition, spec.concurrency.per_worker), (None, None));
-    let c = spec.concurrency.effective(&spec.processor.kind);
+    let c = spec.effective_concurrency();
     assert_eq!((c.per_partition, c.per_worker, c.uncommitted_per_partition), (32, 256, 16384));
     assert_eq!(spec.batch.max_records, 500);
     assert_eq!(spec.batch.max_bytes, ByteSize::mib(1));
@@ -403,7 +403,7 @@ fn concurrency_defaults_depend_on_the_processor_and_keep_the_bounds_ordered() {
                      "concurrency": concurrency}
         }))
         .expect("spec parses");
-        let c = cp.spec.concurrency.effective(&cp.spec.processor.kind);
+        let c = cp.spec.effective_concurrency();
         (c.per_partition, c.per_worker, c.uncommitted_per_partition)
     };
     let kafka = serde_json::json!({"kafka": {"topic": "out"}});

@@ -66,7 +66,7 @@ fn validate(path: &Path, c: &WorkerConfig) -> Result<(), ConfigError> {
     {
         return Err(field("spec.processor.kafka.topic", "must not be one of the source topics"));
     }
-    let concurrency = c.spec.concurrency.effective(&c.spec.processor.kind);
+    let concurrency = c.spec.effective_concurrency();
     if concurrency.per_partition == 0 || concurrency.per_worker == 0 {
         return Err(field("spec.concurrency", "limits must be at least 1"));
     }

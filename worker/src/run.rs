@@ -57,7 +57,7 @@ pub enum RunError {
 
 pub fn partition_settings(config: &WorkerConfig, drain_timeout: Duration) -> PartitionSettings {
     let spec = &config.spec;
-    let concurrency = spec.concurrency.effective(&spec.processor.kind);
+    let concurrency = spec.effective_concurrency();
     let per_partition = concurrency.per_partition as usize;
     let per_worker = concurrency.per_worker as usize;
     // A batch never needs more permits than exist, or it would wait forever.
@@ -104,7 +104,7 @@ pub async fn run(config: WorkerConfig, settings: RunSettings, shutdown: Cancella
     let server = tokio::spawn(server::serve(listener, metrics.clone(), health.clone(), server_stop.clone()));
 
     let spec = &config.spec;
-    let per_worker = spec.concurrency.effective(&spec.processor.kind).per_worker;
+    let per_worker = spec.effective_concurrency().per_worker;
     let needs_producer = matches!(spec.processor.kind, ProcessorSpec::Kafka(_)) || spec.dead_letter.is_some();
     // Its message.max.bytes is PRODUCER_MESSAGE_MAX_BYTES: the topics' max.message.bytes decides what fits.
     let mut producer_config = kafka_config::producer(&config, &settings.env);

@@ -958,6 +958,11 @@ pub struct WorkerTemplate {
 }
 
 impl ConsumerPipelineSpec {
+    /// The concurrency in force: `concurrency` with this processor's defaults ([`Concurrency::effective`]).
+    pub fn effective_concurrency(&self) -> EffectiveConcurrency {
+        self.concurrency.effective(&self.processor.kind)
+    }
+
     /// The failure policy in force (see `onFailure`).
     pub fn effective_on_failure(&self) -> OnFailure {
         match (self.on_failure, &self.dead_letter) {
