@@ -48,11 +48,19 @@ unit-test: deps ## Unit and property tests (no external components)
 	$(CARGO) test --workspace --lib --bins
 	$(CARGO) test -p kpipe-api --tests
 
+# The suites share the bed, several at a time (KPIPE_TEST_LANES, default 3; 1 runs them one after the other); the
+# ones that disturb the others run alone first. The plan is e2e/testbed/lanes.conf; each suite's log is kept under
+# $(LANE_LOGS). kpipe-api's tests need no bed and ran in unit-test.
+LANE_LOGS ?= $${CARGO_TARGET_DIR:-target}/integration-logs
 integration-test: release ## Integration + e2e tests against the local test bed (brings it up; leaves it running)
 	$(TESTBED)/up.sh
 	set -a; source "$${KPIPE_RUN:-$${XDG_CACHE_HOME:-$$HOME/.cache}/kpipe/run}/env"; set +a; \
 	  export KPIPE_KAFKA_BOOTSTRAP="$${KAFKA_BOOTSTRAP}"; \
-	  $(CARGO) test --workspace --no-fail-fast --test '*' -- --test-threads=$${KPIPE_TEST_THREADS:-1}
+	  mkdir -p "$(LANE_LOGS)"; \
+	  $(CARGO) test --workspace --exclude kpipe-api --no-run --test '*' --message-format=json \
+	    > "$(LANE_LOGS)/cargo-messages.json"; \
+	  "$${CARGO_TARGET_DIR:-target}/debug/kpipe-test-lanes" --cargo-messages "$(LANE_LOGS)/cargo-messages.json" \
+	    --plan e2e/testbed/lanes.conf --logs "$(LANE_LOGS)"
 
 test: deps ## Everything CI runs: lint, CRD drift, unit tests, then integration/e2e on a fresh local test bed
 	$(MAKE) lint

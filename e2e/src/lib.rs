@@ -10,6 +10,7 @@
 //! (`$KPIPE_RUN/env`, [`testbed::default_env_file`]) through [`bed()`]; [`ClusterKind`] says which one it is.
 
 pub mod kubelet;
+pub mod lanes;
 pub mod oidc;
 pub mod scenario;
 pub mod testbed;

@@ -548,8 +548,8 @@ async fn testbed_connect_fails_loudly_without_a_bed() {
     assert!(msg.contains("not running") && msg.contains("up.sh"), "unhelpful error: {msg}");
 }
 
-/// The broker-restart helper keeps data. It restarts the shared broker, so the suite runs one test at a time
-/// (`make integration-test` passes `--test-threads=1`).
+/// The broker-restart helper keeps data. It restarts the shared broker, so `make integration-test` runs it while no
+/// other suite runs (`alone` in e2e/testbed/lanes.conf).
 #[tokio::test(flavor = "multi_thread")]
 async fn testbed_kafka_restart_keeps_data() {
     let bed = bed().await;

@@ -13,10 +13,19 @@ pub struct Rejection {
 }
 
 pub fn crd_schema() -> Value {
-    let crd = kpipe_api::all_crds().remove(0);
-    let schema =
-        crd.spec.versions[0].schema.as_ref().and_then(|s| s.open_api_v3_schema.as_ref()).expect("CRD has a schema");
-    serde_json::to_value(schema).expect("schema serialises")
+    // Generating the CRD is the bulk of one validation in a debug build (~150 ms); property tests validate hundreds.
+    static SCHEMA: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+    SCHEMA
+        .get_or_init(|| {
+            let crd = kpipe_api::all_crds().remove(0);
+            let schema = crd.spec.versions[0]
+                .schema
+                .as_ref()
+                .and_then(|s| s.open_api_v3_schema.as_ref())
+                .expect("CRD has a schema");
+            serde_json::to_value(schema).expect("schema serialises")
+        })
+        .clone()
 }
 
 fn pointer_to_field(pointer: &str) -> String {
