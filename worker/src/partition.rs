@@ -115,23 +115,52 @@ pub struct PartitionSettings {
 /// Worker-wide bound on the bytes of records in processor calls (started, not finished), whatever
 /// `concurrency.perWorker` allows: 8192 records in flight (a forwarder's default) of 1 MiB each would otherwise hold
 /// 8 GiB. With the 32 MiB of fetched records not yet started (`consumer::dispatch`) and the forwarder's copies in
-/// librdkafka's queue, a worker stays near DESIGN's 128 MiB whatever the record size. Counted in KiB permits of
-/// [`in_flight_bytes_budget`]; a batch larger than the whole budget takes all of it and runs alone.
+/// librdkafka's queue, a worker stays near DESIGN's 128 MiB whatever the record size. The floor of
+/// [`InFlightBytes`]: pipelines with larger batches get [`BATCHES_IN_BUDGET`] of them.
 pub const IN_FLIGHT_BUDGET_BYTES: u64 = 32 << 20;
+/// Batches of the largest size (`batch.maxBytes`) the bytes budget holds at once, and so the share of the budget one
+/// batch may take at most. A batch that cannot finish (`onFailure: block` against a poison record, a downstream that
+/// never answers) keeps its share; with a share of the whole budget, one such batch would stop every other partition
+/// of the worker, and their backlogs would wait behind a partition they do not depend on.
+pub const BATCHES_IN_BUDGET: u64 = 4;
 const IN_FLIGHT_PERMIT_BYTES: u64 = 1024;
 
-/// The semaphore of [`IN_FLIGHT_BUDGET_BYTES`], one per worker.
-pub fn in_flight_bytes_budget() -> Arc<Semaphore> {
-    Arc::new(Semaphore::new((IN_FLIGHT_BUDGET_BYTES / IN_FLIGHT_PERMIT_BYTES) as usize))
+/// The bytes-in-flight budget of one worker, shared by its partitions: `max(IN_FLIGHT_BUDGET_BYTES,
+/// BATCHES_IN_BUDGET × batch.maxBytes)`, counted in KiB permits. A batch takes the permits of its bytes, at least 1
+/// and at most `1 / BATCHES_IN_BUDGET` of the budget (a batch over that, e.g. one record larger than `maxBytes`,
+/// counts as that share and so never waits for ever).
+#[derive(Debug, Clone)]
+pub struct InFlightBytes {
+    permits: Arc<Semaphore>,
+    batch_share: u32,
 }
 
-/// The permits of the bytes budget a batch of `bytes` takes: at least 1, at most the whole budget.
-fn in_flight_permits(bytes: u64) -> u32 {
-    let all = IN_FLIGHT_BUDGET_BYTES / IN_FLIGHT_PERMIT_BYTES;
-    u32::try_from(bytes.div_ceil(IN_FLIGHT_PERMIT_BYTES).clamp(1, all)).unwrap_or(u32::MAX)
+impl InFlightBytes {
+    /// The budget for batches of at most `max_batch_bytes` (`batch.maxBytes`).
+    pub fn new(max_batch_bytes: u64) -> Self {
+        let budget = IN_FLIGHT_BUDGET_BYTES.max(BATCHES_IN_BUDGET.saturating_mul(max_batch_bytes));
+        // batch.maxBytes is at most 1 GiB (the CRD's bound), so this is at most 4 Mi permits.
+        let all = u32::try_from(budget / IN_FLIGHT_PERMIT_BYTES).unwrap_or(u32::MAX);
+        let batch_share = u32::try_from(u64::from(all) / BATCHES_IN_BUDGET).unwrap_or(u32::MAX).max(1);
+        Self { permits: Arc::new(Semaphore::new(all as usize)), batch_share }
+    }
+
+    /// The budget, bytes.
+    pub fn budget_bytes(&self) -> u64 {
+        u64::from(self.batch_share) * BATCHES_IN_BUDGET * IN_FLIGHT_PERMIT_BYTES
+    }
+
+    /// The permits a batch of `bytes` takes: at least 1, at most the batch share.
+    fn permits_for(&self, bytes: u64) -> u32 {
+        u32::try_from(bytes.div_ceil(IN_FLIGHT_PERMIT_BYTES).clamp(1, u64::from(self.batch_share))).unwrap_or(u32::MAX)
+    }
+
+    async fn acquire(&self, bytes: u64) -> Result<tokio::sync::OwnedSemaphorePermit, tokio::sync::AcquireError> {
+        self.permits.clone().acquire_many_owned(self.permits_for(bytes)).await
+    }
 }
 
-/// What a running batch holds: its records of `concurrency.perWorker` and its bytes of [`IN_FLIGHT_BUDGET_BYTES`].
+/// What a running batch holds: its records of `concurrency.perWorker` and its bytes of [`InFlightBytes`].
 struct JobPermits {
     _records: tokio::sync::OwnedSemaphorePermit,
     _bytes: tokio::sync::OwnedSemaphorePermit,
@@ -143,8 +172,8 @@ pub struct PartitionTask {
     pub settings: PartitionSettings,
     pub jobs: Arc<JobContext>,
     pub worker_permits: Arc<Semaphore>,
-    /// [`in_flight_bytes_budget`], shared by the worker's partitions.
-    pub in_flight_bytes: Arc<Semaphore>,
+    /// The worker's bytes budget, shared by its partitions.
+    pub in_flight_bytes: InFlightBytes,
     pub progress: Arc<PartitionProgress>,
     /// Cancelled on revoke and shutdown: stop taking records and drain. (Closing the input says the same, but a
     /// task whose pending records are full does not read its input, so it would only notice once a job finished.)
@@ -209,7 +238,7 @@ impl PartitionTask {
         // Clamped to perWorker at start-up, so this cannot wait forever.
         let records = self.worker_permits.clone().acquire_many_owned(n).await?;
         let bytes: u64 = batch.iter().map(|r| r.size_bytes()).sum();
-        let bytes = self.in_flight_bytes.clone().acquire_many_owned(in_flight_permits(bytes)).await?;
+        let bytes = self.in_flight_bytes.acquire(bytes).await?;
         Ok(JobPermits { _records: records, _bytes: bytes })
     }
 
@@ -461,21 +490,21 @@ mod tests {
             },
             jobs: Arc::new(jobs),
             worker_permits: Arc::new(Semaphore::new(64)),
-            in_flight_bytes: in_flight_bytes_budget(),
+            in_flight_bytes: InFlightBytes::new(1 << 20),
             progress: Arc::new(PartitionProgress::new(Arc::new(AtomicBool::new(false)))),
             stop: CancellationToken::new(),
         }
     }
 
     /// Tracks the bytes of records in its calls at once; each call takes `delay`.
-    struct InFlightBytes {
+    struct BytesInCalls {
         now: std::sync::atomic::AtomicU64,
         max: std::sync::atomic::AtomicU64,
         records: std::sync::atomic::AtomicUsize,
         delay: Duration,
     }
 
-    impl Processor for InFlightBytes {
+    impl Processor for BytesInCalls {
         fn process<'a>(&'a self, records: &'a [Arc<Record>]) -> BoxFuture<'a, BatchOutcome> {
             Box::pin(async move {
                 let bytes: u64 = records.iter().map(|r| r.size_bytes()).sum();
@@ -493,7 +522,7 @@ mod tests {
     /// them by perWorker and perPartition never put more than IN_FLIGHT_BUDGET_BYTES into processor calls at once.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn bytes_in_flight_stay_within_the_worker_budget() {
-        let processor = Arc::new(InFlightBytes {
+        let processor = Arc::new(BytesInCalls {
             now: Default::default(),
             max: Default::default(),
             records: Default::default(),
@@ -527,17 +556,53 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_takes_its_bytes_in_kib_but_never_more_than_the_whole_budget() {
-        let all = u32::try_from(IN_FLIGHT_BUDGET_BYTES / 1024).unwrap();
-        assert_eq!(in_flight_permits(0), 1);
-        assert_eq!(in_flight_permits(1), 1);
-        assert_eq!(in_flight_permits(1025), 2);
-        assert_eq!(in_flight_permits(IN_FLIGHT_BUDGET_BYTES), all);
-        assert_eq!(
-            in_flight_permits(10 * IN_FLIGHT_BUDGET_BYTES),
-            all,
-            "a huge batch runs alone, it does not wait for ever"
-        );
+    fn a_batch_takes_its_bytes_in_kib_but_at_most_its_share_of_the_budget() {
+        let budget = InFlightBytes::new(1 << 20);
+        assert_eq!(budget.budget_bytes(), IN_FLIGHT_BUDGET_BYTES);
+        let share = u32::try_from(IN_FLIGHT_BUDGET_BYTES / 1024 / BATCHES_IN_BUDGET).unwrap();
+        assert_eq!(budget.permits_for(0), 1);
+        assert_eq!(budget.permits_for(1), 1);
+        assert_eq!(budget.permits_for(1025), 2);
+        assert_eq!(budget.permits_for(IN_FLIGHT_BUDGET_BYTES / BATCHES_IN_BUDGET), share);
+        assert_eq!(budget.permits_for(10 * IN_FLIGHT_BUDGET_BYTES), share, "a huge batch takes its share, no more");
+        // Larger batches get a larger budget: BATCHES_IN_BUDGET of them still fit.
+        let large = InFlightBytes::new(64 << 20);
+        assert_eq!(large.budget_bytes(), BATCHES_IN_BUDGET * (64 << 20));
+        assert_eq!(large.permits_for(64 << 20), (64 << 20) / 1024);
+        assert_eq!(InFlightBytes::new(1 << 30).budget_bytes(), BATCHES_IN_BUDGET << 30, "the CRD's largest batch");
+    }
+
+    /// A batch that never finishes (a blocked retry) keeps only its share of the worker's bytes budget: another
+    /// partition of the same worker goes on. With a share of the whole budget, one record larger than the budget,
+    /// stuck, stopped every partition of the worker.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stuck_batch_larger_than_the_budget_does_not_stop_the_other_partitions() {
+        let budget = InFlightBytes::new(1 << 20);
+        let stuck = recording(Duration::ZERO, Duration::from_secs(3600));
+        let mut a = task_with(stuck.clone(), Ordering::Partition, 1);
+        a.in_flight_bytes = budget.clone();
+        a.settings.max_pending_bytes = 256 << 20;
+        let healthy = recording(Duration::from_millis(1), Duration::ZERO);
+        let mut b = task_with(healthy.clone(), Ordering::Unordered, 4);
+        b.partition = 1;
+        b.in_flight_bytes = budget.clone();
+        let (tx_a, rx_a) = mpsc::channel(16);
+        let (tx_b, rx_b) = mpsc::channel(256);
+        let stuck_task = tokio::spawn(a.run(rx_a));
+        let huge = "x".repeat(usize::try_from(IN_FLIGHT_BUDGET_BYTES).unwrap() + (8 << 20));
+        tx_a.send(vec![Input::Record(test_record(0, Some("slow"), &huge))]).await.unwrap();
+        // The stuck batch has started (it holds its permits) before the other partition asks for any.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while budget.permits.available_permits() == usize::try_from(IN_FLIGHT_BUDGET_BYTES / 1024).unwrap() {
+            assert!(Instant::now() < deadline, "the large batch never started");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let value = "v".repeat(100 << 10);
+        let _healthy_task = tokio::spawn(b.run(rx_b));
+        tx_b.send((0..50).map(|o| Input::Record(test_record(o, None, &value))).collect()).await.unwrap();
+        until_seen(&healthy, 50).await;
+        assert!(stuck.seen.lock().unwrap().is_empty(), "the stuck batch finished: the test did not test anything");
+        stuck_task.abort();
     }
 
     fn chunk(offsets: std::ops::Range<i64>) -> Vec<Input> {

@@ -104,8 +104,8 @@ pub struct Dispatch {
     pub(super) settings: PartitionSettings,
     pub(super) jobs: Arc<JobContext>,
     pub(super) worker_permits: Arc<Semaphore>,
-    /// The worker's bytes-in-flight budget ([`crate::partition::IN_FLIGHT_BUDGET_BYTES`]).
-    pub(super) in_flight_bytes: Arc<Semaphore>,
+    /// The worker's bytes-in-flight budget ([`crate::partition::InFlightBytes`]).
+    pub(super) in_flight_bytes: crate::partition::InFlightBytes,
     pub(super) metrics: Metrics,
     pub(super) health: Arc<Health>,
     pub(super) partitions: Mutex<PartitionMap>,
@@ -146,7 +146,7 @@ impl Dispatch {
             settings,
             jobs,
             worker_permits: Arc::new(Semaphore::new(per_worker.max(1))),
-            in_flight_bytes: crate::partition::in_flight_bytes_budget(),
+            in_flight_bytes: crate::partition::InFlightBytes::new(settings.limits.max_bytes),
             metrics,
             health,
             partitions: Mutex::new(PartitionMap::default()),
