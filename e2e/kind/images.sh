@@ -31,8 +31,8 @@ fi
 # carries Debian's zlib1g and takes the binaries `make test` builds as they are (no second release build).
 [ -n "${KPIPE_BASE_IMAGE:-}" ] || export LIBZ_SYS_STATIC=1
 log "cargo build --release (operator, worker, test sinks)"
-${CARGO:-cargo} build --release -p kpipe-operator -p kpipe-worker -p kpipe-e2e \
-  --bin kpipe-operator --bin kpipe-worker --bin kpipe-test-sink --bin kpipe-test-http >&2
+# The Makefile's release-bins, which `make test` builds too: the same command, so nothing is compiled twice.
+make -s --no-print-directory -C "$REPO_ROOT" release-bins >&2
 ctx=$(mktemp -d); trap 'rm -rf "$ctx"' EXIT
 # one_binary_image <dockerfile> <image> <binary> [docker build args]: a context holding only that binary.
 one_binary_image() {

@@ -74,9 +74,9 @@ async fn pipeline_happy_path_scales_from_zero_delivers_everything_and_returns_to
     let n = 100_000;
     let records = id_records("happy", 0..n, 1000);
     let expected: BTreeSet<String> = records.iter().map(|(_, v)| String::from_utf8(v.clone()).unwrap()).collect();
-    let produced_at = Instant::now();
-    bed.produce_records(&topic, records).await.expect("produce");
-    // Watch replicas while it drains: (max replicas seen, time of the first scale-up after the burst).
+    // Watch replicas from before the burst until it drained: (max replicas seen, time of the first scale-up after the
+    // burst began). Producing 100,000 records can take longer than the whole scale-up (on kind, through Docker's
+    // network, it did: 0 → 3 → 6 → 3 all before the producer returned), so the watch must not start after it.
     let seen = std::sync::Arc::new(std::sync::Mutex::new((0i32, None::<Duration>)));
     let watcher = {
         let (bed, ns, seen) = (bed.clone(), ns.name().to_string(), seen.clone());
@@ -94,6 +94,9 @@ async fn pipeline_happy_path_scales_from_zero_delivers_everything_and_returns_to
             }
         })
     };
+    let produced_at = Instant::now();
+    bed.produce_records(&topic, records).await.expect("produce");
+    println!("happy path: produced {n} records in {:?}", produced_at.elapsed());
     let ids = wait_delivered(&sink, &expected, Duration::from_secs(420)).await;
     let drained_in = produced_at.elapsed();
     // The operator and the workers ran from the images under test (on kind: the ones `make images` built and loaded).

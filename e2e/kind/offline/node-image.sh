@@ -11,10 +11,18 @@
 #      containerd + a static bridge CNI config (kindnetd cannot be pulled; single node only), committed.
 # Idempotent: returns at once when $NODE_IMAGE exists in the engine; every step skips what exists.
 # Versions: e2e/testbed/versions.env (why Kubernetes stays 1.34.x and kind v0.30.x on cgroup v1: see there).
+# --tools-only: only the Go and C builds of step 1 that the bed does not share (kind, kubelet, kubeadm,
+# kube-scheduler, kube-proxy, coredns, crictl, pause), without a Docker engine. CI runs it at the lowest priority
+# beside `make test`, whose suites leave the cores mostly idle (.ci/run); the full run then finds them cached.
 source "$(dirname "$0")/lib.sh"
-need go; need jq; need gcc
-use_docker
-if has_image "$NODE_IMAGE"; then log "node image $NODE_IMAGE is there"; exit 0; fi
+need go; need gcc
+tools_only=0
+[ "${1:-}" = --tools-only ] && tools_only=1
+if [ "$tools_only" = 0 ]; then
+  need jq
+  use_docker
+  if has_image "$NODE_IMAGE"; then log "node image $NODE_IMAGE is there"; exit 0; fi
+fi
 t0=$(date +%s)
 step() { local s; s=$(date +%s); log "node image: $1"; "${@:2}"; log "node image: $1 took $(( $(date +%s) - s ))s"; }
 
@@ -118,8 +126,21 @@ JSON
   docker commit --change 'ENTRYPOINT [ "/usr/local/bin/entrypoint", "/sbin/init" ]' "$id" "$NODE_IMAGE" >/dev/null
 }
 
+tools() {
+  step "kind $KIND_VERSION" kind_bin
+  # Not the bed's own three (kube-apiserver, kube-controller-manager, kubectl): up.sh may be building or running them.
+  step "Kubernetes $K8S_VERSION node binaries" "$TESTBED_DIR/build-k8s.sh" kube-scheduler kube-proxy kubelet kubeadm
+  step "coredns $COREDNS_VERSION, crictl $CRICTL_VERSION" node_tools
+  step "pause $PAUSE_VERSION" pause_bin
+  log "node image tools built in $(( $(date +%s) - t0 ))s"
+}
+
 main() {
   mkdir -p "$KPIPE_CACHE/build-logs"
+  # One build of the tools at a time: CI's early --tools-only run may still be going when `make e2e-kind` starts.
+  exec 9>"$KPIPE_CACHE/kind-node-tools.lock"
+  flock 9
+  if [ "$tools_only" = 1 ]; then tools; return; fi
   step "kind $KIND_VERSION" kind_bin
   step "Kubernetes $K8S_VERSION node binaries" "$TESTBED_DIR/build-k8s.sh" kube-apiserver kube-controller-manager \
     kubectl kube-scheduler kube-proxy kubelet kubeadm
