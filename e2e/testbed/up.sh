@@ -169,11 +169,19 @@ spawn() {
   eval "setsid ${START_CMD[$name]} >>\"\$KPIPE_RUN/logs/$name.log\" 2>&1 </dev/null$close &"
   pid=$!
   echo "$pid" >"$(pidfile "$name")"
-  # Until it execs, $! is a copy of this shell whose cmdline does not match: wait for the exec, so `alive` cannot
-  # take that moment for an early exit and start a second copy (two kubelets running every pod twice).
+  # $! execs twice: this shell's copy becomes `setsid <program> …`, which becomes the program. Until the second exec,
+  # and for a moment during it (an exec in progress reads as an empty cmdline), `alive` would take it for an early
+  # exit and start a second copy (two kubelets running every pod twice; two controller-managers, one of them on a
+  # port the bed does not track). setsid's own cmdline contains the program's name, so wait until argv[0] is no
+  # longer setsid and the cmdline matches.
+  local argv0
   for _ in $(seq 1 100); do
     [ -r "/proc/$pid/cmdline" ] || break
-    tr '\0' ' ' <"/proc/$pid/cmdline" | matches "$match" && break
+    argv0=
+    IFS= read -r -d '' argv0 <"/proc/$pid/cmdline" 2>/dev/null || true
+    if [ -n "$argv0" ] && [ "${argv0##*/}" != setsid ] && tr '\0' ' ' <"/proc/$pid/cmdline" | matches "$match"; then
+      break
+    fi
     sleep 0.05
   done
 }
