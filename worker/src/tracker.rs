@@ -91,7 +91,7 @@ impl OffsetTracker {
     /// epoch before a re-base) are ignored.
     pub fn done(&mut self, offset: i64, epoch: u32) -> bool {
         let mut marked = false;
-        if let Ok(i) = self.entries.binary_search_by_key(&offset, |e| e.offset)
+        if let Some(i) = self.index_of(offset)
             && let Some(entry) = self.entries.get_mut(i)
             && !entry.done
             && entry.epoch == epoch
@@ -105,6 +105,17 @@ impl OffsetTracker {
             self.settled += 1;
         }
         marked
+    }
+
+    /// Where `offset` is in `entries`. Offsets are mostly contiguous (gaps come only from compaction and transaction
+    /// markers), so the entry `offset - front` places is checked first: O(1) instead of a binary search per record.
+    fn index_of(&self, offset: i64) -> Option<usize> {
+        let front = self.entries.front()?.offset;
+        let guess = usize::try_from(offset.checked_sub(front)?).ok()?;
+        if self.entries.get(guess).is_some_and(|e| e.offset == offset) {
+            return Some(guess);
+        }
+        self.entries.binary_search_by_key(&offset, |e| e.offset).ok()
     }
 
     /// The consumer's fetch position: every record below it has already been received by this
@@ -282,6 +293,24 @@ mod tests {
             ],
             1..200,
         )
+    }
+
+    #[test]
+    fn completions_are_found_across_gaps_in_the_offsets() {
+        // 10, 11, 15, 16, 17 (a compacted range): the position `offset - front` names the wrong entry or none at all.
+        let mut t = OffsetTracker::new();
+        for o in [10, 11, 15, 16, 17] {
+            t.received(o);
+        }
+        assert!(t.done(16, 0), "16 is the 4th entry, not the 7th");
+        assert!(t.done(15, 0));
+        assert!(!t.done(14, 0), "never received");
+        assert!(!t.done(16, 0), "already done");
+        assert_eq!(t.committable(), Some(10));
+        assert!(t.done(10, 0) && t.done(11, 0));
+        assert_eq!(t.committable(), Some(17), "10, 11, 15 and 16 done: the commit point is 17");
+        assert!(t.done(17, 0));
+        assert_eq!((t.committable(), t.outstanding()), (Some(18), 0));
     }
 
     proptest! {

@@ -1,11 +1,17 @@
 //! A worker whose partitions backpressure paused fetches again as soon as it resumes them.
 //!
-//! librdkafka does not wake the broker thread when a partition is resumed; with every partition of that broker paused
-//! the thread sleeps up to 1 s before it fetches again (`kpipe_worker::consumer` wakes it: `consumer/waker.rs`). A
-//! worker that pauses all its partitions again and again (a downstream slower than the fetches) then idled up to a
-//! second after every resume. Here: one partition (so every pause pauses everything), 2 KiB records (the overflow
-//! reaches its 2 MiB bound after about a thousand), the default concurrency and an HTTP sink that answers at once.
-//! Without the wake-up the sink saw a gap of more than 300 ms after most resumes.
+//! Two ways a resumed partition used to wait with records ready on the broker:
+//! - librdkafka does not wake the broker thread when a partition is resumed; with every partition of that broker paused
+//!   the thread sleeps up to 1 s before it fetches again (`kpipe_worker::consumer` wakes it: `consumer/waker.rs`);
+//! - with other partitions of that broker still fetching and at the end of their logs, the broker thread has a fetch
+//!   in flight for them that the broker holds until `fetch.wait.max.ms` (librdkafka's default 500 ms) for lack of new
+//!   records, and librdkafka sends no second fetch to a broker before that one returns. The worker's default is 100 ms
+//!   (`kpipe_worker::kafka_config::CONSUMER_TUNING`).
+//!
+//! A worker that pauses its backlog's partition again and again idled after every resume: the first test (one
+//! partition, 2 KiB records, an HTTP sink that answers at once) saw a gap of more than 300 ms after most resumes
+//! without the wake-up; the second (a noop processor, fetches larger than a partition may buffer, an empty second
+//! partition) stalled for 460-510 ms after each of its 14 pauses with librdkafka's 500 ms long-poll.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -13,6 +19,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use rdkafka::ClientConfig;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
 const RECORDS: u64 = 30_000;
 const VALUE_BYTES: usize = 2048;
@@ -20,21 +28,23 @@ const VALUE_BYTES: usize = 2048;
 /// Gaps between consecutive answered requests longer than this count as the worker idling.
 const IDLE_GAP: Duration = Duration::from_millis(300);
 
+/// Every partition of the broker paused: its thread sleeps until woken.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_partition_paused_for_backpressure_is_fetched_again_at_once_after_its_resume() {
+    let name = "resume-latency";
     let bootstrap = bootstrap();
-    let topic = unique("resume-latency");
+    let topic = unique(name);
     create_topic(&bootstrap, &topic, 1).await;
     produce_padded_ids(&bootstrap, &topic, 0..RECORDS, 100, VALUE_BYTES).await;
     let sink = HttpSink::start(SinkBehavior::default()).await;
     let cfg = config(
         &bootstrap,
-        "resume-latency",
+        name,
         &topic,
-        &unique("resume-latency"),
+        &unique(name),
         serde_json::json!({"processor": {"http": {"url": sink.url()}}}),
     );
-    let w = Worker::start("resume-latency", &cfg);
+    let w = Worker::start(name, &cfg);
     let deadline = Instant::now() + Duration::from_secs(180);
     while sink.accepted_distinct() < RECORDS as usize {
         assert!(
@@ -63,6 +73,68 @@ async fn a_partition_paused_for_backpressure_is_fetched_again_at_once_after_its_
         gaps.len() <= 1,
         "the worker idled after resumes: {} gaps over {IDLE_GAP:?} ({gaps:?} ms) in {pauses} pauses; log {}",
         gaps.len(),
+        w.log.display()
+    );
+}
+
+/// A fast processor (noop) behind fetch responses larger than a partition may buffer: with highly compressible
+/// records one fetch of `max.partition.fetch.bytes` (256 KiB compressed) holds tens of thousands of them, so the
+/// partition is paused after most fetches and resumed a few milliseconds later. Partition 1 is empty, so a fetch for
+/// it alone is in flight at each resume. The drain must never stall: no 300 ms without a processed record while
+/// records wait on the broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fast_processor_resumed_after_large_fetches_never_stalls() {
+    const SMALL_RECORDS: u64 = 300_000;
+    let bootstrap = bootstrap();
+    let topic = unique("resume-fast");
+    create_topic(&bootstrap, &topic, 2).await;
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("linger.ms", "20")
+        .set("batch.size", "1000000")
+        .set("compression.type", "lz4")
+        .create()
+        .unwrap();
+    let mut value = [b'x'; 100];
+    for id in 0..SMALL_RECORDS {
+        let digits = id.to_string();
+        value[..digits.len()].copy_from_slice(digits.as_bytes());
+        while producer.send(BaseRecord::<(), [u8]>::to(&topic).partition(0).payload(&value[..])).is_err() {
+            producer.poll(Duration::from_millis(10));
+        }
+    }
+    producer.flush(Duration::from_secs(120)).unwrap();
+    let group = unique("resume-fast");
+    let cfg = config(&bootstrap, "resume-fast", &topic, &group, serde_json::json!({"processor": {"noop": {}}}));
+    let w = Worker::start("resume-fast", &cfg);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (mut last_progress, mut last_count) = (None::<Instant>, 0.0);
+    let mut stalls: Vec<u128> = Vec::new();
+    loop {
+        let processed = metric(&w.metrics().await, "kpipe_worker_records_processed_total").unwrap_or(0.0);
+        let now = Instant::now();
+        if processed > last_count {
+            if let Some(at) = last_progress {
+                let stalled = now.duration_since(at);
+                if stalled > IDLE_GAP {
+                    stalls.push(stalled.as_millis());
+                }
+            }
+            (last_progress, last_count) = (Some(now), processed);
+        }
+        if processed >= SMALL_RECORDS as f64 {
+            break;
+        }
+        assert!(now < deadline, "{processed} of {SMALL_RECORDS} records processed in 120 s; log {}", w.log.display());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let pauses = metric(&w.metrics().await, "kpipe_worker_partition_pauses_total").unwrap_or(0.0);
+    println!("{SMALL_RECORDS} records, {pauses} pauses, stalls over {IDLE_GAP:?}: {stalls:?} (ms)");
+    assert!(pauses >= 3.0, "only {pauses} pauses: the fetches did not overflow the partition");
+    assert!(
+        stalls.is_empty(),
+        "the drain stalled {} times for over {IDLE_GAP:?} ({stalls:?} ms) in {pauses} pauses; log {}",
+        stalls.len(),
         w.log.display()
     );
 }
