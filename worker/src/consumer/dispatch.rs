@@ -281,11 +281,40 @@ impl Dispatch {
     /// record); a full chunk is sent at once, the rest by `flush`.
     pub(super) fn dispatch<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, record: Record) {
         let mut parts = self.partitions();
-        let record_partition = record.partition;
-        let Some(h) = parts.get_mut(&(record.topic.clone(), record.partition)) else {
-            tracing::debug!(topic = %record.topic, partition = record.partition, "record for a partition not assigned; ignored");
+        match parts.get_mut(&(record.topic.clone(), record.partition)) {
+            Some(h) => self.stage(consumer, h, record),
+            None => Self::not_assigned(&record),
+        }
+    }
+
+    /// [`Dispatch::dispatch`] for a batch of records, emptying `records`: the partitions lock is taken once and a
+    /// partition looked up once per run of its records (a fetch response brings each partition's records together).
+    pub(super) fn dispatch_all<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, records: &mut Vec<Record>) {
+        if records.is_empty() {
             return;
-        };
+        }
+        let mut parts = self.partitions();
+        let mut records = records.drain(..).peekable();
+        while let Some(first) = records.next() {
+            let Some(h) = parts.get_mut(&(first.topic.clone(), first.partition)) else {
+                Self::not_assigned(&first);
+                continue;
+            };
+            let (topic, partition) = (first.topic.clone(), first.partition);
+            self.stage(consumer, h, first);
+            let same_partition =
+                |r: &Record| r.partition == partition && (Arc::ptr_eq(&r.topic, &topic) || r.topic == topic);
+            while let Some(record) = records.next_if(same_partition) {
+                self.stage(consumer, h, record);
+            }
+        }
+    }
+
+    fn not_assigned(record: &Record) {
+        tracing::debug!(topic = %record.topic, partition = record.partition, "record for a partition not assigned; ignored");
+    }
+
+    fn stage<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, h: &mut PartitionHandle, record: Record) {
         let offset = record.offset;
         if h.next_offset.is_some_and(|next| offset < next) {
             h.went_back = true;
@@ -293,9 +322,10 @@ impl Dispatch {
         }
         h.next_offset = Some(offset + 1);
         h.staged_bytes += record.size_bytes();
+        let partition = record.partition;
         h.staged.push(Input::Record(record));
         if h.staged.len() >= CHUNK_RECORDS || h.staged_bytes >= CHUNK_BYTES {
-            self.send_staged(consumer, h, &record_partition);
+            self.send_staged(consumer, h, &partition);
         }
     }
 
@@ -620,6 +650,72 @@ mod tests {
         assert!(done[&0] >= 1, "partition 0 finished its slow record");
         assert_eq!(committed[&0], done[&0] as i64);
         assert_eq!(committed[&1], done[&1] as i64);
+    }
+
+    #[test]
+    fn a_batch_is_staged_by_runs_into_the_right_partitions_in_order() {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let settings = PartitionSettings {
+            ordering: kpipe_api::v1alpha1::Ordering::Partition,
+            limits: crate::scheduler::BatchLimits { max_records: 4, max_bytes: 1 << 20, max_wait: Duration::ZERO },
+            per_partition: 1,
+            max_pending_records: 4_096,
+            max_pending_bytes: 64 << 20,
+            drain_timeout: Duration::from_secs(5),
+            max_uncommitted: 100_000,
+        };
+        let start = StartPolicy { start_offset: kpipe_api::v1alpha1::StartOffset::Earliest, started_at_ms: None };
+        let jobs = Arc::new(JobContext::for_tests(Arc::new(Counting::default())));
+        let d =
+            Dispatch::new(runtime.handle().clone(), settings, jobs, 64, Metrics::new().unwrap(), Arc::default(), start);
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partition) in [("t", 0), ("t", 1), ("u", 0)] {
+            tpl.add_partition(topic, partition);
+        }
+        d.assign(&tpl);
+        // Never connects: nothing here pauses a partition (the chunks stay below CHUNK_RECORDS).
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:9")
+            .set("group.id", "unit")
+            .create()
+            .unwrap();
+        let (t, u): (Arc<str>, Arc<str>) = (Arc::from("t"), Arc::from("u"));
+        let record = |topic: &Arc<str>, partition, offset| {
+            let mut r = crate::record::test_record(offset, None, "v");
+            r.topic = topic.clone();
+            r.partition = partition;
+            r
+        };
+        // Runs of t/0, then u/0 (same partition number, another topic), t/1, t/2 (not assigned), t/0 again, and
+        // u/0 under a topic name that is equal but not the same allocation.
+        let mut batch = vec![
+            record(&t, 0, 0),
+            record(&t, 0, 1),
+            record(&u, 0, 7),
+            record(&t, 1, 0),
+            record(&t, 1, 1),
+            record(&t, 2, 0),
+            record(&t, 0, 2),
+            record(&Arc::from("u"), 0, 8),
+        ];
+        d.dispatch_all(&consumer, &mut batch);
+        assert!(batch.is_empty(), "the batch is taken");
+        let parts = d.partitions();
+        let staged = |topic: &str, partition: i32| -> Vec<i64> {
+            parts[&(Arc::<str>::from(topic), partition)]
+                .staged
+                .iter()
+                .filter_map(|i| match i {
+                    Input::Record(r) => Some(r.offset),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(staged("t", 0), [0, 1, 2]);
+        assert_eq!(staged("u", 0), [7, 8]);
+        assert_eq!(staged("t", 1), [0, 1]);
+        assert!(!parts.contains_key(&(t.clone(), 2)), "an unassigned partition gets nothing");
+        assert_eq!(parts[&(t.clone(), 0)].next_offset, Some(3));
     }
 
     #[test]

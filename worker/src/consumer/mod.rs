@@ -119,6 +119,8 @@ impl ConsumerLoop {
         let waker = FetchWaker::start(self.consumer.clone());
         let mut resumed = Resumed::new();
         let mut batch = MessageBatch::with_capacity(FETCH_BATCH_RECORDS);
+        // The records of one batch, staged for their partitions together (`Dispatch::dispatch_all`).
+        let mut fetched: Vec<crate::record::Record> = Vec::with_capacity(FETCH_BATCH_RECORDS);
         let mut last_commit = Instant::now();
         let mut any_overflow = false;
         let mut staged = false;
@@ -144,8 +146,7 @@ impl ConsumerLoop {
             if let Some(fetch) = &fetch {
                 taken = fetch.consume(&mut batch, timeout, |m| match m.error() {
                     None => {
-                        let record = fetched_record(&m, &mut topic_names, &d.metrics);
-                        d.dispatch(&self.consumer, record);
+                        fetched.push(fetched_record(&m, &mut topic_names, &d.metrics));
                         dispatched += 1;
                     }
                     Some(code) => {
@@ -153,6 +154,7 @@ impl ConsumerLoop {
                             m.error_text());
                     }
                 });
+                d.dispatch_all(&self.consumer, &mut fetched);
             }
             // Events are served after every batch, so at once while records flow and within `timeout` when idle.
             let poll_timeout = if fetch.is_some() { Duration::ZERO } else { timeout };
