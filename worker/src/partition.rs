@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::job::JobContext;
 use crate::metrics::Metrics;
-use crate::record::Record;
+use crate::record::{RECORD_OVERHEAD_BYTES, Record};
 use crate::scheduler::{BatchLimits, Next, Scheduler};
 use crate::tracker::{OffsetTracker, Rebase};
 use crate::window::UncommittedWindow;
@@ -26,6 +26,11 @@ pub enum Input {
     Position(i64),
 }
 
+/// What the records pending in `scheduler` hold in memory, as [`Record::buffered_bytes`] counts it.
+fn buffered_bytes(scheduler: &Scheduler) -> u64 {
+    scheduler.pending_bytes() + scheduler.pending_len() as u64 * RECORD_OVERHEAD_BYTES
+}
+
 /// Shared between a partition task and the consumer thread: the task publishes what may be committed, the consumer
 /// reports which commits the broker acknowledged.
 #[derive(Debug)]
@@ -35,9 +40,9 @@ pub struct PartitionProgress {
     acknowledged_changed: Notify,
     /// Worker-wide: some partition wants a commit before the commit interval is up.
     commit_requested: Arc<AtomicBool>,
-    /// Bytes (`Record::size_bytes`) of the records the task took from its channel so far (only the task adds).
+    /// Bytes (`Record::buffered_bytes`) of the records the task took from its channel so far (only the task adds).
     taken_bytes: AtomicU64,
-    /// Bytes of the records the task holds pending, not yet started (only the task stores).
+    /// Bytes (`Record::buffered_bytes`) of the records the task holds pending, not yet started (only the task stores).
     pending_bytes: AtomicU64,
 }
 
@@ -310,7 +315,7 @@ impl PartitionTask {
                 }
             }
             held_back = holding;
-            self.progress.pending_bytes.store(scheduler.pending_bytes(), AtomicOrdering::Relaxed);
+            self.progress.pending_bytes.store(buffered_bytes(&scheduler), AtomicOrdering::Relaxed);
             let room =
                 scheduler.pending_len() < s.max_pending_records && scheduler.pending_bytes() < s.max_pending_bytes;
             tokio::select! {
@@ -342,7 +347,7 @@ impl PartitionTask {
                                         self.rebased(rebase, &tracker, &mut scheduler, &mut window);
                                     }
                                     received += 1;
-                                    received_bytes += r.size_bytes();
+                                    received_bytes += r.buffered_bytes();
                                     scheduler.push(Arc::new(r), now);
                                 }
                                 Input::Position(p) => {
@@ -363,7 +368,7 @@ impl PartitionTask {
                     }
                     metrics.in_flight.add(received);
                     self.progress.taken_bytes.fetch_add(received_bytes, AtomicOrdering::Relaxed);
-                    self.progress.pending_bytes.store(scheduler.pending_bytes(), AtomicOrdering::Relaxed);
+                    self.progress.pending_bytes.store(buffered_bytes(&scheduler), AtomicOrdering::Relaxed);
                     self.publish(&tracker, &mut window, held_back);
                 }
                 _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {}

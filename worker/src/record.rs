@@ -21,13 +21,25 @@ pub struct Record {
     pub epoch: u32,
 }
 
+/// Memory a record waiting in the worker takes beyond its key, value and headers: the `Record` itself inside a chunk
+/// or behind the scheduler's `Arc`, the scheduler's entry for it, and the allocator's rounding of its key and value
+/// (an estimate, checked against the struct sizes by a unit test). The worker-wide bound on buffered records counts
+/// it, so a backlog of tiny records is bounded by what it really holds, not by its payload bytes alone.
+pub const RECORD_OVERHEAD_BYTES: u64 = 224;
+
 impl Record {
-    /// Bytes counted against batch and in-flight byte limits (`batch.maxBytes`, the pending and overflow bounds): key,
+    /// Bytes counted against batch and in-flight byte limits (`batch.maxBytes`, the pending bounds): key,
     /// value and every header's key and value. Headers count because a record with large headers costs as much
     /// memory and request body as one with a large value.
     pub fn size_bytes(&self) -> u64 {
         let headers: usize = self.headers.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len)).sum();
         (self.key.as_ref().map_or(0, Vec::len) + self.value.as_ref().map_or(0, Vec::len) + headers) as u64
+    }
+
+    /// Memory the record takes while it waits in the worker (fetched, not yet started): [`Record::size_bytes`] plus
+    /// [`RECORD_OVERHEAD_BYTES`]. Counted against the worker-wide buffer bound (`kpipe_worker_buffered_bytes`).
+    pub fn buffered_bytes(&self) -> u64 {
+        self.size_bytes() + RECORD_OVERHEAD_BYTES
     }
 
     /// Hash of the key used by `key` ordering. Records without a key have no ordering
@@ -66,5 +78,20 @@ mod tests {
         assert_eq!(r.size_bytes(), 3 + 5);
         r.headers = vec![("trace".into(), Some(vec![0; 100])), ("empty".into(), None)];
         assert_eq!(r.size_bytes(), 3 + 5 + 5 + 100 + 5);
+        assert_eq!(r.buffered_bytes(), r.size_bytes() + RECORD_OVERHEAD_BYTES);
+    }
+
+    #[test]
+    fn the_overhead_estimate_covers_what_a_waiting_record_holds() {
+        // In a chunk: the record inline in `Input`; in the scheduler: an `Arc` (two counters) and its entry (the Arc
+        // pointer, an `Instant`, the key hash); key and value: at most 16 bytes of rounding each (mimalloc's small
+        // size classes are 8 or 16 bytes apart below 1 KiB and within 12.5 % above).
+        let in_chunk = std::mem::size_of::<crate::partition::Input>();
+        let in_scheduler = std::mem::size_of::<Record>() + 16 + 40;
+        let rounding = 2 * 16;
+        assert!(
+            in_chunk.max(in_scheduler) + rounding <= RECORD_OVERHEAD_BYTES as usize,
+            "chunk {in_chunk} B, scheduler {in_scheduler} B, rounding {rounding} B, estimate {RECORD_OVERHEAD_BYTES} B"
+        );
     }
 }

@@ -197,10 +197,11 @@ async fn rapid_rebalances(protocol: &str, harsh: bool) {
     let group = unique("g");
     let partitions = 8;
     create_topic(&bootstrap, &topic, partitions).await;
-    // Harsh: a backlog large enough that the first worker pauses partitions (overflow of 8192 records) behind a
-    // slower processor, and every other leave is a SIGKILL.
-    let (n, delay) = if harsh { (80_000u64, 40) } else { (24_000u64, 15) };
-    produce_ids(&bootstrap, &topic, 0..n, 200).await;
+    // Harsh: a backlog large enough that the first worker pauses partitions behind a slower processor (values of
+    // 512 B: 80,000 records weigh 59 MiB with their bookkeeping, over the worker's 32 MiB buffer budget), and every
+    // other leave is a SIGKILL.
+    let (n, delay, value_bytes) = if harsh { (80_000u64, 40, 512) } else { (24_000u64, 15, 0) };
+    produce_padded_ids(&bootstrap, &topic, 0..n, 200, value_bytes).await;
     let sink = HttpSink::start(SinkBehavior { delay: Duration::from_millis(delay), ..Default::default() }).await;
     let cfg = config(
         &bootstrap,

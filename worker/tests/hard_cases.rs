@@ -126,7 +126,8 @@ async fn dead_letter_of_a_record_with_kpipe_named_headers_is_replayable() {
     );
 }
 
-/// A slow processor makes the consumer thread pause partitions (overflow ≥ 8192 records) and resume them; with the
+/// A slow processor makes the consumer thread pause partitions (an overflow of 8 MiB, counting 224 bytes of bookkeeping
+/// per record: the values are padded to 512 B so 30,000 records per partition reach it) and resume them; with the
 /// batch path the fetch queue is shared by all partitions. Every record must be delivered exactly once (a clean run),
 /// and each partition's records in offset order (ordering: partition, one at a time).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -148,7 +149,7 @@ async fn pause_resume(rebalance: bool) {
     let partitions = 3;
     create_topic(&bootstrap, &topic, partitions).await;
     let n = 90_000u64;
-    produce_ids(&bootstrap, &topic, 0..n, 1000).await;
+    produce_padded_ids(&bootstrap, &topic, 0..n, 1000, 512).await;
     let sink = HttpSink::start(SinkBehavior { delay: Duration::from_millis(50), ..Default::default() }).await;
     let cfg = config(
         &bootstrap,
@@ -421,7 +422,7 @@ async fn sigterm_while_paused_then_restart_loses_and_repeats_nothing() {
     let group = unique("g");
     create_topic(&bootstrap, &topic, 3).await;
     let n = 60_000u64;
-    produce_ids(&bootstrap, &topic, 0..n, 1000).await;
+    produce_padded_ids(&bootstrap, &topic, 0..n, 1000, 512).await;
     let sink = HttpSink::start(SinkBehavior { delay: Duration::from_millis(50), ..Default::default() }).await;
     let cfg = with_group_protocol(
         config(

@@ -22,7 +22,7 @@ use common::*;
 use rdkafka::ClientConfig;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
-const RECORDS: u64 = 30_000;
+const RECORDS: u64 = 45_000;
 const VALUE_BYTES: usize = 2048;
 
 /// Gaps between consecutive answered requests longer than this count as the worker idling.
@@ -77,16 +77,19 @@ async fn a_partition_paused_for_backpressure_is_fetched_again_at_once_after_its_
     );
 }
 
-/// A fast processor (noop) behind fetch responses larger than a partition may buffer: with highly compressible
-/// records one fetch of `max.partition.fetch.bytes` (256 KiB compressed) holds tens of thousands of them, so the
-/// partition is paused after most fetches and resumed a few milliseconds later. Partition 1 is empty, so a fetch for
-/// it alone is in flight at each resume. The drain must never stall: no 300 ms without a processed record while
-/// records wait on the broker.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_fast_processor_resumed_after_large_fetches_never_stalls() {
-    const SMALL_RECORDS: u64 = 300_000;
+/// What a noop worker's drain of a topic did: partition pauses, and the stalls (over [`IDLE_GAP`] without a processed
+/// record) while records waited, in milliseconds.
+struct Drain {
+    pauses: f64,
+    stalls: Vec<u128>,
+    log: std::path::PathBuf,
+}
+
+/// Produces `records` highly compressible records of `value_bytes` (lz4, large batches) to partition 0 of a new
+/// 2-partition topic and drains it with a noop worker, sampling `kpipe_worker_records_processed_total` every 10 ms.
+async fn drain_compressible(name: &str, records: u64, value_bytes: usize) -> Drain {
     let bootstrap = bootstrap();
-    let topic = unique("resume-fast");
+    let topic = unique(name);
     create_topic(&bootstrap, &topic, 2).await;
     let producer: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", &bootstrap)
@@ -95,8 +98,8 @@ async fn a_fast_processor_resumed_after_large_fetches_never_stalls() {
         .set("compression.type", "lz4")
         .create()
         .unwrap();
-    let mut value = [b'x'; 100];
-    for id in 0..SMALL_RECORDS {
+    let mut value = vec![b'x'; value_bytes];
+    for id in 0..records {
         let digits = id.to_string();
         value[..digits.len()].copy_from_slice(digits.as_bytes());
         while producer.send(BaseRecord::<(), [u8]>::to(&topic).partition(0).payload(&value[..])).is_err() {
@@ -104,9 +107,8 @@ async fn a_fast_processor_resumed_after_large_fetches_never_stalls() {
         }
     }
     producer.flush(Duration::from_secs(120)).unwrap();
-    let group = unique("resume-fast");
-    let cfg = config(&bootstrap, "resume-fast", &topic, &group, serde_json::json!({"processor": {"noop": {}}}));
-    let w = Worker::start("resume-fast", &cfg);
+    let cfg = config(&bootstrap, name, &topic, &unique(name), serde_json::json!({"processor": {"noop": {}}}));
+    let w = Worker::start(name, &cfg);
     let deadline = Instant::now() + Duration::from_secs(120);
     let (mut last_progress, mut last_count) = (None::<Instant>, 0.0);
     let mut stalls: Vec<u128> = Vec::new();
@@ -122,19 +124,35 @@ async fn a_fast_processor_resumed_after_large_fetches_never_stalls() {
             }
             (last_progress, last_count) = (Some(now), processed);
         }
-        if processed >= SMALL_RECORDS as f64 {
+        if processed >= records as f64 {
             break;
         }
-        assert!(now < deadline, "{processed} of {SMALL_RECORDS} records processed in 120 s; log {}", w.log.display());
+        assert!(now < deadline, "{processed} of {records} records processed in 120 s; log {}", w.log.display());
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let pauses = metric(&w.metrics().await, "kpipe_worker_partition_pauses_total").unwrap_or(0.0);
-    println!("{SMALL_RECORDS} records, {pauses} pauses, stalls over {IDLE_GAP:?}: {stalls:?} (ms)");
-    assert!(pauses >= 3.0, "only {pauses} pauses: the fetches did not overflow the partition");
+    println!(
+        "{name}: {records} records of {value_bytes} B, {pauses} pauses, stalls over {IDLE_GAP:?}: {stalls:?} (ms)"
+    );
+    Drain { pauses, stalls, log: w.log.clone() }
+}
+
+/// A fast processor (noop) behind fetch responses larger than a partition may buffer: with highly compressible
+/// records one fetch of `max.partition.fetch.bytes` (256 KiB compressed) holds about 12 MiB of 1 KiB records, more
+/// than the 8 MiB a partition's overflow may hold, so the partition is paused after most fetches and resumed a few
+/// milliseconds later. Partition 1 is empty, so a fetch for it alone is in flight at each resume. The drain must never
+/// stall: no 300 ms without a processed record while records wait on the broker (with librdkafka's 500 ms
+/// `fetch.wait.max.ms`: 10 stalls of 436-542 ms in 10 pauses).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fast_processor_resumed_after_large_fetches_never_stalls() {
+    let drain = drain_compressible("resume-fast", 150_000, 1024).await;
+    assert!(drain.pauses >= 3.0, "only {} pauses: the fetches did not overflow the partition", drain.pauses);
     assert!(
-        stalls.is_empty(),
-        "the drain stalled {} times for over {IDLE_GAP:?} ({stalls:?} ms) in {pauses} pauses; log {}",
-        stalls.len(),
-        w.log.display()
+        drain.stalls.is_empty(),
+        "the drain stalled {} times for over {IDLE_GAP:?} ({:?} ms) in {} pauses; log {}",
+        drain.stalls.len(),
+        drain.stalls,
+        drain.pauses,
+        drain.log.display()
     );
 }

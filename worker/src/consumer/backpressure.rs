@@ -23,11 +23,10 @@ pub(super) enum Action {
     Resume,
 }
 
-/// When an overflow pauses a partition: `records` records or `bytes` bytes (`Record::size_bytes`) waiting, whichever
-/// comes first.
+/// When an overflow pauses a partition: `bytes` bytes waiting in it (`Record::buffered_bytes`, which counts each
+/// record's bookkeeping, so many tiny records weigh what they hold).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct OverflowLimit {
-    pub(super) records: usize,
     pub(super) bytes: u64,
 }
 
@@ -47,11 +46,11 @@ impl Backpressure {
         self.flow == Flow::Paused
     }
 
-    /// The overflow grew to `records` records of `bytes` bytes: pause when it reached the limit, or at once when the
-    /// worker is `over_budget` (its worker-wide bound on buffered bytes).
-    pub(super) fn overflowed(&mut self, records: usize, bytes: u64, over_budget: bool) -> Option<Action> {
+    /// The overflow grew to `bytes` bytes: pause when it reached the limit, or at once when the worker is
+    /// `over_budget` (its worker-wide bound on buffered bytes).
+    pub(super) fn overflowed(&mut self, bytes: u64, over_budget: bool) -> Option<Action> {
         match self.flow {
-            Flow::Consuming if over_budget || records >= self.limit.records || bytes >= self.limit.bytes => {
+            Flow::Consuming if over_budget || bytes >= self.limit.bytes => {
                 self.flow = Flow::Paused;
                 Some(Action::Pause)
             }
@@ -94,40 +93,38 @@ impl Backpressure {
 mod tests {
     use super::*;
 
-    const LIMIT: OverflowLimit = OverflowLimit { records: 100, bytes: 1_000 };
+    const LIMIT: OverflowLimit = OverflowLimit { bytes: 1_000 };
 
     #[test]
     fn a_small_overflow_keeps_consuming() {
         let mut b = Backpressure::new(LIMIT);
-        assert_eq!(b.overflowed(99, 999, false), None);
+        assert_eq!(b.overflowed(999, false), None);
         assert!(!b.is_paused());
         assert!(b.waiting(false), "records in the overflow must be flushed soon");
         assert!(!b.waiting(true));
     }
 
     #[test]
-    fn either_limit_pauses_once() {
+    fn the_limit_pauses_once() {
         let mut b = Backpressure::new(LIMIT);
-        assert_eq!(b.overflowed(100, 0, false), Some(Action::Pause));
+        assert_eq!(b.overflowed(1_000, false), Some(Action::Pause));
         assert!(b.is_paused());
-        assert_eq!(b.overflowed(500, 5_000, false), None, "already paused: no second pause");
-        let mut b = Backpressure::new(LIMIT);
-        assert_eq!(b.overflowed(1, 1_000, false), Some(Action::Pause), "the byte limit alone pauses");
+        assert_eq!(b.overflowed(5_000, false), None, "already paused: no second pause");
     }
 
     #[test]
     fn a_failed_pause_is_asked_for_again() {
         let mut b = Backpressure::new(LIMIT);
-        assert_eq!(b.overflowed(100, 0, false), Some(Action::Pause));
+        assert_eq!(b.overflowed(1_000, false), Some(Action::Pause));
         b.pause_failed();
         assert!(!b.is_paused());
-        assert_eq!(b.overflowed(101, 0, false), Some(Action::Pause), "the next overflow pauses again");
+        assert_eq!(b.overflowed(1_010, false), Some(Action::Pause), "the next overflow pauses again");
     }
 
     #[test]
     fn resumes_only_with_the_overflow_gone_and_half_the_channel_free() {
         let mut b = Backpressure::new(LIMIT);
-        b.overflowed(100, 0, false);
+        b.overflowed(1_000, false);
         assert_eq!(b.flushed(false, 16, 16, true), None, "overflow left");
         assert_eq!(b.flushed(true, 7, 16, true), None, "less than half free");
         assert!(b.waiting(true), "paused partitions are flushed until resumed");
@@ -141,8 +138,8 @@ mod tests {
         let mut b = Backpressure::new(LIMIT);
         let mut actions = Vec::new();
         for _ in 0..3 {
-            actions.extend(b.overflowed(200, 0, false));
-            actions.extend(b.overflowed(300, 0, false));
+            actions.extend(b.overflowed(2_000, false));
+            actions.extend(b.overflowed(3_000, false));
             actions.extend(b.flushed(true, 10, 10, true));
             actions.extend(b.flushed(true, 10, 10, true));
         }
@@ -151,8 +148,8 @@ mod tests {
 
     #[test]
     fn over_the_worker_budget_the_first_overflow_pauses_and_only_the_budget_lets_it_resume() {
-        let mut b = Backpressure::new(OverflowLimit { records: 100, bytes: 1_000 });
-        assert_eq!(b.overflowed(1, 10, true), Some(Action::Pause), "over budget: the first overflow pauses");
+        let mut b = Backpressure::new(LIMIT);
+        assert_eq!(b.overflowed(10, true), Some(Action::Pause), "over budget: the first overflow pauses");
         assert_eq!(b.flushed(true, 16, 16, false), None, "the partition has room, the worker does not");
         assert!(b.waiting(true), "a paused partition keeps the consumer flushing");
         assert_eq!(b.flushed(true, 16, 16, true), Some(Action::Resume));

@@ -68,9 +68,11 @@ pub(super) const MIN_BUFFER_BUDGET_BYTES: u64 = 32 << 20;
 /// What a partition may always hold unstarted, whatever the worker-wide total: every partition keeps work while
 /// others hold the budget (a stalled partition cannot starve the rest).
 pub(super) const BUFFER_FLOOR_BYTES: u64 = CHUNK_BYTES;
-/// Overflow (records fetched while the task's channel is full) that pauses the partition.
-pub(super) const MAX_OVERFLOW_RECORDS: usize = 8_192;
+/// Overflow (records fetched while the task's channel is full, in `Record::buffered_bytes`) that pauses the
+/// partition, at least; it is a quarter of the worker-wide budget when that is larger (8 MiB by default).
 pub(super) const MIN_OVERFLOW_BYTES: u64 = 2 << 20;
+/// The share of the worker-wide budget one partition's overflow may take before the partition pauses.
+pub(super) const OVERFLOWS_IN_BUDGET: u64 = 4;
 
 pub(super) struct PartitionHandle {
     pub(super) topic: String,
@@ -82,7 +84,6 @@ pub(super) struct PartitionHandle {
     pub(super) sent_bytes: u64,
     /// Chunks that found the task's channel full; a large overflow pauses the partition.
     pub(super) overflow: VecDeque<(Vec<Input>, u64)>,
-    pub(super) overflow_records: usize,
     pub(super) overflow_bytes: u64,
     /// Paused in librdkafka or consuming.
     pub(super) backpressure: Backpressure,
@@ -96,6 +97,19 @@ pub(super) struct PartitionHandle {
     pub(super) task: JoinHandle<Option<i64>>,
     /// Tells the task to stop taking records and drain.
     pub(super) stop: CancellationToken,
+}
+
+/// The worker-wide bound on buffered bytes for a per-partition pending bound of `max_pending_bytes`.
+fn buffer_budget_bytes(max_pending_bytes: u64) -> u64 {
+    (4 * max_pending_bytes).max(MIN_BUFFER_BUDGET_BYTES)
+}
+
+/// The overflow that pauses a partition: a quarter of the worker-wide budget, at least the pending bound and
+/// [`MIN_OVERFLOW_BYTES`]. A quarter, so a decompressed fetch response fits (the noop worker paused after most fetches
+/// with the 2 MiB it had before: 110 pauses in a drain of 2M records of 100 B, none now) and one partition's backlog
+/// still leaves three quarters of the budget to the others.
+fn overflow_limit_bytes(max_pending_bytes: u64) -> u64 {
+    (buffer_budget_bytes(max_pending_bytes) / OVERFLOWS_IN_BUDGET).max(max_pending_bytes).max(MIN_OVERFLOW_BYTES)
 }
 
 /// Everything the consumer callbacks and the dispatch loop share.
@@ -151,11 +165,8 @@ impl Dispatch {
             health,
             partitions: Mutex::new(PartitionMap::default()),
             channel_capacity: settings.max_pending_records.clamp(1024, 4096),
-            overflow_limit: OverflowLimit {
-                records: MAX_OVERFLOW_RECORDS,
-                bytes: settings.max_pending_bytes.max(MIN_OVERFLOW_BYTES),
-            },
-            buffer_budget: (4 * settings.max_pending_bytes).max(MIN_BUFFER_BUDGET_BYTES),
+            overflow_limit: OverflowLimit { bytes: overflow_limit_bytes(settings.max_pending_bytes) },
+            buffer_budget: buffer_budget_bytes(settings.max_pending_bytes),
             buffered_bytes: AtomicU64::new(0),
             commit_requested: Arc::new(AtomicBool::new(false)),
             commit_lock: Mutex::new(()),
@@ -209,7 +220,6 @@ impl Dispatch {
                     staged_bytes: 0,
                     sent_bytes: 0,
                     overflow: VecDeque::new(),
-                    overflow_records: 0,
                     overflow_bytes: 0,
                     backpressure: Backpressure::new(self.overflow_limit),
                     progress,
@@ -321,7 +331,7 @@ impl Dispatch {
             self.went_back.store(true, AtomicOrdering::Relaxed);
         }
         h.next_offset = Some(offset + 1);
-        h.staged_bytes += record.size_bytes();
+        h.staged_bytes += record.buffered_bytes();
         let partition = record.partition;
         h.staged.push(Input::Record(record));
         if h.staged.len() >= CHUNK_RECORDS || h.staged_bytes >= CHUNK_BYTES {
@@ -397,13 +407,13 @@ impl Dispatch {
         } else {
             chunk
         };
-        h.overflow_records += chunk.len();
         h.overflow_bytes += bytes;
         h.overflow.push_back((chunk, bytes));
-        // librdkafka hands over a whole fetch response of a partition at once (up to
-        // max.partition.fetch.bytes), so the overflow must absorb such a burst without pausing; over the worker's
-        // buffer budget the first overflowing chunk pauses.
-        if h.backpressure.overflowed(h.overflow_records, h.overflow_bytes, !within_budget) == Some(Action::Pause) {
+        // librdkafka hands over a whole fetch response of a partition at once (up to max.partition.fetch.bytes of
+        // compressed records, several MiB once decompressed), so the overflow must absorb such a burst without
+        // pausing: a pause drops what was prefetched, which is fetched and decompressed again after the resume. Over
+        // the worker's buffer budget the first overflowing chunk pauses.
+        if h.backpressure.overflowed(h.overflow_bytes, !within_budget) == Some(Action::Pause) {
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition(&h.topic, *partition);
             match consumer.pause(&tpl) {
@@ -447,10 +457,8 @@ impl Dispatch {
                     h.overflow.push_front((chunk, bytes));
                     break;
                 }
-                let records = chunk.len();
                 match h.tx.try_send(chunk) {
                     Ok(()) => {
-                        h.overflow_records -= records;
                         h.overflow_bytes -= bytes;
                         h.sent_bytes += bytes;
                     }
@@ -461,7 +469,7 @@ impl Dispatch {
                     Err(mpsc::error::TrySendError::Closed(_)) => {
                         total = total.saturating_sub(h.overflow_bytes);
                         h.overflow.clear();
-                        (h.overflow_records, h.overflow_bytes) = (0, 0);
+                        h.overflow_bytes = 0;
                     }
                 }
             }
@@ -716,6 +724,23 @@ mod tests {
         assert_eq!(staged("t", 1), [0, 1]);
         assert!(!parts.contains_key(&(t.clone(), 2)), "an unassigned partition gets nothing");
         assert_eq!(parts[&(t.clone(), 0)].next_offset, Some(3));
+    }
+
+    #[test]
+    fn a_decompressed_fetch_response_fits_in_a_partitions_overflow() {
+        // The defaults: batch.maxBytes 1 MiB, so a pending bound of 2 MiB (`run::partition_settings`).
+        let pending = 2 << 20;
+        let limit = overflow_limit_bytes(pending);
+        // One fetch of max.partition.fetch.bytes (256 KiB) of lz4-compressed 100 B records held about 16,000 records
+        // in the peers benchmark; with the old bound (8,192 records or 2 MiB) the noop worker paused after most
+        // fetches (110 pauses in a 2M-record drain; a pause drops the prefetched records, fetched again on resume).
+        let fetch_response = 16_000 * (100 + crate::record::RECORD_OVERHEAD_BYTES);
+        assert!(limit >= fetch_response, "overflow bound {limit} B, one decompressed fetch {fetch_response} B");
+        // One partition's overflow leaves three quarters of the worker-wide budget to the others.
+        assert_eq!(limit, buffer_budget_bytes(pending) / OVERFLOWS_IN_BUDGET);
+        // Large batches raise both bounds together.
+        assert_eq!(overflow_limit_bytes(64 << 20), 64 << 20, "never below the pending bound");
+        assert_eq!(buffer_budget_bytes(64 << 20), 256 << 20);
     }
 
     #[test]
