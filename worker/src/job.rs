@@ -27,6 +27,35 @@ use crate::processor::kafka::{DeadLetterSink, Written};
 use crate::processor::{BatchOutcome, Processor};
 use crate::record::Record;
 
+/// What a running batch holds while its processor calls run: its share of `concurrency.perWorker` and of the
+/// worker's bytes in flight ([`crate::partition`]). [`JobContext::run`] gives it back while the batch waits out a
+/// retry back-off and takes it again before the next attempt, so records that cannot succeed yet (a poison record
+/// under `onFailure: block`, a downstream that is down) never keep other partitions' records waiting: with
+/// `perPartition` equal to `perWorker`, one retrying batch used to hold every permit of the worker.
+pub trait Lease: Send {
+    /// Gives the permits back; a no-op when they are not held.
+    fn release(&mut self);
+    /// Takes permits for `records` (those still to be processed) again; waits for them.
+    fn reacquire(&mut self, records: &[Arc<Record>]) -> impl Future<Output = Result<(), LeaseClosed>> + Send;
+}
+
+/// The permits a [`Lease`] takes from are closed: the worker is stopping.
+#[derive(Debug, thiserror::Error)]
+#[error("the worker's concurrency permits are closed")]
+pub struct LeaseClosed;
+
+/// A [`Lease`] that holds nothing (callers without permits, tests).
+#[derive(Debug, Default)]
+pub struct Unleased;
+
+impl Lease for Unleased {
+    fn release(&mut self) {}
+
+    async fn reacquire(&mut self, _records: &[Arc<Record>]) -> Result<(), LeaseClosed> {
+        Ok(())
+    }
+}
+
 pub struct JobContext {
     pub processor: Arc<dyn Processor>,
     pub dead_letter: Option<Arc<dyn DeadLetterSink>>,
@@ -158,8 +187,15 @@ impl JobContext {
         (failures, counted)
     }
 
-    /// Processes `records` until every one is done, reporting completed records on `done`.
-    pub async fn run(&self, records: Vec<Arc<Record>>, done: UnboundedSender<Vec<Arc<Record>>>) {
+    /// Processes `records` until every one is done, reporting completed records on `done`. `lease` is released during
+    /// each retry back-off and taken again for the records still to do; if it cannot be (the worker is stopping) the
+    /// remaining records are left not done, so no commit passes them.
+    pub async fn run(
+        &self,
+        records: Vec<Arc<Record>>,
+        done: UnboundedSender<Vec<Arc<Record>>>,
+        lease: &mut impl Lease,
+    ) {
         let mut remaining: Vec<Attempt> = records
             .into_iter()
             .map(|record| {
@@ -182,10 +218,18 @@ impl JobContext {
                 if let Some(asked) = remaining.iter().filter_map(|a| a.retry_after).max() {
                     delay = delay.max(asked);
                 }
+                lease.release();
                 tokio::time::sleep(delay).await;
             }
-            round += 1;
             let batch: Vec<Arc<Record>> = remaining.iter().map(|a| a.record.clone()).collect();
+            if round > 0 && lease.reacquire(&batch).await.is_err() {
+                tracing::debug!(
+                    records = batch.len(),
+                    "stopping during a retry back-off; the records stay uncommitted"
+                );
+                return;
+            }
+            round += 1;
             let failures: Vec<(Option<Failure>, bool)> = if isolate {
                 // One record per call, in offset order (keeps key order), to find which records
                 // the processor really rejects.
@@ -470,7 +514,7 @@ mod tests {
 
     async fn run(c: &JobContext, records: Vec<Arc<Record>>) -> Vec<i64> {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        c.run(records, tx).await;
+        c.run(records, tx, &mut Unleased).await;
         let mut done = Vec::new();
         while let Ok(d) = rx.try_recv() {
             done.extend(d.iter().map(|r| r.offset));
@@ -549,7 +593,7 @@ mod tests {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let job = tokio::spawn({
             let c = c.clone();
-            async move { c.run(batch(1), tx).await }
+            async move { c.run(batch(1), tx, &mut Unleased).await }
         });
         tokio::time::sleep(Duration::from_millis(350)).await;
         assert_eq!(c.metrics.blocked.get(), 1);
@@ -635,7 +679,7 @@ mod tests {
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
         let job = tokio::spawn({
             let c = c.clone();
-            async move { c.run(batch(1), tx).await }
+            async move { c.run(batch(1), tx, &mut Unleased).await }
         });
         tokio::time::sleep(Duration::from_millis(150)).await;
         let r = c.health.retry_report("t", 0, 0, 1).expect("reported");
@@ -670,7 +714,7 @@ mod tests {
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
         let job = tokio::spawn({
             let c = c.clone();
-            async move { c.run(batch(1), tx).await }
+            async move { c.run(batch(1), tx, &mut Unleased).await }
         });
         tokio::time::sleep(Duration::from_secs(14)).await;
         assert!(!c.health.retry_report("t", 0, 0, 1).unwrap().dead_letter_failing, "not yet");

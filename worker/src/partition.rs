@@ -11,7 +11,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::job::JobContext;
+use crate::job::{JobContext, Lease, LeaseClosed};
 use crate::metrics::Metrics;
 use crate::record::{RECORD_OVERHEAD_BYTES, Record};
 use crate::scheduler::{BatchLimits, Next, Scheduler};
@@ -171,6 +171,45 @@ struct JobPermits {
     _bytes: tokio::sync::OwnedSemaphorePermit,
 }
 
+impl JobPermits {
+    /// Waits for permits for `batch`: one of `worker_permits` per record, its bytes of `in_flight_bytes`.
+    async fn take(
+        worker_permits: &Arc<Semaphore>,
+        in_flight_bytes: &InFlightBytes,
+        batch: &[Arc<Record>],
+    ) -> Result<Self, tokio::sync::AcquireError> {
+        let n = u32::try_from(batch.len()).unwrap_or(u32::MAX);
+        // Clamped to perWorker at start-up, so this cannot wait forever.
+        let records = worker_permits.clone().acquire_many_owned(n).await?;
+        let bytes: u64 = batch.iter().map(|r| r.size_bytes()).sum();
+        let bytes = in_flight_bytes.acquire(bytes).await?;
+        Ok(Self { _records: records, _bytes: bytes })
+    }
+}
+
+/// A batch's permits as a [`Lease`]: given back during retry back-offs.
+struct JobLease {
+    worker_permits: Arc<Semaphore>,
+    in_flight_bytes: InFlightBytes,
+    held: Option<JobPermits>,
+}
+
+impl Lease for JobLease {
+    fn release(&mut self) {
+        self.held = None;
+    }
+
+    async fn reacquire(&mut self, records: &[Arc<Record>]) -> Result<(), LeaseClosed> {
+        if self.held.is_none() {
+            let permits = JobPermits::take(&self.worker_permits, &self.in_flight_bytes, records)
+                .await
+                .map_err(|_| LeaseClosed)?;
+            self.held = Some(permits);
+        }
+        Ok(())
+    }
+}
+
 pub struct PartitionTask {
     pub topic: String,
     pub partition: i32,
@@ -239,12 +278,7 @@ impl PartitionTask {
     /// Waits for the permits `batch` needs: records first, then bytes (every task takes them in that order, and a
     /// running batch holds both until it ends, so waiting cannot deadlock). `Err`: the worker is shutting down.
     async fn permits_for(&self, batch: &[Arc<Record>]) -> Result<JobPermits, tokio::sync::AcquireError> {
-        let n = u32::try_from(batch.len()).unwrap_or(u32::MAX);
-        // Clamped to perWorker at start-up, so this cannot wait forever.
-        let records = self.worker_permits.clone().acquire_many_owned(n).await?;
-        let bytes: u64 = batch.iter().map(|r| r.size_bytes()).sum();
-        let bytes = self.in_flight_bytes.acquire(bytes).await?;
-        Ok(JobPermits { _records: records, _bytes: bytes })
+        JobPermits::take(&self.worker_permits, &self.in_flight_bytes, batch).await
     }
 
     fn spawn_job(
@@ -256,9 +290,14 @@ impl PartitionTask {
     ) {
         let ctx = self.jobs.clone();
         let done = done.clone();
+        let mut lease = JobLease {
+            worker_permits: self.worker_permits.clone(),
+            in_flight_bytes: self.in_flight_bytes.clone(),
+            held: Some(permit),
+        };
         jobs.spawn(async move {
-            ctx.run(batch, done).await;
-            drop(permit);
+            ctx.run(batch, done, &mut lease).await;
+            drop(lease);
         });
     }
 
@@ -608,6 +647,73 @@ mod tests {
         until_seen(&healthy, 50).await;
         assert!(stuck.seen.lock().unwrap().is_empty(), "the stuck batch finished: the test did not test anything");
         stuck_task.abort();
+    }
+
+    /// Rejects every record it is given, as a poison record would be (non-retryable: `onFailure` decides).
+    #[derive(Default)]
+    struct RejectsAll {
+        calls: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Processor for RejectsAll {
+        fn process<'a>(&'a self, _records: &'a [Arc<Record>]) -> BoxFuture<'a, BatchOutcome> {
+            self.calls.fetch_add(1, AtomicOrdering::SeqCst);
+            Box::pin(async {
+                BatchOutcome::Failed(crate::classify::Failure::new(
+                    crate::classify::FailureClass::HttpStatus(422),
+                    "poison",
+                ))
+            })
+        }
+    }
+
+    /// A batch that keeps failing (poison records under `onFailure: block`) gives its permits back between attempts:
+    /// with `perPartition` equal to `perWorker` (4) it takes every permit of the worker while it runs, and another
+    /// partition of the worker still gets through its 50 records. When the batch held its permits through its
+    /// back-offs, the other partition processed none.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_blocked_batch_gives_the_workers_permits_back_between_attempts() {
+        let permits = Arc::new(Semaphore::new(4));
+        let poison = Arc::new(RejectsAll::default());
+        let mut a = task_with(poison.clone(), Ordering::Partition, 4);
+        a.settings.per_partition = 4;
+        a.worker_permits = permits.clone();
+        a.jobs = Arc::new(JobContext {
+            on_failure: kpipe_api::v1alpha1::OnFailure::Block,
+            backoff: crate::backoff::BackoffPolicy {
+                max_attempts: 1,
+                initial: Duration::from_millis(50),
+                max: Duration::from_millis(200),
+                multiplier: 2.0,
+                max_record_age: None,
+            },
+            ..JobContext::for_tests(poison.clone())
+        });
+        let healthy = recording(Duration::from_millis(1), Duration::ZERO);
+        let mut b = task_with(healthy.clone(), Ordering::Unordered, 4);
+        b.partition = 1;
+        b.settings.per_partition = 4;
+        b.worker_permits = permits.clone();
+        let (tx_a, rx_a) = mpsc::channel(16);
+        let (tx_b, rx_b) = mpsc::channel(256);
+        let blocked = tokio::spawn(a.run(rx_a));
+        tx_a.send((0..4).map(|o| Input::Record(test_record(o, Some("poison"), "v"))).collect()).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while poison.calls.load(AtomicOrdering::SeqCst) == 0 {
+            assert!(Instant::now() < deadline, "the poison batch never started");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let _healthy_task = tokio::spawn(b.run(rx_b));
+        tx_b.send(chunk(0..50)).await.unwrap();
+        until_seen(&healthy, 50).await;
+        // And the blocked batch takes its permits again for its next attempts.
+        let calls = poison.calls.load(AtomicOrdering::SeqCst);
+        while poison.calls.load(AtomicOrdering::SeqCst) < calls + 2 {
+            assert!(Instant::now() < deadline, "the blocked batch was not retried after the other partition's work");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(!blocked.is_finished(), "the poison batch is still blocked: the test tested what it says");
+        blocked.abort();
     }
 
     fn chunk(offsets: std::ops::Range<i64>) -> Vec<Input> {
