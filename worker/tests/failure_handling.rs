@@ -531,3 +531,50 @@ fn committed_with_metadata(bootstrap: &str, group: &str, topic: &str) -> (Option
     };
     (offset, e.metadata().to_string())
 }
+
+/// A poison batch that takes every permit of the worker (`perPartition` = `perWorker` = 8, eight poison records on
+/// partition 0, `onFailure: block`) must not stop partition 1: a blocked batch gives its permits back while it waits
+/// out its back-off. Before, it held them through every back-off and partition 1's records waited for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kafka_a_blocked_batch_holding_every_permit_does_not_stop_the_other_partitions() {
+    let bootstrap = bootstrap();
+    let topic = unique("fh-blocked-permits");
+    create_topic(&bootstrap, &topic, 2).await;
+    produce_padded_ids_to(&bootstrap, &topic, Some(0), 0..8, 8, 0).await;
+    let sink = HttpSink::start(SinkBehavior { poison: ids(0..8), ..Default::default() }).await;
+    let cfg = config(
+        &bootstrap,
+        "fh-blocked-permits",
+        &topic,
+        &unique("fh-blocked-permits"),
+        serde_json::json!({
+            "processor": {"http": {"url": sink.url()}},
+            "ordering": "partition",
+            "batch": {"maxRecords": 8, "maxWait": "50ms"},
+            "concurrency": {"perPartition": 8, "perWorker": 8},
+            "retry": {"maxAttempts": 2, "initialBackoff": "100ms", "maxBackoff": "1s"},
+            "onFailure": "block"
+        }),
+    );
+    let w = Worker::start("fh-blocked-permits", &cfg);
+    wait_metric(&w, "kpipe_worker_blocked_records", 8.0, Duration::from_secs(60)).await;
+    produce_padded_ids_to(&bootstrap, &topic, Some(1), 100..200, 100, 0).await;
+    let healthy = ids(100..200);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let accepted = sink.accepted();
+        let done = healthy.iter().filter(|id| accepted.contains_key(*id)).count();
+        if done == healthy.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{done} of {} records of partition 1 delivered in 30 s next to the blocked batch; log {}",
+            healthy.len(),
+            w.log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let accepted = sink.accepted();
+    assert!((0..8).all(|id| !accepted.contains_key(&id.to_string())), "the poison records are still blocked");
+}
