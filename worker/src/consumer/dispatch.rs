@@ -612,10 +612,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_drain_stops_every_partition_before_it_waits_for_any() {
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        let processor = Arc::new(Counting::default());
+    /// A dispatch on `runtime` whose partition tasks run `processor`: partition ordering, batches of 4, one batch in
+    /// flight per partition, 64 per worker.
+    fn dispatch_for_tests(runtime: &tokio::runtime::Runtime, processor: Arc<Counting>) -> Dispatch {
         let settings = PartitionSettings {
             ordering: kpipe_api::v1alpha1::Ordering::Partition,
             limits: crate::scheduler::BatchLimits { max_records: 4, max_bytes: 1 << 20, max_wait: Duration::ZERO },
@@ -626,9 +625,15 @@ mod tests {
             max_uncommitted: 100_000,
         };
         let start = StartPolicy { start_offset: kpipe_api::v1alpha1::StartOffset::Earliest, started_at_ms: None };
-        let jobs = Arc::new(JobContext::for_tests(processor.clone()));
-        let d =
-            Dispatch::new(runtime.handle().clone(), settings, jobs, 64, Metrics::new().unwrap(), Arc::default(), start);
+        let jobs = Arc::new(JobContext::for_tests(processor));
+        Dispatch::new(runtime.handle().clone(), settings, jobs, 64, Metrics::new().unwrap(), Arc::default(), start)
+    }
+
+    #[test]
+    fn a_drain_stops_every_partition_before_it_waits_for_any() {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let processor = Arc::new(Counting::default());
+        let d = dispatch_for_tests(&runtime, processor.clone());
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition("t", 0);
         tpl.add_partition("t", 1);
@@ -663,19 +668,7 @@ mod tests {
     #[test]
     fn a_batch_is_staged_by_runs_into_the_right_partitions_in_order() {
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-        let settings = PartitionSettings {
-            ordering: kpipe_api::v1alpha1::Ordering::Partition,
-            limits: crate::scheduler::BatchLimits { max_records: 4, max_bytes: 1 << 20, max_wait: Duration::ZERO },
-            per_partition: 1,
-            max_pending_records: 4_096,
-            max_pending_bytes: 64 << 20,
-            drain_timeout: Duration::from_secs(5),
-            max_uncommitted: 100_000,
-        };
-        let start = StartPolicy { start_offset: kpipe_api::v1alpha1::StartOffset::Earliest, started_at_ms: None };
-        let jobs = Arc::new(JobContext::for_tests(Arc::new(Counting::default())));
-        let d =
-            Dispatch::new(runtime.handle().clone(), settings, jobs, 64, Metrics::new().unwrap(), Arc::default(), start);
+        let d = dispatch_for_tests(&runtime, Arc::new(Counting::default()));
         let mut tpl = TopicPartitionList::new();
         for (topic, partition) in [("t", 0), ("t", 1), ("u", 0)] {
             tpl.add_partition(topic, partition);
