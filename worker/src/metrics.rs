@@ -166,7 +166,7 @@ impl Metrics {
             paused_partitions: gauge("kpipe_worker_paused_partitions", "Partitions paused for backpressure")?,
             buffered_bytes: gauge(
                 "kpipe_worker_buffered_bytes",
-                "Bytes of records fetched and not yet started (waiting in the worker): key, value and headers plus 224 bytes of bookkeeping per record; bounded worker-wide",
+                "Bytes of records fetched and not yet started (waiting in the worker): key, value and headers plus 224 bytes of bookkeeping per record and 80 per header; bounded worker-wide",
             )?,
             partition_pauses: counter(
                 "kpipe_worker_partition_pauses_total",

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::job::{JobContext, Lease, LeaseClosed};
 use crate::metrics::Metrics;
-use crate::record::{RECORD_OVERHEAD_BYTES, Record};
+use crate::record::Record;
 use crate::scheduler::{BatchLimits, Next, Scheduler};
 use crate::tracker::{OffsetTracker, Rebase};
 use crate::window::UncommittedWindow;
@@ -24,11 +24,6 @@ pub enum Input {
     Record(Record),
     /// The consumer's fetch position: every record below it was sent before this.
     Position(i64),
-}
-
-/// What the records pending in `scheduler` hold in memory, as [`Record::buffered_bytes`] counts it.
-fn buffered_bytes(scheduler: &Scheduler) -> u64 {
-    scheduler.pending_bytes() + scheduler.pending_len() as u64 * RECORD_OVERHEAD_BYTES
 }
 
 /// Shared between a partition task and the consumer thread: the task publishes what may be committed, the consumer
@@ -354,7 +349,7 @@ impl PartitionTask {
                 }
             }
             held_back = holding;
-            self.progress.pending_bytes.store(buffered_bytes(&scheduler), AtomicOrdering::Relaxed);
+            self.progress.pending_bytes.store(scheduler.pending_buffered_bytes(), AtomicOrdering::Relaxed);
             let room =
                 scheduler.pending_len() < s.max_pending_records && scheduler.pending_bytes() < s.max_pending_bytes;
             tokio::select! {
@@ -407,7 +402,7 @@ impl PartitionTask {
                     }
                     metrics.in_flight.add(received);
                     self.progress.taken_bytes.fetch_add(received_bytes, AtomicOrdering::Relaxed);
-                    self.progress.pending_bytes.store(buffered_bytes(&scheduler), AtomicOrdering::Relaxed);
+                    self.progress.pending_bytes.store(scheduler.pending_buffered_bytes(), AtomicOrdering::Relaxed);
                     self.publish(&tracker, &mut window, held_back);
                 }
                 _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {}

@@ -74,6 +74,8 @@ pub struct Scheduler {
     per_partition: usize,
     pending: VecDeque<Pending>,
     pending_bytes: u64,
+    /// [`Record::overhead_bytes`] of the pending records.
+    pending_overhead: u64,
     in_flight_records: usize,
     in_flight_keys: KeyHashMap<usize>,
 }
@@ -88,6 +90,7 @@ impl Scheduler {
             per_partition,
             pending: VecDeque::new(),
             pending_bytes: 0,
+            pending_overhead: 0,
             in_flight_records: 0,
             in_flight_keys: KeyHashMap::default(),
         }
@@ -95,6 +98,7 @@ impl Scheduler {
 
     pub fn push(&mut self, record: Arc<Record>, now: Instant) {
         self.pending_bytes += record.size_bytes();
+        self.pending_overhead += record.overhead_bytes();
         let key = if self.ordering == Ordering::Key { record.key_hash() } else { None };
         self.pending.push_back(Pending { record, arrived: now, key });
     }
@@ -107,20 +111,27 @@ impl Scheduler {
         self.pending_bytes
     }
 
+    /// What the pending records hold in memory ([`Record::buffered_bytes`] summed).
+    pub fn pending_buffered_bytes(&self) -> u64 {
+        self.pending_bytes + self.pending_overhead
+    }
+
     /// Forgets the records not yet started at or above `offset` (the partition's offsets went back there: the
     /// consumer delivers them again, or they no longer exist). Returns how many were removed. Records below it and
     /// records in flight are untouched.
     pub fn discard_from(&mut self, offset: i64) -> usize {
         let before = self.pending.len();
-        let mut bytes = 0u64;
+        let (mut bytes, mut overhead) = (0u64, 0u64);
         self.pending.retain(|p| {
             let keep = p.record.offset < offset;
             if !keep {
                 bytes += p.record.size_bytes();
+                overhead += p.record.overhead_bytes();
             }
             keep
         });
         self.pending_bytes -= bytes;
+        self.pending_overhead -= overhead;
         before - self.pending.len()
     }
 
@@ -200,6 +211,7 @@ impl Scheduler {
         for (removed, i) in picked.into_iter().enumerate() {
             if let Some(p) = self.pending.remove(i - removed) {
                 self.pending_bytes -= p.record.size_bytes();
+                self.pending_overhead -= p.record.overhead_bytes();
                 if let Some(k) = p.key {
                     *self.in_flight_keys.entry(k).or_insert(0) += 1;
                 }
@@ -255,9 +267,12 @@ mod tests {
         assert_eq!(offsets(&s.next(t0)), vec![0, 1]);
         assert_eq!(s.discard_from(4), 2);
         assert_eq!((s.pending_len(), s.pending_bytes(), s.last_pending_offset()), (2, 8, Some(3)));
+        let overhead = crate::record::RECORD_OVERHEAD_BYTES;
+        assert_eq!(s.pending_buffered_bytes(), 8 + 2 * overhead, "the memory of the two left");
         assert_eq!(s.in_flight(), 2, "records in flight are not the scheduler's to forget");
         s.push(Arc::new(test_record(4, Some("k4"), "vv")), t0);
         assert_eq!(offsets(&s.next(t0)), vec![2, 3]);
+        assert_eq!(s.pending_buffered_bytes(), 4 + overhead, "started records leave the count");
         assert_eq!(offsets(&s.next(t0 + Duration::from_secs(1))), vec![4]);
     }
 
