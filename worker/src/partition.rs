@@ -114,7 +114,7 @@ pub struct PartitionSettings {
 
 /// Worker-wide bound on the bytes of records in processor calls (started, not finished), whatever
 /// `concurrency.perWorker` allows: 8192 records in flight (a forwarder's default) of 1 MiB each would otherwise hold
-/// 8 GiB. With the 32 MiB of fetched records not yet started (`consumer::dispatch`) and the forwarder's copies in
+/// 8 GiB. With the 24 MiB of fetched records not yet started (`consumer::dispatch`) and the forwarder's copies in
 /// librdkafka's queue, a worker stays near DESIGN's 128 MiB whatever the record size. The floor of
 /// [`InFlightBytes`]: pipelines with larger batches get [`BATCHES_IN_BUDGET`] of them.
 pub const IN_FLIGHT_BUDGET_BYTES: u64 = 32 << 20;

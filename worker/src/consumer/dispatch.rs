@@ -63,16 +63,15 @@ pub(super) const CHUNK_BYTES: u64 = 256 << 10;
 /// The worker-wide bound on bytes of records fetched and not yet started (staged, overflowing, in partition
 /// channels and pending in partition tasks), at least: DESIGN §2 "memory stays flat with any backlog", goal RSS ≤
 /// 128 MiB. Per-partition bounds alone let it grow with the partition count (about 4 MiB per partition of 2 kB
-/// records: 552 MiB RSS with 128 partitions).
-pub(super) const MIN_BUFFER_BUDGET_BYTES: u64 = 32 << 20;
+/// records: 552 MiB RSS with 128 partitions). 24 MiB, not 32: counted with each record's bookkeeping since session 13,
+/// and with pauses rarer a noop drain holds more of it (peak RSS 130 MiB with 32 MiB, 123 MiB with 24).
+pub(super) const MIN_BUFFER_BUDGET_BYTES: u64 = 24 << 20;
 /// What a partition may always hold unstarted, whatever the worker-wide total: every partition keeps work while
 /// others hold the budget (a stalled partition cannot starve the rest).
 pub(super) const BUFFER_FLOOR_BYTES: u64 = CHUNK_BYTES;
-/// Overflow (records fetched while the task's channel is full, in `Record::buffered_bytes`) that pauses the
-/// partition, at least; it is a quarter of the worker-wide budget when that is larger (8 MiB by default).
-pub(super) const MIN_OVERFLOW_BYTES: u64 = 2 << 20;
-/// The share of the worker-wide budget one partition's overflow may take before the partition pauses.
-pub(super) const OVERFLOWS_IN_BUDGET: u64 = 4;
+/// The share of the worker-wide budget one partition's overflow (records fetched while its task's channel is full,
+/// in `Record::buffered_bytes`) may take before the partition pauses: a third, 8 MiB by default.
+pub(super) const OVERFLOWS_IN_BUDGET: u64 = 3;
 
 pub(super) struct PartitionHandle {
     pub(super) topic: String,
@@ -104,12 +103,12 @@ fn buffer_budget_bytes(max_pending_bytes: u64) -> u64 {
     (4 * max_pending_bytes).max(MIN_BUFFER_BUDGET_BYTES)
 }
 
-/// The overflow that pauses a partition: a quarter of the worker-wide budget, at least the pending bound and
-/// [`MIN_OVERFLOW_BYTES`]. A quarter, so a decompressed fetch response fits (the noop worker paused after most fetches
-/// with the 2 MiB it had before: 110 pauses in a drain of 2M records of 100 B, none now) and one partition's backlog
-/// still leaves three quarters of the budget to the others.
+/// The overflow that pauses a partition: a third of the worker-wide budget (so always above the pending bound), so a
+/// decompressed fetch response fits (the noop worker paused after most fetches with the 2 MiB it had before: 110
+/// pauses in a drain of 2M records of 100 B, none now) and one partition's backlog still leaves two thirds of the
+/// budget to the others.
 fn overflow_limit_bytes(max_pending_bytes: u64) -> u64 {
-    (buffer_budget_bytes(max_pending_bytes) / OVERFLOWS_IN_BUDGET).max(max_pending_bytes).max(MIN_OVERFLOW_BYTES)
+    buffer_budget_bytes(max_pending_bytes) / OVERFLOWS_IN_BUDGET
 }
 
 /// Everything the consumer callbacks and the dispatch loop share.
@@ -729,11 +728,12 @@ mod tests {
         // fetches (110 pauses in a 2M-record drain; a pause drops the prefetched records, fetched again on resume).
         let fetch_response = 16_000 * (100 + crate::record::RECORD_OVERHEAD_BYTES);
         assert!(limit >= fetch_response, "overflow bound {limit} B, one decompressed fetch {fetch_response} B");
-        // One partition's overflow leaves three quarters of the worker-wide budget to the others.
+        // One partition's overflow leaves two thirds of the worker-wide budget to the others.
         assert_eq!(limit, buffer_budget_bytes(pending) / OVERFLOWS_IN_BUDGET);
-        // Large batches raise both bounds together.
-        assert_eq!(overflow_limit_bytes(64 << 20), 64 << 20, "never below the pending bound");
+        // Large batches raise both bounds together, the overflow's above the pending bound.
         assert_eq!(buffer_budget_bytes(64 << 20), 256 << 20);
+        assert!(overflow_limit_bytes(64 << 20) > 64 << 20, "above the pending bound");
+        assert_eq!(buffer_budget_bytes(pending), 24 << 20, "the default budget");
     }
 
     #[test]
