@@ -272,10 +272,6 @@ impl PartitionTask {
     /// the job reports finished records on `done`.
     /// Waits for the permits `batch` needs: records first, then bytes (every task takes them in that order, and a
     /// running batch holds both until it ends, so waiting cannot deadlock). `Err`: the worker is shutting down.
-    async fn permits_for(&self, batch: &[Arc<Record>]) -> Result<JobPermits, tokio::sync::AcquireError> {
-        JobPermits::take(&self.worker_permits, &self.in_flight_bytes, batch).await
-    }
-
     fn spawn_job(
         &self,
         jobs: &mut JoinSet<()>,
@@ -328,7 +324,7 @@ impl PartitionTask {
                 {
                     Next::Ready(batch) => {
                         highest_started = highest_started.max(batch.iter().map(|r| r.offset).max());
-                        let permit = match self.permits_for(&batch).await {
+                        let permit = match JobPermits::take(&self.worker_permits, &self.in_flight_bytes, &batch).await {
                             Ok(p) => p,
                             Err(_) => return tracker.committable(),
                         };
@@ -429,7 +425,7 @@ impl PartitionTask {
                     match scheduler.next_within(now.into_std(), self.worker_permits.available_permits(), Some(horizon))
                     {
                         Next::Ready(batch) => {
-                            let permits = self.permits_for(&batch);
+                            let permits = JobPermits::take(&self.worker_permits, &self.in_flight_bytes, &batch);
                             let Ok(Ok(permit)) = tokio::time::timeout_at(deadline, permits).await else {
                                 // Out of time (or shutting down): these records stay pending and are re-delivered.
                                 scheduler.complete(&batch);

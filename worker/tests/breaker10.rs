@@ -552,10 +552,9 @@ async fn memory_with_a_backlog_on_many_partitions_stays_bounded() {
     let bootstrap = bootstrap();
     let topic = unique("brk10-mem");
     let group = unique("g");
-    let partitions: i32 = std::env::var("KPIPE_TEST_PARTITIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(32);
-    let per_partition: u64 =
-        std::env::var("KPIPE_TEST_RECORDS_PER_PARTITION").ok().and_then(|v| v.parse().ok()).unwrap_or(2500);
-    let size: usize = std::env::var("KPIPE_TEST_RECORD_BYTES").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
+    let partitions: i32 = env_or("KPIPE_TEST_PARTITIONS", 32);
+    let per_partition: u64 = env_or("KPIPE_TEST_RECORDS_PER_PARTITION", 2500);
+    let size: usize = env_or("KPIPE_TEST_RECORD_BYTES", 2000);
     create_topic(&bootstrap, &topic, partitions).await;
     let n = partitions as u64 * per_partition;
     let produced = Instant::now();
@@ -564,6 +563,11 @@ async fn memory_with_a_backlog_on_many_partitions_stays_bounded() {
     // librdkafka's prefetch: queued.max.messages.kbytes (8 MiB) of these records, with their bookkeeping.
     let queued = f64::from(8 << 20) * (size as f64 + 224.0) / size as f64;
     assert_memory_bounded(&bootstrap, &topic, &group, partitions, queued).await;
+}
+
+/// The test-shape knob `name` from the environment, else `default`.
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 /// Drains `topic` with a worker behind a processor that takes 200 ms per call, for 20 s, and asserts that its
@@ -611,7 +615,7 @@ async fn memory_with_many_small_headers_stays_bounded() {
     let bootstrap = bootstrap();
     let topic = unique("brk10-headers");
     let group = unique("g");
-    let partitions: i32 = std::env::var("KPIPE_TEST_PARTITIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(16);
+    let partitions: i32 = env_or("KPIPE_TEST_PARTITIONS", 16);
     create_topic(&bootstrap, &topic, partitions).await;
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &bootstrap)
