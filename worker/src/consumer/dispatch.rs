@@ -22,7 +22,7 @@ use crate::metrics::Metrics;
 use crate::partition::{Input, PartitionProgress, PartitionSettings, PartitionTask};
 use crate::record::Record;
 
-use super::backpressure::{Action, Backpressure, OverflowLimit};
+use super::backpressure::{Action, AfterFlush, Backpressure, OverflowLimit};
 use super::commit::HeldOffsets;
 use super::positions::StartPolicy;
 use super::waker::Resumed;
@@ -142,6 +142,9 @@ pub struct Dispatch {
     pub(super) suspects: Mutex<HashSet<TopicPartition>>,
     /// Some partition's offsets went back since the last [`Dispatch::reposition_went_back`].
     pub(super) went_back: AtomicBool,
+    /// Some partition holds (its overflow reached the limit): the consumer thread takes no records until the next
+    /// [`Dispatch::flush`] finds every hold released or turned into a pause (see [`super::backpressure`]).
+    pub(super) holding: AtomicBool,
 }
 
 impl Dispatch {
@@ -173,6 +176,7 @@ impl Dispatch {
             start,
             suspects: Mutex::new(HashSet::new()),
             went_back: AtomicBool::new(false),
+            holding: AtomicBool::new(false),
         }
     }
 
@@ -288,17 +292,17 @@ impl Dispatch {
 
     /// Stages a record for its partition task. Records travel in chunks (fewer task wake-ups per
     /// record); a full chunk is sent at once, the rest by `flush`.
-    pub(super) fn dispatch<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, record: Record) {
+    pub(super) fn dispatch(&self, record: Record) {
         let mut parts = self.partitions();
         match parts.get_mut(&(record.topic.clone(), record.partition)) {
-            Some(h) => self.stage(consumer, h, record),
+            Some(h) => self.stage(h, record),
             None => Self::not_assigned(&record),
         }
     }
 
     /// [`Dispatch::dispatch`] for a batch of records, emptying `records`: the partitions lock is taken once and a
     /// partition looked up once per run of its records (a fetch response brings each partition's records together).
-    pub(super) fn dispatch_all<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, records: &mut Vec<Record>) {
+    pub(super) fn dispatch_all(&self, records: &mut Vec<Record>) {
         if records.is_empty() {
             return;
         }
@@ -310,11 +314,11 @@ impl Dispatch {
                 continue;
             };
             let (topic, partition) = (first.topic.clone(), first.partition);
-            self.stage(consumer, h, first);
+            self.stage(h, first);
             let same_partition =
                 |r: &Record| r.partition == partition && (Arc::ptr_eq(&r.topic, &topic) || r.topic == topic);
             while let Some(record) = records.next_if(same_partition) {
-                self.stage(consumer, h, record);
+                self.stage(h, record);
             }
         }
     }
@@ -323,7 +327,7 @@ impl Dispatch {
         tracing::debug!(topic = %record.topic, partition = record.partition, "record for a partition not assigned; ignored");
     }
 
-    fn stage<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, h: &mut PartitionHandle, record: Record) {
+    fn stage(&self, h: &mut PartitionHandle, record: Record) {
         let offset = record.offset;
         if h.next_offset.is_some_and(|next| offset < next) {
             h.went_back = true;
@@ -334,7 +338,7 @@ impl Dispatch {
         let partition = record.partition;
         h.staged.push(Input::Record(record));
         if h.staged.len() >= CHUNK_RECORDS || h.staged_bytes >= CHUNK_BYTES {
-            self.send_staged(consumer, h, &partition);
+            self.send_staged(h, &partition);
         }
     }
 
@@ -374,16 +378,10 @@ impl Dispatch {
         }
     }
 
-    /// Sends the staged chunk, or parks it in the overflow when the task's channel is full.
-    /// Only a large overflow pauses the partition: pausing is expensive (librdkafka drops the
-    /// partition's prefetched records and re-fetches them on resume), so it is reserved for real
-    /// backlogs.
-    pub(super) fn send_staged<C: ConsumerContext>(
-        &self,
-        consumer: &BaseConsumer<C>,
-        h: &mut PartitionHandle,
-        partition: &i32,
-    ) {
+    /// Sends the staged chunk, or parks it in the overflow when the task's channel is full or the worker's buffer
+    /// budget spent; a large overflow holds the consumer thread ([`Dispatch::holding`]), and only one that does not
+    /// drain pauses the partition (in [`Dispatch::flush`]).
+    pub(super) fn send_staged(&self, h: &mut PartitionHandle, partition: &i32) {
         if h.staged.is_empty() {
             return;
         }
@@ -409,22 +407,29 @@ impl Dispatch {
         h.overflow_bytes += bytes;
         h.overflow.push_back((chunk, bytes));
         // librdkafka hands over a whole fetch response of a partition at once (up to max.partition.fetch.bytes of
-        // compressed records, several MiB once decompressed), so the overflow must absorb such a burst without
-        // pausing: a pause drops what was prefetched, which is fetched and decompressed again after the resume. Over
-        // the worker's buffer budget the first overflowing chunk pauses.
-        if h.backpressure.overflowed(h.overflow_bytes, !within_budget) == Some(Action::Pause) {
-            let mut tpl = TopicPartitionList::new();
-            tpl.add_partition(&h.topic, *partition);
-            match consumer.pause(&tpl) {
-                Ok(()) => {
-                    self.metrics.paused_partitions.inc();
-                    self.metrics.partition_pauses.inc();
-                }
-                Err(e) => {
-                    // Not paused: retried at the next overflow instead of believing the partition paused.
-                    tracing::warn!(topic = %h.topic, partition, "cannot pause partition: {e}");
-                    h.backpressure.pause_failed();
-                }
+        // compressed records, several MiB once decompressed), so the overflow must absorb such a burst: past its limit
+        // (or over the worker's buffer budget) the consumer thread holds until the task has taken it, and only an
+        // overflow that does not drain pauses the partition (`super::backpressure`).
+        if h.backpressure.overflowed(h.overflow_bytes, !within_budget, Instant::now()) == Some(Action::Hold) {
+            self.holding.store(true, AtomicOrdering::Relaxed);
+        }
+    }
+
+    /// Pauses a partition whose hold did not drain in time.
+    fn pause<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, h: &mut PartitionHandle, partition: i32) {
+        tracing::debug!(topic = %h.topic, partition, overflow_bytes = h.overflow_bytes, "the task did not take its \
+            overflow while the consumer held: pausing the partition");
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&h.topic, partition);
+        match consumer.pause(&tpl) {
+            Ok(()) => {
+                self.metrics.paused_partitions.inc();
+                self.metrics.partition_pauses.inc();
+            }
+            Err(e) => {
+                // Not paused: held again at the next overflow instead of believing the partition paused.
+                tracing::warn!(topic = %h.topic, partition, "cannot pause partition: {e}");
+                h.backpressure.pause_failed();
             }
         }
     }
@@ -441,13 +446,20 @@ impl Dispatch {
         total < self.buffer_budget / 2 || h.progress.unstarted_bytes(h.sent_bytes) < BUFFER_FLOOR_BYTES
     }
 
-    /// Sends every staged chunk, moves overflow into tasks with room again, and resumes paused
-    /// partitions once their overflow is empty and their channel at least half free (hysteresis
-    /// against pause/resume churn); the partitions it resumes are added to `resumed`. Returns whether any partition
-    /// still has overflow or waits paused.
+    /// Sends every staged chunk, moves overflow into tasks with room again, releases holds whose overflow drained,
+    /// pauses partitions that held for [`super::backpressure::HOLD_MAX`], and resumes paused partitions once their
+    /// overflow is empty and their channel at least half free (hysteresis against pause/resume churn); the partitions
+    /// it resumes are added to `resumed`, and [`Dispatch::holding`] says whether any partition still holds. Returns
+    /// whether any partition still has overflow, holds or waits paused.
     pub(super) fn flush<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, resumed: &mut Resumed) -> bool {
+        self.flush_at(consumer, resumed, Instant::now())
+    }
+
+    /// [`Dispatch::flush`] with the clock read at `now` (holds are timed against it).
+    fn flush_at<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, resumed: &mut Resumed, now: Instant) -> bool {
         let mut parts = self.partitions();
         let mut any_overflow = false;
+        let mut any_holding = false;
         let mut total: u64 =
             parts.values().map(|h| h.staged_bytes + h.overflow_bytes + h.progress.unstarted_bytes(h.sent_bytes)).sum();
         for ((_, partition), h) in parts.iter_mut() {
@@ -472,22 +484,33 @@ impl Dispatch {
                     }
                 }
             }
-            self.send_staged(consumer, h, partition);
+            self.send_staged(h, partition);
             let overflow_empty = h.overflow.is_empty();
-            let budget_allows = self.may_resume(h, total);
-            if h.backpressure.flushed(overflow_empty, h.tx.capacity(), h.tx.max_capacity(), budget_allows)
-                == Some(Action::Resume)
-            {
-                let mut tpl = TopicPartitionList::new();
-                tpl.add_partition(&h.topic, *partition);
-                match consumer.resume(&tpl) {
-                    Ok(()) => resumed.push((h.topic.clone(), *partition)),
-                    Err(e) => tracing::warn!(topic = %h.topic, partition, "cannot resume partition: {e}"),
+            let after = AfterFlush {
+                overflow_empty,
+                free_slots: h.tx.capacity(),
+                max_slots: h.tx.max_capacity(),
+                may_hand_over: self.may_hand_over(h, total),
+                may_resume: self.may_resume(h, total),
+                now,
+            };
+            match h.backpressure.flushed(after) {
+                Some(Action::Pause) => self.pause(consumer, h, *partition),
+                Some(Action::Resume) => {
+                    let mut tpl = TopicPartitionList::new();
+                    tpl.add_partition(&h.topic, *partition);
+                    match consumer.resume(&tpl) {
+                        Ok(()) => resumed.push((h.topic.clone(), *partition)),
+                        Err(e) => tracing::warn!(topic = %h.topic, partition, "cannot resume partition: {e}"),
+                    }
+                    self.metrics.paused_partitions.dec();
                 }
-                self.metrics.paused_partitions.dec();
+                Some(Action::Hold | Action::Release) | None => {}
             }
             any_overflow |= h.backpressure.waiting(overflow_empty);
+            any_holding |= h.backpressure.is_holding();
         }
+        self.holding.store(any_holding, AtomicOrdering::Relaxed);
         self.buffered_bytes.store(total, AtomicOrdering::Relaxed);
         self.metrics.buffered_bytes.set(i64::try_from(total).unwrap_or(i64::MAX));
         any_overflow
@@ -588,7 +611,8 @@ mod tests {
         assert_eq!(hash(b"foobar"), 0x8594_4171_f739_67e8);
     }
 
-    /// Counts the records it processed per partition; a record with the key `slow` takes 600 ms, any other 2 ms.
+    /// Counts the records it processed per partition; a batch with a record keyed `slow` takes 600 ms, one keyed
+    /// `stuck` 60 s, one keyed `instant` no time, any other 2 ms.
     #[derive(Default)]
     struct Counting {
         done: Mutex<HashMap<i32, usize>>,
@@ -600,8 +624,17 @@ mod tests {
             records: &'a [Arc<Record>],
         ) -> futures::future::BoxFuture<'a, crate::processor::BatchOutcome> {
             Box::pin(async move {
-                let slow = records.iter().any(|r| r.key.as_deref() == Some(b"slow".as_slice()));
-                tokio::time::sleep(Duration::from_millis(if slow { 600 } else { 2 })).await;
+                let keyed = |key: &[u8]| records.iter().any(|r| r.key.as_deref() == Some(key));
+                let millis = if keyed(b"stuck") {
+                    60_000
+                } else if keyed(b"slow") {
+                    600
+                } else if keyed(b"instant") {
+                    0
+                } else {
+                    2
+                };
+                tokio::time::sleep(Duration::from_millis(millis)).await;
                 let mut done = self.done.lock().unwrap();
                 for r in records {
                     *done.entry(r.partition).or_default() += 1;
@@ -612,20 +645,94 @@ mod tests {
     }
 
     /// A dispatch on `runtime` whose partition tasks run `processor`: partition ordering, batches of 4, one batch in
-    /// flight per partition, 64 per worker.
+    /// flight per partition, 64 per worker, 64 MiB pending per partition.
     fn dispatch_for_tests(runtime: &tokio::runtime::Runtime, processor: Arc<Counting>) -> Dispatch {
+        dispatch_with_pending_bytes(runtime, processor, 64 << 20)
+    }
+
+    fn dispatch_with_pending_bytes(
+        runtime: &tokio::runtime::Runtime,
+        processor: Arc<Counting>,
+        max_pending_bytes: u64,
+    ) -> Dispatch {
         let settings = PartitionSettings {
             ordering: kpipe_api::v1alpha1::Ordering::Partition,
             limits: crate::scheduler::BatchLimits { max_records: 4, max_bytes: 1 << 20, max_wait: Duration::ZERO },
             per_partition: 1,
             max_pending_records: 4_096,
-            max_pending_bytes: 64 << 20,
+            max_pending_bytes,
             drain_timeout: Duration::from_secs(5),
             max_uncommitted: 100_000,
         };
         let start = StartPolicy { start_offset: kpipe_api::v1alpha1::StartOffset::Earliest, started_at_ms: None };
         let jobs = Arc::new(JobContext::for_tests(processor));
         Dispatch::new(runtime.handle().clone(), settings, jobs, 64, Metrics::new().unwrap(), Arc::default(), start)
+    }
+
+    /// An overflow past the limit holds the consumer (`Dispatch::holding`) instead of pausing: a task that takes it
+    /// releases the hold, and one that does not is paused once the hold has lasted `HOLD_MAX`.
+    #[test]
+    fn a_full_overflow_holds_until_the_task_takes_it_and_pauses_only_a_task_that_does_not() {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let processor = Arc::new(Counting::default());
+        // Budget 24 MiB, an overflow of 8 MiB holds.
+        let d = dispatch_with_pending_bytes(&runtime, processor.clone(), 1 << 20);
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition("t", 0);
+        tpl.add_partition("t", 1);
+        d.assign(&tpl);
+        // Never connects: pausing a partition it was never assigned still succeeds in librdkafka.
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:9")
+            .set("group.id", "unit")
+            .create()
+            .unwrap();
+        let megabyte = "x".repeat(1 << 20);
+        let records = |partition: i32, offsets: std::ops::Range<i64>, key: &str| -> Vec<Record> {
+            offsets
+                .map(|o| {
+                    let mut r = crate::record::test_record(o, Some(key), &megabyte);
+                    r.partition = partition;
+                    r
+                })
+                .collect()
+        };
+        let state = |partition: i32| {
+            let parts = d.partitions();
+            let h = &parts[&(Arc::<str>::from("t"), partition)];
+            (h.backpressure.is_holding(), h.backpressure.is_paused(), h.overflow_bytes)
+        };
+        // The clock the flushes read: holds started after `t0`, so no hold times out until it is moved on.
+        let t0 = Instant::now();
+        let mut resumed = Resumed::new();
+
+        // A task that keeps up: 40 MiB at once overflow both the budget and the partition's limit.
+        d.dispatch_all(&mut records(0, 0..40, "instant"));
+        assert!(d.holding.load(AtomicOrdering::Relaxed), "a full overflow holds the consumer");
+        assert!(state(0).0);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while d.holding.load(AtomicOrdering::Relaxed) {
+            assert!(Instant::now() < deadline, "the task never took the overflow: {:?}", state(0));
+            d.flush_at(&consumer, &mut resumed, t0);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(state(0), (false, false, 0), "released, not paused, overflow handed over");
+        assert_eq!(d.metrics.partition_pauses.get(), 0);
+
+        // A task that does not: its first batch never finishes, so the overflow stays.
+        d.dispatch_all(&mut records(1, 0..40, "stuck"));
+        assert!(d.holding.load(AtomicOrdering::Relaxed));
+        d.flush_at(&consumer, &mut resumed, t0);
+        assert!(state(1).0, "still within HOLD_MAX: holding");
+        d.flush_at(&consumer, &mut resumed, Instant::now() + super::super::backpressure::HOLD_MAX);
+        let (holding, paused, overflow) = state(1);
+        assert!(!holding && paused && overflow > 0, "paused with its overflow kept: {:?}", state(1));
+        assert!(!d.holding.load(AtomicOrdering::Relaxed), "the consumer takes records again");
+        assert_eq!(d.metrics.partition_pauses.get(), 1);
+        while processor.done.lock().unwrap().get(&0).copied() != Some(40) {
+            assert!(Instant::now() < deadline, "partition 0 did not process its 40 records");
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     #[test]
@@ -673,12 +780,6 @@ mod tests {
             tpl.add_partition(topic, partition);
         }
         d.assign(&tpl);
-        // Never connects: nothing here pauses a partition (the chunks stay below CHUNK_RECORDS).
-        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", "127.0.0.1:9")
-            .set("group.id", "unit")
-            .create()
-            .unwrap();
         let (t, u): (Arc<str>, Arc<str>) = (Arc::from("t"), Arc::from("u"));
         let record = |topic: &Arc<str>, partition, offset| {
             let mut r = crate::record::test_record(offset, None, "v");
@@ -698,7 +799,7 @@ mod tests {
             record(&t, 0, 2),
             record(&Arc::from("u"), 0, 8),
         ];
-        d.dispatch_all(&consumer, &mut batch);
+        d.dispatch_all(&mut batch);
         assert!(batch.is_empty(), "the batch is taken");
         let parts = d.partitions();
         let staged = |topic: &str, partition: i32| -> Vec<i64> {

@@ -42,6 +42,9 @@ pub(super) type TopicPartition = (Arc<str>, i32);
 /// Most records taken from the fetch queue in one call.
 const FETCH_BATCH_RECORDS: usize = 256;
 
+/// How long the consumer thread waits (serving events) between flushes while a partition holds.
+const HOLD_WAIT: Duration = Duration::from_millis(1);
+
 /// How long a partly filled chunk may wait while other partitions keep the consumer busy.
 pub(super) const CHUNK_MAX_DELAY: Duration = Duration::from_millis(5);
 
@@ -143,7 +146,10 @@ impl ConsumerLoop {
             };
             let mut taken = 0;
             let mut dispatched = 0u64;
-            if let Some(fetch) = &fetch {
+            // A partition whose overflow reached its limit holds the consumer: no records are taken (they wait in
+            // librdkafka's bounded queue) until its task has taken the overflow or the hold turned into a pause.
+            let holding = d.holding.load(AtomicOrdering::Relaxed);
+            if let Some(fetch) = fetch.as_ref().filter(|_| !holding) {
                 taken = fetch.consume(&mut batch, timeout, |m| match m.error() {
                     None => {
                         fetched.push(fetched_record(&m, &mut topic_names, &d.metrics));
@@ -154,15 +160,21 @@ impl ConsumerLoop {
                             m.error_text());
                     }
                 });
-                d.dispatch_all(&self.consumer, &mut fetched);
+                d.dispatch_all(&mut fetched);
             }
             // Events are served after every batch, so at once while records flow and within `timeout` when idle.
-            let poll_timeout = if fetch.is_some() { Duration::ZERO } else { timeout };
+            let poll_timeout = if holding {
+                HOLD_WAIT
+            } else if fetch.is_some() {
+                Duration::ZERO
+            } else {
+                timeout
+            };
             match self.consumer.poll(poll_timeout) {
                 Some(Ok(m)) => {
                     let record = to_record(&m, &mut topic_names, &d.metrics);
                     drop(m);
-                    d.dispatch(&self.consumer, record);
+                    d.dispatch(record);
                     dispatched += 1;
                     taken += 1;
                 }
@@ -190,7 +202,7 @@ impl ConsumerLoop {
                 break;
             }
             let now = Instant::now();
-            if (staged || any_overflow) && (ran_dry || now.duration_since(last_flush) >= CHUNK_MAX_DELAY) {
+            if (staged || any_overflow || holding) && (ran_dry || now.duration_since(last_flush) >= CHUNK_MAX_DELAY) {
                 any_overflow = d.flush(&self.consumer, &mut resumed);
                 // A broker thread whose partitions were all paused would see these only after its idle timeout.
                 match &waker {
