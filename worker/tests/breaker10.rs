@@ -837,7 +837,9 @@ async fn a_trickle_next_to_a_hot_partition_is_not_held_back() {
 ///
 /// Before the fix: 10,232 of the 30,000 new records (offsets 9,768 to 19,999) never delivered, and the group's
 /// commit at the log end (30,000) past them. Fixed by `Dispatch::reposition_went_back` (a seek when a partition's
-/// offsets go back).
+/// offsets go back). The new records are padded to 512 B so that their backlog outgrows a partition's overflow (8 MiB
+/// since session 13; unpadded they never paused it, and the test passed without testing the pause) and the test
+/// asserts that the partition was paused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_pause_after_the_position_went_back_skips_nothing() {
     let bootstrap = bootstrap();
@@ -888,7 +890,7 @@ async fn a_pause_after_the_position_went_back_skips_nothing() {
     // A slower processor from now on, so that the new backlog overflows and pauses the partition.
     sink.update(|b| b.delay = Duration::from_millis(50));
     let new = 100_000u64..130_000;
-    produce_ids(&bootstrap, &topic, new.clone(), 100).await;
+    produce_padded_ids(&bootstrap, &topic, new.clone(), 100, 512).await;
     let deadline = Instant::now() + Duration::from_secs(40);
     let mut max_paused = 0f64;
     loop {
@@ -902,9 +904,10 @@ async fn a_pause_after_the_position_went_back_skips_nothing() {
     let accepted = accepted(&sink);
     let missing: Vec<u64> = new.clone().filter(|id| !accepted.contains_key(id)).collect();
     let committed = committed_and_ends(&bootstrap, &group, &topic, 1);
+    let pauses = metric(&w.metrics().await, "kpipe_worker_partition_pauses_total").unwrap_or(0.0);
     eprintln!(
-        "new topic: {} of {} delivered, paused at most {max_paused}; missing {} (offsets {:?}..={:?}); committed/log end \
-         {committed:?}",
+        "new topic: {} of {} delivered, {pauses} pauses, paused at most {max_paused}; missing {} (offsets {:?}..={:?}); \
+         committed/log end {committed:?}",
         new.clone().filter(|id| accepted.contains_key(id)).count(),
         new.end - new.start,
         missing.len(),
@@ -912,4 +915,9 @@ async fn a_pause_after_the_position_went_back_skips_nothing() {
         missing.last().map(|id| id - new.start)
     );
     assert!(missing.is_empty(), "records skipped after the pause; log {}", w.log.display());
+    assert!(
+        pauses >= 1.0,
+        "the new backlog never paused the partition: the test tested nothing; log {}",
+        w.log.display()
+    );
 }

@@ -170,7 +170,15 @@ impl ConsumerLoop {
             } else {
                 timeout
             };
-            match self.consumer.poll(poll_timeout) {
+            // Without a fetch queue every record comes through `poll`, so a hold polls nothing (events wait; a hold
+            // lasts at most `backpressure::HOLD_MAX`).
+            let polled = if holding && fetch.is_none() {
+                std::thread::sleep(HOLD_WAIT);
+                None
+            } else {
+                self.consumer.poll(poll_timeout)
+            };
+            match polled {
                 Some(Ok(m)) => {
                     let record = to_record(&m, &mut topic_names, &d.metrics);
                     drop(m);
