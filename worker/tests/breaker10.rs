@@ -296,6 +296,8 @@ async fn rapid_rebalances(protocol: &str, harsh: bool) {
     assert!(behind.is_empty(), "commits behind the log end: {behind:?}");
     if !harsh {
         assert_eq!(report_duplicates(&accepted), 0, "graceful handovers re-deliver nothing");
+    } else {
+        assert!(max_paused >= 1.0, "no partition was paused: the harsh variant did not test rebalances while paused");
     }
 }
 

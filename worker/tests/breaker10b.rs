@@ -493,6 +493,10 @@ async fn paused_backlog(second_worker: bool) {
         metric(&m, "kpipe_worker_buffered_bytes"),
     );
     assert_eq!(missing, 0, "records stranded after the partitions came back");
+    assert!(
+        paused_before.unwrap_or(0.0) >= 1.0,
+        "no partition was paused before the rebalance: the test did not test a paused backlog"
+    );
 }
 
 /// The forwarder (default concurrency) stopped with SIGTERM mid-stream and started again: every record reaches the
