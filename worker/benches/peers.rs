@@ -2,7 +2,8 @@
 //! test bed's broker, one topic and one data set per comparison, contestants alternating round by round:
 //!
 //! * **Throughput ceiling** — 12 partitions, `KPIPE_BENCH_RECORDS` (2,000,000) × 100 B and
-//!   `KPIPE_BENCH_RECORDS_1K` (1,000,000) × 1 KiB: a bare rdkafka `BaseConsumer` (in this process), `kcat` to
+//!   `KPIPE_BENCH_RECORDS_1K` (1,000,000) × 1 KiB of padded ids (lz4 ≈ 100×), and `KPIPE_BENCH_RECORDS_1K_TEXT`
+//!   (1,000,000) × 1 KiB of JSON-like text (`support::Values`), each 0 to skip it: a bare rdkafka `BaseConsumer` (in this process), `kcat` to
 //!   /dev/null, Apache Kafka's `ConsumerPerformance`, the seed-style sarama consumer (one `ConsumePartition` per
 //!   partition, one goroutine per record, auto-commit), a franz-go group consumer, and `kpipe-worker` with the noop
 //!   processor and kpipe's own commits, and with the Kafka processor forwarding every record to a fresh 12-partition
@@ -258,9 +259,14 @@ impl Contestant {
     }
 }
 
-async fn throughput(bootstrap: &str, n: u64, value_bytes: usize, rounds: usize, report: &mut String) {
-    println!("== throughput: {n} × {value_bytes} B");
-    let topic = filled_topic(bootstrap, &format!("peers-{value_bytes}b"), n, value_bytes).await;
+async fn throughput(bootstrap: &str, n: u64, value_bytes: usize, values: Values, rounds: usize, report: &mut String) {
+    println!("== throughput: {n} × {value_bytes} B, {} values", values.label());
+    // The padded data sets keep their old topic names (`peers-100b-…`, `peers-1024b-…`) for earlier notes' commands.
+    let prefix = match values {
+        Values::Padded => format!("peers-{value_bytes}b"),
+        Values::Text => format!("peers-{value_bytes}b-text"),
+    };
+    let topic = filled_topic(bootstrap, &prefix, n, value_bytes, values).await;
     let all = [
         Contestant::Bare,
         Contestant::Kcat,
@@ -332,14 +338,18 @@ async fn throughput(bootstrap: &str, n: u64, value_bytes: usize, rounds: usize, 
     let bare_forward = table.drain(Contestant::BareForward.name());
     let _ = writeln!(
         report,
-        "#### Throughput ceiling — {n} × {value_bytes} B, 12 partitions, lz4 ({rounds} rounds, order rotated each \
-         round)\n\n{}\nDrain rate (records ÷ time from process start to the last record) is the headline: the \
+        "#### Throughput ceiling — {n} × {value_bytes} B{}, 12 partitions, lz4 ({rounds} rounds, order rotated \
+         each round)\n\n{}\nDrain rate (records ÷ time from process start to the last record) is the headline: the \
          steady rate depends on how each client batches its first fetch (franz-go receives a large part of the topic \
          in its first fetch, so its first → last time is tiny). Drain-rate ratios: kpipe noop / bare rdkafka = \
          **{:.2}×**; kpipe noop / seed-style sarama = **{:.2}×**; kpipe noop / franz-go = **{:.2}×**; kpipe noop / \
          kcat = **{:.2}×**; kpipe noop / ConsumerPerformance = **{:.2}×**; kpipe forwarder / kpipe noop = \
          **{:.2}×** with its default concurrency (goal ≥ 0.5×), **{:.2}×** with perWorker 256; bare forwarder / bare \
          rdkafka = **{:.2}×**, kpipe forwarder / bare forwarder = **{:.2}×**.\n",
+        match values {
+            Values::Padded => "",
+            Values::Text => " of JSON-like text",
+        },
         table.markdown(value_bytes, Contestant::Bare.name(), Table::drain),
         kpipe / table.drain(Contestant::Bare.name()),
         kpipe / table.drain(Contestant::Seed.name()),
@@ -354,7 +364,7 @@ async fn throughput(bootstrap: &str, n: u64, value_bytes: usize, rounds: usize, 
 }
 
 async fn slow(bootstrap: &str, n: u64, seconds: f64, rounds: usize, report: &mut String) {
-    let topic = filled_topic(bootstrap, "peers-slow", n, 100).await;
+    let topic = filled_topic(bootstrap, "peers-slow", n, 100, Values::Padded).await;
     let url = slow_handler().await;
     println!("== slow handler (20 ms per request): {n} records on {topic}, handler {url}");
     // (name, ideal records/s, kpipe spec or None for the seed pool). The ideal is records in flight ÷ 20 ms, and kpipe's
@@ -434,11 +444,13 @@ async fn main() {
     let mut report = String::new();
     if only.is_empty() || only == "throughput" {
         // A record count of 0 skips that data set.
-        for (n, value_bytes) in
-            [(env_u64("KPIPE_BENCH_RECORDS", 2_000_000), 100), (env_u64("KPIPE_BENCH_RECORDS_1K", 1_000_000), 1024)]
-        {
+        for (n, value_bytes, values) in [
+            (env_u64("KPIPE_BENCH_RECORDS", 2_000_000), 100, Values::Padded),
+            (env_u64("KPIPE_BENCH_RECORDS_1K", 1_000_000), 1024, Values::Padded),
+            (env_u64("KPIPE_BENCH_RECORDS_1K_TEXT", 1_000_000), 1024, Values::Text),
+        ] {
             if n > 0 {
-                throughput(&bootstrap, n, value_bytes, rounds, &mut report).await;
+                throughput(&bootstrap, n, value_bytes, values, rounds, &mut report).await;
             }
         }
     }

@@ -36,7 +36,7 @@ async fn main() {
     // Re-use a topic produced by an earlier run (it must hold exactly KPIPE_BENCH_RECORDS).
     let topic = match std::env::var("KPIPE_BENCH_TOPIC") {
         Ok(t) => t,
-        Err(_) => filled_topic(&bootstrap, "bench", n, 100).await,
+        Err(_) => filled_topic(&bootstrap, "bench", n, 100, Values::Padded).await,
     };
 
     let bare = if only.is_empty() || only == "bare" {
@@ -81,7 +81,7 @@ async fn main() {
     }
 
     // Slow handler: 20 ms per request, one record per request, key ordering, 256 concurrent.
-    let slow_topic = filled_topic(&bootstrap, "bench-slow", slow_n, 100).await;
+    let slow_topic = filled_topic(&bootstrap, "bench-slow", slow_n, 100, Values::Padded).await;
     let url = slow_handler().await;
     let cfg = config(
         &bootstrap,
@@ -110,7 +110,7 @@ async fn main() {
 
 /// RSS of a noop worker draining a large backlog, sampled about once a second (goal: flat, ≤ 128 MiB).
 async fn memory_over_time(bootstrap: &str, n: u64) {
-    let topic = filled_topic(bootstrap, "bench-memory", n, 100).await;
+    let topic = filled_topic(bootstrap, "bench-memory", n, 100, Values::Padded).await;
     let cfg = config(bootstrap, "bench-memory", &topic, &unique("bench-memory"), noop_spec());
     let w = Worker::start("bench-memory", &cfg);
     let run = drive_worker(&w, n, Instant::now(), Duration::from_secs(900)).await;

@@ -14,9 +14,86 @@ pub fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-/// Produces `n` records of `value_bytes` bytes (the id in decimal, padded with `x`), keyed `key-<id % keys>`, lz4,
-/// and waits for every acknowledgement. Returns how long it took.
-pub fn produce_fixed(bootstrap: &str, topic: &str, n: u64, keys: u64, value_bytes: usize) -> Duration {
+/// What a benchmark record's value holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Values {
+    /// The record's id in decimal, padded with `x`: lz4 compresses a 1 KiB value about 100× (librdkafka then grows
+    /// its decompression buffer several times per batch, docs/BENCHMARKS.md).
+    Padded,
+    /// JSON-like event text: field names, words of a 128-word vocabulary (16 nouns × 8 verbs) and random numbers
+    /// (seeded, so every run produces the same bytes). lz4 compresses 1 KiB values of it about 2.6× (`lz4 -1` on
+    /// 3 MB of them), within the 2–4× it achieves on JSON events, and below the 4× librdkafka's decompression
+    /// buffer starts at.
+    Text,
+}
+
+impl Values {
+    /// The label in topic names and report headings (`padded`, `text`).
+    pub fn label(self) -> &'static str {
+        match self {
+            Values::Padded => "padded",
+            Values::Text => "text",
+        }
+    }
+}
+
+/// Fills `value` (its length is the value size) for record `id` as `values` says; `rng` feeds [`Values::Text`].
+fn fill_value(value: &mut [u8], id: u64, values: Values, rng: &mut rand::rngs::StdRng) {
+    use rand::Rng;
+    use std::io::Write;
+    const WORDS: [&str; 16] = [
+        "checkout",
+        "payment",
+        "session",
+        "warehouse",
+        "shipment",
+        "customer",
+        "invoice",
+        "refund",
+        "cart",
+        "login",
+        "search",
+        "review",
+        "coupon",
+        "address",
+        "inventory",
+        "delivery",
+    ];
+    const SUFFIXES: [&str; 8] = ["created", "updated", "failed", "started", "completed", "queued", "retried", "closed"];
+    match values {
+        Values::Padded => {
+            value.fill(b'x');
+            let digits = id.to_string();
+            let n = digits.len().min(value.len());
+            value[..n].copy_from_slice(&digits.as_bytes()[..n]);
+        }
+        Values::Text => {
+            let len = value.len();
+            let mut out = std::io::Cursor::new(&mut value[..]);
+            let word = |rng: &mut rand::rngs::StdRng| {
+                format!("{}_{}", WORDS[rng.random_range(0..WORDS.len())], SUFFIXES[rng.random_range(0..SUFFIXES.len())])
+            };
+            let _ = write!(
+                out,
+                "{{\"id\":{id},\"type\":\"{}\",\"user\":\"u-{}\",\"amount\":{}.{:02},\"ts\":{},\"notes\":[",
+                word(rng),
+                rng.random_range(0..1_000_000u32),
+                rng.random_range(0..100_000u32),
+                rng.random_range(0..100u32),
+                1_764_547_200_000u64 + id * 7 + rng.random_range(0..1_000u64),
+            );
+            // Words and numbers until the value is full; the write stops at its end.
+            while (out.position() as usize) < len {
+                let _ = write!(out, "\"{} {} {}\",", word(rng), rng.random_range(0..10_000u32), word(rng));
+            }
+        }
+    }
+}
+
+/// Produces `n` records of `value_bytes` bytes (see [`Values`]), keyed `key-<id % keys>`, lz4, and waits for every
+/// acknowledgement. Returns how long it took.
+pub fn produce_fixed(bootstrap: &str, topic: &str, n: u64, keys: u64, value_bytes: usize, values: Values) -> Duration {
+    use rand::SeedableRng;
     let producer: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("linger.ms", "20")
@@ -26,11 +103,11 @@ pub fn produce_fixed(bootstrap: &str, topic: &str, n: u64, keys: u64, value_byte
         .create()
         .unwrap();
     let started = Instant::now();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(17);
     let mut payload = vec![b'x'; value_bytes.max(20)];
     for id in 0..n {
         let key = format!("key-{}", id % keys);
-        let digits = id.to_string();
-        payload[..digits.len()].copy_from_slice(digits.as_bytes());
+        fill_value(&mut payload, id, values, &mut rng);
         loop {
             match producer.send(BaseRecord::to(topic).key(&key).payload(&payload[..])) {
                 Ok(()) => break,
@@ -49,12 +126,17 @@ pub fn produce_fixed(bootstrap: &str, topic: &str, n: u64, keys: u64, value_byte
 
 /// A new 12-partition topic named after `prefix`, filled with `n` records of `value_bytes` bytes (see
 /// [`produce_fixed`]); prints how long producing took.
-pub async fn filled_topic(bootstrap: &str, prefix: &str, n: u64, value_bytes: usize) -> String {
+pub async fn filled_topic(bootstrap: &str, prefix: &str, n: u64, value_bytes: usize, values: Values) -> String {
     let topic = unique(prefix);
     crate::common::create_topic(bootstrap, &topic, 12).await;
     let (b, t) = (bootstrap.to_owned(), topic.clone());
-    let took = tokio::task::spawn_blocking(move || produce_fixed(&b, &t, n, 10_000, value_bytes)).await.unwrap();
-    println!("produced {n} × {value_bytes} B records to {topic} (12 partitions, lz4) in {:.1}s", took.as_secs_f64());
+    let took =
+        tokio::task::spawn_blocking(move || produce_fixed(&b, &t, n, 10_000, value_bytes, values)).await.unwrap();
+    println!(
+        "produced {n} × {value_bytes} B {} records to {topic} (12 partitions, lz4) in {:.1}s",
+        values.label(),
+        took.as_secs_f64()
+    );
     topic
 }
 
