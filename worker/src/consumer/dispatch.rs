@@ -419,9 +419,7 @@ impl Dispatch {
     fn pause<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, h: &mut PartitionHandle, partition: i32) {
         tracing::debug!(topic = %h.topic, partition, overflow_bytes = h.overflow_bytes, "the task did not take its \
             overflow while the consumer held: pausing the partition");
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&h.topic, partition);
-        match consumer.pause(&tpl) {
+        match consumer.pause(&Self::one_partition(h, partition)) {
             Ok(()) => {
                 self.metrics.paused_partitions.inc();
                 self.metrics.partition_pauses.inc();
@@ -432,6 +430,29 @@ impl Dispatch {
                 h.backpressure.pause_failed();
             }
         }
+    }
+
+    /// Resumes a paused partition whose overflow drained and adds it to `resumed` (its broker's fetcher is woken).
+    /// A failed resume is only logged, as before the hold existed (the backpressure state already counts the
+    /// partition as fetching).
+    fn resume<C: ConsumerContext>(
+        &self,
+        consumer: &BaseConsumer<C>,
+        h: &PartitionHandle,
+        partition: i32,
+        resumed: &mut Resumed,
+    ) {
+        match consumer.resume(&Self::one_partition(h, partition)) {
+            Ok(()) => resumed.push((h.topic.clone(), partition)),
+            Err(e) => tracing::warn!(topic = %h.topic, partition, "cannot resume partition: {e}"),
+        }
+        self.metrics.paused_partitions.dec();
+    }
+
+    fn one_partition(h: &PartitionHandle, partition: i32) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&h.topic, partition);
+        tpl
     }
 
     /// Whether `h` may hand another chunk to its task with `total` bytes buffered worker-wide: within the budget, or
@@ -496,15 +517,7 @@ impl Dispatch {
             };
             match h.backpressure.flushed(after) {
                 Some(Action::Pause) => self.pause(consumer, h, *partition),
-                Some(Action::Resume) => {
-                    let mut tpl = TopicPartitionList::new();
-                    tpl.add_partition(&h.topic, *partition);
-                    match consumer.resume(&tpl) {
-                        Ok(()) => resumed.push((h.topic.clone(), *partition)),
-                        Err(e) => tracing::warn!(topic = %h.topic, partition, "cannot resume partition: {e}"),
-                    }
-                    self.metrics.paused_partitions.dec();
-                }
+                Some(Action::Resume) => self.resume(consumer, h, *partition, resumed),
                 Some(Action::Hold | Action::Release) | None => {}
             }
             any_overflow |= h.backpressure.waiting(overflow_empty);
