@@ -1,5 +1,5 @@
 //! Partition dispatch: one task per assigned partition, records staged into chunks and handed over through bounded
-//! channels, the overflow that absorbs a fetch burst, and the pause/resume that bounds it ([`Backpressure`]).
+//! channels, the overflow that absorbs a fetch burst, and the hold, pause and resume that bound it ([`Backpressure`]).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -70,7 +70,8 @@ pub(super) const MIN_BUFFER_BUDGET_BYTES: u64 = 24 << 20;
 /// others hold the budget (a stalled partition cannot starve the rest).
 pub(super) const BUFFER_FLOOR_BYTES: u64 = CHUNK_BYTES;
 /// The share of the worker-wide budget one partition's overflow (records fetched while its task's channel is full,
-/// in `Record::buffered_bytes`) may take before the partition pauses: a third, 8 MiB by default.
+/// in `Record::buffered_bytes`) may take before the consumer holds for it (and pauses it if it does not drain): a
+/// third, 8 MiB by default.
 pub(super) const OVERFLOWS_IN_BUDGET: u64 = 3;
 
 pub(super) struct PartitionHandle {
@@ -81,10 +82,10 @@ pub(super) struct PartitionHandle {
     pub(super) staged_bytes: u64,
     /// Bytes of every chunk put into the task's channel so far (see [`PartitionProgress::unstarted_bytes`]).
     pub(super) sent_bytes: u64,
-    /// Chunks that found the task's channel full; a large overflow pauses the partition.
+    /// Chunks that found the task's channel full; a large overflow holds the consumer, then pauses the partition.
     pub(super) overflow: VecDeque<(Vec<Input>, u64)>,
     pub(super) overflow_bytes: u64,
-    /// Paused in librdkafka or consuming.
+    /// Consuming, holding the consumer, or paused in librdkafka.
     pub(super) backpressure: Backpressure,
     pub(super) progress: Arc<PartitionProgress>,
     /// The offset last handed to the committer (forgotten again when its commit fails).
@@ -103,10 +104,10 @@ fn buffer_budget_bytes(max_pending_bytes: u64) -> u64 {
     (4 * max_pending_bytes).max(MIN_BUFFER_BUDGET_BYTES)
 }
 
-/// The overflow that pauses a partition: a third of the worker-wide budget (so always above the pending bound), so a
-/// decompressed fetch response fits (the noop worker paused after most fetches with the 2 MiB it had before: 110
-/// pauses in a drain of 2M records of 100 B, none now) and one partition's backlog still leaves two thirds of the
-/// budget to the others.
+/// The overflow that holds the consumer for a partition (and pauses it if it does not drain): a third of the
+/// worker-wide budget (so always above the pending bound), so a decompressed fetch response fits (the noop worker
+/// paused after most fetches with the 2 MiB it had before: 110 pauses in a drain of 2M records of 100 B, none then)
+/// and one partition's backlog still leaves two thirds of the budget to the others.
 fn overflow_limit_bytes(max_pending_bytes: u64) -> u64 {
     buffer_budget_bytes(max_pending_bytes) / OVERFLOWS_IN_BUDGET
 }
@@ -344,8 +345,8 @@ impl Dispatch {
 
     /// Re-positions librdkafka on the partitions whose offsets went back (librdkafka reset an out-of-range position
     /// to a lower offset: the topic was recreated, the log truncated), at the offset after the last record handed
-    /// out. Call it after every batch (after the pauses the batch caused, which save librdkafka's position for the
-    /// resume: a later seek overrides it) and before a commit reads the positions.
+    /// out. Call it after every batch and before a commit reads the positions (and before the flush that may pause
+    /// the partition: the pause then keeps the position this seek set).
     ///
     /// `rd_kafka_consume_batch_queue` only ever raises librdkafka's application position (`rktp_app_pos`;
     /// `rd_kafka_consumer_poll` sets it to every record it returns), so after such a reset the position stays at

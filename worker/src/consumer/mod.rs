@@ -1,9 +1,11 @@
 //! The Kafka edge: a dedicated thread polls the consumer (so rebalance callbacks never block the async runtime),
-//! copies records out and dispatches them to per-partition tasks through bounded channels, pauses partitions whose
-//! tasks are full, and commits the offsets the tasks report.
+//! copies records out and dispatches them to per-partition tasks through bounded channels, stops taking records
+//! while a partition's task is full (and pauses a partition whose task stays full), and commits the offsets the tasks
+//! report.
 //!
 //! - [`dispatch`]: partition tasks, chunked hand-off, overflow;
-//! - [`backpressure`]: when a partition is paused and resumed (a small state machine);
+//! - [`backpressure`]: when the consumer holds for a partition, and when a partition is paused and resumed (a small
+//!   state machine);
 //! - [`commit`]: periodic, early and final commits (all synchronous), held final offsets;
 //! - [`positions`]: start offsets of assigned partitions, the log-end check before commits;
 //! - [`context`]: librdkafka callbacks (rebalance, logs, statistics);
@@ -192,8 +194,8 @@ impl ConsumerLoop {
                 }
                 None => {}
             }
-            // After the batch (a pause it caused saved librdkafka's position: the seek overrides it) and before a
-            // commit reads the positions: see `Dispatch::reposition_went_back`.
+            // After the batch and before a commit reads the positions: see `Dispatch::reposition_went_back`. Pauses
+            // come later, in a flush, from the position this seek set (breaker10's went-back test pauses after it).
             d.reposition_went_back(&self.consumer);
             consumed += dispatched;
             staged |= dispatched > 0;
