@@ -1,7 +1,8 @@
 //! Prometheus metrics of the worker (text exposition on `/metrics`).
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Counter, Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 #[derive(Clone)]
@@ -31,6 +32,12 @@ pub struct Metrics {
     /// `kpipe_worker_partition_pauses_total`: times a partition was paused for backpressure (each pause drops what
     /// librdkafka prefetched for it, fetched again on resume).
     pub partition_pauses: IntCounter,
+    /// `kpipe_worker_consumer_holds_total`: times a partition's full overflow held the consumer thread (it took no
+    /// records from librdkafka until the partition's task took the overflow, or the partition was paused).
+    pub consumer_holds: IntCounter,
+    /// `kpipe_worker_consumer_held_seconds_total`: seconds the consumer thread held, for any partition: no partition
+    /// of the worker received records meanwhile (see `consumer::backpressure`).
+    pub consumer_held_seconds: Counter,
     /// `kpipe_worker_buffered_bytes`: bytes of records fetched and not yet started, bounded worker-wide
     /// (`consumer::dispatch`).
     pub buffered_bytes: IntGauge,
@@ -81,6 +88,11 @@ impl Metrics {
         let registry = Registry::new();
         let counter = |name: &str, help: &str| -> Result<IntCounter, MetricsError> {
             let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let float_counter = |name: &str, help: &str| -> Result<Counter, MetricsError> {
+            let c = Counter::new(name, help)?;
             registry.register(Box::new(c.clone()))?;
             Ok(c)
         };
@@ -172,6 +184,14 @@ impl Metrics {
                 "kpipe_worker_partition_pauses_total",
                 "Times a partition was paused for backpressure",
             )?,
+            consumer_holds: counter(
+                "kpipe_worker_consumer_holds_total",
+                "Times a partition's full overflow held the consumer (no records taken for any partition until it drained or was paused)",
+            )?,
+            consumer_held_seconds: float_counter(
+                "kpipe_worker_consumer_held_seconds_total",
+                "Seconds the consumer took no records because a partition's overflow was full",
+            )?,
             commit_failures: counter("kpipe_worker_commit_failures_total", "Failed offset commits")?,
             commit_waits: counter(
                 "kpipe_worker_commit_waits_total",
@@ -261,6 +281,8 @@ mod tests {
             "kpipe_worker_records_too_large_total 0",
             "kpipe_worker_header_keys_replaced_total 0",
             "kpipe_worker_partition_pauses_total 0",
+            "kpipe_worker_consumer_holds_total 0",
+            "kpipe_worker_consumer_held_seconds_total 0",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

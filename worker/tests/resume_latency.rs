@@ -85,6 +85,9 @@ async fn a_partition_paused_for_backpressure_is_fetched_again_at_once_after_its_
 /// record) while records waited, in milliseconds.
 struct Drain {
     pauses: f64,
+    /// `kpipe_worker_consumer_holds_total` and `kpipe_worker_consumer_held_seconds_total` at the end.
+    holds: f64,
+    held_seconds: f64,
     stalls: Vec<u128>,
     log: std::path::PathBuf,
 }
@@ -135,11 +138,15 @@ async fn drain_compressible(name: &str, records: u64, value_bytes: usize) -> Dra
         assert!(now < deadline, "{processed} of {records} records processed in 120 s; log {}", w.log.display());
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let pauses = metric(&w.metrics().await, "kpipe_worker_partition_pauses_total").unwrap_or(0.0);
+    let metrics = w.metrics().await;
+    let pauses = metric(&metrics, "kpipe_worker_partition_pauses_total").unwrap_or(0.0);
+    let holds = metric(&metrics, "kpipe_worker_consumer_holds_total").unwrap_or(0.0);
+    let held_seconds = metric(&metrics, "kpipe_worker_consumer_held_seconds_total").unwrap_or(0.0);
     println!(
-        "{name}: {records} records of {value_bytes} B, {pauses} pauses, stalls over {IDLE_GAP:?}: {stalls:?} (ms)"
+        "{name}: {records} records of {value_bytes} B, {pauses} pauses, {holds} holds ({held_seconds:.3} s held), \
+         stalls over {IDLE_GAP:?}: {stalls:?} (ms)"
     );
-    Drain { pauses, stalls, log: w.log.clone() }
+    Drain { pauses, holds, held_seconds, stalls, log: w.log.clone() }
 }
 
 /// A fast processor (noop) behind fetch responses larger than a partition may buffer: with highly compressible
@@ -156,6 +163,17 @@ async fn drain_compressible(name: &str, records: u64, value_bytes: usize) -> Dra
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_fast_processor_behind_large_fetches_holds_instead_of_pausing_and_never_stalls() {
     let drain = drain_compressible("resume-fast", 16_000, 64 << 10).await;
+    // The holds are what this scenario is about, and they are visible: counted, and timed while they last. A hold
+    // ends when the task has taken the overflow or after 20 ms with a pause; 100 ms each on average leaves room for
+    // a loaded machine's scheduling, not for a hold that is never timed out.
+    assert!(drain.holds >= 1.0, "no hold counted: the scenario did not fill an overflow; log {}", drain.log.display());
+    assert!(
+        drain.held_seconds > 0.0 && drain.held_seconds <= drain.holds * 0.1,
+        "{} s held in {} holds; log {}",
+        drain.held_seconds,
+        drain.holds,
+        drain.log.display()
+    );
     assert!(
         drain.pauses <= 31.0,
         "a noop partition was paused {} times: a full overflow of a task that keeps up must hold, not pause; log {}",

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use kpipe_rdkafka_native::{CopiedHeaders, FetchedMessage, Header, copy_headers};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::KafkaResult;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::runtime::Handle;
@@ -413,6 +414,7 @@ impl Dispatch {
         // overflow that does not drain pauses the partition (`super::backpressure`).
         if h.backpressure.overflowed(h.overflow_bytes, !within_budget, Instant::now()) == Some(Action::Hold) {
             self.holding.store(true, AtomicOrdering::Relaxed);
+            self.metrics.consumer_holds.inc();
         }
     }
 
@@ -420,7 +422,8 @@ impl Dispatch {
     fn pause<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, h: &mut PartitionHandle, partition: i32) {
         tracing::debug!(topic = %h.topic, partition, overflow_bytes = h.overflow_bytes, "the task did not take its \
             overflow while the consumer held: pausing the partition");
-        match consumer.pause(&Self::one_partition(h, partition)) {
+        let tpl = Self::one_partition(h, partition);
+        match consumer.pause(&tpl).and_then(|()| partition_errors(&tpl)) {
             Ok(()) => {
                 self.metrics.paused_partitions.inc();
                 self.metrics.partition_pauses.inc();
@@ -443,7 +446,8 @@ impl Dispatch {
         partition: i32,
         resumed: &mut Resumed,
     ) {
-        match consumer.resume(&Self::one_partition(h, partition)) {
+        let tpl = Self::one_partition(h, partition);
+        match consumer.resume(&tpl).and_then(|()| partition_errors(&tpl)) {
             Ok(()) => resumed.push((h.topic.clone(), partition)),
             Err(e) => tracing::warn!(topic = %h.topic, partition, "cannot resume partition: {e}"),
         }
@@ -529,6 +533,13 @@ impl Dispatch {
         self.metrics.buffered_bytes.set(i64::try_from(total).unwrap_or(i64::MAX));
         any_overflow
     }
+}
+
+/// The errors librdkafka set on the partitions of a pause or resume: it reports a partition it does not know (never
+/// assigned, or already revoked) there, with `_UNKNOWN_PARTITION`, and only invalid arguments in its return value
+/// (`rd_kafka_toppars_pause_resume`, librdkafka 2.12).
+fn partition_errors(tpl: &TopicPartitionList) -> KafkaResult<()> {
+    tpl.elements().iter().try_for_each(|e| e.error())
 }
 
 /// The topic of each polled record as a shared name. A consumer of a single topic (topic names are plain names,
@@ -695,12 +706,9 @@ mod tests {
         tpl.add_partition("t", 0);
         tpl.add_partition("t", 1);
         d.assign(&tpl);
-        // Never connects: pausing a partition it was never assigned still succeeds in librdkafka.
-        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", "127.0.0.1:9")
-            .set("group.id", "unit")
-            .create()
-            .unwrap();
+        let consumer = unconnected_consumer();
+        // Never connects, but knows the partitions, so librdkafka pauses them.
+        consumer.assign(&tpl).unwrap();
         let megabyte = "x".repeat(1 << 20);
         let records = |partition: i32, offsets: std::ops::Range<i64>, key: &str| -> Vec<Record> {
             offsets
@@ -747,6 +755,46 @@ mod tests {
             assert!(Instant::now() < deadline, "partition 0 did not process its 40 records");
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    /// A consumer that never reaches a broker (librdkafka still serves assign, pause and resume locally).
+    fn unconnected_consumer() -> BaseConsumer {
+        rdkafka::ClientConfig::new().set("bootstrap.servers", "127.0.0.1:9").set("group.id", "unit").create().unwrap()
+    }
+
+    /// librdkafka reports a pause of a partition it does not know in the partition list, not in its return value: such
+    /// a pause is neither counted nor believed (a partition believed paused would wait for a resume while librdkafka
+    /// kept fetching it), and the next overflow holds the consumer again.
+    #[test]
+    fn a_pause_librdkafka_refuses_for_the_partition_is_not_counted_and_the_next_overflow_holds_again() {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let processor = Arc::new(Counting::default());
+        let d = dispatch_with_pending_bytes(&runtime, processor, 1 << 20);
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition("t", 0);
+        d.assign(&tpl);
+        // Not assigned to the consumer: librdkafka answers the pause with _UNKNOWN_PARTITION for it.
+        let consumer = unconnected_consumer();
+        let megabyte = "x".repeat(1 << 20);
+        let stuck = |offsets: std::ops::Range<i64>| -> Vec<Record> {
+            offsets.map(|o| crate::record::test_record(o, Some("stuck"), &megabyte)).collect()
+        };
+        let state = || {
+            let parts = d.partitions();
+            let h = &parts[&(Arc::<str>::from("t"), 0)];
+            (h.backpressure.is_holding(), h.backpressure.is_paused())
+        };
+        let mut resumed = Resumed::new();
+        d.dispatch_all(&mut stuck(0..40));
+        assert!(d.holding.load(AtomicOrdering::Relaxed));
+        assert_eq!(d.metrics.consumer_holds.get(), 1);
+        d.flush_at(&consumer, &mut resumed, Instant::now() + super::super::backpressure::HOLD_MAX);
+        assert_eq!(state(), (false, false), "the refused pause leaves the partition consuming, not believed paused");
+        assert_eq!(d.metrics.partition_pauses.get(), 0, "a refused pause is not counted");
+        assert_eq!(d.metrics.paused_partitions.get(), 0);
+        d.dispatch_all(&mut stuck(40..41));
+        assert!(d.holding.load(AtomicOrdering::Relaxed), "the overflow is still full: the consumer holds again");
+        assert_eq!(d.metrics.consumer_holds.get(), 2);
     }
 
     #[test]
