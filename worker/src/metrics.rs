@@ -32,11 +32,12 @@ pub struct Metrics {
     /// `kpipe_worker_partition_pauses_total`: times a partition was paused for backpressure (each pause drops what
     /// librdkafka prefetched for it, fetched again on resume).
     pub partition_pauses: IntCounter,
-    /// `kpipe_worker_consumer_holds_total`: times a partition's full overflow held the consumer thread (it took no
-    /// records from librdkafka until the partition's task took the overflow, or the partition was paused).
+    /// `kpipe_worker_consumer_holds_total`: times the consumer thread held because a partition's overflow was full: it
+    /// took no records from librdkafka's fetch queue until no partition held (each holding partition's task took its
+    /// overflow, or the partition was paused, or it was revoked). Holds of several partitions at once are one hold.
     pub consumer_holds: IntCounter,
-    /// `kpipe_worker_consumer_held_seconds_total`: seconds the consumer thread held, for any partition: no partition
-    /// of the worker received records meanwhile (see `consumer::backpressure`).
+    /// `kpipe_worker_consumer_held_seconds_total`: seconds of those holds, during which no partition of the worker
+    /// received fetched records (see `consumer::backpressure`).
     pub consumer_held_seconds: Counter,
     /// `kpipe_worker_buffered_bytes`: bytes of records fetched and not yet started, bounded worker-wide
     /// (`consumer::dispatch`).
@@ -186,11 +187,11 @@ impl Metrics {
             )?,
             consumer_holds: counter(
                 "kpipe_worker_consumer_holds_total",
-                "Times a partition's full overflow held the consumer (no records taken for any partition until it drained or was paused)",
+                "Times the consumer held (took no fetched records for any partition) because a partition's overflow was full",
             )?,
             consumer_held_seconds: float_counter(
                 "kpipe_worker_consumer_held_seconds_total",
-                "Seconds the consumer took no records because a partition's overflow was full",
+                "Seconds the consumer held (took no fetched records) because a partition's overflow was full",
             )?,
             commit_failures: counter("kpipe_worker_commit_failures_total", "Failed offset commits")?,
             commit_waits: counter(

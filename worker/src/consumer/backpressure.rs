@@ -129,24 +129,33 @@ impl Backpressure {
     }
 }
 
-/// Times the consumer thread's holds (any partition holding stops it) for `kpipe_worker_consumer_held_seconds_total`.
+/// A change of the consumer thread's hold (while any partition holds, it takes no fetched records).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum HoldEdge {
+    Started,
+    /// The hold ended after this long.
+    Ended(Duration),
+}
+
+/// Times the consumer thread's holds for `kpipe_worker_consumer_holds_total` and
+/// `kpipe_worker_consumer_held_seconds_total`: one hold lasts from the first partition that holds to the moment none
+/// does, however many partitions held meanwhile.
 #[derive(Debug, Default)]
 pub(super) struct HoldClock {
     since: Option<Instant>,
 }
 
 impl HoldClock {
-    /// The consumer thread saw `holding`; returns how long the hold that just ended lasted. `now` is read only when a
-    /// hold starts or ends (the loop runs once per fetched batch, and the clock is not free on every machine).
-    pub(super) fn observe(&mut self, holding: bool, now: impl FnOnce() -> Instant) -> Option<Duration> {
+    /// Whether some partition holds, as of `now`; returns the edge this is, if it is one.
+    pub(super) fn set(&mut self, holding: bool, now: Instant) -> Option<HoldEdge> {
         match (holding, self.since) {
             (true, None) => {
-                self.since = Some(now());
-                None
+                self.since = Some(now);
+                Some(HoldEdge::Started)
             }
             (false, Some(since)) => {
                 self.since = None;
-                Some(now().saturating_duration_since(since))
+                Some(HoldEdge::Ended(now.saturating_duration_since(since)))
             }
             _ => None,
         }
@@ -158,17 +167,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_hold_clock_reports_each_hold_once_when_it_ends() {
+    fn the_hold_clock_reports_each_hold_once_from_its_start_to_its_end() {
         let mut clock = HoldClock::default();
         let t0 = Instant::now();
         let ms = Duration::from_millis;
-        assert_eq!(clock.observe(false, || t0), None, "not holding");
-        assert_eq!(clock.observe(true, || t0 + ms(1)), None, "a hold starts");
-        assert_eq!(clock.observe(true, || t0 + ms(5)), None, "still holding: counted once, at its end");
-        assert_eq!(clock.observe(false, || t0 + ms(21)), Some(ms(20)));
-        assert_eq!(clock.observe(false, || t0 + ms(30)), None, "the ended hold is not counted again");
-        assert_eq!(clock.observe(true, || t0 + ms(40)), None);
-        assert_eq!(clock.observe(false, || t0 + ms(43)), Some(ms(3)), "the next hold from its own start");
+        assert_eq!(clock.set(false, t0), None, "not holding");
+        assert_eq!(clock.set(true, t0 + ms(1)), Some(HoldEdge::Started));
+        assert_eq!(clock.set(true, t0 + ms(5)), None, "another partition holding too: still the same hold");
+        assert_eq!(clock.set(false, t0 + ms(21)), Some(HoldEdge::Ended(ms(20))));
+        assert_eq!(clock.set(false, t0 + ms(30)), None, "the ended hold is not counted again");
+        assert_eq!(clock.set(true, t0 + ms(40)), Some(HoldEdge::Started));
+        assert_eq!(clock.set(false, t0 + ms(43)), Some(HoldEdge::Ended(ms(3))), "the next hold from its own start");
     }
 
     const LIMIT: OverflowLimit = OverflowLimit { bytes: 1_000 };

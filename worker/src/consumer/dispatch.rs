@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use kpipe_rdkafka_native::{CopiedHeaders, FetchedMessage, Header, copy_headers};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
-use rdkafka::error::KafkaResult;
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::runtime::Handle;
@@ -23,7 +23,7 @@ use crate::metrics::Metrics;
 use crate::partition::{Input, PartitionProgress, PartitionSettings, PartitionTask};
 use crate::record::Record;
 
-use super::backpressure::{Action, AfterFlush, Backpressure, OverflowLimit};
+use super::backpressure::{Action, AfterFlush, Backpressure, HoldClock, HoldEdge, OverflowLimit};
 use super::commit::HeldOffsets;
 use super::positions::StartPolicy;
 use super::waker::Resumed;
@@ -145,8 +145,11 @@ pub struct Dispatch {
     /// Some partition's offsets went back since the last [`Dispatch::reposition_went_back`].
     pub(super) went_back: AtomicBool,
     /// Some partition holds (its overflow reached the limit): the consumer thread takes no records until the next
-    /// [`Dispatch::flush`] finds every hold released or turned into a pause (see [`super::backpressure`]).
+    /// [`Dispatch::flush`] finds every hold released or turned into a pause (see [`super::backpressure`]), or a drain
+    /// took every holding partition away. Set only through [`Dispatch::set_holding`].
     pub(super) holding: AtomicBool,
+    /// Times the holds (`kpipe_worker_consumer_holds_total`, `kpipe_worker_consumer_held_seconds_total`).
+    hold_clock: Mutex<HoldClock>,
 }
 
 impl Dispatch {
@@ -179,6 +182,17 @@ impl Dispatch {
             suspects: Mutex::new(HashSet::new()),
             went_back: AtomicBool::new(false),
             holding: AtomicBool::new(false),
+            hold_clock: Mutex::new(HoldClock::default()),
+        }
+    }
+
+    /// Whether some partition holds, as of `now` (see [`Dispatch::holding`]); counts and times the consumer's holds.
+    fn set_holding(&self, holding: bool, now: Instant) {
+        self.holding.store(holding, AtomicOrdering::Relaxed);
+        match self.hold_clock.lock().unwrap_or_else(|e| e.into_inner()).set(holding, now) {
+            Some(HoldEdge::Started) => self.metrics.consumer_holds.inc(),
+            Some(HoldEdge::Ended(held)) => self.metrics.consumer_held_seconds.inc_by(held.as_secs_f64()),
+            None => {}
         }
     }
 
@@ -246,6 +260,10 @@ impl Dispatch {
             let mut parts = self.partitions();
             let taken = tps.iter().filter_map(|tp| parts.remove(tp).map(|h| (tp.clone(), h))).collect();
             self.metrics.assigned_partitions.set(parts.len() as i64);
+            // A hold of a partition taken away ends here, not after the wait for its task below.
+            if !parts.values().any(|h| h.backpressure.is_holding()) {
+                self.set_holding(false, Instant::now());
+            }
             taken
         };
         let mut offsets = Vec::with_capacity(handles.len());
@@ -412,9 +430,9 @@ impl Dispatch {
         // compressed records, several MiB once decompressed), so the overflow must absorb such a burst: past its limit
         // (or over the worker's buffer budget) the consumer thread holds until the task has taken it, and only an
         // overflow that does not drain pauses the partition (`super::backpressure`).
-        if h.backpressure.overflowed(h.overflow_bytes, !within_budget, Instant::now()) == Some(Action::Hold) {
-            self.holding.store(true, AtomicOrdering::Relaxed);
-            self.metrics.consumer_holds.inc();
+        let now = Instant::now();
+        if h.backpressure.overflowed(h.overflow_bytes, !within_budget, now) == Some(Action::Hold) {
+            self.set_holding(true, now);
         }
     }
 
@@ -528,18 +546,23 @@ impl Dispatch {
             any_overflow |= h.backpressure.waiting(overflow_empty);
             any_holding |= h.backpressure.is_holding();
         }
-        self.holding.store(any_holding, AtomicOrdering::Relaxed);
+        self.set_holding(any_holding, now);
         self.buffered_bytes.store(total, AtomicOrdering::Relaxed);
         self.metrics.buffered_bytes.set(i64::try_from(total).unwrap_or(i64::MAX));
         any_overflow
     }
 }
 
-/// The errors librdkafka set on the partitions of a pause or resume: it reports a partition it does not know (never
-/// assigned, or already revoked) there, with `_UNKNOWN_PARTITION`, and only invalid arguments in its return value
-/// (`rd_kafka_toppars_pause_resume`, librdkafka 2.12).
+/// The errors librdkafka set on the partitions of a pause or resume: it reports a partition of a topic the client does
+/// not know there (`_UNKNOWN_PARTITION`), and only invalid arguments in its return value
+/// (`rd_kafka_toppars_pause_resume`, librdkafka 2.12; a partition of a known topic is found or created, so a revoked
+/// one is paused without error).
 fn partition_errors(tpl: &TopicPartitionList) -> KafkaResult<()> {
-    tpl.elements().iter().try_for_each(|e| e.error())
+    tpl.elements().iter().try_for_each(|e| {
+        e.error().map_err(|err| {
+            KafkaError::PauseResume(err.rdkafka_error_code().map_or_else(|| err.to_string(), |code| code.to_string()))
+        })
+    })
 }
 
 /// The topic of each polled record as a shared name. A consumer of a single topic (topic names are plain names,
@@ -707,7 +730,7 @@ mod tests {
         tpl.add_partition("t", 1);
         d.assign(&tpl);
         let consumer = unconnected_consumer();
-        // Never connects, but knows the partitions, so librdkafka pauses them.
+        // Never connects, but knows the topic once assigned, so librdkafka pauses its partitions.
         consumer.assign(&tpl).unwrap();
         let megabyte = "x".repeat(1 << 20);
         let records = |partition: i32, offsets: std::ops::Range<i64>, key: &str| -> Vec<Record> {
@@ -762,9 +785,9 @@ mod tests {
         rdkafka::ClientConfig::new().set("bootstrap.servers", "127.0.0.1:9").set("group.id", "unit").create().unwrap()
     }
 
-    /// librdkafka reports a pause of a partition it does not know in the partition list, not in its return value: such
-    /// a pause is neither counted nor believed (a partition believed paused would wait for a resume while librdkafka
-    /// kept fetching it), and the next overflow holds the consumer again.
+    /// librdkafka reports a pause of a partition of a topic it does not know in the partition list, not in its return
+    /// value: such a pause is neither counted nor believed (a partition believed paused would wait for a resume while
+    /// librdkafka kept fetching it), and the next overflow holds the consumer again.
     #[test]
     fn a_pause_librdkafka_refuses_for_the_partition_is_not_counted_and_the_next_overflow_holds_again() {
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
@@ -773,7 +796,7 @@ mod tests {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition("t", 0);
         d.assign(&tpl);
-        // Not assigned to the consumer: librdkafka answers the pause with _UNKNOWN_PARTITION for it.
+        // The consumer knows no topic `t`: librdkafka answers the pause with _UNKNOWN_PARTITION for it.
         let consumer = unconnected_consumer();
         let megabyte = "x".repeat(1 << 20);
         let stuck = |offsets: std::ops::Range<i64>| -> Vec<Record> {
@@ -795,6 +818,41 @@ mod tests {
         d.dispatch_all(&mut stuck(40..41));
         assert!(d.holding.load(AtomicOrdering::Relaxed), "the overflow is still full: the consumer holds again");
         assert_eq!(d.metrics.consumer_holds.get(), 2);
+    }
+
+    /// A hold of a partition that is revoked (drained) ends with the drain, before the drain waits for the task, and
+    /// is timed to there: the consumer takes records of its other partitions again at once.
+    #[test]
+    fn a_drain_ends_the_hold_of_the_partitions_it_takes_away() {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let processor = Arc::new(Counting::default());
+        let d = dispatch_with_pending_bytes(&runtime, processor, 1 << 20);
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition("t", 0);
+        tpl.add_partition("t", 1);
+        d.assign(&tpl);
+        let megabyte = "x".repeat(1 << 20);
+        let records = |partition: i32| -> Vec<Record> {
+            (0..40)
+                .map(|o| {
+                    let mut r = crate::record::test_record(o, Some("instant"), &megabyte);
+                    r.partition = partition;
+                    r
+                })
+                .collect()
+        };
+        d.dispatch_all(&mut records(0));
+        assert!(d.holding.load(AtomicOrdering::Relaxed), "a full overflow holds the consumer");
+        assert_eq!(d.metrics.consumer_holds.get(), 1);
+        d.drain(&[(Arc::from("t"), 1)]);
+        assert!(d.holding.load(AtomicOrdering::Relaxed), "partition 0 still holds: a drain of another keeps the hold");
+        assert_eq!(d.metrics.consumer_held_seconds.get(), 0.0, "not ended yet");
+        d.drain(&[(Arc::from("t"), 0)]);
+        assert!(!d.holding.load(AtomicOrdering::Relaxed), "no partition left that holds");
+        assert!(d.metrics.consumer_held_seconds.get() > 0.0, "the hold was timed when it ended");
+        d.assign(&tpl);
+        d.dispatch_all(&mut records(1));
+        assert_eq!(d.metrics.consumer_holds.get(), 2, "the next hold is a new one");
     }
 
     #[test]

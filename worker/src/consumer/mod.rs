@@ -136,7 +136,6 @@ impl ConsumerLoop {
         // Shared counters are updated in bulk: a per-record atomic on a cache line other
         // threads write too is measurable at a million records per second.
         let mut consumed = 0u64;
-        let mut hold_clock = backpressure::HoldClock::default();
         loop {
             let timeout = if staged {
                 Duration::ZERO
@@ -152,10 +151,6 @@ impl ConsumerLoop {
             // A partition whose overflow reached its limit holds the consumer: no records are taken (they wait in
             // librdkafka's bounded queue) until its task has taken the overflow or the hold turned into a pause.
             let holding = d.holding.load(AtomicOrdering::Relaxed);
-            // Timed here, where it takes effect: while any partition holds, no partition receives records.
-            if let Some(held) = hold_clock.observe(holding, Instant::now) {
-                d.metrics.consumer_held_seconds.inc_by(held.as_secs_f64());
-            }
             if let Some(fetch) = fetch.as_ref().filter(|_| !holding) {
                 taken = fetch.consume(&mut batch, timeout, |m| match m.error() {
                     None => {
@@ -252,9 +247,6 @@ impl ConsumerLoop {
                 staged = true;
                 last_commit = Instant::now();
             }
-        }
-        if let Some(held) = hold_clock.observe(false, Instant::now) {
-            d.metrics.consumer_held_seconds.inc_by(held.as_secs_f64());
         }
         tracing::info!("shutting down: draining all partitions");
         let final_commit_deadline = Instant::now() + d.settings.drain_timeout + FINAL_COMMIT_MARGIN;
