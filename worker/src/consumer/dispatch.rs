@@ -188,7 +188,11 @@ impl Dispatch {
 
     /// Whether some partition holds, as of `now` (see [`Dispatch::holding`]); counts and times the consumer's holds.
     fn set_holding(&self, holding: bool, now: Instant) {
-        self.holding.store(holding, AtomicOrdering::Relaxed);
+        // Only this method writes `holding`, so an unchanged value is no edge: the clock's lock is taken only on one
+        // (a flush runs every few milliseconds under load).
+        if self.holding.swap(holding, AtomicOrdering::Relaxed) == holding {
+            return;
+        }
         match self.hold_clock.lock().unwrap_or_else(|e| e.into_inner()).set(holding, now) {
             Some(HoldEdge::Started) => self.metrics.consumer_holds.inc(),
             Some(HoldEdge::Ended(held)) => self.metrics.consumer_held_seconds.inc_by(held.as_secs_f64()),
@@ -732,16 +736,6 @@ mod tests {
         let consumer = unconnected_consumer();
         // Never connects, but knows the topic once assigned, so librdkafka pauses its partitions.
         consumer.assign(&tpl).unwrap();
-        let megabyte = "x".repeat(1 << 20);
-        let records = |partition: i32, offsets: std::ops::Range<i64>, key: &str| -> Vec<Record> {
-            offsets
-                .map(|o| {
-                    let mut r = crate::record::test_record(o, Some(key), &megabyte);
-                    r.partition = partition;
-                    r
-                })
-                .collect()
-        };
         let state = |partition: i32| {
             let parts = d.partitions();
             let h = &parts[&(Arc::<str>::from("t"), partition)];
@@ -752,7 +746,7 @@ mod tests {
         let mut resumed = Resumed::new();
 
         // A task that keeps up: 40 MiB at once overflow both the budget and the partition's limit.
-        d.dispatch_all(&mut records(0, 0..40, "instant"));
+        d.dispatch_all(&mut megabyte_records(0, 0..40, "instant"));
         assert!(d.holding.load(AtomicOrdering::Relaxed), "a full overflow holds the consumer");
         assert!(state(0).0);
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -765,7 +759,7 @@ mod tests {
         assert_eq!(d.metrics.partition_pauses.get(), 0);
 
         // A task that does not: its first batch never finishes, so the overflow stays.
-        d.dispatch_all(&mut records(1, 0..40, "stuck"));
+        d.dispatch_all(&mut megabyte_records(1, 0..40, "stuck"));
         assert!(d.holding.load(AtomicOrdering::Relaxed));
         d.flush_at(&consumer, &mut resumed, t0);
         assert!(state(1).0, "still within HOLD_MAX: holding");
@@ -778,6 +772,18 @@ mod tests {
             assert!(Instant::now() < deadline, "partition 0 did not process its 40 records");
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    /// Records of 1 MiB (a task's overflow fills after a few) at `offsets` of partition `partition` of topic `t`.
+    fn megabyte_records(partition: i32, offsets: std::ops::Range<i64>, key: &str) -> Vec<Record> {
+        let megabyte = "x".repeat(1 << 20);
+        offsets
+            .map(|o| {
+                let mut r = crate::record::test_record(o, Some(key), &megabyte);
+                r.partition = partition;
+                r
+            })
+            .collect()
     }
 
     /// A consumer that never reaches a broker (librdkafka still serves assign, pause and resume locally).
@@ -798,24 +804,20 @@ mod tests {
         d.assign(&tpl);
         // The consumer knows no topic `t`: librdkafka answers the pause with _UNKNOWN_PARTITION for it.
         let consumer = unconnected_consumer();
-        let megabyte = "x".repeat(1 << 20);
-        let stuck = |offsets: std::ops::Range<i64>| -> Vec<Record> {
-            offsets.map(|o| crate::record::test_record(o, Some("stuck"), &megabyte)).collect()
-        };
         let state = || {
             let parts = d.partitions();
             let h = &parts[&(Arc::<str>::from("t"), 0)];
             (h.backpressure.is_holding(), h.backpressure.is_paused())
         };
         let mut resumed = Resumed::new();
-        d.dispatch_all(&mut stuck(0..40));
+        d.dispatch_all(&mut megabyte_records(0, 0..40, "stuck"));
         assert!(d.holding.load(AtomicOrdering::Relaxed));
         assert_eq!(d.metrics.consumer_holds.get(), 1);
         d.flush_at(&consumer, &mut resumed, Instant::now() + super::super::backpressure::HOLD_MAX);
         assert_eq!(state(), (false, false), "the refused pause leaves the partition consuming, not believed paused");
         assert_eq!(d.metrics.partition_pauses.get(), 0, "a refused pause is not counted");
         assert_eq!(d.metrics.paused_partitions.get(), 0);
-        d.dispatch_all(&mut stuck(40..41));
+        d.dispatch_all(&mut megabyte_records(0, 40..41, "stuck"));
         assert!(d.holding.load(AtomicOrdering::Relaxed), "the overflow is still full: the consumer holds again");
         assert_eq!(d.metrics.consumer_holds.get(), 2);
     }
@@ -831,17 +833,7 @@ mod tests {
         tpl.add_partition("t", 0);
         tpl.add_partition("t", 1);
         d.assign(&tpl);
-        let megabyte = "x".repeat(1 << 20);
-        let records = |partition: i32| -> Vec<Record> {
-            (0..40)
-                .map(|o| {
-                    let mut r = crate::record::test_record(o, Some("instant"), &megabyte);
-                    r.partition = partition;
-                    r
-                })
-                .collect()
-        };
-        d.dispatch_all(&mut records(0));
+        d.dispatch_all(&mut megabyte_records(0, 0..40, "instant"));
         assert!(d.holding.load(AtomicOrdering::Relaxed), "a full overflow holds the consumer");
         assert_eq!(d.metrics.consumer_holds.get(), 1);
         d.drain(&[(Arc::from("t"), 1)]);
@@ -851,7 +843,7 @@ mod tests {
         assert!(!d.holding.load(AtomicOrdering::Relaxed), "no partition left that holds");
         assert!(d.metrics.consumer_held_seconds.get() > 0.0, "the hold was timed when it ended");
         d.assign(&tpl);
-        d.dispatch_all(&mut records(1));
+        d.dispatch_all(&mut megabyte_records(1, 0..40, "instant"));
         assert_eq!(d.metrics.consumer_holds.get(), 2, "the next hold is a new one");
     }
 
